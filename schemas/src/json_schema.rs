@@ -1,0 +1,20 @@
+//! JSON Schemas of the wire types.
+//!
+//! The files under `schemas/json/` are generated from the Rust types and
+//! committed, so clients in other languages can validate against them; a test
+//! fails when they drift (`UPDATE_SCHEMAS=1 cargo test -p retro-fleet-schemas`
+//! rewrites them).
+
+use schemars::schema_for;
+use serde_json::Value;
+
+use crate::{InferRequest, InferResult, StreamChunk};
+
+/// `(file stem, schema)` for every wire type.
+pub fn all() -> Vec<(&'static str, Value)> {
+    vec![
+        ("request", serde_json::to_value(schema_for!(InferRequest)).expect("schema is JSON")),
+        ("result", serde_json::to_value(schema_for!(InferResult)).expect("schema is JSON")),
+        ("chunk", serde_json::to_value(schema_for!(StreamChunk)).expect("schema is JSON")),
+    ]
+}

@@ -1,0 +1,35 @@
+//! Wire contract of retro-fleet: every process and every client in any
+//! language agrees on what is written here.
+//!
+//! # Layout
+//! - [`request`]: the inference request a producer publishes.
+//! - [`result`]: the result a worker publishes, its error body and stable codes.
+//! - [`chunk`]: a streamed token delta.
+//! - [`subjects`]: stream, subject, consumer and KV names (the NATS topology).
+//! - [`headers`]: NATS header names.
+//! - [`codec`]: MessagePack (default) or JSON in, MessagePack out.
+//! - [`json_schema`]: the JSON Schemas committed under `schemas/json/`.
+//!
+//! Messages are MessagePack maps with named fields (so fields can be added)
+//! and carry a schema version `v`; see [`SCHEMA_VERSION`].
+
+pub mod chunk;
+pub mod codec;
+pub mod headers;
+pub mod json_schema;
+pub mod request;
+pub mod result;
+pub mod subjects;
+
+pub use chunk::StreamChunk;
+pub use codec::{decode, encode, ContentType, DecodeError};
+pub use request::{CacheMode, ChatMessage, InferRequest, Input, Priority, SamplingParams};
+pub use result::{CacheTier, ErrorBody, ErrorCode, InferResult, Output, Status, Timings, Usage};
+
+/// Version of the wire schema written by this build. Readers accept any
+/// message whose `v` is at most this (fields are only ever added).
+pub const SCHEMA_VERSION: u32 = 1;
+
+fn default_version() -> u32 {
+    SCHEMA_VERSION
+}

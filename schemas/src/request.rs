@@ -1,0 +1,236 @@
+//! The inference request.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::result::ErrorCode;
+
+/// An inference request, published to `fleet.req.<priority>.<model>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InferRequest {
+    /// Schema version of this message.
+    #[serde(default = "crate::default_version")]
+    pub v: u32,
+    /// Request id (a ULID when the ingress makes it). Also the `Nats-Msg-Id`,
+    /// so a re-published request is deduplicated by JetStream.
+    pub id: String,
+    /// Model name, as configured in the fleet.
+    pub model: String,
+    /// LoRA adapter of the model to apply, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<String>,
+    /// The prompt: chat messages or plain completion text.
+    pub input: Input,
+    /// Sampling parameters.
+    #[serde(default)]
+    pub params: SamplingParams,
+    /// Stream token deltas to the reply subject before the final result.
+    #[serde(default)]
+    pub stream: bool,
+    /// How the result cache may be used for this request.
+    #[serde(default)]
+    pub cache: CacheMode,
+    /// Tenant the request belongs to; `Fleet-Tenant` header wins when both are set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// Free-form caller metadata, echoed nowhere and never interpreted.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// The prompt of a request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Input {
+    /// A conversation rendered with the model's chat template.
+    Chat {
+        /// Messages in order.
+        messages: Vec<ChatMessage>,
+    },
+    /// Plain text completion.
+    Completion {
+        /// The text to continue.
+        prompt: String,
+    },
+}
+
+impl Input {
+    /// Bytes of text the prompt carries (message contents plus prompt).
+    pub fn text_len(&self) -> usize {
+        match self {
+            Input::Chat { messages } => messages.iter().map(|m| m.content.len()).sum(),
+            Input::Completion { prompt } => prompt.len(),
+        }
+    }
+}
+
+/// One chat message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChatMessage {
+    /// `system`, `user`, `assistant` or `tool`.
+    pub role: String,
+    /// Message text.
+    pub content: String,
+}
+
+/// Sampling parameters; absent fields take the model's defaults.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SamplingParams {
+    /// Most tokens to generate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+    /// Temperature; 0 means greedy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    /// Nucleus sampling mass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f64>,
+    /// Top-k sampling.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<u32>,
+    /// Random seed; with a seed, sampling is reproducible.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// Stop sequences.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stop: Vec<String>,
+}
+
+/// Cache policy of one request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CacheMode {
+    /// Read and write the cache.
+    #[default]
+    Use,
+    /// Neither read nor write.
+    Bypass,
+    /// Recompute and overwrite.
+    Refresh,
+}
+
+/// Priority class; one request stream per class.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    /// Interactive traffic, served first.
+    High,
+    /// The default class.
+    #[default]
+    Normal,
+    /// Batch traffic; still progresses under sustained higher load.
+    Low,
+}
+
+impl Priority {
+    /// All classes, highest first.
+    pub const ALL: [Priority; 3] = [Priority::High, Priority::Normal, Priority::Low];
+
+    /// Lowercase name used in subjects and labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::High => "high",
+            Priority::Normal => "normal",
+            Priority::Low => "low",
+        }
+    }
+
+    /// Index in [`Priority::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for Priority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Priority {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "high" => Ok(Priority::High),
+            "normal" => Ok(Priority::Normal),
+            "low" => Ok(Priority::Low),
+            other => Err(format!("unknown priority `{other}`: expected high, normal or low")),
+        }
+    }
+}
+
+/// A request that decoded but cannot be served as asked.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{message}")]
+pub struct Invalid {
+    /// Stable code of the problem.
+    pub code: ErrorCode,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+impl Invalid {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Invalid { code, message: message.into() }
+    }
+}
+
+/// Longest request id accepted.
+pub const MAX_ID_LEN: usize = 128;
+
+impl InferRequest {
+    /// Checks the fields a worker relies on; `max_prompt_bytes` bounds the input text.
+    pub fn validate(&self, max_prompt_bytes: usize) -> Result<(), Invalid> {
+        if self.v > crate::SCHEMA_VERSION {
+            return Err(Invalid::new(
+                ErrorCode::InvalidRequest,
+                format!("schema version {} is newer than this worker's {}", self.v, crate::SCHEMA_VERSION),
+            ));
+        }
+        if self.id.is_empty() || self.id.len() > MAX_ID_LEN || !crate::subjects::is_token(&self.id) {
+            return Err(Invalid::new(
+                ErrorCode::InvalidRequest,
+                "`id` must be 1-128 characters from [A-Za-z0-9_-]",
+            ));
+        }
+        if !crate::subjects::is_token(&self.model) {
+            return Err(Invalid::new(ErrorCode::InvalidRequest, "`model` must be characters from [A-Za-z0-9_-]"));
+        }
+        if let Some(t) = &self.tenant {
+            if !crate::subjects::is_token(t) {
+                return Err(Invalid::new(ErrorCode::InvalidRequest, "`tenant` must be characters from [A-Za-z0-9_-]"));
+            }
+        }
+        match &self.input {
+            Input::Chat { messages } if messages.is_empty() => {
+                return Err(Invalid::new(ErrorCode::InvalidRequest, "`input.messages` must not be empty"));
+            }
+            _ => {}
+        }
+        let len = self.input.text_len();
+        if len > max_prompt_bytes {
+            return Err(Invalid::new(
+                ErrorCode::PromptTooLarge,
+                format!("prompt is {len} bytes; the limit is {max_prompt_bytes}"),
+            ));
+        }
+        if let Some(t) = self.params.temperature {
+            if !(0.0..=2.0).contains(&t) {
+                return Err(Invalid::new(ErrorCode::InvalidRequest, "`params.temperature` must be within 0..=2"));
+            }
+        }
+        if let Some(p) = self.params.top_p {
+            if !(0.0..=1.0).contains(&p) || p == 0.0 {
+                return Err(Invalid::new(ErrorCode::InvalidRequest, "`params.top_p` must be within (0, 1]"));
+            }
+        }
+        Ok(())
+    }
+}

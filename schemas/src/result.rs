@@ -1,0 +1,190 @@
+//! The result of a request, and errors with stable codes.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The one visible result of a request: published to `FLEET_RESULTS` under
+/// `fleet.res.<tenant>.<id>` and, when the request had a `Fleet-Reply`, there too.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct InferResult {
+    /// Schema version of this message.
+    #[serde(default = "crate::default_version")]
+    pub v: u32,
+    /// Request id.
+    pub id: String,
+    /// Model asked for.
+    pub model: String,
+    /// Revision of the model that answered (hash of its files, or configured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_revision: Option<String>,
+    /// Adapter that ran, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<String>,
+    /// `ok` or `error`.
+    pub status: Status,
+    /// Generated output when `status` is `ok`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<Output>,
+    /// Token counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+    /// Which cache tier answered; `none` when the model computed it.
+    #[serde(default)]
+    pub cache: CacheTier,
+    /// Where the time went.
+    #[serde(default)]
+    pub timings: Timings,
+    /// Worker that produced the result.
+    #[serde(default)]
+    pub worker: String,
+    /// Error details when `status` is `error`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
+}
+
+impl InferResult {
+    /// An error result for request `id`.
+    pub fn error(id: impl Into<String>, model: impl Into<String>, code: ErrorCode, message: impl Into<String>) -> Self {
+        InferResult {
+            v: crate::SCHEMA_VERSION,
+            id: id.into(),
+            model: model.into(),
+            model_revision: None,
+            adapter: None,
+            status: Status::Error,
+            output: None,
+            usage: None,
+            cache: CacheTier::None,
+            timings: Timings::default(),
+            worker: String::new(),
+            error: Some(ErrorBody { code, message: message.into(), retryable: code.retryable() }),
+        }
+    }
+}
+
+/// Outcome of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Output is present.
+    Ok,
+    /// `error` is present.
+    Error,
+}
+
+/// Generated text.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Output {
+    /// The text.
+    pub text: String,
+    /// `stop`, `length`, ...
+    pub finish_reason: String,
+}
+
+/// Token counts.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Usage {
+    /// Tokens in the prompt.
+    pub prompt_tokens: u32,
+    /// Tokens generated.
+    pub completion_tokens: u32,
+    /// Sum of both.
+    pub total_tokens: u32,
+}
+
+/// Cache tier that answered a request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CacheTier {
+    /// Not from a cache: the model computed it.
+    #[default]
+    None,
+    /// In-memory tier.
+    Memory,
+    /// Disk tier.
+    Disk,
+    /// Semantic (nearest-neighbour) match.
+    Semantic,
+}
+
+/// Milliseconds spent in each phase.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Timings {
+    /// From publish to the worker picking it up.
+    pub queued_ms: f64,
+    /// Backend time.
+    pub compute_ms: f64,
+    /// From publish to result.
+    pub total_ms: f64,
+}
+
+/// An error with a stable code.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ErrorBody {
+    /// Stable, machine-readable code.
+    pub code: ErrorCode,
+    /// What went wrong and what to do, for people.
+    pub message: String,
+    /// Whether sending the same request again may succeed.
+    pub retryable: bool,
+}
+
+/// Stable error codes. They appear in results, HTTP error bodies and metric
+/// labels; a code is never renamed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// The bytes are not a request (bad MessagePack/JSON, wrong shape, missing fields).
+    DecodeError,
+    /// A field value is not acceptable.
+    InvalidRequest,
+    /// The input is over the configured size limit.
+    PromptTooLarge,
+    /// No model of that name is configured in the fleet.
+    UnknownModel,
+    /// The request's deadline passed before it could run.
+    DeadlineExceeded,
+    /// The caller cancelled the request.
+    Cancelled,
+    /// The queue is full; retry later.
+    Overloaded,
+    /// The model failed while generating.
+    BackendError,
+    /// No result arrived within the wait; fetch it later by id.
+    Timeout,
+    /// No such result (or not yet).
+    NotFound,
+    /// Anything else.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The code as written on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::DecodeError => "decode_error",
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::PromptTooLarge => "prompt_too_large",
+            ErrorCode::UnknownModel => "unknown_model",
+            ErrorCode::DeadlineExceeded => "deadline_exceeded",
+            ErrorCode::Cancelled => "cancelled",
+            ErrorCode::Overloaded => "overloaded",
+            ErrorCode::BackendError => "backend_error",
+            ErrorCode::Timeout => "timeout",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::Internal => "internal",
+        }
+    }
+
+    /// Whether the same request may succeed if sent again.
+    pub fn retryable(self) -> bool {
+        matches!(self, ErrorCode::Overloaded | ErrorCode::BackendError | ErrorCode::Timeout | ErrorCode::Internal)
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

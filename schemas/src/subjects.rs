@@ -1,0 +1,93 @@
+//! Names of streams, subjects, consumers and buckets.
+
+use crate::Priority;
+
+/// Request stream of a priority class.
+pub fn request_stream(p: Priority) -> &'static str {
+    match p {
+        Priority::High => "FLEET_REQ_HIGH",
+        Priority::Normal => "FLEET_REQ_NORMAL",
+        Priority::Low => "FLEET_REQ_LOW",
+    }
+}
+
+/// Results stream.
+pub const RESULTS_STREAM: &str = "FLEET_RESULTS";
+/// Dead-letter stream.
+pub const DLQ_STREAM: &str = "FLEET_DLQ";
+/// Worker registry bucket.
+pub const WORKERS_BUCKET: &str = "fleet_workers";
+/// Control subjects (core NATS).
+pub const CONTROL_PREFIX: &str = "fleet.ctl";
+
+/// Subject a request for `model` at priority `p` is published to.
+pub fn request(p: Priority, model: &str) -> String {
+    format!("fleet.req.{}.{model}", p.as_str())
+}
+
+/// Wildcard of a request stream.
+pub fn request_wildcard(p: Priority) -> String {
+    format!("fleet.req.{}.>", p.as_str())
+}
+
+/// Parses `fleet.req.<priority>.<model>`.
+pub fn parse_request(subject: &str) -> Option<(Priority, &str)> {
+    let rest = subject.strip_prefix("fleet.req.")?;
+    let (p, model) = rest.split_once('.')?;
+    Some((p.parse().ok()?, model))
+}
+
+/// Subject of a stored result.
+pub fn result(tenant: &str, id: &str) -> String {
+    format!("fleet.res.{tenant}.{id}")
+}
+
+/// Wildcard of the results stream.
+pub const RESULTS_WILDCARD: &str = "fleet.res.>";
+
+/// Subject of a dead letter.
+pub fn dlq(p: Priority, model: &str) -> String {
+    format!("fleet.dlq.{}.{model}", p.as_str())
+}
+
+/// Wildcard of the DLQ stream.
+pub const DLQ_WILDCARD: &str = "fleet.dlq.>";
+
+/// Durable name of the worker consumer for `model` (one per request stream).
+pub fn consumer(model: &str) -> String {
+    format!("worker_{model}")
+}
+
+/// Tenant used when a request names none.
+pub const DEFAULT_TENANT: &str = "default";
+
+/// Whether `s` is usable as one subject token and in consumer names:
+/// non-empty, ASCII letters, digits, `_` and `-` only.
+pub fn is_token(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 256 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_subject_round_trips() {
+        for p in Priority::ALL {
+            let s = request(p, "tiny-llama");
+            assert_eq!(parse_request(&s), Some((p, "tiny-llama")));
+        }
+        assert_eq!(parse_request("fleet.req.urgent.x"), None);
+        assert_eq!(parse_request("fleet.res.a.b"), None);
+    }
+
+    #[test]
+    fn tokens() {
+        assert!(is_token("01HZX3-abc_D"));
+        assert!(!is_token(""));
+        assert!(!is_token("a.b"));
+        assert!(!is_token("a*"));
+        assert!(!is_token("a b"));
+        assert!(!is_token("a>"));
+    }
+}

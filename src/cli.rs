@@ -1,0 +1,176 @@
+//! Command line: one binary, one subcommand per role or tool.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use figment::providers::Serialized;
+use figment::Figment;
+use futures::StreamExt;
+use retro_fleet_schemas::{codec, headers, subjects, InferRequest, InferResult, Input, Priority, SamplingParams};
+
+use crate::config::Config;
+
+/// retro-fleet: LLM inference workers behind NATS JetStream.
+///
+/// Configuration: built-in defaults < retro-fleet.toml (or --config) <
+/// FLEET_* environment (FLEET_WORKER__MAX_INFLIGHT=64) < flags.
+#[derive(Debug, Parser)]
+#[command(name = "retro-fleet", version, about, long_about)]
+pub struct Cli {
+    /// Config file (default: ./retro-fleet.toml when it exists).
+    #[arg(long, short, global = true, env = "FLEET_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// NATS server URL(s), comma-separated (also NATS_URL).
+    #[arg(long, global = true)]
+    pub nats_url: Option<String>,
+    /// Log format: auto, json or pretty.
+    #[arg(long, global = true)]
+    pub log_format: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the whole fleet in one process (ingress + worker), starting a
+    /// local nats-server when none answers.
+    Up {
+        /// HTTP address of the ingress.
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Run the HTTP ingress alone.
+    Ingress {
+        /// HTTP address to listen on.
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Run a worker alone.
+    Worker {
+        /// Models to serve (comma-separated; default: all configured).
+        #[arg(long, value_delimiter = ',')]
+        models: Option<Vec<String>>,
+        /// Most requests in flight.
+        #[arg(long)]
+        max_inflight: Option<usize>,
+        /// Worker id.
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Create or update streams and consumers.
+    Topology {
+        #[command(subcommand)]
+        action: TopologyAction,
+    },
+    /// Print the effective configuration as TOML.
+    Config,
+    /// Send one request over NATS and print its result as JSON.
+    Submit {
+        /// Model name.
+        #[arg(long, default_value = "echo")]
+        model: String,
+        /// Priority class.
+        #[arg(long, default_value = "normal")]
+        priority: Priority,
+        /// Most tokens to generate.
+        #[arg(long)]
+        max_tokens: Option<u32>,
+        /// Seconds to wait for the result.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+        /// The prompt.
+        prompt: String,
+    },
+}
+
+/// `topology` actions.
+#[derive(Debug, Subcommand)]
+pub enum TopologyAction {
+    /// Create or update every stream and worker consumer (idempotent).
+    Apply,
+}
+
+impl Cli {
+    /// Loads the configuration with this command line's flags on top.
+    pub fn load_config(&self) -> Result<Config, figment::Error> {
+        let mut flags = Figment::new();
+        if let Some(url) = &self.nats_url {
+            flags = flags.merge(Serialized::default("nats.url", url));
+        }
+        if let Some(f) = &self.log_format {
+            flags = flags.merge(Serialized::default("log.format", f));
+        }
+        match &self.command {
+            Command::Up { listen: Some(l) } | Command::Ingress { listen: Some(l) } => {
+                flags = flags.merge(Serialized::default("ingress.listen", l));
+            }
+            Command::Worker { models, max_inflight, id } => {
+                if let Some(m) = models {
+                    flags = flags.merge(Serialized::default("worker.models", m));
+                }
+                if let Some(n) = max_inflight {
+                    flags = flags.merge(Serialized::default("worker.max_inflight", n));
+                }
+                if let Some(i) = id {
+                    flags = flags.merge(Serialized::default("worker.id", i));
+                }
+            }
+            _ => {}
+        }
+        Config::load(self.config.as_deref(), flags)
+    }
+}
+
+/// `retro-fleet topology apply`.
+pub async fn topology_apply(config: &Config) -> anyhow::Result<()> {
+    let client = crate::nats::connect(&config.nats, "topology").await?;
+    let js = async_nats::jetstream::new(client);
+    for line in crate::topology::apply(&js, config).await? {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+/// `retro-fleet submit`.
+pub async fn submit(config: &Config, model: String, priority: Priority, max_tokens: Option<u32>, timeout: u64, prompt: String) -> anyhow::Result<()> {
+    let client = crate::nats::connect(&config.nats, "submit").await?;
+    let js = async_nats::jetstream::new(client.clone());
+    let req = InferRequest {
+        v: retro_fleet_schemas::SCHEMA_VERSION,
+        id: ulid::Ulid::new().to_string(),
+        model,
+        adapter: None,
+        input: Input::Completion { prompt },
+        params: SamplingParams { max_tokens, ..Default::default() },
+        stream: false,
+        cache: Default::default(),
+        tenant: None,
+        metadata: Default::default(),
+    };
+    let reply = client.new_inbox();
+    let mut sub = client.subscribe(reply.clone()).await?;
+    let mut h = async_nats::HeaderMap::new();
+    h.insert(headers::MSG_ID, req.id.as_str());
+    h.insert(headers::REPLY, reply.as_str());
+    js.publish_with_headers(subjects::request(priority, &req.model), h, codec::encode(&req).into())
+        .await?
+        .await
+        .context("the request streams refused the request (run `retro-fleet topology apply`?)")?;
+    let wait = async {
+        while let Some(m) = sub.next().await {
+            let kind = m.headers.as_ref().and_then(|h| h.get(headers::KIND)).map(|v| v.as_str().to_string());
+            if kind.as_deref() == Some(headers::KIND_RESULT) {
+                return codec::decode::<InferResult>(None, &m.payload).map_err(anyhow::Error::from);
+            }
+        }
+        anyhow::bail!("subscription closed")
+    };
+    let result = tokio::time::timeout(Duration::from_secs(timeout), wait)
+        .await
+        .with_context(|| format!("no result within {timeout} s for request {} (is a worker running?)", req.id))??;
+    println!("{}", serde_json::to_string_pretty(&result)?);
+    Ok(())
+}

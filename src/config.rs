@@ -1,0 +1,289 @@
+//! Configuration: built-in defaults < `retro-fleet.toml` (or `--config`) <
+//! `FLEET_*` environment (`__` separates levels: `FLEET_WORKER__MAX_INFLIGHT`)
+//! < command-line flags. Unknown keys are an error that names the key.
+
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use retro_fleet_worker::config::{default_models, Models, WorkerConfig};
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration of a retro-fleet process.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// NATS connection.
+    pub nats: NatsConfig,
+    /// Where local state lives (the embedded nats-server store, caches).
+    pub data_dir: PathBuf,
+    /// Logging.
+    pub log: LogConfig,
+    /// Where `worker` and `scaler` serve `/metrics` and `/health/*` (the
+    /// ingress serves them on its own port). Unset: not served.
+    pub metrics_listen: Option<String>,
+    /// Streams, consumers and their limits.
+    pub topology: TopologyConfig,
+    /// HTTP ingress.
+    pub ingress: IngressConfig,
+    /// Worker.
+    pub worker: WorkerConfig,
+    /// The fleet's model catalogue, by name.
+    pub models: Models,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            nats: NatsConfig::default(),
+            data_dir: PathBuf::from("data"),
+            log: LogConfig::default(),
+            metrics_listen: Some("127.0.0.1:9091".into()),
+            topology: TopologyConfig::default(),
+            ingress: IngressConfig::default(),
+            worker: WorkerConfig::default(),
+            models: default_models(),
+        }
+    }
+}
+
+/// NATS connection settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    /// Server URL(s), comma-separated. `NATS_URL` in the environment also sets it.
+    pub url: String,
+    /// Client name shown by the server.
+    pub name: Option<String>,
+    /// Credentials file, if the server requires one.
+    pub credentials: Option<PathBuf>,
+    /// Connect timeout in ms.
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        NatsConfig { url: "nats://127.0.0.1:4222".into(), name: None, credentials: None, connect_timeout_ms: 2_000 }
+    }
+}
+
+/// Log settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `auto` (pretty in a terminal, JSON otherwise), `json` or `pretty`.
+    pub format: LogFormat,
+    /// `tracing` filter, e.g. `info` or `retro_fleet=debug,info`. `RUST_LOG` wins.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { format: LogFormat::Auto, level: "info".into() }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Pretty on a terminal, JSON otherwise.
+    Auto,
+    /// One JSON object per line.
+    Json,
+    /// Human-readable.
+    Pretty,
+}
+
+/// Stream and consumer settings (applied by `topology apply`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TopologyConfig {
+    /// Most messages waiting in each request stream; beyond it publishes are refused.
+    pub max_msgs: i64,
+    /// Most bytes in each request stream; beyond it publishes are refused.
+    pub max_bytes: i64,
+    /// Largest request message in bytes.
+    pub max_msg_size: i32,
+    /// Oldest a request may get in its stream, in seconds.
+    pub max_age_secs: u64,
+    /// Window in which a re-published request id is dropped as a duplicate, in seconds.
+    pub duplicate_window_secs: u64,
+    /// How long results are kept, in seconds.
+    pub results_max_age_secs: u64,
+    /// How long dead letters are kept, in seconds.
+    pub dlq_max_age_secs: u64,
+    /// Time a worker has to ack before a message is redelivered, in seconds.
+    pub ack_wait_secs: u64,
+    /// Deliveries before a failing message is given up.
+    pub max_deliver: i64,
+    /// Most unacked messages per consumer across all workers.
+    pub max_ack_pending: i64,
+    /// Replicas of each stream (1 for a single server; 3 in a cluster).
+    pub replicas: usize,
+}
+
+impl Default for TopologyConfig {
+    fn default() -> Self {
+        TopologyConfig {
+            max_msgs: 1_000_000,
+            max_bytes: 1 << 30,
+            max_msg_size: 1 << 20,
+            max_age_secs: 24 * 3600,
+            duplicate_window_secs: 120,
+            results_max_age_secs: 24 * 3600,
+            dlq_max_age_secs: 7 * 24 * 3600,
+            ack_wait_secs: 30,
+            max_deliver: 5,
+            max_ack_pending: 10_000,
+            replicas: 1,
+        }
+    }
+}
+
+/// HTTP ingress settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngressConfig {
+    /// Address to listen on.
+    pub listen: String,
+    /// How long a synchronous call waits for its result, in ms (also its deadline).
+    pub request_timeout_ms: u64,
+    /// Largest request body in bytes (413 beyond).
+    pub max_body_bytes: usize,
+    /// Largest prompt in bytes of text (413 beyond).
+    pub max_prompt_bytes: usize,
+    /// Seconds a client is told to wait (`Retry-After`) when a queue is full.
+    pub retry_after_secs: u64,
+}
+
+impl Default for IngressConfig {
+    fn default() -> Self {
+        IngressConfig {
+            listen: "127.0.0.1:8080".into(),
+            request_timeout_ms: 30_000,
+            max_body_bytes: 2 << 20,
+            max_prompt_bytes: 256 * 1024,
+            retry_after_secs: 1,
+        }
+    }
+}
+
+/// Config file read when `--config` is not given and it exists.
+pub const DEFAULT_FILE: &str = "retro-fleet.toml";
+
+impl Config {
+    /// Loads defaults < file < `FLEET_*` env (and `NATS_URL`) < `overrides`.
+    /// `file` must exist when given; `retro-fleet.toml` is read if present.
+    pub fn load(file: Option<&Path>, overrides: Figment) -> Result<Config, figment::Error> {
+        // Models merge by name, so the built-in `echo` model is added only
+        // when nothing else is configured (below), not merged into a catalogue.
+        let defaults = Config { models: Models::new(), ..Config::default() };
+        let mut fig = Figment::from(Serialized::defaults(defaults));
+        match file {
+            Some(path) => {
+                if !path.exists() {
+                    return Err(figment::Error::from(format!("config file `{}` does not exist", path.display())));
+                }
+                fig = fig.merge(Toml::file_exact(path));
+            }
+            None if Path::new(DEFAULT_FILE).exists() => fig = fig.merge(Toml::file_exact(DEFAULT_FILE)),
+            None => {}
+        }
+        if let Ok(url) = std::env::var("NATS_URL") {
+            fig = fig.merge(Serialized::default("nats.url", url));
+        }
+        fig = fig.merge(Env::prefixed("FLEET_").split("__").ignore(&["config"]));
+        let mut config: Config = fig.merge(overrides).extract()?;
+        if config.models.is_empty() {
+            config.models = default_models();
+        }
+        Ok(config)
+    }
+
+    /// The effective configuration as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_extract() {
+        figment::Jail::expect_with(|_| {
+            let c = Config::load(None, Figment::new())?;
+            assert_eq!(c, Config::default());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn env_overrides_file_and_flags_override_env() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("f.toml", "[worker]\nmax_inflight = 7\nbatch_size = 3\n[ingress]\nlisten = \"0.0.0.0:1\"\n")?;
+            jail.set_env("FLEET_WORKER__MAX_INFLIGHT", "9");
+            jail.set_env("FLEET_INGRESS__LISTEN", "0.0.0.0:2");
+            let flags = Figment::from(Serialized::default("ingress.listen", "0.0.0.0:3"));
+            let c = Config::load(Some(Path::new("f.toml")), flags)?;
+            assert_eq!(c.worker.max_inflight, 9);
+            assert_eq!(c.worker.batch_size, 3);
+            assert_eq!(c.ingress.listen, "0.0.0.0:3");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("f.toml", "[worker]\nmax_inflite = 7\n")?;
+            let err = Config::load(Some(Path::new("f.toml")), Figment::new()).unwrap_err();
+            assert!(err.to_string().contains("max_inflite"), "{err}");
+            jail.create_file("g.toml", "colour = 1\n")?;
+            let err = Config::load(Some(Path::new("g.toml")), Figment::new()).unwrap_err();
+            assert!(err.to_string().contains("colour"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_env_key_is_an_error() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("FLEET_WORKER__BOGUS", "1");
+            let err = Config::load(None, Figment::new()).unwrap_err();
+            assert!(err.to_string().contains("bogus"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn models_are_tagged_by_backend() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "m.toml",
+                "[models.slow]\nbackend = \"synthetic\"\nlatency_ms = 20\n[models.echo]\nbackend = \"echo\"\n",
+            )?;
+            jail.create_file("only.toml", "[models.slow]\nbackend = \"synthetic\"\n")?;
+            let only = Config::load(Some(Path::new("only.toml")), Figment::new())?;
+            assert_eq!(only.models.keys().collect::<Vec<_>>(), ["slow"], "a catalogue replaces the built-in echo");
+            let c = Config::load(Some(Path::new("m.toml")), Figment::new())?;
+            assert_eq!(c.models.keys().collect::<Vec<_>>(), ["echo", "slow"]);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn missing_file_is_an_error() {
+        let err = Config::load(Some(Path::new("/nonexistent/x.toml")), Figment::new()).unwrap_err();
+        assert!(err.to_string().contains("does not exist"));
+    }
+
+    #[test]
+    fn example_config_matches_defaults() {
+        let example = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/retro-fleet.example.toml");
+        let c = Config::load(Some(Path::new(example)), Figment::new()).unwrap();
+        assert_eq!(c, Config::default(), "deploy/retro-fleet.example.toml documents every default");
+    }
+}

@@ -1,0 +1,152 @@
+//! The HTTP ingress: a thin layer that turns HTTP calls into requests on
+//! the priority streams and waits for their replies.
+//!
+//! - [`native`]: `POST /v1/infer`, `POST /v1/infer/async`, `GET /v1/results/{id}`.
+//! - [`replies`]: the per-process inbox, demultiplexed by request id.
+//! - [`error`]: API errors and their one mapping to HTTP status.
+//! - this file: shared state, health, metrics, the router and `serve`.
+
+pub mod error;
+pub mod native;
+pub mod replies;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
+use retro_fleet_worker::metrics::LATENCY_BUCKETS;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, IngressConfig};
+use replies::Replies;
+
+/// Ingress metrics.
+#[derive(Clone)]
+pub struct IngressMetrics {
+    /// `fleet_http_requests_total{route,status}`.
+    pub http: IntCounterVec,
+    /// `fleet_request_duration_seconds{priority,model,outcome}`: end to end, as the HTTP caller sees it.
+    pub e2e: HistogramVec,
+    /// `fleet_ingress_published_total{priority}`.
+    pub published: IntCounterVec,
+    /// `fleet_ingress_unclaimed_replies_total`: replies that arrived after their caller left.
+    pub unclaimed: IntCounter,
+}
+
+impl IngressMetrics {
+    fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let m = IngressMetrics {
+            http: IntCounterVec::new(Opts::new("fleet_http_requests_total", "HTTP requests by route and status"), &["route", "status"])?,
+            e2e: HistogramVec::new(
+                HistogramOpts::new("fleet_request_duration_seconds", "End-to-end latency of synchronous calls")
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                &["priority", "model", "outcome"],
+            )?,
+            published: IntCounterVec::new(Opts::new("fleet_ingress_published_total", "Requests published"), &["priority"])?,
+            unclaimed: IntCounter::new("fleet_ingress_unclaimed_replies_total", "Replies nobody waited for any more")?,
+        };
+        registry.register(Box::new(m.http.clone()))?;
+        registry.register(Box::new(m.e2e.clone()))?;
+        registry.register(Box::new(m.published.clone()))?;
+        registry.register(Box::new(m.unclaimed.clone()))?;
+        Ok(m)
+    }
+}
+
+/// State shared by every handler.
+pub struct Ingress {
+    /// Core client.
+    pub client: async_nats::Client,
+    /// JetStream context.
+    pub js: jetstream::Context,
+    /// Settings.
+    pub cfg: IngressConfig,
+    /// Models the fleet serves.
+    pub models: BTreeSet<String>,
+    /// The reply inbox.
+    pub replies: Replies,
+    /// Metrics handles.
+    pub metrics: IngressMetrics,
+    /// Registry rendered at `/metrics`.
+    pub registry: Registry,
+}
+
+/// Handle to the shared state.
+pub type AppState = Arc<Ingress>;
+
+impl Ingress {
+    /// Builds the state: subscribes the inbox and registers metrics.
+    pub async fn new(client: async_nats::Client, config: &Config, registry: Registry) -> anyhow::Result<AppState> {
+        let metrics = IngressMetrics::new(&registry)?;
+        let replies = Replies::start(&client, metrics.unclaimed.clone()).await?;
+        Ok(Arc::new(Ingress {
+            js: jetstream::new(client.clone()),
+            client,
+            cfg: config.ingress.clone(),
+            models: config.models.keys().cloned().collect(),
+            replies,
+            metrics,
+            registry,
+        }))
+    }
+}
+
+/// All routes.
+pub fn router(state: AppState) -> Router {
+    let limit = state.cfg.max_body_bytes;
+    Router::new()
+        .route("/v1/infer", post(native::infer))
+        .route("/v1/infer/async", post(native::infer_async))
+        .route("/v1/results/{id}", get(native::get_result))
+        .route("/health/live", get(live))
+        .route("/health/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), count_requests))
+        .with_state(state)
+}
+
+async fn count_requests(
+    State(state): State<AppState>,
+    matched: Option<axum::extract::MatchedPath>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let route = matched.map(|m| m.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
+    let resp = next.run(req).await;
+    state.metrics.http.with_label_values(&[&route, resp.status().as_str()]).inc();
+    resp
+}
+
+async fn live() -> &'static str {
+    "ok\n"
+}
+
+async fn ready(State(state): State<AppState>) -> impl IntoResponse {
+    if state.client.connection_state() != async_nats::connection::State::Connected {
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"ready": false, "reason": "not connected to NATS"})));
+    }
+    match tokio::time::timeout(Duration::from_secs(2), crate::topology::streams_present(&state.js)).await {
+        Ok(Ok(())) => (StatusCode::OK, Json(serde_json::json!({"ready": true}))),
+        Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"ready": false, "reason": e}))),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"ready": false, "reason": "JetStream did not answer"}))),
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], crate::telemetry::render(&state.registry))
+}
+
+/// Serves until `shutdown` fires, then finishes open requests and returns.
+pub async fn serve(listener: tokio::net::TcpListener, state: AppState, shutdown: CancellationToken) -> anyhow::Result<()> {
+    tracing::info!(addr = %listener.local_addr()?, "ingress listening");
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
+    Ok(())
+}

@@ -1,0 +1,308 @@
+//! The native API: requests in the wire format's shape, as JSON.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::HeaderMap;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap as HttpHeaders, StatusCode};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::Stream;
+use retro_fleet_schemas::{
+    codec, headers, subjects, CacheMode, ChatMessage, ErrorCode, InferRequest, InferResult, Input, Priority,
+    SamplingParams, Status,
+};
+use serde::{Deserialize, Serialize};
+
+use super::error::{parse_json, ApiError};
+use super::replies::{Reply, Waiter};
+use super::AppState;
+
+/// Body of `POST /v1/infer` and `/v1/infer/async`. Give the prompt as
+/// `input`, or as the shorthands `prompt` (completion) or `messages` (chat).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NativeRequest {
+    /// Model name.
+    pub model: String,
+    /// The prompt in wire form.
+    #[serde(default)]
+    pub input: Option<Input>,
+    /// Shorthand for a completion input.
+    #[serde(default)]
+    pub prompt: Option<String>,
+    /// Shorthand for a chat input.
+    #[serde(default)]
+    pub messages: Option<Vec<ChatMessage>>,
+    /// Adapter to apply.
+    #[serde(default)]
+    pub adapter: Option<String>,
+    /// Sampling parameters.
+    #[serde(default)]
+    pub params: SamplingParams,
+    /// `high`, `normal` (default) or `low`; the `X-Priority` header also sets it.
+    #[serde(default)]
+    pub priority: Option<Priority>,
+    /// Stream Server-Sent Events (`/v1/infer` only).
+    #[serde(default)]
+    pub stream: bool,
+    /// Cache policy.
+    #[serde(default)]
+    pub cache: CacheMode,
+    /// Caller metadata.
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    /// Your own request id (1-128 of `[A-Za-z0-9_-]`); a ULID is made otherwise.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Wait at most this long (ms), capped by the ingress timeout; also the deadline.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+/// Answer of `POST /v1/infer/async`.
+#[derive(Debug, Serialize)]
+pub struct Accepted {
+    /// Request id.
+    pub id: String,
+    /// Where the result will be.
+    pub result_url: String,
+}
+
+struct Prepared {
+    req: InferRequest,
+    priority: Priority,
+    tenant: String,
+    timeout: Duration,
+}
+
+fn tenant_of(h: &HttpHeaders) -> Result<String, ApiError> {
+    let tenant = h.get(headers::TENANT).and_then(|v| v.to_str().ok()).unwrap_or(subjects::DEFAULT_TENANT);
+    if !subjects::is_token(tenant) {
+        return Err(ApiError::new(ErrorCode::InvalidRequest, "Fleet-Tenant must be characters from [A-Za-z0-9_-]"));
+    }
+    Ok(tenant.to_string())
+}
+
+fn prepare(state: &AppState, h: &HttpHeaders, body: Result<Bytes, BytesRejection>) -> Result<Prepared, ApiError> {
+    let body = body.map_err(|r| ApiError::new(ErrorCode::InvalidRequest, r.body_text()).status(r.status()))?;
+    let n: NativeRequest = parse_json(&body)?;
+    let input = match (n.input, n.prompt, n.messages) {
+        (Some(i), None, None) => i,
+        (None, Some(prompt), None) => Input::Completion { prompt },
+        (None, None, Some(messages)) => Input::Chat { messages },
+        _ => return Err(ApiError::new(ErrorCode::InvalidRequest, "give exactly one of `input`, `prompt` or `messages`")),
+    };
+    let priority = match h.get("x-priority").and_then(|v| v.to_str().ok()) {
+        Some(p) => p.parse().map_err(|e: String| ApiError::new(ErrorCode::InvalidRequest, e))?,
+        None => n.priority.unwrap_or_default(),
+    };
+    let tenant = tenant_of(h)?;
+    let req = InferRequest {
+        v: retro_fleet_schemas::SCHEMA_VERSION,
+        id: n.id.unwrap_or_else(|| ulid::Ulid::new().to_string()),
+        model: n.model,
+        adapter: n.adapter,
+        input,
+        params: n.params,
+        stream: n.stream,
+        cache: n.cache,
+        tenant: Some(tenant.clone()),
+        metadata: n.metadata,
+    };
+    req.validate(state.cfg.max_prompt_bytes).map_err(|e| ApiError::new(e.code, e.message).with_id(&req.id))?;
+    if !state.models.contains(&req.model) {
+        let known: Vec<&str> = state.models.iter().map(String::as_str).collect();
+        return Err(ApiError::new(
+            ErrorCode::UnknownModel,
+            format!("model `{}` is not served here; models: {}", req.model, known.join(", ")),
+        ));
+    }
+    let cap = Duration::from_millis(state.cfg.request_timeout_ms);
+    let timeout = n.timeout_ms.map(Duration::from_millis).map_or(cap, |t| t.min(cap));
+    Ok(Prepared { req, priority, tenant, timeout })
+}
+
+/// Publishes to the priority stream and waits for JetStream to store it.
+/// A full queue is 503 with `Retry-After`.
+async fn publish(state: &AppState, p: &Prepared, reply: Option<&str>) -> Result<(), ApiError> {
+    let id = &p.req.id;
+    let mut h = HeaderMap::new();
+    h.insert(headers::MSG_ID, id.as_str());
+    h.insert(headers::CONTENT_TYPE, codec::ContentType::MSGPACK_MIME);
+    h.insert(headers::TENANT, p.tenant.as_str());
+    let deadline = retro_fleet_worker::unix_ms() + p.timeout.as_millis() as u64;
+    h.insert(headers::DEADLINE, deadline.to_string().as_str());
+    if let Some(reply) = reply {
+        h.insert(headers::REPLY, reply);
+    }
+    let subject = subjects::request(p.priority, &p.req.model);
+    let payload = Bytes::from(codec::encode(&p.req));
+    let retry = state.cfg.retry_after_secs;
+    let ack = state.js.publish_with_headers(subject, h, payload).await;
+    let ack = match ack {
+        Ok(f) => f.await,
+        Err(e) => Err(e),
+    };
+    match ack {
+        Ok(_) => {
+            state.metrics.published.with_label_values(&[p.priority.as_str()]).inc();
+            Ok(())
+        }
+        Err(e) => {
+            let text = e.to_string();
+            let (code, message) = match e.kind() {
+                PublishErrorKind::StreamNotFound => (
+                    ErrorCode::Overloaded,
+                    "request streams are missing; run `retro-fleet topology apply`".to_string(),
+                ),
+                PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe => {
+                    (ErrorCode::Overloaded, format!("NATS did not confirm the request ({text}); retry"))
+                }
+                _ if text.contains("maximum") || text.contains("resources") => {
+                    (ErrorCode::Overloaded, format!("the {} queue is full; retry later", p.priority))
+                }
+                _ => (ErrorCode::Internal, format!("publishing the request failed: {text}")),
+            };
+            tracing::warn!(id = %id, error = %text, "publish refused");
+            Err(ApiError::new(code, message).with_id(id).retry_after(retry))
+        }
+    }
+}
+
+fn result_response(result: InferResult) -> Response {
+    match (&result.status, &result.error) {
+        (Status::Ok, _) | (_, None) => (StatusCode::OK, Json(result)).into_response(),
+        (Status::Error, Some(e)) => ApiError::from(e.clone()).with_id(&result.id).into_response(),
+    }
+}
+
+/// `POST /v1/infer`: waits for the result (or streams it as SSE with `stream: true`).
+pub async fn infer(State(state): State<AppState>, h: HttpHeaders, body: Result<Bytes, BytesRejection>) -> Response {
+    let started = Instant::now();
+    let p = match prepare(&state, &h, body) {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    let (reply, mut waiter) = state.replies.register(&p.req.id);
+    if let Err(e) = publish(&state, &p, Some(&reply)).await {
+        return e.into_response();
+    }
+    if p.req.stream {
+        return sse(waiter, p.timeout).into_response();
+    }
+    let id = p.req.id.clone();
+    let outcome = tokio::time::timeout(p.timeout, waiter.result()).await;
+    let (label, resp) = match outcome {
+        Ok(Some(result)) => {
+            let label = result.error.as_ref().map_or("ok", |e| e.code.as_str());
+            (label, result_response(result))
+        }
+        _ => (
+            "timeout",
+            ApiError::new(
+                ErrorCode::Timeout,
+                format!("no result within {} ms; fetch it later at /v1/results/{id}", p.timeout.as_millis()),
+            )
+            .with_id(&id)
+            .into_response(),
+        ),
+    };
+    state
+        .metrics
+        .e2e
+        .with_label_values(&[p.priority.as_str(), &p.req.model, label])
+        .observe(started.elapsed().as_secs_f64());
+    resp
+}
+
+/// Chunks as `event: chunk`, then the result as `event: result` (or `event: error`).
+fn sse(mut waiter: Waiter, timeout: Duration) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let stream = async_stream(move |tx| async move {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, waiter.next()).await {
+                Ok(Some(Reply::Chunk(c))) => {
+                    if tx.send(Event::default().event("chunk").json_data(&c).expect("chunk is JSON")).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(Some(Reply::Result(r))) => {
+                    let kind = if r.status == Status::Ok { "result" } else { "error" };
+                    let _ = tx.send(Event::default().event(kind).json_data(&r).expect("result is JSON")).await;
+                    return;
+                }
+                _ => {
+                    let body = serde_json::json!({"error": {"code": "timeout", "message": "no result in time", "retryable": true}});
+                    let _ = tx.send(Event::default().event("error").data(body.to_string())).await;
+                    return;
+                }
+            }
+        }
+    });
+    Sse::new(stream)
+}
+
+/// A stream fed by a task (keeps the SSE code free of hand-written state machines).
+fn async_stream<F, Fut>(f: F) -> impl Stream<Item = Result<Event, Infallible>>
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Event>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(f(tx));
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (Ok(e), rx)) })
+}
+
+/// `POST /v1/infer/async`: 202 with the id; the result goes to `FLEET_RESULTS`.
+pub async fn infer_async(State(state): State<AppState>, h: HttpHeaders, body: Result<Bytes, BytesRejection>) -> Response {
+    let p = match prepare(&state, &h, body) {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    if p.req.stream {
+        return ApiError::new(ErrorCode::InvalidRequest, "`stream` needs a synchronous call: use POST /v1/infer").into_response();
+    }
+    if let Err(e) = publish(&state, &p, None).await {
+        return e.into_response();
+    }
+    let id = p.req.id.clone();
+    let body = Accepted { result_url: format!("/v1/results/{id}"), id };
+    (StatusCode::ACCEPTED, Json(body)).into_response()
+}
+
+/// `GET /v1/results/{id}`: the stored result of the caller's tenant.
+pub async fn get_result(State(state): State<AppState>, h: HttpHeaders, Path(id): Path<String>) -> Response {
+    let tenant = match tenant_of(&h) {
+        Ok(t) => t,
+        Err(e) => return e.into_response(),
+    };
+    if !subjects::is_token(&id) {
+        return ApiError::new(ErrorCode::NotFound, "no such result").into_response();
+    }
+    let stream = match state.js.get_stream_no_info(subjects::RESULTS_STREAM).await {
+        Ok(s) => s,
+        Err(e) => return ApiError::new(ErrorCode::Internal, format!("results stream: {e}")).into_response(),
+    };
+    match stream.direct_get_last_for_subject(subjects::result(&tenant, &id)).await {
+        Ok(msg) => {
+            let ct = msg.headers.get(headers::CONTENT_TYPE).map(|v| v.as_str());
+            match codec::decode::<InferResult>(ct, &msg.payload) {
+                Ok(r) => (StatusCode::OK, Json(r)).into_response(),
+                Err(e) => ApiError::new(ErrorCode::Internal, format!("stored result unreadable: {e}")).into_response(),
+            }
+        }
+        Err(e) if matches!(e.kind(), async_nats::jetstream::stream::DirectGetErrorKind::NotFound) => {
+            ApiError::new(ErrorCode::NotFound, format!("no result for `{id}` (yet): it may still be queued or running"))
+                .with_id(&id)
+                .into_response()
+        }
+        Err(e) => ApiError::new(ErrorCode::Internal, format!("reading the result failed: {e}")).into_response(),
+    }
+}

@@ -1,0 +1,105 @@
+//! Replies for synchronous callers: one wildcard inbox subscription per
+//! ingress process, demultiplexed by request id.
+//!
+//! A caller registers its request id before publishing and gets a receiver
+//! of chunks and the final result; the registration is removed when the
+//! [`Waiter`] is dropped (result received, timeout or caller gone), and late
+//! or duplicate replies for ids nobody waits on are dropped and counted.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use futures::StreamExt;
+use retro_fleet_schemas::{codec, headers, InferResult, StreamChunk};
+use tokio::sync::mpsc;
+
+/// A message on a request's reply subject.
+#[derive(Debug)]
+pub enum Reply {
+    /// A streamed delta.
+    Chunk(StreamChunk),
+    /// The final result.
+    Result(Box<InferResult>),
+}
+
+type Table = Arc<Mutex<HashMap<String, mpsc::UnboundedSender<Reply>>>>;
+
+/// The inbox of this ingress process.
+#[derive(Clone)]
+pub struct Replies {
+    prefix: String,
+    table: Table,
+}
+
+impl Replies {
+    /// Subscribes to `<inbox>.*` and starts demultiplexing.
+    pub async fn start(client: &async_nats::Client, unclaimed: prometheus::IntCounter) -> anyhow::Result<Replies> {
+        let prefix = client.new_inbox();
+        let mut sub = client.subscribe(format!("{prefix}.*")).await?;
+        let table: Table = Default::default();
+        let replies = Replies { prefix, table: table.clone() };
+        tokio::spawn(async move {
+            while let Some(msg) = sub.next().await {
+                let Some(id) = msg.subject.rsplit('.').next() else { continue };
+                let hdrs = msg.headers.as_ref();
+                let ct = hdrs.and_then(|h| h.get(headers::CONTENT_TYPE)).map(|v| v.as_str());
+                let is_chunk = hdrs.and_then(|h| h.get(headers::KIND)).is_some_and(|k| k.as_str() == headers::KIND_CHUNK);
+                let reply = if is_chunk {
+                    codec::decode::<StreamChunk>(ct, &msg.payload).map(Reply::Chunk)
+                } else {
+                    codec::decode::<InferResult>(ct, &msg.payload).map(|r| Reply::Result(Box::new(r)))
+                };
+                let reply = match reply {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::warn!(error = %e, subject = %msg.subject, "undecodable reply dropped");
+                        continue;
+                    }
+                };
+                let tx = table.lock().expect("reply table lock").get(id).cloned();
+                match tx {
+                    Some(tx) if tx.send(reply).is_ok() => {}
+                    _ => unclaimed.inc(),
+                }
+            }
+        });
+        Ok(replies)
+    }
+
+    /// Registers `id`; returns its reply subject and a waiter.
+    pub fn register(&self, id: &str) -> (String, Waiter) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.table.lock().expect("reply table lock").insert(id.to_string(), tx);
+        (format!("{}.{id}", self.prefix), Waiter { id: id.to_string(), rx, table: self.table.clone() })
+    }
+}
+
+/// Receives the replies of one request; unregisters on drop.
+pub struct Waiter {
+    id: String,
+    rx: mpsc::UnboundedReceiver<Reply>,
+    table: Table,
+}
+
+impl Waiter {
+    /// The next chunk or the result.
+    pub async fn next(&mut self) -> Option<Reply> {
+        self.rx.recv().await
+    }
+
+    /// Waits for the final result, skipping chunks.
+    pub async fn result(&mut self) -> Option<InferResult> {
+        while let Some(r) = self.rx.recv().await {
+            if let Reply::Result(r) = r {
+                return Some(*r);
+            }
+        }
+        None
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        self.table.lock().expect("reply table lock").remove(&self.id);
+    }
+}

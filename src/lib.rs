@@ -1,0 +1,21 @@
+//! retro-fleet: an LLM inference worker fleet on NATS JetStream.
+//!
+//! # Layout
+//! - [`cli`]: the command line (one binary, a subcommand per role or tool).
+//! - [`config`]: figment configuration: defaults < file < `FLEET_*` env < flags.
+//! - [`roles`]: the process roles (`up`, `worker`, `ingress`) and signal handling.
+//! - [`ingress`]: the HTTP API (native, health, metrics) and the reply inbox.
+//! - [`topology`]: streams and consumers, applied idempotently.
+//! - [`nats`]: connecting, and the local nats-server that `up` starts.
+//! - [`telemetry`]: logs and the per-process metrics registry.
+//!
+//! Wire types live in the `retro-fleet-schemas` crate, the pull loop and
+//! backends in `retro-fleet-worker`.
+
+pub mod cli;
+pub mod config;
+pub mod ingress;
+pub mod nats;
+pub mod roles;
+pub mod telemetry;
+pub mod topology;

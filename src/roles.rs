@@ -1,0 +1,177 @@
+//! The process roles: worker and ingress alone, and `up` (everything in one
+//! process, with a local nats-server when none answers).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use anyhow::{bail, Context as _};
+use async_nats::jetstream::consumer::PullConsumer;
+use retro_fleet_schemas::{subjects, Priority};
+use retro_fleet_worker::{backend, Backend, Worker};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::{ingress, nats, telemetry, topology};
+
+/// Fires `token` on Ctrl-C or SIGTERM.
+pub fn cancel_on_signal(token: CancellationToken) {
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let term = std::future::pending::<()>();
+        tokio::select! {
+            _ = ctrl_c => tracing::info!("Ctrl-C: shutting down"),
+            _ = term => tracing::info!("SIGTERM: shutting down"),
+        }
+        token.cancel();
+    });
+}
+
+/// Builds a worker for the configured models (topology applied first).
+pub async fn build_worker(config: &Config, client: &async_nats::Client, registry: &prometheus::Registry) -> anyhow::Result<Worker> {
+    let js = async_nats::jetstream::new(client.clone());
+    topology::apply(&js, config).await?;
+    let served: Vec<String> =
+        if config.worker.models.is_empty() { config.models.keys().cloned().collect() } else { config.worker.models.clone() };
+    let mut backends: HashMap<String, Arc<dyn Backend>> = HashMap::new();
+    for name in &served {
+        let Some(model) = config.models.get(name) else {
+            bail!("worker.models names `{name}`, which is not in [models]; configured: {:?}", config.models.keys().collect::<Vec<_>>());
+        };
+        backends.insert(name.clone(), backend::build(name, model).with_context(|| format!("loading model `{name}`"))?);
+    }
+    let mut consumers: Vec<(Priority, String, PullConsumer)> = Vec::new();
+    for p in Priority::ALL {
+        let stream = js.get_stream(subjects::request_stream(p)).await?;
+        for name in &served {
+            let consumer = stream
+                .get_consumer(&subjects::consumer(name))
+                .await
+                .map_err(|e| anyhow::anyhow!("consumer of `{name}` on {}: {e}", subjects::request_stream(p)))?;
+            consumers.push((p, name.clone(), consumer));
+        }
+    }
+    let id = config.worker.id.clone().unwrap_or_else(retro_fleet_worker::default_worker_id);
+    let catalog: BTreeSet<String> = config.models.keys().cloned().collect();
+    Ok(Worker::new(
+        client.clone(),
+        consumers,
+        backends,
+        catalog,
+        id,
+        config.worker.clone(),
+        config.topology.max_deliver,
+        registry,
+    )?)
+}
+
+/// Serves `/metrics` and `/health/*` for roles without the ingress.
+async fn serve_telemetry(addr: &str, registry: prometheus::Registry, client: async_nats::Client, shutdown: CancellationToken) -> anyhow::Result<()> {
+    use axum::routing::get;
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding metrics listener {addr}"))?;
+    let app = axum::Router::new()
+        .route("/metrics", get(move || { let r = registry.clone(); async move { telemetry::render(&r) } }))
+        .route("/health/live", get(|| async { "ok\n" }))
+        .route(
+            "/health/ready",
+            get(move || {
+                let c = client.clone();
+                async move {
+                    if c.connection_state() == async_nats::connection::State::Connected {
+                        (axum::http::StatusCode::OK, "ready\n")
+                    } else {
+                        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "not connected to NATS\n")
+                    }
+                }
+            }),
+        );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
+    });
+    Ok(())
+}
+
+/// `retro-fleet worker`.
+pub async fn worker(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let client = nats::connect(&config.nats, "worker").await?;
+    let registry = telemetry::registry();
+    let worker = build_worker(&config, &client, &registry).await?;
+    if let Some(addr) = &config.metrics_listen {
+        serve_telemetry(addr, registry, client.clone(), shutdown.clone()).await?;
+    }
+    worker.run(shutdown).await;
+    client.flush().await.ok();
+    Ok(())
+}
+
+/// `retro-fleet ingress`.
+pub async fn ingress(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let client = nats::connect(&config.nats, "ingress").await?;
+    let state = ingress::Ingress::new(client.clone(), &config, telemetry::registry()).await?;
+    let listener = tokio::net::TcpListener::bind(&config.ingress.listen)
+        .await
+        .with_context(|| format!("binding {}", config.ingress.listen))?;
+    ingress::serve(listener, state, shutdown).await?;
+    client.flush().await.ok();
+    Ok(())
+}
+
+/// `retro-fleet up`: ingress and worker in one process against `nats.url`,
+/// starting a local nats-server (store under the data dir) when none answers.
+pub async fn up(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let mut config = config;
+    let local = if nats::answers(&config.nats.url).await {
+        tracing::info!(url = %config.nats.url, "using the running NATS server");
+        None
+    } else {
+        let port = port_of(&config.nats.url).unwrap_or(4222);
+        let store = config.data_dir.join("nats");
+        tracing::info!(port, store = %store.display(), "no NATS server answers; starting a local nats-server");
+        let server = nats::LocalServer::start(&store, port).await?;
+        config.nats.url = server.url.clone();
+        Some(server)
+    };
+    let client = nats::connect(&config.nats, "up").await?;
+    let registry = telemetry::registry();
+    let worker = build_worker(&config, &client, &registry).await?;
+    let state = ingress::Ingress::new(client.clone(), &config, registry).await?;
+    let listener = tokio::net::TcpListener::bind(&config.ingress.listen)
+        .await
+        .with_context(|| format!("binding {}", config.ingress.listen))?;
+    let addr = listener.local_addr()?;
+    let models: Vec<&String> = config.models.keys().collect();
+    eprintln!("retro-fleet is up: http://{addr} (models: {models:?}, NATS: {}). Ctrl-C stops it.", config.nats.url);
+    let ingress_task = tokio::spawn(ingress::serve(listener, state, shutdown.clone()));
+    worker.run(shutdown).await;
+    ingress_task.await??;
+    client.flush().await.ok();
+    drop(client);
+    if let Some(server) = local {
+        server.stop().await;
+    }
+    Ok(())
+}
+
+fn port_of(url: &str) -> Option<u16> {
+    let first = url.split(',').next()?.trim();
+    first.rsplit(':').next()?.trim_end_matches('/').parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn port_of_urls() {
+        assert_eq!(super::port_of("nats://127.0.0.1:4333"), Some(4333));
+        assert_eq!(super::port_of("nats://a:1,nats://b:2"), Some(1));
+        assert_eq!(super::port_of("nats://host"), None);
+    }
+}

@@ -1,0 +1,252 @@
+//! The NATS topology: request streams per priority, results, dead letters
+//! and the worker consumers, created or updated idempotently.
+
+use std::fmt;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
+use async_nats::jetstream::Context;
+use retro_fleet_schemas::{subjects, Priority};
+
+use crate::config::{Config, TopologyConfig};
+
+/// What `apply` did to one object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// It did not exist.
+    Created,
+    /// It existed with other settings (the fields named).
+    Updated(Vec<&'static str>),
+    /// Already as configured.
+    Unchanged,
+}
+
+/// One line of an `apply` report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    /// `stream` or `consumer`.
+    pub kind: &'static str,
+    /// Stream name, or `STREAM/consumer`.
+    pub name: String,
+    /// What happened.
+    pub change: Change,
+}
+
+impl fmt::Display for Applied {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.change {
+            Change::Created => write!(f, "{:<8} {:<32} created", self.kind, self.name),
+            Change::Updated(fields) => write!(f, "{:<8} {:<32} updated ({})", self.kind, self.name, fields.join(", ")),
+            Change::Unchanged => write!(f, "{:<8} {:<32} unchanged", self.kind, self.name),
+        }
+    }
+}
+
+/// Errors applying the topology.
+#[derive(Debug, thiserror::Error)]
+#[error("topology: {what}: {source}")]
+pub struct TopologyError {
+    what: String,
+    #[source]
+    source: async_nats::Error,
+}
+
+fn err(what: impl Into<String>) -> impl FnOnce(async_nats::Error) -> TopologyError {
+    let what = what.into();
+    move |source| TopologyError { what, source }
+}
+
+/// Stream configuration of the request stream of `p`.
+pub fn request_stream(p: Priority, t: &TopologyConfig) -> stream::Config {
+    stream::Config {
+        name: subjects::request_stream(p).to_string(),
+        description: Some(format!("retro-fleet {p}-priority requests")),
+        subjects: vec![subjects::request_wildcard(p)],
+        retention: RetentionPolicy::WorkQueue,
+        storage: StorageType::File,
+        max_messages: t.max_msgs,
+        max_bytes: t.max_bytes,
+        max_message_size: t.max_msg_size,
+        max_age: Duration::from_secs(t.max_age_secs),
+        duplicate_window: Duration::from_secs(t.duplicate_window_secs),
+        // A full queue refuses new requests, so publishers get pushback
+        // instead of silently losing the oldest.
+        discard: DiscardPolicy::New,
+        num_replicas: t.replicas,
+        allow_direct: true,
+        ..Default::default()
+    }
+}
+
+/// Stream configuration of `FLEET_RESULTS`.
+pub fn results_stream(t: &TopologyConfig) -> stream::Config {
+    stream::Config {
+        name: subjects::RESULTS_STREAM.to_string(),
+        description: Some("retro-fleet results, by tenant and request id".into()),
+        subjects: vec![subjects::RESULTS_WILDCARD.to_string()],
+        retention: RetentionPolicy::Limits,
+        storage: StorageType::File,
+        max_age: Duration::from_secs(t.results_max_age_secs),
+        duplicate_window: Duration::from_secs(t.duplicate_window_secs),
+        max_messages_per_subject: 1,
+        discard: DiscardPolicy::Old,
+        num_replicas: t.replicas,
+        allow_direct: true,
+        ..Default::default()
+    }
+}
+
+/// Stream configuration of `FLEET_DLQ`.
+pub fn dlq_stream(t: &TopologyConfig) -> stream::Config {
+    stream::Config {
+        name: subjects::DLQ_STREAM.to_string(),
+        description: Some("retro-fleet dead letters: original request plus error".into()),
+        subjects: vec![subjects::DLQ_WILDCARD.to_string()],
+        retention: RetentionPolicy::Limits,
+        storage: StorageType::File,
+        max_age: Duration::from_secs(t.dlq_max_age_secs),
+        duplicate_window: Duration::from_secs(t.duplicate_window_secs),
+        discard: DiscardPolicy::Old,
+        num_replicas: t.replicas,
+        allow_direct: true,
+        ..Default::default()
+    }
+}
+
+/// Consumer configuration of the worker consumer for `model` on `p`'s stream.
+pub fn worker_consumer(p: Priority, model: &str, t: &TopologyConfig) -> pull::Config {
+    pull::Config {
+        durable_name: Some(subjects::consumer(model)),
+        description: Some(format!("retro-fleet workers of `{model}`")),
+        filter_subject: subjects::request(p, model),
+        ack_policy: AckPolicy::Explicit,
+        deliver_policy: DeliverPolicy::All,
+        ack_wait: Duration::from_secs(t.ack_wait_secs),
+        max_deliver: t.max_deliver,
+        max_ack_pending: t.max_ack_pending,
+        max_waiting: 4096,
+        ..Default::default()
+    }
+}
+
+/// The server reports "no limit" as -1 where a client config says 0.
+fn limit(x: i64) -> i64 {
+    if x <= 0 {
+        -1
+    } else {
+        x
+    }
+}
+
+fn stream_diff(want: &stream::Config, have: &stream::Config) -> Vec<&'static str> {
+    let mut d = Vec::new();
+    let mut check = |name, same: bool| {
+        if !same {
+            d.push(name)
+        }
+    };
+    check("subjects", want.subjects == have.subjects);
+    check("max_msgs", limit(want.max_messages) == limit(have.max_messages));
+    check("max_bytes", limit(want.max_bytes) == limit(have.max_bytes));
+    check("max_msg_size", limit(want.max_message_size.into()) == limit(have.max_message_size.into()));
+    check("max_age", want.max_age == have.max_age);
+    check("duplicate_window", want.duplicate_window == have.duplicate_window);
+    check("max_msgs_per_subject", limit(want.max_messages_per_subject) == limit(have.max_messages_per_subject));
+    check("discard", want.discard == have.discard);
+    check("replicas", want.num_replicas.max(1) == have.num_replicas.max(1));
+    check("allow_direct", want.allow_direct == have.allow_direct);
+    check("description", want.description == have.description);
+    d
+}
+
+fn consumer_diff(want: &pull::Config, have: &async_nats::jetstream::consumer::Config) -> Vec<&'static str> {
+    let mut d = Vec::new();
+    let mut check = |name, same: bool| {
+        if !same {
+            d.push(name)
+        }
+    };
+    check("filter_subject", want.filter_subject == have.filter_subject);
+    check("ack_wait", want.ack_wait == have.ack_wait);
+    check("max_deliver", want.max_deliver == have.max_deliver);
+    check("max_ack_pending", want.max_ack_pending == have.max_ack_pending);
+    check("max_waiting", want.max_waiting == have.max_waiting);
+    check("description", want.description == have.description);
+    d
+}
+
+async fn apply_stream(js: &Context, want: stream::Config) -> Result<Applied, TopologyError> {
+    let name = want.name.clone();
+    let change = match js.get_stream(&name).await {
+        Ok(mut s) => {
+            let have = s.info().await.map_err(|e| err(format!("stream {name}"))(e.into()))?.config.clone();
+            let diff = stream_diff(&want, &have);
+            if diff.is_empty() {
+                Change::Unchanged
+            } else {
+                js.update_stream(&want).await.map_err(|e| err(format!("update stream {name}"))(e.into()))?;
+                Change::Updated(diff)
+            }
+        }
+        Err(_) => match js.create_stream(want.clone()).await {
+            Ok(_) => Change::Created,
+            // Another process created it between our look and our create.
+            Err(_) if js.get_stream(&name).await.is_ok() => Change::Unchanged,
+            Err(e) => return Err(err(format!("create stream {name}"))(e.into())),
+        },
+    };
+    Ok(Applied { kind: "stream", name, change })
+}
+
+async fn apply_consumer(js: &Context, p: Priority, want: pull::Config) -> Result<Applied, TopologyError> {
+    let stream_name = subjects::request_stream(p);
+    let durable = want.durable_name.clone().unwrap_or_default();
+    let name = format!("{stream_name}/{durable}");
+    let stream = js.get_stream(stream_name).await.map_err(|e| err(format!("stream {stream_name}"))(e.into()))?;
+    let change = match stream.get_consumer::<pull::Config>(&durable).await {
+        Ok(mut c) => {
+            let have = c.info().await.map_err(|e| err(format!("consumer {name}"))(e.into()))?.config.clone();
+            let diff = consumer_diff(&want, &have);
+            if diff.is_empty() {
+                Change::Unchanged
+            } else {
+                stream.update_consumer(want).await.map_err(|e| err(format!("update consumer {name}"))(e.into()))?;
+                Change::Updated(diff)
+            }
+        }
+        Err(_) => match stream.create_consumer(want).await {
+            Ok(_) => Change::Created,
+            Err(_) if stream.get_consumer::<pull::Config>(&durable).await.is_ok() => Change::Unchanged,
+            Err(e) => return Err(err(format!("create consumer {name}"))(e.into())),
+        },
+    };
+    Ok(Applied { kind: "consumer", name, change })
+}
+
+/// Creates or updates every stream and every worker consumer of the
+/// configured models. Running it twice changes nothing the second time.
+pub async fn apply(js: &Context, config: &Config) -> Result<Vec<Applied>, TopologyError> {
+    let t = &config.topology;
+    let mut report = Vec::new();
+    for p in Priority::ALL {
+        report.push(apply_stream(js, request_stream(p, t)).await?);
+    }
+    report.push(apply_stream(js, results_stream(t)).await?);
+    report.push(apply_stream(js, dlq_stream(t)).await?);
+    for p in Priority::ALL {
+        for model in config.models.keys() {
+            report.push(apply_consumer(js, p, worker_consumer(p, model, t)).await?);
+        }
+    }
+    Ok(report)
+}
+
+/// Whether every stream of the topology exists (readiness).
+pub async fn streams_present(js: &Context) -> Result<(), String> {
+    let names = Priority::ALL.map(subjects::request_stream).into_iter().chain([subjects::RESULTS_STREAM, subjects::DLQ_STREAM]);
+    for name in names {
+        js.get_stream(name).await.map_err(|e| format!("stream {name}: {e}"))?;
+    }
+    Ok(())
+}

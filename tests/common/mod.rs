@@ -1,0 +1,286 @@
+//! Shared helpers of the integration tests: real nats-server, real
+//! retro-fleet processes, real HTTP.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use futures::StreamExt;
+use retro_fleet_schemas::{codec, headers, subjects, InferRequest, InferResult, Input, Priority};
+pub use retro_fleet_testkit::{free_port, NatsServer};
+
+/// A config file for test processes: fast redelivery, short sweeps.
+pub fn write_config(dir: &Path, nats_url: &str, extra: &str) -> PathBuf {
+    let path = dir.join("retro-fleet.toml");
+    let text = format!(
+        r#"data_dir = "{data}"
+[nats]
+url = "{nats_url}"
+[log]
+format = "json"
+level = "info"
+[topology]
+ack_wait_secs = 2
+max_deliver = 3
+[worker]
+unrouted_sweep_ms = 300
+idle_wait_ms = 200
+drain_timeout_ms = 5000
+{extra}
+"#,
+        data = dir.join("data").display()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A retro-fleet child process, killed on drop.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Starts `retro-fleet --config CONFIG ARGS...`, logging to a file beside the config.
+    pub fn start(config: &Path, args: &[&str], env: &[(&str, String)]) -> Proc {
+        let name = args.join("-").replace(['/', ' ', '='], "_");
+        let log = config.with_file_name(format!("{name}-{}.log", free_port()));
+        let out = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_retro-fleet"));
+        cmd.arg("--config").arg(config).args(args).stdout(out.try_clone().unwrap()).stderr(out).stdin(Stdio::null());
+        cmd.env_remove("NATS_URL");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn retro-fleet");
+        Proc { child, name, log }
+    }
+
+    /// SIGKILL, like a crash.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, and the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        unsafe_kill(self.child.id(), 15);
+        wait_exit(&mut self.child, Duration::from_secs(20))
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// The log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn unsafe_kill(pid: u32, sig: i32) {
+    let status = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().unwrap();
+    assert!(status.success());
+}
+
+/// Sends a signal by number.
+pub fn signal(p: &Proc, sig: i32) {
+    unsafe_kill(p.child.id(), sig);
+}
+
+fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(start.elapsed() < timeout, "process did not exit within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until `GET url` answers 200.
+pub async fn wait_ready(url: &str, proc: &mut Proc) {
+    let client = reqwest::Client::new();
+    let start = Instant::now();
+    loop {
+        if let Ok(r) = client.get(url).send().await {
+            if r.status().is_success() {
+                return;
+            }
+        }
+        assert!(proc.alive(), "{} exited early:\n{}", proc.name, proc.log());
+        assert!(start.elapsed() < Duration::from_secs(60), "{url} not ready:\n{}", proc.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Starts a worker and waits until it serves its health endpoint.
+pub async fn start_worker(config: &Path, extra_args: &[&str]) -> Proc {
+    let port = free_port();
+    let mut args = vec!["worker"];
+    args.extend_from_slice(extra_args);
+    let mut p = Proc::start(config, &args, &[("FLEET_METRICS_LISTEN", format!("127.0.0.1:{port}"))]);
+    wait_ready(&format!("http://127.0.0.1:{port}/health/ready"), &mut p).await;
+    // the worker binds its consumers right after the metrics server starts
+    wait_log(&mut p, "worker pulling").await;
+    p
+}
+
+/// Starts an ingress; returns it and its base URL.
+pub async fn start_ingress(config: &Path) -> (Proc, String) {
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut p = Proc::start(config, &["ingress", "--listen", &format!("127.0.0.1:{port}")], &[]);
+    wait_ready(&format!("{base}/health/ready"), &mut p).await;
+    (p, base)
+}
+
+/// Waits until the process log contains `needle`.
+pub async fn wait_log(p: &mut Proc, needle: &str) {
+    let start = Instant::now();
+    while !p.log().contains(needle) {
+        assert!(p.alive(), "{} exited:\n{}", p.name, p.log());
+        assert!(start.elapsed() < Duration::from_secs(60), "no `{needle}` in log:\n{}", p.log());
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Runs `retro-fleet topology apply` and returns its output.
+pub fn topology_apply(config: &Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_retro-fleet"))
+        .arg("--config")
+        .arg(config)
+        .args(["topology", "apply"])
+        .env_remove("NATS_URL")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "topology apply failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A completion request.
+pub fn request(id: &str, model: &str, prompt: &str) -> InferRequest {
+    InferRequest {
+        v: 1,
+        id: id.into(),
+        model: model.into(),
+        adapter: None,
+        input: Input::Completion { prompt: prompt.into() },
+        params: Default::default(),
+        stream: false,
+        cache: Default::default(),
+        tenant: None,
+        metadata: Default::default(),
+    }
+}
+
+/// A client that publishes requests and collects replies on one inbox.
+pub struct Caller {
+    pub client: async_nats::Client,
+    pub js: async_nats::jetstream::Context,
+    pub inbox: String,
+    sub: async_nats::Subscriber,
+    seen: HashMap<String, usize>,
+    backlog: std::collections::VecDeque<(String, InferResult)>,
+    dups: usize,
+}
+
+impl Caller {
+    pub async fn connect(url: &str) -> Caller {
+        let client = async_nats::connect(url).await.unwrap();
+        let js = async_nats::jetstream::new(client.clone());
+        let inbox = client.new_inbox();
+        let sub = client.subscribe(format!("{inbox}.*")).await.unwrap();
+        Caller { client, js, inbox, sub, seen: HashMap::new(), backlog: Default::default(), dups: 0 }
+    }
+
+    /// Publishes raw bytes with the given headers (plus a reply subject for `id`).
+    pub async fn publish_raw(&self, subject: &str, id: &str, mut h: HeaderMap, payload: Bytes) {
+        h.insert(headers::REPLY, format!("{}.{id}", self.inbox).as_str());
+        self.js.publish_with_headers(subject.to_string(), h, payload).await.unwrap().await.unwrap();
+    }
+
+    /// Publishes a request at `p` with reply and msg id.
+    pub async fn publish(&self, p: Priority, req: &InferRequest) {
+        let mut h = HeaderMap::new();
+        h.insert(headers::MSG_ID, req.id.as_str());
+        self.publish_raw(&subjects::request(p, &req.model), &req.id, h, Bytes::from(codec::encode(req))).await;
+    }
+
+    /// Collects `n` new final results (by reply-subject id), failing after
+    /// `timeout`. Returns them in arrival order, and how many duplicate
+    /// replies arrived since the last call (for any id).
+    pub async fn collect(&mut self, n: usize, timeout: Duration) -> (Vec<(String, InferResult)>, usize) {
+        let mut order = Vec::new();
+        while order.len() < n {
+            match self.backlog.pop_front() {
+                Some(r) => order.push(r),
+                None => break,
+            }
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        while order.len() < n {
+            match tokio::time::timeout_at(deadline, self.sub.next()).await {
+                Ok(Some(msg)) => {
+                    if let Some(r) = self.note(msg) {
+                        order.push(r);
+                    }
+                }
+                _ => break,
+            }
+        }
+        // linger briefly to catch duplicates; new results wait for the next call
+        let linger = tokio::time::Instant::now() + Duration::from_millis(300);
+        while let Ok(Some(msg)) = tokio::time::timeout_at(linger, self.sub.next()).await {
+            if let Some(r) = self.note(msg) {
+                self.backlog.push_back(r);
+            }
+        }
+        (order, std::mem::take(&mut self.dups))
+    }
+
+    /// Records a reply; returns it if it is the first result for its id.
+    fn note(&mut self, msg: async_nats::Message) -> Option<(String, InferResult)> {
+        let kind = msg.headers.as_ref().and_then(|h| h.get(headers::KIND)).map(|v| v.as_str().to_string());
+        if kind.as_deref() != Some(headers::KIND_RESULT) {
+            return None;
+        }
+        let key = msg.subject.rsplit('.').next().unwrap().to_string();
+        let result: InferResult = codec::decode(None, &msg.payload).unwrap();
+        let count = self.seen.entry(key.clone()).or_default();
+        *count += 1;
+        if *count == 1 {
+            Some((key, result))
+        } else {
+            self.dups += 1;
+            None
+        }
+    }
+}
+
+/// Reads the stored result of `id` from `FLEET_RESULTS`.
+pub async fn stored_result(js: &async_nats::jetstream::Context, tenant: &str, id: &str) -> Option<InferResult> {
+    let stream = js.get_stream(subjects::RESULTS_STREAM).await.unwrap();
+    let msg = stream.direct_get_last_for_subject(subjects::result(tenant, id)).await.ok()?;
+    Some(codec::decode(None, &msg.payload).unwrap())
+}
+
+/// Messages in a stream.
+pub async fn stream_len(js: &async_nats::jetstream::Context, name: &str) -> u64 {
+    js.get_stream(name).await.unwrap().info().await.unwrap().state.messages
+}

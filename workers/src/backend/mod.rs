@@ -1,0 +1,107 @@
+//! Backends run a request and return text. The worker owns one per model.
+//!
+//! - [`echo`]: returns the input, for tests and overhead benchmarks.
+//! - [`synthetic`]: sleeps a fixed latency, for scaling benchmarks.
+
+pub mod echo;
+pub mod synthetic;
+
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use retro_fleet_schemas::{ErrorCode, InferRequest, Usage};
+use tokio::sync::mpsc;
+
+use crate::config::ModelConfig;
+
+/// What a backend produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    /// Output text.
+    pub text: String,
+    /// `stop` or `length`.
+    pub finish_reason: String,
+    /// Token counts.
+    pub usage: Usage,
+}
+
+/// A backend failure.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct BackendError {
+    /// Stable code for the result.
+    pub code: ErrorCode,
+    /// What happened.
+    pub message: String,
+    /// Whether another attempt (maybe on another worker) may succeed.
+    pub retryable: bool,
+}
+
+/// Sends streamed text deltas, in order, while a backend generates.
+pub type DeltaSender = mpsc::UnboundedSender<String>;
+
+/// A model implementation.
+pub trait Backend: Send + Sync + 'static {
+    /// Revision of the model (part of results and cache keys).
+    fn revision(&self) -> Option<String>;
+
+    /// Runs `req`. When `deltas` is given, sends output pieces as they are
+    /// generated; their concatenation equals the returned text.
+    fn generate<'a>(
+        &'a self,
+        req: &'a InferRequest,
+        deltas: Option<DeltaSender>,
+    ) -> BoxFuture<'a, Result<Generation, BackendError>>;
+}
+
+/// Builds the backend of a configured model.
+pub fn build(name: &str, cfg: &ModelConfig) -> Result<Arc<dyn Backend>, BackendError> {
+    let _ = name;
+    Ok(match cfg {
+        ModelConfig::Echo { revision } => Arc::new(echo::Echo::new(revision.clone())),
+        ModelConfig::Synthetic { latency_ms, output_tokens, concurrency, revision } => Arc::new(
+            synthetic::Synthetic::new(
+                std::time::Duration::from_millis(*latency_ms),
+                *output_tokens,
+                *concurrency,
+                revision.clone(),
+            ),
+        ),
+    })
+}
+
+/// Applies `max_tokens` and stop sequences to whitespace-separated words, as
+/// the test backends count tokens; returns the text and its finish reason.
+pub(crate) fn limit_words(words: &[&str], max_tokens: Option<u32>, stop: &[String]) -> (String, String) {
+    let mut text = String::new();
+    let mut finish = "stop";
+    for (i, w) in words.iter().enumerate() {
+        if max_tokens.is_some_and(|m| i as u32 >= m) {
+            finish = "length";
+            break;
+        }
+        if i > 0 {
+            text.push(' ');
+        }
+        text.push_str(w);
+    }
+    if let Some(pos) = stop.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min() {
+        text.truncate(pos);
+        finish = "stop";
+    }
+    (text, finish.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limit_words_honours_max_tokens_and_stop() {
+        let w = ["a", "b", "c", "d"];
+        assert_eq!(limit_words(&w, None, &[]), ("a b c d".into(), "stop".into()));
+        assert_eq!(limit_words(&w, Some(2), &[]), ("a b".into(), "length".into()));
+        assert_eq!(limit_words(&w, None, &["c".into()]), ("a b ".into(), "stop".into()));
+        assert_eq!(limit_words(&w, Some(0), &[]), ("".into(), "length".into()));
+    }
+}

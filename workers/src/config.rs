@@ -1,0 +1,91 @@
+//! Worker and model configuration (read by the root crate's figment config).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// How one worker pulls and runs requests.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// Worker id in logs, results and the registry; default `<hostname>-<pid>`.
+    pub id: Option<String>,
+    /// Models this worker serves; empty means every configured model.
+    pub models: Vec<String>,
+    /// Most requests in flight at once (backpressure: nothing more is pulled).
+    pub max_inflight: usize,
+    /// Most messages taken in one pull.
+    pub batch_size: usize,
+    /// Guaranteed share of pulled slots for normal requests while high ones wait (0..1).
+    pub normal_share: f64,
+    /// Guaranteed share of pulled slots for low requests while higher ones wait (0..1).
+    pub low_share: f64,
+    /// How long an idle long-poll waits for new work before polling again, in ms.
+    pub idle_wait_ms: u64,
+    /// Grace period for in-flight work on shutdown, in ms.
+    pub drain_timeout_ms: u64,
+    /// Largest prompt (bytes of text) a worker accepts.
+    pub max_prompt_bytes: usize,
+    /// How often to look for requests to models no one serves, in ms (0 = never).
+    pub unrouted_sweep_ms: u64,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            id: None,
+            models: Vec::new(),
+            max_inflight: 256,
+            batch_size: 128,
+            normal_share: 0.2,
+            low_share: 0.1,
+            idle_wait_ms: 1_000,
+            drain_timeout_ms: 30_000,
+            max_prompt_bytes: 256 * 1024,
+            unrouted_sweep_ms: 5_000,
+        }
+    }
+}
+
+/// A model the fleet serves, by backend.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "backend", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ModelConfig {
+    /// Returns the input (for tests, demos and overhead benchmarks).
+    Echo {
+        /// Revision reported in results.
+        #[serde(default)]
+        revision: Option<String>,
+    },
+    /// Sleeps a fixed latency per request, then returns fixed text (for scaling benchmarks).
+    Synthetic {
+        /// Time each request takes, in ms.
+        #[serde(default = "default_latency_ms")]
+        latency_ms: u64,
+        /// Words of output per request when the request sets no `max_tokens`.
+        #[serde(default = "default_output_tokens")]
+        output_tokens: u32,
+        /// Most requests served at once by one worker (further ones queue in the worker).
+        #[serde(default)]
+        concurrency: Option<usize>,
+        /// Revision reported in results.
+        #[serde(default)]
+        revision: Option<String>,
+    },
+}
+
+fn default_latency_ms() -> u64 {
+    50
+}
+
+fn default_output_tokens() -> u32 {
+    16
+}
+
+/// The fleet's model catalogue: name → model.
+pub type Models = BTreeMap<String, ModelConfig>;
+
+/// The catalogue used when none is configured: one `echo` model.
+pub fn default_models() -> Models {
+    BTreeMap::from([("echo".to_string(), ModelConfig::Echo { revision: None })])
+}

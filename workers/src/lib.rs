@@ -1,0 +1,39 @@
+//! The retro-fleet worker: pulls requests from the priority streams, runs
+//! them on a backend and publishes exactly one result per request.
+//!
+//! # Layout
+//! - [`worker`]: the pull loop (free slots → priority plan → fetch → dispatch) and drain.
+//! - [`scheduler`]: pure priority planning with guaranteed shares for lower classes.
+//! - [`process`]: one message: decode, validate, deadline, run, publish, ack.
+//! - [`sweeper`]: answers requests addressed to models nobody in the fleet serves.
+//! - [`backend`]: the `Backend` trait and the echo and synthetic backends.
+//! - [`config`]: worker and model configuration.
+//! - [`metrics`]: the worker's Prometheus metrics and the fleet's latency buckets.
+
+pub mod backend;
+pub mod config;
+pub mod metrics;
+pub mod process;
+pub mod scheduler;
+pub mod sweeper;
+pub mod worker;
+
+pub use backend::{Backend, BackendError, Generation};
+pub use config::{ModelConfig, Models, WorkerConfig};
+pub use worker::{Worker, WorkerError};
+
+/// Milliseconds since the unix epoch.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// A worker id from the host name and process id.
+pub fn default_worker_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "worker".into());
+    format!("{host}-{}", std::process::id())
+}
