@@ -5,7 +5,7 @@
 # Usage: scripts/bench.sh [extra loadtest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --bin retro-fleet --bin loadtest >&2
+cargo build --release --workspace --bins >&2
 BIN="${CARGO_TARGET_DIR:-target}/release"
 PORT="${BENCH_NATS_PORT:-4333}"
 STORE="$(mktemp -d)"

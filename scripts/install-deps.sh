@@ -24,3 +24,11 @@ if need_nats; then
     hash -r
 fi
 nats-server --version >&2
+
+# The OpenAI-compatibility test drives the ingress with the official client.
+if ! python3 -c 'import openai' >/dev/null 2>&1; then
+    echo "installing the openai Python client (for the compatibility test)..." >&2
+    PIP="$(command -v pip3 || command -v pip)"
+    "$PIP" install --quiet --disable-pip-version-check openai \
+        || "$PIP" install --quiet --disable-pip-version-check --break-system-packages openai
+fi

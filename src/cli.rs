@@ -67,6 +67,11 @@ pub enum Command {
     },
     /// Print the effective configuration as TOML.
     Config,
+    /// Model tools.
+    Model {
+        #[command(subcommand)]
+        action: ModelAction,
+    },
     /// Send one request over NATS and print its result as JSON.
     Submit {
         /// Model name.
@@ -83,6 +88,24 @@ pub enum Command {
         timeout: u64,
         /// The prompt.
         prompt: String,
+    },
+}
+
+/// `model` actions.
+#[derive(Debug, Subcommand)]
+pub enum ModelAction {
+    /// Write a tiny random-weights Llama model (safetensors, tokenizer, chat
+    /// template) that mistral.rs loads: for demos and tests, no download.
+    Tiny {
+        /// Directory to write into.
+        #[arg(long)]
+        out: PathBuf,
+        /// Decoder layers.
+        #[arg(long, default_value_t = 2)]
+        layers: usize,
+        /// Hidden size (a multiple of 8).
+        #[arg(long, default_value_t = 64)]
+        hidden: usize,
     },
 }
 
@@ -135,7 +158,14 @@ pub async fn topology_apply(config: &Config) -> anyhow::Result<()> {
 }
 
 /// `retro-fleet submit`.
-pub async fn submit(config: &Config, model: String, priority: Priority, max_tokens: Option<u32>, timeout: u64, prompt: String) -> anyhow::Result<()> {
+pub async fn submit(
+    config: &Config,
+    model: String,
+    priority: Priority,
+    max_tokens: Option<u32>,
+    timeout: u64,
+    prompt: String,
+) -> anyhow::Result<()> {
     let client = crate::nats::connect(&config.nats, "submit").await?;
     let js = async_nats::jetstream::new(client.clone());
     let req = InferRequest {
@@ -172,5 +202,16 @@ pub async fn submit(config: &Config, model: String, priority: Priority, max_toke
         .await
         .with_context(|| format!("no result within {timeout} s for request {} (is a worker running?)", req.id))??;
     println!("{}", serde_json::to_string_pretty(&result)?);
+    Ok(())
+}
+
+/// `retro-fleet model tiny`.
+pub fn model_tiny(out: &std::path::Path, layers: usize, hidden: usize) -> anyhow::Result<()> {
+    if hidden == 0 || hidden % 8 != 0 || layers == 0 {
+        anyhow::bail!("--hidden must be a positive multiple of 8 and --layers at least 1");
+    }
+    let sizes = retro_fleet_worker::tiny_model::Tiny { hidden, inter: hidden * 2, layers, ..Default::default() };
+    retro_fleet_worker::tiny_model::write(out, &sizes).with_context(|| format!("writing {}", out.display()))?;
+    println!("wrote a tiny Llama model to {} ({layers} layers, hidden {hidden})", out.display());
     Ok(())
 }

@@ -223,7 +223,10 @@ mod tests {
     #[test]
     fn env_overrides_file_and_flags_override_env() {
         figment::Jail::expect_with(|jail| {
-            jail.create_file("f.toml", "[worker]\nmax_inflight = 7\nbatch_size = 3\n[ingress]\nlisten = \"0.0.0.0:1\"\n")?;
+            jail.create_file(
+                "f.toml",
+                "[worker]\nmax_inflight = 7\nbatch_size = 3\n[ingress]\nlisten = \"0.0.0.0:1\"\n",
+            )?;
             jail.set_env("FLEET_WORKER__MAX_INFLIGHT", "9");
             jail.set_env("FLEET_INGRESS__LISTEN", "0.0.0.0:2");
             let flags = Figment::from(Serialized::default("ingress.listen", "0.0.0.0:3"));

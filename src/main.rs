@@ -1,5 +1,5 @@
 use clap::Parser;
-use retro_fleet::cli::{self, Cli, Command, TopologyAction};
+use retro_fleet::cli::{self, Cli, Command, ModelAction, TopologyAction};
 use retro_fleet::{roles, telemetry};
 use tokio_util::sync::CancellationToken;
 
@@ -15,6 +15,15 @@ fn main() -> std::process::ExitCode {
     if let Command::Config = cli.command {
         print!("{}", config.to_toml());
         return std::process::ExitCode::SUCCESS;
+    }
+    if let Command::Model { action: ModelAction::Tiny { out, layers, hidden } } = &cli.command {
+        return match cli::model_tiny(out, *layers, *hidden) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
     }
     telemetry::init_logs(&config.log);
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
@@ -37,7 +46,7 @@ fn main() -> std::process::ExitCode {
             Command::Submit { model, priority, max_tokens, timeout, prompt } => {
                 cli::submit(&config, model, priority, max_tokens, timeout, prompt).await
             }
-            Command::Config => unreachable!("handled above"),
+            Command::Config | Command::Model { .. } => unreachable!("handled above"),
         }
     });
     match result {

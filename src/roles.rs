@@ -37,17 +37,30 @@ pub fn cancel_on_signal(token: CancellationToken) {
 }
 
 /// Builds a worker for the configured models (topology applied first).
-pub async fn build_worker(config: &Config, client: &async_nats::Client, registry: &prometheus::Registry) -> anyhow::Result<Worker> {
+pub async fn build_worker(
+    config: &Config,
+    client: &async_nats::Client,
+    registry: &prometheus::Registry,
+) -> anyhow::Result<Worker> {
     let js = async_nats::jetstream::new(client.clone());
     topology::apply(&js, config).await?;
-    let served: Vec<String> =
-        if config.worker.models.is_empty() { config.models.keys().cloned().collect() } else { config.worker.models.clone() };
+    let served: Vec<String> = if config.worker.models.is_empty() {
+        config.models.keys().cloned().collect()
+    } else {
+        config.worker.models.clone()
+    };
     let mut backends: HashMap<String, Arc<dyn Backend>> = HashMap::new();
     for name in &served {
         let Some(model) = config.models.get(name) else {
-            bail!("worker.models names `{name}`, which is not in [models]; configured: {:?}", config.models.keys().collect::<Vec<_>>());
+            bail!(
+                "worker.models names `{name}`, which is not in [models]; configured: {:?}",
+                config.models.keys().collect::<Vec<_>>()
+            );
         };
-        backends.insert(name.clone(), backend::build(name, model).with_context(|| format!("loading model `{name}`"))?);
+        backends.insert(
+            name.clone(),
+            backend::build(name, model).await.with_context(|| format!("loading model `{name}`"))?,
+        );
     }
     let mut consumers: Vec<(Priority, String, PullConsumer)> = Vec::new();
     for p in Priority::ALL {
@@ -75,11 +88,23 @@ pub async fn build_worker(config: &Config, client: &async_nats::Client, registry
 }
 
 /// Serves `/metrics` and `/health/*` for roles without the ingress.
-async fn serve_telemetry(addr: &str, registry: prometheus::Registry, client: async_nats::Client, shutdown: CancellationToken) -> anyhow::Result<()> {
+async fn serve_telemetry(
+    addr: &str,
+    registry: prometheus::Registry,
+    client: async_nats::Client,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     use axum::routing::get;
-    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding metrics listener {addr}"))?;
+    let listener =
+        tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding metrics listener {addr}"))?;
     let app = axum::Router::new()
-        .route("/metrics", get(move || { let r = registry.clone(); async move { telemetry::render(&r) } }))
+        .route(
+            "/metrics",
+            get(move || {
+                let r = registry.clone();
+                async move { telemetry::render(&r) }
+            }),
+        )
         .route("/health/live", get(|| async { "ok\n" }))
         .route(
             "/health/ready",
@@ -129,6 +154,7 @@ pub async fn ingress(config: Config, shutdown: CancellationToken) -> anyhow::Res
 /// starting a local nats-server (store under the data dir) when none answers.
 pub async fn up(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let mut config = config;
+    add_demo_model(&mut config)?;
     let local = if nats::answers(&config.nats.url).await {
         tracing::info!(url = %config.nats.url, "using the running NATS server");
         None
@@ -158,6 +184,33 @@ pub async fn up(config: Config, shutdown: CancellationToken) -> anyhow::Result<(
     if let Some(server) = local {
         server.stop().await;
     }
+    Ok(())
+}
+
+/// With no model configured (only the built-in `echo`), `up` also serves
+/// `tiny`: a small random-weights Llama written under the data dir, so the
+/// quick start answers with a real model and nothing is downloaded.
+fn add_demo_model(config: &mut Config) -> anyhow::Result<()> {
+    if !cfg!(feature = "mistralrs") || config.models != retro_fleet_worker::config::default_models() {
+        return Ok(());
+    }
+    let dir = config.data_dir.join("models").join("tiny");
+    if !dir.join("model.safetensors").exists() {
+        retro_fleet_worker::tiny_model::write(&dir, &Default::default())
+            .with_context(|| format!("writing the demo model to {}", dir.display()))?;
+    }
+    config.models.insert(
+        "tiny".into(),
+        retro_fleet_worker::ModelConfig::Mistralrs {
+            path: dir,
+            gguf_file: None,
+            isq: None,
+            max_num_seqs: 32,
+            default_max_tokens: 64,
+            instances: 1,
+            revision: None,
+        },
+    );
     Ok(())
 }
 

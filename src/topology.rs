@@ -244,7 +244,8 @@ pub async fn apply(js: &Context, config: &Config) -> Result<Vec<Applied>, Topolo
 
 /// Whether every stream of the topology exists (readiness).
 pub async fn streams_present(js: &Context) -> Result<(), String> {
-    let names = Priority::ALL.map(subjects::request_stream).into_iter().chain([subjects::RESULTS_STREAM, subjects::DLQ_STREAM]);
+    let names =
+        Priority::ALL.map(subjects::request_stream).into_iter().chain([subjects::RESULTS_STREAM, subjects::DLQ_STREAM]);
     for name in names {
         js.get_stream(name).await.map_err(|e| format!("stream {name}: {e}"))?;
     }

@@ -13,11 +13,9 @@ use retro_fleet_schemas::{codec, headers, subjects, ErrorCode, Priority, Status}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_messages_get_error_results_and_dead_letters() {
-    let nats = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &nats.url(), "max_prompt_bytes = 1000\n");
-    topology_apply(&config);
-    let mut worker = start_worker(&config, &[]).await;
+    let s = setup("max_prompt_bytes = 1000\n");
+    let (nats, config) = (&s.nats, &s.config);
+    let mut worker = start_worker(config, &[]).await;
     let mut caller = Caller::connect(&nats.url()).await;
     let echo = subjects::request(Priority::Normal, "echo");
 
@@ -30,12 +28,23 @@ async fn malformed_messages_get_error_results_and_dead_letters() {
         h
     };
     // malformed MessagePack
-    caller.publish_raw(&echo, "bad-msgpack", with_id("bad-msgpack", None), Bytes::from_static(b"\xc1\xff\x00garbage")).await;
+    caller
+        .publish_raw(&echo, "bad-msgpack", with_id("bad-msgpack", None), Bytes::from_static(b"\xc1\xff\x00garbage"))
+        .await;
     // JSON of the wrong shape
     let wrong = br#"{"id":"bad-shape","model":"echo","input":"not an object"}"#;
-    caller.publish_raw(&echo, "bad-shape", with_id("bad-shape", Some("application/json")), Bytes::from_static(wrong)).await;
+    caller
+        .publish_raw(&echo, "bad-shape", with_id("bad-shape", Some("application/json")), Bytes::from_static(wrong))
+        .await;
     // missing fields
-    caller.publish_raw(&echo, "bad-missing", with_id("bad-missing", Some("application/json")), Bytes::from_static(br#"{"id":"bad-missing"}"#)).await;
+    caller
+        .publish_raw(
+            &echo,
+            "bad-missing",
+            with_id("bad-missing", Some("application/json")),
+            Bytes::from_static(br#"{"id":"bad-missing"}"#),
+        )
+        .await;
     // a prompt over the worker's limit
     caller.publish(Priority::Normal, &request("bad-big", "echo", &"x".repeat(2000))).await;
     // a model nobody configured
@@ -133,7 +142,11 @@ async fn the_ingress_rejects_bad_http_input_with_clear_codes() {
     assert_eq!((s, b["error"]["code"].as_str()), (400, Some("decode_error")));
     let (s, b) = post(r#"{"model":"echo","prompt":7}"#.into()).await;
     assert_eq!((s, b["error"]["code"].as_str()), (422, Some("invalid_request")));
-    assert!(b["error"]["message"].as_str().unwrap().contains("prompt") || b["error"]["message"].as_str().unwrap().contains("integer"), "{b}");
+    assert!(
+        b["error"]["message"].as_str().unwrap().contains("prompt")
+            || b["error"]["message"].as_str().unwrap().contains("integer"),
+        "{b}"
+    );
     let (s, b) = post(r#"{"model":"echo"}"#.into()).await;
     assert_eq!((s, b["error"]["code"].as_str()), (422, Some("invalid_request")));
     let (s, b) = post(r#"{"model":"nope","prompt":"x"}"#.into()).await;

@@ -11,12 +11,10 @@ use retro_fleet_schemas::{subjects, Priority, Status};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_thousand_requests_over_nats_and_http_are_each_answered_once() {
-    let nats = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &nats.url(), "");
-    topology_apply(&config);
-    let _worker = start_worker(&config, &[]).await;
-    let (_ingress, base) = start_ingress(&config).await;
+    let s = setup("");
+    let (nats, config) = (&s.nats, &s.config);
+    let _worker = start_worker(config, &[]).await;
+    let (_ingress, base) = start_ingress(config).await;
 
     // 1,500 over NATS, spread over the three priorities
     let mut caller = Caller::connect(&nats.url()).await;
@@ -31,7 +29,8 @@ async fn three_thousand_requests_over_nats_and_http_are_each_answered_once() {
         let i: usize = id.strip_prefix("nats-").unwrap().parse().unwrap();
         assert_eq!(r.status, Status::Ok);
         assert_eq!(r.output.as_ref().unwrap().text, format!("hello number {i}"));
-        let stored = stored_result(&caller.js, subjects::DEFAULT_TENANT, id).await.expect("result stored in FLEET_RESULTS");
+        let stored =
+            stored_result(&caller.js, subjects::DEFAULT_TENANT, id).await.expect("result stored in FLEET_RESULTS");
         assert_eq!(&stored, r);
     }
 
@@ -64,7 +63,8 @@ async fn three_thousand_requests_over_nats_and_http_are_each_answered_once() {
         let id = body["id"].as_str().unwrap().to_string();
         assert!(ids.insert(id.clone()), "ids are unique");
         if i % 50 == 0 {
-            let stored: serde_json::Value = http.get(format!("{base}/v1/results/{id}")).send().await.unwrap().json().await.unwrap();
+            let stored: serde_json::Value =
+                http.get(format!("{base}/v1/results/{id}")).send().await.unwrap().json().await.unwrap();
             assert_eq!(&stored, body, "GET /v1/results/{{id}} returns the same result");
         }
     }
@@ -73,22 +73,16 @@ async fn three_thousand_requests_over_nats_and_http_are_each_answered_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn high_priority_overtakes_a_low_backlog_and_low_still_progresses() {
-    let nats = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
     let extra = "max_inflight = 2\nbatch_size = 2\nnormal_share = 0.0\nlow_share = 0.1\n\
                  [models.slow]\nbackend = \"synthetic\"\nlatency_ms = 10\n";
-    let config = write_config(dir.path(), &nats.url(), extra);
-    topology_apply(&config);
+    let s = setup(extra);
+    let (nats, config) = (&s.nats, &s.config);
     let mut caller = Caller::connect(&nats.url()).await;
 
     // Backlog of low first, then high, all queued before the worker starts.
-    for i in 0..100 {
-        caller.publish(Priority::Low, &request(&format!("low-{i}"), "slow", "x")).await;
-    }
-    for i in 0..50 {
-        caller.publish(Priority::High, &request(&format!("high-{i}"), "slow", "x")).await;
-    }
-    let worker = start_worker(&config, &[]).await;
+    caller.publish_many(Priority::Low, "low-", 100, "slow").await;
+    caller.publish_many(Priority::High, "high-", 50, "slow").await;
+    let worker = start_worker(config, &[]).await;
     let (order, dups) = caller.collect(150, Duration::from_secs(60)).await;
     assert_eq!((order.len(), dups), (150, 0));
     let last_high = order.iter().rposition(|(id, _)| id.starts_with("high-")).unwrap();
@@ -98,13 +92,9 @@ async fn high_priority_overtakes_a_low_backlog_and_low_still_progresses() {
     drop(worker);
 
     // Sustained high load: low keeps its guaranteed share.
-    for i in 0..400 {
-        caller.publish(Priority::High, &request(&format!("h2-{i}"), "slow", "x")).await;
-    }
-    for i in 0..40 {
-        caller.publish(Priority::Low, &request(&format!("l2-{i}"), "slow", "x")).await;
-    }
-    let _worker = start_worker(&config, &[]).await;
+    caller.publish_many(Priority::High, "h2-", 400, "slow").await;
+    caller.publish_many(Priority::Low, "l2-", 40, "slow").await;
+    let _worker = start_worker(config, &[]).await;
     let (order, dups) = caller.collect(440, Duration::from_secs(60)).await;
     assert_eq!((order.len(), dups), (440, 0));
     let h300 = order.iter().enumerate().filter(|(_, (id, _))| id.starts_with("h2-")).nth(299).unwrap().0;
@@ -165,20 +155,16 @@ async fn a_full_queue_refuses_publishes_with_503_and_retry_after() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_worker_loses_nothing_and_answers_stay_identical() {
-    let nats = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
     let extra = "max_inflight = 8\n[models.slow]\nbackend = \"synthetic\"\nlatency_ms = 40\n";
-    let config = write_config(dir.path(), &nats.url(), extra);
-    topology_apply(&config);
+    let s = setup(extra);
+    let (nats, config) = (&s.nats, &s.config);
     let mut caller = Caller::connect(&nats.url()).await;
-    for i in 0..200 {
-        caller.publish(Priority::Normal, &request(&format!("r{i}"), "slow", "x")).await;
-    }
-    let mut first = start_worker(&config, &[]).await;
+    caller.publish_many(Priority::Normal, "r", 200, "slow").await;
+    let mut first = start_worker(config, &[]).await;
     let (early, _) = caller.collect(40, Duration::from_secs(30)).await;
     assert_eq!(early.len(), 40);
     first.kill9();
-    let _second = start_worker(&config, &[]).await;
+    let _second = start_worker(config, &[]).await;
     let (rest, dups) = caller.collect(160, Duration::from_secs(60)).await;
     let all: Vec<_> = early.into_iter().chain(rest).collect();
     assert_eq!(all.len(), 200, "lost: {}", 200 - all.len());
@@ -193,16 +179,12 @@ async fn a_killed_worker_loses_nothing_and_answers_stay_identical() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_work_and_exits_zero() {
-    let nats = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
     let extra = "max_inflight = 4\n[models.slow]\nbackend = \"synthetic\"\nlatency_ms = 700\n";
-    let config = write_config(dir.path(), &nats.url(), extra);
-    topology_apply(&config);
+    let s = setup(extra);
+    let (nats, config) = (&s.nats, &s.config);
     let mut caller = Caller::connect(&nats.url()).await;
-    let mut worker = start_worker(&config, &[]).await;
-    for i in 0..4 {
-        caller.publish(Priority::Normal, &request(&format!("d{i}"), "slow", "x")).await;
-    }
+    let mut worker = start_worker(config, &[]).await;
+    caller.publish_many(Priority::Normal, "d", 4, "slow").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let status = worker.terminate();
     assert!(status.success(), "exit status {status}:\n{}", worker.log());
@@ -220,15 +202,8 @@ async fn up_starts_a_local_nats_server_and_answers_http() {
     let mut up = Proc::start(&config, &["up", "--listen", &format!("127.0.0.1:{http_port}")], &[]);
     let base = format!("http://127.0.0.1:{http_port}");
     wait_ready(&format!("{base}/health/ready"), &mut up).await;
-    let body: serde_json::Value = reqwest::Client::new()
-        .post(format!("{base}/v1/infer"))
-        .json(&serde_json::json!({"model": "echo", "prompt": "hello fleet"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, body) =
+        post_json(&format!("{base}/v1/infer"), &serde_json::json!({"model": "echo", "prompt": "hello fleet"})).await;
     assert_eq!(body["output"]["text"], "hello fleet");
     let metrics = reqwest::get(format!("{base}/metrics")).await.unwrap().text().await.unwrap();
     assert!(metrics.contains("fleet_worker_requests_total"), "worker metrics on the ingress's /metrics");
@@ -240,12 +215,10 @@ async fn up_starts_a_local_nats_server_and_answers_http() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_flag_sends_ordered_chunks_before_the_result() {
-    let nats = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &nats.url(), "");
-    topology_apply(&config);
-    let _worker = start_worker(&config, &[]).await;
-    let (_ingress, base) = start_ingress(&config).await;
+    let s = setup("");
+    let config = &s.config;
+    let _worker = start_worker(config, &[]).await;
+    let (_ingress, base) = start_ingress(config).await;
     let text = reqwest::Client::new()
         .post(format!("{base}/v1/infer"))
         .json(&serde_json::json!({"model": "echo", "prompt": "one two three four", "stream": true}))
@@ -260,7 +233,8 @@ async fn stream_flag_sends_ordered_chunks_before_the_result() {
     let mut events = Vec::new();
     for block in text.split("\n\n").filter(|b| !b.trim().is_empty()) {
         let event = block.lines().find_map(|l| l.strip_prefix("event: ")).unwrap().to_string();
-        let data: serde_json::Value = serde_json::from_str(block.lines().find_map(|l| l.strip_prefix("data: ")).unwrap()).unwrap();
+        let data: serde_json::Value =
+            serde_json::from_str(block.lines().find_map(|l| l.strip_prefix("data: ")).unwrap()).unwrap();
         if event == "chunk" {
             seqs.push(data["seq"].as_u64().unwrap());
             deltas.push_str(data["delta"].as_str().unwrap());
@@ -291,9 +265,13 @@ fn config_env_overrides_file_and_unknown_keys_are_named() {
     assert!(text.contains("max_inflight = 7"), "{text}");
 
     std::fs::write(&file, "[worker]\nmax_inflite = 5\n").unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_retro-fleet")).arg("--config").arg(&file).arg("config").output().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_retro-fleet"))
+        .arg("--config")
+        .arg(&file)
+        .arg("config")
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("max_inflite"), "{err}");
 }
-

@@ -38,7 +38,11 @@ pub async fn start(client: async_nats::Client) -> anyhow::Result<FloorWorker> {
         })
         .await?;
     let consumer = stream
-        .create_consumer(pull::Config { durable_name: Some("floor".into()), ack_policy: jetstream::consumer::AckPolicy::Explicit, ..Default::default() })
+        .create_consumer(pull::Config {
+            durable_name: Some("floor".into()),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ..Default::default()
+        })
         .await?;
     // Its own connection, as a worker process would have.
     let server = client.server_info();

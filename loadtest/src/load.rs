@@ -94,13 +94,21 @@ pub fn median(mut reports: Vec<Report>) -> Report {
 }
 
 /// Sends `n` requests to `target` and waits for their replies.
-pub async fn run(client: &async_nats::Client, target: &Target, n: usize, mode: Mode, prompt_bytes: usize, wait: Duration) -> anyhow::Result<Report> {
+pub async fn run(
+    client: &async_nats::Client,
+    target: &Target,
+    n: usize,
+    mode: Mode,
+    prompt_bytes: usize,
+    wait: Duration,
+) -> anyhow::Result<Report> {
     let js = async_nats::jetstream::new(client.clone());
     let inbox = client.new_inbox();
     let mut sub = client.subscribe(format!("{inbox}.*")).await?;
     let run_id = ulid::Ulid::new().to_string();
     let sent_at: Arc<Vec<Mutex<Option<Instant>>>> = Arc::new((0..n).map(|_| Mutex::new(None)).collect());
-    let answered_flags: Arc<Vec<std::sync::atomic::AtomicBool>> = Arc::new((0..n).map(|_| Default::default()).collect());
+    let answered_flags: Arc<Vec<std::sync::atomic::AtomicBool>> =
+        Arc::new((0..n).map(|_| Default::default()).collect());
     let window = Arc::new(Semaphore::new(match mode {
         Mode::Window(w) => w,
         Mode::Rate(_) => Semaphore::MAX_PERMITS,
@@ -110,8 +118,14 @@ pub async fn run(client: &async_nats::Client, target: &Target, n: usize, mode: M
     let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?));
 
     let mut receiver = {
-        let (sent_at, flags, window, answered, duplicates, hist) =
-            (sent_at.clone(), answered_flags.clone(), window.clone(), answered.clone(), duplicates.clone(), hist.clone());
+        let (sent_at, flags, window, answered, duplicates, hist) = (
+            sent_at.clone(),
+            answered_flags.clone(),
+            window.clone(),
+            answered.clone(),
+            duplicates.clone(),
+            hist.clone(),
+        );
         tokio::spawn(async move {
             while let Some(msg) = sub.next().await {
                 let kind = msg.headers.as_ref().and_then(|h| h.get(headers::KIND)).map(|k| k.as_str().to_string());

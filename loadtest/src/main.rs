@@ -62,9 +62,9 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let client = async_nats::connect(&args.nats)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot connect to NATS at {}: {e} (start the fleet with `make up`)", args.nats))?;
+    let client = async_nats::connect(&args.nats).await.map_err(|e| {
+        anyhow::anyhow!("cannot connect to NATS at {}: {e} (start the fleet with `make up`)", args.nats)
+    })?;
     let mode = match args.rate {
         Some(r) => Mode::Rate(r),
         None => Mode::Window(args.window.max(1)),
@@ -104,10 +104,7 @@ async fn main() -> anyhow::Result<()> {
     if medians.len() == 2 {
         let ratio = medians[0].throughput / medians[1].throughput;
         println!("fleet/floor: {ratio:.2}");
-        println!(
-            "p50 added by the fleet: {:.3} ms",
-            medians[0].p50_ms - medians[1].p50_ms
-        );
+        println!("p50 added by the fleet: {:.3} ms", medians[0].p50_ms - medians[1].p50_ms);
     }
     let json = serde_json::json!({ "mode": mode.to_string(), "requests": args.requests, "rounds": reports, "median": medians });
     if let Some(path) = &args.json {

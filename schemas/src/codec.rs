@@ -26,7 +26,9 @@ impl ContentType {
         let Some(value) = value else { return Ok(ContentType::MsgPack) };
         let mime = value.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
         match mime.as_str() {
-            "" | "application/msgpack" | "application/x-msgpack" | "application/vnd.msgpack" => Ok(ContentType::MsgPack),
+            "" | "application/msgpack" | "application/x-msgpack" | "application/vnd.msgpack" => {
+                Ok(ContentType::MsgPack)
+            }
             "application/json" => Ok(ContentType::Json),
             _ => Err(DecodeError(format!(
                 "unsupported Content-Type `{value}`: send application/msgpack or application/json"
@@ -46,7 +48,9 @@ pub fn decode<T: DeserializeOwned>(content_type: Option<&str>, body: &[u8]) -> R
         ContentType::MsgPack => {
             rmp_serde::from_slice(body).map_err(|e| DecodeError(format!("invalid MessagePack message: {e}")))
         }
-        ContentType::Json => serde_json::from_slice(body).map_err(|e| DecodeError(format!("invalid JSON message: {e}"))),
+        ContentType::Json => {
+            serde_json::from_slice(body).map_err(|e| DecodeError(format!("invalid JSON message: {e}")))
+        }
     }
 }
 

@@ -195,10 +195,7 @@ impl InferRequest {
             ));
         }
         if self.id.is_empty() || self.id.len() > MAX_ID_LEN || !crate::subjects::is_token(&self.id) {
-            return Err(Invalid::new(
-                ErrorCode::InvalidRequest,
-                "`id` must be 1-128 characters from [A-Za-z0-9_-]",
-            ));
+            return Err(Invalid::new(ErrorCode::InvalidRequest, "`id` must be 1-128 characters from [A-Za-z0-9_-]"));
         }
         if !crate::subjects::is_token(&self.model) {
             return Err(Invalid::new(ErrorCode::InvalidRequest, "`model` must be characters from [A-Za-z0-9_-]"));

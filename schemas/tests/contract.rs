@@ -24,8 +24,9 @@ fn json_schemas_match_the_types() {
             std::fs::write(&path, &want).unwrap();
             continue;
         }
-        let have = std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("{}: {e}; run UPDATE_SCHEMAS=1 cargo test -p retro-fleet-schemas", path.display()));
+        let have = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!("{}: {e}; run UPDATE_SCHEMAS=1 cargo test -p retro-fleet-schemas", path.display())
+        });
         let have: serde_json::Value = serde_json::from_str(&have).unwrap();
         assert!(
             have == schema,
@@ -93,7 +94,12 @@ fn golden_result() -> InferResult {
 }
 
 fn golden_error() -> InferResult {
-    let mut r = InferResult::error("01JDQ3Z6W5XK0B1Q2R3S4T5V6X", "tiny", ErrorCode::DeadlineExceeded, "deadline passed 120 ms before the request reached a worker");
+    let mut r = InferResult::error(
+        "01JDQ3Z6W5XK0B1Q2R3S4T5V6X",
+        "tiny",
+        ErrorCode::DeadlineExceeded,
+        "deadline passed 120 ms before the request reached a worker",
+    );
     r.worker = "worker-1".into();
     r
 }

@@ -66,21 +66,61 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
     }
 }
 
+/// The error object: our stable `code`, `message` and `retryable`, plus
+/// OpenAI's `type` and `param`, so OpenAI clients read it as their own.
 #[derive(Serialize)]
 struct Body<'a> {
-    error: ErrorBody,
+    error: Inner<'a>,
     #[serde(skip_serializing_if = "Option::is_none")]
     request_id: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct Inner<'a> {
+    #[serde(flatten)]
+    body: ErrorBody,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    param: Option<&'a str>,
+}
+
+impl ApiError {
+    /// The JSON error body.
+    pub fn body(&self) -> serde_json::Value {
+        let status = self.http_status();
+        let kind = match status.as_u16() {
+            401 => "authentication_error",
+            404 => "not_found_error",
+            429 | 503 => "rate_limit_error",
+            s if s < 500 => "invalid_request_error",
+            _ => "server_error",
+        };
+        let body = Body {
+            error: Inner {
+                body: ErrorBody { code: self.code, message: self.message.clone(), retryable: self.code.retryable() },
+                kind,
+                param: None,
+            },
+            request_id: self.request_id.as_deref(),
+        };
+        serde_json::to_value(body).expect("error body is JSON")
+    }
+
+    /// A request body that could not be read (too large: 413).
+    pub fn from_body_rejection(r: axum::extract::rejection::BytesRejection) -> ApiError {
+        let code = if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ErrorCode::PromptTooLarge
+        } else {
+            ErrorCode::InvalidRequest
+        };
+        ApiError::new(code, r.body_text()).status(r.status())
+    }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.http_status();
-        let body = Body {
-            error: ErrorBody { code: self.code, message: self.message, retryable: self.code.retryable() },
-            request_id: self.request_id.as_deref(),
-        };
-        let mut resp = (status, Json(body)).into_response();
+        let mut resp = (status, Json(self.body())).into_response();
         if let Some(secs) = self.retry_after {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }

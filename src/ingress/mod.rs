@@ -2,12 +2,14 @@
 //! the priority streams and waits for their replies.
 //!
 //! - [`native`]: `POST /v1/infer`, `POST /v1/infer/async`, `GET /v1/results/{id}`.
+//! - [`openai`]: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`.
 //! - [`replies`]: the per-process inbox, demultiplexed by request id.
 //! - [`error`]: API errors and their one mapping to HTTP status.
 //! - this file: shared state, health, metrics, the router and `serve`.
 
 pub mod error;
 pub mod native;
+pub mod openai;
 pub mod replies;
 
 use std::collections::BTreeSet;
@@ -43,13 +45,19 @@ pub struct IngressMetrics {
 impl IngressMetrics {
     fn new(registry: &Registry) -> prometheus::Result<Self> {
         let m = IngressMetrics {
-            http: IntCounterVec::new(Opts::new("fleet_http_requests_total", "HTTP requests by route and status"), &["route", "status"])?,
+            http: IntCounterVec::new(
+                Opts::new("fleet_http_requests_total", "HTTP requests by route and status"),
+                &["route", "status"],
+            )?,
             e2e: HistogramVec::new(
                 HistogramOpts::new("fleet_request_duration_seconds", "End-to-end latency of synchronous calls")
                     .buckets(LATENCY_BUCKETS.to_vec()),
                 &["priority", "model", "outcome"],
             )?,
-            published: IntCounterVec::new(Opts::new("fleet_ingress_published_total", "Requests published"), &["priority"])?,
+            published: IntCounterVec::new(
+                Opts::new("fleet_ingress_published_total", "Requests published"),
+                &["priority"],
+            )?,
             unclaimed: IntCounter::new("fleet_ingress_unclaimed_replies_total", "Replies nobody waited for any more")?,
         };
         registry.register(Box::new(m.http.clone()))?;
@@ -105,6 +113,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/infer", post(native::infer))
         .route("/v1/infer/async", post(native::infer_async))
         .route("/v1/results/{id}", get(native::get_result))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/completions", post(openai::completions))
+        .route("/v1/models", get(openai::models))
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -131,12 +142,18 @@ async fn live() -> &'static str {
 
 async fn ready(State(state): State<AppState>) -> impl IntoResponse {
     if state.client.connection_state() != async_nats::connection::State::Connected {
-        return (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"ready": false, "reason": "not connected to NATS"})));
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"ready": false, "reason": "not connected to NATS"})),
+        );
     }
     match tokio::time::timeout(Duration::from_secs(2), crate::topology::streams_present(&state.js)).await {
         Ok(Ok(())) => (StatusCode::OK, Json(serde_json::json!({"ready": true}))),
         Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"ready": false, "reason": e}))),
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"ready": false, "reason": "JetStream did not answer"}))),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"ready": false, "reason": "JetStream did not answer"})),
+        ),
     }
 }
 
@@ -145,7 +162,11 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 /// Serves until `shutdown` fires, then finishes open requests and returns.
-pub async fn serve(listener: tokio::net::TcpListener, state: AppState, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "ingress listening");
     axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
     Ok(())

@@ -75,11 +75,41 @@ pub struct Accepted {
     pub result_url: String,
 }
 
-struct Prepared {
-    req: InferRequest,
-    priority: Priority,
-    tenant: String,
-    timeout: Duration,
+/// A request as an API handler understood it, before ids and limits.
+#[derive(Debug)]
+pub struct Draft {
+    /// Model name.
+    pub model: String,
+    /// Adapter.
+    pub adapter: Option<String>,
+    /// The prompt.
+    pub input: Input,
+    /// Sampling parameters.
+    pub params: SamplingParams,
+    /// Stream chunks.
+    pub stream: bool,
+    /// Cache policy.
+    pub cache: CacheMode,
+    /// Metadata.
+    pub metadata: BTreeMap<String, String>,
+    /// Caller's id.
+    pub id: Option<String>,
+    /// Caller's timeout.
+    pub timeout_ms: Option<u64>,
+    /// Priority from the body (the `X-Priority` header wins).
+    pub priority: Option<Priority>,
+}
+
+/// A request ready to publish.
+pub struct Prepared {
+    /// The wire request.
+    pub req: InferRequest,
+    /// Its class.
+    pub priority: Priority,
+    /// Tenant.
+    pub tenant: String,
+    /// How long to wait (also the deadline).
+    pub timeout: Duration,
 }
 
 fn tenant_of(h: &HttpHeaders) -> Result<String, ApiError> {
@@ -91,30 +121,49 @@ fn tenant_of(h: &HttpHeaders) -> Result<String, ApiError> {
 }
 
 fn prepare(state: &AppState, h: &HttpHeaders, body: Result<Bytes, BytesRejection>) -> Result<Prepared, ApiError> {
-    let body = body.map_err(|r| ApiError::new(ErrorCode::InvalidRequest, r.body_text()).status(r.status()))?;
+    let body = body.map_err(ApiError::from_body_rejection)?;
     let n: NativeRequest = parse_json(&body)?;
     let input = match (n.input, n.prompt, n.messages) {
         (Some(i), None, None) => i,
         (None, Some(prompt), None) => Input::Completion { prompt },
         (None, None, Some(messages)) => Input::Chat { messages },
-        _ => return Err(ApiError::new(ErrorCode::InvalidRequest, "give exactly one of `input`, `prompt` or `messages`")),
+        _ => {
+            return Err(ApiError::new(ErrorCode::InvalidRequest, "give exactly one of `input`, `prompt` or `messages`"))
+        }
     };
-    let priority = match h.get("x-priority").and_then(|v| v.to_str().ok()) {
-        Some(p) => p.parse().map_err(|e: String| ApiError::new(ErrorCode::InvalidRequest, e))?,
-        None => n.priority.unwrap_or_default(),
-    };
-    let tenant = tenant_of(h)?;
-    let req = InferRequest {
-        v: retro_fleet_schemas::SCHEMA_VERSION,
-        id: n.id.unwrap_or_else(|| ulid::Ulid::new().to_string()),
+    let draft = Draft {
         model: n.model,
         adapter: n.adapter,
         input,
         params: n.params,
         stream: n.stream,
         cache: n.cache,
-        tenant: Some(tenant.clone()),
         metadata: n.metadata,
+        id: n.id,
+        timeout_ms: n.timeout_ms,
+        priority: n.priority,
+    };
+    draft_into_prepared(state, h, draft)
+}
+
+/// Assigns id, priority and tenant, and checks limits and the model.
+pub fn draft_into_prepared(state: &AppState, h: &HttpHeaders, d: Draft) -> Result<Prepared, ApiError> {
+    let priority = match h.get("x-priority").and_then(|v| v.to_str().ok()) {
+        Some(p) => p.parse().map_err(|e: String| ApiError::new(ErrorCode::InvalidRequest, e))?,
+        None => d.priority.unwrap_or_default(),
+    };
+    let tenant = tenant_of(h)?;
+    let req = InferRequest {
+        v: retro_fleet_schemas::SCHEMA_VERSION,
+        id: d.id.unwrap_or_else(|| ulid::Ulid::new().to_string()),
+        model: d.model,
+        adapter: d.adapter,
+        input: d.input,
+        params: d.params,
+        stream: d.stream,
+        cache: d.cache,
+        tenant: Some(tenant.clone()),
+        metadata: d.metadata,
     };
     req.validate(state.cfg.max_prompt_bytes).map_err(|e| ApiError::new(e.code, e.message).with_id(&req.id))?;
     if !state.models.contains(&req.model) {
@@ -125,7 +174,7 @@ fn prepare(state: &AppState, h: &HttpHeaders, body: Result<Bytes, BytesRejection
         ));
     }
     let cap = Duration::from_millis(state.cfg.request_timeout_ms);
-    let timeout = n.timeout_ms.map(Duration::from_millis).map_or(cap, |t| t.min(cap));
+    let timeout = d.timeout_ms.map(Duration::from_millis).map_or(cap, |t| t.min(cap));
     Ok(Prepared { req, priority, tenant, timeout })
 }
 
@@ -158,10 +207,9 @@ async fn publish(state: &AppState, p: &Prepared, reply: Option<&str>) -> Result<
         Err(e) => {
             let text = e.to_string();
             let (code, message) = match e.kind() {
-                PublishErrorKind::StreamNotFound => (
-                    ErrorCode::Overloaded,
-                    "request streams are missing; run `retro-fleet topology apply`".to_string(),
-                ),
+                PublishErrorKind::StreamNotFound => {
+                    (ErrorCode::Overloaded, "request streams are missing; run `retro-fleet topology apply`".to_string())
+                }
                 PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe => {
                     (ErrorCode::Overloaded, format!("NATS did not confirm the request ({text}); retry"))
                 }
@@ -183,35 +231,22 @@ fn result_response(result: InferResult) -> Response {
     }
 }
 
-/// `POST /v1/infer`: waits for the result (or streams it as SSE with `stream: true`).
-pub async fn infer(State(state): State<AppState>, h: HttpHeaders, body: Result<Bytes, BytesRejection>) -> Response {
+/// Publishes `p` and waits for its result; a timeout is 504 with the id.
+pub async fn call(state: &AppState, p: &Prepared) -> Result<InferResult, ApiError> {
     let started = Instant::now();
-    let p = match prepare(&state, &h, body) {
-        Ok(p) => p,
-        Err(e) => return e.into_response(),
-    };
     let (reply, mut waiter) = state.replies.register(&p.req.id);
-    if let Err(e) = publish(&state, &p, Some(&reply)).await {
-        return e.into_response();
-    }
-    if p.req.stream {
-        return sse(waiter, p.timeout).into_response();
-    }
-    let id = p.req.id.clone();
+    publish(state, p, Some(&reply)).await?;
+    let id = &p.req.id;
     let outcome = tokio::time::timeout(p.timeout, waiter.result()).await;
-    let (label, resp) = match outcome {
-        Ok(Some(result)) => {
-            let label = result.error.as_ref().map_or("ok", |e| e.code.as_str());
-            (label, result_response(result))
-        }
+    let (label, result) = match outcome {
+        Ok(Some(result)) => (result.error.as_ref().map_or("ok", |e| e.code.as_str()), Ok(result)),
         _ => (
             "timeout",
-            ApiError::new(
+            Err(ApiError::new(
                 ErrorCode::Timeout,
                 format!("no result within {} ms; fetch it later at /v1/results/{id}", p.timeout.as_millis()),
             )
-            .with_id(&id)
-            .into_response(),
+            .with_id(id)),
         ),
     };
     state
@@ -219,12 +254,37 @@ pub async fn infer(State(state): State<AppState>, h: HttpHeaders, body: Result<B
         .e2e
         .with_label_values(&[p.priority.as_str(), &p.req.model, label])
         .observe(started.elapsed().as_secs_f64());
-    resp
+    result
+}
+
+/// Publishes `p` and returns the waiter of its chunks and result.
+pub async fn open_stream(state: &AppState, p: &Prepared) -> Result<Waiter, ApiError> {
+    let (reply, waiter) = state.replies.register(&p.req.id);
+    publish(state, p, Some(&reply)).await?;
+    Ok(waiter)
+}
+
+/// `POST /v1/infer`: waits for the result (or streams it as SSE with `stream: true`).
+pub async fn infer(State(state): State<AppState>, h: HttpHeaders, body: Result<Bytes, BytesRejection>) -> Response {
+    let p = match prepare(&state, &h, body) {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    if p.req.stream {
+        return match open_stream(&state, &p).await {
+            Ok(waiter) => sse(waiter, p.timeout).into_response(),
+            Err(e) => e.into_response(),
+        };
+    }
+    match call(&state, &p).await {
+        Ok(result) => result_response(result),
+        Err(e) => e.into_response(),
+    }
 }
 
 /// Chunks as `event: chunk`, then the result as `event: result` (or `event: error`).
 fn sse(mut waiter: Waiter, timeout: Duration) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    let stream = async_stream(move |tx| async move {
+    let stream = task_stream(move |tx| async move {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             match tokio::time::timeout_at(deadline, waiter.next()).await {
@@ -246,11 +306,11 @@ fn sse(mut waiter: Waiter, timeout: Duration) -> Sse<impl Stream<Item = Result<E
             }
         }
     });
-    Sse::new(stream)
+    Sse::new(stream).keep_alive(axum::response::sse::KeepAlive::default())
 }
 
 /// A stream fed by a task (keeps the SSE code free of hand-written state machines).
-fn async_stream<F, Fut>(f: F) -> impl Stream<Item = Result<Event, Infallible>>
+pub fn task_stream<F, Fut>(f: F) -> impl Stream<Item = Result<Event, Infallible>>
 where
     F: FnOnce(tokio::sync::mpsc::Sender<Event>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -261,13 +321,18 @@ where
 }
 
 /// `POST /v1/infer/async`: 202 with the id; the result goes to `FLEET_RESULTS`.
-pub async fn infer_async(State(state): State<AppState>, h: HttpHeaders, body: Result<Bytes, BytesRejection>) -> Response {
+pub async fn infer_async(
+    State(state): State<AppState>,
+    h: HttpHeaders,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let p = match prepare(&state, &h, body) {
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
     if p.req.stream {
-        return ApiError::new(ErrorCode::InvalidRequest, "`stream` needs a synchronous call: use POST /v1/infer").into_response();
+        return ApiError::new(ErrorCode::InvalidRequest, "`stream` needs a synchronous call: use POST /v1/infer")
+            .into_response();
     }
     if let Err(e) = publish(&state, &p, None).await {
         return e.into_response();

@@ -43,7 +43,8 @@ impl Replies {
                 let Some(id) = msg.subject.rsplit('.').next() else { continue };
                 let hdrs = msg.headers.as_ref();
                 let ct = hdrs.and_then(|h| h.get(headers::CONTENT_TYPE)).map(|v| v.as_str());
-                let is_chunk = hdrs.and_then(|h| h.get(headers::KIND)).is_some_and(|k| k.as_str() == headers::KIND_CHUNK);
+                let is_chunk =
+                    hdrs.and_then(|h| h.get(headers::KIND)).is_some_and(|k| k.as_str() == headers::KIND_CHUNK);
                 let reply = if is_chunk {
                     codec::decode::<StreamChunk>(ct, &msg.payload).map(Reply::Chunk)
                 } else {

@@ -39,6 +39,30 @@ drain_timeout_ms = 5000
     path
 }
 
+/// A nats-server, a temp dir and a config in it (with `extra` appended),
+/// with the topology applied.
+pub struct Setup {
+    pub nats: NatsServer,
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+}
+
+/// Starts a [`Setup`].
+pub fn setup(extra: &str) -> Setup {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &nats.url(), extra);
+    topology_apply(&config);
+    Setup { nats, dir, config }
+}
+
+/// POSTs `body` as JSON and returns the status and JSON answer.
+pub async fn post_json(url: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+    let r = reqwest::Client::new().post(url).json(body).send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or_default())
+}
+
 /// A retro-fleet child process, killed on drop.
 pub struct Proc {
     pub child: Child,
@@ -213,6 +237,13 @@ impl Caller {
     pub async fn publish_raw(&self, subject: &str, id: &str, mut h: HeaderMap, payload: Bytes) {
         h.insert(headers::REPLY, format!("{}.{id}", self.inbox).as_str());
         self.js.publish_with_headers(subject.to_string(), h, payload).await.unwrap().await.unwrap();
+    }
+
+    /// Queues `n` requests for `model` at `p`, with ids `{prefix}{i}`.
+    pub async fn publish_many(&self, p: Priority, prefix: &str, n: usize, model: &str) {
+        for i in 0..n {
+            self.publish(p, &request(&format!("{prefix}{i}"), model, "x")).await;
+        }
     }
 
     /// Publishes a request at `p` with reply and msg id.

@@ -72,6 +72,42 @@ pub enum ModelConfig {
         #[serde(default)]
         revision: Option<String>,
     },
+    /// A text model run by mistral.rs (needs the `mistralrs` feature, on by default).
+    Mistralrs {
+        /// Directory with `config.json`, `tokenizer.json`, `tokenizer_config.json`
+        /// and safetensors weights (or holding `gguf_file`).
+        path: std::path::PathBuf,
+        /// GGUF file inside `path`, for a quantized model.
+        #[serde(default)]
+        gguf_file: Option<String>,
+        /// In-situ quantization of safetensors weights, e.g. `q4k`, `q8_0`.
+        #[serde(default)]
+        isq: Option<String>,
+        /// Sequences one instance batches together.
+        #[serde(default = "default_max_num_seqs")]
+        max_num_seqs: usize,
+        /// `max_tokens` of requests that set none.
+        #[serde(default = "default_max_tokens")]
+        default_max_tokens: u32,
+        /// Instances loaded in each worker; requests go to the least busy.
+        #[serde(default = "default_instances")]
+        instances: usize,
+        /// Revision reported in results; default: a hash of the model files.
+        #[serde(default)]
+        revision: Option<String>,
+    },
+}
+
+fn default_max_num_seqs() -> usize {
+    32
+}
+
+fn default_max_tokens() -> u32 {
+    256
+}
+
+fn default_instances() -> usize {
+    1
 }
 
 fn default_latency_ms() -> u64 {

@@ -8,6 +8,7 @@
 //! - [`sweeper`]: answers requests addressed to models nobody in the fleet serves.
 //! - [`backend`]: the `Backend` trait and the echo and synthetic backends.
 //! - [`config`]: worker and model configuration.
+//! - [`tiny_model`]: writes the small random-weights Llama used by the demo and the tests.
 //! - [`metrics`]: the worker's Prometheus metrics and the fleet's latency buckets.
 
 pub mod backend;
@@ -16,6 +17,7 @@ pub mod metrics;
 pub mod process;
 pub mod scheduler;
 pub mod sweeper;
+pub mod tiny_model;
 pub mod worker;
 
 pub use backend::{Backend, BackendError, Generation};

@@ -42,7 +42,8 @@ impl Metrics {
                 &["priority", "model"],
             )?,
             compute: HistogramVec::new(
-                HistogramOpts::new("fleet_compute_seconds", "Backend time per request").buckets(LATENCY_BUCKETS.to_vec()),
+                HistogramOpts::new("fleet_compute_seconds", "Backend time per request")
+                    .buckets(LATENCY_BUCKETS.to_vec()),
                 &["priority", "model"],
             )?,
             inflight: IntGauge::new("fleet_worker_inflight", "Requests being processed by this worker")?,

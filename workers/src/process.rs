@@ -90,7 +90,12 @@ impl Outcome {
 
 pub(crate) type Error = Box<dyn std::error::Error + Send + Sync>;
 
-async fn handle_inner(sh: &Shared, prio: Priority, msg: &jetstream::Message, model_label: &str) -> Result<Outcome, Error> {
+async fn handle_inner(
+    sh: &Shared,
+    prio: Priority,
+    msg: &jetstream::Message,
+    model_label: &str,
+) -> Result<Outcome, Error> {
     let picked = Instant::now();
     let now_ms = unix_ms();
     let hdrs = msg.headers.as_ref();
@@ -112,7 +117,12 @@ async fn handle_inner(sh: &Shared, prio: Priority, msg: &jetstream::Message, mod
             if subject_model != Some(r.model.as_str()) {
                 return Err((
                     ErrorCode::InvalidRequest,
-                    format!("request for model `{}` was published to `{}`; publish to `{}`", r.model, msg.subject, subjects::request(prio, &r.model)),
+                    format!(
+                        "request for model `{}` was published to `{}`; publish to `{}`",
+                        r.model,
+                        msg.subject,
+                        subjects::request(prio, &r.model)
+                    ),
                 ));
             }
             Ok(r)
@@ -145,7 +155,9 @@ async fn handle_inner(sh: &Shared, prio: Priority, msg: &jetstream::Message, mod
         if let Some(stored) = stored_result(sh, tenant, &req.id).await {
             tracing::info!(id = %req.id, delivered, "redelivered request already answered; re-sending the stored result");
             if let Some(reply) = reply {
-                sh.client.publish_with_headers(reply.to_string(), reply_headers(), Bytes::from(codec::encode(&stored))).await?;
+                sh.client
+                    .publish_with_headers(reply.to_string(), reply_headers(), Bytes::from(codec::encode(&stored)))
+                    .await?;
             }
             msg.ack().await?;
             return Ok(Outcome::Ok);
@@ -289,13 +301,21 @@ pub(crate) async fn dead_letter(
 
 /// Sends the error result to whoever can see it: stored and replied when
 /// the request id is known, replied only when just the reply subject is.
-pub(crate) async fn answer_error(sh: &Shared, ids: Ids<'_>, model: &str, code: ErrorCode, message: &str) -> Result<(), Error> {
+pub(crate) async fn answer_error(
+    sh: &Shared,
+    ids: Ids<'_>,
+    model: &str,
+    code: ErrorCode,
+    message: &str,
+) -> Result<(), Error> {
     let mut result = InferResult::error(ids.id.unwrap_or(""), model, code, message);
     result.worker = sh.worker_id.clone();
     match (ids.id, ids.reply) {
         (Some(_), reply) => publish_result(sh, reply, ids.tenant.unwrap_or(subjects::DEFAULT_TENANT), &result).await?,
         (None, Some(reply)) => {
-            sh.client.publish_with_headers(reply.to_string(), reply_headers(), Bytes::from(codec::encode(&result))).await?
+            sh.client
+                .publish_with_headers(reply.to_string(), reply_headers(), Bytes::from(codec::encode(&result)))
+                .await?
         }
         (None, None) => {}
     }

@@ -80,7 +80,8 @@ impl Worker {
             sources[priority.index()].push(Source { priority, model, consumer, polling: Default::default() });
         }
         let js = async_nats::jetstream::new(client.clone());
-        let shared = Shared { client, js, backends, catalog, worker_id, cfg, metrics: Metrics::new(registry)?, max_deliver };
+        let shared =
+            Shared { client, js, backends, catalog, worker_id, cfg, metrics: Metrics::new(registry)?, max_deliver };
         Ok(Worker { shared: Arc::new(shared), sources })
     }
 
@@ -138,7 +139,14 @@ impl Worker {
                     held.push(slot);
                     continue;
                 }
-                tasks.spawn(idle_poll(self.shared.clone(), source_handle(source), slot, idle_wait, wake.clone(), tasks.clone()));
+                tasks.spawn(idle_poll(
+                    self.shared.clone(),
+                    source_handle(source),
+                    slot,
+                    idle_wait,
+                    wake.clone(),
+                    tasks.clone(),
+                ));
             }
             drop(held);
             tokio::select! {

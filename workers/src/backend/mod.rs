@@ -2,8 +2,13 @@
 //!
 //! - [`echo`]: returns the input, for tests and overhead benchmarks.
 //! - [`synthetic`]: sleeps a fixed latency, for scaling benchmarks.
+//! - `mistral`: real text models through mistral.rs (feature `mistralrs`).
+//! - [`pool`]: several instances of one model, least busy first.
 
 pub mod echo;
+#[cfg(feature = "mistralrs")]
+pub mod mistral;
+pub mod pool;
 pub mod synthetic;
 
 use std::sync::Arc;
@@ -54,19 +59,47 @@ pub trait Backend: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Generation, BackendError>>;
 }
 
-/// Builds the backend of a configured model.
-pub fn build(name: &str, cfg: &ModelConfig) -> Result<Arc<dyn Backend>, BackendError> {
-    let _ = name;
+/// Builds (loads) the backend of a configured model.
+pub async fn build(name: &str, cfg: &ModelConfig) -> Result<Arc<dyn Backend>, BackendError> {
     Ok(match cfg {
         ModelConfig::Echo { revision } => Arc::new(echo::Echo::new(revision.clone())),
-        ModelConfig::Synthetic { latency_ms, output_tokens, concurrency, revision } => Arc::new(
-            synthetic::Synthetic::new(
+        ModelConfig::Synthetic { latency_ms, output_tokens, concurrency, revision } => {
+            Arc::new(synthetic::Synthetic::new(
                 std::time::Duration::from_millis(*latency_ms),
                 *output_tokens,
                 *concurrency,
                 revision.clone(),
-            ),
-        ),
+            ))
+        }
+        #[cfg(feature = "mistralrs")]
+        ModelConfig::Mistralrs { path, gguf_file, isq, max_num_seqs, default_max_tokens, instances, revision } => {
+            let spec = mistral::MistralSpec {
+                path: path.clone(),
+                gguf_file: gguf_file.clone(),
+                isq: isq.clone(),
+                max_num_seqs: *max_num_seqs,
+                default_max_tokens: *default_max_tokens,
+                revision: revision.clone(),
+            };
+            let mut loaded: Vec<Arc<dyn Backend>> = Vec::new();
+            for _ in 0..(*instances).max(1) {
+                loaded.push(Arc::new(mistral::Mistral::load(&spec).await?));
+            }
+            tracing::info!(model = name, instances = loaded.len(), path = %path.display(), "model loaded");
+            if loaded.len() == 1 {
+                loaded.pop().expect("one instance")
+            } else {
+                Arc::new(pool::Pool::new(loaded))
+            }
+        }
+        #[cfg(not(feature = "mistralrs"))]
+        ModelConfig::Mistralrs { .. } => {
+            return Err(BackendError {
+                code: ErrorCode::Internal,
+                message: format!("model `{name}` needs mistral.rs, but this build has the `mistralrs` feature off"),
+                retryable: false,
+            })
+        }
     })
 }
 

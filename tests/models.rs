@@ -1,0 +1,150 @@
+//! Real models end to end: the tiny generated Llama run by mistral.rs in a
+//! worker process, reached over NATS, the native HTTP API and the
+//! OpenAI-compatible API (with the official `openai` Python client).
+
+#![cfg(feature = "mistralrs")]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures::StreamExt;
+use retro_fleet_schemas::{codec, headers, ChatMessage, Input, Priority, SamplingParams, Status, StreamChunk};
+
+fn model_config(dir: &std::path::Path) -> String {
+    let model = dir.join("tiny");
+    retro_fleet_worker::tiny_model::write(&model, &Default::default()).unwrap();
+    format!("[models.tiny]\nbackend = \"mistralrs\"\npath = \"{}\"\ndefault_max_tokens = 16\n", model.display())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_and_completion_over_nats_and_http() {
+    let models = tempfile::tempdir().unwrap();
+    let s = setup(&model_config(models.path()));
+    let (nats, config) = (&s.nats, &s.config);
+    let _worker = start_worker(config, &[]).await;
+    let (_ingress, base) = start_ingress(config).await;
+
+    // over NATS: completion and chat, max_tokens honoured
+    let mut caller = Caller::connect(&nats.url()).await;
+    let mut completion = request("c1", "tiny", "once upon a time");
+    completion.params = SamplingParams { max_tokens: Some(7), temperature: Some(0.0), ..Default::default() };
+    caller.publish(Priority::High, &completion).await;
+    let mut chat = request("c2", "tiny", "");
+    chat.input = Input::Chat { messages: vec![ChatMessage { role: "user".into(), content: "hello".into() }] };
+    chat.params = SamplingParams { max_tokens: Some(5), temperature: Some(0.0), ..Default::default() };
+    caller.publish(Priority::Normal, &chat).await;
+    let (results, _) = caller.collect(2, Duration::from_secs(60)).await;
+    assert_eq!(results.len(), 2);
+    for (id, r) in &results {
+        assert_eq!(r.status, Status::Ok, "{r:?}");
+        let want = if id == "c1" { 7 } else { 5 };
+        assert_eq!(r.usage.as_ref().unwrap().completion_tokens, want);
+        assert!(r.model_revision.as_deref().unwrap().starts_with("fnv1a64:"));
+    }
+
+    // native HTTP: same seed, same text
+    let http = reqwest::Client::new();
+    let body = serde_json::json!({"model": "tiny", "prompt": "seeded", "params": {"max_tokens": 12, "temperature": 0.9, "seed": 42}});
+    let a: serde_json::Value =
+        http.post(format!("{base}/v1/infer")).json(&body).send().await.unwrap().json().await.unwrap();
+    let b: serde_json::Value =
+        http.post(format!("{base}/v1/infer")).json(&body).send().await.unwrap().json().await.unwrap();
+    assert_eq!(a["output"]["text"], b["output"]["text"], "{a} {b}");
+    assert_eq!(a["usage"]["completion_tokens"], 12);
+
+    // OpenAI shape
+    let body = serde_json::json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0});
+    let (_, chat) = post_json(&format!("{base}/v1/chat/completions"), &body).await;
+    assert_eq!(chat["object"], "chat.completion");
+    assert_eq!(chat["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(chat["choices"][0]["finish_reason"], "length");
+    assert_eq!(chat["usage"]["completion_tokens"], 4);
+    let listed: serde_json::Value = reqwest::get(format!("{base}/v1/models")).await.unwrap().json().await.unwrap();
+    let ids: Vec<&str> = listed["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["tiny"]);
+    let bad = http
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&serde_json::json!({"model": "nope", "messages": [{"role": "user", "content": "x"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 404);
+    let err: serde_json::Value = bad.json().await.unwrap();
+    assert_eq!(err["error"]["type"], "not_found_error");
+    assert!(err["error"]["message"].as_str().unwrap().contains("nope"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_chunks_arrive_in_order_and_add_up_to_the_result() {
+    let models = tempfile::tempdir().unwrap();
+    let s = setup(&model_config(models.path()));
+    let (nats, config) = (&s.nats, &s.config);
+    let _worker = start_worker(config, &[]).await;
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client.clone());
+    let inbox = client.new_inbox();
+    let mut sub = client.subscribe(inbox.clone()).await.unwrap();
+    let mut req = request("s1", "tiny", "stream me");
+    req.stream = true;
+    req.params = SamplingParams { max_tokens: Some(24), temperature: Some(0.0), ..Default::default() };
+    let mut h = async_nats::HeaderMap::new();
+    h.insert(headers::MSG_ID, "s1");
+    h.insert(headers::REPLY, inbox.as_str());
+    js.publish_with_headers("fleet.req.normal.tiny", h, codec::encode(&req).into()).await.unwrap().await.unwrap();
+    let mut chunks = Vec::new();
+    let result = loop {
+        let msg = tokio::time::timeout(Duration::from_secs(60), sub.next()).await.unwrap().unwrap();
+        match msg.headers.as_ref().unwrap().get(headers::KIND).unwrap().as_str() {
+            headers::KIND_CHUNK => chunks.push(codec::decode::<StreamChunk>(None, &msg.payload).unwrap()),
+            _ => break codec::decode::<retro_fleet_schemas::InferResult>(None, &msg.payload).unwrap(),
+        }
+    };
+    assert!(chunks.len() > 2, "several chunks: {}", chunks.len());
+    assert_eq!(chunks.iter().map(|c| c.seq).collect::<Vec<_>>(), (0..chunks.len() as u64).collect::<Vec<_>>());
+    assert!(chunks.last().unwrap().done && chunks[..chunks.len() - 1].iter().all(|c| !c.done));
+    let text: String = chunks.iter().map(|c| c.delta.as_str()).collect();
+    assert_eq!(text, result.output.unwrap().text);
+}
+
+/// The official `openai` Python client, unchanged, against the ingress.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_python_client_works_unchanged() {
+    let models = tempfile::tempdir().unwrap();
+    let s = setup(&model_config(models.path()));
+    let config = &s.config;
+    let _worker = start_worker(config, &[]).await;
+    let (_ingress, base) = start_ingress(config).await;
+    let script = r#"
+import sys, openai
+c = openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key="unused", max_retries=0)
+assert [m.id for m in c.models.list()] == ["tiny"]
+r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=0)
+assert r.choices[0].finish_reason == "length", r
+assert r.usage.completion_tokens == 6, r.usage
+text = r.choices[0].message.content
+parts = []
+for chunk in c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=0, stream=True):
+    if chunk.choices and chunk.choices[0].delta.content:
+        parts.append(chunk.choices[0].delta.content)
+assert "".join(parts) == text, (parts, text)
+r = c.completions.create(model="tiny", prompt="abc", max_tokens=3, temperature=0)
+assert r.usage.completion_tokens == 3 and r.choices[0].text, r
+s = "".join(ch.choices[0].text for ch in c.completions.create(model="tiny", prompt="abc", max_tokens=3, temperature=0, stream=True) if ch.choices)
+assert s == r.choices[0].text, (s, r.choices[0].text)
+try:
+    c.chat.completions.create(model="missing", messages=[{"role": "user", "content": "x"}])
+    raise SystemExit("expected NotFoundError")
+except openai.NotFoundError as e:
+    assert "missing" in str(e), e
+print("openai client ok")
+"#;
+    let out = std::process::Command::new("python3").arg("-c").arg(script).arg(&base).output().expect("python3");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "openai client failed (install it with `pip install openai`, which `make test` does):\n{stderr}"
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("openai client ok"));
+}

@@ -1,0 +1,477 @@
+//! The mistral.rs backend: text models from a local directory (safetensors
+//! with `config.json`, tokenizer and chat template) or a GGUF file, on CPU
+//! (or CUDA with the `cuda` feature).
+//!
+//! Facts of mistral.rs 0.8.1 this code relies on (read in its sources):
+//! - A request is only abortable in streaming mode (dropping the receiver
+//!   cancels the sequence at the next token), so every request streams
+//!   internally; dropping the future returned by `generate` stops the model.
+//! - There is no per-request seed (one RNG per engine, seeded with 0), so
+//!   sampling with a temperature is done by a per-request logits processor
+//!   with its own seeded RNG; the engine then takes the only token left.
+//! - A `None` temperature means 1.0 inside the engine: greedy needs `Some(0.0)`.
+//! - `max_len = Some(0)` still yields one token: 0 is answered here.
+//! - Stop strings are noticed one token late in streaming mode, so text is
+//!   held back and cut here.
+//! - The engine's response channel has capacity 1 and a slow reader stalls
+//!   the whole engine: responses are drained at once.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures::future::BoxFuture;
+use mistralrs::{
+    Constraint, CustomLogitsProcessor, GgufModelBuilder, Model, ModelDType, NormalRequest, Request, RequestLike,
+    RequestMessage, Response, SamplingParams, StopTokens, Tensor, TextMessageRole, TextMessages, TextModelBuilder,
+    TokenSource,
+};
+use retro_fleet_schemas::{ErrorCode, InferRequest, Input, Usage};
+use tokio::sync::mpsc;
+
+use super::{Backend, BackendError, DeltaSender, Generation};
+
+/// How to load one mistral.rs model.
+#[derive(Debug, Clone)]
+pub struct MistralSpec {
+    /// Directory with `config.json`, `tokenizer.json`, `tokenizer_config.json`
+    /// and safetensors weights; or a directory holding `gguf_file`.
+    pub path: PathBuf,
+    /// GGUF file name inside `path`, for quantized models.
+    pub gguf_file: Option<String>,
+    /// In-situ quantization, e.g. `q4k` or `q8_0` (safetensors models only).
+    pub isq: Option<String>,
+    /// Sequences the engine batches together.
+    pub max_num_seqs: usize,
+    /// `max_tokens` when a request sets none.
+    pub default_max_tokens: u32,
+    /// Revision reported in results; default: a hash of the model files.
+    pub revision: Option<String>,
+}
+
+fn backend_err(message: impl Into<String>) -> BackendError {
+    BackendError { code: ErrorCode::BackendError, message: message.into(), retryable: true }
+}
+
+/// A loaded mistral.rs model.
+pub struct Mistral {
+    model: Model,
+    revision: String,
+    default_max_tokens: u32,
+}
+
+impl Mistral {
+    /// Loads the model described by `spec`.
+    pub async fn load(spec: &MistralSpec) -> Result<Mistral, BackendError> {
+        let dir = spec.path.to_string_lossy().to_string();
+        if !spec.path.exists() {
+            return Err(BackendError {
+                code: ErrorCode::Internal,
+                message: format!(
+                    "model path {} does not exist (make a demo model with `retro-fleet model tiny --out DIR`)",
+                    spec.path.display()
+                ),
+                retryable: false,
+            });
+        }
+        let model = match &spec.gguf_file {
+            Some(file) => {
+                GgufModelBuilder::new(&dir, vec![file.clone()])
+                    .with_force_cpu_if_no_cuda()
+                    .with_token_source(TokenSource::None)
+                    .with_max_num_seqs(spec.max_num_seqs)
+                    .build()
+                    .await
+            }
+            None => {
+                let mut b = TextModelBuilder::new(&dir)
+                    .with_force_cpu_if_no_cuda()
+                    .with_dtype(ModelDType::F32)
+                    .with_token_source(TokenSource::None)
+                    .with_max_num_seqs(spec.max_num_seqs);
+                if let Some(isq) = &spec.isq {
+                    let t = mistralrs::parse_isq_value(isq, None).map_err(|e| BackendError {
+                        code: ErrorCode::Internal,
+                        message: format!("isq `{isq}`: {e}"),
+                        retryable: false,
+                    })?;
+                    b = b.with_isq(t);
+                }
+                b.build().await
+            }
+        }
+        .map_err(|e| BackendError {
+            code: ErrorCode::Internal,
+            message: format!("loading {dir}: {e}"),
+            retryable: false,
+        })?;
+        let revision = match &spec.revision {
+            Some(r) => r.clone(),
+            None => files_revision(&spec.path).map_err(|e| backend_err(format!("hashing {dir}: {e}")))?,
+        };
+        Ok(Mistral { model, revision, default_max_tokens: spec.default_max_tokens })
+    }
+}
+
+trait ForceCpu {
+    fn with_force_cpu_if_no_cuda(self) -> Self;
+}
+
+impl ForceCpu for TextModelBuilder {
+    fn with_force_cpu_if_no_cuda(self) -> Self {
+        if cfg!(feature = "cuda") {
+            self
+        } else {
+            self.with_force_cpu()
+        }
+    }
+}
+
+impl ForceCpu for GgufModelBuilder {
+    fn with_force_cpu_if_no_cuda(self) -> Self {
+        if cfg!(feature = "cuda") {
+            self
+        } else {
+            self.with_force_cpu()
+        }
+    }
+}
+
+/// `fnv1a64:<hex>` over the small files of a model directory in full and,
+/// for weight files, their size and first and last MiB (hashing gigabytes at
+/// every start would cost seconds; a changed weight file changes its size or
+/// its header in practice). Stable across platforms and Rust versions.
+pub fn files_revision(dir: &Path) -> std::io::Result<String> {
+    const FNV_OFFSET: u64 = 0xcbf29ce484222325;
+    const FNV_PRIME: u64 = 0x100000001b3;
+    let mut h = FNV_OFFSET;
+    let mut feed = |bytes: &[u8]| {
+        for b in bytes {
+            h ^= *b as u64;
+            h = h.wrapping_mul(FNV_PRIME);
+        }
+    };
+    let mut names: Vec<PathBuf> = if dir.is_dir() {
+        std::fs::read_dir(dir)?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_file()).collect()
+    } else {
+        vec![dir.to_path_buf()]
+    };
+    names.sort();
+    for path in names {
+        let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        feed(name.as_bytes());
+        let len = std::fs::metadata(&path)?.len();
+        feed(&len.to_le_bytes());
+        if len <= 4 << 20 {
+            feed(&std::fs::read(&path)?);
+        } else {
+            use std::io::{Read, Seek, SeekFrom};
+            let mut f = std::fs::File::open(&path)?;
+            let mut buf = vec![0u8; 1 << 20];
+            f.read_exact(&mut buf)?;
+            feed(&buf);
+            f.seek(SeekFrom::End(-(1 << 20)))?;
+            f.read_exact(&mut buf)?;
+            feed(&buf);
+        }
+    }
+    Ok(format!("fnv1a64:{h:016x}"))
+}
+
+impl Backend for Mistral {
+    fn revision(&self) -> Option<String> {
+        Some(self.revision.clone())
+    }
+
+    fn generate<'a>(
+        &'a self,
+        req: &'a InferRequest,
+        deltas: Option<DeltaSender>,
+    ) -> BoxFuture<'a, Result<Generation, BackendError>> {
+        Box::pin(async move {
+            let p = &req.params;
+            let params = Params {
+                max_tokens: Some(p.max_tokens.unwrap_or(self.default_max_tokens)),
+                temperature: p.temperature,
+                top_p: p.top_p,
+                top_k: p.top_k,
+                seed: p.seed,
+                stop: p.stop.clone(),
+            };
+            let chat: Vec<(String, String)>;
+            let prompt = match &req.input {
+                Input::Chat { messages } => {
+                    chat = messages.iter().map(|m| (m.role.clone(), m.content.clone())).collect();
+                    Prompt::Chat(&chat)
+                }
+                Input::Completion { prompt } => Prompt::Completion(prompt),
+            };
+            let out = generate(&self.model, prompt, &params, deltas).await?;
+            Ok(Generation {
+                text: out.text,
+                finish_reason: out.finish_reason,
+                usage: Usage {
+                    prompt_tokens: out.prompt_tokens as u32,
+                    completion_tokens: out.completion_tokens as u32,
+                    total_tokens: (out.prompt_tokens + out.completion_tokens) as u32,
+                },
+            })
+        })
+    }
+}
+
+enum Prompt<'a> {
+    Chat(&'a [(String, String)]),
+    Completion(&'a str),
+}
+
+#[derive(Clone, Debug, Default)]
+struct Params {
+    max_tokens: Option<u32>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    top_k: Option<u32>,
+    seed: Option<u64>,
+    stop: Vec<String>,
+}
+
+struct Output {
+    text: String,
+    finish_reason: String,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+}
+
+/// Per-request logits processor. It counts prompt and completion tokens
+/// (streamed completion chunks carry no usage) and does seeded sampling:
+/// it picks the token with its own RNG and masks every other one, and the
+/// engine, asked for temperature 0, takes the only token left.
+struct Meter {
+    prompt_len: AtomicUsize,
+    sampled: AtomicUsize,
+    sampling: Option<(f64, Option<usize>, Option<f64>)>, // (temperature, top_k, top_p) when not greedy
+    rng: Mutex<u64>,
+}
+
+impl Meter {
+    fn next_f64(&self) -> f64 {
+        let mut s = self.rng.lock().unwrap(); // splitmix64
+        *s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = *s;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+impl CustomLogitsProcessor for Meter {
+    fn apply(&self, logits: &Tensor, context: &[u32]) -> mistralrs::Result<Tensor> {
+        if self.sampled.fetch_add(1, Ordering::SeqCst) == 0 {
+            self.prompt_len.store(context.len(), Ordering::SeqCst);
+        }
+        let Some((t, top_k, top_p)) = self.sampling else { return Ok(logits.clone()) };
+        let v: Vec<f32> = logits.to_vec1::<f32>()?;
+        let mut idx: Vec<usize> = (0..v.len()).collect();
+        idx.sort_unstable_by(|&a, &b| v[b].total_cmp(&v[a]));
+        if let Some(k) = top_k.filter(|k| *k > 0) {
+            idx.truncate(k);
+        }
+        let max = v[idx[0]] as f64;
+        let mut p: Vec<f64> = idx.iter().map(|&i| ((v[i] as f64 - max) / t).exp()).collect();
+        let z: f64 = p.iter().sum();
+        p.iter_mut().for_each(|x| *x /= z);
+        if let Some(tp) = top_p.filter(|tp| *tp > 0.0 && *tp < 1.0) {
+            let (mut c, mut keep) = (0.0, 0);
+            while keep < p.len() && c < tp {
+                c += p[keep];
+                keep += 1;
+            }
+            idx.truncate(keep);
+            p.truncate(keep);
+            let z: f64 = p.iter().sum();
+            p.iter_mut().for_each(|x| *x /= z);
+        }
+        let u = self.next_f64();
+        let (mut acc, mut pick) = (0.0, idx[idx.len() - 1]);
+        for (j, &i) in idx.iter().enumerate() {
+            acc += p[j];
+            if u < acc {
+                pick = i;
+                break;
+            }
+        }
+        let mut out = vec![f32::MIN; v.len()];
+        out[pick] = 0.0;
+        Tensor::from_vec(out, v.len(), logits.device())
+    }
+}
+
+/// Runs one request in streaming mode (the only abortable one: dropping
+/// the receiver cancels the sequence), forwarding text to `deltas` as it
+/// arrives and cutting it at stop strings.
+async fn generate(
+    model: &Model,
+    prompt: Prompt<'_>,
+    p: &Params,
+    deltas: Option<DeltaSender>,
+) -> Result<Output, BackendError> {
+    if p.max_tokens == Some(0) {
+        // max_len=Some(0) would still produce 1 token
+        return Ok(Output {
+            text: String::new(),
+            finish_reason: "length".into(),
+            prompt_tokens: 0,
+            completion_tokens: 0,
+        });
+    }
+    let greedy = p.temperature.map_or(true, |t| t <= 0.0);
+    let meter = Arc::new(Meter {
+        prompt_len: AtomicUsize::new(0),
+        sampled: AtomicUsize::new(0),
+        sampling: (!greedy).then(|| (p.temperature.unwrap(), p.top_k.map(|k| k as usize), p.top_p)),
+        rng: Mutex::new(p.seed.unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+        })),
+    });
+    let stops: Vec<String> = p.stop.iter().filter(|s| !s.is_empty()).cloned().collect();
+
+    let messages = match prompt {
+        Prompt::Chat(msgs) => {
+            let mut tm = TextMessages::new();
+            for (role, content) in msgs {
+                // Custom(role) renders the role verbatim in the template
+                tm = tm.add_message(TextMessageRole::Custom(role.clone()), content);
+            }
+            tm.take_messages()
+        }
+        Prompt::Completion(text) => {
+            RequestMessage::Completion { text: text.to_string(), echo_prompt: false, best_of: None }
+        }
+    };
+
+    // SamplingParams directly, not RequestBuilder: its set_deterministic_sampler()
+    // replaces every field, max_len included. Temperature must be Some(0.0):
+    // None means 1.0 in the engine.
+    let sampling_params = SamplingParams {
+        temperature: Some(0.0),
+        max_len: p.max_tokens.map(|m| m as usize),
+        stop_toks: (!stops.is_empty()).then(|| StopTokens::Seqs(stops.clone())),
+        ..SamplingParams::neutral()
+    };
+
+    let (tx, mut rx) = mpsc::channel::<Response>(1);
+    let runner = model.inner();
+    let req = Request::Normal(Box::new(NormalRequest {
+        messages,
+        sampling_params,
+        response: tx,
+        return_logprobs: false,
+        is_streaming: true,
+        id: runner.next_request_id(),
+        constraint: Constraint::None,
+        suffix: None,
+        tools: None,
+        tool_choice: None,
+        logits_processors: Some(vec![meter.clone() as Arc<dyn CustomLogitsProcessor>]),
+        return_raw_logits: false,
+        web_search_options: None,
+        model_id: None,
+        truncate_sequence: false, // a too-long prompt is a validation error, not silently cut
+    }));
+    let sender = runner.get_sender(None).map_err(|e| backend_err(format!("mistral.rs engine: {e}")))?;
+    sender.send(req).await.map_err(|_| backend_err("mistral.rs engine stopped"))?;
+
+    // In streaming mode the engine sends the stop string (and one more
+    // token) before it notices it: hold back a possible prefix and cut here.
+    let max_stop = stops.iter().map(|s| s.len()).max().unwrap_or(0);
+    let (mut text, mut emitted, mut finish, mut stopped) = (String::new(), 0usize, None::<String>, false);
+    loop {
+        let Some(resp) = rx.recv().await else { break };
+        let (piece, fr) = match resp {
+            // chat streaming chunk
+            Response::Chunk(c) => {
+                let ch = c.choices.into_iter().next();
+                (
+                    ch.as_ref().and_then(|c| c.delta.content.clone()).unwrap_or_default(),
+                    ch.and_then(|c| c.finish_reason),
+                )
+            }
+            // completion streaming chunk
+            Response::CompletionChunk(c) => {
+                let ch = c.choices.into_iter().next();
+                (ch.as_ref().map(|c| c.text.clone()).unwrap_or_default(), ch.and_then(|c| c.finish_reason))
+            }
+            Response::ValidationError(e) => {
+                return Err(BackendError { code: ErrorCode::InvalidRequest, message: format!("{e}"), retryable: false })
+            }
+            Response::InternalError(e) => return Err(backend_err(format!("mistral.rs: {e}"))),
+            Response::ModelError(m, _) | Response::CompletionModelError(m, _) => {
+                return Err(backend_err(format!("mistral.rs model error: {m}")))
+            }
+            _ => return Err(backend_err("unexpected mistral.rs response")),
+        };
+        if !stopped {
+            let from = text.len().saturating_sub(max_stop.saturating_sub(1));
+            text.push_str(&piece);
+            let from = (0..=from).rev().find(|i| text.is_char_boundary(*i)).unwrap_or(0);
+            if let Some(pos) = stops.iter().filter_map(|s| text[from..].find(s.as_str()).map(|i| i + from)).min() {
+                text.truncate(pos);
+                stopped = true;
+            }
+            let safe = if stopped { text.len() } else { safe_prefix_len(&text, &stops) };
+            if safe > emitted {
+                if let Some(d) = &deltas {
+                    let _ = d.send(text[emitted..safe].to_string());
+                }
+                emitted = safe;
+            }
+        }
+        if let Some(fr) = fr {
+            finish = Some(if stopped { "stop".into() } else { fr });
+            break;
+        }
+    }
+    if emitted < text.len() {
+        if let Some(d) = &deltas {
+            let _ = d.send(text[emitted..].to_string());
+        }
+    }
+    Ok(Output {
+        text,
+        finish_reason: finish.unwrap_or_else(|| "stop".into()),
+        prompt_tokens: meter.prompt_len.load(Ordering::SeqCst),
+        completion_tokens: meter.sampled.load(Ordering::SeqCst),
+    })
+}
+
+/// Longest prefix of `text` that cannot be the start of a stop string.
+fn safe_prefix_len(text: &str, stops: &[String]) -> usize {
+    let mut safe = text.len();
+    for s in stops {
+        for k in (1..s.len()).rev() {
+            if text.len() >= k
+                && text.is_char_boundary(text.len() - k)
+                && s.is_char_boundary(k)
+                && text.ends_with(&s[..k])
+            {
+                safe = safe.min(text.len() - k);
+                break;
+            }
+        }
+    }
+    safe
+}
+
+#[cfg(test)]
+mod tests {
+    use super::safe_prefix_len;
+
+    #[test]
+    fn holds_back_a_possible_stop_prefix() {
+        let stops = vec!["END".to_string()];
+        assert_eq!(safe_prefix_len("hello E", &stops), 6);
+        assert_eq!(safe_prefix_len("hello EN", &stops), 6);
+        assert_eq!(safe_prefix_len("hello", &stops), 5);
+    }
+}
