@@ -1,18 +1,26 @@
 #!/usr/bin/env bash
-# Fleet vs. bare JetStream floor, in one run against one nats-server:
-# starts nats-server (temp store) and a release `retro-fleet worker` (echo
-# model), then runs loadtest --floor at window 64 and window 1.
-# Usage: scripts/bench.sh [extra loadtest args]
+# Fleet vs. bare JetStream floor, in one run against one nats-server.
+# Starts nats-server (temp store) and a release `retro-fleet worker` (echo
+# model), then runs `loadtest --floor` at window 64 and window 1; the floor
+# is measured in the same run, alternating rounds with the fleet. Each is
+# run twice: against the bare floor, and against a floor that also stores
+# each result in a stream before acking (`--floor-store`), as the fleet's
+# contract requires.
+#
+# Usage: scripts/bench.sh [WORKER_BINARY...]
+#   With several worker binaries (e.g. a build from before a change and one
+#   from after it), each is measured in turn against the same server, so
+#   before/after figures come from one run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --workspace --bins >&2
 BIN="${CARGO_TARGET_DIR:-target}/release"
+WORKERS=("$@")
+[ ${#WORKERS[@]} -gt 0 ] || WORKERS=("$BIN/retro-fleet")
 PORT="${BENCH_NATS_PORT:-4333}"
-STORE="$(mktemp -d)"
 WORKDIR="$(mktemp -d)"
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$STORE" "$WORKDIR"' EXIT
-nats-server -js -a 127.0.0.1 -p "$PORT" -sd "$STORE" >/dev/null 2>&1 &
-sleep 0.5
+cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORKDIR"; }
+trap cleanup EXIT
 export NATS_URL="nats://127.0.0.1:$PORT"
 cat > "$WORKDIR/bench.toml" <<TOML
 metrics_listen = "127.0.0.1:0"
@@ -22,10 +30,23 @@ level = "warn"
 max_inflight = 512
 batch_size = 256
 TOML
-"$BIN/retro-fleet" --config "$WORKDIR/bench.toml" worker >"$WORKDIR/worker.log" 2>&1 &
-sleep 1
 echo "# $(date -u +%F) $(nproc) cores, $(nats-server --version)"
-echo "## window 64"
-"$BIN/loadtest" --floor --window 64 --requests 20000 --rounds 3 "$@"
-echo "## window 1"
-"$BIN/loadtest" --floor --window 1 --requests 3000 --rounds 3 "$@"
+for worker in "${WORKERS[@]}"; do
+    # a fresh server per worker: stored results pile up and slow the server
+    rm -rf "$WORKDIR/store"
+    nats-server -js -a 127.0.0.1 -p "$PORT" -sd "$WORKDIR/store" >/dev/null 2>&1 &
+    nats_pid=$!
+    sleep 0.5
+    "$worker" --config "$WORKDIR/bench.toml" worker >"$WORKDIR/worker.log" 2>&1 &
+    pid=$!
+    sleep 1
+    echo "## worker: $worker"
+    for store in "" --floor-store; do
+        echo "### window 64, 20000 requests x 3 rounds, floor ${store:-without storing results}"
+        "$BIN/loadtest" --floor $store --window 64 --requests 20000 --rounds 3
+        echo "### window 1, 3000 requests x 3 rounds, floor ${store:-without storing results}"
+        "$BIN/loadtest" --floor $store --window 1 --requests 3000 --rounds 3
+    done
+    kill -TERM "$pid"; wait "$pid" || true
+    kill "$nats_pid"; wait "$nats_pid" || true
+done

@@ -111,6 +111,11 @@ pub struct TopologyConfig {
     pub duplicate_window_secs: u64,
     /// How long results are kept, in seconds.
     pub results_max_age_secs: u64,
+    /// `file` or `memory` storage for `FLEET_RESULTS`. Memory halves the
+    /// server's work per request but loses stored results when a
+    /// single server restarts (with 3 replicas they survive one loss).
+    /// Applied when the stream is created; changing it means recreating it.
+    pub results_storage: Storage,
     /// How long dead letters are kept, in seconds.
     pub dlq_max_age_secs: u64,
     /// Time a worker has to ack before a message is redelivered, in seconds.
@@ -132,6 +137,7 @@ impl Default for TopologyConfig {
             max_age_secs: 24 * 3600,
             duplicate_window_secs: 120,
             results_max_age_secs: 24 * 3600,
+            results_storage: Storage::File,
             dlq_max_age_secs: 7 * 24 * 3600,
             ack_wait_secs: 30,
             max_deliver: 5,
@@ -139,6 +145,16 @@ impl Default for TopologyConfig {
             replicas: 1,
         }
     }
+}
+
+/// JetStream storage of a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Storage {
+    /// On disk.
+    File,
+    /// In memory.
+    Memory,
 }
 
 /// HTTP ingress settings.

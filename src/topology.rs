@@ -86,7 +86,10 @@ pub fn results_stream(t: &TopologyConfig) -> stream::Config {
         description: Some("retro-fleet results, by tenant and request id".into()),
         subjects: vec![subjects::RESULTS_WILDCARD.to_string()],
         retention: RetentionPolicy::Limits,
-        storage: StorageType::File,
+        storage: match t.results_storage {
+            crate::config::Storage::File => StorageType::File,
+            crate::config::Storage::Memory => StorageType::Memory,
+        },
         max_age: Duration::from_secs(t.results_max_age_secs),
         duplicate_window: Duration::from_secs(t.duplicate_window_secs),
         max_messages_per_subject: 1,

@@ -24,8 +24,14 @@ impl FloorWorker {
     }
 }
 
-/// (Re)creates the floor stream and starts its worker on a separate connection.
-pub async fn start(client: async_nats::Client) -> anyhow::Result<FloorWorker> {
+/// Stream a storing floor writes its results to.
+pub const RESULTS_STREAM: &str = "LOADTEST_FLOOR_RESULTS";
+
+/// (Re)creates the floor stream and starts its worker on a separate
+/// connection. With `store`, the worker also writes each reply to a results
+/// stream (unique subject per request, as retro-fleet does) and acks only
+/// once it is stored: the least work for the "result stored" contract.
+pub async fn start(client: async_nats::Client, store: bool) -> anyhow::Result<FloorWorker> {
     let js = jetstream::new(client.clone());
     let _ = js.delete_stream(STREAM).await;
     let stream = js
@@ -37,6 +43,16 @@ pub async fn start(client: async_nats::Client) -> anyhow::Result<FloorWorker> {
             ..Default::default()
         })
         .await?;
+    let _ = js.delete_stream(RESULTS_STREAM).await;
+    if store {
+        js.create_stream(stream::Config {
+            name: RESULTS_STREAM.into(),
+            subjects: vec!["loadtest.floor.res.>".into()],
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await?;
+    }
     let consumer = stream
         .create_consumer(pull::Config {
             durable_name: Some("floor".into()),
@@ -48,13 +64,33 @@ pub async fn start(client: async_nats::Client) -> anyhow::Result<FloorWorker> {
     let server = client.server_info();
     let url = format!("nats://{}:{}", if server.host == "0.0.0.0" { "127.0.0.1" } else { &server.host }, server.port);
     let wclient = async_nats::connect(url).await?;
+    let wjs = jetstream::new(wclient.clone());
     let task = tokio::spawn(async move {
         let Ok(mut messages) = consumer.stream().max_messages_per_batch(256).messages().await else { return };
+        let mut n = 0u64;
         while let Some(Ok(msg)) = messages.next().await {
+            n += 1;
+            let stored = if store {
+                wjs.publish(format!("loadtest.floor.res.{n}"), msg.payload.clone()).await.ok()
+            } else {
+                None
+            };
             if let Some(reply) = msg.headers.as_ref().and_then(|h| h.get("Fleet-Reply")) {
                 let _ = wclient.publish(reply.as_str().to_string(), msg.payload.clone()).await;
             }
-            let _ = msg.ack().await;
+            match stored {
+                // ack once stored, without holding up the next message
+                Some(ack) => {
+                    tokio::spawn(async move {
+                        if ack.await.is_ok() {
+                            let _ = msg.ack().await;
+                        }
+                    });
+                }
+                None => {
+                    let _ = msg.ack().await;
+                }
+            }
         }
         let _ = client;
     });

@@ -48,6 +48,10 @@ struct Args {
     /// Only the floor (no fleet needed).
     #[arg(long)]
     floor_only: bool,
+    /// The floor also stores each result in a stream before acking, as the
+    /// fleet's contract requires (one more JetStream write per request).
+    #[arg(long)]
+    floor_store: bool,
     /// Measured rounds per target (the median is reported).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
@@ -74,7 +78,7 @@ async fn main() -> anyhow::Result<()> {
         targets.push(Target::fleet(&args.model, args.priority));
     }
     let floor_worker = if args.floor || args.floor_only {
-        let w = floor::start(client.clone()).await?;
+        let w = floor::start(client.clone(), args.floor_store).await?;
         targets.push(Target::floor());
         Some(w)
     } else {

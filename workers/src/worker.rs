@@ -2,10 +2,13 @@
 //!
 //! Each round takes every free slot (bounded by `max_inflight`, at most
 //! `batch_size` per round), asks the [`Scheduler`] how to split them across
-//! priorities, and fetches without waiting from the matching consumers; each
-//! message is processed in its own task holding one slot. When a round finds
-//! nothing, the worker long-polls every consumer for one message (so the
-//! first arrival of any class wakes it) and waits.
+//! priorities, and fetches without waiting from the matching consumers that
+//! may hold messages; each message is processed in its own task holding one
+//! slot. A consumer found empty (a fetch returned less than asked, or the
+//! last message said nothing is pending) is not fetched again: it gets a
+//! long-poll for one message instead, whose arrival marks it busy again and
+//! wakes the loop. So an idle class costs one outstanding pull request, not a
+//! request per round, and a lone request is pushed to the worker at once.
 //!
 //! Shutdown is an argument: when it fires the loop stops pulling, waits for
 //! in-flight work up to the drain timeout, and returns.
@@ -47,6 +50,8 @@ struct Source {
     consumer: PullConsumer,
     /// An idle long-poll is outstanding on this consumer.
     polling: Arc<AtomicBool>,
+    /// The consumer may have messages waiting (fetch it in rounds).
+    busy: Arc<AtomicBool>,
 }
 
 /// A worker bound to its consumers and backends.
@@ -77,7 +82,8 @@ impl Worker {
         }
         let mut sources: [Vec<Source>; 3] = Default::default();
         for (priority, model, consumer) in consumers {
-            sources[priority.index()].push(Source { priority, model, consumer, polling: Default::default() });
+            let busy = Arc::new(AtomicBool::new(true));
+            sources[priority.index()].push(Source { priority, model, consumer, polling: Default::default(), busy });
         }
         let js = async_nats::jetstream::new(client.clone());
         let shared =
@@ -129,24 +135,23 @@ impl Worker {
                 let got = self.fetch(priority, want, &mut rotation[priority.index()], &mut held, &tasks).await;
                 scheduler.took(priority, got);
             }
-            if held.len() < free {
-                continue; // found work: look again right away
-            }
-            // Nothing waiting anywhere: long-poll each consumer for one message.
+            let found = held.len() < free;
+            // Consumers found empty wait on a long-poll for their next message.
             for source in self.sources.iter().flatten() {
-                let Some(slot) = held.pop() else { break };
-                if source.polling.swap(true, Ordering::AcqRel) {
-                    held.push(slot);
+                if source.busy.load(Ordering::Acquire) || source.polling.swap(true, Ordering::AcqRel) {
                     continue;
                 }
                 tasks.spawn(idle_poll(
                     self.shared.clone(),
                     source_handle(source),
-                    slot,
+                    slots.clone(),
                     idle_wait,
                     wake.clone(),
                     tasks.clone(),
                 ));
+            }
+            if found {
+                continue; // found work: look again right away
             }
             drop(held);
             tokio::select! {
@@ -186,6 +191,9 @@ impl Worker {
             if left == 0 {
                 break;
             }
+            if !source.busy.load(Ordering::Acquire) {
+                continue;
+            }
             let mut batch = match source.consumer.fetch().max_messages(left).messages().await {
                 Ok(b) => b,
                 Err(e) => {
@@ -194,11 +202,15 @@ impl Worker {
                     continue;
                 }
             };
+            let mut taken = 0;
+            let mut pending = None;
             while let Some(next) = batch.next().await {
                 match next {
                     Ok(msg) => {
                         let slot = held.pop().expect("never fetch more than the slots held");
                         got += 1;
+                        taken += 1;
+                        pending = msg.info().ok().map(|i| i.pending);
                         self.shared.metrics.pulled.with_label_values(&[priority.as_str()]).inc();
                         tasks.spawn(process::handle(self.shared.clone(), priority, msg, slot));
                     }
@@ -207,6 +219,9 @@ impl Worker {
                         break;
                     }
                 }
+            }
+            if taken < left || pending == Some(0) {
+                source.busy.store(false, Ordering::Release);
             }
         }
         *rotation = rotation.wrapping_add(1);
@@ -219,31 +234,47 @@ struct SourceHandle {
     priority: Priority,
     consumer: PullConsumer,
     polling: Arc<AtomicBool>,
+    busy: Arc<AtomicBool>,
 }
 
 fn source_handle(s: &Source) -> SourceHandle {
-    SourceHandle { priority: s.priority, consumer: s.consumer.clone(), polling: s.polling.clone() }
+    SourceHandle {
+        priority: s.priority,
+        consumer: s.consumer.clone(),
+        polling: s.polling.clone(),
+        busy: s.busy.clone(),
+    }
 }
 
 /// Waits up to `expires` for one message on one consumer; processes it if
-/// one comes and wakes the pull loop, which then fetches the rest.
+/// one comes, marks the consumer busy when more are pending, and wakes the
+/// pull loop (also on expiry, so it can poll again).
+///
+/// A long-poll holds no slot while it waits, so idle classes never take
+/// capacity from busy ones; the message it brings waits for a free slot, so
+/// at most one message per consumer is ever held beyond `max_inflight`.
 async fn idle_poll(
     shared: Arc<Shared>,
     source: SourceHandle,
-    slot: OwnedSemaphorePermit,
+    slots: Arc<Semaphore>,
     expires: Duration,
     wake: Arc<Notify>,
     tasks: TaskTracker,
 ) {
     let batch = source.consumer.batch().max_messages(1).expires(expires).messages().await;
-    let mut slot = Some(slot);
     match batch {
         Ok(mut batch) => {
             while let Some(next) = batch.next().await {
-                if let (Ok(msg), Some(s)) = (next, slot.take()) {
+                if let Ok(msg) = next {
+                    let s = slots.clone().acquire_owned().await.expect("semaphore never closed");
                     shared.metrics.pulled.with_label_values(&[source.priority.as_str()]).inc();
-                    wake.notify_one();
+                    if msg.info().map_or(true, |i| i.pending > 0) {
+                        source.busy.store(true, Ordering::Release);
+                    }
                     tasks.spawn(process::handle(shared.clone(), source.priority, msg, s));
+                    // polling ends here, before the loop looks again
+                    source.polling.store(false, Ordering::Release);
+                    wake.notify_one();
                 }
             }
         }
@@ -253,5 +284,5 @@ async fn idle_poll(
         }
     }
     source.polling.store(false, Ordering::Release);
-    drop(slot);
+    wake.notify_one();
 }
