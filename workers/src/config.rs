@@ -20,7 +20,7 @@ pub struct WorkerConfig {
     pub normal_share: f64,
     /// Guaranteed share of pulled slots for low requests while higher ones wait (0..1).
     pub low_share: f64,
-    /// How long an idle long-poll waits for new work before polling again, in ms.
+    /// How long one pull request waits at the server before it is renewed, in ms.
     pub idle_wait_ms: u64,
     /// Grace period for in-flight work on shutdown, in ms.
     pub drain_timeout_ms: u64,

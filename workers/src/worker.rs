@@ -1,27 +1,28 @@
 //! The pull loop.
 //!
-//! Each round takes every free slot (bounded by `max_inflight`, at most
-//! `batch_size` per round), asks the [`Scheduler`] how to split them across
-//! priorities, and fetches without waiting from the matching consumers that
-//! may hold messages; each message is processed in its own task holding one
-//! slot. A consumer found empty (a fetch returned less than asked, or the
-//! last message said nothing is pending) is not fetched again: it gets a
-//! long-poll for one message instead, whose arrival marks it busy again and
-//! wakes the loop. So an idle class costs one outstanding pull request, not a
-//! request per round, and a lone request is pushed to the worker at once.
+//! Every consumer the worker serves has a continuous pull stream with a
+//! small prefetch (the server pushes messages as they arrive, as the bare
+//! JetStream floor does); the loop takes one free slot at a time (bounded by
+//! `max_inflight`), asks the [`Scheduler`] which class goes first, and takes
+//! the next message already waiting in that class's streams; if none is
+//! waiting anywhere it waits for the first arrival. Each message is processed
+//! in its own task holding its slot. Prefetch bounds priority inversion: at
+//! most `prefetch` lower-class messages wait in the worker while higher ones
+//! arrive, and lower classes keep their guaranteed share.
 //!
-//! Shutdown is an argument: when it fires the loop stops pulling, waits for
-//! in-flight work up to the drain timeout, and returns.
+//! Shutdown is an argument: when it fires the loop stops taking messages,
+//! hands prefetched ones back (nak, so other workers get them at once),
+//! waits for in-flight work up to the drain timeout, and returns.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::PullConsumer;
-use futures::StreamExt;
+use async_nats::jetstream::consumer::{pull, PullConsumer};
+use async_nats::jetstream::AckKind;
+use futures::{FutureExt, StreamExt};
 use retro_fleet_schemas::Priority;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -48,10 +49,46 @@ struct Source {
     priority: Priority,
     model: String,
     consumer: PullConsumer,
-    /// An idle long-poll is outstanding on this consumer.
-    polling: Arc<AtomicBool>,
-    /// The consumer may have messages waiting (fetch it in rounds).
-    busy: Arc<AtomicBool>,
+}
+
+/// A source's open pull stream (reopened when it ends).
+struct Pulling {
+    priority: Priority,
+    model: String,
+    consumer: PullConsumer,
+    prefetch: usize,
+    expires: Duration,
+    stream: Option<pull::Stream>,
+}
+
+impl Pulling {
+    async fn open(&mut self) {
+        if self.stream.is_none() {
+            match self.consumer.stream().max_messages_per_batch(self.prefetch).expires(self.expires).messages().await {
+                Ok(s) => self.stream = Some(s),
+                Err(e) => {
+                    tracing::warn!(priority = %self.priority, model = %self.model, error = %e, "opening the pull stream failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            }
+        }
+    }
+
+    /// The next message if one is already here.
+    fn ready(&mut self) -> Option<async_nats::jetstream::Message> {
+        let stream = self.stream.as_mut()?;
+        match stream.next().now_or_never()? {
+            Some(Ok(m)) => Some(m),
+            Some(Err(e)) => {
+                tracing::debug!(priority = %self.priority, error = %e, "pull stream error");
+                None
+            }
+            None => {
+                self.stream = None;
+                None
+            }
+        }
+    }
 }
 
 /// A worker bound to its consumers and backends.
@@ -82,8 +119,7 @@ impl Worker {
         }
         let mut sources: [Vec<Source>; 3] = Default::default();
         for (priority, model, consumer) in consumers {
-            let busy = Arc::new(AtomicBool::new(true));
-            sources[priority.index()].push(Source { priority, model, consumer, polling: Default::default(), busy });
+            sources[priority.index()].push(Source { priority, model, consumer });
         }
         let js = async_nats::jetstream::new(client.clone());
         let shared =
@@ -103,67 +139,97 @@ impl Worker {
         let cfg = &self.shared.cfg;
         let slots = Arc::new(Semaphore::new(cfg.max_inflight));
         let tasks = TaskTracker::new();
-        let wake = Arc::new(Notify::new());
         let mut scheduler = Scheduler::new(cfg.normal_share, cfg.low_share);
-        let mut rotation = [0usize; 3];
-        let idle_wait = Duration::from_millis(cfg.idle_wait_ms.max(10));
         tracing::info!(worker = %self.shared.worker_id, models = ?self.models(), max_inflight = cfg.max_inflight, "worker pulling");
         let stop_sweeper = shutdown.child_token();
         if cfg.unrouted_sweep_ms > 0 {
             let every = Duration::from_millis(cfg.unrouted_sweep_ms);
             tokio::spawn(crate::sweeper::run(self.shared.clone(), every, stop_sweeper.clone()));
         }
+        // High prefetches a full batch; lower classes a quarter of one, which
+        // bounds how many of them wait in the worker while high work arrives.
+        let mut pulling: [Vec<Pulling>; 3] = Default::default();
+        for (i, group) in self.sources.iter().enumerate() {
+            for s in group {
+                let prefetch = if i == 0 { cfg.batch_size } else { (cfg.batch_size / 4).max(4) };
+                pulling[i].push(Pulling {
+                    priority: s.priority,
+                    model: s.model.clone(),
+                    consumer: s.consumer.clone(),
+                    prefetch,
+                    expires: Duration::from_millis(cfg.idle_wait_ms.max(100)),
+                    stream: None,
+                });
+            }
+        }
+        let mut rotation = 0usize;
 
-        loop {
-            let first = tokio::select! {
+        'pull: loop {
+            let slot = tokio::select! {
                 p = slots.clone().acquire_owned() => p.expect("semaphore never closed"),
                 _ = shutdown.cancelled() => break,
             };
-            let mut held = vec![first];
-            while held.len() < cfg.batch_size {
-                match slots.clone().try_acquire_owned() {
-                    Ok(p) => held.push(p),
-                    Err(_) => break,
+            for p in pulling.iter_mut().flatten() {
+                p.open().await;
+            }
+            rotation = rotation.wrapping_add(1);
+            // A message already here, in the scheduler's order of classes.
+            let mut taken = None;
+            'plan: for (priority, _) in scheduler.plan(1) {
+                let group = &mut pulling[priority.index()];
+                let n = group.len();
+                for k in 0..n {
+                    if let Some(msg) = group[(rotation + k) % n].ready() {
+                        taken = Some((priority, msg));
+                        break 'plan;
+                    }
                 }
             }
-            let free = held.len();
-            for (priority, cap) in scheduler.plan(free) {
-                let want = cap.min(held.len());
-                if want == 0 {
-                    break;
+            // Nothing here: wait for the first arrival of any class.
+            let (priority, msg) = match taken {
+                Some(t) => t,
+                None => {
+                    let waits = pulling.iter_mut().flatten().filter_map(|p| {
+                        let priority = p.priority;
+                        p.stream.as_mut().map(|s| s.next().map(move |m| (priority, m)).boxed())
+                    });
+                    let waits: Vec<_> = waits.collect();
+                    if waits.is_empty() {
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                        continue;
+                    }
+                    tokio::select! {
+                        ((priority, next), _, _) = futures::future::select_all(waits) => match next {
+                            Some(Ok(msg)) => (priority, msg),
+                            Some(Err(e)) => {
+                                tracing::debug!(priority = %priority, error = %e, "pull stream error");
+                                continue 'pull;
+                            }
+                            None => continue 'pull,
+                        },
+                        _ = shutdown.cancelled() => break 'pull,
+                    }
                 }
-                let got = self.fetch(priority, want, &mut rotation[priority.index()], &mut held, &tasks).await;
-                scheduler.took(priority, got);
-            }
-            let found = held.len() < free;
-            // Consumers found empty wait on a long-poll for their next message.
-            for source in self.sources.iter().flatten() {
-                if source.busy.load(Ordering::Acquire) || source.polling.swap(true, Ordering::AcqRel) {
-                    continue;
-                }
-                tasks.spawn(idle_poll(
-                    self.shared.clone(),
-                    source_handle(source),
-                    slots.clone(),
-                    idle_wait,
-                    wake.clone(),
-                    tasks.clone(),
-                ));
-            }
-            if found {
-                continue; // found work: look again right away
-            }
-            drop(held);
-            tokio::select! {
-                _ = wake.notified() => {}
-                _ = tokio::time::sleep(idle_wait) => {}
-                _ = shutdown.cancelled() => break,
-            }
+            };
+            scheduler.took(priority, 1);
+            self.shared.metrics.pulled.with_label_values(&[priority.as_str()]).inc();
+            tasks.spawn(process::handle(self.shared.clone(), priority, msg, slot));
         }
 
+        // Hand prefetched messages back so other workers take them now
+        // instead of after ack_wait.
+        let mut handed_back = 0;
+        for p in pulling.iter_mut().flatten() {
+            while let Some(msg) = p.ready() {
+                if msg.ack_with(AckKind::Nak(None)).await.is_ok() {
+                    handed_back += 1;
+                }
+            }
+            p.stream = None;
+        }
         let drain = Duration::from_millis(cfg.drain_timeout_ms);
         let inflight = cfg.max_inflight - slots.available_permits();
-        tracing::info!(inflight, ?drain, "shutdown: stopped pulling, draining in-flight work");
+        tracing::info!(inflight, handed_back, ?drain, "shutdown: stopped pulling, draining in-flight work");
         tasks.close();
         if tokio::time::timeout(drain, tasks.wait()).await.is_err() {
             let left = cfg.max_inflight - slots.available_permits();
@@ -172,117 +238,4 @@ impl Worker {
             tracing::info!("drained");
         }
     }
-
-    /// Fetches up to `want` waiting messages of `priority` without waiting,
-    /// dispatching each with one of `held`'s slots. Returns how many it took.
-    async fn fetch(
-        &self,
-        priority: Priority,
-        want: usize,
-        rotation: &mut usize,
-        held: &mut Vec<OwnedSemaphorePermit>,
-        tasks: &TaskTracker,
-    ) -> usize {
-        let sources = &self.sources[priority.index()];
-        let mut got = 0;
-        for k in 0..sources.len() {
-            let source = &sources[(*rotation + k) % sources.len()];
-            let left = want - got;
-            if left == 0 {
-                break;
-            }
-            if !source.busy.load(Ordering::Acquire) {
-                continue;
-            }
-            let mut batch = match source.consumer.fetch().max_messages(left).messages().await {
-                Ok(b) => b,
-                Err(e) => {
-                    tracing::warn!(priority = %priority, model = %source.model, error = %e, "fetch failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let mut taken = 0;
-            let mut pending = None;
-            while let Some(next) = batch.next().await {
-                match next {
-                    Ok(msg) => {
-                        let slot = held.pop().expect("never fetch more than the slots held");
-                        got += 1;
-                        taken += 1;
-                        pending = msg.info().ok().map(|i| i.pending);
-                        self.shared.metrics.pulled.with_label_values(&[priority.as_str()]).inc();
-                        tasks.spawn(process::handle(self.shared.clone(), priority, msg, slot));
-                    }
-                    Err(e) => {
-                        tracing::debug!(error = %e, "fetch ended with an error");
-                        break;
-                    }
-                }
-            }
-            if taken < left || pending == Some(0) {
-                source.busy.store(false, Ordering::Release);
-            }
-        }
-        *rotation = rotation.wrapping_add(1);
-        got
-    }
-}
-
-/// What an idle poll needs of a [`Source`].
-struct SourceHandle {
-    priority: Priority,
-    consumer: PullConsumer,
-    polling: Arc<AtomicBool>,
-    busy: Arc<AtomicBool>,
-}
-
-fn source_handle(s: &Source) -> SourceHandle {
-    SourceHandle {
-        priority: s.priority,
-        consumer: s.consumer.clone(),
-        polling: s.polling.clone(),
-        busy: s.busy.clone(),
-    }
-}
-
-/// Waits up to `expires` for one message on one consumer; processes it if
-/// one comes, marks the consumer busy when more are pending, and wakes the
-/// pull loop (also on expiry, so it can poll again).
-///
-/// A long-poll holds no slot while it waits, so idle classes never take
-/// capacity from busy ones; the message it brings waits for a free slot, so
-/// at most one message per consumer is ever held beyond `max_inflight`.
-async fn idle_poll(
-    shared: Arc<Shared>,
-    source: SourceHandle,
-    slots: Arc<Semaphore>,
-    expires: Duration,
-    wake: Arc<Notify>,
-    tasks: TaskTracker,
-) {
-    let batch = source.consumer.batch().max_messages(1).expires(expires).messages().await;
-    match batch {
-        Ok(mut batch) => {
-            while let Some(next) = batch.next().await {
-                if let Ok(msg) = next {
-                    let s = slots.clone().acquire_owned().await.expect("semaphore never closed");
-                    shared.metrics.pulled.with_label_values(&[source.priority.as_str()]).inc();
-                    if msg.info().map_or(true, |i| i.pending > 0) {
-                        source.busy.store(true, Ordering::Release);
-                    }
-                    tasks.spawn(process::handle(shared.clone(), source.priority, msg, s));
-                    // polling ends here, before the loop looks again
-                    source.polling.store(false, Ordering::Release);
-                    wake.notify_one();
-                }
-            }
-        }
-        Err(e) => {
-            tracing::warn!(priority = %source.priority, error = %e, "long-poll failed");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-    source.polling.store(false, Ordering::Release);
-    wake.notify_one();
 }
