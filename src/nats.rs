@@ -100,8 +100,19 @@ impl LocalServer {
         bail!("nats-server did not accept connections within 5 s")
     }
 
-    /// Stops the server and waits for it.
+    /// Stops the server cleanly (SIGTERM, so JetStream flushes its store),
+    /// killing it if it has not exited within 5 s.
     pub async fn stop(mut self) {
+        #[cfg(unix)]
+        if let Some(pid) = self.child.id() {
+            // SAFETY: sending a signal to our own child process.
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGTERM);
+            }
+            if tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await.is_ok() {
+                return;
+            }
+        }
         self.child.kill().await.ok();
     }
 }
