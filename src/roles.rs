@@ -83,6 +83,7 @@ pub async fn build_worker(
         id,
         config.worker.clone(),
         config.topology.max_deliver,
+        std::time::Duration::from_secs(config.topology.ack_wait_secs),
         registry,
     )?)
 }

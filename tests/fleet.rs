@@ -275,3 +275,27 @@ fn config_env_overrides_file_and_unknown_keys_are_named() {
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("max_inflite"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_running_longer_than_ack_wait_is_not_redelivered() {
+    // ack_wait is 2 s in test configs; this request takes 5 s
+    let s = setup("[models.slow]\nbackend = \"synthetic\"\nlatency_ms = 5000\n");
+    let (nats, config) = (&s.nats, &s.config);
+    let _a = start_worker(config, &[]).await;
+    let _b = start_worker(config, &[]).await;
+    let mut caller = Caller::connect(&nats.url()).await;
+    caller.publish(Priority::Normal, &request("long-1", "slow", "x")).await;
+    let (results, dups) = caller.collect(1, Duration::from_secs(30)).await;
+    assert_eq!((results.len(), dups), (1, 0));
+    let mut consumer = caller
+        .js
+        .get_stream("FLEET_REQ_NORMAL")
+        .await
+        .unwrap()
+        .get_consumer::<async_nats::jetstream::consumer::pull::Config>("worker_slow")
+        .await
+        .unwrap();
+    let info = consumer.info().await.unwrap();
+    assert_eq!(info.num_redelivered, 0, "in-progress acks kept the request with its worker");
+    assert_eq!(info.delivered.stream_sequence, 1);
+}

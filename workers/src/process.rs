@@ -44,6 +44,9 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Deliveries after which a retryable failure is dead-lettered.
     pub max_deliver: i64,
+    /// The consumers' ack wait: a request still running is re-armed with an
+    /// in-progress ack every half of it, so it is never redelivered while alive.
+    pub ack_wait: Duration,
 }
 
 pub(crate) fn header<'a>(h: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
@@ -202,7 +205,23 @@ async fn handle_inner(
         _ => (None, None),
     };
     let started = Instant::now();
-    let generated = backend.generate(&req, deltas).await;
+    let generated = {
+        let run = backend.generate(&req, deltas);
+        tokio::pin!(run);
+        let every = (sh.ack_wait / 2).max(Duration::from_millis(100));
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        loop {
+            tokio::select! {
+                out = &mut run => break out,
+                _ = ticks.tick() => {
+                    // still working: reset the ack timer so no other worker gets it
+                    if let Err(e) = msg.ack_with(AckKind::Progress).await {
+                        tracing::warn!(id = %req.id, error = %e, "in-progress ack failed");
+                    }
+                }
+            }
+        }
+    };
     let compute = started.elapsed();
     sh.metrics.compute.with_label_values(&[prio.as_str(), model_label]).observe(compute.as_secs_f64());
     if let Some(task) = forwarder {

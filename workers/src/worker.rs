@@ -109,6 +109,7 @@ impl Worker {
         worker_id: String,
         cfg: WorkerConfig,
         max_deliver: i64,
+        ack_wait: Duration,
         registry: &prometheus::Registry,
     ) -> Result<Worker, WorkerError> {
         if cfg.max_inflight == 0 || cfg.batch_size == 0 {
@@ -122,8 +123,17 @@ impl Worker {
             sources[priority.index()].push(Source { priority, model, consumer });
         }
         let js = async_nats::jetstream::new(client.clone());
-        let shared =
-            Shared { client, js, backends, catalog, worker_id, cfg, metrics: Metrics::new(registry)?, max_deliver };
+        let shared = Shared {
+            client,
+            js,
+            backends,
+            catalog,
+            worker_id,
+            cfg,
+            metrics: Metrics::new(registry)?,
+            max_deliver,
+            ack_wait,
+        };
         Ok(Worker { shared: Arc::new(shared), sources })
     }
 
