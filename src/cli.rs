@@ -72,6 +72,11 @@ pub enum Command {
         #[command(subcommand)]
         action: ModelAction,
     },
+    /// Result cache tools (every worker at once).
+    Cache {
+        #[command(subcommand)]
+        action: CacheAction,
+    },
     /// Send one request over NATS and print its result as JSON.
     Submit {
         /// Model name.
@@ -106,6 +111,29 @@ pub enum ModelAction {
         /// Hidden size (a multiple of 8).
         #[arg(long, default_value_t = 64)]
         hidden: usize,
+    },
+}
+
+/// `cache` actions.
+#[derive(Debug, Subcommand)]
+pub enum CacheAction {
+    /// Replay stored results (FLEET_RESULTS) into every running worker's cache.
+    Warm {
+        /// Only results stored within this age, e.g. 30m, 6h, 7d (default: all kept).
+        #[arg(long, value_parser = crate::cache_cli::parse_age)]
+        since: Option<Duration>,
+        /// Only results from this stream sequence on (wins over --since).
+        #[arg(long)]
+        from_seq: Option<u64>,
+        /// Give up waiting for the workers after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+    /// Make every worker forget the cached answers of models (all when none named).
+    Purge {
+        /// Models to purge.
+        #[arg(long = "model", value_name = "MODEL")]
+        models: Vec<String>,
     },
 }
 

@@ -12,6 +12,7 @@
 //! Wire types live in the `retro-fleet-schemas` crate, the pull loop and
 //! backends in `retro-fleet-worker`.
 
+pub mod cache_cli;
 pub mod cli;
 pub mod config;
 pub mod ingress;

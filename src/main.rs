@@ -1,5 +1,5 @@
 use clap::Parser;
-use retro_fleet::cli::{self, Cli, Command, ModelAction, TopologyAction};
+use retro_fleet::cli::{self, CacheAction, Cli, Command, ModelAction, TopologyAction};
 use retro_fleet::{roles, telemetry};
 use tokio_util::sync::CancellationToken;
 
@@ -43,6 +43,14 @@ fn main() -> std::process::ExitCode {
                 roles::worker(config, shutdown).await
             }
             Command::Topology { action: TopologyAction::Apply } => cli::topology_apply(&config).await,
+            Command::Cache { action: CacheAction::Warm { since, from_seq, timeout } } => {
+                let since_ms = since.map(|age| retro_fleet_worker::unix_ms().saturating_sub(age.as_millis() as u64));
+                let from = retro_fleet_worker::cache::warm::WarmFrom { since_ms, from_seq };
+                retro_fleet::cache_cli::warm(&config, from, std::time::Duration::from_secs(timeout)).await
+            }
+            Command::Cache { action: CacheAction::Purge { models } } => {
+                retro_fleet::cache_cli::purge(&config, models).await
+            }
             Command::Submit { model, priority, max_tokens, timeout, prompt } => {
                 cli::submit(&config, model, priority, max_tokens, timeout, prompt).await
             }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context as _};
 use async_nats::jetstream::consumer::PullConsumer;
 use retro_fleet_schemas::{subjects, Priority};
+use retro_fleet_worker::cache::ResultCache;
 use retro_fleet_worker::{backend, Backend, Worker};
 use tokio_util::sync::CancellationToken;
 
@@ -34,6 +35,27 @@ pub fn cancel_on_signal(token: CancellationToken) {
         }
         token.cancel();
     });
+}
+
+/// Opens the worker's result cache, when enabled.
+async fn open_cache(
+    config: &Config,
+    js: &async_nats::jetstream::Context,
+    worker_id: &str,
+    registry: &prometheus::Registry,
+) -> anyhow::Result<Option<Arc<ResultCache>>> {
+    let cfg = &config.worker.cache;
+    if !cfg.enabled {
+        return Ok(None);
+    }
+    let mut cache = ResultCache::open(cfg, &config.data_dir, registry).await?;
+    if cfg.coalesce_across_workers {
+        let wait = std::time::Duration::from_millis(cfg.claim_wait_ms);
+        if let Some(claims) = retro_fleet_worker::cache::sync::Claims::open(js, worker_id, wait).await {
+            cache = cache.with_claims(claims);
+        }
+    }
+    Ok(Some(Arc::new(cache)))
 }
 
 /// Builds a worker for the configured models (topology applied first).
@@ -75,6 +97,7 @@ pub async fn build_worker(
     }
     let id = config.worker.id.clone().unwrap_or_else(retro_fleet_worker::default_worker_id);
     let catalog: BTreeSet<String> = config.models.keys().cloned().collect();
+    let cache = open_cache(config, &js, &id, registry).await?;
     Ok(Worker::new(
         client.clone(),
         consumers,
@@ -84,6 +107,7 @@ pub async fn build_worker(
         config.worker.clone(),
         config.topology.max_deliver,
         std::time::Duration::from_secs(config.topology.ack_wait_secs),
+        cache,
         registry,
     )?)
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
-use async_nats::jetstream::Context;
+use async_nats::jetstream::{kv, Context};
 use retro_fleet_schemas::{subjects, Priority};
 
 use crate::config::{Config, TopologyConfig};
@@ -242,7 +242,45 @@ pub async fn apply(js: &Context, config: &Config) -> Result<Vec<Applied>, Topolo
             report.push(apply_consumer(js, p, worker_consumer(p, model, t)).await?);
         }
     }
+    for bucket in cache_buckets(config) {
+        report.push(apply_bucket(js, bucket).await?);
+    }
     Ok(report)
+}
+
+/// KV buckets of the cache: model generations (kept, a few revisions of
+/// history) and compute claims (short-lived: twice the claim wait).
+pub fn cache_buckets(config: &Config) -> Vec<kv::Config> {
+    let t = &config.topology;
+    vec![
+        kv::Config {
+            bucket: subjects::MODELS_BUCKET.to_string(),
+            description: "retro-fleet cache generation per model".into(),
+            history: 5,
+            storage: StorageType::File,
+            num_replicas: t.replicas,
+            ..Default::default()
+        },
+        kv::Config {
+            bucket: subjects::CACHE_CLAIMS_BUCKET.to_string(),
+            description: "retro-fleet claims: one worker computes, others wait for its answer".into(),
+            history: 1,
+            max_age: Duration::from_millis(config.worker.cache.claim_wait_ms.max(1_000) * 2),
+            storage: StorageType::Memory,
+            num_replicas: t.replicas,
+            ..Default::default()
+        },
+    ]
+}
+
+/// Creates a KV bucket if it does not exist (an existing one is left as it is).
+async fn apply_bucket(js: &Context, cfg: kv::Config) -> Result<Applied, TopologyError> {
+    let name = cfg.bucket.clone();
+    if js.get_key_value(&name).await.is_ok() {
+        return Ok(Applied { kind: "kv", name, change: Change::Unchanged });
+    }
+    js.create_key_value(cfg).await.map_err(|e| TopologyError { what: format!("kv {name}"), source: e.into() })?;
+    Ok(Applied { kind: "kv", name, change: Change::Created })
 }
 
 /// Whether every stream of the topology exists (readiness).

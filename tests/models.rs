@@ -46,12 +46,15 @@ async fn chat_and_completion_over_nats_and_http() {
 
     // native HTTP: same seed, same text
     let http = reqwest::Client::new();
-    let body = serde_json::json!({"model": "tiny", "prompt": "seeded", "params": {"max_tokens": 12, "temperature": 0.9, "seed": 42}});
+    // (bypassing the cache, so the model really computes both)
+    let body = serde_json::json!({"model": "tiny", "prompt": "seeded", "cache": "bypass",
+        "params": {"max_tokens": 12, "temperature": 0.9, "seed": 42}});
     let a: serde_json::Value =
         http.post(format!("{base}/v1/infer")).json(&body).send().await.unwrap().json().await.unwrap();
     let b: serde_json::Value =
         http.post(format!("{base}/v1/infer")).json(&body).send().await.unwrap().json().await.unwrap();
     assert_eq!(a["output"]["text"], b["output"]["text"], "{a} {b}");
+    assert_eq!((a["cache"].as_str(), b["cache"].as_str()), (Some("none"), Some("none")));
     assert_eq!(a["usage"]["completion_tokens"], 12);
 
     // OpenAI shape
@@ -118,7 +121,8 @@ async fn the_openai_python_client_works_unchanged() {
     let (_ingress, base) = start_ingress(config).await;
     let script = r#"
 import sys, openai
-c = openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key="unused", max_retries=0)
+# bypass the result cache: every call below really runs the model
+c = openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key="unused", max_retries=0, default_headers={"X-Cache": "bypass"})
 assert [m.id for m in c.models.list()] == ["tiny"]
 r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=0)
 assert r.choices[0].finish_reason == "length", r

@@ -17,6 +17,12 @@ pub const RESULTS_STREAM: &str = "FLEET_RESULTS";
 pub const DLQ_STREAM: &str = "FLEET_DLQ";
 /// Worker registry bucket.
 pub const WORKERS_BUCKET: &str = "fleet_workers";
+/// Cache generation per model: any change makes the model's cached answers unreachable.
+pub const MODELS_BUCKET: &str = "fleet_models";
+/// Short-lived claims so that one worker computes an answer others wait for.
+pub const CACHE_CLAIMS_BUCKET: &str = "fleet_cache_claims";
+/// Asks every worker to warm its cache from `FLEET_RESULTS` (core NATS request, one reply per worker).
+pub const CACHE_WARM: &str = "fleet.ctl.cache.warm";
 /// Control subjects (core NATS).
 pub const CONTROL_PREFIX: &str = "fleet.ctl";
 

@@ -110,6 +110,28 @@ pub struct Prepared {
     pub tenant: String,
     /// How long to wait (also the deadline).
     pub timeout: Duration,
+    /// Seconds a cached answer stays valid (`X-Cache-Ttl`), when the caller sets it.
+    pub cache_ttl: Option<u64>,
+}
+
+/// `X-Cache: use|bypass|refresh|semantic` (wins over the body) and `X-Cache-Ttl: SECONDS`.
+fn cache_headers(h: &HttpHeaders, body: CacheMode) -> Result<(CacheMode, Option<u64>), ApiError> {
+    let mode = match h.get("x-cache").and_then(|v| v.to_str().ok()) {
+        Some(v) => serde_json::from_value(serde_json::Value::String(v.trim().to_ascii_lowercase())).map_err(|_| {
+            ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!("X-Cache `{v}`: use one of use, bypass, refresh, semantic"),
+            )
+        })?,
+        None => body,
+    };
+    let ttl = match h.get("x-cache-ttl").and_then(|v| v.to_str().ok()) {
+        Some(v) => Some(v.trim().parse::<u64>().map_err(|_| {
+            ApiError::new(ErrorCode::InvalidRequest, format!("X-Cache-Ttl `{v}` must be whole seconds"))
+        })?),
+        None => None,
+    };
+    Ok((mode, ttl))
 }
 
 fn tenant_of(h: &HttpHeaders) -> Result<String, ApiError> {
@@ -153,6 +175,7 @@ pub fn draft_into_prepared(state: &AppState, h: &HttpHeaders, d: Draft) -> Resul
         None => d.priority.unwrap_or_default(),
     };
     let tenant = tenant_of(h)?;
+    let (cache, cache_ttl) = cache_headers(h, d.cache)?;
     let req = InferRequest {
         v: retro_fleet_schemas::SCHEMA_VERSION,
         id: d.id.unwrap_or_else(|| ulid::Ulid::new().to_string()),
@@ -161,7 +184,7 @@ pub fn draft_into_prepared(state: &AppState, h: &HttpHeaders, d: Draft) -> Resul
         input: d.input,
         params: d.params,
         stream: d.stream,
-        cache: d.cache,
+        cache,
         tenant: Some(tenant.clone()),
         metadata: d.metadata,
     };
@@ -175,7 +198,7 @@ pub fn draft_into_prepared(state: &AppState, h: &HttpHeaders, d: Draft) -> Resul
     }
     let cap = Duration::from_millis(state.cfg.request_timeout_ms);
     let timeout = d.timeout_ms.map(Duration::from_millis).map_or(cap, |t| t.min(cap));
-    Ok(Prepared { req, priority, tenant, timeout })
+    Ok(Prepared { req, priority, tenant, timeout, cache_ttl })
 }
 
 /// Publishes to the priority stream and waits for JetStream to store it.
@@ -190,6 +213,9 @@ async fn publish(state: &AppState, p: &Prepared, reply: Option<&str>) -> Result<
     h.insert(headers::DEADLINE, deadline.to_string().as_str());
     if let Some(reply) = reply {
         h.insert(headers::REPLY, reply);
+    }
+    if let Some(ttl) = p.cache_ttl {
+        h.insert(headers::CACHE_TTL, ttl.to_string().as_str());
     }
     let subject = subjects::request(p.priority, &p.req.model);
     let payload = Bytes::from(codec::encode(&p.req));

@@ -6,12 +6,14 @@
 //! - [`scheduler`]: pure priority planning with guaranteed shares for lower classes.
 //! - [`process`]: one message: decode, validate, deadline, run, publish, ack.
 //! - [`sweeper`]: answers requests addressed to models nobody in the fleet serves.
+//! - [`cache`]: the result cache (foyer memory + disk), coalescing, warming, semantic index.
 //! - [`backend`]: the `Backend` trait and the echo and synthetic backends.
 //! - [`config`]: worker and model configuration.
 //! - [`tiny_model`]: writes the small random-weights Llama used by the demo and the tests.
 //! - [`metrics`]: the worker's Prometheus metrics and the fleet's latency buckets.
 
 pub mod backend;
+pub mod cache;
 pub mod config;
 pub mod metrics;
 pub mod process;
