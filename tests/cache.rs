@@ -290,3 +290,39 @@ async fn semantic_hits_paraphrases_only_with_the_same_parameters() {
     t.tenant = Some("other".into());
     assert_eq!(ask(&mut c, &t).await.cache, CacheTier::None);
 }
+
+#[tokio::test]
+async fn a_streaming_request_answered_from_the_cache_still_gets_its_chunks() {
+    use futures::StreamExt;
+    let s = setup("");
+    let _w = start_worker(&s.config, &[]).await;
+    let client = async_nats::connect(s.nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client.clone());
+    for (id, want_tier) in [("st1", CacheTier::None), ("st2", CacheTier::Memory)] {
+        let mut req = greedy(id, "echo", "stream me");
+        req.stream = true;
+        let reply = client.new_inbox();
+        let mut sub = client.subscribe(reply.clone()).await.unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(headers::MSG_ID, id);
+        h.insert(headers::REPLY, reply.as_str());
+        let subject = subjects::request(Priority::Normal, "echo");
+        js.publish_with_headers(subject, h, Bytes::from(codec::encode(&req))).await.unwrap().await.unwrap();
+        let mut text = String::new();
+        let mut seqs = Vec::new();
+        let result: InferResult = loop {
+            let m = tokio::time::timeout(WAIT, sub.next()).await.unwrap().unwrap();
+            let kind = m.headers.as_ref().and_then(|h| h.get(headers::KIND)).map(|v| v.as_str().to_string());
+            if kind.as_deref() == Some(headers::KIND_CHUNK) {
+                let c: retro_fleet_schemas::StreamChunk = codec::decode(None, &m.payload).unwrap();
+                seqs.push(c.seq);
+                text.push_str(&c.delta);
+            } else {
+                break codec::decode(None, &m.payload).unwrap();
+            }
+        };
+        assert_eq!(result.cache, want_tier);
+        assert_eq!(text, result.output.unwrap().text, "chunks add up to the answer");
+        assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>(), "in order, no gaps");
+    }
+}
