@@ -99,6 +99,18 @@ pub enum Command {
 /// `model` actions.
 #[derive(Debug, Subcommand)]
 pub enum ModelAction {
+    /// Write a small random LoRA adapter (PEFT format) for the tiny model.
+    TinyLora {
+        /// Directory to write into.
+        #[arg(long)]
+        out: PathBuf,
+        /// Adapter rank.
+        #[arg(long, default_value_t = 4)]
+        rank: usize,
+        /// Seed of the random weights (different seeds, different adapters).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// Write a tiny random-weights Llama model (safetensors, tokenizer, chat
     /// template) that mistral.rs loads: for demos and tests, no download.
     Tiny {
@@ -230,6 +242,17 @@ pub async fn submit(
         .await
         .with_context(|| format!("no result within {timeout} s for request {} (is a worker running?)", req.id))??;
     println!("{}", serde_json::to_string_pretty(&result)?);
+    Ok(())
+}
+
+/// `retro-fleet model tiny-lora`.
+pub fn model_tiny_lora(out: &std::path::Path, rank: usize, seed: u64) -> anyhow::Result<()> {
+    if rank == 0 {
+        anyhow::bail!("--rank must be at least 1");
+    }
+    retro_fleet_worker::lora::write_tiny_adapter(out, &Default::default(), rank, seed)
+        .with_context(|| format!("writing {}", out.display()))?;
+    println!("wrote a rank-{rank} LoRA adapter for the tiny model to {}", out.display());
     Ok(())
 }
 

@@ -25,6 +25,15 @@ fn main() -> std::process::ExitCode {
             }
         };
     }
+    if let Command::Model { action: ModelAction::TinyLora { out, rank, seed } } = &cli.command {
+        return match cli::model_tiny_lora(out, *rank, *seed) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     telemetry::init_logs(&config.log);
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     let result = runtime.block_on(async move {

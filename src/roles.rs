@@ -234,6 +234,7 @@ fn add_demo_model(config: &mut Config) -> anyhow::Result<()> {
             default_max_tokens: 64,
             instances: 1,
             revision: None,
+            adapters: Default::default(),
         },
     );
     Ok(())

@@ -152,3 +152,39 @@ print("openai client ok")
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("openai client ok"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lora_adapters_change_the_output_and_results_say_which_ran() {
+    let models = tempfile::tempdir().unwrap();
+    let tiny = Default::default();
+    let lora = models.path().join("pirate");
+    retro_fleet_worker::lora::write_tiny_adapter(&lora, &tiny, 4, 1).unwrap();
+    let extra = format!("{}adapters = {{ pirate = \"{}\" }}\n", model_config(models.path()), lora.display());
+    let s = setup(&extra);
+    let _worker = start_worker(&s.config, &[]).await;
+    let mut caller = Caller::connect(&s.nats.url()).await;
+    let greedy = SamplingParams { max_tokens: Some(12), temperature: Some(0.0), ..Default::default() };
+    let mut plain = request("l1", "tiny", "the same prompt");
+    plain.params = greedy.clone();
+    let mut adapted = plain.clone();
+    adapted.id = "l2".into();
+    adapted.adapter = Some("pirate".into());
+    let mut missing = plain.clone();
+    missing.id = "l3".into();
+    missing.adapter = Some("ninja".into());
+    for r in [&plain, &adapted, &missing] {
+        caller.publish(Priority::Normal, r).await;
+    }
+    let (results, _) = caller.collect(3, Duration::from_secs(60)).await;
+    let by_id: std::collections::HashMap<_, _> = results.into_iter().collect();
+    let (p, a, m) = (&by_id["l1"], &by_id["l2"], &by_id["l3"]);
+    assert_eq!((p.status, a.status), (Status::Ok, Status::Ok), "{p:?} {a:?}");
+    assert_eq!(p.adapter, None);
+    assert_eq!(a.adapter.as_deref(), Some("pirate"));
+    assert_ne!(p.output.as_ref().unwrap().text, a.output.as_ref().unwrap().text, "the adapter changes the weights");
+    assert_eq!(a.usage.as_ref().unwrap().completion_tokens, 12);
+    assert_ne!(p.model_revision, None);
+    assert_eq!(m.status, Status::Error);
+    let err = m.error.as_ref().unwrap();
+    assert!(err.message.contains("no adapter `ninja`; adapters: pirate"), "{}", err.message);
+}

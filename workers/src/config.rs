@@ -98,6 +98,11 @@ pub enum ModelConfig {
         /// Revision reported in results; default: a hash of the model files.
         #[serde(default)]
         revision: Option<String>,
+        /// LoRA adapters by name: directories in PEFT format
+        /// (`adapter_config.json`, `adapter_model.safetensors`). Each is
+        /// merged into a copy of the weights and served by its own instance.
+        #[serde(default)]
+        adapters: BTreeMap<String, std::path::PathBuf>,
     },
 }
 

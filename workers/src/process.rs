@@ -154,6 +154,16 @@ async fn handle_inner(
         };
         return terminal(sh, prio, msg, model_label, ids, ErrorCode::UnknownModel, &message, delivered).await;
     };
+    if let Some(adapter) = &req.adapter {
+        let known = backend.adapters();
+        if !known.contains(adapter) {
+            let message = match known.is_empty() {
+                true => format!("model `{}` has no LoRA adapters; `{adapter}` cannot be applied", req.model),
+                false => format!("model `{}` has no adapter `{adapter}`; adapters: {}", req.model, known.join(", ")),
+            };
+            return terminal(sh, prio, msg, model_label, ids, ErrorCode::InvalidRequest, &message, delivered).await;
+        }
+    }
 
     if delivered > 1 {
         // A previous delivery may have stored its result before the worker

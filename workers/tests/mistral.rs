@@ -20,6 +20,7 @@ async fn tiny() -> (tempfile::TempDir, Arc<dyn Backend>) {
         default_max_tokens: 16,
         instances: 1,
         revision: None,
+        adapters: Default::default(),
     };
     let b = backend::build("tiny", &cfg).await.unwrap();
     (dir, b)

@@ -113,6 +113,95 @@ impl Mistral {
     }
 }
 
+/// Loads `instances` instances of `spec` (a pool when more than one).
+pub async fn load_instances(
+    name: &str,
+    spec: &MistralSpec,
+    instances: usize,
+) -> Result<Arc<dyn Backend>, BackendError> {
+    let mut loaded: Vec<Arc<dyn Backend>> = Vec::new();
+    for _ in 0..instances.max(1) {
+        loaded.push(Arc::new(Mistral::load(spec).await?));
+    }
+    tracing::info!(model = name, instances = loaded.len(), path = %spec.path.display(), "model loaded");
+    Ok(if loaded.len() == 1 { loaded.pop().expect("one instance") } else { Arc::new(super::pool::Pool::new(loaded)) })
+}
+
+/// The base model plus one instance set per LoRA adapter, each merged into
+/// a copy of the weights (see [`crate::lora`]); requests go to the instance
+/// of the adapter they name.
+pub async fn with_adapters(
+    name: &str,
+    spec: &MistralSpec,
+    base: Arc<dyn Backend>,
+    adapters: &std::collections::BTreeMap<String, PathBuf>,
+    instances: usize,
+) -> Result<Adapted, BackendError> {
+    let fail = |message: String| BackendError { code: ErrorCode::Internal, message, retryable: false };
+    if spec.gguf_file.is_some() {
+        return Err(fail(format!("model `{name}`: LoRA adapters need safetensors weights, not GGUF")));
+    }
+    let base_rev = base.revision().unwrap_or_default();
+    let mut loaded = std::collections::BTreeMap::new();
+    let mut revisions = vec![base_rev.clone()];
+    for (adapter, dir) in adapters {
+        let rev = files_revision(dir).map_err(|e| fail(format!("adapter `{adapter}` at {}: {e}", dir.display())))?;
+        let tag = rev.trim_start_matches("fnv1a64:").to_string();
+        let base_tag =
+            base_rev.trim_start_matches("fnv1a64:").chars().filter(|c| c.is_ascii_alphanumeric()).collect::<String>();
+        let merged = std::env::temp_dir().join("retro-fleet-lora").join(format!("{name}-{adapter}-{base_tag}-{tag}"));
+        if !merged.exists() {
+            let (base_dir, adapter_dir, out) = (spec.path.clone(), dir.clone(), merged.clone());
+            tokio::task::spawn_blocking(move || crate::lora::merge(&base_dir, &adapter_dir, &out))
+                .await
+                .map_err(|e| fail(format!("merging adapter `{adapter}`: {e}")))?
+                .map_err(|e| fail(format!("adapter `{adapter}` of model `{name}`: {e}")))?;
+        }
+        let adapted =
+            MistralSpec { path: merged, revision: Some(format!("{base_rev}+{adapter}:{tag}")), ..spec.clone() };
+        loaded.insert(adapter.clone(), load_instances(&format!("{name}+{adapter}"), &adapted, instances).await?);
+        revisions.push(format!("{adapter}:{tag}"));
+    }
+    Ok(Adapted { base, adapters: loaded, revision: revisions.join("+") })
+}
+
+/// A model with LoRA adapters: the base and one backend per adapter.
+pub struct Adapted {
+    base: Arc<dyn Backend>,
+    adapters: std::collections::BTreeMap<String, Arc<dyn Backend>>,
+    /// Base revision and every adapter's file hash: any change is a new revision.
+    revision: String,
+}
+
+impl Backend for Adapted {
+    fn revision(&self) -> Option<String> {
+        Some(self.revision.clone())
+    }
+
+    fn adapters(&self) -> Vec<String> {
+        self.adapters.keys().cloned().collect()
+    }
+
+    fn generate<'a>(
+        &'a self,
+        req: &'a InferRequest,
+        deltas: Option<DeltaSender>,
+    ) -> BoxFuture<'a, Result<Generation, BackendError>> {
+        match req.adapter.as_deref() {
+            None => self.base.generate(req, deltas),
+            Some(a) => match self.adapters.get(a) {
+                Some(b) => b.generate(req, deltas),
+                None => {
+                    let message = format!("no adapter `{a}`; adapters: {}", self.adapters().join(", "));
+                    Box::pin(
+                        async move { Err(BackendError { code: ErrorCode::InvalidRequest, message, retryable: false }) },
+                    )
+                }
+            },
+        }
+    }
+}
+
 trait ForceCpu {
     fn with_force_cpu_if_no_cuda(self) -> Self;
 }

@@ -50,6 +50,11 @@ pub trait Backend: Send + Sync + 'static {
     /// Revision of the model (part of results and cache keys).
     fn revision(&self) -> Option<String>;
 
+    /// LoRA adapters a request may name (none by default).
+    fn adapters(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// Runs `req`. When `deltas` is given, sends output pieces as they are
     /// generated; their concatenation equals the returned text.
     fn generate<'a>(
@@ -72,7 +77,16 @@ pub async fn build(name: &str, cfg: &ModelConfig) -> Result<Arc<dyn Backend>, Ba
             ))
         }
         #[cfg(feature = "mistralrs")]
-        ModelConfig::Mistralrs { path, gguf_file, isq, max_num_seqs, default_max_tokens, instances, revision } => {
+        ModelConfig::Mistralrs {
+            path,
+            gguf_file,
+            isq,
+            max_num_seqs,
+            default_max_tokens,
+            instances,
+            revision,
+            adapters,
+        } => {
             let spec = mistral::MistralSpec {
                 path: path.clone(),
                 gguf_file: gguf_file.clone(),
@@ -81,15 +95,11 @@ pub async fn build(name: &str, cfg: &ModelConfig) -> Result<Arc<dyn Backend>, Ba
                 default_max_tokens: *default_max_tokens,
                 revision: revision.clone(),
             };
-            let mut loaded: Vec<Arc<dyn Backend>> = Vec::new();
-            for _ in 0..(*instances).max(1) {
-                loaded.push(Arc::new(mistral::Mistral::load(&spec).await?));
-            }
-            tracing::info!(model = name, instances = loaded.len(), path = %path.display(), "model loaded");
-            if loaded.len() == 1 {
-                loaded.pop().expect("one instance")
+            let base = mistral::load_instances(name, &spec, *instances).await?;
+            if adapters.is_empty() {
+                base
             } else {
-                Arc::new(pool::Pool::new(loaded))
+                Arc::new(mistral::with_adapters(name, &spec, base, adapters, *instances).await?)
             }
         }
         #[cfg(not(feature = "mistralrs"))]
