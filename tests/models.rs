@@ -188,3 +188,42 @@ async fn lora_adapters_change_the_output_and_results_say_which_ran() {
     let err = m.error.as_ref().unwrap();
     assert!(err.message.contains("no adapter `ninja`; adapters: pirate"), "{}", err.message);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hub_ids_load_from_the_local_cache_and_offline_misses_say_what_to_do() {
+    // a Hugging Face cache holding `acme/tiny` at revision main
+    let hf = tempfile::tempdir().unwrap();
+    let repo = hf.path().join("models--acme--tiny");
+    let snap = repo.join("snapshots").join("0123456789abcdef0123456789abcdef01234567");
+    retro_fleet_worker::tiny_model::write(&snap, &Default::default()).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123456789abcdef0123456789abcdef01234567").unwrap();
+    let env = |port: u16| {
+        vec![
+            ("FLEET_METRICS_LISTEN", format!("127.0.0.1:{port}")),
+            ("HF_HUB_CACHE", hf.path().display().to_string()),
+            ("HF_HUB_OFFLINE", "1".to_string()),
+        ]
+    };
+
+    let s = setup("[models.tiny]\nbackend = \"mistralrs\"\npath = \"acme/tiny\"\n");
+    let mut w = Proc::start(&s.config, &["worker"], &env(free_port()));
+    wait_log(&mut w, "worker pulling").await;
+    let mut caller = Caller::connect(&s.nats.url()).await;
+    let mut r = request("h1", "tiny", "from the cache");
+    r.params = SamplingParams { max_tokens: Some(3), temperature: Some(0.0), ..Default::default() };
+    caller.publish(Priority::Normal, &r).await;
+    let (got, _) = caller.collect(1, Duration::from_secs(60)).await;
+    assert_eq!(got[0].1.status, Status::Ok, "{:?}", got[0].1);
+    assert!(got[0].1.model_revision.as_deref().unwrap().starts_with("fnv1a64:"));
+
+    let s = setup("[models.other]\nbackend = \"mistralrs\"\npath = \"acme/not-cached\"\n");
+    let mut w = Proc::start(&s.config, &["worker"], &env(free_port()));
+    let start = std::time::Instant::now();
+    while w.alive() && start.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!w.alive(), "a worker that cannot load its model exits");
+    let log = w.log();
+    assert!(log.contains("is not in the Hugging Face cache") && log.contains("HF_HUB_OFFLINE is set"), "{log}");
+}

@@ -78,7 +78,8 @@ pub enum ModelConfig {
     /// A text model run by mistral.rs (needs the `mistralrs` feature, on by default).
     Mistralrs {
         /// Directory with `config.json`, `tokenizer.json`, `tokenizer_config.json`
-        /// and safetensors weights (or holding `gguf_file`).
+        /// and safetensors weights (or holding `gguf_file`), or a Hugging Face
+        /// model id `org/name` (see [`crate::hub`]).
         path: std::path::PathBuf,
         /// GGUF file inside `path`, for a quantized model.
         #[serde(default)]

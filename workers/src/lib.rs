@@ -9,6 +9,7 @@
 //! - [`cache`]: the result cache (foyer memory + disk), coalescing, warming, semantic index.
 //! - [`backend`]: the `Backend` trait and the echo and synthetic backends.
 //! - [`config`]: worker and model configuration.
+//! - [`hub`]: model ids of the Hugging Face hub, from its local cache or online.
 //! - [`lora`]: merges LoRA adapters (PEFT) into copies of base weights.
 //! - [`tiny_model`]: writes the small random-weights Llama used by the demo and the tests.
 //! - [`metrics`]: the worker's Prometheus metrics and the fleet's latency buckets.
@@ -16,6 +17,7 @@
 pub mod backend;
 pub mod cache;
 pub mod config;
+pub mod hub;
 pub mod lora;
 pub mod metrics;
 pub mod process;

@@ -63,22 +63,19 @@ pub struct Mistral {
 impl Mistral {
     /// Loads the model described by `spec`.
     pub async fn load(spec: &MistralSpec) -> Result<Mistral, BackendError> {
-        let dir = spec.path.to_string_lossy().to_string();
-        if !spec.path.exists() {
-            return Err(BackendError {
-                code: ErrorCode::Internal,
-                message: format!(
-                    "model path {} does not exist (make a demo model with `retro-fleet model tiny --out DIR`)",
-                    spec.path.display()
-                ),
-                retryable: false,
-            });
-        }
+        let (dir, token) = match crate::hub::resolve(&spec.path) {
+            Ok(crate::hub::ModelSource::Local(p)) => (p.to_string_lossy().to_string(), TokenSource::None),
+            Ok(crate::hub::ModelSource::Hub(id)) => {
+                tracing::info!(model = %id, "fetching from the Hugging Face hub (HF_TOKEN used if set)");
+                (id, TokenSource::CacheToken)
+            }
+            Err(message) => return Err(BackendError { code: ErrorCode::Internal, message, retryable: false }),
+        };
         let model = match &spec.gguf_file {
             Some(file) => {
                 GgufModelBuilder::new(&dir, vec![file.clone()])
                     .with_force_cpu_if_no_cuda()
-                    .with_token_source(TokenSource::None)
+                    .with_token_source(token.clone())
                     .with_max_num_seqs(spec.max_num_seqs)
                     .build()
                     .await
@@ -87,7 +84,7 @@ impl Mistral {
                 let mut b = TextModelBuilder::new(&dir)
                     .with_force_cpu_if_no_cuda()
                     .with_dtype(ModelDType::F32)
-                    .with_token_source(TokenSource::None)
+                    .with_token_source(token.clone())
                     .with_max_num_seqs(spec.max_num_seqs);
                 if let Some(isq) = &spec.isq {
                     let t = mistralrs::parse_isq_value(isq, None).map_err(|e| BackendError {
@@ -107,7 +104,10 @@ impl Mistral {
         })?;
         let revision = match &spec.revision {
             Some(r) => r.clone(),
-            None => files_revision(&spec.path).map_err(|e| backend_err(format!("hashing {dir}: {e}")))?,
+            None if Path::new(&dir).exists() => {
+                files_revision(Path::new(&dir)).map_err(|e| backend_err(format!("hashing {dir}: {e}")))?
+            }
+            None => format!("hub:{dir}"),
         };
         Ok(Mistral { model, revision, default_max_tokens: spec.default_max_tokens })
     }
@@ -151,7 +151,15 @@ pub async fn with_adapters(
             base_rev.trim_start_matches("fnv1a64:").chars().filter(|c| c.is_ascii_alphanumeric()).collect::<String>();
         let merged = std::env::temp_dir().join("retro-fleet-lora").join(format!("{name}-{adapter}-{base_tag}-{tag}"));
         if !merged.exists() {
-            let (base_dir, adapter_dir, out) = (spec.path.clone(), dir.clone(), merged.clone());
+            let base_dir = match crate::hub::resolve(&spec.path).map_err(fail)? {
+                crate::hub::ModelSource::Local(p) => p,
+                crate::hub::ModelSource::Hub(id) => {
+                    return Err(fail(format!(
+                        "adapters of `{name}` need the files of `{id}` in the Hugging Face cache"
+                    )))
+                }
+            };
+            let (adapter_dir, out) = (dir.clone(), merged.clone());
             tokio::task::spawn_blocking(move || crate::lora::merge(&base_dir, &adapter_dir, &out))
                 .await
                 .map_err(|e| fail(format!("merging adapter `{adapter}`: {e}")))?
