@@ -28,6 +28,8 @@ pub struct WorkerConfig {
     pub max_prompt_bytes: usize,
     /// How often to look for requests to models no one serves, in ms (0 = never).
     pub unrouted_sweep_ms: u64,
+    /// Circuit breaker of each model instance.
+    pub breaker: crate::breaker::BreakerConfig,
 }
 
 impl Default for WorkerConfig {
@@ -43,6 +45,7 @@ impl Default for WorkerConfig {
             drain_timeout_ms: 30_000,
             max_prompt_bytes: 256 * 1024,
             unrouted_sweep_ms: 5_000,
+            breaker: Default::default(),
         }
     }
 }
@@ -71,6 +74,10 @@ pub enum ModelConfig {
         /// Revision reported in results.
         #[serde(default)]
         revision: Option<String>,
+        /// Fraction of calls (0..1) that fail with a retryable `backend_error`,
+        /// to exercise retries, circuit breakers and dead letters.
+        #[serde(default)]
+        fail_rate: f64,
     },
     /// A text model run by mistral.rs (needs the `mistralrs` feature, on by default).
     Mistralrs {

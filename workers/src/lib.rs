@@ -7,11 +7,15 @@
 //! - [`process`]: one message: decode, validate, deadline, run, publish, ack.
 //! - [`sweeper`]: answers requests addressed to models nobody in the fleet serves.
 //! - [`backend`]: the `Backend` trait and the echo and synthetic backends.
+//! - [`breaker`]: a circuit breaker per model instance.
+//! - [`cancel`]: cancel messages on `fleet.ctl.cancel.<id>` and the tokens of running requests.
 //! - [`config`]: worker and model configuration.
 //! - [`tiny_model`]: writes the small random-weights Llama used by the demo and the tests.
 //! - [`metrics`]: the worker's Prometheus metrics and the fleet's latency buckets.
 
 pub mod backend;
+pub mod breaker;
+pub mod cancel;
 pub mod config;
 pub mod metrics;
 pub mod process;

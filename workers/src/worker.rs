@@ -95,6 +95,7 @@ impl Pulling {
 pub struct Worker {
     shared: Arc<Shared>,
     sources: [Vec<Source>; 3],
+    breakers: Option<crate::breaker::Board>,
 }
 
 impl Worker {
@@ -133,8 +134,20 @@ impl Worker {
             metrics: Metrics::new(registry)?,
             max_deliver,
             ack_wait,
+            cancels: Default::default(),
         };
-        Ok(Worker { shared: Arc::new(shared), sources })
+        Ok(Worker { shared: Arc::new(shared), sources, breakers: None })
+    }
+
+    /// Attaches the circuit breakers of this worker's backends (for health).
+    pub fn with_breakers(mut self, breakers: crate::breaker::Board) -> Self {
+        self.breakers = Some(breakers);
+        self
+    }
+
+    /// The circuit breakers of this worker's backends, if attached.
+    pub fn breakers(&self) -> Option<crate::breaker::Board> {
+        self.breakers.clone()
     }
 
     /// The models this worker serves.
@@ -152,6 +165,13 @@ impl Worker {
         let mut scheduler = Scheduler::new(cfg.normal_share, cfg.low_share);
         tracing::info!(worker = %self.shared.worker_id, models = ?self.models(), max_inflight = cfg.max_inflight, "worker pulling");
         let stop_sweeper = shutdown.child_token();
+        // cancels are heard until in-flight work has drained
+        let stop_cancels = CancellationToken::new();
+        tokio::spawn(crate::cancel::listen(
+            self.shared.client.clone(),
+            self.shared.cancels.clone(),
+            stop_cancels.clone(),
+        ));
         if cfg.unrouted_sweep_ms > 0 {
             let every = Duration::from_millis(cfg.unrouted_sweep_ms);
             tokio::spawn(crate::sweeper::run(self.shared.clone(), every, stop_sweeper.clone()));
@@ -247,5 +267,6 @@ impl Worker {
         } else {
             tracing::info!("drained");
         }
+        stop_cancels.cancel();
     }
 }

@@ -21,7 +21,9 @@ async fn tiny() -> (tempfile::TempDir, Arc<dyn Backend>) {
         instances: 1,
         revision: None,
     };
-    let b = backend::build("tiny", &cfg).await.unwrap();
+    let b = backend::build("tiny", &cfg, &retro_fleet_worker::breaker::Board::unregistered(Default::default()))
+        .await
+        .unwrap();
     (dir, b)
 }
 
