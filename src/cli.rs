@@ -94,6 +94,47 @@ pub enum Command {
         /// The prompt.
         prompt: String,
     },
+    /// Dead letters: list, show, replay.
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+}
+
+/// `dlq` actions. Filters are `key=value` (keys: model, priority, code, id,
+/// tenant); several must all match.
+#[derive(Debug, Subcommand)]
+pub enum DlqAction {
+    /// One line per dead letter, oldest first.
+    List {
+        /// Only letters matching, e.g. `--filter model=echo --filter code=decode_error`.
+        #[arg(long)]
+        filter: Vec<String>,
+        /// Most letters shown.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
+    /// One dead letter in full: headers, error and payload.
+    Show {
+        /// Its sequence number (from `dlq list`).
+        seq: u64,
+    },
+    /// Re-publish dead letters to their request streams with a fresh
+    /// delivery history, then delete them from the DLQ.
+    Replay {
+        /// Only letters matching.
+        #[arg(long)]
+        filter: Vec<String>,
+        /// Most letters replayed.
+        #[arg(long, default_value_t = usize::MAX)]
+        limit: usize,
+        /// Keep the letters in the DLQ after replaying them.
+        #[arg(long)]
+        keep: bool,
+        /// Print what would be replayed, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 /// `model` actions.

@@ -7,6 +7,7 @@
 //! - [`ingress`]: the HTTP API (native, health, metrics) and the reply inbox.
 //! - [`topology`]: streams and consumers, applied idempotently.
 //! - [`nats`]: connecting, and the local nats-server that `up` starts.
+//! - [`dlq`]: the `dlq` tool: list, show and replay dead letters.
 //! - [`telemetry`]: logs and the per-process metrics registry.
 //!
 //! Wire types live in the `retro-fleet-schemas` crate, the pull loop and
@@ -15,6 +16,7 @@
 pub mod cache_cli;
 pub mod cli;
 pub mod config;
+pub mod dlq;
 pub mod ingress;
 pub mod nats;
 pub mod roles;

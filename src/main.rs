@@ -1,5 +1,5 @@
 use clap::Parser;
-use retro_fleet::cli::{self, CacheAction, Cli, Command, ModelAction, TopologyAction};
+use retro_fleet::cli::{self, CacheAction, Cli, Command, DlqAction, ModelAction, TopologyAction};
 use retro_fleet::{roles, telemetry};
 use tokio_util::sync::CancellationToken;
 
@@ -63,6 +63,17 @@ fn main() -> std::process::ExitCode {
             Command::Submit { model, priority, max_tokens, timeout, prompt } => {
                 cli::submit(&config, model, priority, max_tokens, timeout, prompt).await
             }
+            Command::Dlq { action } => match action {
+                DlqAction::List { filter, limit } => {
+                    let filter = retro_fleet::dlq::Filter::parse(&filter)?;
+                    retro_fleet::dlq::list(&config, &filter, limit).await
+                }
+                DlqAction::Show { seq } => retro_fleet::dlq::show(&config, seq).await,
+                DlqAction::Replay { filter, limit, keep, dry_run } => {
+                    let filter = retro_fleet::dlq::Filter::parse(&filter)?;
+                    retro_fleet::dlq::replay(&config, &filter, limit, keep, dry_run).await.map(|_| ())
+                }
+            },
             Command::Config | Command::Model { .. } => unreachable!("handled above"),
         }
     });

@@ -71,6 +71,7 @@ pub async fn build_worker(
     } else {
         config.worker.models.clone()
     };
+    let breakers = retro_fleet_worker::breaker::Board::new(config.worker.breaker.clone(), registry)?;
     let mut backends: HashMap<String, Arc<dyn Backend>> = HashMap::new();
     for name in &served {
         let Some(model) = config.models.get(name) else {
@@ -81,7 +82,7 @@ pub async fn build_worker(
         };
         backends.insert(
             name.clone(),
-            backend::build(name, model).await.with_context(|| format!("loading model `{name}`"))?,
+            backend::build(name, model, &breakers).await.with_context(|| format!("loading model `{name}`"))?,
         );
     }
     let mut consumers: Vec<(Priority, String, PullConsumer)> = Vec::new();
@@ -109,7 +110,8 @@ pub async fn build_worker(
         std::time::Duration::from_secs(config.topology.ack_wait_secs),
         cache,
         registry,
-    )?)
+    )?
+    .with_breakers(breakers))
 }
 
 /// Serves `/metrics` and `/health/*` for roles without the ingress.
@@ -117,6 +119,7 @@ async fn serve_telemetry(
     addr: &str,
     registry: prometheus::Registry,
     client: async_nats::Client,
+    breakers: Option<retro_fleet_worker::breaker::Board>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     use axum::routing::get;
@@ -134,14 +137,8 @@ async fn serve_telemetry(
         .route(
             "/health/ready",
             get(move || {
-                let c = client.clone();
-                async move {
-                    if c.connection_state() == async_nats::connection::State::Connected {
-                        (axum::http::StatusCode::OK, "ready\n")
-                    } else {
-                        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "not connected to NATS\n")
-                    }
-                }
+                let (c, b) = (client.clone(), breakers.clone());
+                async move { worker_readiness(&c, b.as_ref()) }
             }),
         );
     tokio::spawn(async move {
@@ -150,13 +147,42 @@ async fn serve_telemetry(
     Ok(())
 }
 
+/// A worker's readiness: connected to NATS (the client reconnects by
+/// itself; pulling resumes when it does), with every breaker's state.
+/// Ready while connected and not every model instance is open.
+fn worker_readiness(
+    client: &async_nats::Client,
+    breakers: Option<&retro_fleet_worker::breaker::Board>,
+) -> (axum::http::StatusCode, axum::Json<serde_json::Value>) {
+    use retro_fleet_worker::breaker::State;
+    let connected = client.connection_state() == async_nats::connection::State::Connected;
+    let snapshot = breakers.map(|b| b.snapshot()).unwrap_or_default();
+    let all_open = !snapshot.is_empty() && snapshot.iter().all(|s| s.state == State::Open);
+    let degraded = snapshot.iter().any(|s| s.state != State::Closed);
+    let reason = match (connected, all_open) {
+        (false, _) => Some("not connected to NATS; reconnecting"),
+        (true, true) => Some("every model instance's circuit breaker is open"),
+        _ => None,
+    };
+    let status =
+        if reason.is_none() { axum::http::StatusCode::OK } else { axum::http::StatusCode::SERVICE_UNAVAILABLE };
+    let body = serde_json::json!({
+        "ready": reason.is_none(),
+        "reason": reason,
+        "nats": if connected { "connected" } else { "disconnected" },
+        "degraded": degraded,
+        "breakers": snapshot,
+    });
+    (status, axum::Json(body))
+}
+
 /// `retro-fleet worker`.
 pub async fn worker(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let client = nats::connect(&config.nats, "worker").await?;
     let registry = telemetry::registry();
     let worker = build_worker(&config, &client, &registry).await?;
     if let Some(addr) = &config.metrics_listen {
-        serve_telemetry(addr, registry, client.clone(), shutdown.clone()).await?;
+        serve_telemetry(addr, registry, client.clone(), worker.breakers(), shutdown.clone()).await?;
     }
     worker.run(shutdown).await;
     client.flush().await.ok();

@@ -126,7 +126,10 @@ pub fn worker_consumer(p: Priority, model: &str, t: &TopologyConfig) -> pull::Co
         ack_policy: AckPolicy::Explicit,
         deliver_policy: DeliverPolicy::All,
         ack_wait: Duration::from_secs(t.ack_wait_secs),
-        max_deliver: t.max_deliver,
+        // Unlimited at the server: a message whose deliveries all died with
+        // their workers would otherwise stay in the stream, never delivered
+        // and never answered. Workers apply `max_deliver` themselves.
+        max_deliver: -1,
         max_ack_pending: t.max_ack_pending,
         max_waiting: 4096,
         ..Default::default()

@@ -26,6 +26,19 @@ pub const CACHE_WARM: &str = "fleet.ctl.cache.warm";
 /// Control subjects (core NATS).
 pub const CONTROL_PREFIX: &str = "fleet.ctl";
 
+/// Wildcard of cancel messages (core NATS, empty body).
+pub const CANCEL_WILDCARD: &str = "fleet.ctl.cancel.*";
+
+/// Subject that cancels request `id`.
+pub fn cancel(id: &str) -> String {
+    format!("fleet.ctl.cancel.{id}")
+}
+
+/// The request id of a cancel subject.
+pub fn parse_cancel(subject: &str) -> Option<&str> {
+    subject.strip_prefix("fleet.ctl.cancel.").filter(|id| is_token(id))
+}
+
 /// Subject a request for `model` at priority `p` is published to.
 pub fn request(p: Priority, model: &str) -> String {
     format!("fleet.req.{}.{model}", p.as_str())
@@ -85,6 +98,13 @@ mod tests {
         }
         assert_eq!(parse_request("fleet.req.urgent.x"), None);
         assert_eq!(parse_request("fleet.res.a.b"), None);
+    }
+
+    #[test]
+    fn cancel_subject_round_trips() {
+        assert_eq!(parse_cancel(&cancel("01J-x_y")), Some("01J-x_y"));
+        assert_eq!(parse_cancel("fleet.ctl.cancel.a.b"), None);
+        assert_eq!(parse_cancel("fleet.ctl.drain.a"), None);
     }
 
     #[test]

@@ -261,7 +261,10 @@ fn result_response(result: InferResult) -> Response {
 pub async fn call(state: &AppState, p: &Prepared) -> Result<InferResult, ApiError> {
     let started = Instant::now();
     let (reply, mut waiter) = state.replies.register(&p.req.id);
-    publish(state, p, Some(&reply)).await?;
+    if let Err(e) = publish(state, p, Some(&reply)).await {
+        waiter.disarm();
+        return Err(e);
+    }
     let id = &p.req.id;
     let outcome = tokio::time::timeout(p.timeout, waiter.result()).await;
     let (label, result) = match outcome {
@@ -270,7 +273,11 @@ pub async fn call(state: &AppState, p: &Prepared) -> Result<InferResult, ApiErro
             "timeout",
             Err(ApiError::new(
                 ErrorCode::Timeout,
-                format!("no result within {} ms; fetch it later at /v1/results/{id}", p.timeout.as_millis()),
+                format!(
+                    "no result within {} ms, so the request was cancelled; its final result (`cancelled`, or the \
+                     answer if it finished first) is at /v1/results/{id}",
+                    p.timeout.as_millis()
+                ),
             )
             .with_id(id)),
         ),
@@ -285,8 +292,11 @@ pub async fn call(state: &AppState, p: &Prepared) -> Result<InferResult, ApiErro
 
 /// Publishes `p` and returns the waiter of its chunks and result.
 pub async fn open_stream(state: &AppState, p: &Prepared) -> Result<Waiter, ApiError> {
-    let (reply, waiter) = state.replies.register(&p.req.id);
-    publish(state, p, Some(&reply)).await?;
+    let (reply, mut waiter) = state.replies.register(&p.req.id);
+    if let Err(e) = publish(state, p, Some(&reply)).await {
+        waiter.disarm();
+        return Err(e);
+    }
     Ok(waiter)
 }
 
@@ -342,8 +352,19 @@ where
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(f(tx));
-    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (Ok(e), rx)) })
+    // When the client goes away the response stream is dropped, and with it
+    // the task: its reply waiter then cancels the request.
+    let task = AbortOnDrop(tokio::spawn(f(tx)).abort_handle());
+    futures::stream::unfold((rx, task), |(mut rx, task)| async move { rx.recv().await.map(|e| (Ok(e), (rx, task))) })
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// `POST /v1/infer/async`: 202 with the id; the result goes to `FLEET_RESULTS`.

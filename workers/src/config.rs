@@ -30,6 +30,8 @@ pub struct WorkerConfig {
     pub unrouted_sweep_ms: u64,
     /// The result cache.
     pub cache: crate::cache::CacheConfig,
+    /// Circuit breaker of each model instance.
+    pub breaker: crate::breaker::BreakerConfig,
 }
 
 impl Default for WorkerConfig {
@@ -46,6 +48,7 @@ impl Default for WorkerConfig {
             max_prompt_bytes: 256 * 1024,
             unrouted_sweep_ms: 5_000,
             cache: Default::default(),
+            breaker: Default::default(),
         }
     }
 }
@@ -74,6 +77,10 @@ pub enum ModelConfig {
         /// Revision reported in results.
         #[serde(default)]
         revision: Option<String>,
+        /// Fraction of calls (0..1) that fail with a retryable `backend_error`,
+        /// to exercise retries, circuit breakers and dead letters.
+        #[serde(default)]
+        fail_rate: f64,
     },
     /// A text model run by mistral.rs (needs the `mistralrs` feature, on by default).
     Mistralrs {

@@ -50,6 +50,8 @@ pub struct Shared {
     pub ack_wait: Duration,
     /// The result cache, when enabled.
     pub cache: Option<Arc<ResultCache>>,
+    /// Cancel tokens of running requests.
+    pub cancels: Arc<crate::cancel::Cancels>,
 }
 
 pub(crate) fn header<'a>(h: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
@@ -180,6 +182,16 @@ async fn handle_inner(
         }
     }
 
+    if delivered > sh.max_deliver {
+        // The server redelivers without limit so that no message can be
+        // stranded; the limit is applied here, before any compute.
+        let message = format!(
+            "delivered {delivered} times without a result (max_deliver {}): workers died or stalled while running it",
+            sh.max_deliver
+        );
+        return terminal(sh, prio, msg, model_label, ids, ErrorCode::Internal, &message, delivered).await;
+    }
+
     let base = |status| InferResult {
         v: retro_fleet_schemas::SCHEMA_VERSION,
         id: req.id.clone(),
@@ -210,6 +222,10 @@ async fn handle_inner(
         }
     }
 
+    let cancel = sh.cancels.register(&req.id);
+    if cancel.token.is_cancelled() {
+        return cancelled(sh, msg, reply, tenant, base(Status::Error), "before it started").await;
+    }
     let every = (sh.ack_wait / 2).max(Duration::from_millis(100));
     let revision = backend.revision().unwrap_or_default();
     let cu = cache_use(sh, &req, tenant, &revision, hdrs);
@@ -276,18 +292,29 @@ async fn handle_inner(
         _ => (None, None),
     };
     let started = Instant::now();
-    let generated = with_progress(msg, every, &req.id, backend.generate(&req, deltas)).await;
+    let generated = tokio::select! {
+        out = with_progress(msg, every, &req.id, backend.generate(&req, deltas)) => Some(out),
+        // dropping the generation stops the backend's work
+        _ = cancel.token.cancelled() => None,
+    };
     let compute = started.elapsed();
     sh.metrics.compute.with_label_values(&[prio.as_str(), model_label]).observe(compute.as_secs_f64());
     if let Some(task) = forwarder {
         // every chunk is out before the final result (same connection, in order)
         let _ = task.await;
     }
-    if generated.is_err() && claimed {
-        if let Some(claims) = cu.as_ref().and_then(|cu| cu.cache.claims()) {
-            claims.release(cu.as_ref().map(|cu| cu.key).expect("claimed implies a key")).await;
+    if claimed && !matches!(generated, Some(Ok(_))) {
+        if let Some(cu) = &cu {
+            if let Some(claims) = cu.cache.claims() {
+                claims.release(cu.key).await;
+            }
         }
     }
+    let Some(generated) = generated else {
+        let mut result = base(Status::Error);
+        result.timings.compute_ms = compute.as_secs_f64() * 1e3;
+        return cancelled(sh, msg, reply, tenant, result, "while it ran").await;
+    };
     match generated {
         Ok(g) => {
             let mut result = base(Status::Ok);
@@ -324,6 +351,25 @@ async fn handle_inner(
         }
         Err(e) => terminal(sh, prio, msg, model_label, ids, e.code, &e.message, delivered).await,
     }
+}
+
+/// Answers a cancelled request `cancelled` (stored, replied) and acks it.
+async fn cancelled(
+    sh: &Shared,
+    msg: &jetstream::Message,
+    reply: Option<&str>,
+    tenant: &str,
+    mut result: InferResult,
+    when: &str,
+) -> Result<Outcome, Error> {
+    result.error = Some(retro_fleet_schemas::ErrorBody {
+        code: ErrorCode::Cancelled,
+        message: format!("cancelled by the caller {when}"),
+        retryable: false,
+    });
+    publish_result(sh, reply, tenant, &result).await?;
+    msg.ack().await?;
+    Ok(Outcome::Failed(ErrorCode::Cancelled))
 }
 
 /// What is known about who asked, for error results.
@@ -429,8 +475,12 @@ fn sanitize_header(s: &str) -> String {
     s.chars().map(|c| if c.is_control() { ' ' } else { c }).take(1024).collect()
 }
 
-/// Stores the result in `FLEET_RESULTS` (deduplicated on the request id) and
-/// sends it to the reply subject, returning once the stream has it.
+/// Stores the result in `FLEET_RESULTS`, then sends the stored result to
+/// the reply subject. The first writer wins: the write expects no earlier
+/// result for the id, so when two deliveries of
+/// one request both computed (a worker stalled past `ack_wait`, or died after
+/// storing), the later one re-sends the result already stored instead of its
+/// own. A caller never sees two different answers, nor one that is not stored.
 pub async fn publish_result(sh: &Shared, reply: Option<&str>, tenant: &str, result: &InferResult) -> Result<(), Error> {
     publish_result_keyed(sh, reply, tenant, result, None).await
 }
@@ -445,18 +495,41 @@ async fn publish_result_keyed(
     cached: Option<(Key, u64)>,
 ) -> Result<(), Error> {
     let payload = Bytes::from(codec::encode(result));
+    // No `Nats-Msg-Id` on the write: the expected sequence alone decides, so
+    // a result removed on purpose (`dlq replay`) can be written again within
+    // the duplicate window.
+    let mut first_only = reply_headers();
+    first_only.insert(async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, "0");
     let mut h = reply_headers();
     h.insert(headers::MSG_ID, result.id.as_str());
     if let Some((key, expires_ms)) = cached {
-        h.insert(headers::CACHE_KEY, key.hex().as_str());
-        h.insert(headers::CACHE_EXPIRES, expires_ms.to_string().as_str());
+        first_only.insert(headers::CACHE_KEY, key.hex().as_str());
+        first_only.insert(headers::CACHE_EXPIRES, expires_ms.to_string().as_str());
     }
-    let stored = sh.js.publish_with_headers(subjects::result(tenant, &result.id), h.clone(), payload.clone()).await?;
+    let subject = subjects::result(tenant, &result.id);
+    let first = match sh.js.publish_with_headers(subject, first_only, payload.clone()).await?.await {
+        Ok(ack) => !ack.duplicate,
+        Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => false,
+        Err(e) => return Err(e.into()),
+    };
+    let payload = if first {
+        payload
+    } else {
+        let stored =
+            stored_payload(sh, tenant, &result.id).await.ok_or("a result is stored for this id but cannot be read")?;
+        tracing::info!(id = %result.id, "a result for this request was already stored; sending that one");
+        stored
+    };
     if let Some(reply) = reply {
         sh.client.publish_with_headers(reply.to_string(), h, payload).await?;
     }
-    stored.await?;
     Ok(())
+}
+
+/// The stored result's bytes for `id`, if any.
+async fn stored_payload(sh: &Shared, tenant: &str, id: &str) -> Option<Bytes> {
+    let stream = sh.js.get_stream_no_info(subjects::RESULTS_STREAM).await.ok()?;
+    Some(stream.direct_get_last_for_subject(subjects::result(tenant, id)).await.ok()?.payload)
 }
 
 /// The result stored for `id`, if any.

@@ -95,6 +95,7 @@ impl Pulling {
 pub struct Worker {
     shared: Arc<Shared>,
     sources: [Vec<Source>; 3],
+    breakers: Option<crate::breaker::Board>,
 }
 
 impl Worker {
@@ -135,8 +136,20 @@ impl Worker {
             max_deliver,
             ack_wait,
             cache,
+            cancels: Default::default(),
         };
-        Ok(Worker { shared: Arc::new(shared), sources })
+        Ok(Worker { shared: Arc::new(shared), sources, breakers: None })
+    }
+
+    /// Attaches the circuit breakers of this worker's backends (for health).
+    pub fn with_breakers(mut self, breakers: crate::breaker::Board) -> Self {
+        self.breakers = Some(breakers);
+        self
+    }
+
+    /// The circuit breakers of this worker's backends, if attached.
+    pub fn breakers(&self) -> Option<crate::breaker::Board> {
+        self.breakers.clone()
     }
 
     /// The models this worker serves.
@@ -157,6 +170,13 @@ impl Worker {
         if let Some(cache) = &self.shared.cache {
             self.start_cache(cache.clone(), stop_sweeper.clone()).await;
         }
+        // cancels are heard until in-flight work has drained
+        let stop_cancels = CancellationToken::new();
+        tokio::spawn(crate::cancel::listen(
+            self.shared.client.clone(),
+            self.shared.cancels.clone(),
+            stop_cancels.clone(),
+        ));
         if cfg.unrouted_sweep_ms > 0 {
             let every = Duration::from_millis(cfg.unrouted_sweep_ms);
             tokio::spawn(crate::sweeper::run(self.shared.clone(), every, stop_sweeper.clone()));
@@ -252,6 +272,7 @@ impl Worker {
         } else {
             tracing::info!("drained");
         }
+        stop_cancels.cancel();
         if let Some(cache) = &self.shared.cache {
             cache.close().await;
         }

@@ -22,7 +22,9 @@ async fn tiny() -> (tempfile::TempDir, Arc<dyn Backend>) {
         revision: None,
         adapters: Default::default(),
     };
-    let b = backend::build("tiny", &cfg).await.unwrap();
+    let b = backend::build("tiny", &cfg, &retro_fleet_worker::breaker::Board::unregistered(Default::default()))
+        .await
+        .unwrap();
     (dir, b)
 }
 

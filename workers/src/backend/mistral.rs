@@ -118,10 +118,11 @@ pub async fn load_instances(
     name: &str,
     spec: &MistralSpec,
     instances: usize,
+    breakers: &crate::breaker::Board,
 ) -> Result<Arc<dyn Backend>, BackendError> {
     let mut loaded: Vec<Arc<dyn Backend>> = Vec::new();
-    for _ in 0..instances.max(1) {
-        loaded.push(Arc::new(Mistral::load(spec).await?));
+    for i in 0..instances.max(1) {
+        loaded.push(breakers.guard(name, i, Arc::new(Mistral::load(spec).await?)));
     }
     tracing::info!(model = name, instances = loaded.len(), path = %spec.path.display(), "model loaded");
     Ok(if loaded.len() == 1 { loaded.pop().expect("one instance") } else { Arc::new(super::pool::Pool::new(loaded)) })
@@ -136,6 +137,7 @@ pub async fn with_adapters(
     base: Arc<dyn Backend>,
     adapters: &std::collections::BTreeMap<String, PathBuf>,
     instances: usize,
+    breakers: &crate::breaker::Board,
 ) -> Result<Adapted, BackendError> {
     let fail = |message: String| BackendError { code: ErrorCode::Internal, message, retryable: false };
     if spec.gguf_file.is_some() {
@@ -167,7 +169,10 @@ pub async fn with_adapters(
         }
         let adapted =
             MistralSpec { path: merged, revision: Some(format!("{base_rev}+{adapter}:{tag}")), ..spec.clone() };
-        loaded.insert(adapter.clone(), load_instances(&format!("{name}+{adapter}"), &adapted, instances).await?);
+        loaded.insert(
+            adapter.clone(),
+            load_instances(&format!("{name}+{adapter}"), &adapted, instances, breakers).await?,
+        );
         revisions.push(format!("{adapter}:{tag}"));
     }
     Ok(Adapted { base, adapters: loaded, revision: revisions.join("+") })
