@@ -251,7 +251,14 @@ async fn handle_inner(
                     break;
                 }
                 Flight::Follower(rx) => {
-                    if let Some(a) = with_progress(msg, every, &req.id, cache::follow(rx)).await {
+                    let waited = tokio::select! {
+                        a = with_progress(msg, every, &req.id, cache::follow(rx)) => a,
+                        _ = cancel.token.cancelled() => {
+                            let why = "while it waited for an identical request";
+                            return cancelled(sh, msg, reply, tenant, base(Status::Error), why).await;
+                        }
+                    };
+                    if let Some(a) = waited {
                         cu.cache.count(&req.model, "coalesced");
                         let mut result = base(Status::Ok);
                         result.cache = CacheTier::Coalesced;
@@ -264,7 +271,13 @@ async fn handle_inner(
         if let (Some(claims), true) = (cu.cache.claims(), cu.read) {
             match claims.claim(cu.key).await {
                 cache::sync::Claim::Mine => claimed = true,
-                cache::sync::Claim::Theirs => match with_progress(msg, every, &req.id, claims.wait(cu.key)).await {
+                cache::sync::Claim::Theirs => match tokio::select! {
+                    a = with_progress(msg, every, &req.id, claims.wait(cu.key)) => a,
+                    _ = cancel.token.cancelled() => {
+                        let why = "while another worker computed it";
+                        return cancelled(sh, msg, reply, tenant, base(Status::Error), why).await;
+                    }
+                } {
                     Some(a) => {
                         cu.cache.count_claim("answered");
                         cu.cache.count(&req.model, "coalesced");
