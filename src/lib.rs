@@ -8,6 +8,8 @@
 //! - [`topology`]: streams and consumers, applied idempotently.
 //! - [`nats`]: connecting, and the local nats-server that `up` starts.
 //! - [`telemetry`]: logs and the per-process metrics registry.
+//! - [`scaler`]: lag-driven replica recommendations (`retro-fleet scaler`).
+//! - [`registry`]: reading the worker registry (`retro-fleet workers`).
 //!
 //! Wire types live in the `retro-fleet-schemas` crate, the pull loop and
 //! backends in `retro-fleet-worker`.
@@ -16,6 +18,8 @@ pub mod cli;
 pub mod config;
 pub mod ingress;
 pub mod nats;
+pub mod registry;
 pub mod roles;
+pub mod scaler;
 pub mod telemetry;
 pub mod topology;

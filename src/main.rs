@@ -42,6 +42,11 @@ fn main() -> std::process::ExitCode {
                 roles::cancel_on_signal(shutdown.clone());
                 roles::worker(config, shutdown).await
             }
+            Command::Scaler { .. } => {
+                roles::cancel_on_signal(shutdown.clone());
+                retro_fleet::scaler::serve(config, shutdown).await
+            }
+            Command::Workers { json } => cli::workers(&config, json).await,
             Command::Topology { action: TopologyAction::Apply } => cli::topology_apply(&config).await,
             Command::Submit { model, priority, max_tokens, timeout, prompt } => {
                 cli::submit(&config, model, priority, max_tokens, timeout, prompt).await

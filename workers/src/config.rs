@@ -28,6 +28,10 @@ pub struct WorkerConfig {
     pub max_prompt_bytes: usize,
     /// How often to look for requests to models no one serves, in ms (0 = never).
     pub unrouted_sweep_ms: u64,
+    /// How often to write this worker's entry in the registry (KV
+    /// `fleet_workers`), in ms (0 = never). Keep it well below the
+    /// registry's TTL (`topology.worker_ttl_secs`).
+    pub heartbeat_ms: u64,
 }
 
 impl Default for WorkerConfig {
@@ -43,6 +47,7 @@ impl Default for WorkerConfig {
             drain_timeout_ms: 30_000,
             max_prompt_bytes: 256 * 1024,
             unrouted_sweep_ms: 5_000,
+            heartbeat_ms: 2_000,
         }
     }
 }

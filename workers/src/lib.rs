@@ -5,6 +5,7 @@
 //! - [`worker`]: the pull loop (free slots → priority plan → fetch → dispatch) and drain.
 //! - [`scheduler`]: pure priority planning with guaranteed shares for lower classes.
 //! - [`process`]: one message: decode, validate, deadline, run, publish, ack.
+//! - [`heartbeat`]: registry heartbeats to the KV bucket `fleet_workers`.
 //! - [`sweeper`]: answers requests addressed to models nobody in the fleet serves.
 //! - [`backend`]: the `Backend` trait and the echo and synthetic backends.
 //! - [`config`]: worker and model configuration.
@@ -13,6 +14,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod heartbeat;
 pub mod metrics;
 pub mod process;
 pub mod scheduler;
