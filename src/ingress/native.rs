@@ -110,6 +110,8 @@ pub struct Prepared {
     pub tenant: String,
     /// How long to wait (also the deadline).
     pub timeout: Duration,
+    /// W3C trace context: the caller's `traceparent`, or a new one.
+    pub traceparent: String,
 }
 
 fn tenant_of(h: &HttpHeaders) -> Result<String, ApiError> {
@@ -175,7 +177,13 @@ pub fn draft_into_prepared(state: &AppState, h: &HttpHeaders, d: Draft) -> Resul
     }
     let cap = Duration::from_millis(state.cfg.request_timeout_ms);
     let timeout = d.timeout_ms.map(Duration::from_millis).map_or(cap, |t| t.min(cap));
-    Ok(Prepared { req, priority, tenant, timeout })
+    let traceparent = h
+        .get(headers::TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .filter(|t| headers::is_traceparent(t))
+        .map(str::to_string)
+        .unwrap_or_else(|| headers::new_traceparent(ulid::Ulid::new().0, ulid::Ulid::new().0 as u64));
+    Ok(Prepared { req, priority, tenant, timeout, traceparent })
 }
 
 /// Publishes to the priority stream and waits for JetStream to store it.
@@ -186,6 +194,7 @@ async fn publish(state: &AppState, p: &Prepared, reply: Option<&str>) -> Result<
     h.insert(headers::MSG_ID, id.as_str());
     h.insert(headers::CONTENT_TYPE, codec::ContentType::MSGPACK_MIME);
     h.insert(headers::TENANT, p.tenant.as_str());
+    h.insert(headers::TRACEPARENT, p.traceparent.as_str());
     let deadline = retro_fleet_worker::unix_ms() + p.timeout.as_millis() as u64;
     h.insert(headers::DEADLINE, deadline.to_string().as_str());
     if let Some(reply) = reply {
