@@ -3,12 +3,12 @@
 
 CARGO ?= cargo
 
-.PHONY: up test deps build bench check-schemas
+.PHONY: up test deps build bench check-schemas check-deploy
 
 up: deps
 	$(CARGO) run --release --bin retro-fleet -- up
 
-test: deps
+test: deps check-deploy
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		$(CARGO) nextest run --workspace --profile ci; \
 	else \
@@ -17,6 +17,11 @@ test: deps
 
 deps:
 	@scripts/install-deps.sh
+
+# deploy/ and docker-compose.yml validated offline (promtool, kubernetes-validate).
+check-deploy: deps
+	@scripts/install-deps.sh --deploy
+	scripts/check-deploy.sh
 
 build:
 	$(CARGO) build --release --workspace

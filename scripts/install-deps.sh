@@ -32,3 +32,30 @@ if ! python3 -c 'import openai' >/dev/null 2>&1; then
     "$PIP" install --quiet --disable-pip-version-check openai \
         || "$PIP" install --quiet --disable-pip-version-check --break-system-packages openai
 fi
+
+# Deploy checks (scripts/check-deploy.sh), with --deploy: promtool from
+# Debian's prometheus package, kubernetes-validate from PyPI, kubectl (for
+# kustomize) from Debian when neither it nor kustomize is there.
+[ "${1:-}" = "--deploy" ] || exit 0
+if ! command -v promtool >/dev/null 2>&1; then
+    echo "installing promtool (Debian package prometheus)..." >&2
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+if ! command -v kubernetes-validate >/dev/null 2>&1; then
+    echo "installing kubernetes-validate (PyPI)..." >&2
+    PIP="$(command -v pip3 || command -v pip)"
+    "$PIP" install --quiet --disable-pip-version-check kubernetes-validate pyyaml \
+        || "$PIP" install --quiet --disable-pip-version-check --break-system-packages kubernetes-validate pyyaml
+    hash -r
+fi
+if ! command -v kubectl >/dev/null 2>&1 && ! command -v kustomize >/dev/null 2>&1; then
+    echo "installing kubectl (Debian package kubectl, for kustomize)..." >&2
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends kubectl >/dev/null \
+        || echo "warning: no kubectl package; install kubectl or kustomize for the manifest checks" >&2
+fi

@@ -60,6 +60,19 @@ pub enum Command {
         #[arg(long)]
         id: Option<String>,
     },
+    /// Run the scaler alone: samples queues and workers, recommends
+    /// replicas per model (`/metrics`, `GET /v1/scaling`, `fleet.scaling.<model>`).
+    Scaler {
+        /// HTTP address for /metrics, /health/* and /v1/scaling (sets `metrics_listen`).
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// List the live workers in the registry (KV `fleet_workers`).
+    Workers {
+        /// Print JSON (one array) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Create or update streams and consumers.
     Topology {
         #[command(subcommand)]
@@ -211,6 +224,9 @@ impl Cli {
             Command::Up { listen: Some(l) } | Command::Ingress { listen: Some(l) } => {
                 flags = flags.merge(Serialized::default("ingress.listen", l));
             }
+            Command::Scaler { listen: Some(l) } => {
+                flags = flags.merge(Serialized::default("metrics_listen", l));
+            }
             Command::Worker { models, max_inflight, id } => {
                 if let Some(m) = models {
                     flags = flags.merge(Serialized::default("worker.models", m));
@@ -234,6 +250,19 @@ pub async fn topology_apply(config: &Config) -> anyhow::Result<()> {
     let js = async_nats::jetstream::new(client);
     for line in crate::topology::apply(&js, config).await? {
         println!("{line}");
+    }
+    Ok(())
+}
+
+/// `retro-fleet workers`.
+pub async fn workers(config: &Config, json: bool) -> anyhow::Result<()> {
+    let client = crate::nats::connect(&config.nats, "workers").await?;
+    let js = async_nats::jetstream::new(client);
+    let list = crate::registry::list(&js, config.topology.worker_ttl_secs.max(1) * 1000).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+    } else {
+        print!("{}", crate::registry::table(&list, retro_fleet_worker::unix_ms()));
     }
     Ok(())
 }

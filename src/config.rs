@@ -30,6 +30,8 @@ pub struct Config {
     pub worker: WorkerConfig,
     /// The fleet's model catalogue, by name.
     pub models: Models,
+    /// Scaling recommendations.
+    pub scaler: crate::scaler::ScalerConfig,
 }
 
 impl Default for Config {
@@ -43,6 +45,7 @@ impl Default for Config {
             ingress: IngressConfig::default(),
             worker: WorkerConfig::default(),
             models: default_models(),
+            scaler: crate::scaler::ScalerConfig::default(),
         }
     }
 }
@@ -126,6 +129,9 @@ pub struct TopologyConfig {
     pub max_ack_pending: i64,
     /// Replicas of each stream (1 for a single server; 3 in a cluster).
     pub replicas: usize,
+    /// How long a worker stays in the registry (KV `fleet_workers`) after
+    /// its last heartbeat, in seconds.
+    pub worker_ttl_secs: u64,
 }
 
 impl Default for TopologyConfig {
@@ -143,6 +149,7 @@ impl Default for TopologyConfig {
             max_deliver: 5,
             max_ack_pending: 10_000,
             replicas: 1,
+            worker_ttl_secs: 10,
         }
     }
 }

@@ -9,6 +9,8 @@
 //! - [`nats`]: connecting, and the local nats-server that `up` starts.
 //! - [`dlq`]: the `dlq` tool: list, show and replay dead letters.
 //! - [`telemetry`]: logs and the per-process metrics registry.
+//! - [`scaler`]: lag-driven replica recommendations (`retro-fleet scaler`).
+//! - [`registry`]: reading the worker registry (`retro-fleet workers`).
 //!
 //! Wire types live in the `retro-fleet-schemas` crate, the pull loop and
 //! backends in `retro-fleet-worker`.
@@ -19,6 +21,8 @@ pub mod config;
 pub mod dlq;
 pub mod ingress;
 pub mod nats;
+pub mod registry;
 pub mod roles;
+pub mod scaler;
 pub mod telemetry;
 pub mod topology;

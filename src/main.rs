@@ -51,6 +51,11 @@ fn main() -> std::process::ExitCode {
                 roles::cancel_on_signal(shutdown.clone());
                 roles::worker(config, shutdown).await
             }
+            Command::Scaler { .. } => {
+                roles::cancel_on_signal(shutdown.clone());
+                retro_fleet::scaler::serve(config, shutdown).await
+            }
+            Command::Workers { json } => cli::workers(&config, json).await,
             Command::Topology { action: TopologyAction::Apply } => cli::topology_apply(&config).await,
             Command::Cache { action: CacheAction::Warm { since, from_seq, timeout } } => {
                 let since_ms = since.map(|age| retro_fleet_worker::unix_ms().saturating_sub(age.as_millis() as u64));

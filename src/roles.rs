@@ -220,6 +220,7 @@ pub async fn up(config: Config, shutdown: CancellationToken) -> anyhow::Result<(
     let client = nats::connect(&config.nats, "up").await?;
     let registry = telemetry::registry();
     let worker = build_worker(&config, &client, &registry).await?;
+    let registry_for_scaler = registry.clone();
     let state = ingress::Ingress::new(client.clone(), &config, registry).await?;
     let listener = tokio::net::TcpListener::bind(&config.ingress.listen)
         .await
@@ -228,14 +229,53 @@ pub async fn up(config: Config, shutdown: CancellationToken) -> anyhow::Result<(
     let models: Vec<&String> = config.models.keys().collect();
     eprintln!("retro-fleet is up: http://{addr} (models: {models:?}, NATS: {}). Ctrl-C stops it.", config.nats.url);
     let ingress_task = tokio::spawn(ingress::serve(listener, state, shutdown.clone()));
+    let scaler_task = tokio::spawn(up_scaler(config.clone(), client.clone(), registry_for_scaler, shutdown.clone()));
     worker.run(shutdown).await;
     ingress_task.await??;
+    scaler_task.await.ok();
     client.flush().await.ok();
     drop(client);
     if let Some(server) = local {
         server.stop().await;
     }
     Ok(())
+}
+
+/// The scaler inside `up`: its metrics join the process registry (served by
+/// the ingress at `/metrics`); `/v1/scaling` is served on `metrics_listen`
+/// when that address is free (a busy port only costs that endpoint).
+async fn up_scaler(
+    config: Config,
+    client: async_nats::Client,
+    registry: prometheus::Registry,
+    shutdown: CancellationToken,
+) {
+    let sampler = match crate::scaler::Sampler::new(client.clone(), &config, &registry) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            tracing::error!(error = %e, "scaler metrics could not be registered; no scaler in this process");
+            return;
+        }
+    };
+    if let Some(addr) = &config.metrics_listen {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => {
+                let app = crate::scaler::http::router(crate::scaler::http::HttpState {
+                    client: client.clone(),
+                    registry,
+                    sampler: sampler.clone(),
+                });
+                let stop = shutdown.clone();
+                tokio::spawn(async move {
+                    let _ = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await;
+                });
+            }
+            Err(e) => {
+                tracing::warn!(%addr, error = %e, "cannot serve /v1/scaling (metrics_listen busy); the scaler still runs")
+            }
+        }
+    }
+    crate::scaler::run(client, sampler, shutdown).await;
 }
 
 /// With no model configured (only the built-in `echo`), `up` also serves

@@ -230,6 +230,49 @@ async fn apply_consumer(js: &Context, p: Priority, want: pull::Config) -> Result
     Ok(Applied { kind: "consumer", name, change })
 }
 
+/// Configuration of the worker registry bucket `fleet_workers`: one key
+/// per worker, its max age the heartbeat TTL.
+pub fn workers_bucket(t: &TopologyConfig) -> async_nats::jetstream::kv::Config {
+    async_nats::jetstream::kv::Config {
+        bucket: subjects::WORKERS_BUCKET.to_string(),
+        description: "retro-fleet worker registry (heartbeats)".into(),
+        history: 1,
+        max_age: Duration::from_secs(t.worker_ttl_secs.max(1)),
+        storage: StorageType::Memory,
+        num_replicas: t.replicas,
+        ..Default::default()
+    }
+}
+
+async fn apply_bucket(js: &Context, want: async_nats::jetstream::kv::Config) -> Result<Applied, TopologyError> {
+    let name = want.bucket.clone();
+    let stream_name = format!("KV_{name}");
+    let change = match js.get_stream(&stream_name).await {
+        Ok(mut s) => {
+            let have = s.info().await.map_err(|e| err(format!("bucket {name}"))(e.into()))?.config.clone();
+            let mut diff = Vec::new();
+            if have.max_age != want.max_age {
+                diff.push("max_age");
+            }
+            if have.num_replicas.max(1) != want.num_replicas.max(1) {
+                diff.push("replicas");
+            }
+            if diff.is_empty() {
+                Change::Unchanged
+            } else {
+                js.update_key_value(want).await.map_err(|e| err(format!("update bucket {name}"))(e.into()))?;
+                Change::Updated(diff)
+            }
+        }
+        Err(_) => match js.create_key_value(want).await {
+            Ok(_) => Change::Created,
+            Err(_) if js.get_stream(&stream_name).await.is_ok() => Change::Unchanged,
+            Err(e) => return Err(err(format!("create bucket {name}"))(e.into())),
+        },
+    };
+    Ok(Applied { kind: "kv", name, change })
+}
+
 /// Creates or updates every stream and every worker consumer of the
 /// configured models. Running it twice changes nothing the second time.
 pub async fn apply(js: &Context, config: &Config) -> Result<Vec<Applied>, TopologyError> {
@@ -240,6 +283,7 @@ pub async fn apply(js: &Context, config: &Config) -> Result<Vec<Applied>, Topolo
     }
     report.push(apply_stream(js, results_stream(t)).await?);
     report.push(apply_stream(js, dlq_stream(t)).await?);
+    report.push(apply_bucket(js, workers_bucket(t)).await?);
     for p in Priority::ALL {
         for model in config.models.keys() {
             report.push(apply_consumer(js, p, worker_consumer(p, model, t)).await?);
@@ -274,16 +318,6 @@ pub fn cache_buckets(config: &Config) -> Vec<kv::Config> {
             ..Default::default()
         },
     ]
-}
-
-/// Creates a KV bucket if it does not exist (an existing one is left as it is).
-async fn apply_bucket(js: &Context, cfg: kv::Config) -> Result<Applied, TopologyError> {
-    let name = cfg.bucket.clone();
-    if js.get_key_value(&name).await.is_ok() {
-        return Ok(Applied { kind: "kv", name, change: Change::Unchanged });
-    }
-    js.create_key_value(cfg).await.map_err(|e| TopologyError { what: format!("kv {name}"), source: e.into() })?;
-    Ok(Applied { kind: "kv", name, change: Change::Created })
 }
 
 /// Whether every stream of the topology exists (readiness).

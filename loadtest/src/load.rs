@@ -113,6 +113,8 @@ pub async fn run(
         Mode::Window(w) => w,
         Mode::Rate(_) => Semaphore::MAX_PERMITS,
     }));
+    // open loop never waits on the window: giving permits back would overflow it
+    let closed_loop = matches!(mode, Mode::Window(_));
     let answered = Arc::new(AtomicUsize::new(0));
     let duplicates = Arc::new(AtomicUsize::new(0));
     let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?));
@@ -144,7 +146,9 @@ pub async fn run(
                     let us = t.elapsed().as_micros().max(1) as u64;
                     let _ = hist.lock().unwrap().record(us);
                 }
-                window.add_permits(1);
+                if closed_loop {
+                    window.add_permits(1);
+                }
                 if answered.fetch_add(1, Ordering::AcqRel) + 1 == flags.len() {
                     return;
                 }

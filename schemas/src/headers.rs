@@ -31,7 +31,53 @@ pub const CACHE_KEY: &str = "Fleet-Cache-Key";
 /// On stored results: unix milliseconds after which the cached answer must not be served.
 pub const CACHE_EXPIRES: &str = "Fleet-Cache-Expires";
 
+/// Whether `s` is a W3C `traceparent` (version 00 form: `00-<32 hex trace
+/// id>-<16 hex parent id>-<2 hex flags>`, ids not all zero).
+pub fn is_traceparent(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('-').collect();
+    let hex = |p: &str, n: usize| p.len() == n && p.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    parts.len() >= 4
+        && hex(parts[0], 2)
+        && parts[0] != "ff"
+        && hex(parts[1], 32)
+        && hex(parts[2], 16)
+        && hex(parts[3], 2)
+        && parts[1].bytes().any(|b| b != b'0')
+        && parts[2].bytes().any(|b| b != b'0')
+        && (parts[0] != "00" || parts.len() == 4)
+}
+
+/// The trace id of a valid `traceparent`.
+pub fn trace_id(traceparent: &str) -> Option<&str> {
+    is_traceparent(traceparent).then(|| traceparent.split('-').nth(1)).flatten()
+}
+
+/// A new sampled `traceparent` from 128 + 64 random bits.
+pub fn new_traceparent(trace: u128, span: u64) -> String {
+    format!("00-{:032x}-{:016x}-01", trace.max(1), span.max(1))
+}
+
 /// Value of [`KIND`] on a final result.
 pub const KIND_RESULT: &str = "result";
 /// Value of [`KIND`] on a stream chunk.
 pub const KIND_CHUNK: &str = "chunk";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparents() {
+        let t = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert!(is_traceparent(t));
+        assert_eq!(trace_id(t), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+        assert!(!is_traceparent("00-00000000000000000000000000000000-00f067aa0ba902b7-01"));
+        assert!(!is_traceparent("00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"));
+        assert!(!is_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7"));
+        assert!(!is_traceparent("ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
+        assert!(!is_traceparent("garbage"));
+        let n = new_traceparent(0xabc, 7);
+        assert!(is_traceparent(&n), "{n}");
+        assert!(is_traceparent(&new_traceparent(0, 0)));
+    }
+}

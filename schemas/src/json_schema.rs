@@ -8,7 +8,7 @@
 use schemars::schema_for;
 use serde_json::Value;
 
-use crate::{InferRequest, InferResult, StreamChunk};
+use crate::{InferRequest, InferResult, ModelScaling, StreamChunk, WorkerInfo};
 
 /// `(file stem, schema)` for every wire type.
 pub fn all() -> Vec<(&'static str, Value)> {
@@ -16,5 +16,7 @@ pub fn all() -> Vec<(&'static str, Value)> {
         ("request", serde_json::to_value(schema_for!(InferRequest)).expect("schema is JSON")),
         ("result", serde_json::to_value(schema_for!(InferResult)).expect("schema is JSON")),
         ("chunk", serde_json::to_value(schema_for!(StreamChunk)).expect("schema is JSON")),
+        ("worker_info", serde_json::to_value(schema_for!(WorkerInfo)).expect("schema is JSON")),
+        ("model_scaling", serde_json::to_value(schema_for!(ModelScaling)).expect("schema is JSON")),
     ]
 }

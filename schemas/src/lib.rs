@@ -9,6 +9,7 @@
 //! - [`headers`]: NATS header names.
 //! - [`codec`]: MessagePack (default) or JSON in, MessagePack out.
 //! - [`json_schema`]: the JSON Schemas committed under `schemas/json/`.
+//! - [`registry`]: worker heartbeats (KV `fleet_workers`) and scaling reports.
 //!
 //! Messages are MessagePack maps with named fields (so fields can be added)
 //! and carry a schema version `v`; see [`SCHEMA_VERSION`].
@@ -17,12 +18,14 @@ pub mod chunk;
 pub mod codec;
 pub mod headers;
 pub mod json_schema;
+pub mod registry;
 pub mod request;
 pub mod result;
 pub mod subjects;
 
 pub use chunk::StreamChunk;
 pub use codec::{decode, encode, ContentType, DecodeError};
+pub use registry::{ModelLoad, ModelScaling, PerPriority, WorkerInfo};
 pub use request::{CacheMode, ChatMessage, InferRequest, Input, Priority, SamplingParams};
 pub use result::{CacheTier, ErrorBody, ErrorCode, InferResult, Output, Status, Timings, Usage};
 

@@ -77,6 +77,11 @@ pub fn consumer(model: &str) -> String {
     format!("worker_{model}")
 }
 
+/// Subject the scaler publishes `model`'s recommendation on (core NATS).
+pub fn scaling(model: &str) -> String {
+    format!("fleet.scaling.{model}")
+}
+
 /// Tenant used when a request names none.
 pub const DEFAULT_TENANT: &str = "default";
 

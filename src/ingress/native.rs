@@ -112,6 +112,8 @@ pub struct Prepared {
     pub timeout: Duration,
     /// Seconds a cached answer stays valid (`X-Cache-Ttl`), when the caller sets it.
     pub cache_ttl: Option<u64>,
+    /// W3C trace context: the caller's `traceparent`, or a new one.
+    pub traceparent: String,
 }
 
 /// `X-Cache: use|bypass|refresh|semantic` (wins over the body) and `X-Cache-Ttl: SECONDS`.
@@ -198,7 +200,13 @@ pub fn draft_into_prepared(state: &AppState, h: &HttpHeaders, d: Draft) -> Resul
     }
     let cap = Duration::from_millis(state.cfg.request_timeout_ms);
     let timeout = d.timeout_ms.map(Duration::from_millis).map_or(cap, |t| t.min(cap));
-    Ok(Prepared { req, priority, tenant, timeout, cache_ttl })
+    let traceparent = h
+        .get(headers::TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .filter(|t| headers::is_traceparent(t))
+        .map(str::to_string)
+        .unwrap_or_else(|| headers::new_traceparent(ulid::Ulid::new().0, ulid::Ulid::new().0 as u64));
+    Ok(Prepared { req, priority, tenant, timeout, cache_ttl, traceparent })
 }
 
 /// Publishes to the priority stream and waits for JetStream to store it.
@@ -209,6 +217,7 @@ async fn publish(state: &AppState, p: &Prepared, reply: Option<&str>) -> Result<
     h.insert(headers::MSG_ID, id.as_str());
     h.insert(headers::CONTENT_TYPE, codec::ContentType::MSGPACK_MIME);
     h.insert(headers::TENANT, p.tenant.as_str());
+    h.insert(headers::TRACEPARENT, p.traceparent.as_str());
     let deadline = retro_fleet_worker::unix_ms() + p.timeout.as_millis() as u64;
     h.insert(headers::DEADLINE, deadline.to_string().as_str());
     if let Some(reply) = reply {

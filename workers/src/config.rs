@@ -32,6 +32,10 @@ pub struct WorkerConfig {
     pub cache: crate::cache::CacheConfig,
     /// Circuit breaker of each model instance.
     pub breaker: crate::breaker::BreakerConfig,
+    /// How often to write this worker's entry in the registry (KV
+    /// `fleet_workers`), in ms (0 = never). Keep it well below the
+    /// registry's TTL (`topology.worker_ttl_secs`).
+    pub heartbeat_ms: u64,
 }
 
 impl Default for WorkerConfig {
@@ -49,6 +53,7 @@ impl Default for WorkerConfig {
             unrouted_sweep_ms: 5_000,
             cache: Default::default(),
             breaker: Default::default(),
+            heartbeat_ms: 2_000,
         }
     }
 }

@@ -5,6 +5,7 @@
 //! - [`worker`]: the pull loop (free slots → priority plan → fetch → dispatch) and drain.
 //! - [`scheduler`]: pure priority planning with guaranteed shares for lower classes.
 //! - [`process`]: one message: decode, validate, deadline, run, publish, ack.
+//! - [`heartbeat`]: registry heartbeats to the KV bucket `fleet_workers`.
 //! - [`sweeper`]: answers requests addressed to models nobody in the fleet serves.
 //! - [`cache`]: the result cache (foyer memory + disk), coalescing, warming, semantic index.
 //! - [`backend`]: the `Backend` trait and the echo and synthetic backends.
@@ -21,6 +22,7 @@ pub mod breaker;
 pub mod cache;
 pub mod cancel;
 pub mod config;
+pub mod heartbeat;
 pub mod hub;
 pub mod lora;
 pub mod metrics;

@@ -67,7 +67,12 @@ pub async fn handle(sh: Arc<Shared>, prio: Priority, msg: jetstream::Message, _p
         .filter(|m| sh.catalog.contains(*m))
         .unwrap_or("unknown")
         .to_string();
-    let outcome = handle_inner(&sh, prio, &msg, &model_label).await;
+    // the caller's trace id on every log line about this request
+    let span = tracing::info_span!("request", trace_id = tracing::field::Empty);
+    if let Some(t) = header(msg.headers.as_ref(), headers::TRACEPARENT).and_then(headers::trace_id) {
+        span.record("trace_id", t);
+    }
+    let outcome = tracing::Instrument::instrument(handle_inner(&sh, prio, &msg, &model_label), span).await;
     let label = match &outcome {
         Ok(o) => o.as_str(),
         Err(e) => {

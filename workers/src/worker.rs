@@ -181,6 +181,11 @@ impl Worker {
             let every = Duration::from_millis(cfg.unrouted_sweep_ms);
             tokio::spawn(crate::sweeper::run(self.shared.clone(), every, stop_sweeper.clone()));
         }
+        let stop_heartbeat = CancellationToken::new();
+        let heartbeat = (cfg.heartbeat_ms > 0).then(|| {
+            let every = Duration::from_millis(cfg.heartbeat_ms);
+            tokio::spawn(crate::heartbeat::run(self.shared.clone(), every, shutdown.clone(), stop_heartbeat.clone()))
+        });
         // High prefetches a full batch; lower classes a quarter of one, which
         // bounds how many of them wait in the worker while high work arrives.
         let mut pulling: [Vec<Pulling>; 3] = Default::default();
@@ -273,6 +278,10 @@ impl Worker {
             tracing::info!("drained");
         }
         stop_cancels.cancel();
+        stop_heartbeat.cancel();
+        if let Some(task) = heartbeat {
+            let _ = task.await;
+        }
         if let Some(cache) = &self.shared.cache {
             cache.close().await;
         }

@@ -1,0 +1,101 @@
+//! The scaler's Prometheus metrics. Names are part of the deploy contract:
+//! the KEDA ScaledObject, the HPA, the alert rules and the dashboard under
+//! `deploy/` use them.
+
+use prometheus::{GaugeVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+
+/// Handles to the scaler's metrics.
+#[derive(Clone)]
+pub struct ScalerMetrics {
+    /// `fleet_recommended_replicas{model}`.
+    pub recommended: IntGaugeVec,
+    /// `fleet_desired_replicas{model}`: this sample's need before the cool-down.
+    pub desired: IntGaugeVec,
+    /// `fleet_consumer_lag{stream,consumer}`: pending + ack-pending.
+    pub lag: IntGaugeVec,
+    /// `fleet_consumer_pending{stream,consumer}`.
+    pub pending: IntGaugeVec,
+    /// `fleet_consumer_ack_pending{stream,consumer}`.
+    pub ack_pending: IntGaugeVec,
+    /// `fleet_consumer_redelivered{stream,consumer}`: unacked messages delivered more than once.
+    pub redelivered: IntGaugeVec,
+    /// `fleet_model_backlog{model,priority}`.
+    pub backlog: IntGaugeVec,
+    /// `fleet_model_arrival_rate{model}`, requests/s.
+    pub arrival: GaugeVec,
+    /// `fleet_model_completion_rate{model}`, requests/s.
+    pub completion: GaugeVec,
+    /// `fleet_model_service_rate{model}`: one worker's, requests/s.
+    pub service: GaugeVec,
+    /// `fleet_model_drain_seconds{model}`: at current rates; +Inf when not shrinking.
+    pub drain: GaugeVec,
+    /// `fleet_model_workers{model}`: live workers from the registry.
+    pub workers: IntGaugeVec,
+    /// `fleet_model_lag_slope{model}`: backlog trend, requests/s.
+    pub lag_slope: GaugeVec,
+    /// `fleet_model_worker_latency_seconds{model}`: mean backend time the workers report.
+    pub latency: GaugeVec,
+    /// `fleet_scaler_warning{model,kind}`: 1 while a warning holds.
+    pub warning: IntGaugeVec,
+    /// `fleet_scaler_anomalies_total{model,signal}`.
+    pub anomalies: IntCounterVec,
+    /// `fleet_stream_messages{stream}`: messages stored in each fleet stream.
+    pub stream_messages: IntGaugeVec,
+    /// `fleet_registry_workers`: live workers in the registry.
+    pub registry_workers: IntGauge,
+    /// `fleet_scaler_samples_total{result}`: `ok` or `error`.
+    pub samples: IntCounterVec,
+}
+
+impl ScalerMetrics {
+    /// Creates and registers the metrics on `registry`.
+    pub fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let ig = |n: &str, h: &str, l: &[&str]| IntGaugeVec::new(Opts::new(n, h), l);
+        let g = |n: &str, h: &str, l: &[&str]| GaugeVec::new(Opts::new(n, h), l);
+        let sc = &["stream", "consumer"];
+        let m = ScalerMetrics {
+            recommended: ig("fleet_recommended_replicas", "Worker replicas the scaler recommends", &["model"])?,
+            desired: ig("fleet_desired_replicas", "Replicas the latest sample alone asks for", &["model"])?,
+            lag: ig("fleet_consumer_lag", "Pending plus unacknowledged messages of a worker consumer", sc)?,
+            pending: ig("fleet_consumer_pending", "Messages not yet delivered", sc)?,
+            ack_pending: ig("fleet_consumer_ack_pending", "Messages delivered and not yet acknowledged", sc)?,
+            redelivered: ig("fleet_consumer_redelivered", "Unacknowledged messages delivered more than once", sc)?,
+            backlog: ig("fleet_model_backlog", "Waiting plus unacknowledged requests", &["model", "priority"])?,
+            arrival: g("fleet_model_arrival_rate", "Requests arriving per second", &["model"])?,
+            completion: g("fleet_model_completion_rate", "Requests completed per second", &["model"])?,
+            service: g("fleet_model_service_rate", "One worker's service rate in requests per second", &["model"])?,
+            drain: g("fleet_model_drain_seconds", "Seconds to drain the backlog at current rates", &["model"])?,
+            workers: ig("fleet_model_workers", "Live workers serving the model", &["model"])?,
+            lag_slope: g("fleet_model_lag_slope", "Backlog trend over the window, requests per second", &["model"])?,
+            latency: g("fleet_model_worker_latency_seconds", "Mean backend time reported by workers", &["model"])?,
+            warning: ig("fleet_scaler_warning", "1 while a scaler warning holds", &["model", "kind"])?,
+            anomalies: IntCounterVec::new(
+                Opts::new("fleet_scaler_anomalies_total", "Anomalies seen (robust z-score)"),
+                &["model", "signal"],
+            )?,
+            stream_messages: ig("fleet_stream_messages", "Messages stored in a fleet stream", &["stream"])?,
+            registry_workers: IntGauge::new("fleet_registry_workers", "Live workers in the registry")?,
+            samples: IntCounterVec::new(Opts::new("fleet_scaler_samples_total", "Scaler samples"), &["result"])?,
+        };
+        registry.register(Box::new(m.recommended.clone()))?;
+        registry.register(Box::new(m.desired.clone()))?;
+        registry.register(Box::new(m.lag.clone()))?;
+        registry.register(Box::new(m.pending.clone()))?;
+        registry.register(Box::new(m.ack_pending.clone()))?;
+        registry.register(Box::new(m.redelivered.clone()))?;
+        registry.register(Box::new(m.backlog.clone()))?;
+        registry.register(Box::new(m.arrival.clone()))?;
+        registry.register(Box::new(m.completion.clone()))?;
+        registry.register(Box::new(m.service.clone()))?;
+        registry.register(Box::new(m.drain.clone()))?;
+        registry.register(Box::new(m.workers.clone()))?;
+        registry.register(Box::new(m.lag_slope.clone()))?;
+        registry.register(Box::new(m.latency.clone()))?;
+        registry.register(Box::new(m.warning.clone()))?;
+        registry.register(Box::new(m.anomalies.clone()))?;
+        registry.register(Box::new(m.stream_messages.clone()))?;
+        registry.register(Box::new(m.registry_workers.clone()))?;
+        registry.register(Box::new(m.samples.clone()))?;
+        Ok(m)
+    }
+}

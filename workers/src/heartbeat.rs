@@ -1,0 +1,152 @@
+//! Registry heartbeats: every `heartbeat_ms` the worker writes a
+//! [`WorkerInfo`] under its id to the KV bucket `fleet_workers`, whose max
+//! age is the TTL. While draining it says so; once drained it deletes its
+//! key, so the scaler and `retro-fleet workers` stop counting it at once.
+//!
+//! The figures come from the worker's own metrics (requests finished, backend
+//! time), read as deltas between heartbeats, so the hot path pays nothing.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::kv;
+use bytes::Bytes;
+use prometheus::core::Collector;
+use retro_fleet_schemas::registry::kv_key;
+use retro_fleet_schemas::{subjects, ModelLoad, WorkerInfo};
+use tokio_util::sync::CancellationToken;
+
+use crate::process::Shared;
+use crate::unix_ms;
+
+/// Outcomes that do not finish a request (it comes back).
+const NOT_FINISHED: &[&str] = &["retried", "nats_error"];
+
+/// Per-model totals read from the metrics: (finished, backend seconds, backend count).
+fn totals(sh: &Shared) -> BTreeMap<String, (u64, f64, u64)> {
+    let mut t: BTreeMap<String, (u64, f64, u64)> = BTreeMap::new();
+    for family in sh.metrics.requests.collect() {
+        for m in family.get_metric() {
+            let label = |name: &str| {
+                m.get_label().iter().find(|l| l.name() == name).map(|l| l.value().to_string()).unwrap_or_default()
+            };
+            if NOT_FINISHED.contains(&label("outcome").as_str()) {
+                continue;
+            }
+            t.entry(label("model")).or_default().0 += m.get_counter().get_value() as u64;
+        }
+    }
+    for family in sh.metrics.compute.collect() {
+        for m in family.get_metric() {
+            let model =
+                m.get_label().iter().find(|l| l.name() == "model").map(|l| l.value().to_string()).unwrap_or_default();
+            let h = m.get_histogram();
+            let e = t.entry(model).or_default();
+            e.1 += h.get_sample_sum();
+            e.2 += h.get_sample_count();
+        }
+    }
+    t
+}
+
+/// Builds heartbeats from successive metric readings.
+struct Beat {
+    started_ms: u64,
+    last: BTreeMap<String, (u64, f64, u64)>,
+    at: Instant,
+}
+
+impl Beat {
+    fn next(&mut self, sh: &Shared, draining: bool) -> WorkerInfo {
+        let now = totals(sh);
+        let dt = self.at.elapsed().as_secs_f64().max(1e-3);
+        let mut per_model = BTreeMap::new();
+        let models: Vec<String> = {
+            let mut m: Vec<String> = sh.backends.keys().cloned().collect();
+            m.sort();
+            m
+        };
+        let (mut done, mut secs, mut count, mut completed) = (0u64, 0.0, 0u64, 0u64);
+        for model in &models {
+            let cur = now.get(model).copied().unwrap_or_default();
+            let prev = self.last.get(model).copied().unwrap_or_default();
+            let d_done = cur.0.saturating_sub(prev.0);
+            let d_secs = (cur.1 - prev.1).max(0.0);
+            let d_count = cur.2.saturating_sub(prev.2);
+            done += d_done;
+            secs += d_secs;
+            count += d_count;
+            completed += cur.0;
+            per_model.insert(
+                model.clone(),
+                ModelLoad {
+                    completed: cur.0,
+                    throughput: d_done as f64 / dt,
+                    latency_ms: (d_count > 0).then(|| d_secs / d_count as f64 * 1e3),
+                },
+            );
+        }
+        self.last = now;
+        self.at = Instant::now();
+        WorkerInfo {
+            v: retro_fleet_schemas::SCHEMA_VERSION,
+            id: sh.worker_id.clone(),
+            models,
+            capacity: sh.cfg.max_inflight as u32,
+            inflight: sh.metrics.inflight.get().max(0) as u32,
+            completed,
+            throughput: done as f64 / dt,
+            latency_ms: (count > 0).then(|| secs / count as f64 * 1e3),
+            per_model,
+            draining,
+            started_ms: self.started_ms,
+            updated_ms: unix_ms(),
+        }
+    }
+}
+
+async fn bucket(sh: &Shared) -> Option<kv::Store> {
+    match sh.js.get_key_value(subjects::WORKERS_BUCKET).await {
+        Ok(kv) => Some(kv),
+        Err(e) => {
+            tracing::warn!(error = %e, "worker registry bucket unavailable (run `retro-fleet topology apply`); retrying");
+            None
+        }
+    }
+}
+
+/// Heartbeats every `every` until `stop` fires, then deletes this worker's
+/// key. After `shutdown` fires (and before `stop`) heartbeats say `draining`.
+pub async fn run(sh: Arc<Shared>, every: Duration, shutdown: CancellationToken, stop: CancellationToken) {
+    let key = kv_key(&sh.worker_id);
+    let mut beat = Beat { started_ms: unix_ms(), last: totals(&sh), at: Instant::now() };
+    let mut store = None;
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = shutdown.cancelled(), if !draining => draining = true,
+            _ = stop.cancelled() => break,
+        }
+        if store.is_none() {
+            store = bucket(&sh).await;
+        }
+        let Some(kv) = &store else { continue };
+        let info = beat.next(&sh, draining);
+        let value = Bytes::from(serde_json::to_vec(&info).expect("worker info is JSON"));
+        if let Err(e) = kv.put(&key, value).await {
+            tracing::debug!(error = %e, "heartbeat failed");
+        }
+    }
+    if store.is_none() {
+        store = bucket(&sh).await;
+    }
+    if let Some(kv) = store {
+        if let Err(e) = kv.delete(&key).await {
+            tracing::debug!(error = %e, "removing the registry entry failed; it expires by itself");
+        }
+    }
+}
