@@ -261,6 +261,17 @@ async fn chaos_kill9_a_worker_ten_times_during_5000_requests() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_nats_server_restart_during_a_run() {
+    nats_restart_during_a_run(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_nats_server_kill9_and_restart_during_a_run() {
+    nats_restart_during_a_run(true).await;
+}
+
+/// Stops nats-server mid-run (SIGTERM, or SIGKILL as a crash) and starts
+/// it again on the same port and store 2 s later.
+async fn nats_restart_during_a_run(crash: bool) {
     // two URLs, the first one dead: clients must take the second and come back to it
     let nats = NatsServer::start();
     let dead = format!("nats://127.0.0.1:{}", free_port());
@@ -319,7 +330,11 @@ async fn chaos_nats_server_restart_during_a_run() {
     while caller.replied() < 800 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    nats.stop();
+    if crash {
+        nats.kill();
+    } else {
+        nats.stop();
+    }
     // while it is down, readiness says so
     let (mut unready, mut ingress_unready) = (false, false);
     let down = Instant::now();
@@ -335,8 +350,9 @@ async fn chaos_nats_server_restart_during_a_run() {
     let http_retries = http_task.await.unwrap();
     let all: Vec<String> = nats_ids.iter().chain(&http_ids).cloned().collect();
     caller.wait_stored(subjects::DEFAULT_TENANT, &all, Duration::from_secs(120)).await;
+    let how = if crash { "SIGKILL" } else { "SIGTERM" };
     let r = caller
-        .report("nats-server restart (SIGTERM, same port and store)", subjects::DEFAULT_TENANT, &all, false)
+        .report(&format!("nats-server restart ({how}, same port and store)"), subjects::DEFAULT_TENANT, &all, false)
         .await;
     println!("  http retries during the outage {http_retries}; replies seen {}", caller.replied());
     r.assert_clean();
@@ -525,7 +541,7 @@ async fn chaos_ten_thousand_malformed_messages_mixed_into_valid_traffic() {
         letters
     };
     let seen = caller.seen.lock().unwrap();
-    let (mut poison, mut accepted, mut unanswered, mut twice) = (0, 0, 0, 0);
+    let (mut poison, mut accepted, mut unanswered, mut twice, mut shared) = (0, 0, 0, 0, 0);
     let mut codes: HashMap<String, usize> = HashMap::new();
     for id in &fuzz_ids {
         let Some(replies) = seen.results.get(id) else {
@@ -537,33 +553,40 @@ async fn chaos_ten_thousand_malformed_messages_mixed_into_valid_traffic() {
         }
         let first = &replies[0];
         let (ct, body) = &sent_fuzz[id];
-        let renamed = !first.id.is_empty() && &first.id != id;
-        if first.status == Status::Error && !renamed {
+        // One result per id: whatever a message was answered, it is the
+        // result stored for the id it carried. A mutation may change the id
+        // in a body to another message's id; both are then answered with
+        // the one result stored first for that id (an id is an idempotency key).
+        if !first.id.is_empty() {
+            let stored = caller.stored(subjects::DEFAULT_TENANT, std::slice::from_ref(&first.id)).await;
+            assert_eq!(stored.get(&first.id), Some(first), "{id}: answered with the result stored for {}", first.id);
+        }
+        let own = &first.id == id || first.id.is_empty();
+        if let Some((payload, code)) = letters.get(id) {
             poison += 1;
-            let (payload, code) = letters.get(id).unwrap_or_else(|| {
-                panic!("{id} answered with an error but not dead-lettered: {first:?} {:?}", sent_fuzz[id])
-            });
             assert_eq!(&payload[..], &body[..], "{id}: the dead letter keeps the original payload");
-            assert_eq!(code.as_str(), first.error.as_ref().unwrap().code.as_str());
-            *codes.entry(code.clone()).or_default() += 1;
+            if own && first.error.as_ref().map(|e| e.code.as_str()) == Some(code.as_str()) {
+                *codes.entry(code.clone()).or_default() += 1;
+            } else {
+                shared += 1;
+            }
         } else {
-            // a mutation that still decodes to a valid request: answered, not
-            // dead-lettered. When the mutation changed the id in the body, the
-            // answer is the one stored for that id (an id is an idempotency key).
+            // a mutation that still decodes to a valid request: answered, not dead-lettered
             accepted += 1;
-            assert!(!letters.contains_key(id), "{id} answered and dead-lettered");
             let req: InferRequest = codec::decode(ct.as_deref(), body).expect("an accepted message decodes");
             assert!(req.validate(usize::MAX).is_ok());
             assert_eq!(req.id, first.id);
-            if renamed {
-                let stored = caller.stored(subjects::DEFAULT_TENANT, std::slice::from_ref(&req.id)).await;
-                assert_eq!(stored.get(&req.id), Some(first), "{id}: answered with the result stored for {}", req.id);
+            if own {
+                assert_eq!(first.status, Status::Ok, "{id}: {first:?}");
+            } else {
+                shared += 1;
             }
         }
     }
     println!(
         "chaos fuzz: sent 10000 malformed / answered {} / lost {unanswered} / duplicated {twice}: \
-         {poison} dead-lettered with their payload, {accepted} still valid and answered; codes {codes:?}; dead letters {}",
+         {poison} dead-lettered with their payload, {accepted} still valid and answered; codes {codes:?}; dead letters {}; \
+         {shared} answered with the result of another message carrying the same id",
         poison + accepted,
         letters.len()
     );
@@ -680,4 +703,35 @@ async fn chaos_a_backlog_of_expired_requests_is_not_computed() {
     let computed = metric(&metrics, "fleet_compute_seconds_count{");
     println!("  computed {computed} (the {} live ones), answered deadline_exceeded {}", live.len(), expired.len());
     assert_eq!(computed as usize, live.len(), "only live requests reached the model");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_a_request_whose_workers_keep_dying_is_answered_not_stranded() {
+    // max_deliver is 3 in test configs; each generation would take a minute
+    let s = setup("[models.slow]\nbackend = \"synthetic\"\nlatency_ms = 60000\n");
+    let caller = Chaos::connect(&s.nats.url()).await;
+    let ids = vec!["doomed".to_string()];
+    caller.publish_request(Priority::Normal, &request("doomed", "slow", "x"), &[]).await;
+    let stream = caller.js.get_stream("FLEET_REQ_NORMAL").await.unwrap();
+    let mut consumer =
+        stream.get_consumer::<async_nats::jetstream::consumer::pull::Config>("worker_slow").await.unwrap();
+    for delivery in 1..=3u64 {
+        let (mut w, _) = worker(&s.config).await;
+        let start = Instant::now();
+        while consumer.info().await.unwrap().delivered.consumer_sequence < delivery {
+            assert!(start.elapsed() < Duration::from_secs(20), "delivery {delivery} never came");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        w.kill9(); // dies while running it
+    }
+    let (_w, _) = worker(&s.config).await;
+    caller.wait_replies(&ids, Duration::from_secs(20)).await;
+    let r = caller.report("a request whose worker is killed at each of its 3 deliveries", "default", &ids, true).await;
+    r.assert_clean();
+    let seen = caller.seen.lock().unwrap();
+    let e = seen.results["doomed"][0].error.clone().expect("an error result");
+    assert_eq!(e.code, ErrorCode::Internal);
+    assert!(e.message.contains("delivered 4 times"), "{e:?}");
+    drop(seen);
+    assert_eq!(stream_len(&caller.js, subjects::DLQ_STREAM).await, 1, "and a dead letter");
 }
