@@ -254,8 +254,17 @@ async fn chaos_kill9_a_worker_ten_times_during_5000_requests() {
     }
     caller.wait_replies(&ids, Duration::from_secs(120)).await;
     let r = caller.report("kill -9 x10, 2 workers", subjects::DEFAULT_TENANT, &ids, true).await;
-    println!("  kills {kills}, run {:.1} s", start.elapsed().as_secs_f64());
+    // deliveries beyond one per request: what the kills took down mid-run
+    let mut deliveries = 0;
+    for p in Priority::ALL {
+        let stream = caller.js.get_stream(subjects::request_stream(p)).await.unwrap();
+        let mut c = stream.get_consumer::<async_nats::jetstream::consumer::pull::Config>("worker_slow").await.unwrap();
+        deliveries += c.info().await.unwrap().delivered.consumer_sequence;
+    }
+    let redelivered = deliveries - ids.len() as u64;
+    println!("  kills {kills}, redeliveries {redelivered}, run {:.1} s", start.elapsed().as_secs_f64());
     r.assert_clean();
+    assert!(redelivered > 0, "the kills hit requests in flight");
     assert_eq!(r.errors, 0, "every request computed, none given up");
 }
 
