@@ -9,9 +9,11 @@ use async_nats::HeaderMap;
 use bytes::Bytes;
 use futures::StreamExt;
 use hdrhistogram::Histogram;
-use retro_fleet_schemas::{codec, headers, subjects, InferRequest, Input, Priority};
+use retro_fleet_schemas::{codec, headers, subjects, CacheTier, InferRequest, InferResult, Input, Priority};
 use serde::Serialize;
 use tokio::sync::Semaphore;
+
+use crate::workload::Workload;
 
 /// Closed or open loop.
 #[derive(Debug, Clone, Copy)]
@@ -65,6 +67,8 @@ pub struct Report {
     pub lost: usize,
     /// Extra answers to already-answered requests.
     pub duplicates: usize,
+    /// Answers that came from a cache (any tier, or a shared computation).
+    pub cache_hits: usize,
     /// Answered requests per second over the round.
     pub throughput: f64,
     /// Latency percentiles in ms.
@@ -81,8 +85,9 @@ impl Report {
     /// One line for people.
     pub fn line(&self) -> String {
         format!(
-            "{:<6} sent {} answered {} lost {} dup {} | {:>8.0} req/s | p50 {:.3} ms p90 {:.3} ms p99 {:.3} ms max {:.3} ms",
-            self.target, self.sent, self.answered, self.lost, self.duplicates, self.throughput, self.p50_ms, self.p90_ms, self.p99_ms, self.max_ms
+            "{:<6} sent {} answered {} lost {} dup {} | {:>8.0} req/s | p50 {:.3} ms p90 {:.3} ms p99 {:.3} ms max {:.3} ms | cache hits {:.1} %",
+            self.target, self.sent, self.answered, self.lost, self.duplicates, self.throughput, self.p50_ms, self.p90_ms, self.p99_ms, self.max_ms,
+            100.0 * self.cache_hits as f64 / self.answered.max(1) as f64
         )
     }
 }
@@ -99,7 +104,7 @@ pub async fn run(
     target: &Target,
     n: usize,
     mode: Mode,
-    prompt_bytes: usize,
+    workload: &Workload,
     wait: Duration,
 ) -> anyhow::Result<Report> {
     let js = async_nats::jetstream::new(client.clone());
@@ -117,16 +122,18 @@ pub async fn run(
     let closed_loop = matches!(mode, Mode::Window(_));
     let answered = Arc::new(AtomicUsize::new(0));
     let duplicates = Arc::new(AtomicUsize::new(0));
+    let hits = Arc::new(AtomicUsize::new(0));
     let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?));
 
     let mut receiver = {
-        let (sent_at, flags, window, answered, duplicates, hist) = (
+        let (sent_at, flags, window, answered, duplicates, hist, hits) = (
             sent_at.clone(),
             answered_flags.clone(),
             window.clone(),
             answered.clone(),
             duplicates.clone(),
             hist.clone(),
+            hits.clone(),
         );
         tokio::spawn(async move {
             while let Some(msg) = sub.next().await {
@@ -149,6 +156,9 @@ pub async fn run(
                 if closed_loop {
                     window.add_permits(1);
                 }
+                if codec::decode::<InferResult>(None, &msg.payload).is_ok_and(|r| r.cache != CacheTier::None) {
+                    hits.fetch_add(1, Ordering::Relaxed);
+                }
                 if answered.fetch_add(1, Ordering::AcqRel) + 1 == flags.len() {
                     return;
                 }
@@ -156,7 +166,7 @@ pub async fn run(
         })
     };
 
-    let prompt: String = "lorem ipsum dolor sit amet ".chars().cycle().take(prompt_bytes).collect();
+    let params = workload.params();
     let start = Instant::now();
     let mut ticker = match mode {
         Mode::Rate(r) => Some(tokio::time::interval(Duration::from_secs_f64(1.0 / r.max(0.001)))),
@@ -175,8 +185,8 @@ pub async fn run(
             id: id.clone(),
             model: target.model.clone(),
             adapter: None,
-            input: Input::Completion { prompt: prompt.clone() },
-            params: Default::default(),
+            input: Input::Completion { prompt: workload.prompt(&run_id, i) },
+            params: params.clone(),
             stream: false,
             cache: Default::default(),
             tenant: None,
@@ -207,6 +217,7 @@ pub async fn run(
         answered: got,
         lost: n - got,
         duplicates: duplicates.load(Ordering::Relaxed),
+        cache_hits: hits.load(Ordering::Relaxed),
         throughput: got as f64 / elapsed,
         p50_ms: ms(0.5),
         p90_ms: ms(0.9),

@@ -9,6 +9,7 @@
 
 mod floor;
 mod load;
+mod workload;
 
 use std::time::Duration;
 
@@ -36,9 +37,20 @@ struct Args {
     /// Bytes of prompt text per request.
     #[arg(long, default_value_t = 256)]
     prompt_bytes: usize,
-    /// Model to call (must be served by a running worker).
-    #[arg(long, default_value = "echo")]
-    model: String,
+    /// Greedy sampling (temperature 0), so the fleet may answer from its cache.
+    #[arg(long)]
+    greedy: bool,
+    /// Share of requests repeating one of --distinct popular prompts (0..1);
+    /// the others ask prompts never asked before.
+    #[arg(long, default_value_t = 0.0)]
+    repeat: f64,
+    /// Number of popular prompts that --repeat draws from.
+    #[arg(long, default_value_t = 100)]
+    distinct: usize,
+    /// Model(s) to call, comma-separated (each served by a running worker);
+    /// several are measured in alternating rounds and compared with the first.
+    #[arg(long, default_value = "echo", value_delimiter = ',')]
+    model: Vec<String>,
     /// Priority class.
     #[arg(long, default_value = "normal")]
     priority: Priority,
@@ -75,9 +87,16 @@ async fn main() -> anyhow::Result<()> {
     };
     let mut targets = Vec::new();
     if !args.floor_only {
-        targets.push(Target::fleet(&args.model, args.priority));
+        for m in &args.model {
+            let mut t = Target::fleet(m, args.priority);
+            if args.model.len() > 1 {
+                t.name = m.clone();
+            }
+            targets.push(t);
+        }
     }
-    let floor_worker = if args.floor || args.floor_only {
+    let floor_measured = args.floor || args.floor_only;
+    let floor_worker = if floor_measured {
         let w = floor::start(client.clone(), args.floor_store).await?;
         targets.push(Target::floor());
         Some(w)
@@ -85,14 +104,20 @@ async fn main() -> anyhow::Result<()> {
         None
     };
     let wait = Duration::from_secs(args.timeout);
+    let workload = workload::Workload {
+        prompt_bytes: args.prompt_bytes,
+        greedy: args.greedy,
+        repeat: args.repeat.clamp(0.0, 1.0),
+        distinct: args.distinct.max(1),
+    };
     let warmup = (args.requests / 10).clamp(100, 2_000);
     for t in &targets {
-        load::run(&client, t, warmup, mode, args.prompt_bytes, wait).await?;
+        load::run(&client, t, warmup, mode, &workload, wait).await?;
     }
     let mut reports: Vec<Vec<Report>> = vec![Vec::new(); targets.len()];
     for round in 0..args.rounds.max(1) {
         for (i, t) in targets.iter().enumerate() {
-            let r = load::run(&client, t, args.requests, mode, args.prompt_bytes, wait).await?;
+            let r = load::run(&client, t, args.requests, mode, &workload, wait).await?;
             eprintln!("round {}: {}", round + 1, r.line());
             reports[i].push(r);
         }
@@ -105,10 +130,13 @@ async fn main() -> anyhow::Result<()> {
     for r in &medians {
         println!("{}", r.line());
     }
-    if medians.len() == 2 {
-        let ratio = medians[0].throughput / medians[1].throughput;
-        println!("fleet/floor: {ratio:.2}");
-        println!("p50 added by the fleet: {:.3} ms", medians[0].p50_ms - medians[1].p50_ms);
+    // each target against the floor when measured, else against the first
+    let reference = if floor_measured { medians.len() - 1 } else { 0 };
+    for (i, r) in medians.iter().enumerate().filter(|(i, _)| *i != reference) {
+        let base = &medians[reference];
+        println!("{}/{}: {:.2}", r.target, base.target, r.throughput / base.throughput);
+        println!("p50 added by {} over {}: {:.3} ms", r.target, base.target, r.p50_ms - base.p50_ms);
+        let _ = i;
     }
     let json = serde_json::json!({ "mode": mode.to_string(), "requests": args.requests, "rounds": reports, "median": medians });
     if let Some(path) = &args.json {

@@ -1,0 +1,75 @@
+//! What each request asks: a prompt of a given size, and optionally greedy
+//! sampling (so the fleet may cache it) and a share of repeated prompts.
+//!
+//! With `repeat` r and `distinct` k, request i asks one of k popular prompts
+//! with probability r (chosen by a hash of i, so every round and every target
+//! gets the same sequence), and a prompt never asked before otherwise.
+
+use retro_fleet_schemas::SamplingParams;
+
+/// The request mix.
+#[derive(Debug, Clone)]
+pub struct Workload {
+    /// Bytes of prompt text.
+    pub prompt_bytes: usize,
+    /// Temperature 0 (reproducible, cacheable).
+    pub greedy: bool,
+    /// Share of requests that repeat a popular prompt (0..1).
+    pub repeat: f64,
+    /// Number of popular prompts.
+    pub distinct: usize,
+}
+
+fn mix(mut x: u64) -> u64 {
+    // splitmix64
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+impl Workload {
+    /// The prompt of request `i` of a run tagged `run`.
+    pub fn prompt(&self, run: &str, i: usize) -> String {
+        let h = mix(i as u64);
+        let head = if self.repeat > 0.0 && (h >> 11) as f64 / (1u64 << 53) as f64 <= self.repeat {
+            format!("popular question {} ", (h % self.distinct.max(1) as u64))
+        } else if self.repeat > 0.0 || self.greedy {
+            format!("fresh question {run}-{i} ")
+        } else {
+            String::new()
+        };
+        let filler = "lorem ipsum dolor sit amet ";
+        let mut p = head;
+        p.extend(filler.chars().cycle().take(self.prompt_bytes.saturating_sub(p.len())));
+        p
+    }
+
+    /// Sampling parameters of every request.
+    pub fn params(&self) -> SamplingParams {
+        SamplingParams { temperature: self.greedy.then_some(0.0), ..Default::default() }
+    }
+
+    /// Whether request `i` asks a popular (repeated) prompt.
+    #[cfg(test)]
+    pub fn repeats(&self, i: usize) -> bool {
+        self.prompt("", i).starts_with("popular")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mix_has_the_asked_share_of_repeats() {
+        let w = Workload { prompt_bytes: 64, greedy: true, repeat: 0.7, distinct: 50 };
+        let n = 20_000;
+        let repeats = (0..n).filter(|i| w.repeats(*i)).count() as f64 / n as f64;
+        assert!((repeats - 0.7).abs() < 0.02, "{repeats}");
+        assert_eq!(w.prompt("a", 5).len(), 64);
+        assert_eq!(w.prompt("a", 5), w.prompt("a", 5));
+        let fresh: Vec<usize> = (0..n).filter(|i| !w.repeats(*i)).take(2).collect();
+        assert_ne!(w.prompt("a", fresh[0]), w.prompt("a", fresh[1]));
+    }
+}

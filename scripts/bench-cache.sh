@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The result cache under load, in one run against one nats-server:
+#  1. realistic mix: 70 % of requests repeat one of 200 popular prompts,
+#     greedy sampling, a synthetic model of 10 ms per request (16 at once per
+#     worker). Two workers, one per model: `cached` with the cache on,
+#     `uncached` with it off; loadtest alternates rounds between them.
+#  2. cache-hit workload: every request repeats one of 100 prompts (warmed by
+#     the warm-up round), against the bare JetStream floor in the same run.
+#
+# Usage: scripts/bench-cache.sh            (release build)
+#        PROFILE=debug scripts/bench-cache.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PROFILE="${PROFILE:-release}"
+if [ "$PROFILE" = release ]; then
+    cargo build --release --workspace --bins >&2
+else
+    cargo build --workspace --bins >&2
+fi
+BIN="${CARGO_TARGET_DIR:-target}/$PROFILE"
+PORT="${BENCH_NATS_PORT:-4335}"
+WORKDIR="$(mktemp -d)"
+cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORKDIR"; }
+trap cleanup EXIT
+export NATS_URL="nats://127.0.0.1:$PORT"
+cat > "$WORKDIR/bench.toml" <<TOML
+metrics_listen = "127.0.0.1:0"
+data_dir = "$WORKDIR/data"
+[log]
+level = "warn"
+[worker]
+max_inflight = 512
+batch_size = 256
+[models.cached]
+backend = "synthetic"
+latency_ms = 10
+concurrency = 16
+[models.uncached]
+backend = "synthetic"
+latency_ms = 10
+concurrency = 16
+TOML
+echo "# $(date -u +%F) $(nproc) cores, $(nats-server --version), $PROFILE build"
+nats-server -js -a 127.0.0.1 -p "$PORT" -sd "$WORKDIR/store" >/dev/null 2>&1 &
+sleep 0.5
+"$BIN/retro-fleet" --config "$WORKDIR/bench.toml" topology apply >/dev/null
+"$BIN/retro-fleet" --config "$WORKDIR/bench.toml" worker --models cached --id cached >"$WORKDIR/cached.log" 2>&1 &
+FLEET_WORKER__CACHE__ENABLED=false \
+    "$BIN/retro-fleet" --config "$WORKDIR/bench.toml" worker --models uncached --id uncached >"$WORKDIR/uncached.log" 2>&1 &
+sleep 2
+echo "### 70 % repeats of 200 prompts, greedy, window 64, 5000 requests x 3 rounds: cache on vs off"
+"$BIN/loadtest" --model cached,uncached --greedy --repeat 0.7 --distinct 200 --window 64 --requests 5000 --rounds 3
+echo "### every request a repeat (cache hits), window 64, 20000 requests x 3 rounds, vs the bare floor"
+"$BIN/loadtest" --model cached --greedy --repeat 1.0 --distinct 100 --window 64 --requests 20000 --rounds 3 --floor
+echo "### every request a repeat (cache hits), window 1, 3000 requests x 3 rounds, vs the bare floor"
+"$BIN/loadtest" --model cached --greedy --repeat 1.0 --distinct 100 --window 1 --requests 3000 --rounds 3 --floor
