@@ -72,6 +72,7 @@ pub async fn build_worker(
         config.worker.models.clone()
     };
     let breakers = retro_fleet_worker::breaker::Board::new(config.worker.breaker.clone(), registry)?;
+    let budget = backend::pool::Budget::new(config.worker.model_memory_bytes);
     let mut backends: HashMap<String, Arc<dyn Backend>> = HashMap::new();
     for name in &served {
         let Some(model) = config.models.get(name) else {
@@ -82,7 +83,7 @@ pub async fn build_worker(
         };
         backends.insert(
             name.clone(),
-            backend::build(name, model, &breakers).await.with_context(|| format!("loading model `{name}`"))?,
+            backend::build(name, model, &breakers, &budget).await.with_context(|| format!("loading model `{name}`"))?,
         );
     }
     let mut consumers: Vec<(Priority, String, PullConsumer)> = Vec::new();
@@ -299,6 +300,10 @@ fn add_demo_model(config: &mut Config) -> anyhow::Result<()> {
             max_num_seqs: 32,
             default_max_tokens: 64,
             instances: 1,
+            warm_instances: 1,
+            grow_at: None,
+            idle_unload_secs: 0,
+            balance: Default::default(),
             revision: None,
             adapters: Default::default(),
         },

@@ -28,6 +28,10 @@ pub struct WorkerConfig {
     pub max_prompt_bytes: usize,
     /// How often to look for requests to models no one serves, in ms (0 = never).
     pub unrouted_sweep_ms: u64,
+    /// Memory budget of loaded model instances in bytes, estimated from
+    /// their weight files (0: no limit). Loading past it first unloads idle
+    /// instances of the least recently used models.
+    pub model_memory_bytes: u64,
     /// The result cache.
     pub cache: crate::cache::CacheConfig,
     /// Circuit breaker of each model instance.
@@ -51,6 +55,7 @@ impl Default for WorkerConfig {
             drain_timeout_ms: 30_000,
             max_prompt_bytes: 256 * 1024,
             unrouted_sweep_ms: 5_000,
+            model_memory_bytes: 0,
             cache: Default::default(),
             breaker: Default::default(),
             heartbeat_ms: 2_000,
@@ -105,9 +110,22 @@ pub enum ModelConfig {
         /// `max_tokens` of requests that set none.
         #[serde(default = "default_max_tokens")]
         default_max_tokens: u32,
-        /// Instances loaded in each worker; requests go to the least busy.
+        /// Most instances in each worker (a pool; see `balance`, `grow_at`).
         #[serde(default = "default_instances")]
         instances: usize,
+        /// Instances loaded at start; 0 loads the first on the first request.
+        #[serde(default = "default_instances")]
+        warm_instances: usize,
+        /// Requests in flight on every loaded instance before another is
+        /// loaded; default `max_num_seqs`.
+        #[serde(default)]
+        grow_at: Option<usize>,
+        /// Unload an instance idle this many seconds (0: never).
+        #[serde(default)]
+        idle_unload_secs: u64,
+        /// Routing over loaded instances: `least_busy` or `round_robin`.
+        #[serde(default)]
+        balance: crate::backend::pool::Balance,
         /// Revision reported in results; default: a hash of the model files.
         #[serde(default)]
         revision: Option<String>,

@@ -19,12 +19,21 @@ async fn tiny() -> (tempfile::TempDir, Arc<dyn Backend>) {
         max_num_seqs: 8,
         default_max_tokens: 16,
         instances: 1,
+        warm_instances: 1,
+        grow_at: None,
+        idle_unload_secs: 0,
+        balance: Default::default(),
         revision: None,
         adapters: Default::default(),
     };
-    let b = backend::build("tiny", &cfg, &retro_fleet_worker::breaker::Board::unregistered(Default::default()))
-        .await
-        .unwrap();
+    let b = backend::build(
+        "tiny",
+        &cfg,
+        &retro_fleet_worker::breaker::Board::unregistered(Default::default()),
+        &backend::pool::Budget::new(0),
+    )
+    .await
+    .unwrap();
     (dir, b)
 }
 

@@ -113,19 +113,75 @@ impl Mistral {
     }
 }
 
-/// Loads `instances` instances of `spec` (a pool when more than one).
+/// How a model's instances are pooled (see [`super::pool`]).
+#[derive(Clone)]
+pub struct Pooling {
+    /// Most instances.
+    pub max: usize,
+    /// Instances loaded at start.
+    pub warm: usize,
+    /// Requests in flight per instance before the pool grows.
+    pub grow_at: usize,
+    /// Idle time after which an instance is unloaded.
+    pub idle_unload: Option<std::time::Duration>,
+    /// Routing.
+    pub balance: super::pool::Balance,
+    /// The worker's memory budget.
+    pub budget: Arc<super::pool::Budget>,
+}
+
+/// Bytes of the weight files under `path` (the budget's estimate of an instance).
+fn weight_bytes(path: &Path) -> u64 {
+    let files: Vec<PathBuf> = if path.is_dir() {
+        std::fs::read_dir(path).into_iter().flatten().flatten().map(|e| e.path()).collect()
+    } else {
+        vec![path.to_path_buf()]
+    };
+    files
+        .iter()
+        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("safetensors" | "gguf")))
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// The pool of `spec`'s instances.
 pub async fn load_instances(
     name: &str,
     spec: &MistralSpec,
-    instances: usize,
+    pooling: &Pooling,
     breakers: &crate::breaker::Board,
 ) -> Result<Arc<dyn Backend>, BackendError> {
-    let mut loaded: Vec<Arc<dyn Backend>> = Vec::new();
-    for i in 0..instances.max(1) {
-        loaded.push(breakers.guard(name, i, Arc::new(Mistral::load(spec).await?)));
-    }
-    tracing::info!(model = name, instances = loaded.len(), path = %spec.path.display(), "model loaded");
-    Ok(if loaded.len() == 1 { loaded.pop().expect("one instance") } else { Arc::new(super::pool::Pool::new(loaded)) })
+    let (revision, bytes) = match crate::hub::resolve(&spec.path) {
+        Ok(crate::hub::ModelSource::Local(dir)) => {
+            let rev = match &spec.revision {
+                Some(r) => Some(r.clone()),
+                None => Some(files_revision(&dir).map_err(|e| backend_err(format!("hashing {}: {e}", dir.display())))?),
+            };
+            (rev, weight_bytes(&dir))
+        }
+        _ => (spec.revision.clone(), 0),
+    };
+    let owned = spec.clone();
+    let loader: super::pool::Loader = Arc::new(move || {
+        let spec = owned.clone();
+        Box::pin(async move { Ok(Arc::new(Mistral::load(&spec).await?) as Arc<dyn Backend>) })
+    });
+    let pool_spec = super::pool::PoolSpec {
+        max: pooling.max,
+        warm: pooling.warm,
+        grow_at: pooling.grow_at,
+        idle_unload: pooling.idle_unload,
+        probe_after: std::time::Duration::from_secs(60),
+        balance: pooling.balance,
+        bytes,
+        revision,
+    };
+    let pool =
+        super::pool::Pool::build(name, pool_spec, loader, pooling.budget.clone(), |i, b| breakers.guard(name, i, b))
+            .await?;
+    tracing::info!(model = name, path = %spec.path.display(), "model ready");
+    Ok(pool)
 }
 
 /// The base model plus one instance set per LoRA adapter, each merged into
@@ -136,7 +192,7 @@ pub async fn with_adapters(
     spec: &MistralSpec,
     base: Arc<dyn Backend>,
     adapters: &std::collections::BTreeMap<String, PathBuf>,
-    instances: usize,
+    pooling: &Pooling,
     breakers: &crate::breaker::Board,
 ) -> Result<Adapted, BackendError> {
     let fail = |message: String| BackendError { code: ErrorCode::Internal, message, retryable: false };
@@ -169,10 +225,8 @@ pub async fn with_adapters(
         }
         let adapted =
             MistralSpec { path: merged, revision: Some(format!("{base_rev}+{adapter}:{tag}")), ..spec.clone() };
-        loaded.insert(
-            adapter.clone(),
-            load_instances(&format!("{name}+{adapter}"), &adapted, instances, breakers).await?,
-        );
+        loaded
+            .insert(adapter.clone(), load_instances(&format!("{name}+{adapter}"), &adapted, pooling, breakers).await?);
         revisions.push(format!("{adapter}:{tag}"));
     }
     Ok(Adapted { base, adapters: loaded, revision: revisions.join("+") })

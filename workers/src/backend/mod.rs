@@ -76,6 +76,7 @@ pub async fn build(
     name: &str,
     cfg: &ModelConfig,
     breakers: &crate::breaker::Board,
+    budget: &Arc<pool::Budget>,
 ) -> Result<Arc<dyn Backend>, BackendError> {
     Ok(match cfg {
         ModelConfig::Echo { revision } => breakers.guard(name, 0, Arc::new(echo::Echo::new(revision.clone()))),
@@ -100,6 +101,10 @@ pub async fn build(
             max_num_seqs,
             default_max_tokens,
             instances,
+            warm_instances,
+            grow_at,
+            idle_unload_secs,
+            balance,
             revision,
             adapters,
         } => {
@@ -111,11 +116,19 @@ pub async fn build(
                 default_max_tokens: *default_max_tokens,
                 revision: revision.clone(),
             };
-            let base = mistral::load_instances(name, &spec, *instances, breakers).await?;
+            let pooling = mistral::Pooling {
+                max: *instances,
+                warm: *warm_instances,
+                grow_at: grow_at.unwrap_or(*max_num_seqs),
+                idle_unload: (*idle_unload_secs > 0).then(|| std::time::Duration::from_secs(*idle_unload_secs)),
+                balance: *balance,
+                budget: budget.clone(),
+            };
+            let base = mistral::load_instances(name, &spec, &pooling, breakers).await?;
             if adapters.is_empty() {
                 base
             } else {
-                Arc::new(mistral::with_adapters(name, &spec, base, adapters, *instances, breakers).await?)
+                Arc::new(mistral::with_adapters(name, &spec, base, adapters, &pooling, breakers).await?)
             }
         }
         #[cfg(not(feature = "mistralrs"))]
