@@ -85,6 +85,11 @@ pub enum Command {
         #[command(subcommand)]
         action: ModelAction,
     },
+    /// Result cache tools (every worker at once).
+    Cache {
+        #[command(subcommand)]
+        action: CacheAction,
+    },
     /// Send one request over NATS and print its result as JSON.
     Submit {
         /// Model name.
@@ -102,11 +107,64 @@ pub enum Command {
         /// The prompt.
         prompt: String,
     },
+    /// Dead letters: list, show, replay.
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+}
+
+/// `dlq` actions. Filters are `key=value` (keys: model, priority, code, id,
+/// tenant); several must all match.
+#[derive(Debug, Subcommand)]
+pub enum DlqAction {
+    /// One line per dead letter, oldest first.
+    List {
+        /// Only letters matching, e.g. `--filter model=echo --filter code=decode_error`.
+        #[arg(long)]
+        filter: Vec<String>,
+        /// Most letters shown.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
+    /// One dead letter in full: headers, error and payload.
+    Show {
+        /// Its sequence number (from `dlq list`).
+        seq: u64,
+    },
+    /// Re-publish dead letters to their request streams with a fresh
+    /// delivery history, then delete them from the DLQ.
+    Replay {
+        /// Only letters matching.
+        #[arg(long)]
+        filter: Vec<String>,
+        /// Most letters replayed.
+        #[arg(long, default_value_t = usize::MAX)]
+        limit: usize,
+        /// Keep the letters in the DLQ after replaying them.
+        #[arg(long)]
+        keep: bool,
+        /// Print what would be replayed, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 /// `model` actions.
 #[derive(Debug, Subcommand)]
 pub enum ModelAction {
+    /// Write a small random LoRA adapter (PEFT format) for the tiny model.
+    TinyLora {
+        /// Directory to write into.
+        #[arg(long)]
+        out: PathBuf,
+        /// Adapter rank.
+        #[arg(long, default_value_t = 4)]
+        rank: usize,
+        /// Seed of the random weights (different seeds, different adapters).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// Write a tiny random-weights Llama model (safetensors, tokenizer, chat
     /// template) that mistral.rs loads: for demos and tests, no download.
     Tiny {
@@ -119,6 +177,29 @@ pub enum ModelAction {
         /// Hidden size (a multiple of 8).
         #[arg(long, default_value_t = 64)]
         hidden: usize,
+    },
+}
+
+/// `cache` actions.
+#[derive(Debug, Subcommand)]
+pub enum CacheAction {
+    /// Replay stored results (FLEET_RESULTS) into every running worker's cache.
+    Warm {
+        /// Only results stored within this age, e.g. 30m, 6h, 7d (default: all kept).
+        #[arg(long, value_parser = crate::cache_cli::parse_age)]
+        since: Option<Duration>,
+        /// Only results from this stream sequence on (wins over --since).
+        #[arg(long)]
+        from_seq: Option<u64>,
+        /// Give up waiting for the workers after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+    /// Make every worker forget the cached answers of models (all when none named).
+    Purge {
+        /// Models to purge.
+        #[arg(long = "model", value_name = "MODEL")]
+        models: Vec<String>,
     },
 }
 
@@ -231,6 +312,17 @@ pub async fn submit(
         .await
         .with_context(|| format!("no result within {timeout} s for request {} (is a worker running?)", req.id))??;
     println!("{}", serde_json::to_string_pretty(&result)?);
+    Ok(())
+}
+
+/// `retro-fleet model tiny-lora`.
+pub fn model_tiny_lora(out: &std::path::Path, rank: usize, seed: u64) -> anyhow::Result<()> {
+    if rank == 0 {
+        anyhow::bail!("--rank must be at least 1");
+    }
+    retro_fleet_worker::lora::write_tiny_adapter(out, &Default::default(), rank, seed)
+        .with_context(|| format!("writing {}", out.display()))?;
+    println!("wrote a rank-{rank} LoRA adapter for the tiny model to {}", out.display());
     Ok(())
 }
 

@@ -7,6 +7,7 @@
 //! - [`ingress`]: the HTTP API (native, health, metrics) and the reply inbox.
 //! - [`topology`]: streams and consumers, applied idempotently.
 //! - [`nats`]: connecting, and the local nats-server that `up` starts.
+//! - [`dlq`]: the `dlq` tool: list, show and replay dead letters.
 //! - [`telemetry`]: logs and the per-process metrics registry.
 //! - [`scaler`]: lag-driven replica recommendations (`retro-fleet scaler`).
 //! - [`registry`]: reading the worker registry (`retro-fleet workers`).
@@ -14,8 +15,10 @@
 //! Wire types live in the `retro-fleet-schemas` crate, the pull loop and
 //! backends in `retro-fleet-worker`.
 
+pub mod cache_cli;
 pub mod cli;
 pub mod config;
+pub mod dlq;
 pub mod ingress;
 pub mod nats;
 pub mod registry;

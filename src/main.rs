@@ -1,5 +1,5 @@
 use clap::Parser;
-use retro_fleet::cli::{self, Cli, Command, ModelAction, TopologyAction};
+use retro_fleet::cli::{self, CacheAction, Cli, Command, DlqAction, ModelAction, TopologyAction};
 use retro_fleet::{roles, telemetry};
 use tokio_util::sync::CancellationToken;
 
@@ -18,6 +18,15 @@ fn main() -> std::process::ExitCode {
     }
     if let Command::Model { action: ModelAction::Tiny { out, layers, hidden } } = &cli.command {
         return match cli::model_tiny(out, *layers, *hidden) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
+    if let Command::Model { action: ModelAction::TinyLora { out, rank, seed } } = &cli.command {
+        return match cli::model_tiny_lora(out, *rank, *seed) {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e:#}");
@@ -48,9 +57,28 @@ fn main() -> std::process::ExitCode {
             }
             Command::Workers { json } => cli::workers(&config, json).await,
             Command::Topology { action: TopologyAction::Apply } => cli::topology_apply(&config).await,
+            Command::Cache { action: CacheAction::Warm { since, from_seq, timeout } } => {
+                let since_ms = since.map(|age| retro_fleet_worker::unix_ms().saturating_sub(age.as_millis() as u64));
+                let from = retro_fleet_worker::cache::warm::WarmFrom { since_ms, from_seq };
+                retro_fleet::cache_cli::warm(&config, from, std::time::Duration::from_secs(timeout)).await
+            }
+            Command::Cache { action: CacheAction::Purge { models } } => {
+                retro_fleet::cache_cli::purge(&config, models).await
+            }
             Command::Submit { model, priority, max_tokens, timeout, prompt } => {
                 cli::submit(&config, model, priority, max_tokens, timeout, prompt).await
             }
+            Command::Dlq { action } => match action {
+                DlqAction::List { filter, limit } => {
+                    let filter = retro_fleet::dlq::Filter::parse(&filter)?;
+                    retro_fleet::dlq::list(&config, &filter, limit).await
+                }
+                DlqAction::Show { seq } => retro_fleet::dlq::show(&config, seq).await,
+                DlqAction::Replay { filter, limit, keep, dry_run } => {
+                    let filter = retro_fleet::dlq::Filter::parse(&filter)?;
+                    retro_fleet::dlq::replay(&config, &filter, limit, keep, dry_run).await.map(|_| ())
+                }
+            },
             Command::Config | Command::Model { .. } => unreachable!("handled above"),
         }
     });

@@ -25,6 +25,7 @@ pub async fn connect(cfg: &NatsConfig, role: &str) -> anyhow::Result<async_nats:
         .event_callback(|event| async move {
             match event {
                 async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS; reconnecting"),
+                async_nats::Event::Connected => tracing::info!("connected to NATS; pulling and publishing resume"),
                 other => tracing::info!(event = %other, "NATS event"),
             }
         });

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context as _};
 use async_nats::jetstream::consumer::PullConsumer;
 use retro_fleet_schemas::{subjects, Priority};
+use retro_fleet_worker::cache::ResultCache;
 use retro_fleet_worker::{backend, Backend, Worker};
 use tokio_util::sync::CancellationToken;
 
@@ -36,6 +37,27 @@ pub fn cancel_on_signal(token: CancellationToken) {
     });
 }
 
+/// Opens the worker's result cache, when enabled.
+async fn open_cache(
+    config: &Config,
+    js: &async_nats::jetstream::Context,
+    worker_id: &str,
+    registry: &prometheus::Registry,
+) -> anyhow::Result<Option<Arc<ResultCache>>> {
+    let cfg = &config.worker.cache;
+    if !cfg.enabled {
+        return Ok(None);
+    }
+    let mut cache = ResultCache::open(cfg, &config.data_dir, registry).await?;
+    if cfg.coalesce_across_workers {
+        let wait = std::time::Duration::from_millis(cfg.claim_wait_ms);
+        if let Some(claims) = retro_fleet_worker::cache::sync::Claims::open(js, worker_id, wait).await {
+            cache = cache.with_claims(claims);
+        }
+    }
+    Ok(Some(Arc::new(cache)))
+}
+
 /// Builds a worker for the configured models (topology applied first).
 pub async fn build_worker(
     config: &Config,
@@ -49,6 +71,7 @@ pub async fn build_worker(
     } else {
         config.worker.models.clone()
     };
+    let breakers = retro_fleet_worker::breaker::Board::new(config.worker.breaker.clone(), registry)?;
     let mut backends: HashMap<String, Arc<dyn Backend>> = HashMap::new();
     for name in &served {
         let Some(model) = config.models.get(name) else {
@@ -59,7 +82,7 @@ pub async fn build_worker(
         };
         backends.insert(
             name.clone(),
-            backend::build(name, model).await.with_context(|| format!("loading model `{name}`"))?,
+            backend::build(name, model, &breakers).await.with_context(|| format!("loading model `{name}`"))?,
         );
     }
     let mut consumers: Vec<(Priority, String, PullConsumer)> = Vec::new();
@@ -75,6 +98,7 @@ pub async fn build_worker(
     }
     let id = config.worker.id.clone().unwrap_or_else(retro_fleet_worker::default_worker_id);
     let catalog: BTreeSet<String> = config.models.keys().cloned().collect();
+    let cache = open_cache(config, &js, &id, registry).await?;
     Ok(Worker::new(
         client.clone(),
         consumers,
@@ -84,8 +108,10 @@ pub async fn build_worker(
         config.worker.clone(),
         config.topology.max_deliver,
         std::time::Duration::from_secs(config.topology.ack_wait_secs),
+        cache,
         registry,
-    )?)
+    )?
+    .with_breakers(breakers))
 }
 
 /// Serves `/metrics` and `/health/*` for roles without the ingress.
@@ -93,6 +119,7 @@ async fn serve_telemetry(
     addr: &str,
     registry: prometheus::Registry,
     client: async_nats::Client,
+    breakers: Option<retro_fleet_worker::breaker::Board>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     use axum::routing::get;
@@ -110,14 +137,8 @@ async fn serve_telemetry(
         .route(
             "/health/ready",
             get(move || {
-                let c = client.clone();
-                async move {
-                    if c.connection_state() == async_nats::connection::State::Connected {
-                        (axum::http::StatusCode::OK, "ready\n")
-                    } else {
-                        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "not connected to NATS\n")
-                    }
-                }
+                let (c, b) = (client.clone(), breakers.clone());
+                async move { worker_readiness(&c, b.as_ref()) }
             }),
         );
     tokio::spawn(async move {
@@ -126,13 +147,42 @@ async fn serve_telemetry(
     Ok(())
 }
 
+/// A worker's readiness: connected to NATS (the client reconnects by
+/// itself; pulling resumes when it does), with every breaker's state.
+/// Ready while connected and not every model instance is open.
+fn worker_readiness(
+    client: &async_nats::Client,
+    breakers: Option<&retro_fleet_worker::breaker::Board>,
+) -> (axum::http::StatusCode, axum::Json<serde_json::Value>) {
+    use retro_fleet_worker::breaker::State;
+    let connected = client.connection_state() == async_nats::connection::State::Connected;
+    let snapshot = breakers.map(|b| b.snapshot()).unwrap_or_default();
+    let all_open = !snapshot.is_empty() && snapshot.iter().all(|s| s.state == State::Open);
+    let degraded = snapshot.iter().any(|s| s.state != State::Closed);
+    let reason = match (connected, all_open) {
+        (false, _) => Some("not connected to NATS; reconnecting"),
+        (true, true) => Some("every model instance's circuit breaker is open"),
+        _ => None,
+    };
+    let status =
+        if reason.is_none() { axum::http::StatusCode::OK } else { axum::http::StatusCode::SERVICE_UNAVAILABLE };
+    let body = serde_json::json!({
+        "ready": reason.is_none(),
+        "reason": reason,
+        "nats": if connected { "connected" } else { "disconnected" },
+        "degraded": degraded,
+        "breakers": snapshot,
+    });
+    (status, axum::Json(body))
+}
+
 /// `retro-fleet worker`.
 pub async fn worker(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let client = nats::connect(&config.nats, "worker").await?;
     let registry = telemetry::registry();
     let worker = build_worker(&config, &client, &registry).await?;
     if let Some(addr) = &config.metrics_listen {
-        serve_telemetry(addr, registry, client.clone(), shutdown.clone()).await?;
+        serve_telemetry(addr, registry, client.clone(), worker.breakers(), shutdown.clone()).await?;
     }
     worker.run(shutdown).await;
     client.flush().await.ok();
@@ -250,6 +300,7 @@ fn add_demo_model(config: &mut Config) -> anyhow::Result<()> {
             default_max_tokens: 64,
             instances: 1,
             revision: None,
+            adapters: Default::default(),
         },
     );
     Ok(())

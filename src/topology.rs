@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
-use async_nats::jetstream::Context;
+use async_nats::jetstream::{kv, Context};
 use retro_fleet_schemas::{subjects, Priority};
 
 use crate::config::{Config, TopologyConfig};
@@ -126,7 +126,10 @@ pub fn worker_consumer(p: Priority, model: &str, t: &TopologyConfig) -> pull::Co
         ack_policy: AckPolicy::Explicit,
         deliver_policy: DeliverPolicy::All,
         ack_wait: Duration::from_secs(t.ack_wait_secs),
-        max_deliver: t.max_deliver,
+        // Unlimited at the server: a message whose deliveries all died with
+        // their workers would otherwise stay in the stream, never delivered
+        // and never answered. Workers apply `max_deliver` themselves.
+        max_deliver: -1,
         max_ack_pending: t.max_ack_pending,
         max_waiting: 4096,
         ..Default::default()
@@ -286,7 +289,35 @@ pub async fn apply(js: &Context, config: &Config) -> Result<Vec<Applied>, Topolo
             report.push(apply_consumer(js, p, worker_consumer(p, model, t)).await?);
         }
     }
+    for bucket in cache_buckets(config) {
+        report.push(apply_bucket(js, bucket).await?);
+    }
     Ok(report)
+}
+
+/// KV buckets of the cache: model generations (kept, a few revisions of
+/// history) and compute claims (short-lived: twice the claim wait).
+pub fn cache_buckets(config: &Config) -> Vec<kv::Config> {
+    let t = &config.topology;
+    vec![
+        kv::Config {
+            bucket: subjects::MODELS_BUCKET.to_string(),
+            description: "retro-fleet cache generation per model".into(),
+            history: 5,
+            storage: StorageType::File,
+            num_replicas: t.replicas,
+            ..Default::default()
+        },
+        kv::Config {
+            bucket: subjects::CACHE_CLAIMS_BUCKET.to_string(),
+            description: "retro-fleet claims: one worker computes, others wait for its answer".into(),
+            history: 1,
+            max_age: Duration::from_millis(config.worker.cache.claim_wait_ms.max(1_000) * 2),
+            storage: StorageType::Memory,
+            num_replicas: t.replicas,
+            ..Default::default()
+        },
+    ]
 }
 
 /// Whether every stream of the topology exists (readiness).

@@ -46,12 +46,15 @@ async fn chat_and_completion_over_nats_and_http() {
 
     // native HTTP: same seed, same text
     let http = reqwest::Client::new();
-    let body = serde_json::json!({"model": "tiny", "prompt": "seeded", "params": {"max_tokens": 12, "temperature": 0.9, "seed": 42}});
+    // (bypassing the cache, so the model really computes both)
+    let body = serde_json::json!({"model": "tiny", "prompt": "seeded", "cache": "bypass",
+        "params": {"max_tokens": 12, "temperature": 0.9, "seed": 42}});
     let a: serde_json::Value =
         http.post(format!("{base}/v1/infer")).json(&body).send().await.unwrap().json().await.unwrap();
     let b: serde_json::Value =
         http.post(format!("{base}/v1/infer")).json(&body).send().await.unwrap().json().await.unwrap();
     assert_eq!(a["output"]["text"], b["output"]["text"], "{a} {b}");
+    assert_eq!((a["cache"].as_str(), b["cache"].as_str()), (Some("none"), Some("none")));
     assert_eq!(a["usage"]["completion_tokens"], 12);
 
     // OpenAI shape
@@ -118,7 +121,8 @@ async fn the_openai_python_client_works_unchanged() {
     let (_ingress, base) = start_ingress(config).await;
     let script = r#"
 import sys, openai
-c = openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key="unused", max_retries=0)
+# bypass the result cache: every call below really runs the model
+c = openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key="unused", max_retries=0, default_headers={"X-Cache": "bypass"})
 assert [m.id for m in c.models.list()] == ["tiny"]
 r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=0)
 assert r.choices[0].finish_reason == "length", r
@@ -147,4 +151,79 @@ print("openai client ok")
         "openai client failed (install it with `pip install openai`, which `make test` does):\n{stderr}"
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("openai client ok"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lora_adapters_change_the_output_and_results_say_which_ran() {
+    let models = tempfile::tempdir().unwrap();
+    let tiny = Default::default();
+    let lora = models.path().join("pirate");
+    retro_fleet_worker::lora::write_tiny_adapter(&lora, &tiny, 4, 1).unwrap();
+    let extra = format!("{}adapters = {{ pirate = \"{}\" }}\n", model_config(models.path()), lora.display());
+    let s = setup(&extra);
+    let _worker = start_worker(&s.config, &[]).await;
+    let mut caller = Caller::connect(&s.nats.url()).await;
+    let greedy = SamplingParams { max_tokens: Some(12), temperature: Some(0.0), ..Default::default() };
+    let mut plain = request("l1", "tiny", "the same prompt");
+    plain.params = greedy.clone();
+    let mut adapted = plain.clone();
+    adapted.id = "l2".into();
+    adapted.adapter = Some("pirate".into());
+    let mut missing = plain.clone();
+    missing.id = "l3".into();
+    missing.adapter = Some("ninja".into());
+    for r in [&plain, &adapted, &missing] {
+        caller.publish(Priority::Normal, r).await;
+    }
+    let (results, _) = caller.collect(3, Duration::from_secs(60)).await;
+    let by_id: std::collections::HashMap<_, _> = results.into_iter().collect();
+    let (p, a, m) = (&by_id["l1"], &by_id["l2"], &by_id["l3"]);
+    assert_eq!((p.status, a.status), (Status::Ok, Status::Ok), "{p:?} {a:?}");
+    assert_eq!(p.adapter, None);
+    assert_eq!(a.adapter.as_deref(), Some("pirate"));
+    assert_ne!(p.output.as_ref().unwrap().text, a.output.as_ref().unwrap().text, "the adapter changes the weights");
+    assert_eq!(a.usage.as_ref().unwrap().completion_tokens, 12);
+    assert_ne!(p.model_revision, None);
+    assert_eq!(m.status, Status::Error);
+    let err = m.error.as_ref().unwrap();
+    assert!(err.message.contains("no adapter `ninja`; adapters: pirate"), "{}", err.message);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hub_ids_load_from_the_local_cache_and_offline_misses_say_what_to_do() {
+    // a Hugging Face cache holding `acme/tiny` at revision main
+    let hf = tempfile::tempdir().unwrap();
+    let repo = hf.path().join("models--acme--tiny");
+    let snap = repo.join("snapshots").join("0123456789abcdef0123456789abcdef01234567");
+    retro_fleet_worker::tiny_model::write(&snap, &Default::default()).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123456789abcdef0123456789abcdef01234567").unwrap();
+    let env = |port: u16| {
+        vec![
+            ("FLEET_METRICS_LISTEN", format!("127.0.0.1:{port}")),
+            ("HF_HUB_CACHE", hf.path().display().to_string()),
+            ("HF_HUB_OFFLINE", "1".to_string()),
+        ]
+    };
+
+    let s = setup("[models.tiny]\nbackend = \"mistralrs\"\npath = \"acme/tiny\"\n");
+    let mut w = Proc::start(&s.config, &["worker"], &env(free_port()));
+    wait_log(&mut w, "worker pulling").await;
+    let mut caller = Caller::connect(&s.nats.url()).await;
+    let mut r = request("h1", "tiny", "from the cache");
+    r.params = SamplingParams { max_tokens: Some(3), temperature: Some(0.0), ..Default::default() };
+    caller.publish(Priority::Normal, &r).await;
+    let (got, _) = caller.collect(1, Duration::from_secs(60)).await;
+    assert_eq!(got[0].1.status, Status::Ok, "{:?}", got[0].1);
+    assert!(got[0].1.model_revision.as_deref().unwrap().starts_with("fnv1a64:"));
+
+    let s = setup("[models.other]\nbackend = \"mistralrs\"\npath = \"acme/not-cached\"\n");
+    let mut w = Proc::start(&s.config, &["worker"], &env(free_port()));
+    let start = std::time::Instant::now();
+    while w.alive() && start.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!w.alive(), "a worker that cannot load its model exits");
+    let log = w.log();
+    assert!(log.contains("is not in the Hugging Face cache") && log.contains("HF_HUB_OFFLINE is set"), "{log}");
 }

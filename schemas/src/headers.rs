@@ -24,6 +24,12 @@ pub const ERROR_MESSAGE: &str = "Fleet-Error-Message";
 pub const DELIVERY_COUNT: &str = "Fleet-Delivery-Count";
 /// On dead letters: subject the request was published to.
 pub const ORIGINAL_SUBJECT: &str = "Fleet-Original-Subject";
+/// On requests: seconds a cached answer to this request stays valid (overrides the worker's default).
+pub const CACHE_TTL: &str = "Fleet-Cache-Ttl";
+/// On stored results: the cache key the answer was stored under (32 hex digits), so replays can warm caches.
+pub const CACHE_KEY: &str = "Fleet-Cache-Key";
+/// On stored results: unix milliseconds after which the cached answer must not be served.
+pub const CACHE_EXPIRES: &str = "Fleet-Cache-Expires";
 
 /// Whether `s` is a W3C `traceparent` (version 00 form: `00-<32 hex trace
 /// id>-<16 hex parent id>-<2 hex flags>`, ids not all zero).

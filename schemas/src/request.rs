@@ -114,6 +114,10 @@ pub enum CacheMode {
     Bypass,
     /// Recompute and overwrite.
     Refresh,
+    /// Like `use`, and also accept the answer to a similar prompt (nearest
+    /// neighbour above the model's similarity threshold) where the worker
+    /// enables the semantic cache for the model.
+    Semantic,
 }
 
 /// Priority class; one request stream per class.

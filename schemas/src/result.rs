@@ -31,6 +31,9 @@ pub struct InferResult {
     /// Which cache tier answered; `none` when the model computed it.
     #[serde(default)]
     pub cache: CacheTier,
+    /// Cosine similarity of the cached prompt when `cache` is `semantic`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_similarity: Option<f64>,
     /// Where the time went.
     #[serde(default)]
     pub timings: Timings,
@@ -55,6 +58,7 @@ impl InferResult {
             output: None,
             usage: None,
             cache: CacheTier::None,
+            cache_similarity: None,
             timings: Timings::default(),
             worker: String::new(),
             error: Some(ErrorBody { code, message: message.into(), retryable: code.retryable() }),
@@ -105,6 +109,8 @@ pub enum CacheTier {
     Disk,
     /// Semantic (nearest-neighbour) match.
     Semantic,
+    /// Shared the model call of an identical request in flight at the same time.
+    Coalesced,
 }
 
 /// Milliseconds spent in each phase.

@@ -17,8 +17,27 @@ pub const RESULTS_STREAM: &str = "FLEET_RESULTS";
 pub const DLQ_STREAM: &str = "FLEET_DLQ";
 /// Worker registry bucket.
 pub const WORKERS_BUCKET: &str = "fleet_workers";
+/// Cache generation per model: any change makes the model's cached answers unreachable.
+pub const MODELS_BUCKET: &str = "fleet_models";
+/// Short-lived claims so that one worker computes an answer others wait for.
+pub const CACHE_CLAIMS_BUCKET: &str = "fleet_cache_claims";
+/// Asks every worker to warm its cache from `FLEET_RESULTS` (core NATS request, one reply per worker).
+pub const CACHE_WARM: &str = "fleet.ctl.cache.warm";
 /// Control subjects (core NATS).
 pub const CONTROL_PREFIX: &str = "fleet.ctl";
+
+/// Wildcard of cancel messages (core NATS, empty body).
+pub const CANCEL_WILDCARD: &str = "fleet.ctl.cancel.*";
+
+/// Subject that cancels request `id`.
+pub fn cancel(id: &str) -> String {
+    format!("fleet.ctl.cancel.{id}")
+}
+
+/// The request id of a cancel subject.
+pub fn parse_cancel(subject: &str) -> Option<&str> {
+    subject.strip_prefix("fleet.ctl.cancel.").filter(|id| is_token(id))
+}
 
 /// Subject a request for `model` at priority `p` is published to.
 pub fn request(p: Priority, model: &str) -> String {
@@ -84,6 +103,13 @@ mod tests {
         }
         assert_eq!(parse_request("fleet.req.urgent.x"), None);
         assert_eq!(parse_request("fleet.res.a.b"), None);
+    }
+
+    #[test]
+    fn cancel_subject_round_trips() {
+        assert_eq!(parse_cancel(&cancel("01J-x_y")), Some("01J-x_y"));
+        assert_eq!(parse_cancel("fleet.ctl.cancel.a.b"), None);
+        assert_eq!(parse_cancel("fleet.ctl.drain.a"), None);
     }
 
     #[test]

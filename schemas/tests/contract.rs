@@ -87,6 +87,7 @@ fn golden_result() -> InferResult {
         output: Some(Output { text: "A messaging system.".into(), finish_reason: "stop".into() }),
         usage: Some(Usage { prompt_tokens: 12, completion_tokens: 5, total_tokens: 17 }),
         cache: CacheTier::Memory,
+        cache_similarity: None,
         timings: Timings { queued_ms: 0.5, compute_ms: 0.25, total_ms: 1.0 },
         worker: "worker-1".into(),
         error: None,

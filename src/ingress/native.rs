@@ -110,8 +110,30 @@ pub struct Prepared {
     pub tenant: String,
     /// How long to wait (also the deadline).
     pub timeout: Duration,
+    /// Seconds a cached answer stays valid (`X-Cache-Ttl`), when the caller sets it.
+    pub cache_ttl: Option<u64>,
     /// W3C trace context: the caller's `traceparent`, or a new one.
     pub traceparent: String,
+}
+
+/// `X-Cache: use|bypass|refresh|semantic` (wins over the body) and `X-Cache-Ttl: SECONDS`.
+fn cache_headers(h: &HttpHeaders, body: CacheMode) -> Result<(CacheMode, Option<u64>), ApiError> {
+    let mode = match h.get("x-cache").and_then(|v| v.to_str().ok()) {
+        Some(v) => serde_json::from_value(serde_json::Value::String(v.trim().to_ascii_lowercase())).map_err(|_| {
+            ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!("X-Cache `{v}`: use one of use, bypass, refresh, semantic"),
+            )
+        })?,
+        None => body,
+    };
+    let ttl = match h.get("x-cache-ttl").and_then(|v| v.to_str().ok()) {
+        Some(v) => Some(v.trim().parse::<u64>().map_err(|_| {
+            ApiError::new(ErrorCode::InvalidRequest, format!("X-Cache-Ttl `{v}` must be whole seconds"))
+        })?),
+        None => None,
+    };
+    Ok((mode, ttl))
 }
 
 fn tenant_of(h: &HttpHeaders) -> Result<String, ApiError> {
@@ -155,6 +177,7 @@ pub fn draft_into_prepared(state: &AppState, h: &HttpHeaders, d: Draft) -> Resul
         None => d.priority.unwrap_or_default(),
     };
     let tenant = tenant_of(h)?;
+    let (cache, cache_ttl) = cache_headers(h, d.cache)?;
     let req = InferRequest {
         v: retro_fleet_schemas::SCHEMA_VERSION,
         id: d.id.unwrap_or_else(|| ulid::Ulid::new().to_string()),
@@ -163,7 +186,7 @@ pub fn draft_into_prepared(state: &AppState, h: &HttpHeaders, d: Draft) -> Resul
         input: d.input,
         params: d.params,
         stream: d.stream,
-        cache: d.cache,
+        cache,
         tenant: Some(tenant.clone()),
         metadata: d.metadata,
     };
@@ -183,7 +206,7 @@ pub fn draft_into_prepared(state: &AppState, h: &HttpHeaders, d: Draft) -> Resul
         .filter(|t| headers::is_traceparent(t))
         .map(str::to_string)
         .unwrap_or_else(|| headers::new_traceparent(ulid::Ulid::new().0, ulid::Ulid::new().0 as u64));
-    Ok(Prepared { req, priority, tenant, timeout, traceparent })
+    Ok(Prepared { req, priority, tenant, timeout, cache_ttl, traceparent })
 }
 
 /// Publishes to the priority stream and waits for JetStream to store it.
@@ -199,6 +222,9 @@ async fn publish(state: &AppState, p: &Prepared, reply: Option<&str>) -> Result<
     h.insert(headers::DEADLINE, deadline.to_string().as_str());
     if let Some(reply) = reply {
         h.insert(headers::REPLY, reply);
+    }
+    if let Some(ttl) = p.cache_ttl {
+        h.insert(headers::CACHE_TTL, ttl.to_string().as_str());
     }
     let subject = subjects::request(p.priority, &p.req.model);
     let payload = Bytes::from(codec::encode(&p.req));
@@ -244,7 +270,10 @@ fn result_response(result: InferResult) -> Response {
 pub async fn call(state: &AppState, p: &Prepared) -> Result<InferResult, ApiError> {
     let started = Instant::now();
     let (reply, mut waiter) = state.replies.register(&p.req.id);
-    publish(state, p, Some(&reply)).await?;
+    if let Err(e) = publish(state, p, Some(&reply)).await {
+        waiter.disarm();
+        return Err(e);
+    }
     let id = &p.req.id;
     let outcome = tokio::time::timeout(p.timeout, waiter.result()).await;
     let (label, result) = match outcome {
@@ -253,7 +282,11 @@ pub async fn call(state: &AppState, p: &Prepared) -> Result<InferResult, ApiErro
             "timeout",
             Err(ApiError::new(
                 ErrorCode::Timeout,
-                format!("no result within {} ms; fetch it later at /v1/results/{id}", p.timeout.as_millis()),
+                format!(
+                    "no result within {} ms, so the request was cancelled; its final result (`cancelled`, or the \
+                     answer if it finished first) is at /v1/results/{id}",
+                    p.timeout.as_millis()
+                ),
             )
             .with_id(id)),
         ),
@@ -268,8 +301,11 @@ pub async fn call(state: &AppState, p: &Prepared) -> Result<InferResult, ApiErro
 
 /// Publishes `p` and returns the waiter of its chunks and result.
 pub async fn open_stream(state: &AppState, p: &Prepared) -> Result<Waiter, ApiError> {
-    let (reply, waiter) = state.replies.register(&p.req.id);
-    publish(state, p, Some(&reply)).await?;
+    let (reply, mut waiter) = state.replies.register(&p.req.id);
+    if let Err(e) = publish(state, p, Some(&reply)).await {
+        waiter.disarm();
+        return Err(e);
+    }
     Ok(waiter)
 }
 
@@ -325,8 +361,19 @@ where
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(f(tx));
-    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (Ok(e), rx)) })
+    // When the client goes away the response stream is dropped, and with it
+    // the task: its reply waiter then cancels the request.
+    let task = AbortOnDrop(tokio::spawn(f(tx)).abort_handle());
+    futures::stream::unfold((rx, task), |(mut rx, task)| async move { rx.recv().await.map(|e| (Ok(e), (rx, task))) })
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// `POST /v1/infer/async`: 202 with the id; the result goes to `FLEET_RESULTS`.

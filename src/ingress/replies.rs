@@ -5,12 +5,15 @@
 //! of chunks and the final result; the registration is removed when the
 //! [`Waiter`] is dropped (result received, timeout or caller gone), and late
 //! or duplicate replies for ids nobody waits on are dropped and counted.
+//! A waiter dropped before its result arrived (the HTTP caller disconnected
+//! or timed out) publishes a cancel on `fleet.ctl.cancel.<id>`, so the
+//! worker stops generating and stores the result `cancelled`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
-use retro_fleet_schemas::{codec, headers, InferResult, StreamChunk};
+use retro_fleet_schemas::{codec, headers, subjects, InferResult, StreamChunk};
 use tokio::sync::mpsc;
 
 /// A message on a request's reply subject.
@@ -29,6 +32,7 @@ type Table = Arc<Mutex<HashMap<String, mpsc::UnboundedSender<Reply>>>>;
 pub struct Replies {
     prefix: String,
     table: Table,
+    client: async_nats::Client,
 }
 
 impl Replies {
@@ -37,7 +41,7 @@ impl Replies {
         let prefix = client.new_inbox();
         let mut sub = client.subscribe(format!("{prefix}.*")).await?;
         let table: Table = Default::default();
-        let replies = Replies { prefix, table: table.clone() };
+        let replies = Replies { prefix, table: table.clone(), client: client.clone() };
         tokio::spawn(async move {
             while let Some(msg) = sub.next().await {
                 let Some(id) = msg.subject.rsplit('.').next() else { continue };
@@ -71,7 +75,9 @@ impl Replies {
     pub fn register(&self, id: &str) -> (String, Waiter) {
         let (tx, rx) = mpsc::unbounded_channel();
         self.table.lock().expect("reply table lock").insert(id.to_string(), tx);
-        (format!("{}.{id}", self.prefix), Waiter { id: id.to_string(), rx, table: self.table.clone() })
+        let waiter =
+            Waiter { id: id.to_string(), rx, table: self.table.clone(), client: self.client.clone(), armed: true };
+        (format!("{}.{id}", self.prefix), waiter)
     }
 }
 
@@ -80,27 +86,51 @@ pub struct Waiter {
     id: String,
     rx: mpsc::UnboundedReceiver<Reply>,
     table: Table,
+    client: async_nats::Client,
+    /// Cancel the request when dropped before its result.
+    armed: bool,
 }
 
 impl Waiter {
     /// The next chunk or the result.
     pub async fn next(&mut self) -> Option<Reply> {
-        self.rx.recv().await
+        let r = self.rx.recv().await;
+        if matches!(r, Some(Reply::Result(_))) {
+            self.armed = false;
+        }
+        r
     }
 
     /// Waits for the final result, skipping chunks.
     pub async fn result(&mut self) -> Option<InferResult> {
         while let Some(r) = self.rx.recv().await {
             if let Reply::Result(r) = r {
+                self.armed = false;
                 return Some(*r);
             }
         }
         None
+    }
+
+    /// Never cancel: the request was not queued, or belongs to someone else now.
+    pub fn disarm(&mut self) {
+        self.armed = false;
     }
 }
 
 impl Drop for Waiter {
     fn drop(&mut self) {
         self.table.lock().expect("reply table lock").remove(&self.id);
+        if self.armed {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                let (client, subject) = (self.client.clone(), subjects::cancel(&self.id));
+                tracing::debug!(id = %self.id, "caller gone before its result; cancelling");
+                rt.spawn(async move {
+                    if let Err(e) = client.publish(subject, bytes::Bytes::new()).await {
+                        tracing::warn!(error = %e, "publishing a cancel failed");
+                    }
+                });
+            }
+        }
     }
 }

@@ -28,6 +28,10 @@ pub struct WorkerConfig {
     pub max_prompt_bytes: usize,
     /// How often to look for requests to models no one serves, in ms (0 = never).
     pub unrouted_sweep_ms: u64,
+    /// The result cache.
+    pub cache: crate::cache::CacheConfig,
+    /// Circuit breaker of each model instance.
+    pub breaker: crate::breaker::BreakerConfig,
     /// How often to write this worker's entry in the registry (KV
     /// `fleet_workers`), in ms (0 = never). Keep it well below the
     /// registry's TTL (`topology.worker_ttl_secs`).
@@ -47,6 +51,8 @@ impl Default for WorkerConfig {
             drain_timeout_ms: 30_000,
             max_prompt_bytes: 256 * 1024,
             unrouted_sweep_ms: 5_000,
+            cache: Default::default(),
+            breaker: Default::default(),
             heartbeat_ms: 2_000,
         }
     }
@@ -76,11 +82,16 @@ pub enum ModelConfig {
         /// Revision reported in results.
         #[serde(default)]
         revision: Option<String>,
+        /// Fraction of calls (0..1) that fail with a retryable `backend_error`,
+        /// to exercise retries, circuit breakers and dead letters.
+        #[serde(default)]
+        fail_rate: f64,
     },
     /// A text model run by mistral.rs (needs the `mistralrs` feature, on by default).
     Mistralrs {
         /// Directory with `config.json`, `tokenizer.json`, `tokenizer_config.json`
-        /// and safetensors weights (or holding `gguf_file`).
+        /// and safetensors weights (or holding `gguf_file`), or a Hugging Face
+        /// model id `org/name` (see [`crate::hub`]).
         path: std::path::PathBuf,
         /// GGUF file inside `path`, for a quantized model.
         #[serde(default)]
@@ -100,6 +111,11 @@ pub enum ModelConfig {
         /// Revision reported in results; default: a hash of the model files.
         #[serde(default)]
         revision: Option<String>,
+        /// LoRA adapters by name: directories in PEFT format
+        /// (`adapter_config.json`, `adapter_model.safetensors`). Each is
+        /// merged into a copy of the weights and served by its own instance.
+        #[serde(default)]
+        adapters: BTreeMap<String, std::path::PathBuf>,
     },
 }
 

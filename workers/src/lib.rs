@@ -7,14 +7,24 @@
 //! - [`process`]: one message: decode, validate, deadline, run, publish, ack.
 //! - [`heartbeat`]: registry heartbeats to the KV bucket `fleet_workers`.
 //! - [`sweeper`]: answers requests addressed to models nobody in the fleet serves.
+//! - [`cache`]: the result cache (foyer memory + disk), coalescing, warming, semantic index.
 //! - [`backend`]: the `Backend` trait and the echo and synthetic backends.
+//! - [`breaker`]: a circuit breaker per model instance.
+//! - [`cancel`]: cancel messages on `fleet.ctl.cancel.<id>` and the tokens of running requests.
 //! - [`config`]: worker and model configuration.
+//! - [`hub`]: model ids of the Hugging Face hub, from its local cache or online.
+//! - [`lora`]: merges LoRA adapters (PEFT) into copies of base weights.
 //! - [`tiny_model`]: writes the small random-weights Llama used by the demo and the tests.
 //! - [`metrics`]: the worker's Prometheus metrics and the fleet's latency buckets.
 
 pub mod backend;
+pub mod breaker;
+pub mod cache;
+pub mod cancel;
 pub mod config;
 pub mod heartbeat;
+pub mod hub;
+pub mod lora;
 pub mod metrics;
 pub mod process;
 pub mod scheduler;

@@ -16,12 +16,13 @@ use async_nats::jetstream::{self, AckKind};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use retro_fleet_schemas::{
-    codec, headers, subjects, CacheTier, ErrorCode, InferRequest, InferResult, Output, Priority, Status, StreamChunk,
-    Timings,
+    codec, headers, subjects, CacheMode, CacheTier, ErrorCode, InferRequest, InferResult, Output, Priority, Status,
+    StreamChunk, Timings,
 };
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::backend::Backend;
+use crate::cache::{self, Answer, Flight, Key, ResultCache};
 use crate::config::WorkerConfig;
 use crate::metrics::Metrics;
 use crate::unix_ms;
@@ -47,6 +48,10 @@ pub struct Shared {
     /// The consumers' ack wait: a request still running is re-armed with an
     /// in-progress ack every half of it, so it is never redelivered while alive.
     pub ack_wait: Duration,
+    /// The result cache, when enabled.
+    pub cache: Option<Arc<ResultCache>>,
+    /// Cancel tokens of running requests.
+    pub cancels: Arc<crate::cancel::Cancels>,
 }
 
 pub(crate) fn header<'a>(h: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
@@ -156,6 +161,16 @@ async fn handle_inner(
         };
         return terminal(sh, prio, msg, model_label, ids, ErrorCode::UnknownModel, &message, delivered).await;
     };
+    if let Some(adapter) = &req.adapter {
+        let known = backend.adapters();
+        if !known.contains(adapter) {
+            let message = match known.is_empty() {
+                true => format!("model `{}` has no LoRA adapters; `{adapter}` cannot be applied", req.model),
+                false => format!("model `{}` has no adapter `{adapter}`; adapters: {}", req.model, known.join(", ")),
+            };
+            return terminal(sh, prio, msg, model_label, ids, ErrorCode::InvalidRequest, &message, delivered).await;
+        }
+    }
 
     if delivered > 1 {
         // A previous delivery may have stored its result before the worker
@@ -172,6 +187,16 @@ async fn handle_inner(
         }
     }
 
+    if delivered > sh.max_deliver {
+        // The server redelivers without limit so that no message can be
+        // stranded; the limit is applied here, before any compute.
+        let message = format!(
+            "delivered {delivered} times without a result (max_deliver {}): workers died or stalled while running it",
+            sh.max_deliver
+        );
+        return terminal(sh, prio, msg, model_label, ids, ErrorCode::Internal, &message, delivered).await;
+    }
+
     let base = |status| InferResult {
         v: retro_fleet_schemas::SCHEMA_VERSION,
         id: req.id.clone(),
@@ -182,6 +207,7 @@ async fn handle_inner(
         output: None,
         usage: None,
         cache: CacheTier::None,
+        cache_similarity: None,
         timings: Timings { queued_ms, compute_ms: 0.0, total_ms: queued_ms },
         worker: sh.worker_id.clone(),
         error: None,
@@ -201,6 +227,80 @@ async fn handle_inner(
         }
     }
 
+    let cancel = sh.cancels.register(&req.id);
+    if cancel.token.is_cancelled() {
+        return cancelled(sh, msg, reply, tenant, base(Status::Error), "before it started").await;
+    }
+    let every = (sh.ack_wait / 2).max(Duration::from_millis(100));
+    let revision = backend.revision().unwrap_or_default();
+    let cu = cache_use(sh, &req, tenant, &revision, hdrs);
+    if let Some(cu) = &cu {
+        if cu.read {
+            if let Some(hit) = lookup(cu, &req, now_ms).await {
+                let mut result = base(Status::Ok);
+                result.cache = hit.tier;
+                result.cache_similarity = hit.similarity;
+                let key = (hit.tier != CacheTier::Semantic).then_some((cu.key, hit.answer.expires_ms));
+                return answer_cached(sh, msg, &req, reply, tenant, result, hit.answer, key, picked).await;
+            }
+        }
+    }
+    // identical requests in flight share one computation
+    let mut leader = None;
+    let mut claimed = false;
+    if let Some(cu) = &cu {
+        loop {
+            match cu.cache.join(cu.key) {
+                Flight::Leader(l) => {
+                    leader = Some(l);
+                    break;
+                }
+                Flight::Follower(rx) => {
+                    let waited = tokio::select! {
+                        a = with_progress(msg, every, &req.id, cache::follow(rx)) => a,
+                        _ = cancel.token.cancelled() => {
+                            let why = "while it waited for an identical request";
+                            return cancelled(sh, msg, reply, tenant, base(Status::Error), why).await;
+                        }
+                    };
+                    if let Some(a) = waited {
+                        cu.cache.count(&req.model, "coalesced");
+                        let mut result = base(Status::Ok);
+                        result.cache = CacheTier::Coalesced;
+                        let key = Some((cu.key, a.expires_ms));
+                        return answer_cached(sh, msg, &req, reply, tenant, result, (*a).clone(), key, picked).await;
+                    }
+                }
+            }
+        }
+        if let (Some(claims), true) = (cu.cache.claims(), cu.read) {
+            match claims.claim(cu.key).await {
+                cache::sync::Claim::Mine => claimed = true,
+                cache::sync::Claim::Theirs => match tokio::select! {
+                    a = with_progress(msg, every, &req.id, claims.wait(cu.key)) => a,
+                    _ = cancel.token.cancelled() => {
+                        let why = "while another worker computed it";
+                        return cancelled(sh, msg, reply, tenant, base(Status::Error), why).await;
+                    }
+                } {
+                    Some(a) => {
+                        cu.cache.count_claim("answered");
+                        cu.cache.count(&req.model, "coalesced");
+                        cu.cache.put(&req.model, cu.key, &a, cu.semantic.as_ref().map(|(b, t)| (*b, t.as_str())));
+                        if let Some(l) = leader.take() {
+                            l.finish(Some(a.clone()));
+                        }
+                        let mut result = base(Status::Ok);
+                        result.cache = CacheTier::Coalesced;
+                        let key = Some((cu.key, a.expires_ms));
+                        return answer_cached(sh, msg, &req, reply, tenant, result, a, key, picked).await;
+                    }
+                    None => cu.cache.count_claim("timeout"),
+                },
+            }
+        }
+    }
+
     let (deltas, forwarder) = match (req.stream, reply) {
         (true, Some(reply)) => {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -210,22 +310,10 @@ async fn handle_inner(
         _ => (None, None),
     };
     let started = Instant::now();
-    let generated = {
-        let run = backend.generate(&req, deltas);
-        tokio::pin!(run);
-        let every = (sh.ack_wait / 2).max(Duration::from_millis(100));
-        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-        loop {
-            tokio::select! {
-                out = &mut run => break out,
-                _ = ticks.tick() => {
-                    // still working: reset the ack timer so no other worker gets it
-                    if let Err(e) = msg.ack_with(AckKind::Progress).await {
-                        tracing::warn!(id = %req.id, error = %e, "in-progress ack failed");
-                    }
-                }
-            }
-        }
+    let generated = tokio::select! {
+        out = with_progress(msg, every, &req.id, backend.generate(&req, deltas)) => Some(out),
+        // dropping the generation stops the backend's work
+        _ = cancel.token.cancelled() => None,
     };
     let compute = started.elapsed();
     sh.metrics.compute.with_label_values(&[prio.as_str(), model_label]).observe(compute.as_secs_f64());
@@ -233,14 +321,42 @@ async fn handle_inner(
         // every chunk is out before the final result (same connection, in order)
         let _ = task.await;
     }
+    if claimed && !matches!(generated, Some(Ok(_))) {
+        if let Some(cu) = &cu {
+            if let Some(claims) = cu.cache.claims() {
+                claims.release(cu.key).await;
+            }
+        }
+    }
+    let Some(generated) = generated else {
+        let mut result = base(Status::Error);
+        result.timings.compute_ms = compute.as_secs_f64() * 1e3;
+        return cancelled(sh, msg, reply, tenant, result, "while it ran").await;
+    };
     match generated {
         Ok(g) => {
             let mut result = base(Status::Ok);
-            result.output = Some(Output { text: g.text, finish_reason: g.finish_reason });
+            let output = Output { text: g.text, finish_reason: g.finish_reason };
+            let mut stored_under = None;
+            if let Some(cu) = &cu {
+                let answer =
+                    Answer { output: output.clone(), usage: g.usage.clone(), expires_ms: unix_ms() + cu.ttl_ms };
+                cu.cache.put(&req.model, cu.key, &answer, cu.semantic.as_ref().map(|(b, t)| (*b, t.as_str())));
+                if claimed {
+                    if let Some(claims) = cu.cache.claims() {
+                        claims.answer(cu.key, &answer).await;
+                    }
+                }
+                stored_under = Some((cu.key, answer.expires_ms));
+                if let Some(l) = leader.take() {
+                    l.finish(Some(answer));
+                }
+            }
+            result.output = Some(output);
             result.usage = Some(g.usage);
             result.timings.compute_ms = compute.as_secs_f64() * 1e3;
             result.timings.total_ms = queued_ms + picked.elapsed().as_secs_f64() * 1e3;
-            publish_result(sh, reply, tenant, &result).await?;
+            publish_result_keyed(sh, reply, tenant, &result, stored_under).await?;
             msg.ack().await?;
             Ok(Outcome::Ok)
         }
@@ -253,6 +369,25 @@ async fn handle_inner(
         }
         Err(e) => terminal(sh, prio, msg, model_label, ids, e.code, &e.message, delivered).await,
     }
+}
+
+/// Answers a cancelled request `cancelled` (stored, replied) and acks it.
+async fn cancelled(
+    sh: &Shared,
+    msg: &jetstream::Message,
+    reply: Option<&str>,
+    tenant: &str,
+    mut result: InferResult,
+    when: &str,
+) -> Result<Outcome, Error> {
+    result.error = Some(retro_fleet_schemas::ErrorBody {
+        code: ErrorCode::Cancelled,
+        message: format!("cancelled by the caller {when}"),
+        retryable: false,
+    });
+    publish_result(sh, reply, tenant, &result).await?;
+    msg.ack().await?;
+    Ok(Outcome::Failed(ErrorCode::Cancelled))
 }
 
 /// What is known about who asked, for error results.
@@ -358,18 +493,61 @@ fn sanitize_header(s: &str) -> String {
     s.chars().map(|c| if c.is_control() { ' ' } else { c }).take(1024).collect()
 }
 
-/// Stores the result in `FLEET_RESULTS` (deduplicated on the request id) and
-/// sends it to the reply subject, returning once the stream has it.
+/// Stores the result in `FLEET_RESULTS`, then sends the stored result to
+/// the reply subject. The first writer wins: the write expects no earlier
+/// result for the id, so when two deliveries of
+/// one request both computed (a worker stalled past `ack_wait`, or died after
+/// storing), the later one re-sends the result already stored instead of its
+/// own. A caller never sees two different answers, nor one that is not stored.
 pub async fn publish_result(sh: &Shared, reply: Option<&str>, tenant: &str, result: &InferResult) -> Result<(), Error> {
+    publish_result_keyed(sh, reply, tenant, result, None).await
+}
+
+/// [`publish_result`], recording the cache key and expiry of a cacheable
+/// answer in headers so that replays of `FLEET_RESULTS` can warm caches.
+async fn publish_result_keyed(
+    sh: &Shared,
+    reply: Option<&str>,
+    tenant: &str,
+    result: &InferResult,
+    cached: Option<(Key, u64)>,
+) -> Result<(), Error> {
     let payload = Bytes::from(codec::encode(result));
+    // No `Nats-Msg-Id` on the write: the expected sequence alone decides, so
+    // a result removed on purpose (`dlq replay`) can be written again within
+    // the duplicate window.
+    let mut first_only = reply_headers();
+    first_only.insert(async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, "0");
     let mut h = reply_headers();
     h.insert(headers::MSG_ID, result.id.as_str());
-    let stored = sh.js.publish_with_headers(subjects::result(tenant, &result.id), h.clone(), payload.clone()).await?;
+    if let Some((key, expires_ms)) = cached {
+        first_only.insert(headers::CACHE_KEY, key.hex().as_str());
+        first_only.insert(headers::CACHE_EXPIRES, expires_ms.to_string().as_str());
+    }
+    let subject = subjects::result(tenant, &result.id);
+    let first = match sh.js.publish_with_headers(subject, first_only, payload.clone()).await?.await {
+        Ok(ack) => !ack.duplicate,
+        Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => false,
+        Err(e) => return Err(e.into()),
+    };
+    let payload = if first {
+        payload
+    } else {
+        let stored =
+            stored_payload(sh, tenant, &result.id).await.ok_or("a result is stored for this id but cannot be read")?;
+        tracing::info!(id = %result.id, "a result for this request was already stored; sending that one");
+        stored
+    };
     if let Some(reply) = reply {
         sh.client.publish_with_headers(reply.to_string(), h, payload).await?;
     }
-    stored.await?;
     Ok(())
+}
+
+/// The stored result's bytes for `id`, if any.
+async fn stored_payload(sh: &Shared, tenant: &str, id: &str) -> Option<Bytes> {
+    let stream = sh.js.get_stream_no_info(subjects::RESULTS_STREAM).await.ok()?;
+    Some(stream.direct_get_last_for_subject(subjects::result(tenant, id)).await.ok()?.payload)
 }
 
 /// The result stored for `id`, if any.
@@ -402,4 +580,118 @@ async fn forward_chunks(
         }
     }
     let _ = send(String::new(), true).await;
+}
+
+/// Runs `fut`, re-arming the message's ack timer every `every` while it runs,
+/// so a request still being worked on is never redelivered to another worker.
+async fn with_progress<F: std::future::Future>(
+    msg: &jetstream::Message,
+    every: Duration,
+    id: &str,
+    fut: F,
+) -> F::Output {
+    tokio::pin!(fut);
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        tokio::select! {
+            out = &mut fut => return out,
+            _ = ticks.tick() => {
+                if let Err(e) = msg.ack_with(AckKind::Progress).await {
+                    tracing::warn!(id, error = %e, "in-progress ack failed");
+                }
+            }
+        }
+    }
+}
+
+/// How the cache takes part in one request.
+struct CacheUse {
+    cache: Arc<ResultCache>,
+    key: Key,
+    /// Semantic bucket and compared text, when the model takes part in the semantic cache.
+    semantic: Option<(u128, String)>,
+    /// Whether a stored answer may be served (`use`, `semantic`), or only replaced (`refresh`).
+    read: bool,
+    ttl_ms: u64,
+}
+
+/// The cache's part in `req`; `None` when the cache is off, bypassed, or
+/// the request is not reproducible (each counted).
+fn cache_use(
+    sh: &Shared,
+    req: &InferRequest,
+    tenant: &str,
+    revision: &str,
+    hdrs: Option<&HeaderMap>,
+) -> Option<CacheUse> {
+    let cache = sh.cache.as_ref()?;
+    if req.cache == CacheMode::Bypass {
+        cache.count(&req.model, "bypass");
+        return None;
+    }
+    if cache.config().deterministic_only && !cache::key::deterministic(&req.params) {
+        cache.count(&req.model, "uncacheable");
+        return None;
+    }
+    let generation = cache.generation(&req.model);
+    let scope =
+        cache::Scope { tenant, model: &req.model, revision, generation: &generation, adapter: req.adapter.as_deref() };
+    let ttl_secs =
+        header(hdrs, headers::CACHE_TTL).and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(cache.config().ttl_secs);
+    Some(CacheUse {
+        cache: cache.clone(),
+        key: cache::key::exact(&scope, &req.params, &req.input),
+        semantic: cache
+            .semantic_enabled(&req.model)
+            .then(|| cache::key::semantic(&scope, &req.params, &req.input))
+            .flatten(),
+        read: req.cache != CacheMode::Refresh,
+        ttl_ms: ttl_secs.saturating_mul(1000),
+    })
+}
+
+/// Looks `req` up: exact first, then (mode `semantic`) the nearest similar prompt.
+async fn lookup(cu: &CacheUse, req: &InferRequest, now_ms: u64) -> Option<cache::Hit> {
+    let mut hit = cu.cache.get(cu.key, now_ms).await;
+    if hit.is_none() && req.cache == CacheMode::Semantic {
+        if let Some((bucket, text)) = &cu.semantic {
+            hit = cu.cache.get_similar(*bucket, text, now_ms).await;
+        }
+    }
+    let label = match hit.as_ref().map(|h| h.tier) {
+        Some(CacheTier::Memory) => "memory",
+        Some(CacheTier::Disk) => "disk",
+        Some(CacheTier::Semantic) => "semantic",
+        _ => "miss",
+    };
+    cu.cache.count(&req.model, label);
+    hit
+}
+
+/// Answers from the cache (or a shared computation): chunks first for a
+/// streaming request, then the stored result, then the ack.
+#[allow(clippy::too_many_arguments)]
+async fn answer_cached(
+    sh: &Shared,
+    msg: &jetstream::Message,
+    req: &InferRequest,
+    reply: Option<&str>,
+    tenant: &str,
+    mut result: InferResult,
+    answer: Answer,
+    key: Option<(Key, u64)>,
+    picked: Instant,
+) -> Result<Outcome, Error> {
+    if let (true, Some(reply)) = (req.stream, reply) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let _ = tx.send(answer.output.text.clone());
+        drop(tx);
+        forward_chunks(sh.client.clone(), reply.to_string(), req.id.clone(), rx).await;
+    }
+    result.output = Some(answer.output);
+    result.usage = Some(answer.usage);
+    result.timings.total_ms = result.timings.queued_ms + picked.elapsed().as_secs_f64() * 1e3;
+    publish_result_keyed(sh, reply, tenant, &result, key).await?;
+    msg.ack().await?;
+    Ok(Outcome::Ok)
 }

@@ -95,6 +95,7 @@ impl Pulling {
 pub struct Worker {
     shared: Arc<Shared>,
     sources: [Vec<Source>; 3],
+    breakers: Option<crate::breaker::Board>,
 }
 
 impl Worker {
@@ -110,6 +111,7 @@ impl Worker {
         cfg: WorkerConfig,
         max_deliver: i64,
         ack_wait: Duration,
+        cache: Option<Arc<crate::cache::ResultCache>>,
         registry: &prometheus::Registry,
     ) -> Result<Worker, WorkerError> {
         if cfg.max_inflight == 0 || cfg.batch_size == 0 {
@@ -133,8 +135,21 @@ impl Worker {
             metrics: Metrics::new(registry)?,
             max_deliver,
             ack_wait,
+            cache,
+            cancels: Default::default(),
         };
-        Ok(Worker { shared: Arc::new(shared), sources })
+        Ok(Worker { shared: Arc::new(shared), sources, breakers: None })
+    }
+
+    /// Attaches the circuit breakers of this worker's backends (for health).
+    pub fn with_breakers(mut self, breakers: crate::breaker::Board) -> Self {
+        self.breakers = Some(breakers);
+        self
+    }
+
+    /// The circuit breakers of this worker's backends, if attached.
+    pub fn breakers(&self) -> Option<crate::breaker::Board> {
+        self.breakers.clone()
     }
 
     /// The models this worker serves.
@@ -152,6 +167,16 @@ impl Worker {
         let mut scheduler = Scheduler::new(cfg.normal_share, cfg.low_share);
         tracing::info!(worker = %self.shared.worker_id, models = ?self.models(), max_inflight = cfg.max_inflight, "worker pulling");
         let stop_sweeper = shutdown.child_token();
+        if let Some(cache) = &self.shared.cache {
+            self.start_cache(cache.clone(), stop_sweeper.clone()).await;
+        }
+        // cancels are heard until in-flight work has drained
+        let stop_cancels = CancellationToken::new();
+        tokio::spawn(crate::cancel::listen(
+            self.shared.client.clone(),
+            self.shared.cancels.clone(),
+            stop_cancels.clone(),
+        ));
         if cfg.unrouted_sweep_ms > 0 {
             let every = Duration::from_millis(cfg.unrouted_sweep_ms);
             tokio::spawn(crate::sweeper::run(self.shared.clone(), every, stop_sweeper.clone()));
@@ -252,9 +277,41 @@ impl Worker {
         } else {
             tracing::info!("drained");
         }
+        stop_cancels.cancel();
         stop_heartbeat.cancel();
         if let Some(task) = heartbeat {
             let _ = task.await;
         }
+        if let Some(cache) = &self.shared.cache {
+            cache.close().await;
+        }
+    }
+
+    /// Cache duties: current model generations (then follow changes), warm
+    /// on start if configured, and answer warm requests.
+    async fn start_cache(&self, cache: Arc<crate::cache::ResultCache>, stop: CancellationToken) {
+        use crate::cache::{sync, warm};
+        let sh = &self.shared;
+        sync::load_generations(&cache, &sh.js).await;
+        let follow = tokio::spawn(sync::follow_generations(cache.clone(), sh.js.clone()));
+        let stop_follow = stop.clone();
+        tokio::spawn(async move {
+            stop_follow.cancelled().await;
+            follow.abort();
+        });
+        if cache.config().warm_on_start {
+            let since_ms = crate::unix_ms().saturating_sub(cache.config().warm_window_secs * 1000);
+            let from = warm::WarmFrom { since_ms: Some(since_ms), from_seq: None };
+            match warm::replay(&cache, &sh.js, from, |_| {}, &sh.worker_id).await {
+                Ok(p) => tracing::info!(
+                    scanned = p.scanned,
+                    inserted = p.inserted,
+                    expired = p.expired,
+                    "cache warmed on start"
+                ),
+                Err(e) => tracing::warn!(error = %e, "warming the cache on start failed; starting cold"),
+            }
+        }
+        tokio::spawn(warm::serve(cache, sh.client.clone(), sh.js.clone(), sh.worker_id.clone(), stop));
     }
 }

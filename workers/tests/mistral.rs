@@ -20,8 +20,11 @@ async fn tiny() -> (tempfile::TempDir, Arc<dyn Backend>) {
         default_max_tokens: 16,
         instances: 1,
         revision: None,
+        adapters: Default::default(),
     };
-    let b = backend::build("tiny", &cfg).await.unwrap();
+    let b = backend::build("tiny", &cfg, &retro_fleet_worker::breaker::Board::unregistered(Default::default()))
+        .await
+        .unwrap();
     (dir, b)
 }
 

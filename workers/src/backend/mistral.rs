@@ -63,22 +63,19 @@ pub struct Mistral {
 impl Mistral {
     /// Loads the model described by `spec`.
     pub async fn load(spec: &MistralSpec) -> Result<Mistral, BackendError> {
-        let dir = spec.path.to_string_lossy().to_string();
-        if !spec.path.exists() {
-            return Err(BackendError {
-                code: ErrorCode::Internal,
-                message: format!(
-                    "model path {} does not exist (make a demo model with `retro-fleet model tiny --out DIR`)",
-                    spec.path.display()
-                ),
-                retryable: false,
-            });
-        }
+        let (dir, token) = match crate::hub::resolve(&spec.path) {
+            Ok(crate::hub::ModelSource::Local(p)) => (p.to_string_lossy().to_string(), TokenSource::None),
+            Ok(crate::hub::ModelSource::Hub(id)) => {
+                tracing::info!(model = %id, "fetching from the Hugging Face hub (HF_TOKEN used if set)");
+                (id, TokenSource::CacheToken)
+            }
+            Err(message) => return Err(BackendError { code: ErrorCode::Internal, message, retryable: false }),
+        };
         let model = match &spec.gguf_file {
             Some(file) => {
                 GgufModelBuilder::new(&dir, vec![file.clone()])
                     .with_force_cpu_if_no_cuda()
-                    .with_token_source(TokenSource::None)
+                    .with_token_source(token.clone())
                     .with_max_num_seqs(spec.max_num_seqs)
                     .build()
                     .await
@@ -87,7 +84,7 @@ impl Mistral {
                 let mut b = TextModelBuilder::new(&dir)
                     .with_force_cpu_if_no_cuda()
                     .with_dtype(ModelDType::F32)
-                    .with_token_source(TokenSource::None)
+                    .with_token_source(token.clone())
                     .with_max_num_seqs(spec.max_num_seqs);
                 if let Some(isq) = &spec.isq {
                     let t = mistralrs::parse_isq_value(isq, None).map_err(|e| BackendError {
@@ -107,9 +104,114 @@ impl Mistral {
         })?;
         let revision = match &spec.revision {
             Some(r) => r.clone(),
-            None => files_revision(&spec.path).map_err(|e| backend_err(format!("hashing {dir}: {e}")))?,
+            None if Path::new(&dir).exists() => {
+                files_revision(Path::new(&dir)).map_err(|e| backend_err(format!("hashing {dir}: {e}")))?
+            }
+            None => format!("hub:{dir}"),
         };
         Ok(Mistral { model, revision, default_max_tokens: spec.default_max_tokens })
+    }
+}
+
+/// Loads `instances` instances of `spec` (a pool when more than one).
+pub async fn load_instances(
+    name: &str,
+    spec: &MistralSpec,
+    instances: usize,
+    breakers: &crate::breaker::Board,
+) -> Result<Arc<dyn Backend>, BackendError> {
+    let mut loaded: Vec<Arc<dyn Backend>> = Vec::new();
+    for i in 0..instances.max(1) {
+        loaded.push(breakers.guard(name, i, Arc::new(Mistral::load(spec).await?)));
+    }
+    tracing::info!(model = name, instances = loaded.len(), path = %spec.path.display(), "model loaded");
+    Ok(if loaded.len() == 1 { loaded.pop().expect("one instance") } else { Arc::new(super::pool::Pool::new(loaded)) })
+}
+
+/// The base model plus one instance set per LoRA adapter, each merged into
+/// a copy of the weights (see [`crate::lora`]); requests go to the instance
+/// of the adapter they name.
+pub async fn with_adapters(
+    name: &str,
+    spec: &MistralSpec,
+    base: Arc<dyn Backend>,
+    adapters: &std::collections::BTreeMap<String, PathBuf>,
+    instances: usize,
+    breakers: &crate::breaker::Board,
+) -> Result<Adapted, BackendError> {
+    let fail = |message: String| BackendError { code: ErrorCode::Internal, message, retryable: false };
+    if spec.gguf_file.is_some() {
+        return Err(fail(format!("model `{name}`: LoRA adapters need safetensors weights, not GGUF")));
+    }
+    let base_rev = base.revision().unwrap_or_default();
+    let mut loaded = std::collections::BTreeMap::new();
+    let mut revisions = vec![base_rev.clone()];
+    for (adapter, dir) in adapters {
+        let rev = files_revision(dir).map_err(|e| fail(format!("adapter `{adapter}` at {}: {e}", dir.display())))?;
+        let tag = rev.trim_start_matches("fnv1a64:").to_string();
+        let base_tag =
+            base_rev.trim_start_matches("fnv1a64:").chars().filter(|c| c.is_ascii_alphanumeric()).collect::<String>();
+        let merged = std::env::temp_dir().join("retro-fleet-lora").join(format!("{name}-{adapter}-{base_tag}-{tag}"));
+        if !merged.exists() {
+            let base_dir = match crate::hub::resolve(&spec.path).map_err(fail)? {
+                crate::hub::ModelSource::Local(p) => p,
+                crate::hub::ModelSource::Hub(id) => {
+                    return Err(fail(format!(
+                        "adapters of `{name}` need the files of `{id}` in the Hugging Face cache"
+                    )))
+                }
+            };
+            let (adapter_dir, out) = (dir.clone(), merged.clone());
+            tokio::task::spawn_blocking(move || crate::lora::merge(&base_dir, &adapter_dir, &out))
+                .await
+                .map_err(|e| fail(format!("merging adapter `{adapter}`: {e}")))?
+                .map_err(|e| fail(format!("adapter `{adapter}` of model `{name}`: {e}")))?;
+        }
+        let adapted =
+            MistralSpec { path: merged, revision: Some(format!("{base_rev}+{adapter}:{tag}")), ..spec.clone() };
+        loaded.insert(
+            adapter.clone(),
+            load_instances(&format!("{name}+{adapter}"), &adapted, instances, breakers).await?,
+        );
+        revisions.push(format!("{adapter}:{tag}"));
+    }
+    Ok(Adapted { base, adapters: loaded, revision: revisions.join("+") })
+}
+
+/// A model with LoRA adapters: the base and one backend per adapter.
+pub struct Adapted {
+    base: Arc<dyn Backend>,
+    adapters: std::collections::BTreeMap<String, Arc<dyn Backend>>,
+    /// Base revision and every adapter's file hash: any change is a new revision.
+    revision: String,
+}
+
+impl Backend for Adapted {
+    fn revision(&self) -> Option<String> {
+        Some(self.revision.clone())
+    }
+
+    fn adapters(&self) -> Vec<String> {
+        self.adapters.keys().cloned().collect()
+    }
+
+    fn generate<'a>(
+        &'a self,
+        req: &'a InferRequest,
+        deltas: Option<DeltaSender>,
+    ) -> BoxFuture<'a, Result<Generation, BackendError>> {
+        match req.adapter.as_deref() {
+            None => self.base.generate(req, deltas),
+            Some(a) => match self.adapters.get(a) {
+                Some(b) => b.generate(req, deltas),
+                None => {
+                    let message = format!("no adapter `{a}`; adapters: {}", self.adapters().join(", "));
+                    Box::pin(
+                        async move { Err(BackendError { code: ErrorCode::InvalidRequest, message, retryable: false }) },
+                    )
+                }
+            },
+        }
     }
 }
 

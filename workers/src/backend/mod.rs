@@ -50,6 +50,17 @@ pub trait Backend: Send + Sync + 'static {
     /// Revision of the model (part of results and cache keys).
     fn revision(&self) -> Option<String>;
 
+    /// LoRA adapters a request may name (none by default).
+    fn adapters(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Whether a call now would be admitted (false while a circuit breaker
+    /// is open); a pool prefers available instances.
+    fn available(&self) -> bool {
+        true
+    }
+
     /// Runs `req`. When `deltas` is given, sends output pieces as they are
     /// generated; their concatenation equals the returned text.
     fn generate<'a>(
@@ -59,20 +70,39 @@ pub trait Backend: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Generation, BackendError>>;
 }
 
-/// Builds (loads) the backend of a configured model.
-pub async fn build(name: &str, cfg: &ModelConfig) -> Result<Arc<dyn Backend>, BackendError> {
+/// Builds (loads) the backend of a configured model, each instance behind
+/// its own circuit breaker on `breakers`.
+pub async fn build(
+    name: &str,
+    cfg: &ModelConfig,
+    breakers: &crate::breaker::Board,
+) -> Result<Arc<dyn Backend>, BackendError> {
     Ok(match cfg {
-        ModelConfig::Echo { revision } => Arc::new(echo::Echo::new(revision.clone())),
-        ModelConfig::Synthetic { latency_ms, output_tokens, concurrency, revision } => {
-            Arc::new(synthetic::Synthetic::new(
-                std::time::Duration::from_millis(*latency_ms),
-                *output_tokens,
-                *concurrency,
-                revision.clone(),
-            ))
-        }
+        ModelConfig::Echo { revision } => breakers.guard(name, 0, Arc::new(echo::Echo::new(revision.clone()))),
+        ModelConfig::Synthetic { latency_ms, output_tokens, concurrency, revision, fail_rate } => breakers.guard(
+            name,
+            0,
+            Arc::new(
+                synthetic::Synthetic::new(
+                    std::time::Duration::from_millis(*latency_ms),
+                    *output_tokens,
+                    *concurrency,
+                    revision.clone(),
+                )
+                .with_fail_rate(*fail_rate),
+            ),
+        ),
         #[cfg(feature = "mistralrs")]
-        ModelConfig::Mistralrs { path, gguf_file, isq, max_num_seqs, default_max_tokens, instances, revision } => {
+        ModelConfig::Mistralrs {
+            path,
+            gguf_file,
+            isq,
+            max_num_seqs,
+            default_max_tokens,
+            instances,
+            revision,
+            adapters,
+        } => {
             let spec = mistral::MistralSpec {
                 path: path.clone(),
                 gguf_file: gguf_file.clone(),
@@ -81,15 +111,11 @@ pub async fn build(name: &str, cfg: &ModelConfig) -> Result<Arc<dyn Backend>, Ba
                 default_max_tokens: *default_max_tokens,
                 revision: revision.clone(),
             };
-            let mut loaded: Vec<Arc<dyn Backend>> = Vec::new();
-            for _ in 0..(*instances).max(1) {
-                loaded.push(Arc::new(mistral::Mistral::load(&spec).await?));
-            }
-            tracing::info!(model = name, instances = loaded.len(), path = %path.display(), "model loaded");
-            if loaded.len() == 1 {
-                loaded.pop().expect("one instance")
+            let base = mistral::load_instances(name, &spec, *instances, breakers).await?;
+            if adapters.is_empty() {
+                base
             } else {
-                Arc::new(pool::Pool::new(loaded))
+                Arc::new(mistral::with_adapters(name, &spec, base, adapters, *instances, breakers).await?)
             }
         }
         #[cfg(not(feature = "mistralrs"))]
@@ -123,6 +149,25 @@ pub(crate) fn limit_words(words: &[&str], max_tokens: Option<u32>, stop: &[Strin
         finish = "stop";
     }
     (text, finish.to_string())
+}
+
+#[cfg(test)]
+pub(crate) mod tests_support {
+    /// A completion request for unit tests.
+    pub fn request(id: &str) -> retro_fleet_schemas::InferRequest {
+        retro_fleet_schemas::InferRequest {
+            v: 1,
+            id: id.into(),
+            model: "m".into(),
+            adapter: None,
+            input: retro_fleet_schemas::Input::Completion { prompt: "x".into() },
+            params: Default::default(),
+            stream: false,
+            cache: Default::default(),
+            tenant: None,
+            metadata: Default::default(),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! Several instances of one model in a worker; each request goes to the
-//! instance with the fewest requests in flight (ties: round robin).
+//! instance with the fewest requests in flight (ties: round robin), among
+//! those whose circuit breaker admits calls when there are any.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -22,11 +23,18 @@ impl Pool {
         Pool { instances: instances.into_iter().map(|b| (b, AtomicUsize::new(0))).collect(), next: AtomicUsize::new(0) }
     }
 
-    /// Index of the least busy instance, starting the scan at a rotating offset.
+    /// Index of the least busy available instance (any instance when none
+    /// is available), starting the scan at a rotating offset.
     fn pick(&self) -> usize {
         let n = self.instances.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
-        (0..n).map(|k| (start + k) % n).min_by_key(|&i| self.instances[i].1.load(Ordering::Relaxed)).expect("non-empty")
+        let order = (0..n).map(|k| (start + k) % n);
+        let load = |&i: &usize| self.instances[i].1.load(Ordering::Relaxed);
+        order
+            .clone()
+            .filter(|&i| self.instances[i].0.available())
+            .min_by_key(load)
+            .unwrap_or_else(|| order.min_by_key(load).expect("non-empty"))
     }
 
     /// Requests in flight per instance.
@@ -46,6 +54,10 @@ impl Drop for InFlight<'_> {
 impl Backend for Pool {
     fn revision(&self) -> Option<String> {
         self.instances[0].0.revision()
+    }
+
+    fn available(&self) -> bool {
+        self.instances.iter().any(|(b, _)| b.available())
     }
 
     fn generate<'a>(
@@ -100,5 +112,24 @@ mod tests {
             t.await.unwrap().unwrap();
         }
         assert_eq!(pool.loads(), vec![0, 0, 0]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_instance_with_an_open_breaker_gets_no_requests() {
+        use crate::breaker::{Board, BreakerConfig};
+        let board =
+            Board::unregistered(BreakerConfig { consecutive_failures: 2, open_ms: 60_000, ..Default::default() });
+        let sick = board.guard("m", 0, Arc::new(Synthetic::new(Duration::ZERO, 1, None, None).with_fail_rate(1.0)));
+        let well = board.guard("m", 1, Arc::new(Synthetic::new(Duration::ZERO, 1, None, None)));
+        let pool = Pool::new(vec![sick, well]);
+        let req = crate::backend::tests_support::request("a");
+        let mut failures = 0;
+        for _ in 0..20 {
+            if pool.generate(&req, None).await.is_err() {
+                failures += 1;
+            }
+        }
+        assert_eq!(failures, 2, "only the calls that opened the sick instance's breaker failed");
+        assert!(pool.available());
     }
 }

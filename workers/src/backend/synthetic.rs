@@ -1,10 +1,11 @@
 //! The synthetic backend: a fixed latency per request and fixed output,
 //! so scaling can be measured without a model (it sleeps; it does not burn CPU).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use retro_fleet_schemas::{InferRequest, Usage};
+use retro_fleet_schemas::{ErrorCode, InferRequest, Usage};
 use tokio::sync::Semaphore;
 
 use super::{limit_words, Backend, BackendError, DeltaSender, Generation};
@@ -16,12 +17,33 @@ pub struct Synthetic {
     output_tokens: u32,
     slots: Option<Semaphore>,
     revision: Option<String>,
+    fail_rate: f64,
+    calls: AtomicU64,
 }
 
 impl Synthetic {
     /// A synthetic backend.
     pub fn new(latency: Duration, output_tokens: u32, concurrency: Option<usize>, revision: Option<String>) -> Self {
-        Synthetic { latency, output_tokens, slots: concurrency.map(Semaphore::new), revision }
+        Synthetic {
+            latency,
+            output_tokens,
+            slots: concurrency.map(Semaphore::new),
+            revision,
+            fail_rate: 0.0,
+            calls: AtomicU64::new(0),
+        }
+    }
+
+    /// Makes this fraction of calls (0..1, evenly spread) fail with a
+    /// retryable `backend_error` after the latency, as a sick model would.
+    pub fn with_fail_rate(mut self, fail_rate: f64) -> Self {
+        self.fail_rate = fail_rate.clamp(0.0, 1.0);
+        self
+    }
+
+    /// Whether call number `k` (from 0) fails: evenly spread, exact in the long run.
+    fn fails(&self, k: u64) -> bool {
+        (((k + 1) as f64) * self.fail_rate).floor() > ((k as f64) * self.fail_rate).floor()
     }
 }
 
@@ -41,6 +63,13 @@ impl Backend for Synthetic {
                 None => None,
             };
             tokio::time::sleep(self.latency).await;
+            if self.fail_rate > 0.0 && self.fails(self.calls.fetch_add(1, Ordering::Relaxed)) {
+                return Err(BackendError {
+                    code: ErrorCode::BackendError,
+                    message: "synthetic failure (fail_rate)".into(),
+                    retryable: true,
+                });
+            }
             let n = req.params.max_tokens.unwrap_or(self.output_tokens).min(self.output_tokens.max(1) * 64);
             let words: Vec<&str> = std::iter::repeat_n("token", n as usize).collect();
             let (text, finish_reason) = limit_words(&words, req.params.max_tokens, &req.params.stop);
@@ -54,5 +83,21 @@ impl Backend for Synthetic {
                 usage: Usage { prompt_tokens, completion_tokens: n, total_tokens: prompt_tokens + n },
             })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fail_rate_is_spread_evenly_and_exact() {
+        let s = Synthetic::new(Duration::ZERO, 1, None, None).with_fail_rate(0.25);
+        let fails: Vec<bool> = (0..8).map(|k| s.fails(k)).collect();
+        assert_eq!(fails, [false, false, false, true, false, false, false, true]);
+        let all = Synthetic::new(Duration::ZERO, 1, None, None).with_fail_rate(1.0);
+        assert!((0..100).all(|k| all.fails(k)));
+        let none = Synthetic::new(Duration::ZERO, 1, None, None);
+        assert!((0..100).all(|k| !none.fails(k)));
     }
 }

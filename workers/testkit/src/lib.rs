@@ -72,6 +72,27 @@ impl NatsServer {
         self.kill();
         self.spawn();
     }
+
+    /// Stops the server cleanly (SIGTERM: JetStream flushes its store) and
+    /// waits for it to exit; [`NatsServer::start_again`] brings it back.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+            let start = Instant::now();
+            while child.try_wait().ok().flatten().is_none() {
+                if start.elapsed() > Duration::from_secs(10) {
+                    let _ = child.kill();
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// Starts a stopped server again on the same port and store.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "the server is running");
+        self.spawn();
+    }
 }
 
 impl Drop for NatsServer {

@@ -1,0 +1,329 @@
+//! `retro-fleet dlq`: list, show and replay dead letters.
+//!
+//! A dead letter in `FLEET_DLQ` is the original request (payload and
+//! headers) plus `Fleet-Error-Code`, `Fleet-Error-Message`,
+//! `Fleet-Delivery-Count` and `Fleet-Original-Subject`. Replay publishes the
+//! original payload and headers back to the original subject as a new
+//! message, so it starts a fresh delivery history. It drops the error
+//! headers and the old `Fleet-Deadline`. Its `Nats-Msg-Id` is
+//! `<id>-replay-<dead letter sequence>`, so replaying one letter twice queues
+//! it once. Before publishing, replay removes the stored error result of
+//! that request id, so the new result can be stored; a stored success is
+//! never removed, and such a letter is skipped. The letter is deleted once
+//! the request streams hold the replay, unless `--keep` is given.
+
+use std::fmt::Write as _;
+
+use anyhow::{bail, Context as _};
+use async_nats::jetstream::{self, stream::Stream};
+use async_nats::HeaderMap;
+use retro_fleet_schemas::{codec, headers, subjects, InferRequest, InferResult, Priority, Status};
+
+use crate::config::Config;
+
+/// Which letters a command applies to: `key=value` pairs, all of which must
+/// match. Keys: `model`, `priority`, `code`, `id`, `tenant`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Filter {
+    pairs: Vec<(FilterKey, String)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum FilterKey {
+    Model,
+    Priority,
+    Code,
+    Id,
+    Tenant,
+}
+
+impl Filter {
+    /// Parses `key=value` pairs.
+    pub fn parse(pairs: &[String]) -> anyhow::Result<Filter> {
+        let mut f = Filter::default();
+        for p in pairs {
+            let Some((k, v)) = p.split_once('=') else {
+                bail!("filter `{p}` is not key=value (keys: model, priority, code, id, tenant)");
+            };
+            let key = match k.trim() {
+                "model" => FilterKey::Model,
+                "priority" => FilterKey::Priority,
+                "code" => FilterKey::Code,
+                "id" => FilterKey::Id,
+                "tenant" => FilterKey::Tenant,
+                other => bail!("unknown filter key `{other}` (keys: model, priority, code, id, tenant)"),
+            };
+            f.pairs.push((key, v.trim().to_string()));
+        }
+        Ok(f)
+    }
+
+    fn matches(&self, l: &Letter) -> bool {
+        self.pairs.iter().all(|(k, v)| {
+            let have = match k {
+                FilterKey::Model => l.model.as_str(),
+                FilterKey::Priority => l.priority.as_str(),
+                FilterKey::Code => l.code.as_str(),
+                FilterKey::Id => l.id.as_deref().unwrap_or(""),
+                FilterKey::Tenant => l.tenant.as_str(),
+            };
+            have == v
+        })
+    }
+}
+
+/// One dead letter, as read back.
+#[derive(Debug, Clone)]
+pub struct Letter {
+    /// Sequence in `FLEET_DLQ`.
+    pub seq: u64,
+    /// When it was dead-lettered.
+    pub time: String,
+    /// Priority class (from the DLQ subject).
+    pub priority: String,
+    /// Model (from the DLQ subject).
+    pub model: String,
+    /// Request id, from the body or the `Nats-Msg-Id` header.
+    pub id: Option<String>,
+    /// Tenant (header, body, or the default).
+    pub tenant: String,
+    /// Error code.
+    pub code: String,
+    /// Error message.
+    pub message: String,
+    /// Deliveries before it was given up.
+    pub deliveries: String,
+    /// Subject the request was published to.
+    pub original_subject: Option<String>,
+    /// Original headers plus the error headers.
+    pub headers: HeaderMap,
+    /// Original payload.
+    pub payload: bytes::Bytes,
+}
+
+fn header(h: &HeaderMap, name: &str) -> Option<String> {
+    h.get(name).map(|v| v.as_str().to_string())
+}
+
+impl Letter {
+    fn from_message(m: jetstream::message::StreamMessage) -> Letter {
+        let h = &m.headers;
+        let mut parts = m.subject.as_str().splitn(4, '.').skip(2);
+        let priority = parts.next().unwrap_or("").to_string();
+        let model = parts.next().unwrap_or("").to_string();
+        let body = codec::decode::<InferRequest>(header(h, headers::CONTENT_TYPE).as_deref(), &m.payload).ok();
+        let id = body.as_ref().map(|b| b.id.clone()).or_else(|| header(h, headers::MSG_ID));
+        let tenant = header(h, headers::TENANT)
+            .or_else(|| body.as_ref().and_then(|b| b.tenant.clone()))
+            .unwrap_or_else(|| subjects::DEFAULT_TENANT.to_string());
+        Letter {
+            seq: m.sequence,
+            time: m.time.to_string(),
+            priority,
+            model,
+            id,
+            tenant,
+            code: header(h, headers::ERROR_CODE).unwrap_or_default(),
+            message: header(h, headers::ERROR_MESSAGE).unwrap_or_default(),
+            deliveries: header(h, headers::DELIVERY_COUNT).unwrap_or_default(),
+            original_subject: header(h, headers::ORIGINAL_SUBJECT),
+            headers: m.headers,
+            payload: m.payload,
+        }
+    }
+}
+
+async fn dlq_stream(config: &Config) -> anyhow::Result<(jetstream::Context, Stream)> {
+    let client = crate::nats::connect(&config.nats, "dlq").await?;
+    let js = jetstream::new(client);
+    let stream = js
+        .get_stream(subjects::DLQ_STREAM)
+        .await
+        .with_context(|| format!("no {} stream (run `retro-fleet topology apply`)", subjects::DLQ_STREAM))?;
+    Ok((js, stream))
+}
+
+/// Every letter matching `filter`, oldest first, at most `limit`.
+pub async fn read(stream: &Stream, filter: &Filter, limit: usize) -> anyhow::Result<Vec<Letter>> {
+    let state = stream.get_info().await?.state;
+    let mut out = Vec::new();
+    if state.messages == 0 {
+        return Ok(out);
+    }
+    for seq in state.first_sequence..=state.last_sequence {
+        if out.len() >= limit {
+            break;
+        }
+        match stream.direct_get(seq).await {
+            Ok(m) => {
+                let l = Letter::from_message(m);
+                if filter.matches(&l) {
+                    out.push(l);
+                }
+            }
+            Err(e) if matches!(e.kind(), jetstream::stream::DirectGetErrorKind::NotFound) => {}
+            Err(e) => return Err(e).with_context(|| format!("reading dead letter {seq}")),
+        }
+    }
+    Ok(out)
+}
+
+/// `retro-fleet dlq list`.
+pub async fn list(config: &Config, filter: &Filter, limit: usize) -> anyhow::Result<()> {
+    let (_, stream) = dlq_stream(config).await?;
+    let letters = read(&stream, filter, limit).await?;
+    println!("{:>8}  {:<6}  {:<16}  {:<28}  {:<18}  {:>5}  message", "seq", "prio", "model", "id", "code", "deliv");
+    for l in &letters {
+        let mut message = l.message.clone();
+        if message.chars().count() > 80 {
+            message = message.chars().take(77).collect::<String>() + "...";
+        }
+        println!(
+            "{:>8}  {:<6}  {:<16}  {:<28}  {:<18}  {:>5}  {}",
+            l.seq,
+            l.priority,
+            l.model,
+            l.id.as_deref().unwrap_or("-"),
+            l.code,
+            l.deliveries,
+            message
+        );
+    }
+    println!("{} dead letter(s)", letters.len());
+    Ok(())
+}
+
+/// `retro-fleet dlq show SEQ`.
+pub async fn show(config: &Config, seq: u64) -> anyhow::Result<()> {
+    let (_, stream) = dlq_stream(config).await?;
+    let m = stream.direct_get(seq).await.with_context(|| format!("no dead letter with sequence {seq}"))?;
+    let l = Letter::from_message(m);
+    let mut out = String::new();
+    let _ = writeln!(out, "sequence: {}\ntime: {}\npriority: {}\nmodel: {}", l.seq, l.time, l.priority, l.model);
+    let _ = writeln!(out, "id: {}\ntenant: {}", l.id.as_deref().unwrap_or("-"), l.tenant);
+    let _ = writeln!(out, "error: {} ({} deliveries)\nmessage: {}", l.code, l.deliveries, l.message);
+    let _ = writeln!(out, "headers:");
+    let mut names: Vec<(String, String)> =
+        l.headers.iter().flat_map(|(k, vs)| vs.iter().map(move |v| (k.to_string(), v.to_string()))).collect();
+    names.sort();
+    for (k, v) in names {
+        let _ = writeln!(out, "  {k}: {v}");
+    }
+    let ct = header(&l.headers, headers::CONTENT_TYPE);
+    let _ = writeln!(out, "payload ({} bytes):", l.payload.len());
+    match codec::decode::<serde_json::Value>(ct.as_deref(), &l.payload) {
+        Ok(v) => {
+            let _ = writeln!(out, "{}", serde_json::to_string_pretty(&v)?);
+        }
+        Err(_) => {
+            let _ = writeln!(out, "{}", l.payload.escape_ascii());
+        }
+    }
+    print!("{out}");
+    Ok(())
+}
+
+/// What replay did with the letters it looked at.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Replayed {
+    /// Re-published.
+    pub replayed: usize,
+    /// Skipped (why is printed).
+    pub skipped: usize,
+}
+
+/// `retro-fleet dlq replay`.
+pub async fn replay(
+    config: &Config,
+    filter: &Filter,
+    limit: usize,
+    keep: bool,
+    dry_run: bool,
+) -> anyhow::Result<Replayed> {
+    let (js, stream) = dlq_stream(config).await?;
+    let results = js.get_stream(subjects::RESULTS_STREAM).await.context("no results stream")?;
+    let letters = read(&stream, filter, limit).await?;
+    let mut done = Replayed::default();
+    for l in letters {
+        let label = format!("dead letter {} ({})", l.seq, l.id.as_deref().unwrap_or("no id"));
+        let Some(subject) = l.original_subject.clone().filter(|s| subjects::parse_request(s).is_some()) else {
+            println!("skip {label}: no original request subject");
+            done.skipped += 1;
+            continue;
+        };
+        if subjects::parse_request(&subject).map(|(p, _)| p) != l.priority.parse::<Priority>().ok() {
+            println!("skip {label}: original subject {subject} does not match its class");
+            done.skipped += 1;
+            continue;
+        }
+        // the stored result of this id: an error is removed so the replay's result can be stored
+        if let Some(id) = l.id.as_deref().filter(|id| subjects::is_token(id) && subjects::is_token(&l.tenant)) {
+            let res_subject = subjects::result(&l.tenant, id);
+            if let Ok(m) = results.direct_get_last_for_subject(&res_subject).await {
+                let stored: Option<InferResult> = codec::decode(None, &m.payload).ok();
+                if stored.as_ref().is_some_and(|r| r.status == Status::Ok) {
+                    println!("skip {label}: a successful result is already stored");
+                    done.skipped += 1;
+                    continue;
+                }
+                if !dry_run {
+                    results
+                        .purge()
+                        .filter(res_subject)
+                        .await
+                        .with_context(|| format!("removing the error result of {id}"))?;
+                }
+            }
+        }
+        let mut h = HeaderMap::new();
+        for (k, vs) in l.headers.iter() {
+            let name = k.to_string();
+            let dropped = [
+                headers::ERROR_CODE,
+                headers::ERROR_MESSAGE,
+                headers::DELIVERY_COUNT,
+                headers::ORIGINAL_SUBJECT,
+                headers::DEADLINE,
+                headers::MSG_ID,
+            ];
+            if dropped.iter().any(|d| d.eq_ignore_ascii_case(&name)) {
+                continue;
+            }
+            for v in vs {
+                h.append(name.as_str(), v.as_str());
+            }
+        }
+        let msg_id =
+            format!("{}-replay-{}", l.id.as_deref().filter(|i| subjects::is_token(i)).unwrap_or("letter"), l.seq);
+        h.insert(headers::MSG_ID, msg_id.as_str());
+        if dry_run {
+            println!("would replay {label} to {subject}");
+            done.replayed += 1;
+            continue;
+        }
+        js.publish_with_headers(subject.clone(), h, l.payload.clone())
+            .await?
+            .await
+            .with_context(|| format!("re-publishing {label} to {subject}"))?;
+        if !keep {
+            stream.delete_message(l.seq).await.with_context(|| format!("deleting {label} after its replay"))?;
+        }
+        println!("replayed {label} to {subject}");
+        done.replayed += 1;
+    }
+    println!("{} replayed, {} skipped", done.replayed, done.skipped);
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_parse_and_reject_unknown_keys() {
+        let f = Filter::parse(&["model=echo".into(), "code = decode_error".into()]).unwrap();
+        assert_eq!(f.pairs.len(), 2);
+        assert!(Filter::parse(&["colour=red".into()]).unwrap_err().to_string().contains("colour"));
+        assert!(Filter::parse(&["model".into()]).unwrap_err().to_string().contains("key=value"));
+    }
+}

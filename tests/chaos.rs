@@ -1,0 +1,746 @@
+//! Chaos: faults injected into real processes (a real nats-server, real
+//! `retro-fleet worker` and `ingress` children) while they serve traffic.
+//!
+//! Every test prints `sent / answered / lost / duplicated` and asserts that
+//! nothing is lost and nothing is duplicated:
+//! - answered: the request has a result stored in `FLEET_RESULTS` (and,
+//!   where the caller was connected, the same result on its reply subject);
+//! - duplicated: the caller saw two *different* results for one id, or a
+//!   second result was written to `FLEET_RESULTS` for an id (the stream's
+//!   last sequence exceeds its message count).
+//!
+//! These are the slow tests (a few minutes in all); `make test` runs them.
+//! One alone: `cargo nextest run --workspace --no-capture -E 'binary(chaos) & test(NAME)'`.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use common::*;
+use futures::StreamExt;
+use retro_fleet_schemas::{codec, headers, subjects, ErrorCode, InferRequest, InferResult, Priority, Status};
+
+/// Every reply the caller saw, by request id (the reply subject's last token).
+#[derive(Default)]
+struct Seen {
+    results: HashMap<String, Vec<InferResult>>,
+}
+
+/// A NATS caller that collects replies in the background, so the test can
+/// break things meanwhile.
+struct Chaos {
+    js: async_nats::jetstream::Context,
+    inbox: String,
+    seen: Arc<Mutex<Seen>>,
+}
+
+impl Chaos {
+    async fn connect(url: &str) -> Chaos {
+        let client = async_nats::ConnectOptions::new().max_reconnects(None).connect(url).await.unwrap();
+        let js = async_nats::jetstream::new(client.clone());
+        let inbox = client.new_inbox();
+        let mut sub = client.subscribe(format!("{inbox}.*")).await.unwrap();
+        let seen: Arc<Mutex<Seen>> = Default::default();
+        let s = seen.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = sub.next().await {
+                let kind = msg.headers.as_ref().and_then(|h| h.get(headers::KIND)).map(|v| v.as_str().to_string());
+                if kind.as_deref() != Some(headers::KIND_RESULT) {
+                    continue;
+                }
+                let id = msg.subject.rsplit('.').next().unwrap().to_string();
+                let result: InferResult = codec::decode(None, &msg.payload).expect("results decode");
+                s.lock().unwrap().results.entry(id).or_default().push(result);
+            }
+        });
+        Chaos { js, inbox, seen }
+    }
+
+    fn reply_subject(&self, id: &str) -> String {
+        format!("{}.{id}", self.inbox)
+    }
+
+    /// Publishes until JetStream acknowledges (retrying through outages with
+    /// the same `Nats-Msg-Id`, so a retry is never a second request).
+    async fn publish(&self, subject: &str, id: &str, mut h: HeaderMap, payload: Bytes) {
+        h.insert(headers::REPLY, self.reply_subject(id).as_str());
+        let start = Instant::now();
+        loop {
+            let attempt = async {
+                self.js.publish_with_headers(subject.to_string(), h.clone(), payload.clone()).await?.await?;
+                Ok::<_, async_nats::Error>(())
+            };
+            match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+                Ok(Ok(())) => return,
+                _ => {
+                    assert!(start.elapsed() < Duration::from_secs(60), "publish of {id} never accepted");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    async fn publish_request(&self, p: Priority, req: &InferRequest, extra: &[(&str, String)]) {
+        let mut h = HeaderMap::new();
+        h.insert(headers::MSG_ID, req.id.as_str());
+        for (k, v) in extra {
+            h.insert(*k, v.as_str());
+        }
+        self.publish(&subjects::request(p, &req.model), &req.id, h, Bytes::from(codec::encode(req))).await;
+    }
+
+    /// Ids with at least one reply.
+    fn replied(&self) -> usize {
+        self.seen.lock().unwrap().results.len()
+    }
+
+    /// Waits until `ids` all have a reply or `timeout` passes.
+    async fn wait_replies(&self, ids: &[String], timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            let missing = {
+                let seen = self.seen.lock().unwrap();
+                ids.iter().filter(|id| !seen.results.contains_key(*id)).count()
+            };
+            if missing == 0 || start.elapsed() > timeout {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until every id in `ids` has a stored result or `timeout` passes.
+    async fn wait_stored(&self, tenant: &str, ids: &[String], timeout: Duration) {
+        let start = Instant::now();
+        let mut missing: Vec<String> = ids.to_vec();
+        while !missing.is_empty() && start.elapsed() < timeout {
+            let stored = self.stored(tenant, &missing).await;
+            missing.retain(|id| !stored.contains_key(id));
+            if !missing.is_empty() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+
+    /// Stored results of `ids`.
+    async fn stored(&self, tenant: &str, ids: &[String]) -> HashMap<String, InferResult> {
+        let stream = self.js.get_stream(subjects::RESULTS_STREAM).await.unwrap();
+        futures::stream::iter(ids.iter().cloned())
+            .map(|id| {
+                let stream = stream.clone();
+                async move {
+                    let m = stream.direct_get_last_for_subject(subjects::result(tenant, &id)).await.ok()?;
+                    Some((id, codec::decode::<InferResult>(None, &m.payload).unwrap()))
+                }
+            })
+            .buffer_unordered(64)
+            .filter_map(|x| async move { x })
+            .collect()
+            .await
+    }
+
+    /// Counts and prints the outcome of `ids`; `need_reply` when the caller
+    /// was connected throughout (else a stored result counts as answered).
+    async fn report(&self, name: &str, tenant: &str, ids: &[String], need_reply: bool) -> Report {
+        let stored = self.stored(tenant, ids).await;
+        let seen = self.seen.lock().unwrap();
+        let mut r = Report { sent: ids.len(), ..Default::default() };
+        for id in ids {
+            let replies = seen.results.get(id);
+            let stored = stored.get(id);
+            let answered = stored.is_some() && (!need_reply || replies.is_some());
+            if answered {
+                r.answered += 1;
+                if stored.unwrap().status == Status::Error {
+                    r.errors += 1;
+                }
+            }
+            if let Some(replies) = replies {
+                r.repeated += replies.len() - 1;
+                let mut distinct: Vec<&InferResult> = Vec::new();
+                for x in replies.iter().chain(stored) {
+                    if !distinct.contains(&x) {
+                        distinct.push(x);
+                    }
+                }
+                if distinct.len() > 1 {
+                    r.duplicated += 1;
+                    if r.examples.len() < 3 {
+                        r.examples.push(format!("{id}: {distinct:?}"));
+                    }
+                }
+            }
+        }
+        r.lost = r.sent - r.answered;
+        let info = self.js.get_stream(subjects::RESULTS_STREAM).await.unwrap().info().await.unwrap().state.clone();
+        // a second write for an id replaces the first (one message per
+        // subject), which leaves a gap between messages and last sequence
+        r.overwritten = info.last_sequence.saturating_sub(info.first_sequence.saturating_sub(1)) - info.messages;
+        r.duplicated += r.overwritten as usize;
+        println!(
+            "chaos {name}: sent {} / answered {} / lost {} / duplicated {} (error results {}, identical repeats {}, results overwritten {})",
+            r.sent, r.answered, r.lost, r.duplicated, r.errors, r.repeated, r.overwritten
+        );
+        r
+    }
+}
+
+#[derive(Debug, Default)]
+struct Report {
+    sent: usize,
+    answered: usize,
+    lost: usize,
+    duplicated: usize,
+    errors: usize,
+    repeated: usize,
+    overwritten: u64,
+    examples: Vec<String>,
+}
+
+impl Report {
+    fn assert_clean(&self) {
+        assert_eq!(self.lost, 0, "lost requests: {self:?}");
+        assert_eq!(self.duplicated, 0, "two different results for one id: {self:?}");
+    }
+}
+
+/// A worker and its metrics/health port.
+async fn worker(config: &std::path::Path) -> (Proc, u16) {
+    let port = free_port();
+    let mut p = Proc::start(config, &["worker"], &[("FLEET_METRICS_LISTEN", format!("127.0.0.1:{port}"))]);
+    wait_ready(&format!("http://127.0.0.1:{port}/health/ready"), &mut p).await;
+    wait_log(&mut p, "worker pulling").await;
+    (p, port)
+}
+
+async fn get_text(url: &str) -> (u16, String) {
+    match reqwest::get(url).await {
+        Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+        Err(_) => (0, String::new()),
+    }
+}
+
+/// The value of the metric line starting with `prefix` (0 when absent).
+fn metric(text: &str, prefix: &str) -> f64 {
+    text.lines().filter(|l| l.starts_with(prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_kill9_a_worker_ten_times_during_5000_requests() {
+    let extra = "max_inflight = 16\nbatch_size = 16\n[models.slow]\nbackend = \"synthetic\"\nlatency_ms = 40\n";
+    let s = setup(extra);
+    let caller = Chaos::connect(&s.nats.url()).await;
+    let ids: Vec<String> = (0..5000).map(|i| format!("k{i}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        caller.publish_request(Priority::ALL[i % 3], &request(id, "slow", "x"), &[]).await;
+    }
+    let mut workers = vec![worker(&s.config).await.0, worker(&s.config).await.0];
+    let mut kills = 0;
+    let start = Instant::now();
+    while kills < 10 {
+        // a kill every ~450 answers, alternating workers: always mid-batch
+        while caller.replied() < 450 * (kills + 1) {
+            assert!(start.elapsed() < Duration::from_secs(180), "stalled at {} answers", caller.replied());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let victim = kills % 2;
+        workers[victim].kill9();
+        kills += 1;
+        workers[victim] = worker(&s.config).await.0;
+    }
+    caller.wait_replies(&ids, Duration::from_secs(120)).await;
+    let r = caller.report("kill -9 x10, 2 workers", subjects::DEFAULT_TENANT, &ids, true).await;
+    // deliveries beyond one per request: what the kills took down mid-run
+    let mut deliveries = 0;
+    for p in Priority::ALL {
+        let stream = caller.js.get_stream(subjects::request_stream(p)).await.unwrap();
+        let mut c = stream.get_consumer::<async_nats::jetstream::consumer::pull::Config>("worker_slow").await.unwrap();
+        deliveries += c.info().await.unwrap().delivered.consumer_sequence;
+    }
+    let redelivered = deliveries - ids.len() as u64;
+    println!("  kills {kills}, redeliveries {redelivered}, run {:.1} s", start.elapsed().as_secs_f64());
+    r.assert_clean();
+    assert!(redelivered > 0, "the kills hit requests in flight");
+    assert_eq!(r.errors, 0, "every request computed, none given up");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_nats_server_restart_during_a_run() {
+    nats_restart_during_a_run(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_nats_server_kill9_and_restart_during_a_run() {
+    nats_restart_during_a_run(true).await;
+}
+
+/// Stops nats-server mid-run (SIGTERM, or SIGKILL as a crash) and starts
+/// it again on the same port and store 2 s later.
+async fn nats_restart_during_a_run(crash: bool) {
+    // two URLs, the first one dead: clients must take the second and come back to it
+    let nats = NatsServer::start();
+    let dead = format!("nats://127.0.0.1:{}", free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "max_inflight = 16\n[models.slow]\nbackend = \"synthetic\"\nlatency_ms = 20\n";
+    let config = write_config(dir.path(), &format!("{dead},{}", nats.url()), extra);
+    topology_apply(&config);
+    let mut nats = nats;
+    let (mut w1, port1) = worker(&config).await;
+    let (_w2, _) = worker(&config).await;
+    let (mut ingress, base) = start_ingress(&config).await;
+    let caller = Arc::new(Chaos::connect(&nats.url()).await);
+
+    // NATS traffic: 3,000 requests published steadily while the server goes away
+    let nats_ids: Vec<String> = (0..3000).map(|i| format!("n{i}")).collect();
+    let publisher = {
+        let (caller, ids) = (caller.clone(), nats_ids.clone());
+        tokio::spawn(async move {
+            for (i, id) in ids.iter().enumerate() {
+                caller.publish_request(Priority::ALL[i % 3], &request(id, "slow", "x"), &[]).await;
+                if i % 50 == 0 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        })
+    };
+    // HTTP traffic: 300 async requests with their own ids, retried on 503 / connection errors
+    let http_ids: Vec<String> = (0..300).map(|i| format!("h{i}")).collect();
+    let http_task = {
+        let (base, ids) = (base.clone(), http_ids.clone());
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let mut retries = 0;
+            for id in &ids {
+                loop {
+                    let r = http
+                        .post(format!("{base}/v1/infer/async"))
+                        .json(&serde_json::json!({"model": "slow", "prompt": "x", "id": id}))
+                        .send()
+                        .await;
+                    match r.map(|r| r.status().as_u16()) {
+                        Ok(202) => break,
+                        Ok(503) | Ok(500) | Err(_) => {
+                            retries += 1;
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        Ok(other) => panic!("unexpected status {other} for {id}"),
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            retries
+        })
+    };
+
+    while caller.replied() < 800 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if crash {
+        nats.kill();
+    } else {
+        nats.stop();
+    }
+    // while it is down, readiness says so
+    let (mut unready, mut ingress_unready) = (false, false);
+    let down = Instant::now();
+    while !(unready && ingress_unready) && down.elapsed() < Duration::from_secs(2) {
+        let (status, body) = get_text(&format!("http://127.0.0.1:{port1}/health/ready")).await;
+        unready |= status == 503 && body.contains("not connected");
+        ingress_unready |= get_text(&format!("{base}/health/ready")).await.0 == 503;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    nats.start_again();
+    publisher.await.unwrap();
+    let http_retries = http_task.await.unwrap();
+    let all: Vec<String> = nats_ids.iter().chain(&http_ids).cloned().collect();
+    caller.wait_stored(subjects::DEFAULT_TENANT, &all, Duration::from_secs(120)).await;
+    let how = if crash { "SIGKILL" } else { "SIGTERM" };
+    let r = caller
+        .report(&format!("nats-server restart ({how}, same port and store)"), subjects::DEFAULT_TENANT, &all, false)
+        .await;
+    println!("  http retries during the outage {http_retries}; replies seen {}", caller.replied());
+    r.assert_clean();
+    assert_eq!(r.errors, 0);
+    assert!(unready, "the worker reported not ready while NATS was down");
+    assert!(ingress_unready, "the ingress reported not ready while NATS was down");
+    let (status, _) = get_text(&format!("http://127.0.0.1:{port1}/health/ready")).await;
+    assert_eq!(status, 200, "ready again after the restart");
+    for p in [&mut w1, &mut ingress] {
+        assert!(p.alive(), "{} survived:\n{}", p.name, p.log());
+        let log = p.log();
+        assert!(log.contains("disconnected from NATS"), "{}", p.name);
+        assert!(log.matches("connected to NATS; pulling and publishing resume").count() >= 2, "{}:\n{log}", p.name);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_sigstop_a_worker_beyond_ack_wait_then_sigcont() {
+    let extra = "max_inflight = 8\nbatch_size = 8\n[models.slow]\nbackend = \"synthetic\"\nlatency_ms = 300\n";
+    let s = setup(extra);
+    let caller = Chaos::connect(&s.nats.url()).await;
+    let ids: Vec<String> = (0..300).map(|i| format!("s{i}")).collect();
+    for id in &ids {
+        caller.publish_request(Priority::Normal, &request(id, "slow", "x"), &[]).await;
+    }
+    let (mut a, _) = worker(&s.config).await;
+    let (_b, _) = worker(&s.config).await;
+    while caller.replied() < 40 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    signal(&a, 19); // SIGSTOP, with requests in flight and prefetched
+    tokio::time::sleep(Duration::from_secs(5)).await; // ack_wait is 2 s
+    signal(&a, 18); // SIGCONT
+    caller.wait_replies(&ids, Duration::from_secs(120)).await;
+    let r = caller.report("SIGSTOP 5 s (ack_wait 2 s), SIGCONT", subjects::DEFAULT_TENANT, &ids, true).await;
+    let mut c = caller
+        .js
+        .get_stream("FLEET_REQ_NORMAL")
+        .await
+        .unwrap()
+        .get_consumer::<async_nats::jetstream::consumer::pull::Config>("worker_slow")
+        .await
+        .unwrap();
+    let redelivered = c.info().await.unwrap().num_redelivered;
+    let resent = a.log().matches("already stored; sending that one").count();
+    println!("  redelivered {redelivered}, stale computations answered with the stored result {resent}");
+    r.assert_clean();
+    assert!(a.alive());
+    assert!(resent > 0, "the paused worker finished requests another worker had answered:\n{}", a.log());
+}
+
+/// xorshift64: deterministic fuzz without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// One malformed message: (headers, payload), all for the `echo` subject.
+fn fuzzed(rng: &mut Rng, i: usize) -> (HeaderMap, Vec<u8>) {
+    let mut h = HeaderMap::new();
+    let id = format!("fuzz-{i}");
+    if i % 7 != 0 {
+        h.insert(headers::MSG_ID, id.as_str());
+    }
+    let valid = codec::encode(&request(&id, "echo", "a perfectly fine prompt"));
+    let body = match i % 6 {
+        0 => (0..rng.below(200)).map(|_| rng.next() as u8).collect(),
+        1 => {
+            let mut b = valid.clone();
+            for _ in 0..1 + rng.below(3) {
+                let k = rng.below(b.len());
+                b[k] = rng.next() as u8;
+            }
+            b
+        }
+        2 => valid[..rng.below(valid.len())].to_vec(),
+        3 => {
+            h.insert(headers::CONTENT_TYPE, "application/json");
+            let json = serde_json::to_vec(&request(&id, "echo", "json prompt")).unwrap();
+            let mut b = json;
+            let k = rng.below(b.len());
+            b[k] = b"{}[]\",:0a\\"[rng.below(10)];
+            b
+        }
+        4 => {
+            let junk: String = (0..rng.below(20)).map(|_| (b'!' + (rng.next() % 90) as u8) as char).collect();
+            h.insert(headers::CONTENT_TYPE, junk.as_str());
+            valid
+        }
+        _ => {
+            // well-formed but invalid: wrong model for the subject, empty id, bad tenant, or huge prompt
+            let mut r = request(&id, "echo", "x");
+            match rng.below(4) {
+                0 => r.model = "other".into(),
+                1 => r.id = String::new(),
+                2 => r.tenant = Some("bad tenant!".into()),
+                _ => r.input = retro_fleet_schemas::Input::Completion { prompt: "y".repeat(300_000) },
+            }
+            codec::encode(&r)
+        }
+    };
+    (h, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_ten_thousand_malformed_messages_mixed_into_valid_traffic() {
+    let s = setup("");
+    let caller = Chaos::connect(&s.nats.url()).await;
+    let (mut w1, _) = worker(&s.config).await;
+    let (mut w2, _) = worker(&s.config).await;
+    let echo = subjects::request(Priority::Normal, "echo");
+    let mut rng = Rng(0x2545f4914f6cdd1d);
+    // id -> (Content-Type header, payload)
+    let mut sent_fuzz: HashMap<String, (Option<String>, Vec<u8>)> = HashMap::new();
+    let mut valid_ids = Vec::new();
+    let mut acks = Vec::new();
+    for i in 0..10_000 {
+        let (mut h, body) = fuzzed(&mut rng, i);
+        let id = format!("fuzz-{i}");
+        h.insert(headers::REPLY, caller.reply_subject(&id).as_str());
+        let ct = h.get(headers::CONTENT_TYPE).map(|v| v.as_str().to_string());
+        sent_fuzz.insert(id, (ct, body.clone()));
+        acks.push(caller.js.publish_with_headers(echo.clone(), h, Bytes::from(body)).await.unwrap());
+        if i % 5 == 0 {
+            let id = format!("valid-{i}");
+            let req = request(&id, "echo", &format!("valid number {i}"));
+            let mut h = HeaderMap::new();
+            h.insert(headers::MSG_ID, id.as_str());
+            h.insert(headers::REPLY, caller.reply_subject(&id).as_str());
+            acks.push(caller.js.publish_with_headers(echo.clone(), h, Bytes::from(codec::encode(&req))).await.unwrap());
+            valid_ids.push(id);
+        }
+        if acks.len() >= 512 {
+            for a in acks.drain(..) {
+                a.await.unwrap();
+            }
+        }
+    }
+    for a in acks.drain(..) {
+        a.await.unwrap();
+    }
+    let fuzz_ids: Vec<String> = (0..10_000).map(|i| format!("fuzz-{i}")).collect();
+    let all: Vec<String> = fuzz_ids.iter().chain(&valid_ids).cloned().collect();
+    caller.wait_replies(&all, Duration::from_secs(180)).await;
+
+    // valid traffic: every request answered with its own text
+    let r = caller.report("10,000 malformed + 2,000 valid", subjects::DEFAULT_TENANT, &valid_ids, true).await;
+    r.assert_clean();
+    {
+        let seen = caller.seen.lock().unwrap();
+        for id in &valid_ids {
+            let res = &seen.results[id][0];
+            assert_eq!(res.status, Status::Ok, "{id}: {res:?}");
+            let i = id.strip_prefix("valid-").unwrap();
+            assert_eq!(res.output.as_ref().unwrap().text, format!("valid number {i}"));
+        }
+    }
+    // malformed: each one answered exactly once, and each error is a dead letter with its payload
+    let dlq = caller.js.get_stream(subjects::DLQ_STREAM).await.unwrap();
+    let letters = {
+        let consumer =
+            dlq.create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default()).await.unwrap();
+        let total = dlq.get_info().await.unwrap().state.messages as usize;
+        let mut msgs = consumer.messages().await.unwrap();
+        let mut letters: HashMap<String, (Bytes, String)> = HashMap::new();
+        while letters.len() < total {
+            let m = tokio::time::timeout(Duration::from_secs(10), msgs.next()).await.unwrap().unwrap().unwrap();
+            let h = m.headers.as_ref().unwrap();
+            let reply = h.get(headers::REPLY).unwrap().as_str();
+            let id = reply.rsplit('.').next().unwrap().to_string();
+            let code = h.get(headers::ERROR_CODE).unwrap().as_str().to_string();
+            assert!(
+                letters.insert(id.clone(), (m.payload.clone(), code)).is_none(),
+                "one dead letter per message: {id}"
+            );
+        }
+        letters
+    };
+    let seen = caller.seen.lock().unwrap();
+    let (mut poison, mut accepted, mut unanswered, mut twice, mut shared) = (0, 0, 0, 0, 0);
+    let mut codes: HashMap<String, usize> = HashMap::new();
+    for id in &fuzz_ids {
+        let Some(replies) = seen.results.get(id) else {
+            unanswered += 1;
+            continue;
+        };
+        if replies.len() > 1 {
+            twice += 1;
+        }
+        let first = &replies[0];
+        let (ct, body) = &sent_fuzz[id];
+        // One result per id: whatever a message was answered, it is the
+        // result stored for the id it carried. A mutation may change the id
+        // in a body to another message's id; both are then answered with
+        // the one result stored first for that id (an id is an idempotency key).
+        if !first.id.is_empty() {
+            let stored = caller.stored(subjects::DEFAULT_TENANT, std::slice::from_ref(&first.id)).await;
+            assert_eq!(stored.get(&first.id), Some(first), "{id}: answered with the result stored for {}", first.id);
+        }
+        let own = &first.id == id || first.id.is_empty();
+        if let Some((payload, code)) = letters.get(id) {
+            poison += 1;
+            assert_eq!(&payload[..], &body[..], "{id}: the dead letter keeps the original payload");
+            if own && first.error.as_ref().map(|e| e.code.as_str()) == Some(code.as_str()) {
+                *codes.entry(code.clone()).or_default() += 1;
+            } else {
+                shared += 1;
+            }
+        } else {
+            // a mutation that still decodes to a valid request: answered, not dead-lettered
+            accepted += 1;
+            let req: InferRequest = codec::decode(ct.as_deref(), body).expect("an accepted message decodes");
+            assert!(req.validate(usize::MAX).is_ok());
+            assert_eq!(req.id, first.id);
+            if own {
+                assert_eq!(first.status, Status::Ok, "{id}: {first:?}");
+            } else {
+                shared += 1;
+            }
+        }
+    }
+    println!(
+        "chaos fuzz: sent 10000 malformed / answered {} / lost {unanswered} / duplicated {twice}: \
+         {poison} dead-lettered with their payload, {accepted} still valid and answered; codes {codes:?}; dead letters {}; \
+         {shared} answered with the result of another message carrying the same id",
+        poison + accepted,
+        letters.len()
+    );
+    assert_eq!(unanswered, 0);
+    assert_eq!(twice, 0);
+    assert_eq!(letters.len(), poison, "every dead letter belongs to one error result");
+    assert!(poison > 9_000, "most fuzz is poison: {poison}");
+    assert!(w1.alive() && w2.alive(), "no worker crashed");
+    assert!(!w1.log().contains("panicked") && !w2.log().contains("panicked"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_a_model_failing_every_call_opens_its_breaker_and_spares_the_others() {
+    let extra = "[worker.breaker]\nconsecutive_failures = 3\nopen_ms = 1000\n\
+                 [models.echo]\nbackend = \"echo\"\n\
+                 [models.broken]\nbackend = \"synthetic\"\nlatency_ms = 5\nfail_rate = 1.0\n";
+    let s = setup(extra);
+    let caller = Chaos::connect(&s.nats.url()).await;
+    let (mut w, port) = worker(&s.config).await;
+    let mut broken_ids = Vec::new();
+    let mut echo_ids = Vec::new();
+    for i in 0..600 {
+        if i % 20 == 0 {
+            let id = format!("broken-{i}");
+            caller.publish_request(Priority::Normal, &request(&id, "broken", "x"), &[]).await;
+            broken_ids.push(id);
+        } else {
+            let id = format!("echo-{i}");
+            caller.publish_request(Priority::ALL[i % 3], &request(&id, "echo", &format!("fine {i}")), &[]).await;
+            echo_ids.push(id);
+        }
+    }
+    // while the broken model's breaker is open, the worker says so
+    let mut health_open = false;
+    let start = Instant::now();
+    while !health_open && start.elapsed() < Duration::from_secs(20) {
+        let (status, body) = get_text(&format!("http://127.0.0.1:{port}/health/ready")).await;
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        health_open = status == 200
+            && v["breakers"].as_array().is_some_and(|b| {
+                b.iter().any(|b| b["model"] == "broken" && b["state"] != "closed")
+                    && b.iter().all(|b| b["model"] != "echo" || b["state"] == "closed")
+            });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let all: Vec<String> = echo_ids.iter().chain(&broken_ids).cloned().collect();
+    caller.wait_replies(&all, Duration::from_secs(60)).await;
+    let r = caller.report("a model failing every call", subjects::DEFAULT_TENANT, &all, true).await;
+    r.assert_clean();
+    let seen = caller.seen.lock().unwrap();
+    for id in &echo_ids {
+        assert_eq!(seen.results[id][0].status, Status::Ok, "other models unaffected");
+    }
+    for id in &broken_ids {
+        let e = seen.results[id][0].error.clone().expect("error result");
+        assert_eq!(e.code, ErrorCode::BackendError, "{e:?}");
+    }
+    drop(seen);
+    // each broken request: dead-lettered after max_deliver (3) deliveries
+    let dlq = caller.js.get_stream(subjects::DLQ_STREAM).await.unwrap();
+    assert_eq!(stream_len(&caller.js, subjects::DLQ_STREAM).await, broken_ids.len() as u64);
+    let letter = dlq.direct_get_last_for_subject(subjects::dlq(Priority::Normal, "broken")).await.unwrap();
+    assert_eq!(letter.headers.get(headers::DELIVERY_COUNT).unwrap().as_str(), "3");
+    let (_, metrics) = get_text(&format!("http://127.0.0.1:{port}/metrics")).await;
+    let opened = metric(&metrics, "fleet_breaker_transitions_total{model=\"broken\",state=\"open\"}");
+    let refused = metric(&metrics, "fleet_breaker_refused_total{model=\"broken\"}");
+    let echo_opened = metric(&metrics, "fleet_breaker_transitions_total{model=\"echo\",state=\"open\"}");
+    println!(
+        "  breaker of `broken` opened {opened:.0} times, refused {refused:.0} calls; `echo` opened {:.0}",
+        echo_opened.abs()
+    );
+    assert!(opened >= 1.0 && refused >= 1.0, "{metrics}");
+    assert_eq!(echo_opened, 0.0);
+    assert!(health_open, "/health/ready showed the open breaker of `broken` only");
+    assert!(w.log().contains("circuit breaker opened"));
+    assert!(w.alive());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_a_backlog_of_expired_requests_is_not_computed() {
+    let extra = "max_inflight = 4\n[models.slow]\nbackend = \"synthetic\"\nlatency_ms = 200\n";
+    let s = setup(extra);
+    let caller = Chaos::connect(&s.nats.url()).await;
+    let past = (retro_fleet_worker::unix_ms() - 1_000).to_string();
+    let future = (retro_fleet_worker::unix_ms() + 600_000).to_string();
+    let mut expired = Vec::new();
+    let mut live = Vec::new();
+    for i in 0..2_000 {
+        let id = format!("x{i}");
+        caller
+            .publish_request(Priority::ALL[i % 3], &request(&id, "slow", "x"), &[(headers::DEADLINE, past.clone())])
+            .await;
+        expired.push(id);
+        if i % 100 == 0 {
+            let id = format!("live{i}");
+            caller
+                .publish_request(Priority::Normal, &request(&id, "slow", "x"), &[(headers::DEADLINE, future.clone())])
+                .await;
+            live.push(id);
+        }
+    }
+    let (_w, port) = worker(&s.config).await;
+    let all: Vec<String> = expired.iter().chain(&live).cloned().collect();
+    // computing them all would take 2,000 x 200 ms / 4 = 100 s
+    caller.wait_replies(&all, Duration::from_secs(60)).await;
+    let r = caller.report("2,000 expired in a backlog", subjects::DEFAULT_TENANT, &all, true).await;
+    r.assert_clean();
+    let seen = caller.seen.lock().unwrap();
+    let code = |id: &String| seen.results[id][0].error.as_ref().map(|e| e.code);
+    assert!(expired.iter().all(|id| code(id) == Some(ErrorCode::DeadlineExceeded)));
+    assert!(live.iter().all(|id| seen.results[id][0].status == Status::Ok));
+    drop(seen);
+    let (_, metrics) = get_text(&format!("http://127.0.0.1:{port}/metrics")).await;
+    let computed = metric(&metrics, "fleet_compute_seconds_count{");
+    println!("  computed {computed} (the {} live ones), answered deadline_exceeded {}", live.len(), expired.len());
+    assert_eq!(computed as usize, live.len(), "only live requests reached the model");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_a_request_whose_workers_keep_dying_is_answered_not_stranded() {
+    // max_deliver is 3 in test configs; each generation would take a minute
+    let s = setup("[models.slow]\nbackend = \"synthetic\"\nlatency_ms = 60000\n");
+    let caller = Chaos::connect(&s.nats.url()).await;
+    let ids = vec!["doomed".to_string()];
+    caller.publish_request(Priority::Normal, &request("doomed", "slow", "x"), &[]).await;
+    let stream = caller.js.get_stream("FLEET_REQ_NORMAL").await.unwrap();
+    let mut consumer =
+        stream.get_consumer::<async_nats::jetstream::consumer::pull::Config>("worker_slow").await.unwrap();
+    for delivery in 1..=3u64 {
+        let (mut w, _) = worker(&s.config).await;
+        let start = Instant::now();
+        while consumer.info().await.unwrap().delivered.consumer_sequence < delivery {
+            assert!(start.elapsed() < Duration::from_secs(20), "delivery {delivery} never came");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        w.kill9(); // dies while running it
+    }
+    let (_w, _) = worker(&s.config).await;
+    caller.wait_replies(&ids, Duration::from_secs(20)).await;
+    let r = caller.report("a request whose worker is killed at each of its 3 deliveries", "default", &ids, true).await;
+    r.assert_clean();
+    let seen = caller.seen.lock().unwrap();
+    let e = seen.results["doomed"][0].error.clone().expect("an error result");
+    assert_eq!(e.code, ErrorCode::Internal);
+    assert!(e.message.contains("delivered 4 times"), "{e:?}");
+    drop(seen);
+    assert_eq!(stream_len(&caller.js, subjects::DLQ_STREAM).await, 1, "and a dead letter");
+}

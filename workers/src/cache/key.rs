@@ -1,0 +1,239 @@
+//! Cache keys: what makes two requests the same question.
+//!
+//! A key is the first 128 bits of a SHA-256 over, length-prefixed: tenant,
+//! model, model revision, the model's cache generation (see
+//! [`super::ResultCache::set_generation`]), adapter, the normalized sampling
+//! parameters and the input. Tenants never share keys.
+
+use retro_fleet_schemas::{Input, SamplingParams};
+use sha2::{Digest, Sha256};
+
+/// A 128-bit cache key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Key(pub u128);
+
+impl Key {
+    /// 32 lowercase hex digits (the `Fleet-Cache-Key` header).
+    pub fn hex(&self) -> String {
+        format!("{:032x}", self.0)
+    }
+
+    /// Parses [`Key::hex`].
+    pub fn parse(s: &str) -> Option<Key> {
+        (s.len() == 32).then(|| u128::from_str_radix(s, 16).ok().map(Key)).flatten()
+    }
+}
+
+/// Everything around the input that must match exactly for a cached answer to apply.
+#[derive(Debug, Clone, Copy)]
+pub struct Scope<'a> {
+    /// Tenant of the request.
+    pub tenant: &'a str,
+    /// Model name.
+    pub model: &'a str,
+    /// Revision of the model's files.
+    pub revision: &'a str,
+    /// The model's cache generation (changes on purge).
+    pub generation: &'a str,
+    /// LoRA adapter, if any.
+    pub adapter: Option<&'a str>,
+}
+
+/// Whether sampling is reproducible: greedy (temperature 0) or seeded.
+pub fn deterministic(p: &SamplingParams) -> bool {
+    p.temperature == Some(0.0) || p.seed.is_some()
+}
+
+struct Hasher(Sha256);
+
+impl Hasher {
+    fn new(domain: &str) -> Hasher {
+        let mut h = Hasher(Sha256::new());
+        h.bytes(domain.as_bytes());
+        h
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        self.0.update((b.len() as u64).to_le_bytes());
+        self.0.update(b);
+    }
+    fn opt(&mut self, s: Option<&str>) {
+        match s {
+            Some(s) => {
+                self.0.update([1]);
+                self.bytes(s.as_bytes());
+            }
+            None => self.0.update([0]),
+        }
+    }
+    fn scope(&mut self, s: &Scope<'_>) {
+        self.bytes(s.tenant.as_bytes());
+        self.bytes(s.model.as_bytes());
+        self.bytes(s.revision.as_bytes());
+        self.bytes(s.generation.as_bytes());
+        self.opt(s.adapter);
+    }
+    /// Parameters that change the answer; greedy decoding ignores the sampling knobs.
+    fn params(&mut self, p: &SamplingParams) {
+        let num = |v: Option<f64>| v.map(|f| f.to_bits().to_string());
+        self.opt(p.max_tokens.map(|n| n.to_string()).as_deref());
+        if p.temperature == Some(0.0) {
+            self.bytes(b"greedy");
+        } else {
+            self.opt(num(p.temperature).as_deref());
+            self.opt(num(p.top_p).as_deref());
+            self.opt(p.top_k.map(|k| k.to_string()).as_deref());
+            self.opt(p.seed.map(|s| s.to_string()).as_deref());
+        }
+        let mut stop: Vec<&str> = p.stop.iter().map(String::as_str).collect();
+        stop.sort_unstable();
+        stop.dedup();
+        self.bytes(&(stop.len() as u64).to_le_bytes());
+        for s in stop {
+            self.bytes(s.as_bytes());
+        }
+    }
+    fn finish(self) -> u128 {
+        let d = self.0.finalize();
+        u128::from_be_bytes(d[..16].try_into().expect("sha256 has 32 bytes"))
+    }
+}
+
+/// The exact key of a request.
+pub fn exact(scope: &Scope<'_>, params: &SamplingParams, input: &Input) -> Key {
+    let mut h = Hasher::new("retro-fleet/exact/1");
+    h.scope(scope);
+    h.params(params);
+    match input {
+        Input::Completion { prompt } => {
+            h.bytes(b"completion");
+            h.bytes(prompt.as_bytes());
+        }
+        Input::Chat { messages } => {
+            h.bytes(b"chat");
+            h.bytes(&(messages.len() as u64).to_le_bytes());
+            for m in messages {
+                h.bytes(m.role.as_bytes());
+                h.bytes(m.content.as_bytes());
+            }
+        }
+    }
+    Key(h.finish())
+}
+
+/// The semantic bucket of a request and the text compared within it.
+///
+/// Everything except the last message must match exactly (same tenant, model,
+/// revision, adapter, parameters and earlier turns), so a multi-turn
+/// conversation only matches one with the same context; only the final
+/// user turn (or the completion prompt) is compared by similarity.
+pub fn semantic(scope: &Scope<'_>, params: &SamplingParams, input: &Input) -> Option<(u128, String)> {
+    let mut h = Hasher::new("retro-fleet/semantic/1");
+    h.scope(scope);
+    h.params(params);
+    let text = match input {
+        Input::Completion { prompt } => {
+            h.bytes(b"completion");
+            prompt.clone()
+        }
+        Input::Chat { messages } => {
+            let (last, earlier) = messages.split_last()?;
+            if last.role != "user" {
+                return None;
+            }
+            h.bytes(b"chat");
+            h.bytes(&(earlier.len() as u64).to_le_bytes());
+            for m in earlier {
+                h.bytes(m.role.as_bytes());
+                h.bytes(m.content.as_bytes());
+            }
+            last.content.clone()
+        }
+    };
+    Some((h.finish(), text))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use retro_fleet_schemas::ChatMessage;
+
+    fn scope(tenant: &str) -> Scope<'_> {
+        Scope { tenant, model: "m", revision: "r1", generation: "", adapter: None }
+    }
+
+    fn greedy() -> SamplingParams {
+        SamplingParams { temperature: Some(0.0), max_tokens: Some(8), ..Default::default() }
+    }
+
+    fn prompt(p: &str) -> Input {
+        Input::Completion { prompt: p.into() }
+    }
+
+    #[test]
+    fn every_part_of_the_question_changes_the_key() {
+        let base = exact(&scope("a"), &greedy(), &prompt("hi"));
+        assert_eq!(base, exact(&scope("a"), &greedy(), &prompt("hi")));
+        assert_ne!(base, exact(&scope("b"), &greedy(), &prompt("hi")), "tenant");
+        assert_ne!(base, exact(&scope("a"), &greedy(), &prompt("hi ")), "input");
+        let mut s = scope("a");
+        s.revision = "r2";
+        assert_ne!(base, exact(&s, &greedy(), &prompt("hi")), "revision");
+        let mut s = scope("a");
+        s.generation = "g2";
+        assert_ne!(base, exact(&s, &greedy(), &prompt("hi")), "generation");
+        let mut s = scope("a");
+        s.adapter = Some("lora");
+        assert_ne!(base, exact(&s, &greedy(), &prompt("hi")), "adapter");
+        let p = SamplingParams { max_tokens: Some(9), ..greedy() };
+        assert_ne!(base, exact(&scope("a"), &p, &prompt("hi")), "max_tokens");
+        let chat = Input::Chat { messages: vec![ChatMessage { role: "user".into(), content: "hi".into() }] };
+        assert_ne!(base, exact(&scope("a"), &greedy(), &chat), "chat vs completion");
+    }
+
+    #[test]
+    fn normalization_keeps_equal_questions_equal() {
+        // greedy decoding ignores the sampling knobs
+        let noisy = SamplingParams { top_p: Some(0.3), top_k: Some(5), seed: Some(1), ..greedy() };
+        assert_eq!(exact(&scope("a"), &greedy(), &prompt("x")), exact(&scope("a"), &noisy, &prompt("x")));
+        // stop sequences are a set
+        let s1 = SamplingParams { stop: vec!["a".into(), "b".into()], ..greedy() };
+        let s2 = SamplingParams { stop: vec!["b".into(), "a".into(), "a".into()], ..greedy() };
+        assert_eq!(exact(&scope("a"), &s1, &prompt("x")), exact(&scope("a"), &s2, &prompt("x")));
+        // but a seed matters when sampling
+        let t1 = SamplingParams { temperature: Some(0.7), seed: Some(1), ..Default::default() };
+        let t2 = SamplingParams { temperature: Some(0.7), seed: Some(2), ..Default::default() };
+        assert_ne!(exact(&scope("a"), &t1, &prompt("x")), exact(&scope("a"), &t2, &prompt("x")));
+    }
+
+    #[test]
+    fn only_reproducible_sampling_is_deterministic() {
+        assert!(deterministic(&greedy()));
+        assert!(deterministic(&SamplingParams { temperature: Some(0.9), seed: Some(3), ..Default::default() }));
+        assert!(!deterministic(&SamplingParams { temperature: Some(0.9), ..Default::default() }));
+        assert!(!deterministic(&SamplingParams::default()));
+    }
+
+    #[test]
+    fn semantic_buckets_need_the_same_earlier_turns() {
+        let msg = |role: &str, c: &str| ChatMessage { role: role.into(), content: c.into() };
+        let a = Input::Chat { messages: vec![msg("system", "be brief"), msg("user", "capital of France?")] };
+        let b = Input::Chat { messages: vec![msg("system", "be brief"), msg("user", "France's capital?")] };
+        let c = Input::Chat { messages: vec![msg("system", "be verbose"), msg("user", "capital of France?")] };
+        let (ba, ta) = semantic(&scope("t"), &greedy(), &a).unwrap();
+        let (bb, _) = semantic(&scope("t"), &greedy(), &b).unwrap();
+        let (bc, _) = semantic(&scope("t"), &greedy(), &c).unwrap();
+        assert_eq!(ta, "capital of France?");
+        assert_eq!(ba, bb);
+        assert_ne!(ba, bc);
+        assert_ne!(ba, semantic(&scope("u"), &greedy(), &a).unwrap().0, "tenants never share a bucket");
+        let ends_with_assistant = Input::Chat { messages: vec![msg("user", "q"), msg("assistant", "a")] };
+        assert!(semantic(&scope("t"), &greedy(), &ends_with_assistant).is_none());
+    }
+
+    #[test]
+    fn hex_round_trips() {
+        let k = exact(&scope("a"), &greedy(), &prompt("hi"));
+        assert_eq!(Key::parse(&k.hex()), Some(k));
+        assert_eq!(Key::parse("xyz"), None);
+    }
+}
