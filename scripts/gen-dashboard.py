@@ -59,6 +59,13 @@ PANELS = [
         ("fleet_worker_inflight", "{{instance}}"),
         ("fleet_registry_workers", "workers in registry"),
     ]),
+    ("Cache lookups by result", "reqps", [
+        (f"sum by (result) (rate(fleet_cache_lookups_total{{{M}}}[5m]))", "{{result}}"),
+    ]),
+    ("Cache bytes / open circuit breakers", "short", [
+        ("sum by (tier) (fleet_cache_bytes)", "cache bytes {{tier}}"),
+        (f"count by (model) (fleet_breaker_state{{{M}}} == 2)", "open breakers {{model}}"),
+    ]),
     ("Scaler warnings and lag trend", "short", [
         (f"fleet_scaler_warning{{{M}}} > 0", "{{model}} {{kind}}"),
         (f"fleet_model_lag_slope{{{M}}}", "lag slope {{model}} (req/s)"),

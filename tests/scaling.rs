@@ -159,3 +159,30 @@ async fn topology_apply_creates_the_worker_registry_idempotently() {
     let mut kv = js.get_stream("KV_fleet_workers").await.unwrap();
     assert_eq!(kv.info().await.unwrap().config.max_age, Duration::from_secs(30));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_whose_consumers_are_removed_leaves_the_reports_and_metrics() {
+    let s = setup(SCALER);
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut scaler = Proc::start(&s.config, &["scaler", "--listen", &format!("127.0.0.1:{port}")], &[]);
+    wait_ready(&format!("{base}/health/ready"), &mut scaler).await;
+    wait_for(&base, "echo is reported", |_| true).await;
+    let client = async_nats::connect(s.nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    for p in Priority::ALL {
+        let stream = js.get_stream(subjects::request_stream(p)).await.unwrap();
+        stream.delete_consumer(&subjects::consumer("echo")).await.unwrap();
+    }
+    let start = Instant::now();
+    loop {
+        let gone = scaling(&base).await.is_none();
+        let text = reqwest::get(format!("{base}/metrics")).await.unwrap().text().await.unwrap();
+        if gone && !text.contains(r#"model="echo""#) && !text.contains("worker_echo") {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "echo still reported:\n{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(scaler.alive(), "{}", scaler.log());
+}

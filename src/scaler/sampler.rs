@@ -25,6 +25,9 @@ use super::stats::{robust_z, slope};
 use super::ScalerConfig;
 use crate::config::Config;
 
+/// Every warning a report can carry.
+const WARNINGS: [&str; 4] = ["lag_growing", "lag_anomaly", "latency_anomaly", "no_workers_with_backlog"];
+
 /// What the previous sample saw of one consumer.
 #[derive(Debug, Clone, Copy)]
 struct Seen {
@@ -48,6 +51,9 @@ struct Track {
 struct Inner {
     seen: HashMap<(Priority, String), Seen>,
     models: BTreeMap<String, Track>,
+    /// Consumers seen by the last sample (stream, consumer), to drop the
+    /// series of ones that are gone.
+    consumers: Vec<(String, String)>,
 }
 
 /// Per-model sums over its consumers in one sample.
@@ -161,6 +167,15 @@ impl Sampler {
 
         let mut inner = self.inner.lock().expect("sampler lock");
         let mut accs: BTreeMap<String, Acc> = BTreeMap::new();
+        let present: Vec<(String, String)> =
+            consumers.iter().map(|(p, _, i)| (subjects::request_stream(*p).to_string(), i.name.clone())).collect();
+        for gone in inner.consumers.iter().filter(|c| !present.contains(c)) {
+            let labels = [gone.0.as_str(), gone.1.as_str()];
+            for g in [&m.lag, &m.pending, &m.ack_pending, &m.redelivered] {
+                let _ = g.remove_label_values(&labels);
+            }
+        }
+        inner.consumers = present;
         for (p, model, info) in consumers {
             let stream = subjects::request_stream(p);
             let labels = [stream, info.name.as_str()];
@@ -185,6 +200,28 @@ impl Sampler {
                     acc.arrivals += arrivals / dt;
                     acc.saturated |= prev.pending > 0 && now.pending > 0;
                 }
+            }
+        }
+
+        // a model whose consumers are all gone: forget it and drop its series
+        let gone: Vec<String> = inner.models.keys().filter(|k| !accs.contains_key(*k)).cloned().collect();
+        for model in gone {
+            inner.models.remove(&model);
+            inner.seen.retain(|(_, m), _| *m != model);
+            for g in [&m.recommended, &m.desired, &m.workers] {
+                let _ = g.remove_label_values(&[&model]);
+            }
+            for g in [&m.arrival, &m.completion, &m.service, &m.drain, &m.lag_slope, &m.latency] {
+                let _ = g.remove_label_values(&[&model]);
+            }
+            for p in Priority::ALL {
+                let _ = m.backlog.remove_label_values(&[&model, p.as_str()]);
+            }
+            for kind in WARNINGS {
+                let _ = m.warning.remove_label_values(&[&model, kind]);
+            }
+            for signal in ["lag_growth", "latency"] {
+                let _ = m.anomalies.remove_label_values(&[&model, signal]);
             }
         }
 
@@ -270,7 +307,7 @@ impl Sampler {
             if let Some(l) = latency_ms {
                 m.latency.with_label_values(&[&model]).set(l / 1e3);
             }
-            for kind in ["lag_growing", "lag_anomaly", "latency_anomaly", "no_workers_with_backlog"] {
+            for kind in WARNINGS {
                 m.warning.with_label_values(&[&model, kind]).set(warnings.contains(&kind) as i64);
             }
             let reason = serde_json::to_value(rec.reason).ok().and_then(|v| v.as_str().map(str::to_string));
