@@ -6,8 +6,13 @@
 //! bare JetStream round trip (publish with a reply header → pull → reply →
 //! ack, no retro-fleet code) in the same run, alternating rounds, and prints
 //! the ratio fleet/floor.
+//!
+//! `--http NAME=URL` (repeatable) loads ingresses over HTTP instead
+//! (`POST /v1/infer`), alternating rounds between them; the first is the
+//! reference the others are compared with.
 
 mod floor;
+mod http;
 mod load;
 
 use std::time::Duration;
@@ -61,11 +66,20 @@ struct Args {
     /// Write the reports as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// HTTP mode: an ingress as NAME=http://HOST:PORT (repeat to compare).
+    #[arg(long = "http")]
+    http: Vec<http::HttpTarget>,
+    /// HTTP mode: send `Authorization: Bearer TOKEN`.
+    #[arg(long)]
+    bearer: Option<String>,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if !args.http.is_empty() {
+        return http_main(&args).await;
+    }
     let client = async_nats::connect(&args.nats).await.map_err(|e| {
         anyhow::anyhow!("cannot connect to NATS at {}: {e} (start the fleet with `make up`)", args.nats)
     })?;
@@ -118,6 +132,47 @@ async fn main() -> anyhow::Result<()> {
     let dup: usize = reports.iter().flatten().map(|r| r.duplicates).sum();
     if lost > 0 || dup > 0 {
         anyhow::bail!("{lost} requests lost and {dup} duplicated");
+    }
+    Ok(())
+}
+
+/// HTTP mode: alternating rounds over the `--http` targets.
+async fn http_main(args: &Args) -> anyhow::Result<()> {
+    let client = http::client(args.window)?;
+    let warmup = (args.requests / 10).clamp(100, 2_000);
+    let bearer = args.bearer.as_deref();
+    for t in &args.http {
+        http::run(&client, t, warmup, args.window, args.prompt_bytes, &args.model, bearer).await?;
+    }
+    let mut reports: Vec<Vec<Report>> = vec![Vec::new(); args.http.len()];
+    for round in 0..args.rounds.max(1) {
+        for (i, t) in args.http.iter().enumerate() {
+            let r = http::run(&client, t, args.requests, args.window, args.prompt_bytes, &args.model, bearer).await?;
+            eprintln!("round {}: {}", round + 1, r.line());
+            reports[i].push(r);
+        }
+    }
+    let medians: Vec<Report> = reports.iter().map(|rs| load::median(rs.clone())).collect();
+    println!("median of {} rounds, {} requests each, HTTP window {}:", args.rounds.max(1), args.requests, args.window);
+    for r in &medians {
+        println!("{}", r.line());
+    }
+    for r in medians.iter().skip(1) {
+        println!(
+            "{}/{}: {:.3} (throughput), p50 {:+.3} ms",
+            r.target,
+            medians[0].target,
+            r.throughput / medians[0].throughput,
+            r.p50_ms - medians[0].p50_ms
+        );
+    }
+    if let Some(path) = &args.json {
+        let json = serde_json::json!({ "mode": format!("http window {}", args.window), "requests": args.requests, "rounds": reports, "median": medians });
+        std::fs::write(path, serde_json::to_string_pretty(&json)?)?;
+    }
+    let lost: usize = reports.iter().flatten().map(|r| r.lost).sum();
+    if lost > 0 {
+        anyhow::bail!("{lost} HTTP requests failed");
     }
     Ok(())
 }
