@@ -178,6 +178,10 @@ pub struct IngressConfig {
     pub max_prompt_bytes: usize,
     /// Seconds a client is told to wait (`Retry-After`) when a queue is full.
     pub retry_after_secs: u64,
+    /// Authentication: API keys and JWTs (off by default for local use).
+    pub auth: crate::ingress::auth::AuthConfig,
+    /// Rate limits per caller and route class.
+    pub rate_limit: crate::ingress::ratelimit::RateLimitConfig,
 }
 
 impl Default for IngressConfig {
@@ -188,6 +192,8 @@ impl Default for IngressConfig {
             max_body_bytes: 2 << 20,
             max_prompt_bytes: 256 * 1024,
             retry_after_secs: 1,
+            auth: Default::default(),
+            rate_limit: Default::default(),
         }
     }
 }

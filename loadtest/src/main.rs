@@ -6,8 +6,13 @@
 //! bare JetStream round trip (publish with a reply header → pull → reply →
 //! ack, no retro-fleet code) in the same run, alternating rounds, and prints
 //! the ratio fleet/floor.
+//!
+//! `--http NAME=URL` (repeatable) loads ingresses over HTTP instead
+//! (`POST /v1/infer`), alternating rounds between them; the first is the
+//! reference the others are compared with.
 
 mod floor;
+mod http;
 mod load;
 mod workload;
 
@@ -73,11 +78,26 @@ struct Args {
     /// Write the reports as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// HTTP mode: an ingress as NAME=http://HOST:PORT (repeat to compare).
+    #[arg(long = "http")]
+    http: Vec<http::HttpTarget>,
+    /// HTTP mode: send `Authorization: Bearer TOKEN`.
+    #[arg(long)]
+    bearer: Option<String>,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let workload = workload::Workload {
+        prompt_bytes: args.prompt_bytes,
+        greedy: args.greedy,
+        repeat: args.repeat.clamp(0.0, 1.0),
+        distinct: args.distinct.max(1),
+    };
+    if !args.http.is_empty() {
+        return http_main(&args, &workload).await;
+    }
     let client = async_nats::connect(&args.nats).await.map_err(|e| {
         anyhow::anyhow!("cannot connect to NATS at {}: {e} (start the fleet with `make up`)", args.nats)
     })?;
@@ -104,12 +124,6 @@ async fn main() -> anyhow::Result<()> {
         None
     };
     let wait = Duration::from_secs(args.timeout);
-    let workload = workload::Workload {
-        prompt_bytes: args.prompt_bytes,
-        greedy: args.greedy,
-        repeat: args.repeat.clamp(0.0, 1.0),
-        distinct: args.distinct.max(1),
-    };
     let warmup = (args.requests / 10).clamp(100, 2_000);
     for t in &targets {
         load::run(&client, t, warmup, mode, &workload, wait).await?;
@@ -146,6 +160,52 @@ async fn main() -> anyhow::Result<()> {
     let dup: usize = reports.iter().flatten().map(|r| r.duplicates).sum();
     if lost > 0 || dup > 0 {
         anyhow::bail!("{lost} requests lost and {dup} duplicated");
+    }
+    Ok(())
+}
+
+/// HTTP mode: alternating rounds over the `--http` targets.
+async fn http_main(args: &Args, workload: &workload::Workload) -> anyhow::Result<()> {
+    let client = http::client(args.window)?;
+    let mode = match args.rate {
+        Some(r) => Mode::Rate(r),
+        None => Mode::Window(args.window.max(1)),
+    };
+    let model = args.model.first().map(String::as_str).unwrap_or("echo");
+    let warmup = (args.requests / 10).clamp(100, 2_000);
+    let bearer = args.bearer.as_deref();
+    for t in &args.http {
+        http::run(&client, t, warmup, mode, workload, model, bearer).await?;
+    }
+    let mut reports: Vec<Vec<Report>> = vec![Vec::new(); args.http.len()];
+    for round in 0..args.rounds.max(1) {
+        for (i, t) in args.http.iter().enumerate() {
+            let r = http::run(&client, t, args.requests, mode, workload, model, bearer).await?;
+            eprintln!("round {}: {}", round + 1, r.line());
+            reports[i].push(r);
+        }
+    }
+    let medians: Vec<Report> = reports.iter().map(|rs| load::median(rs.clone())).collect();
+    println!("median of {} rounds, {} requests each, HTTP {mode}:", args.rounds.max(1), args.requests);
+    for r in &medians {
+        println!("{}", r.line());
+    }
+    for r in medians.iter().skip(1) {
+        println!(
+            "{}/{}: {:.3} (throughput), p50 {:+.3} ms",
+            r.target,
+            medians[0].target,
+            r.throughput / medians[0].throughput,
+            r.p50_ms - medians[0].p50_ms
+        );
+    }
+    if let Some(path) = &args.json {
+        let json = serde_json::json!({ "mode": format!("http {mode}"), "requests": args.requests, "rounds": reports, "median": medians });
+        std::fs::write(path, serde_json::to_string_pretty(&json)?)?;
+    }
+    let lost: usize = reports.iter().flatten().map(|r| r.lost).sum();
+    if lost > 0 {
+        anyhow::bail!("{lost} HTTP requests failed");
     }
     Ok(())
 }

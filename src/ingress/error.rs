@@ -19,12 +19,86 @@ pub struct ApiError {
     pub retry_after: Option<u64>,
     /// Overrides the status derived from the code (413 body limit, 400 syntax).
     pub status: Option<StatusCode>,
+    /// An ingress-only code (authentication, roles, rate limits); wins over `code`.
+    pub ingress: Option<IngressCode>,
+    /// Where in the request the problem is (`params.temperature`, `headers.x-request-id`).
+    pub param: Option<String>,
+    /// Extra response headers (`X-RateLimit-*`, `WWW-Authenticate`).
+    pub headers: Vec<(&'static str, String)>,
+}
+
+/// Codes only the HTTP ingress answers with: they never appear in results
+/// on the wire, so they live here rather than in the wire's `ErrorCode`.
+/// Stable like it: never renamed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum IngressCode {
+    /// No credential, or one that does not verify (401).
+    Unauthenticated,
+    /// The credential lacks the role the route needs (403).
+    Forbidden,
+    /// Over a rate limit (429, with `Retry-After`).
+    RateLimited,
+}
+
+impl IngressCode {
+    /// The code as written in error bodies.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IngressCode::Unauthenticated => "unauthenticated",
+            IngressCode::Forbidden => "forbidden",
+            IngressCode::RateLimited => "rate_limited",
+        }
+    }
+
+    fn status(self) -> StatusCode {
+        match self {
+            IngressCode::Unauthenticated => StatusCode::UNAUTHORIZED,
+            IngressCode::Forbidden => StatusCode::FORBIDDEN,
+            IngressCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        }
+    }
 }
 
 impl ApiError {
     /// An error with `code`.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        ApiError { code, message: message.into(), request_id: None, retry_after: None, status: None }
+        ApiError {
+            code,
+            message: message.into(),
+            request_id: None,
+            retry_after: None,
+            status: None,
+            ingress: None,
+            param: None,
+            headers: Vec::new(),
+        }
+    }
+
+    /// An error with an ingress-only code.
+    pub fn ingress(code: IngressCode, message: impl Into<String>) -> Self {
+        let wire = match code {
+            IngressCode::RateLimited => ErrorCode::Overloaded,
+            _ => ErrorCode::InvalidRequest,
+        };
+        ApiError { ingress: Some(code), ..ApiError::new(wire, message) }
+    }
+
+    /// Names the part of the request at fault.
+    pub fn param(mut self, path: impl Into<String>) -> Self {
+        self.param = Some(path.into());
+        self
+    }
+
+    /// Adds a response header.
+    pub fn header(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        self.headers.push((name, value.into()));
+        self
+    }
+
+    /// The stable code as written in the body.
+    pub fn code_str(&self) -> &'static str {
+        self.ingress.map_or_else(|| self.code.as_str(), IngressCode::as_str)
     }
 
     /// Attaches the request id.
@@ -47,7 +121,7 @@ impl ApiError {
 
     /// The HTTP status of this error.
     pub fn http_status(&self) -> StatusCode {
-        self.status.unwrap_or_else(|| status_of(self.code))
+        self.status.or(self.ingress.map(IngressCode::status)).unwrap_or_else(|| status_of(self.code))
     }
 }
 
@@ -77,8 +151,9 @@ struct Body<'a> {
 
 #[derive(Serialize)]
 struct Inner<'a> {
-    #[serde(flatten)]
-    body: ErrorBody,
+    code: &'a str,
+    message: &'a str,
+    retryable: bool,
     #[serde(rename = "type")]
     kind: &'a str,
     param: Option<&'a str>,
@@ -90,6 +165,7 @@ impl ApiError {
         let status = self.http_status();
         let kind = match status.as_u16() {
             401 => "authentication_error",
+            403 => "permission_error",
             404 => "not_found_error",
             429 | 503 => "rate_limit_error",
             s if s < 500 => "invalid_request_error",
@@ -97,9 +173,14 @@ impl ApiError {
         };
         let body = Body {
             error: Inner {
-                body: ErrorBody { code: self.code, message: self.message.clone(), retryable: self.code.retryable() },
+                code: self.code_str(),
+                message: &self.message,
+                retryable: match self.ingress {
+                    Some(c) => c == IngressCode::RateLimited,
+                    None => self.code.retryable(),
+                },
                 kind,
-                param: None,
+                param: self.param.as_deref(),
             },
             request_id: self.request_id.as_deref(),
         };
@@ -124,6 +205,17 @@ impl IntoResponse for ApiError {
         if let Some(secs) = self.retry_after {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
+        if self.ingress == Some(IngressCode::Unauthenticated) {
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        for (name, value) in self.headers {
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                resp.headers_mut().insert(name, v);
+            }
+        }
+        if let Some(id) = self.request_id.as_deref().and_then(|id| HeaderValue::from_str(id).ok()) {
+            resp.headers_mut().insert(REQUEST_ID, id);
+        }
         resp
     }
 }
@@ -134,14 +226,45 @@ impl From<ErrorBody> for ApiError {
     }
 }
 
-/// Reads a JSON body: syntax errors are 400, wrong shapes 422, both with
-/// serde's message (it names the field and position).
+/// Header carrying the request id, echoed on every response.
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// Reads a JSON body: syntax errors are 400, wrong shapes 422 with the path
+/// of the field at fault in `param`, both with serde's message.
 pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| {
-        use serde_json::error::Category;
-        match e.classify() {
-            Category::Data => ApiError::new(ErrorCode::InvalidRequest, format!("invalid request body: {e}")),
-            _ => ApiError::new(ErrorCode::DecodeError, format!("request body is not valid JSON: {e}")),
+    use serde_json::error::Category;
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let (e, path) = match serde_path_to_error::deserialize::<_, T>(&mut de) {
+        Ok(v) => match de.end() {
+            Ok(()) => return Ok(v),
+            Err(e) => (e, String::new()),
+        },
+        Err(e) => {
+            let path = e.path().to_string();
+            (e.into_inner(), path)
         }
+    };
+    Err(match e.classify() {
+        Category::Data => {
+            let message = e.to_string();
+            let param = match (path.as_str(), field_of(&message)) {
+                ("" | ".", field) => field.map(str::to_string),
+                (_, Some(field)) if message.starts_with("missing field") => Some(format!("{path}.{field}")),
+                _ => Some(path),
+            };
+            let err = ApiError::new(ErrorCode::InvalidRequest, format!("invalid request body: {message}"));
+            match param {
+                Some(p) => err.param(p),
+                None => err,
+            }
+        }
+        _ => ApiError::new(ErrorCode::DecodeError, format!("request body is not valid JSON: {e}")),
     })
+}
+
+/// The field a validation message names (`` `params.top_p` must be ...``).
+pub fn field_of(message: &str) -> Option<&str> {
+    let start = message.find('`')? + 1;
+    let len = message[start..].find('`')?;
+    Some(&message[start..start + len])
 }

@@ -5,11 +5,19 @@
 //! - [`openai`]: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`.
 //! - [`replies`]: the per-process inbox, demultiplexed by request id.
 //! - [`error`]: API errors and their one mapping to HTTP status.
+//! - [`auth`]: API keys, JWTs, roles and the tenant of a caller.
+//! - [`jwt`]: verifying HS256/RS256/ES256 tokens and their claims.
+//! - [`ratelimit`]: request and token limits, in process or shared via NATS KV.
+//! - [`guard`]: middleware: request ids; credential, role and rate limit per route class.
 //! - this file: shared state, health, metrics, the router and `serve`.
 
+pub mod auth;
 pub mod error;
+pub mod guard;
+pub mod jwt;
 pub mod native;
 pub mod openai;
+pub mod ratelimit;
 pub mod replies;
 
 use std::collections::BTreeSet;
@@ -27,6 +35,7 @@ use retro_fleet_worker::metrics::LATENCY_BUCKETS;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, IngressConfig};
+use ratelimit::RouteClass;
 use replies::Replies;
 
 /// Ingress metrics.
@@ -40,6 +49,9 @@ pub struct IngressMetrics {
     pub published: IntCounterVec,
     /// `fleet_ingress_unclaimed_replies_total`: replies that arrived after their caller left.
     pub unclaimed: IntCounter,
+    /// `fleet_ingress_denied_total{class,reason}`: refused by the guard
+    /// (`unauthenticated`, `forbidden`, `rate_limited`, `token_limited`).
+    pub denied: IntCounterVec,
 }
 
 impl IngressMetrics {
@@ -59,11 +71,16 @@ impl IngressMetrics {
                 &["priority"],
             )?,
             unclaimed: IntCounter::new("fleet_ingress_unclaimed_replies_total", "Replies nobody waited for any more")?,
+            denied: IntCounterVec::new(
+                Opts::new("fleet_ingress_denied_total", "Requests refused by authentication, roles or rate limits"),
+                &["class", "reason"],
+            )?,
         };
         registry.register(Box::new(m.http.clone()))?;
         registry.register(Box::new(m.e2e.clone()))?;
         registry.register(Box::new(m.published.clone()))?;
         registry.register(Box::new(m.unclaimed.clone()))?;
+        registry.register(Box::new(m.denied.clone()))?;
         Ok(m)
     }
 }
@@ -84,6 +101,10 @@ pub struct Ingress {
     pub metrics: IngressMetrics,
     /// Registry rendered at `/metrics`.
     pub registry: Registry,
+    /// Checks credentials.
+    pub auth: auth::Authenticator,
+    /// Rate limits.
+    pub limits: ratelimit::Limiter,
 }
 
 /// Handle to the shared state.
@@ -93,9 +114,17 @@ impl Ingress {
     /// Builds the state: subscribes the inbox and registers metrics.
     pub async fn new(client: async_nats::Client, config: &Config, registry: Registry) -> anyhow::Result<AppState> {
         let metrics = IngressMetrics::new(&registry)?;
+        let auth = auth::Authenticator::new(&config.ingress.auth)?;
+        if !auth.enabled() {
+            tracing::warn!("ingress authentication is off: every caller may submit and read (ingress.auth.enabled)");
+        }
+        let js = jetstream::new(client.clone());
+        let limits = ratelimit::Limiter::new(config.ingress.rate_limit.clone(), &js).await?;
         let replies = Replies::start(&client, metrics.unclaimed.clone()).await?;
         Ok(Arc::new(Ingress {
-            js: jetstream::new(client.clone()),
+            js,
+            auth,
+            limits,
             client,
             cfg: config.ingress.clone(),
             models: config.models.keys().cloned().collect(),
@@ -109,18 +138,25 @@ impl Ingress {
 /// All routes.
 pub fn router(state: AppState) -> Router {
     let limit = state.cfg.max_body_bytes;
-    Router::new()
+    let guarded = |class: RouteClass, routes: Router<AppState>| {
+        routes.route_layer(axum::middleware::from_fn_with_state((state.clone(), class), guard::guard))
+    };
+    let submit = Router::new()
         .route("/v1/infer", post(native::infer))
         .route("/v1/infer/async", post(native::infer_async))
-        .route("/v1/results/{id}", get(native::get_result))
         .route("/v1/chat/completions", post(openai::chat_completions))
-        .route("/v1/completions", post(openai::completions))
-        .route("/v1/models", get(openai::models))
+        .route("/v1/completions", post(openai::completions));
+    let read =
+        Router::new().route("/v1/results/{id}", get(native::get_result)).route("/v1/models", get(openai::models));
+    Router::new()
+        .merge(guarded(RouteClass::Submit, submit))
+        .merge(guarded(RouteClass::Read, read))
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::middleware::from_fn_with_state(state.clone(), count_requests))
+        .layer(axum::middleware::from_fn(guard::request_id))
         .with_state(state)
 }
 

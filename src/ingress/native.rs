@@ -8,7 +8,7 @@ use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::HeaderMap;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap as HttpHeaders, StatusCode};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
@@ -20,7 +20,9 @@ use retro_fleet_schemas::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::error::{parse_json, ApiError};
+use super::auth::Principal;
+use super::error::{field_of, parse_json, ApiError, REQUEST_ID};
+use super::ratelimit::{self, RouteClass, Unit};
 use super::replies::{Reply, Waiter};
 use super::AppState;
 
@@ -106,7 +108,7 @@ pub struct Prepared {
     pub req: InferRequest,
     /// Its class.
     pub priority: Priority,
-    /// Tenant.
+    /// Tenant (from the credential).
     pub tenant: String,
     /// How long to wait (also the deadline).
     pub timeout: Duration,
@@ -114,6 +116,8 @@ pub struct Prepared {
     pub cache_ttl: Option<u64>,
     /// W3C trace context: the caller's `traceparent`, or a new one.
     pub traceparent: String,
+    /// The caller (for token limits).
+    pub who: Principal,
 }
 
 /// `X-Cache: use|bypass|refresh|semantic` (wins over the body) and `X-Cache-Ttl: SECONDS`.
@@ -136,15 +140,20 @@ fn cache_headers(h: &HttpHeaders, body: CacheMode) -> Result<(CacheMode, Option<
     Ok((mode, ttl))
 }
 
-fn tenant_of(h: &HttpHeaders) -> Result<String, ApiError> {
-    let tenant = h.get(headers::TENANT).and_then(|v| v.to_str().ok()).unwrap_or(subjects::DEFAULT_TENANT);
-    if !subjects::is_token(tenant) {
-        return Err(ApiError::new(ErrorCode::InvalidRequest, "Fleet-Tenant must be characters from [A-Za-z0-9_-]"));
+/// Sets `X-Request-Id` to the id the fleet used for this request.
+pub fn with_request_id(mut resp: Response, id: &str) -> Response {
+    if let Ok(v) = axum::http::HeaderValue::from_str(id) {
+        resp.headers_mut().insert(REQUEST_ID, v);
     }
-    Ok(tenant.to_string())
+    resp
 }
 
-fn prepare(state: &AppState, h: &HttpHeaders, body: Result<Bytes, BytesRejection>) -> Result<Prepared, ApiError> {
+fn prepare(
+    state: &AppState,
+    h: &HttpHeaders,
+    who: &Principal,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Prepared, ApiError> {
     let body = body.map_err(ApiError::from_body_rejection)?;
     let n: NativeRequest = parse_json(&body)?;
     let input = match (n.input, n.prompt, n.messages) {
@@ -167,20 +176,25 @@ fn prepare(state: &AppState, h: &HttpHeaders, body: Result<Bytes, BytesRejection
         timeout_ms: n.timeout_ms,
         priority: n.priority,
     };
-    draft_into_prepared(state, h, draft)
+    draft_into_prepared(state, h, who, draft)
 }
 
-/// Assigns id, priority and tenant, and checks limits and the model.
-pub fn draft_into_prepared(state: &AppState, h: &HttpHeaders, d: Draft) -> Result<Prepared, ApiError> {
+/// Assigns id, priority and tenant (the caller's), and checks limits and the model.
+pub fn draft_into_prepared(state: &AppState, h: &HttpHeaders, who: &Principal, d: Draft) -> Result<Prepared, ApiError> {
     let priority = match h.get("x-priority").and_then(|v| v.to_str().ok()) {
-        Some(p) => p.parse().map_err(|e: String| ApiError::new(ErrorCode::InvalidRequest, e))?,
+        Some(p) => {
+            p.parse().map_err(|e: String| ApiError::new(ErrorCode::InvalidRequest, e).param("headers.x-priority"))?
+        }
         None => d.priority.unwrap_or_default(),
     };
-    let tenant = tenant_of(h)?;
+    let tenant = who.tenant.clone();
+    let id =
+        d.id.or_else(|| h.get(REQUEST_ID).and_then(|v| v.to_str().ok()).map(str::to_string))
+            .unwrap_or_else(|| ulid::Ulid::new().to_string());
     let (cache, cache_ttl) = cache_headers(h, d.cache)?;
     let req = InferRequest {
         v: retro_fleet_schemas::SCHEMA_VERSION,
-        id: d.id.unwrap_or_else(|| ulid::Ulid::new().to_string()),
+        id,
         model: d.model,
         adapter: d.adapter,
         input: d.input,
@@ -190,13 +204,24 @@ pub fn draft_into_prepared(state: &AppState, h: &HttpHeaders, d: Draft) -> Resul
         tenant: Some(tenant.clone()),
         metadata: d.metadata,
     };
-    req.validate(state.cfg.max_prompt_bytes).map_err(|e| ApiError::new(e.code, e.message).with_id(&req.id))?;
+    req.validate(state.cfg.max_prompt_bytes).map_err(|e| {
+        let param = match e.code {
+            ErrorCode::PromptTooLarge => Some("input"),
+            _ => field_of(&e.message),
+        };
+        let err = ApiError::new(e.code, e.message.clone()).with_id(&req.id);
+        match param {
+            Some(p) => err.param(p),
+            None => err,
+        }
+    })?;
     if !state.models.contains(&req.model) {
         let known: Vec<&str> = state.models.iter().map(String::as_str).collect();
         return Err(ApiError::new(
             ErrorCode::UnknownModel,
             format!("model `{}` is not served here; models: {}", req.model, known.join(", ")),
-        ));
+        )
+        .param("model"));
     }
     let cap = Duration::from_millis(state.cfg.request_timeout_ms);
     let timeout = d.timeout_ms.map(Duration::from_millis).map_or(cap, |t| t.min(cap));
@@ -206,12 +231,34 @@ pub fn draft_into_prepared(state: &AppState, h: &HttpHeaders, d: Draft) -> Resul
         .filter(|t| headers::is_traceparent(t))
         .map(str::to_string)
         .unwrap_or_else(|| headers::new_traceparent(ulid::Ulid::new().0, ulid::Ulid::new().0 as u64));
-    Ok(Prepared { req, priority, tenant, timeout, cache_ttl, traceparent })
+    Ok(Prepared { req, priority, tenant, timeout, cache_ttl, traceparent, who: who.clone() })
+}
+
+/// Tokens a request may use, as token limits count them: prompt bytes / 4
+/// (a common rule of thumb for English text) plus `max_tokens`.
+pub fn estimated_tokens(req: &InferRequest, default_max_tokens: u64) -> u64 {
+    (req.input.text_len() as u64).div_ceil(4) + req.params.max_tokens.map_or(default_max_tokens, u64::from)
+}
+
+/// Takes the request's estimated tokens from the caller's token limit.
+async fn charge_tokens(state: &AppState, p: &Prepared) -> Result<(), ApiError> {
+    if !state.limits.enabled() {
+        return Ok(());
+    }
+    let cost = estimated_tokens(&p.req, state.limits.default_max_tokens());
+    match state.limits.check(&p.who, RouteClass::Submit, Unit::Tokens, cost).await {
+        Some(d) if !d.allowed => {
+            state.metrics.denied.with_label_values(&[RouteClass::Submit.as_str(), "token_limited"]).inc();
+            Err(ratelimit::refusal(&d, Unit::Tokens).with_id(&p.req.id))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Publishes to the priority stream and waits for JetStream to store it.
 /// A full queue is 503 with `Retry-After`.
 async fn publish(state: &AppState, p: &Prepared, reply: Option<&str>) -> Result<(), ApiError> {
+    charge_tokens(state, p).await?;
     let id = &p.req.id;
     let mut h = HeaderMap::new();
     h.insert(headers::MSG_ID, id.as_str());
@@ -310,21 +357,28 @@ pub async fn open_stream(state: &AppState, p: &Prepared) -> Result<Waiter, ApiEr
 }
 
 /// `POST /v1/infer`: waits for the result (or streams it as SSE with `stream: true`).
-pub async fn infer(State(state): State<AppState>, h: HttpHeaders, body: Result<Bytes, BytesRejection>) -> Response {
-    let p = match prepare(&state, &h, body) {
+pub async fn infer(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    h: HttpHeaders,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let p = match prepare(&state, &h, &who, body) {
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
-    if p.req.stream {
-        return match open_stream(&state, &p).await {
+    let resp = if p.req.stream {
+        match open_stream(&state, &p).await {
             Ok(waiter) => sse(waiter, p.timeout).into_response(),
             Err(e) => e.into_response(),
-        };
-    }
-    match call(&state, &p).await {
-        Ok(result) => result_response(result),
-        Err(e) => e.into_response(),
-    }
+        }
+    } else {
+        match call(&state, &p).await {
+            Ok(result) => result_response(result),
+            Err(e) => e.into_response(),
+        }
+    };
+    with_request_id(resp, &p.req.id)
 }
 
 /// Chunks as `event: chunk`, then the result as `event: result` (or `event: error`).
@@ -379,10 +433,11 @@ impl Drop for AbortOnDrop {
 /// `POST /v1/infer/async`: 202 with the id; the result goes to `FLEET_RESULTS`.
 pub async fn infer_async(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     h: HttpHeaders,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let p = match prepare(&state, &h, body) {
+    let p = match prepare(&state, &h, &who, body) {
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
@@ -394,16 +449,18 @@ pub async fn infer_async(
         return e.into_response();
     }
     let id = p.req.id.clone();
-    let body = Accepted { result_url: format!("/v1/results/{id}"), id };
-    (StatusCode::ACCEPTED, Json(body)).into_response()
+    let body = Accepted { result_url: format!("/v1/results/{id}"), id: id.clone() };
+    with_request_id((StatusCode::ACCEPTED, Json(body)).into_response(), &id)
 }
 
-/// `GET /v1/results/{id}`: the stored result of the caller's tenant.
-pub async fn get_result(State(state): State<AppState>, h: HttpHeaders, Path(id): Path<String>) -> Response {
-    let tenant = match tenant_of(&h) {
-        Ok(t) => t,
-        Err(e) => return e.into_response(),
-    };
+/// `GET /v1/results/{id}`: the stored result, looked up under the caller's
+/// tenant only, so another tenant's id is as unknown as a made-up one (404).
+pub async fn get_result(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Response {
+    let tenant = who.tenant;
     if !subjects::is_token(&id) {
         return ApiError::new(ErrorCode::NotFound, "no such result").into_response();
     }

@@ -9,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::http::HeaderMap as HttpHeaders;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -19,8 +19,9 @@ use retro_fleet_schemas::{ChatMessage, ErrorCode, InferResult, Input, SamplingPa
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::auth::Principal;
 use super::error::{parse_json, ApiError};
-use super::native::{call, draft_into_prepared, open_stream, Draft};
+use super::native::{call, draft_into_prepared, open_stream, with_request_id, Draft};
 use super::replies::Reply;
 use super::AppState;
 
@@ -170,6 +171,7 @@ fn draft(common: Common, input: Input) -> Result<(Draft, bool), ApiError> {
 /// `POST /v1/chat/completions`.
 pub async fn chat_completions(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     h: HttpHeaders,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
@@ -194,12 +196,13 @@ pub async fn chat_completions(
             }
             draft(r.common, Input::Chat { messages })
         });
-    respond(state, h, parsed, Kind::Chat).await
+    respond(state, h, who, parsed, Kind::Chat).await
 }
 
 /// `POST /v1/completions`.
 pub async fn completions(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     h: HttpHeaders,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
@@ -217,33 +220,41 @@ pub async fn completions(
             };
             draft(r.common, Input::Completion { prompt })
         });
-    respond(state, h, parsed, Kind::Completion).await
+    respond(state, h, who, parsed, Kind::Completion).await
 }
 
-async fn respond(state: AppState, h: HttpHeaders, parsed: Result<(Draft, bool), ApiError>, kind: Kind) -> Response {
+async fn respond(
+    state: AppState,
+    h: HttpHeaders,
+    who: Principal,
+    parsed: Result<(Draft, bool), ApiError>,
+    kind: Kind,
+) -> Response {
     let (draft, include_usage) = match parsed {
         Ok(d) => d,
         Err(e) => return e.into_response(),
     };
-    let prepared = match draft_into_prepared(&state, &h, draft) {
+    let prepared = match draft_into_prepared(&state, &h, &who, draft) {
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
-    if prepared.req.stream {
-        return match open_stream(&state, &prepared).await {
+    let resp = if prepared.req.stream {
+        match open_stream(&state, &prepared).await {
             Ok(waiter) => {
                 sse(waiter, prepared.timeout, kind, prepared.req.model.clone(), include_usage).into_response()
             }
             Err(e) => e.into_response(),
-        };
-    }
-    match call(&state, &prepared).await {
-        Ok(result) => match (&result.status, &result.error) {
-            (Status::Error, Some(e)) => ApiError::from(e.clone()).with_id(&result.id).into_response(),
-            _ => Json(object(kind, &result)).into_response(),
-        },
-        Err(e) => e.into_response(),
-    }
+        }
+    } else {
+        match call(&state, &prepared).await {
+            Ok(result) => match (&result.status, &result.error) {
+                (Status::Error, Some(e)) => ApiError::from(e.clone()).with_id(&result.id).into_response(),
+                _ => Json(object(kind, &result)).into_response(),
+            },
+            Err(e) => e.into_response(),
+        }
+    };
+    with_request_id(resp, &prepared.req.id)
 }
 
 fn usage(r: &InferResult) -> Value {

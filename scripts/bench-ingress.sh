@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Cost of authentication and rate limiting through the HTTP ingress, in one
+# run: one nats-server (temp store), one release `retro-fleet worker` (echo
+# model) and three ingresses in front of it:
+#   off      auth and rate limits off (the default of a local `up`)
+#   on       an API key (SHA-256 lookup) + request and token limits, counters in process
+#   on-nats  the same, counters shared through NATS KV (compare-and-swap)
+# `loadtest --http` then alternates rounds between them (limits are set high
+# enough never to refuse: the check runs, nobody is turned away).
+#
+# Usage: scripts/bench-ingress.sh [WINDOW...]   (default: 64 1)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release --workspace --bins >&2
+BIN="${CARGO_TARGET_DIR:-target}/release"
+WINDOWS=("$@")
+[ ${#WINDOWS[@]} -gt 0 ] || WINDOWS=(64 1)
+PORT="${BENCH_NATS_PORT:-4334}"
+WORKDIR="$(mktemp -d)"
+cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORKDIR"; }
+trap cleanup EXIT
+export NATS_URL="nats://127.0.0.1:$PORT"
+KEY="bench-key-$(date +%s)"
+HASH="$(printf %s "$KEY" | sha256sum | cut -d' ' -f1)"
+cat > "$WORKDIR/off.toml" <<TOML
+metrics_listen = "127.0.0.1:0"
+[log]
+level = "warn"
+[worker]
+max_inflight = 512
+batch_size = 256
+TOML
+on_config() {
+    cat "$WORKDIR/off.toml"
+    cat <<TOML
+[ingress.auth]
+enabled = true
+[[ingress.auth.api_keys]]
+id = "bench"
+sha256 = "$HASH"
+tenant = "bench"
+roles = ["submit", "read"]
+[ingress.rate_limit]
+enabled = true
+backend = "$1"
+[ingress.rate_limit.submit]
+requests = 1000000000
+burst = 1000000000
+tokens = 1000000000000
+TOML
+}
+on_config local > "$WORKDIR/on.toml"
+on_config nats > "$WORKDIR/on-nats.toml"
+echo "# $(date -u +%F) $(nproc) cores, $(nats-server --version)"
+nats-server -js -a 127.0.0.1 -p "$PORT" -sd "$WORKDIR/store" >/dev/null 2>&1 &
+sleep 0.5
+"$BIN/retro-fleet" --config "$WORKDIR/off.toml" topology apply >/dev/null
+"$BIN/retro-fleet" --config "$WORKDIR/off.toml" worker >"$WORKDIR/worker.log" 2>&1 &
+targets=()
+i=0
+for name in off on on-nats; do
+    port=$((18080 + i)); i=$((i + 1))
+    "$BIN/retro-fleet" --config "$WORKDIR/$name.toml" ingress --listen "127.0.0.1:$port" >"$WORKDIR/$name.log" 2>&1 &
+    targets+=(--http "$name=http://127.0.0.1:$port")
+done
+for port in 18080 18081 18082; do
+    for _ in $(seq 100); do curl -fs "http://127.0.0.1:$port/health/ready" >/dev/null && break; sleep 0.1; done
+done
+for w in "${WINDOWS[@]}"; do
+    n=$(( w > 1 ? 20000 : 3000 ))
+    echo "## HTTP window $w, $n requests x 3 rounds, 256-byte prompts"
+    "$BIN/loadtest" "${targets[@]}" --bearer "$KEY" --window "$w" --requests "$n" --rounds 3
+done

@@ -1,0 +1,462 @@
+//! Ingress security through real processes: API keys and JWTs (401), roles
+//! (403), tenants from the credential and isolated from each other (404),
+//! rate limits (429) in one ingress and shared by two, and input limits
+//! (413, 422 with a field path).
+
+mod common;
+
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use common::*;
+use futures::StreamExt;
+use retro_fleet::ingress::auth::hash_key;
+use retro_fleet::ingress::jwt::{pem_to_der, JwtAlgorithm as Algorithm};
+use serde_json::{json, Value};
+
+const HS_SECRET: &str = "a shared secret of at least thirty-two bytes";
+const ISSUER: &str = "https://issuer.test";
+const AUDIENCE: &str = "retro-fleet";
+
+fn fixture(name: &str) -> String {
+    format!("{}/tests/fixtures/jwt/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn auth_config() -> String {
+    format!(
+        r#"
+[ingress]
+max_body_bytes = 4096
+max_prompt_bytes = 1000
+[ingress.auth]
+enabled = true
+jwt_issuers = ["{ISSUER}"]
+jwt_audiences = ["{AUDIENCE}"]
+jwt_leeway_secs = 5
+[[ingress.auth.api_keys]]
+id = "acme-app"
+sha256 = "{acme}"
+tenant = "acme"
+roles = ["submit", "read"]
+[[ingress.auth.api_keys]]
+id = "acme-reader"
+sha256 = "{reader}"
+tenant = "acme"
+roles = ["read"]
+[[ingress.auth.api_keys]]
+id = "globex-app"
+sha256 = "{globex}"
+tenant = "globex"
+roles = ["submit", "read"]
+[[ingress.auth.jwt_keys]]
+algorithm = "HS256"
+secret = "{HS_SECRET}"
+[[ingress.auth.jwt_keys]]
+kid = "rsa"
+algorithm = "RS256"
+public_key_file = "{rsa}"
+[[ingress.auth.jwt_keys]]
+kid = "ec"
+algorithm = "ES256"
+public_key_file = "{ec}"
+"#,
+        acme = hash_key("acme-key-1"),
+        reader = hash_key("acme-reader-key"),
+        globex = hash_key("globex-key-1"),
+        rsa = fixture("rsa-public.pem"),
+        ec = fixture("ec-public.pem"),
+    )
+}
+
+fn now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+/// Valid claims for tenant `t` with `roles`.
+fn claims(t: &str, roles: &[&str]) -> Value {
+    json!({"sub": "user-1", "tenant": t, "roles": roles, "iss": ISSUER, "aud": AUDIENCE, "exp": now() + 300, "nbf": now() - 10})
+}
+
+/// A compact JWS of `claims` with `header`, signed by `alg` with the test keys
+/// (or, for HS256, with `secret`).
+fn sign_with(header: &Value, claims: &Value, alg: Algorithm, secret: &[u8]) -> String {
+    let input = format!("{}.{}", b64(header.to_string().as_bytes()), b64(claims.to_string().as_bytes()));
+    let rng = ring::rand::SystemRandom::new();
+    let private = |name: &str| pem_to_der(&std::fs::read_to_string(fixture(name)).unwrap(), "PRIVATE KEY").unwrap();
+    let sig: Vec<u8> = match alg {
+        Algorithm::HS256 => {
+            ring::hmac::sign(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret), input.as_bytes()).as_ref().to_vec()
+        }
+        Algorithm::RS256 => {
+            let key = ring::signature::RsaKeyPair::from_pkcs8(&private("rsa-private.pem")).unwrap();
+            let mut sig = vec![0; key.public().modulus_len()];
+            key.sign(&ring::signature::RSA_PKCS1_SHA256, &rng, input.as_bytes(), &mut sig).unwrap();
+            sig
+        }
+        Algorithm::ES256 => {
+            let key = ring::signature::EcdsaKeyPair::from_pkcs8(
+                &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+                &private("ec-private.pem"),
+                &rng,
+            )
+            .unwrap();
+            key.sign(&rng, input.as_bytes()).unwrap().as_ref().to_vec()
+        }
+    };
+    format!("{input}.{}", b64(&sig))
+}
+
+fn sign(alg: Algorithm, kid: Option<&str>, claims: &Value) -> String {
+    let mut header = json!({"alg": format!("{alg:?}"), "typ": "JWT"});
+    if let Some(k) = kid {
+        header["kid"] = json!(k);
+    }
+    sign_with(&header, claims, alg, HS_SECRET.as_bytes())
+}
+
+fn b64(v: &[u8]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v)
+}
+
+struct Http {
+    client: reqwest::Client,
+    base: String,
+}
+
+impl Http {
+    async fn send(&self, method: &str, path: &str, bearer: Option<&str>, body: Option<Value>) -> reqwest::Response {
+        let url = format!("{}{path}", self.base);
+        let mut r = match method {
+            "GET" => self.client.get(url),
+            _ => self.client.post(url),
+        };
+        if let Some(b) = bearer {
+            r = r.bearer_auth(b);
+        }
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        r.send().await.unwrap()
+    }
+
+    async fn infer(&self, bearer: Option<&str>) -> (u16, Value) {
+        let r = self.send("POST", "/v1/infer", bearer, Some(json!({"model": "echo", "prompt": "hi"}))).await;
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or_default())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_roles_and_tenants() {
+    let s = setup(&auth_config());
+    let _worker = start_worker(&s.config, &[]).await;
+    let (_ingress, base) = start_ingress(&s.config).await;
+    let http = Http { client: reqwest::Client::new(), base };
+
+    // no credential, unknown key: 401 with a stable code and WWW-Authenticate
+    let r = http.send("POST", "/v1/infer", None, Some(json!({"model": "echo", "prompt": "hi"}))).await;
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.headers()["www-authenticate"], "Bearer");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "unauthenticated");
+    assert_eq!(body["error"]["type"], "authentication_error");
+    assert_eq!(http.infer(Some("acme-key-2")).await.0, 401);
+    assert_eq!(http.send("GET", "/v1/models", None, None).await.status(), 401);
+    // health and metrics stay open
+    assert_eq!(http.send("GET", "/health/live", None, None).await.status(), 200);
+    assert_eq!(http.send("GET", "/metrics", None, None).await.status(), 200);
+
+    // wrong role: 403
+    let (status, body) = http.infer(Some("acme-reader-key")).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["error"]["code"], "forbidden");
+    assert_eq!(http.send("GET", "/v1/models", Some("acme-reader-key"), None).await.status(), 200);
+
+    // a good key; the X-Request-Id becomes the request id and is echoed
+    let r = http
+        .client
+        .post(format!("{}/v1/infer", http.base))
+        .bearer_auth("acme-key-1")
+        .header("X-Request-Id", "req-from-caller-1")
+        .json(&json!({"model": "echo", "prompt": "hello"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-request-id"], "req-from-caller-1");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!((body["id"].as_str(), body["output"]["text"].as_str()), (Some("req-from-caller-1"), Some("hello")));
+    // X-API-Key works too; every response has an X-Request-Id
+    let r = http.client.get(format!("{}/v1/models", http.base)).header("X-API-Key", "acme-key-1").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().contains_key("x-request-id"));
+
+    // the tenant is the credential's: a Fleet-Tenant header is ignored, a body field refused
+    let r = http
+        .client
+        .post(format!("{}/v1/infer/async", http.base))
+        .bearer_auth("acme-key-1")
+        .header("Fleet-Tenant", "globex")
+        .json(&json!({"model": "echo", "prompt": "mine"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    let (status, body) = {
+        let r = http
+            .send(
+                "POST",
+                "/v1/infer",
+                Some("acme-key-1"),
+                Some(json!({"model": "echo", "prompt": "x", "tenant": "globex"})),
+            )
+            .await;
+        (r.status().as_u16(), r.json::<Value>().await.unwrap())
+    };
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["param"], "tenant");
+
+    // acme reads its result; globex gets 404 for the same id, like an unknown id
+    let caller = Caller::connect(&s.nats.url()).await;
+    let mut stored = None;
+    for _ in 0..100 {
+        stored = stored_result(&caller.js, "acme", &id).await;
+        if stored.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(stored.expect("stored under the key's tenant").output.unwrap().text, "mine");
+    assert!(stored_result(&caller.js, "globex", &id).await.is_none(), "not under the header's tenant");
+    let r = http.send("GET", &format!("/v1/results/{id}"), Some("acme-key-1"), None).await;
+    assert_eq!(r.status(), 200);
+    let other = http.send("GET", &format!("/v1/results/{id}"), Some("globex-app-key"), None).await;
+    assert_eq!(other.status(), 401, "an unknown key");
+    let other = http.send("GET", &format!("/v1/results/{id}"), Some("globex-key-1"), None).await;
+    assert_eq!(other.status(), 404);
+    let other: Value = other.json().await.unwrap();
+    let unknown: Value =
+        http.send("GET", "/v1/results/no-such-id", Some("globex-key-1"), None).await.json().await.unwrap();
+    assert_eq!(other["error"]["code"], unknown["error"]["code"]);
+
+    // JWTs: each algorithm with its key; the tenant and roles come from the claims
+    for (alg, kid) in [(Algorithm::HS256, None), (Algorithm::RS256, Some("rsa")), (Algorithm::ES256, Some("ec"))] {
+        let token = sign(alg, kid, &claims("globex", &["submit", "read"]));
+        let (status, body) = http.infer(Some(&token)).await;
+        assert_eq!(status, 200, "{alg:?}: {body}");
+        let r = http.send("GET", &format!("/v1/results/{}", body["id"].as_str().unwrap()), Some(&token), None).await;
+        assert_eq!(r.status(), 200, "{alg:?} reads its own result");
+        assert_eq!(http.send("GET", &format!("/v1/results/{id}"), Some(&token), None).await.status(), 404);
+    }
+    let mut spaced = claims("globex", &[]);
+    spaced["roles"] = json!("read submit");
+    assert_eq!(http.infer(Some(&sign(Algorithm::HS256, None, &spaced))).await.0, 200, "roles as a string");
+    let read_only = sign(Algorithm::RS256, Some("rsa"), &claims("globex", &["read"]));
+    assert_eq!(http.infer(Some(&read_only)).await.0, 403);
+
+    // every way a token can be wrong is 401
+    let mut bad: Vec<(&str, String)> = Vec::new();
+    let with = |patch: Value| {
+        let mut c = claims("acme", &["submit"]);
+        for (k, v) in patch.as_object().unwrap() {
+            if v.is_null() {
+                c.as_object_mut().unwrap().remove(k);
+            } else {
+                c[k] = v.clone();
+            }
+        }
+        c
+    };
+    bad.push(("expired", sign(Algorithm::HS256, None, &with(json!({"exp": now() - 120})))));
+    bad.push(("not yet valid", sign(Algorithm::HS256, None, &with(json!({"nbf": now() + 120})))));
+    bad.push(("wrong audience", sign(Algorithm::HS256, None, &with(json!({"aud": "someone-else"})))));
+    bad.push(("wrong issuer", sign(Algorithm::HS256, None, &with(json!({"iss": "https://evil.test"})))));
+    bad.push(("no exp", sign(Algorithm::HS256, None, &with(json!({"exp": null})))));
+    bad.push(("no tenant", sign(Algorithm::HS256, None, &with(json!({"tenant": null})))));
+    let payload = b64(with(json!({})).to_string().as_bytes());
+    bad.push(("alg none", format!("{}.{payload}.", b64(br#"{"alg":"none","typ":"JWT"}"#))));
+    bad.push(("alg none, signature kept", {
+        let good = sign(Algorithm::HS256, None, &with(json!({})));
+        let sig = good.rsplit('.').next().unwrap().to_string();
+        format!("{}.{payload}.{sig}", b64(br#"{"alg":"none","typ":"JWT"}"#))
+    }));
+    // HS256 made with the RSA public key as the secret (algorithm confusion)
+    let rsa_public = std::fs::read(fixture("rsa-public.pem")).unwrap();
+    for header in [json!({"alg": "HS256"}), json!({"alg": "HS256", "kid": "rsa"})] {
+        bad.push((
+            "HS256 signed with the RSA public key",
+            sign_with(&header, &with(json!({})), Algorithm::HS256, &rsa_public),
+        ));
+    }
+    // a valid RS256 token with its tenant changed after signing
+    let good = sign(Algorithm::RS256, Some("rsa"), &with(json!({})));
+    let parts: Vec<&str> = good.split('.').collect();
+    let tampered = b64(with(json!({"tenant": "globex"})).to_string().as_bytes());
+    bad.push(("tampered payload", format!("{}.{tampered}.{}", parts[0], parts[2])));
+    let mut sig = parts[2].to_string();
+    let last = if sig.ends_with('A') { "B" } else { "A" };
+    sig.replace_range(sig.len() - 1.., last);
+    bad.push(("tampered signature", format!("{}.{}.{sig}", parts[0], parts[1])));
+    // an ES256 token whose kid names the RSA key
+    bad.push(("wrong kid for the algorithm", sign(Algorithm::ES256, Some("rsa"), &with(json!({})))));
+    // an RS256 signature presented as ES256
+    let rs = sign(Algorithm::RS256, Some("rsa"), &with(json!({})));
+    let rs_sig = rs.rsplit('.').next().unwrap();
+    let es_header = b64(br#"{"alg":"ES256","kid":"ec"}"#);
+    bad.push((
+        "RS256 signature under an ES256 header",
+        format!("{es_header}.{}.{rs_sig}", b64(with(json!({})).to_string().as_bytes())),
+    ));
+    for (why, token) in &bad {
+        let (status, body) = http.infer(Some(token)).await;
+        assert_eq!(status, 401, "{why}: {body}");
+        assert_eq!(body["error"]["code"], "unauthenticated", "{why}");
+    }
+}
+
+fn write_variant(dir: &Path, base: &Path, name: &str, extra: &str) -> std::path::PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, std::fs::read_to_string(base).unwrap() + extra).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_and_token_limits_answer_429_with_headers() {
+    let s = setup(
+        r#"
+[ingress.rate_limit]
+enabled = true
+algorithm = "fixed_window"
+window_secs = 3600
+default_max_tokens = 10
+[ingress.rate_limit.submit]
+requests = 0
+tokens = 100
+[ingress.rate_limit.read]
+requests = 3
+"#,
+    );
+    let _worker = start_worker(&s.config, &[]).await;
+    let (_ingress, base) = start_ingress(&s.config).await;
+    let http = Http { client: reqwest::Client::new(), base };
+    for left in [2, 1, 0] {
+        let r = http.send("GET", "/v1/models", None, None).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-ratelimit-limit"], "3");
+        assert_eq!(r.headers()["x-ratelimit-remaining"], left.to_string().as_str());
+    }
+    let r = http.send("GET", "/v1/models", None, None).await;
+    assert_eq!(r.status(), 429);
+    let retry: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=3600).contains(&retry), "{retry}");
+    assert_eq!(r.headers()["x-ratelimit-remaining"], "0");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limited");
+    assert_eq!(body["error"]["retryable"], true);
+
+    // 40 prompt bytes = 10 tokens, + 50 max_tokens: 60 of 100
+    let req = json!({"model": "echo", "prompt": "x".repeat(40), "params": {"max_tokens": 50}});
+    assert_eq!(http.send("POST", "/v1/infer", None, Some(req.clone())).await.status(), 200);
+    let r = http.send("POST", "/v1/infer", None, Some(req)).await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["x-ratelimit-remaining-tokens"], "40");
+    assert!(r.headers().contains_key("retry-after"));
+    // 10 + default 10 = 20 still fits
+    let r = http.send("POST", "/v1/infer", None, Some(json!({"model": "echo", "prompt": "x".repeat(40)}))).await;
+    assert_eq!(r.status(), 200);
+}
+
+/// Fires `n` GETs of `/v1/models`, alternating between `bases`, all at
+/// once; returns how many each base accepted.
+async fn fire(bases: &[String], n: usize) -> Vec<usize> {
+    let client = reqwest::Client::new();
+    let statuses: Vec<(usize, u16)> = futures::stream::iter(0..n)
+        .map(|i| {
+            let (client, which) = (client.clone(), i % bases.len());
+            let url = format!("{}/v1/models", bases[which]);
+            async move { (which, client.get(url).send().await.unwrap().status().as_u16()) }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    let mut accepted = vec![0; bases.len()];
+    for (which, status) in statuses {
+        assert!(status == 200 || status == 429, "{status}");
+        accepted[which] += (status == 200) as usize;
+    }
+    accepted
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_distributed_limit_holds_across_two_ingresses() {
+    // 10 per hour with a burst of 20: over a few seconds, exactly the burst passes
+    let limits = |backend: &str| {
+        format!(
+            "\n[ingress.rate_limit]\nenabled = true\nbackend = \"{backend}\"\nkey_by = \"tenant\"\nwindow_secs = 3600\n\
+             [ingress.rate_limit.read]\nrequests = 10\nburst = 20\n"
+        )
+    };
+    let s = setup("");
+    let shared = write_variant(s.dir.path(), &s.config, "shared.toml", &limits("nats"));
+    let local = write_variant(s.dir.path(), &s.config, "local.toml", &limits("local"));
+    let (_a, a) = start_ingress(&shared).await;
+    let (_b, b) = start_ingress(&shared).await;
+    let accepted = fire(&[a, b], 200).await;
+    let total: usize = accepted.iter().sum();
+    assert!(total <= 10 + 20, "limit + burst");
+    assert_eq!(total, 20, "exactly the burst (the refill over seconds is a fraction of a request): {accepted:?}");
+    assert!(accepted.iter().all(|&n| n > 0), "both replicas served: {accepted:?}");
+
+    // the same with counters in each process: each replica grants its own burst
+    let (_c, c) = start_ingress(&local).await;
+    let (_d, d) = start_ingress(&local).await;
+    assert_eq!(fire(&[c, d], 200).await, [20, 20]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_and_invalid_requests_name_the_problem() {
+    let s = setup("\n[ingress]\nmax_body_bytes = 4096\nmax_prompt_bytes = 1000\n");
+    let (_ingress, base) = start_ingress(&s.config).await;
+    let http = Http { client: reqwest::Client::new(), base };
+    let post = |body: Value| http.send("POST", "/v1/infer", None, Some(body));
+
+    let r = post(json!({"model": "echo", "prompt": "x".repeat(5000)})).await;
+    assert_eq!(r.status(), 413);
+    assert!(r.headers().contains_key("x-request-id"));
+    let r = post(json!({"model": "echo", "prompt": "x".repeat(2000)})).await;
+    assert_eq!(r.status(), 413);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(
+        (body["error"]["code"].as_str(), body["error"]["param"].as_str()),
+        (Some("prompt_too_large"), Some("input"))
+    );
+
+    let cases = [
+        (json!({"model": "echo", "prompt": "x", "params": {"temperature": "hot"}}), "params.temperature"),
+        (json!({"model": "echo", "prompt": "x", "params": {"temperature": 7.0}}), "params.temperature"),
+        (json!({"model": "echo", "prompt": "x", "params": {"top_p": 0.0}}), "params.top_p"),
+        (json!({"model": "echo", "messages": [{"role": "user"}]}), "messages[0].content"),
+        (json!({"prompt": "x"}), "model"),
+        (json!({"model": "echo", "prompt": "x", "colour": 1}), "colour"),
+        (json!({"model": "no-such-model", "prompt": "x"}), "model"),
+        (json!({"model": "echo", "prompt": "x", "id": "a b"}), "id"),
+    ];
+    for (body, param) in cases {
+        let r = post(body.clone()).await;
+        let status = r.status().as_u16();
+        let answer: Value = r.json().await.unwrap();
+        assert!(status == 422 || status == 404, "{body}: {status} {answer}");
+        assert_eq!(answer["error"]["param"], param, "{body}: {answer}");
+        assert!(answer["error"]["code"].is_string());
+    }
+    // not JSON at all: 400
+    let r = http.client.post(format!("{}/v1/infer", http.base)).body("{nope").send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], "decode_error");
+    // a bad X-Request-Id is named, not replaced
+    let r = http.client.get(format!("{}/v1/models", http.base)).header("X-Request-Id", "a.b").send().await.unwrap();
+    assert_eq!(r.status(), 422);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"]["param"], "headers.x-request-id");
+}
