@@ -6,6 +6,9 @@
 #     `uncached` with it off; loadtest alternates rounds between them.
 #  2. cache-hit workload: every request repeats one of 100 prompts (warmed by
 #     the warm-up round), against the bare JetStream floor in the same run.
+#  3. the same cache-hit workload through the HTTP ingress: its maximum
+#     throughput (window 64), then open loop at half of it for the p99, and
+#     the bare JetStream floor right after.
 #
 # Usage: scripts/bench-cache.sh            (release build)
 #        PROFILE=debug scripts/bench-cache.sh
@@ -54,3 +57,16 @@ echo "### every request a repeat (cache hits), window 64, 20000 requests x 3 rou
 "$BIN/loadtest" --model cached --greedy --repeat 1.0 --distinct 100 --window 64 --requests 20000 --rounds 3 --floor
 echo "### every request a repeat (cache hits), window 1, 3000 requests x 3 rounds, vs the bare floor"
 "$BIN/loadtest" --model cached --greedy --repeat 1.0 --distinct 100 --window 1 --requests 3000 --rounds 3 --floor
+HTTP_PORT="${BENCH_HTTP_PORT:-8095}"
+"$BIN/retro-fleet" --config "$WORKDIR/bench.toml" ingress --listen "127.0.0.1:$HTTP_PORT" >"$WORKDIR/ingress.log" 2>&1 &
+sleep 1
+echo "### HTTP, every request a repeat (cache hits), window 64, 20000 requests x 3 rounds"
+"$BIN/loadtest" --http "cached=http://127.0.0.1:$HTTP_PORT" --model cached --greedy --repeat 1.0 --distinct 100 \
+    --window 64 --requests 20000 --rounds 3 --json "$WORKDIR/http-max.json" | tee "$WORKDIR/http-max.txt"
+MAX=$(python3 -c "import json,sys; print(int(json.load(open(sys.argv[1]))['median'][0]['throughput']))" "$WORKDIR/http-max.json")
+HALF=$((MAX / 2))
+echo "### HTTP, cache hits, open loop at half the maximum ($HALF/s), $((HALF * 10)) requests x 3 rounds"
+"$BIN/loadtest" --http "cached=http://127.0.0.1:$HTTP_PORT" --model cached --greedy --repeat 1.0 --distinct 100 \
+    --rate "$HALF" --requests $((HALF * 10)) --rounds 3
+echo "### bare JetStream floor, window 64, 20000 requests x 3 rounds (same server, right after)"
+"$BIN/loadtest" --floor-only --window 64 --requests 20000 --rounds 3
