@@ -81,10 +81,15 @@ pub async fn build_worker(
                 config.models.keys().collect::<Vec<_>>()
             );
         };
-        backends.insert(
-            name.clone(),
-            backend::build(name, model, &breakers, &budget).await.with_context(|| format!("loading model `{name}`"))?,
-        );
+        let loaded = match backend::build(name, model, &breakers, &budget).await {
+            Ok(b) => b,
+            Err(e) => {
+                // the other models still serve; this one answers why it cannot
+                tracing::error!(model = %name, error = %e, "model failed to load; its requests get an error result");
+                Arc::new(backend::Unavailable::new(name, &e.message)) as Arc<dyn Backend>
+            }
+        };
+        backends.insert(name.clone(), loaded);
     }
     let mut consumers: Vec<(Priority, String, PullConsumer)> = Vec::new();
     for p in Priority::ALL {

@@ -219,11 +219,61 @@ async fn hub_ids_load_from_the_local_cache_and_offline_misses_say_what_to_do() {
 
     let s = setup("[models.other]\nbackend = \"mistralrs\"\npath = \"acme/not-cached\"\n");
     let mut w = Proc::start(&s.config, &["worker"], &env(free_port()));
-    let start = std::time::Instant::now();
-    while w.alive() && start.elapsed() < Duration::from_secs(30) {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    wait_log(&mut w, "worker pulling").await;
+    let mut caller = Caller::connect(&s.nats.url()).await;
+    caller.publish(Priority::Normal, &request("h2", "other", "x")).await;
+    let (got, _) = caller.collect(1, Duration::from_secs(60)).await;
+    let err = got[0].1.error.as_ref().expect("an error result");
+    assert!(err.message.contains("is not in the Hugging Face cache"), "{}", err.message);
+    assert!(err.message.contains("HF_HUB_OFFLINE is set"), "{}", err.message);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pools_serve_two_models_unload_when_idle_and_a_broken_model_answers_why() {
+    let models = tempfile::tempdir().unwrap();
+    let base = model_config(models.path());
+    let tiny = models.path().join("tiny");
+    let extra = format!(
+        "{base}\n[models.idle]\nbackend = \"mistralrs\"\npath = \"{}\"\nidle_unload_secs = 1\n\
+         [models.broken]\nbackend = \"mistralrs\"\npath = \"{}\"\n",
+        tiny.display(),
+        models.path().join("missing").display()
+    );
+    let s = setup(&extra);
+    let mut w = start_worker(&s.config, &[]).await;
+    let mut caller = Caller::connect(&s.nats.url()).await;
+    let ask = |id: &str, model: &str| {
+        let mut r = request(id, model, "pooled");
+        r.params = SamplingParams { max_tokens: Some(4), temperature: Some(0.0), ..Default::default() };
+        r.cache = retro_fleet_schemas::CacheMode::Bypass;
+        r
+    };
+    for (id, m) in [("a1", "tiny"), ("b1", "idle"), ("x1", "broken")] {
+        caller.publish(Priority::Normal, &ask(id, m)).await;
     }
-    assert!(!w.alive(), "a worker that cannot load its model exits");
-    let log = w.log();
-    assert!(log.contains("is not in the Hugging Face cache") && log.contains("HF_HUB_OFFLINE is set"), "{log}");
+    let (got, _) = caller.collect(3, Duration::from_secs(60)).await;
+    let by: std::collections::HashMap<_, _> = got.into_iter().collect();
+    assert_eq!((by["a1"].status, by["b1"].status), (Status::Ok, Status::Ok));
+    let err = by["x1"].error.as_ref().expect("the broken model answers with an error");
+    assert!(
+        err.message.contains("model `broken` could not be loaded") && err.message.contains("does not exist"),
+        "{}",
+        err.message
+    );
+
+    // the idle model's instance is unloaded, then loaded again on demand
+    wait_log(&mut w, "unloaded an idle instance").await;
+    let loads_before = w.log().matches("model instance loaded").count();
+    caller.publish(Priority::Normal, &ask("b2", "idle")).await;
+    let (got, _) = caller.collect(1, Duration::from_secs(60)).await;
+    assert_eq!(got[0].1.status, Status::Ok, "{:?}", got[0].1);
+    assert!(w.log().matches("model instance loaded").count() > loads_before, "reloaded on demand");
+
+    // 200 concurrent requests, none lost
+    for i in 0..200 {
+        caller.publish(Priority::Normal, &ask(&format!("c{i}"), "tiny")).await;
+    }
+    let (got, dups) = caller.collect(200, Duration::from_secs(120)).await;
+    assert_eq!((got.len(), dups), (200, 0));
+    assert!(got.iter().all(|(_, r)| r.status == Status::Ok));
 }

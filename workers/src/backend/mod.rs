@@ -142,6 +142,34 @@ pub async fn build(
     })
 }
 
+/// A model that failed to load: every request gets a clear, final error
+/// (the worker keeps serving its other models).
+pub struct Unavailable {
+    message: String,
+}
+
+impl Unavailable {
+    /// Stands in for model `name`, which failed with `why`.
+    pub fn new(name: &str, why: &str) -> Self {
+        Unavailable { message: format!("model `{name}` could not be loaded on this worker: {why}") }
+    }
+}
+
+impl Backend for Unavailable {
+    fn revision(&self) -> Option<String> {
+        None
+    }
+
+    fn generate<'a>(
+        &'a self,
+        _req: &'a InferRequest,
+        _deltas: Option<DeltaSender>,
+    ) -> BoxFuture<'a, Result<Generation, BackendError>> {
+        let e = BackendError { code: ErrorCode::BackendError, message: self.message.clone(), retryable: false };
+        Box::pin(async move { Err(e) })
+    }
+}
+
 /// Applies `max_tokens` and stop sequences to whitespace-separated words, as
 /// the test backends count tokens; returns the text and its finish reason.
 pub(crate) fn limit_words(words: &[&str], max_tokens: Option<u32>, stop: &[String]) -> (String, String) {
