@@ -175,6 +175,12 @@ pub struct IngressConfig {
     pub auth: crate::ingress::auth::AuthConfig,
     /// Rate limits per caller and route class.
     pub rate_limit: crate::ingress::ratelimit::RateLimitConfig,
+    /// Most lines in one batch (`POST /v1/batches`).
+    pub max_batch_lines: usize,
+    /// Largest batch body in bytes (413 beyond).
+    pub max_batch_bytes: usize,
+    /// Deadline of each batch request, in seconds from submission.
+    pub batch_timeout_secs: u64,
 }
 
 impl Default for IngressConfig {
@@ -187,6 +193,9 @@ impl Default for IngressConfig {
             retry_after_secs: 1,
             auth: Default::default(),
             rate_limit: Default::default(),
+            max_batch_lines: 50_000,
+            max_batch_bytes: 64 << 20,
+            batch_timeout_secs: 24 * 3600,
         }
     }
 }

@@ -205,7 +205,14 @@ async fn credentials_roles_and_tenants() {
     assert_eq!(r.status(), 202);
     let id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
     let (status, body) = {
-        let r = http.send("POST", "/v1/infer", Some("acme-key-1"), Some(json!({"model": "echo", "prompt": "x", "tenant": "globex"}))).await;
+        let r = http
+            .send(
+                "POST",
+                "/v1/infer",
+                Some("acme-key-1"),
+                Some(json!({"model": "echo", "prompt": "x", "tenant": "globex"})),
+            )
+            .await;
         (r.status().as_u16(), r.json::<Value>().await.unwrap())
     };
     assert_eq!(status, 422, "{body}");
@@ -278,7 +285,10 @@ async fn credentials_roles_and_tenants() {
     // HS256 made with the RSA public key as the secret (algorithm confusion)
     let rsa_public = std::fs::read(fixture("rsa-public.pem")).unwrap();
     for header in [json!({"alg": "HS256"}), json!({"alg": "HS256", "kid": "rsa"})] {
-        bad.push(("HS256 signed with the RSA public key", sign_with(&header, &with(json!({})), Algorithm::HS256, &rsa_public)));
+        bad.push((
+            "HS256 signed with the RSA public key",
+            sign_with(&header, &with(json!({})), Algorithm::HS256, &rsa_public),
+        ));
     }
     // a valid RS256 token with its tenant changed after signing
     let good = sign(Algorithm::RS256, Some("rsa"), &with(json!({})));
@@ -295,7 +305,10 @@ async fn credentials_roles_and_tenants() {
     let rs = sign(Algorithm::RS256, Some("rsa"), &with(json!({})));
     let rs_sig = rs.rsplit('.').next().unwrap();
     let es_header = b64(br#"{"alg":"ES256","kid":"ec"}"#);
-    bad.push(("RS256 signature under an ES256 header", format!("{es_header}.{}.{rs_sig}", b64(with(json!({})).to_string().as_bytes()))));
+    bad.push((
+        "RS256 signature under an ES256 header",
+        format!("{es_header}.{}.{rs_sig}", b64(with(json!({})).to_string().as_bytes())),
+    ));
     for (why, token) in &bad {
         let (status, body) = http.infer(Some(token)).await;
         assert_eq!(status, 401, "{why}: {body}");
@@ -415,7 +428,10 @@ async fn oversized_and_invalid_requests_name_the_problem() {
     let r = post(json!({"model": "echo", "prompt": "x".repeat(2000)})).await;
     assert_eq!(r.status(), 413);
     let body: Value = r.json().await.unwrap();
-    assert_eq!((body["error"]["code"].as_str(), body["error"]["param"].as_str()), (Some("prompt_too_large"), Some("input")));
+    assert_eq!(
+        (body["error"]["code"].as_str(), body["error"]["param"].as_str()),
+        (Some("prompt_too_large"), Some("input"))
+    );
 
     let cases = [
         (json!({"model": "echo", "prompt": "x", "params": {"temperature": "hot"}}), "params.temperature"),

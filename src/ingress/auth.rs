@@ -211,7 +211,8 @@ impl Authenticator {
             if !subjects::is_token(&k.tenant) || !subjects::is_token(&k.id) {
                 anyhow::bail!("ingress.auth.api_keys `{}`: id and tenant must be characters from [A-Za-z0-9_-]", k.id);
             }
-            let entry = KeyEntry { id: k.id.clone(), tenant: k.tenant.clone(), roles: Roles::of(k.roles.iter().copied()) };
+            let entry =
+                KeyEntry { id: k.id.clone(), tenant: k.tenant.clone(), roles: Roles::of(k.roles.iter().copied()) };
             if api_keys.insert(digest, entry).is_some() {
                 anyhow::bail!("ingress.auth.api_keys `{}`: the same key is configured twice", k.id);
             }
@@ -277,8 +278,11 @@ impl Authenticator {
         if !self.enabled {
             let tenant = h.get(headers::TENANT).and_then(|v| v.to_str().ok()).unwrap_or(subjects::DEFAULT_TENANT);
             if !subjects::is_token(tenant) {
-                return Err(ApiError::new(ErrorCode::InvalidRequest, "Fleet-Tenant must be characters from [A-Za-z0-9_-]")
-                    .param("headers.fleet-tenant"));
+                return Err(ApiError::new(
+                    ErrorCode::InvalidRequest,
+                    "Fleet-Tenant must be characters from [A-Za-z0-9_-]",
+                )
+                .param("headers.fleet-tenant"));
             }
             return Ok(Principal { id: "anonymous".into(), tenant: tenant.to_string(), roles: Roles::ALL });
         }
@@ -324,7 +328,10 @@ impl Authenticator {
             .and_then(Value::as_str)
             .ok_or_else(|| unauthenticated(format!("the token has no `{}` claim", self.tenant_claim)))?;
         if !subjects::is_token(tenant) {
-            return Err(unauthenticated(format!("the token's `{}` is not characters from [A-Za-z0-9_-]", self.tenant_claim)));
+            return Err(unauthenticated(format!(
+                "the token's `{}` is not characters from [A-Za-z0-9_-]",
+                self.tenant_claim
+            )));
         }
         let names: Vec<&str> = match claims.get(&self.roles_claim) {
             Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),

@@ -33,9 +33,12 @@ pub async fn request_id(mut req: Request, next: Next) -> Response {
         Some(v) => match v.to_str().ok().filter(|s| s.len() <= MAX_ID_LEN && subjects::is_token(s)) {
             Some(s) => s.to_string(),
             None => {
-                return ApiError::new(ErrorCode::InvalidRequest, "X-Request-Id must be 1-128 characters from [A-Za-z0-9_-]")
-                    .param("headers.x-request-id")
-                    .into_response()
+                return ApiError::new(
+                    ErrorCode::InvalidRequest,
+                    "X-Request-Id must be 1-128 characters from [A-Za-z0-9_-]",
+                )
+                .param("headers.x-request-id")
+                .into_response()
             }
         },
         None => {

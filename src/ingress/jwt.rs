@@ -178,7 +178,9 @@ impl VerifyingKey {
             Material::Rsa(k) => {
                 UnparsedPublicKey::new(&signature::RSA_PKCS1_2048_8192_SHA256, k).verify(input, sig).is_ok()
             }
-            Material::Ec(k) => UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, k).verify(input, sig).is_ok(),
+            Material::Ec(k) => {
+                UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, k).verify(input, sig).is_ok()
+            }
         }
     }
 }
@@ -207,10 +209,8 @@ pub fn verify(token: &str, keys: &[VerifyingKey], rules: &Rules, now: u64) -> Re
         return Err(JwtError::Malformed("`crit` extensions are not supported".into()));
     }
     let kid = header.get("kid").and_then(Value::as_str);
-    let candidates: Vec<&VerifyingKey> = keys
-        .iter()
-        .filter(|k| k.alg == alg && (kid.is_none() || k.kid.is_none() || k.kid.as_deref() == kid))
-        .collect();
+    let candidates: Vec<&VerifyingKey> =
+        keys.iter().filter(|k| k.alg == alg && (kid.is_none() || k.kid.is_none() || k.kid.as_deref() == kid)).collect();
     if candidates.is_empty() {
         return Err(JwtError::NoKey(alg));
     }

@@ -158,14 +158,15 @@ fn prepare(
 /// Assigns id, priority and tenant (the caller's), and checks limits and the model.
 pub fn draft_into_prepared(state: &AppState, h: &HttpHeaders, who: &Principal, d: Draft) -> Result<Prepared, ApiError> {
     let priority = match h.get("x-priority").and_then(|v| v.to_str().ok()) {
-        Some(p) => p.parse().map_err(|e: String| ApiError::new(ErrorCode::InvalidRequest, e).param("headers.x-priority"))?,
+        Some(p) => {
+            p.parse().map_err(|e: String| ApiError::new(ErrorCode::InvalidRequest, e).param("headers.x-priority"))?
+        }
         None => d.priority.unwrap_or_default(),
     };
     let tenant = who.tenant.clone();
-    let id = d
-        .id
-        .or_else(|| h.get(REQUEST_ID).and_then(|v| v.to_str().ok()).map(str::to_string))
-        .unwrap_or_else(|| ulid::Ulid::new().to_string());
+    let id =
+        d.id.or_else(|| h.get(REQUEST_ID).and_then(|v| v.to_str().ok()).map(str::to_string))
+            .unwrap_or_else(|| ulid::Ulid::new().to_string());
     let req = InferRequest {
         v: retro_fleet_schemas::SCHEMA_VERSION,
         id,
@@ -223,10 +224,15 @@ async fn charge_tokens(state: &AppState, p: &Prepared) -> Result<(), ApiError> {
     }
 }
 
-/// Publishes to the priority stream and waits for JetStream to store it.
-/// A full queue is 503 with `Retry-After`.
+/// Charges the caller's token limit, then [`send`]s.
 async fn publish(state: &AppState, p: &Prepared, reply: Option<&str>) -> Result<(), ApiError> {
     charge_tokens(state, p).await?;
+    send(state, p, reply).await
+}
+
+/// Publishes to the priority stream and waits for JetStream to store it.
+/// A full queue is 503 with `Retry-After`.
+pub async fn send(state: &AppState, p: &Prepared, reply: Option<&str>) -> Result<(), ApiError> {
     let id = &p.req.id;
     let mut h = HeaderMap::new();
     h.insert(headers::MSG_ID, id.as_str());

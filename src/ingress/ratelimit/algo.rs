@@ -161,13 +161,10 @@ pub fn check(alg: Algorithm, rule: Rule, state: Option<Counter>, now_ms: u64, co
                 let next_into = if n + cost > limit { div_ceil(n * w + cost * w - limit * w, n.max(1)) } else { 0 };
                 (start + w as u64 - now_ms) + next_into
             };
-            (Counter { t: start, n: n as u64, p: p as u64 }, Decision {
-                allowed,
-                limit: rule.limit,
-                remaining,
-                reset_ms,
-                retry_after_ms,
-            })
+            (
+                Counter { t: start, n: n as u64, p: p as u64 },
+                Decision { allowed, limit: rule.limit, remaining, reset_ms, retry_after_ms },
+            )
         }
     }
 }

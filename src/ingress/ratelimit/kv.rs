@@ -8,6 +8,10 @@
 //! algorithms derive the same state from the old counter and a later time.
 //! Entries expire once they would be full again, so idle callers cost no
 //! space.
+//!
+//! One counter takes one write per NATS round trip: a single caller with
+//! many requests in flight gets a few thousand checks per second; beyond
+//! that, checks retry for up to half a second and are then refused (429).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -20,8 +24,8 @@ use super::algo::{self, Algorithm, Counter, Decision, Rule};
 /// The bucket's name (part of the NATS topology).
 pub const BUCKET: &str = "fleet_ratelimit";
 
-/// Reads and writes before a check under contention gives up and refuses.
-const MAX_ATTEMPTS: u32 = 64;
+/// How long a check under contention keeps retrying before it refuses.
+const MAX_WAIT: Duration = Duration::from_millis(500);
 
 /// Counters in NATS KV.
 pub struct KvStore {
@@ -69,10 +73,15 @@ impl KvStore {
     /// Checks `cost` against `rule` for `key`, atomically across replicas.
     pub async fn check(&self, alg: Algorithm, rule: Rule, key: &str, cost: u64) -> anyhow::Result<Decision> {
         let key = kv_key(key);
-        for attempt in 0..MAX_ATTEMPTS {
+        let give_up = tokio::time::Instant::now() + MAX_WAIT;
+        let mut attempt: u64 = 0;
+        while tokio::time::Instant::now() < give_up {
+            attempt += 1;
             let entry = self.kv.entry(key.as_str()).await?;
             let (state, revision) = match entry {
-                Some(e) if e.operation == Operation::Put => (serde_json::from_slice::<Counter>(&e.value).ok(), Some(e.revision)),
+                Some(e) if e.operation == Operation::Put => {
+                    (serde_json::from_slice::<Counter>(&e.value).ok(), Some(e.revision))
+                }
                 _ => (None, None),
             };
             let (counter, decision) = algo::check(alg, rule, state, unix_ms(), cost);
@@ -96,8 +105,9 @@ impl KvStore {
                 return Ok(decision);
             }
             // another replica wrote first: back off a little, by a varying amount
-            let jitter = (SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0) % 500) as u64;
-            tokio::time::sleep(Duration::from_micros(jitter * (attempt as u64 + 1).min(8))).await;
+            let jitter =
+                (SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0) % 500) as u64;
+            tokio::time::sleep(Duration::from_micros(jitter * attempt.min(16))).await;
         }
         // Could not get a turn: refuse rather than let an unbounded crowd through.
         Ok(Decision { allowed: false, limit: rule.capacity(alg), remaining: 0, reset_ms: 1000, retry_after_ms: 1000 })
