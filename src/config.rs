@@ -224,7 +224,7 @@ impl Config {
         if let Ok(url) = std::env::var("NATS_URL") {
             fig = fig.merge(Serialized::default("nats.url", url));
         }
-        fig = fig.merge(Env::prefixed("FLEET_").split("__").ignore(&["config"]));
+        fig = fig.merge(Env::prefixed("FLEET_").split("__").ignore(&["config", "api_key"]));
         let mut config: Config = fig.merge(overrides).extract()?;
         if config.models.is_empty() {
             config.models = default_models();

@@ -8,10 +8,12 @@
 //! - [`topology`]: streams and consumers, applied idempotently.
 //! - [`nats`]: connecting, and the local nats-server that `up` starts.
 //! - [`telemetry`]: logs and the per-process metrics registry.
+//! - [`batch_cli`]: `retro-fleet batch`: submit, follow and fetch batches over HTTP.
 //!
 //! Wire types live in the `retro-fleet-schemas` crate, the pull loop and
 //! backends in `retro-fleet-worker`.
 
+pub mod batch_cli;
 pub mod cli;
 pub mod config;
 pub mod ingress;

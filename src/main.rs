@@ -46,6 +46,7 @@ fn main() -> std::process::ExitCode {
             Command::Submit { model, priority, max_tokens, timeout, prompt } => {
                 cli::submit(&config, model, priority, max_tokens, timeout, prompt).await
             }
+            Command::Batch { action } => cli::batch(&config, action).await,
             Command::Config | Command::Model { .. } => unreachable!("handled above"),
         }
     });

@@ -149,3 +149,45 @@ async fn a_bad_line_is_named_and_nothing_is_published() {
     let r = http.post(format!("{base}/v1/batches")).body(format!("{good}\n")).send().await.unwrap();
     assert_eq!(r.status(), 401);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_submits_waits_and_fetches_results() {
+    let s = setup(&config());
+    let _worker = start_worker(&s.config, &[]).await;
+    let (_ingress, base) = start_ingress(&s.config).await;
+    let file = s.dir.path().join("batch.jsonl");
+    let lines: String = (0..50)
+        .map(|i| {
+            json!({"custom_id": format!("c{i}"), "method": "POST", "url": "/v1/chat/completions",
+                   "body": {"model": "echo", "messages": [{"role": "user", "content": format!("m{i}")}]}})
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(&file, lines).unwrap();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_retro-fleet"))
+            .arg("--config")
+            .arg(&s.config)
+            .args(args)
+            .args(["--url", &base])
+            .env("FLEET_API_KEY", "acme-batch-key")
+            .env_remove("NATS_URL")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let batch: Value =
+        serde_json::from_str(&run(&["batch", "submit", file.to_str().unwrap(), "--priority", "high", "--wait"]))
+            .unwrap();
+    assert_eq!(batch["status"], "completed", "{batch}");
+    assert_eq!(batch["priority"], "high");
+    assert_eq!(batch["request_counts"]["completed"], 50);
+    let id = batch["id"].as_str().unwrap();
+    let results = run(&["batch", "results", id]);
+    let lines: Vec<Value> = results.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 50);
+    assert_eq!(lines[7]["custom_id"], "c7");
+    assert_eq!(lines[7]["response"]["body"]["choices"][0]["message"]["content"], "m7");
+}
