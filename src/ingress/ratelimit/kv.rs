@@ -13,6 +13,8 @@
 //! many requests in flight gets a few thousand checks per second; beyond
 //! that, checks retry for up to half a second and are then refused (429).
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, UpdateErrorKind};
@@ -30,6 +32,10 @@ const MAX_WAIT: Duration = Duration::from_millis(500);
 /// Counters in NATS KV.
 pub struct KvStore {
     kv: kv::Store,
+    /// One check per counter at a time from this process: concurrent
+    /// requests of one caller queue here instead of racing each other's
+    /// compare-and-swap (only other replicas can then win a race).
+    turns: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 fn unix_ms() -> u64 {
@@ -50,7 +56,7 @@ impl KvStore {
     /// after their last write: long enough for any counter to be full again.
     pub async fn open(js: &async_nats::jetstream::Context, max_age_secs: u64) -> anyhow::Result<KvStore> {
         if let Ok(kv) = js.get_key_value(BUCKET).await {
-            return Ok(KvStore { kv });
+            return Ok(KvStore { kv, turns: Default::default() });
         }
         let created = js
             .create_key_value(kv::Config {
@@ -67,12 +73,21 @@ impl KvStore {
             // another replica created it first
             Err(e) => js.get_key_value(BUCKET).await.map_err(|_| anyhow::anyhow!("KV bucket {BUCKET}: {e}"))?,
         };
-        Ok(KvStore { kv })
+        Ok(KvStore { kv, turns: Default::default() })
     }
 
     /// Checks `cost` against `rule` for `key`, atomically across replicas.
     pub async fn check(&self, alg: Algorithm, rule: Rule, key: &str, cost: u64) -> anyhow::Result<Decision> {
         let key = kv_key(key);
+        let turn = {
+            let mut turns = self.turns.lock().expect("rate-limit turns");
+            if turns.len() > 10_000 {
+                // drop the locks nobody holds or waits on
+                turns.retain(|_, m| Arc::strong_count(m) > 1);
+            }
+            turns.entry(key.clone()).or_default().clone()
+        };
+        let _turn = turn.lock().await;
         let give_up = tokio::time::Instant::now() + MAX_WAIT;
         let mut attempt: u64 = 0;
         while tokio::time::Instant::now() < give_up {
