@@ -5,6 +5,7 @@
 //! - [`openai`]: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`.
 //! - [`replies`]: the per-process inbox, demultiplexed by request id.
 //! - [`error`]: API errors and their one mapping to HTTP status.
+//! - [`admin`]: `/v1/admin/*` (role admin): config (redacted), queue depths.
 //! - [`auth`]: API keys, JWTs, roles and the tenant of a caller.
 //! - [`jwt`]: verifying HS256/RS256/ES256 tokens and their claims.
 //! - [`ratelimit`]: request and token limits, in process or shared via NATS KV.
@@ -12,6 +13,7 @@
 //! - [`guard`]: middleware: request ids; credential, role and rate limit per route class.
 //! - this file: shared state, health, metrics, the router and `serve`.
 
+pub mod admin;
 pub mod auth;
 pub mod batch;
 pub mod error;
@@ -109,6 +111,8 @@ pub struct Ingress {
     pub limits: ratelimit::Limiter,
     /// Batch records (KV `fleet_batches`).
     pub batches: async_nats::jetstream::kv::Store,
+    /// The configuration with secrets redacted (`/v1/admin/config`).
+    pub config_view: serde_json::Value,
 }
 
 /// Handle to the shared state.
@@ -131,6 +135,7 @@ impl Ingress {
             auth,
             limits,
             batches,
+            config_view: admin::redacted(config),
             client,
             cfg: config.ingress.clone(),
             models: config.models.keys().cloned().collect(),
@@ -158,8 +163,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(openai::models))
         .route("/v1/batches/{id}", get(batch::get))
         .route("/v1/batches/{id}/results", get(batch::get_results));
+    let admin =
+        Router::new().route("/v1/admin/config", get(admin::config)).route("/v1/admin/queues", get(admin::queues));
     Router::new()
         .merge(guarded(RouteClass::Submit, submit))
+        .merge(guarded(RouteClass::Admin, admin))
         .merge(guarded(RouteClass::Read, read))
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
