@@ -112,6 +112,11 @@ pub enum Command {
         #[command(subcommand)]
         action: DlqAction,
     },
+    /// Batches: submit a JSONL file, follow it, fetch its results.
+    Batch {
+        #[command(subcommand)]
+        action: BatchAction,
+    },
 }
 
 /// `dlq` actions. Filters are `key=value` (keys: model, priority, code, id,
@@ -148,6 +153,49 @@ pub enum DlqAction {
         #[arg(long)]
         dry_run: bool,
     },
+}
+
+/// `batch` actions (over HTTP, through the ingress).
+#[derive(Debug, Subcommand)]
+pub enum BatchAction {
+    /// Submit a JSONL file in OpenAI's batch shape; prints the batch.
+    Submit {
+        /// The JSONL file.
+        file: PathBuf,
+        /// Priority of its requests (default: low).
+        #[arg(long)]
+        priority: Option<Priority>,
+        /// Follow progress with a bar until every line has finished.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        to: IngressArgs,
+    },
+    /// Print a batch with its request counts.
+    Status {
+        /// Batch id.
+        id: String,
+        #[command(flatten)]
+        to: IngressArgs,
+    },
+    /// Print a batch's results as JSONL (finished lines, in input order).
+    Results {
+        /// Batch id.
+        id: String,
+        #[command(flatten)]
+        to: IngressArgs,
+    },
+}
+
+/// Which ingress, and the credential.
+#[derive(Debug, clap::Args)]
+pub struct IngressArgs {
+    /// Ingress base URL (default: http:// + ingress.listen).
+    #[arg(long)]
+    pub url: Option<String>,
+    /// API key or JWT.
+    #[arg(long, env = "FLEET_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
 }
 
 /// `model` actions.
@@ -334,5 +382,27 @@ pub fn model_tiny(out: &std::path::Path, layers: usize, hidden: usize) -> anyhow
     let sizes = retro_fleet_worker::tiny_model::Tiny { hidden, inter: hidden * 2, layers, ..Default::default() };
     retro_fleet_worker::tiny_model::write(out, &sizes).with_context(|| format!("writing {}", out.display()))?;
     println!("wrote a tiny Llama model to {} ({layers} layers, hidden {hidden})", out.display());
+    Ok(())
+}
+
+/// `retro-fleet batch ...`.
+pub async fn batch(config: &Config, action: BatchAction) -> anyhow::Result<()> {
+    let client = |to: &IngressArgs| {
+        let base = to.url.clone().unwrap_or_else(|| format!("http://{}", config.ingress.listen));
+        crate::batch_cli::Client::new(&base, to.api_key.clone())
+    };
+    match action {
+        BatchAction::Submit { file, priority, wait, to } => {
+            let c = client(&to);
+            let batch = c.submit(&file, priority.map(|p| p.as_str())).await?;
+            let id = batch["id"].as_str().context("the ingress answered without a batch id")?.to_string();
+            let batch = if wait { c.wait(&id).await? } else { batch };
+            println!("{}", serde_json::to_string_pretty(&batch)?);
+        }
+        BatchAction::Status { id, to } => {
+            println!("{}", serde_json::to_string_pretty(&client(&to).status(&id).await?)?)
+        }
+        BatchAction::Results { id, to } => print!("{}", client(&to).results(&id).await?),
+    }
     Ok(())
 }

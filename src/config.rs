@@ -182,6 +182,12 @@ pub struct IngressConfig {
     pub auth: crate::ingress::auth::AuthConfig,
     /// Rate limits per caller and route class.
     pub rate_limit: crate::ingress::ratelimit::RateLimitConfig,
+    /// Most lines in one batch (`POST /v1/batches`).
+    pub max_batch_lines: usize,
+    /// Largest batch body in bytes (413 beyond).
+    pub max_batch_bytes: usize,
+    /// Deadline of each batch request, in seconds from submission.
+    pub batch_timeout_secs: u64,
 }
 
 impl Default for IngressConfig {
@@ -194,6 +200,9 @@ impl Default for IngressConfig {
             retry_after_secs: 1,
             auth: Default::default(),
             rate_limit: Default::default(),
+            max_batch_lines: 50_000,
+            max_batch_bytes: 64 << 20,
+            batch_timeout_secs: 24 * 3600,
         }
     }
 }
@@ -222,7 +231,7 @@ impl Config {
         if let Ok(url) = std::env::var("NATS_URL") {
             fig = fig.merge(Serialized::default("nats.url", url));
         }
-        fig = fig.merge(Env::prefixed("FLEET_").split("__").ignore(&["config"]));
+        fig = fig.merge(Env::prefixed("FLEET_").split("__").ignore(&["config", "api_key"]));
         let mut config: Config = fig.merge(overrides).extract()?;
         if config.models.is_empty() {
             config.models = default_models();

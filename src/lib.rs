@@ -11,10 +11,12 @@
 //! - [`telemetry`]: logs and the per-process metrics registry.
 //! - [`scaler`]: lag-driven replica recommendations (`retro-fleet scaler`).
 //! - [`registry`]: reading the worker registry (`retro-fleet workers`).
+//! - [`batch_cli`]: `retro-fleet batch`: submit, follow and fetch batches over HTTP.
 //!
 //! Wire types live in the `retro-fleet-schemas` crate, the pull loop and
 //! backends in `retro-fleet-worker`.
 
+pub mod batch_cli;
 pub mod cache_cli;
 pub mod cli;
 pub mod config;

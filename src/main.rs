@@ -79,6 +79,7 @@ fn main() -> std::process::ExitCode {
                     retro_fleet::dlq::replay(&config, &filter, limit, keep, dry_run).await.map(|_| ())
                 }
             },
+            Command::Batch { action } => cli::batch(&config, action).await,
             Command::Config | Command::Model { .. } => unreachable!("handled above"),
         }
     });

@@ -133,6 +133,9 @@ pub async fn run(
         p90_ms: ms(0.9),
         p99_ms: ms(0.99),
         max_ms: h.max() as f64 / 1000.0,
+        tokens_per_s: 0.0,
+        ttft_p50_ms: None,
+        ttft_p99_ms: None,
     })
 }
 

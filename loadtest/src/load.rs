@@ -79,16 +79,30 @@ pub struct Report {
     pub p99_ms: f64,
     /// Slowest.
     pub max_ms: f64,
+    /// Generated tokens per second over the round (from results' usage).
+    pub tokens_per_s: f64,
+    /// Time to the first streamed token, median (streaming runs).
+    pub ttft_p50_ms: Option<f64>,
+    /// Time to the first streamed token, 99th percentile.
+    pub ttft_p99_ms: Option<f64>,
 }
 
 impl Report {
     /// One line for people.
     pub fn line(&self) -> String {
-        format!(
+        let mut extra = String::new();
+        if self.tokens_per_s > 0.0 {
+            extra.push_str(&format!(" | {:.0} tokens/s", self.tokens_per_s));
+        }
+        if let (Some(a), Some(b)) = (self.ttft_p50_ms, self.ttft_p99_ms) {
+            extra.push_str(&format!(" | first token p50 {a:.3} ms p99 {b:.3} ms"));
+        }
+        let base = format!(
             "{:<6} sent {} answered {} lost {} dup {} | {:>8.0} req/s | p50 {:.3} ms p90 {:.3} ms p99 {:.3} ms max {:.3} ms | cache hits {:.1} %",
             self.target, self.sent, self.answered, self.lost, self.duplicates, self.throughput, self.p50_ms, self.p90_ms, self.p99_ms, self.max_ms,
             100.0 * self.cache_hits as f64 / self.answered.max(1) as f64
-        )
+        );
+        base + &extra
     }
 }
 
@@ -123,6 +137,9 @@ pub async fn run(
     let answered = Arc::new(AtomicUsize::new(0));
     let duplicates = Arc::new(AtomicUsize::new(0));
     let hits = Arc::new(AtomicUsize::new(0));
+    let tokens = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let ttft = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?));
+    let first_chunk: Arc<Vec<std::sync::atomic::AtomicBool>> = Arc::new((0..n).map(|_| Default::default()).collect());
     let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?));
 
     let mut receiver = {
@@ -135,14 +152,20 @@ pub async fn run(
             hist.clone(),
             hits.clone(),
         );
+        let (tokens, ttft, first_chunk) = (tokens.clone(), ttft.clone(), first_chunk.clone());
         tokio::spawn(async move {
             while let Some(msg) = sub.next().await {
                 let kind = msg.headers.as_ref().and_then(|h| h.get(headers::KIND)).map(|k| k.as_str().to_string());
-                if kind.as_deref() == Some(headers::KIND_CHUNK) {
-                    continue;
-                }
                 let Some(i) = msg.subject.rsplit('.').next().and_then(|s| s.parse::<usize>().ok()) else { continue };
                 if i >= flags.len() {
+                    continue;
+                }
+                if kind.as_deref() == Some(headers::KIND_CHUNK) {
+                    if !first_chunk[i].swap(true, Ordering::AcqRel) {
+                        if let Some(t) = *sent_at[i].lock().unwrap() {
+                            let _ = ttft.lock().unwrap().record(t.elapsed().as_micros().max(1) as u64);
+                        }
+                    }
                     continue;
                 }
                 if flags[i].swap(true, Ordering::AcqRel) {
@@ -156,8 +179,12 @@ pub async fn run(
                 if closed_loop {
                     window.add_permits(1);
                 }
-                if codec::decode::<InferResult>(None, &msg.payload).is_ok_and(|r| r.cache != CacheTier::None) {
-                    hits.fetch_add(1, Ordering::Relaxed);
+                if let Ok(r) = codec::decode::<InferResult>(None, &msg.payload) {
+                    if r.cache != CacheTier::None {
+                        hits.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let generated = r.usage.map_or(0, |u| u.completion_tokens as u64);
+                    tokens.fetch_add(generated, Ordering::Relaxed);
                 }
                 if answered.fetch_add(1, Ordering::AcqRel) + 1 == flags.len() {
                     return;
@@ -187,7 +214,7 @@ pub async fn run(
             adapter: None,
             input: Input::Completion { prompt: workload.prompt(&run_id, i) },
             params: params.clone(),
-            stream: false,
+            stream: workload.stream,
             cache: Default::default(),
             tenant: None,
             metadata: Default::default(),
@@ -223,5 +250,13 @@ pub async fn run(
         p90_ms: ms(0.9),
         p99_ms: ms(0.99),
         max_ms: h.max() as f64 / 1000.0,
+        tokens_per_s: tokens.load(Ordering::Relaxed) as f64 / elapsed,
+        ttft_p50_ms: ttft_ms(&ttft, 0.5),
+        ttft_p99_ms: ttft_ms(&ttft, 0.99),
     })
+}
+
+fn ttft_ms(h: &Mutex<Histogram<u64>>, q: f64) -> Option<f64> {
+    let h = h.lock().unwrap();
+    (!h.is_empty()).then(|| h.value_at_quantile(q) as f64 / 1000.0)
 }

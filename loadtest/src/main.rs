@@ -11,6 +11,7 @@
 //! (`POST /v1/infer`), alternating rounds between them; the first is the
 //! reference the others are compared with.
 
+mod direct;
 mod floor;
 mod http;
 mod load;
@@ -52,6 +53,17 @@ struct Args {
     /// Number of popular prompts that --repeat draws from.
     #[arg(long, default_value_t = 100)]
     distinct: usize,
+    /// `max_tokens` of every request (default: the model's).
+    #[arg(long)]
+    max_tokens: Option<u32>,
+    /// Ask for streamed tokens and report the time to the first one.
+    #[arg(long)]
+    stream: bool,
+    /// Also call the mistral.rs model in this directory directly in-process
+    /// (no fleet) with the same requests and window, in alternating rounds,
+    /// and print fleet/direct in tokens per second.
+    #[arg(long, value_name = "MODEL_DIR")]
+    direct: Option<std::path::PathBuf>,
     /// Model(s) to call, comma-separated (each served by a running worker);
     /// several are measured in alternating rounds and compared with the first.
     #[arg(long, default_value = "echo", value_delimiter = ',')]
@@ -94,6 +106,8 @@ async fn main() -> anyhow::Result<()> {
         greedy: args.greedy,
         repeat: args.repeat.clamp(0.0, 1.0),
         distinct: args.distinct.max(1),
+        max_tokens: args.max_tokens,
+        stream: args.stream,
     };
     if !args.http.is_empty() {
         return http_main(&args, &workload).await;
@@ -125,15 +139,27 @@ async fn main() -> anyhow::Result<()> {
     };
     let wait = Duration::from_secs(args.timeout);
     let warmup = (args.requests / 10).clamp(100, 2_000);
+    let direct_model = match &args.direct {
+        Some(dir) => Some(direct::load(dir).await?),
+        None => None,
+    };
     for t in &targets {
         load::run(&client, t, warmup, mode, &workload, wait).await?;
     }
-    let mut reports: Vec<Vec<Report>> = vec![Vec::new(); targets.len()];
+    if let Some(m) = &direct_model {
+        direct::run(m, warmup, args.window, &workload).await?;
+    }
+    let mut reports: Vec<Vec<Report>> = vec![Vec::new(); targets.len() + direct_model.is_some() as usize];
     for round in 0..args.rounds.max(1) {
         for (i, t) in targets.iter().enumerate() {
             let r = load::run(&client, t, args.requests, mode, &workload, wait).await?;
             eprintln!("round {}: {}", round + 1, r.line());
             reports[i].push(r);
+        }
+        if let Some(m) = &direct_model {
+            let r = direct::run(m, args.requests, args.window, &workload).await?;
+            eprintln!("round {}: {}", round + 1, r.line());
+            reports[targets.len()].push(r);
         }
     }
     if let Some(w) = floor_worker {
@@ -144,9 +170,13 @@ async fn main() -> anyhow::Result<()> {
     for r in &medians {
         println!("{}", r.line());
     }
-    // each target against the floor when measured, else against the first
-    let reference = if floor_measured { medians.len() - 1 } else { 0 };
-    for (i, r) in medians.iter().enumerate().filter(|(i, _)| *i != reference) {
+    if direct_model.is_some() {
+        let (fleet, direct) = (&medians[0], &medians[medians.len() - 1]);
+        println!("fleet/direct: {:.2}", fleet.tokens_per_s / direct.tokens_per_s.max(f64::MIN_POSITIVE));
+    }
+    // each NATS target against the floor when measured, else against the first
+    let reference = targets.iter().position(|t| t.name == "floor").unwrap_or(0);
+    for (i, r) in medians.iter().enumerate().take(targets.len()).filter(|(i, _)| *i != reference) {
         let base = &medians[reference];
         println!("{}/{}: {:.2}", r.target, base.target, r.throughput / base.throughput);
         println!("p50 added by {} over {}: {:.3} ms", r.target, base.target, r.p50_ms - base.p50_ms);

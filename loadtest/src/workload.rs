@@ -18,6 +18,10 @@ pub struct Workload {
     pub repeat: f64,
     /// Number of popular prompts.
     pub distinct: usize,
+    /// `max_tokens` of every request (None: the model's default).
+    pub max_tokens: Option<u32>,
+    /// Ask for streamed tokens (time to first token is measured).
+    pub stream: bool,
 }
 
 fn mix(mut x: u64) -> u64 {
@@ -47,7 +51,7 @@ impl Workload {
 
     /// Sampling parameters of every request.
     pub fn params(&self) -> SamplingParams {
-        SamplingParams { temperature: self.greedy.then_some(0.0), ..Default::default() }
+        SamplingParams { temperature: self.greedy.then_some(0.0), max_tokens: self.max_tokens, ..Default::default() }
     }
 
     /// Whether request `i` asks a popular (repeated) prompt.
@@ -63,7 +67,7 @@ mod tests {
 
     #[test]
     fn the_mix_has_the_asked_share_of_repeats() {
-        let w = Workload { prompt_bytes: 64, greedy: true, repeat: 0.7, distinct: 50 };
+        let w = Workload { prompt_bytes: 64, greedy: true, repeat: 0.7, distinct: 50, max_tokens: None, stream: false };
         let n = 20_000;
         let repeats = (0..n).filter(|i| w.repeats(*i)).count() as f64 / n as f64;
         assert!((repeats - 0.7).abs() < 0.02, "{repeats}");

@@ -5,13 +5,17 @@
 //! - [`openai`]: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`.
 //! - [`replies`]: the per-process inbox, demultiplexed by request id.
 //! - [`error`]: API errors and their one mapping to HTTP status.
+//! - [`admin`]: `/v1/admin/*` (role admin): config (redacted), queue depths.
 //! - [`auth`]: API keys, JWTs, roles and the tenant of a caller.
 //! - [`jwt`]: verifying HS256/RS256/ES256 tokens and their claims.
 //! - [`ratelimit`]: request and token limits, in process or shared via NATS KV.
+//! - [`batch`]: `POST /v1/batches` (JSONL), progress and results; KV `fleet_batches`.
 //! - [`guard`]: middleware: request ids; credential, role and rate limit per route class.
 //! - this file: shared state, health, metrics, the router and `serve`.
 
+pub mod admin;
 pub mod auth;
+pub mod batch;
 pub mod error;
 pub mod guard;
 pub mod jwt;
@@ -105,6 +109,10 @@ pub struct Ingress {
     pub auth: auth::Authenticator,
     /// Rate limits.
     pub limits: ratelimit::Limiter,
+    /// Batch records (KV `fleet_batches`).
+    pub batches: async_nats::jetstream::kv::Store,
+    /// The configuration with secrets redacted (`/v1/admin/config`).
+    pub config_view: serde_json::Value,
 }
 
 /// Handle to the shared state.
@@ -120,11 +128,14 @@ impl Ingress {
         }
         let js = jetstream::new(client.clone());
         let limits = ratelimit::Limiter::new(config.ingress.rate_limit.clone(), &js).await?;
+        let batches = batch::open_bucket(&js, config.topology.results_max_age_secs).await?;
         let replies = Replies::start(&client, metrics.unclaimed.clone()).await?;
         Ok(Arc::new(Ingress {
             js,
             auth,
             limits,
+            batches,
+            config_view: admin::redacted(config),
             client,
             cfg: config.ingress.clone(),
             models: config.models.keys().cloned().collect(),
@@ -145,11 +156,18 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/infer", post(native::infer))
         .route("/v1/infer/async", post(native::infer_async))
         .route("/v1/chat/completions", post(openai::chat_completions))
-        .route("/v1/completions", post(openai::completions));
-    let read =
-        Router::new().route("/v1/results/{id}", get(native::get_result)).route("/v1/models", get(openai::models));
+        .route("/v1/completions", post(openai::completions))
+        .route("/v1/batches", post(batch::create).layer(DefaultBodyLimit::max(state.cfg.max_batch_bytes)));
+    let read = Router::new()
+        .route("/v1/results/{id}", get(native::get_result))
+        .route("/v1/models", get(openai::models))
+        .route("/v1/batches/{id}", get(batch::get))
+        .route("/v1/batches/{id}/results", get(batch::get_results));
+    let admin =
+        Router::new().route("/v1/admin/config", get(admin::config)).route("/v1/admin/queues", get(admin::queues));
     Router::new()
         .merge(guarded(RouteClass::Submit, submit))
+        .merge(guarded(RouteClass::Admin, admin))
         .merge(guarded(RouteClass::Read, read))
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))

@@ -255,10 +255,15 @@ async fn charge_tokens(state: &AppState, p: &Prepared) -> Result<(), ApiError> {
     }
 }
 
-/// Publishes to the priority stream and waits for JetStream to store it.
-/// A full queue is 503 with `Retry-After`.
+/// Charges the caller's token limit, then [`send`]s.
 async fn publish(state: &AppState, p: &Prepared, reply: Option<&str>) -> Result<(), ApiError> {
     charge_tokens(state, p).await?;
+    send(state, p, reply).await
+}
+
+/// Publishes to the priority stream and waits for JetStream to store it.
+/// A full queue is 503 with `Retry-After`.
+pub async fn send(state: &AppState, p: &Prepared, reply: Option<&str>) -> Result<(), ApiError> {
     let id = &p.req.id;
     let mut h = HeaderMap::new();
     h.insert(headers::MSG_ID, id.as_str());

@@ -126,8 +126,10 @@ fn now() -> u64 {
 
 /// Which OpenAI object family a call belongs to.
 #[derive(Clone, Copy)]
-enum Kind {
+pub enum Kind {
+    /// `chat.completion`.
     Chat,
+    /// `text_completion`.
     Completion,
 }
 
@@ -168,6 +170,47 @@ fn draft(common: Common, input: Input) -> Result<(Draft, bool), ApiError> {
     Ok((draft, include_usage))
 }
 
+/// Reads a chat completion body (also a line of a batch).
+pub fn chat_draft(body: &[u8]) -> Result<(Draft, bool), ApiError> {
+    parse_json::<ChatRequest>(body).and_then(|r| {
+        let mut messages = Vec::with_capacity(r.messages.len());
+        for m in r.messages {
+            let content = match m.content {
+                None => String::new(),
+                Some(Content::Text(t)) => t,
+                Some(Content::Parts(parts)) => {
+                    if let Some(p) = parts.iter().find(|p| p.kind != "text") {
+                        return Err(ApiError::new(
+                            ErrorCode::InvalidRequest,
+                            format!("content part type `{}` is not supported; send text", p.kind),
+                        ));
+                    }
+                    parts.into_iter().filter_map(|p| p.text).collect::<Vec<_>>().join("")
+                }
+            };
+            messages.push(ChatMessage { role: m.role, content });
+        }
+        draft(r.common, Input::Chat { messages })
+    })
+}
+
+/// Reads a completion body (also a line of a batch).
+pub fn completion_draft(body: &[u8]) -> Result<(Draft, bool), ApiError> {
+    parse_json::<CompletionRequest>(body).and_then(|r| {
+        let prompt = match r.prompt {
+            PromptField::One(p) => p,
+            PromptField::Many(mut v) if v.len() == 1 => v.remove(0),
+            PromptField::Many(_) => {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidRequest,
+                    "send one prompt per request (`prompt` as a string)",
+                ))
+            }
+        };
+        draft(r.common, Input::Completion { prompt })
+    })
+}
+
 /// `POST /v1/chat/completions`.
 pub async fn chat_completions(
     State(state): State<AppState>,
@@ -175,27 +218,7 @@ pub async fn chat_completions(
     h: HttpHeaders,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let parsed =
-        body.map_err(ApiError::from_body_rejection).and_then(|b| parse_json::<ChatRequest>(&b)).and_then(|r| {
-            let mut messages = Vec::with_capacity(r.messages.len());
-            for m in r.messages {
-                let content = match m.content {
-                    None => String::new(),
-                    Some(Content::Text(t)) => t,
-                    Some(Content::Parts(parts)) => {
-                        if let Some(p) = parts.iter().find(|p| p.kind != "text") {
-                            return Err(ApiError::new(
-                                ErrorCode::InvalidRequest,
-                                format!("content part type `{}` is not supported; send text", p.kind),
-                            ));
-                        }
-                        parts.into_iter().filter_map(|p| p.text).collect::<Vec<_>>().join("")
-                    }
-                };
-                messages.push(ChatMessage { role: m.role, content });
-            }
-            draft(r.common, Input::Chat { messages })
-        });
+    let parsed = body.map_err(ApiError::from_body_rejection).and_then(|b| chat_draft(&b));
     respond(state, h, who, parsed, Kind::Chat).await
 }
 
@@ -206,20 +229,7 @@ pub async fn completions(
     h: HttpHeaders,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let parsed =
-        body.map_err(ApiError::from_body_rejection).and_then(|b| parse_json::<CompletionRequest>(&b)).and_then(|r| {
-            let prompt = match r.prompt {
-                PromptField::One(p) => p,
-                PromptField::Many(mut v) if v.len() == 1 => v.remove(0),
-                PromptField::Many(_) => {
-                    return Err(ApiError::new(
-                        ErrorCode::InvalidRequest,
-                        "send one prompt per request (`prompt` as a string)",
-                    ))
-                }
-            };
-            draft(r.common, Input::Completion { prompt })
-        });
+    let parsed = body.map_err(ApiError::from_body_rejection).and_then(|b| completion_draft(&b));
     respond(state, h, who, parsed, Kind::Completion).await
 }
 
@@ -263,7 +273,7 @@ fn usage(r: &InferResult) -> Value {
 }
 
 /// The non-streaming response object.
-fn object(kind: Kind, r: &InferResult) -> Value {
+pub fn object(kind: Kind, r: &InferResult) -> Value {
     let (text, finish) = r.output.as_ref().map(|o| (o.text.as_str(), o.finish_reason.as_str())).unwrap_or(("", "stop"));
     match kind {
         Kind::Chat => json!({

@@ -8,7 +8,13 @@
 //! algorithms derive the same state from the old counter and a later time.
 //! Entries expire once they would be full again, so idle callers cost no
 //! space.
+//!
+//! One counter takes one write per NATS round trip: a single caller with
+//! many requests in flight gets a few thousand checks per second; beyond
+//! that, checks retry for up to half a second and are then refused (429).
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, UpdateErrorKind};
@@ -20,12 +26,16 @@ use super::algo::{self, Algorithm, Counter, Decision, Rule};
 /// The bucket's name (part of the NATS topology).
 pub const BUCKET: &str = "fleet_ratelimit";
 
-/// Reads and writes before a check under contention gives up and refuses.
-const MAX_ATTEMPTS: u32 = 64;
+/// How long a check under contention keeps retrying before it refuses.
+const MAX_WAIT: Duration = Duration::from_millis(500);
 
 /// Counters in NATS KV.
 pub struct KvStore {
     kv: kv::Store,
+    /// One check per counter at a time from this process: concurrent
+    /// requests of one caller queue here instead of racing each other's
+    /// compare-and-swap (only other replicas can then win a race).
+    turns: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 fn unix_ms() -> u64 {
@@ -46,7 +56,7 @@ impl KvStore {
     /// after their last write: long enough for any counter to be full again.
     pub async fn open(js: &async_nats::jetstream::Context, max_age_secs: u64) -> anyhow::Result<KvStore> {
         if let Ok(kv) = js.get_key_value(BUCKET).await {
-            return Ok(KvStore { kv });
+            return Ok(KvStore { kv, turns: Default::default() });
         }
         let created = js
             .create_key_value(kv::Config {
@@ -63,13 +73,25 @@ impl KvStore {
             // another replica created it first
             Err(e) => js.get_key_value(BUCKET).await.map_err(|_| anyhow::anyhow!("KV bucket {BUCKET}: {e}"))?,
         };
-        Ok(KvStore { kv })
+        Ok(KvStore { kv, turns: Default::default() })
     }
 
     /// Checks `cost` against `rule` for `key`, atomically across replicas.
     pub async fn check(&self, alg: Algorithm, rule: Rule, key: &str, cost: u64) -> anyhow::Result<Decision> {
         let key = kv_key(key);
-        for attempt in 0..MAX_ATTEMPTS {
+        let turn = {
+            let mut turns = self.turns.lock().expect("rate-limit turns");
+            if turns.len() > 10_000 {
+                // drop the locks nobody holds or waits on
+                turns.retain(|_, m| Arc::strong_count(m) > 1);
+            }
+            turns.entry(key.clone()).or_default().clone()
+        };
+        let _turn = turn.lock().await;
+        let give_up = tokio::time::Instant::now() + MAX_WAIT;
+        let mut attempt: u64 = 0;
+        while tokio::time::Instant::now() < give_up {
+            attempt += 1;
             let entry = self.kv.entry(key.as_str()).await?;
             let (state, revision) = match entry {
                 Some(e) if e.operation == Operation::Put => {
@@ -100,7 +122,7 @@ impl KvStore {
             // another replica wrote first: back off a little, by a varying amount
             let jitter =
                 (SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0) % 500) as u64;
-            tokio::time::sleep(Duration::from_micros(jitter * (attempt as u64 + 1).min(8))).await;
+            tokio::time::sleep(Duration::from_micros(jitter * attempt.min(16))).await;
         }
         // Could not get a turn: refuse rather than let an unbounded crowd through.
         Ok(Decision { allowed: false, limit: rule.capacity(alg), remaining: 0, reset_ms: 1000, retry_after_ms: 1000 })

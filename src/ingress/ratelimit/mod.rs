@@ -186,9 +186,18 @@ impl LocalStore {
             // anything untouched for two windows is full (or empty) again
             map.retain(|_, c| c.t + 2 * rule.window_ms > now);
         }
-        let (counter, decision) = algo::check(alg, rule, map.get(key).copied(), now, cost);
-        map.insert(key.to_string(), counter);
-        decision
+        match map.get_mut(key) {
+            Some(c) => {
+                let (counter, decision) = algo::check(alg, rule, Some(*c), now, cost);
+                *c = counter;
+                decision
+            }
+            None => {
+                let (counter, decision) = algo::check(alg, rule, None, now, cost);
+                map.insert(key.to_string(), counter);
+                decision
+            }
+        }
     }
 }
 

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Model throughput through the fleet vs. mistral.rs called directly
+# in-process, in one run: the tiny demo model, 32-token greedy completions of
+# fresh prompts (so no cache can help), 64 in flight. One worker (cache off)
+# serves the model over NATS; loadtest alternates rounds between the fleet
+# and the same model loaded in its own process (--direct), then repeats with
+# streaming for the time to first token.
+#
+# Usage: scripts/bench-model.sh            (release build)
+#        PROFILE=debug scripts/bench-model.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PROFILE="${PROFILE:-release}"
+if [ "$PROFILE" = release ]; then
+    cargo build --release --workspace --bins >&2
+else
+    cargo build --workspace --bins >&2
+fi
+BIN="${CARGO_TARGET_DIR:-target}/$PROFILE"
+PORT="${BENCH_NATS_PORT:-4336}"
+WORKDIR="$(mktemp -d)"
+cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORKDIR"; }
+trap cleanup EXIT
+export NATS_URL="nats://127.0.0.1:$PORT"
+"$BIN/retro-fleet" model tiny --out "$WORKDIR/tiny" >/dev/null
+cat > "$WORKDIR/bench.toml" <<TOML
+metrics_listen = "127.0.0.1:0"
+data_dir = "$WORKDIR/data"
+[log]
+level = "warn"
+[worker]
+max_inflight = 256
+batch_size = 128
+[worker.cache]
+enabled = false
+[models.tiny]
+backend = "mistralrs"
+path = "$WORKDIR/tiny"
+max_num_seqs = 256
+TOML
+echo "# $(date -u +%F) $(nproc) cores, $(nats-server --version), $PROFILE build"
+nats-server -js -a 127.0.0.1 -p "$PORT" -sd "$WORKDIR/store" >/dev/null 2>&1 &
+sleep 0.5
+"$BIN/retro-fleet" --config "$WORKDIR/bench.toml" topology apply >/dev/null
+"$BIN/retro-fleet" --config "$WORKDIR/bench.toml" worker >"$WORKDIR/worker.log" 2>&1 &
+sleep 2
+echo "### tiny model, 32 tokens, greedy, window 64, 640 requests x 3 rounds: fleet vs direct"
+"$BIN/loadtest" --model tiny --greedy --max-tokens 32 --window 64 --requests 640 --rounds 3 --direct "$WORKDIR/tiny"
+echo "### the same, streaming (time to first token)"
+"$BIN/loadtest" --model tiny --greedy --max-tokens 32 --window 64 --requests 640 --rounds 3 --direct "$WORKDIR/tiny" --stream

@@ -1,0 +1,87 @@
+//! `retro-fleet batch`: submit a JSONL batch to an ingress, follow its
+//! progress, fetch its results. Talks HTTP, so the ingress's
+//! authentication and tenants apply (`--api-key` or `FLEET_API_KEY`).
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use serde_json::Value;
+
+/// An ingress to talk to.
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    key: Option<String>,
+}
+
+impl Client {
+    /// `base` like `http://127.0.0.1:8080`.
+    pub fn new(base: &str, key: Option<String>) -> Client {
+        Client { http: reqwest::Client::new(), base: base.trim_end_matches('/').to_string(), key }
+    }
+
+    fn req(&self, r: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.key {
+            Some(k) => r.bearer_auth(k),
+            None => r,
+        }
+    }
+
+    async fn answer(r: reqwest::Response) -> anyhow::Result<reqwest::Response> {
+        if r.status().is_success() {
+            return Ok(r);
+        }
+        let status = r.status();
+        let body: Value = r.json().await.unwrap_or_default();
+        let msg = body["error"]["message"].as_str().unwrap_or("no error message");
+        let param = body["error"]["param"].as_str().map(|p| format!(" ({p})")).unwrap_or_default();
+        anyhow::bail!("the ingress answered {status}: {msg}{param}")
+    }
+
+    /// The batch object of `id`.
+    pub async fn status(&self, id: &str) -> anyhow::Result<Value> {
+        let r = self.req(self.http.get(format!("{}/v1/batches/{id}", self.base))).send().await?;
+        Ok(Self::answer(r).await?.json().await?)
+    }
+
+    /// Submits the JSONL file; returns the batch object.
+    pub async fn submit(&self, file: &Path, priority: Option<&str>) -> anyhow::Result<Value> {
+        let body = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+        let mut url = format!("{}/v1/batches", self.base);
+        if let Some(p) = priority {
+            url.push_str(&format!("?priority={p}"));
+        }
+        let r = self.req(self.http.post(url).header("content-type", "application/jsonl").body(body)).send().await?;
+        Ok(Self::answer(r).await?.json().await?)
+    }
+
+    /// The results file of `id` (JSONL).
+    pub async fn results(&self, id: &str) -> anyhow::Result<String> {
+        let r = self.req(self.http.get(format!("{}/v1/batches/{id}/results", self.base))).send().await?;
+        Ok(Self::answer(r).await?.text().await?)
+    }
+
+    /// Polls `id` until every line has finished, drawing a progress bar.
+    pub async fn wait(&self, id: &str) -> anyhow::Result<Value> {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {msg} [{bar:40}] {pos}/{len} ({per_sec}, eta {eta})")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        bar.set_message(id.to_string());
+        loop {
+            let v = self.status(id).await?;
+            let counts = &v["request_counts"];
+            let n = |k: &str| counts[k].as_u64().unwrap_or(0);
+            bar.set_length(n("total"));
+            bar.set_position(n("completed") + n("failed"));
+            if v["status"] == "completed" {
+                bar.finish();
+                return Ok(v);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}

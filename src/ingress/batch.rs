@@ -1,0 +1,382 @@
+//! The batch API for batch producers.
+//!
+//! - `POST /v1/batches` (role `submit`): a JSONL body in OpenAI's batch-file
+//!   shape, one `{"custom_id", "method": "POST", "url", "body"}` per line, all
+//!   lines for one endpoint (`/v1/chat/completions` or `/v1/completions`).
+//!   Every line is checked before anything is published (422 naming the line
+//!   and field); then each becomes a request `<batch id>-<line>` at the
+//!   priority of `?priority=` or `X-Priority` (default `low`), with a deadline
+//!   of `batch_timeout_secs`. Token limits do not apply to batch lines: the
+//!   low-priority queue and its backpressure pace them.
+//! - `GET /v1/batches/{id}` (role `read`): the batch with its request
+//!   counts, counted from the results stored in `FLEET_RESULTS`.
+//! - `GET /v1/batches/{id}/results`: one JSONL line per finished request, in
+//!   input order, in OpenAI's batch-output shape.
+//!
+//! The batch record and its custom ids live in the KV bucket
+//! `fleet_batches` under `<tenant>.<batch id>`: another tenant's batch is a
+//! 404, like an unknown one.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Extension, Path, Query, State};
+use axum::http::{HeaderMap as HttpHeaders, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::StreamExt;
+use retro_fleet_schemas::{codec, headers, subjects, ErrorCode, InferResult, Priority, Status};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::auth::Principal;
+use super::error::{parse_json, status_of, ApiError};
+use super::native::{draft_into_prepared, send, Prepared};
+use super::openai::{chat_draft, completion_draft, object, Kind};
+use super::AppState;
+
+/// The bucket's name (part of the NATS topology).
+pub const BUCKET: &str = "fleet_batches";
+
+/// Custom ids per KV entry.
+const CHUNK: usize = 1000;
+/// Longest custom id.
+const MAX_CUSTOM_ID: usize = 256;
+
+/// Opens `fleet_batches`, creating it when missing; entries live as long as results.
+pub async fn open_bucket(js: &async_nats::jetstream::Context, max_age_secs: u64) -> anyhow::Result<kv::Store> {
+    if let Ok(kv) = js.get_key_value(BUCKET).await {
+        return Ok(kv);
+    }
+    let created = js
+        .create_key_value(kv::Config {
+            bucket: BUCKET.to_string(),
+            description: "retro-fleet batches: records and custom ids".into(),
+            history: 1,
+            max_age: Duration::from_secs(max_age_secs.max(1)),
+            ..Default::default()
+        })
+        .await;
+    match created {
+        Ok(kv) => Ok(kv),
+        Err(e) => js.get_key_value(BUCKET).await.map_err(|_| anyhow::anyhow!("KV bucket {BUCKET}: {e}")),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Line {
+    custom_id: String,
+    method: String,
+    url: String,
+    body: Value,
+}
+
+/// A batch as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Record {
+    /// `batch_<ULID>`.
+    pub id: String,
+    /// The endpoint of every line.
+    pub endpoint: String,
+    /// Owner.
+    pub tenant: String,
+    /// Priority its requests were published at.
+    pub priority: Priority,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// Lines.
+    pub total: usize,
+    /// Lines whose publish the queue refused (they never run).
+    #[serde(default)]
+    pub rejected: Vec<usize>,
+}
+
+/// `?priority=` of `POST /v1/batches`.
+#[derive(Debug, Deserialize)]
+pub struct CreateQuery {
+    /// `high`, `normal` or `low` (default).
+    #[serde(default)]
+    pub priority: Option<Priority>,
+}
+
+fn kind_of(url: &str) -> Option<Kind> {
+    match url {
+        "/v1/chat/completions" => Some(Kind::Chat),
+        "/v1/completions" => Some(Kind::Completion),
+        _ => None,
+    }
+}
+
+/// Prefixes the error's field path with the line.
+fn at_line(i: usize, field: &str, e: ApiError) -> ApiError {
+    let path = match &e.param {
+        Some(p) => format!("lines[{i}].{field}.{p}"),
+        None => format!("lines[{i}].{field}"),
+    };
+    let message = format!("line {}: {}", i + 1, e.message);
+    ApiError { message, ..e }.param(path)
+}
+
+fn now_secs() -> u64 {
+    retro_fleet_worker::unix_ms() / 1000
+}
+
+fn record_key(tenant: &str, id: &str) -> String {
+    format!("{tenant}.{id}")
+}
+
+/// Checks every line and turns them into requests.
+fn prepare(
+    state: &AppState,
+    h: &HttpHeaders,
+    who: &Principal,
+    batch: &str,
+    priority: Priority,
+    body: &[u8],
+) -> Result<(String, Vec<String>, Vec<Prepared>), ApiError> {
+    let text = std::str::from_utf8(body)
+        .map_err(|_| ApiError::new(ErrorCode::DecodeError, "a batch is JSONL text in UTF-8"))?;
+    let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    if lines.is_empty() {
+        return Err(ApiError::new(ErrorCode::InvalidRequest, "the batch has no lines").param("lines"));
+    }
+    if lines.len() > state.cfg.max_batch_lines {
+        return Err(ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!("the batch has {} lines; the limit is {}", lines.len(), state.cfg.max_batch_lines),
+        )
+        .param("lines"));
+    }
+    let mut endpoint: Option<String> = None;
+    let mut seen = HashSet::new();
+    let mut ids = Vec::with_capacity(lines.len());
+    let mut prepared = Vec::with_capacity(lines.len());
+    let timeout = Duration::from_secs(state.cfg.batch_timeout_secs);
+    for (i, raw) in lines.iter().enumerate() {
+        let line: Line = parse_json(raw.as_bytes()).map_err(|e| at_line(i, "", e))?;
+        let fail = |field: &str, msg: String| at_line(i, field, ApiError::new(ErrorCode::InvalidRequest, msg));
+        if line.method != "POST" {
+            return Err(fail("method", "`method` must be POST".into()));
+        }
+        let Some(kind) = kind_of(&line.url) else {
+            return Err(fail(
+                "url",
+                format!("`{}` is not a batch endpoint: /v1/chat/completions or /v1/completions", line.url),
+            ));
+        };
+        match &endpoint {
+            None => endpoint = Some(line.url.clone()),
+            Some(e) if *e != line.url => return Err(fail("url", format!("every line must use `{e}`"))),
+            _ => {}
+        }
+        if line.custom_id.is_empty() || line.custom_id.len() > MAX_CUSTOM_ID {
+            return Err(fail("custom_id", format!("`custom_id` must be 1-{MAX_CUSTOM_ID} bytes")));
+        }
+        if !seen.insert(line.custom_id.clone()) {
+            return Err(fail("custom_id", format!("`custom_id` {} appears twice", line.custom_id)));
+        }
+        let body = serde_json::to_vec(&line.body).expect("a JSON value serialises");
+        let (mut draft, _) = match kind {
+            Kind::Chat => chat_draft(&body),
+            Kind::Completion => completion_draft(&body),
+        }
+        .map_err(|e| at_line(i, "body", e))?;
+        if draft.stream {
+            return Err(fail("body.stream", "batch lines cannot stream".into()));
+        }
+        draft.id = Some(format!("{batch}-{i}"));
+        draft.priority = Some(priority);
+        let mut p = draft_into_prepared(state, h, who, draft).map_err(|e| at_line(i, "body", e))?;
+        p.timeout = timeout;
+        ids.push(line.custom_id);
+        prepared.push(p);
+    }
+    Ok((endpoint.expect("at least one line"), ids, prepared))
+}
+
+/// `POST /v1/batches`.
+pub async fn create(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Query(q): Query<CreateQuery>,
+    h: HttpHeaders,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => return ApiError::from_body_rejection(e).into_response(),
+    };
+    let id = format!("batch_{}", ulid::Ulid::new());
+    let priority = q.priority.unwrap_or(Priority::Low);
+    let (endpoint, custom_ids, prepared) = match prepare(&state, &h, &who, &id, priority, &body) {
+        Ok(x) => x,
+        Err(e) => return e.into_response(),
+    };
+    let priority = prepared[0].priority;
+    let key = record_key(&who.tenant, &id);
+    for (k, chunk) in custom_ids.chunks(CHUNK).enumerate() {
+        let value = Bytes::from(serde_json::to_vec(chunk).expect("ids serialise"));
+        if let Err(e) = state.batches.put(format!("{key}.ids.{k}"), value).await {
+            return ApiError::new(ErrorCode::Internal, format!("storing the batch failed: {e}")).into_response();
+        }
+    }
+    let mut record = Record {
+        id: id.clone(),
+        endpoint,
+        tenant: who.tenant.clone(),
+        priority,
+        created_at: now_secs(),
+        total: prepared.len(),
+        rejected: Vec::new(),
+    };
+    let prepared = std::sync::Arc::new(prepared);
+    let outcomes: Vec<(usize, bool)> = futures::stream::iter(0..prepared.len())
+        .map(|i| {
+            let (state, prepared) = (state.clone(), prepared.clone());
+            async move { (i, send(&state, &prepared[i], None).await.is_ok()) }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    record.rejected = outcomes.iter().filter(|(_, ok)| !ok).map(|(i, _)| *i).collect();
+    record.rejected.sort_unstable();
+    let value = Bytes::from(serde_json::to_vec(&record).expect("record serialises"));
+    if let Err(e) = state.batches.put(&key, value).await {
+        return ApiError::new(ErrorCode::Internal, format!("storing the batch failed: {e}")).into_response();
+    }
+    tracing::info!(batch = %id, tenant = %who.tenant, lines = record.total, rejected = record.rejected.len(), "batch submitted");
+    if !record.rejected.is_empty() {
+        let n = record.rejected.len();
+        return ApiError::new(
+            ErrorCode::Overloaded,
+            format!("{n} of {} lines were refused by a full queue; batch {id} holds the others", record.total),
+        )
+        .with_id(&id)
+        .retry_after(state.cfg.retry_after_secs)
+        .into_response();
+    }
+    let view = view(&record, 0, 0);
+    (StatusCode::OK, Json(view)).into_response()
+}
+
+fn view(r: &Record, completed: usize, failed: usize) -> Value {
+    let failed = failed + r.rejected.len();
+    let done = completed + failed >= r.total;
+    json!({
+        "id": r.id, "object": "batch", "endpoint": r.endpoint, "priority": r.priority,
+        "status": if done { "completed" } else { "in_progress" },
+        "created_at": r.created_at,
+        "request_counts": {"total": r.total, "completed": completed, "failed": failed},
+        "results_url": format!("/v1/batches/{}/results", r.id),
+    })
+}
+
+async fn load(state: &AppState, tenant: &str, id: &str) -> Result<Record, ApiError> {
+    let missing = || ApiError::new(ErrorCode::NotFound, format!("no batch `{id}`")).param("id");
+    if !id.starts_with("batch_") || !subjects::is_token(id) {
+        return Err(missing());
+    }
+    match state.batches.get(record_key(tenant, id)).await {
+        Ok(Some(v)) => serde_json::from_slice(&v)
+            .map_err(|e| ApiError::new(ErrorCode::Internal, format!("stored batch unreadable: {e}"))),
+        Ok(None) => Err(missing()),
+        Err(e) => Err(ApiError::new(ErrorCode::Internal, format!("reading the batch failed: {e}"))),
+    }
+}
+
+/// The stored results of a batch's lines, `None` where not finished yet.
+async fn results(state: &AppState, r: &Record) -> Result<Vec<Option<InferResult>>, ApiError> {
+    let stream = state
+        .js
+        .get_stream_no_info(subjects::RESULTS_STREAM)
+        .await
+        .map_err(|e| ApiError::new(ErrorCode::Internal, format!("results stream: {e}")))?;
+    let rejected: HashSet<usize> = r.rejected.iter().copied().collect();
+    let mut out: Vec<(usize, Option<InferResult>)> = futures::stream::iter(0..r.total)
+        .map(|i| {
+            let (stream, subject, skip) =
+                (stream.clone(), subjects::result(&r.tenant, &format!("{}-{i}", r.id)), rejected.contains(&i));
+            async move {
+                if skip {
+                    return (i, None);
+                }
+                let found = stream.direct_get_last_for_subject(subject).await.ok().and_then(|m| {
+                    let ct = m.headers.get(headers::CONTENT_TYPE).map(|v| v.as_str().to_string());
+                    codec::decode::<InferResult>(ct.as_deref(), &m.payload).ok()
+                });
+                (i, found)
+            }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    out.sort_by_key(|(i, _)| *i);
+    Ok(out.into_iter().map(|(_, r)| r).collect())
+}
+
+/// `GET /v1/batches/{id}`.
+pub async fn get(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Response {
+    let record = match load(&state, &who.tenant, &id).await {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let rs = match results(&state, &record).await {
+        Ok(rs) => rs,
+        Err(e) => return e.into_response(),
+    };
+    let completed = rs.iter().flatten().filter(|r| r.status == Status::Ok).count();
+    let failed = rs.iter().flatten().filter(|r| r.status != Status::Ok).count();
+    Json(view(&record, completed, failed)).into_response()
+}
+
+/// `GET /v1/batches/{id}/results`: JSONL, one line per finished request.
+pub async fn get_results(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Response {
+    let record = match load(&state, &who.tenant, &id).await {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let rs = match results(&state, &record).await {
+        Ok(rs) => rs,
+        Err(e) => return e.into_response(),
+    };
+    let kind = kind_of(&record.endpoint).unwrap_or(Kind::Completion);
+    let key = record_key(&record.tenant, &record.id);
+    let mut custom_ids: Vec<String> = Vec::with_capacity(record.total);
+    for k in 0..record.total.div_ceil(CHUNK) {
+        match state.batches.get(format!("{key}.ids.{k}")).await {
+            Ok(Some(v)) => custom_ids.extend(serde_json::from_slice::<Vec<String>>(&v).unwrap_or_default()),
+            _ => return ApiError::new(ErrorCode::Internal, "the batch's custom ids are missing").into_response(),
+        }
+    }
+    let mut out = String::new();
+    for (i, r) in rs.iter().enumerate() {
+        let Some(r) = r else { continue };
+        let custom_id = custom_ids.get(i).map(String::as_str).unwrap_or("");
+        let (status, body) = match (&r.status, &r.error) {
+            (Status::Error, Some(e)) => {
+                let err = ApiError::from(e.clone()).with_id(&r.id);
+                (status_of(e.code).as_u16(), err.body())
+            }
+            _ => (200, object(kind, r)),
+        };
+        let line = json!({
+            "id": format!("batch_req_{}", r.id), "custom_id": custom_id,
+            "response": {"status_code": status, "request_id": r.id, "body": body}, "error": null,
+        });
+        out.push_str(&line.to_string());
+        out.push('\n');
+    }
+    ([(axum::http::header::CONTENT_TYPE, "application/jsonl")], out).into_response()
+}
