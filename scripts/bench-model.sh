@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Model throughput through the fleet vs. mistral.rs called directly
 # in-process, in one run: the tiny demo model, 32-token greedy completions of
-# fresh prompts (so no cache can help), 64 in flight. One worker (cache off)
+# fresh 64-byte prompts (so no cache can help), 64 in flight. One worker (cache off)
 # serves the model over NATS; loadtest alternates rounds between the fleet
 # and the same model loaded in its own process (--direct), then repeats with
-# streaming for the time to first token.
+# streaming for the time to first token. Both batch 32 sequences at once
+# (the model default).
 #
 # Usage: scripts/bench-model.sh            (release build)
 #        PROFILE=debug scripts/bench-model.sh
@@ -36,7 +37,6 @@ enabled = false
 [models.tiny]
 backend = "mistralrs"
 path = "$WORKDIR/tiny"
-max_num_seqs = 256
 TOML
 echo "# $(date -u +%F) $(nproc) cores, $(nats-server --version), $PROFILE build"
 nats-server -js -a 127.0.0.1 -p "$PORT" -sd "$WORKDIR/store" >/dev/null 2>&1 &
@@ -45,6 +45,6 @@ sleep 0.5
 "$BIN/retro-fleet" --config "$WORKDIR/bench.toml" worker >"$WORKDIR/worker.log" 2>&1 &
 sleep 2
 echo "### tiny model, 32 tokens, greedy, window 64, 640 requests x 3 rounds: fleet vs direct"
-"$BIN/loadtest" --model tiny --greedy --max-tokens 32 --window 64 --requests 640 --rounds 3 --direct "$WORKDIR/tiny"
+"$BIN/loadtest" --model tiny --greedy --max-tokens 32 --prompt-bytes 64 --window 64 --requests 640 --rounds 3 --direct "$WORKDIR/tiny"
 echo "### the same, streaming (time to first token)"
-"$BIN/loadtest" --model tiny --greedy --max-tokens 32 --window 64 --requests 640 --rounds 3 --direct "$WORKDIR/tiny" --stream
+"$BIN/loadtest" --model tiny --greedy --max-tokens 32 --prompt-bytes 64 --window 64 --requests 640 --rounds 3 --direct "$WORKDIR/tiny" --stream

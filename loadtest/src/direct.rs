@@ -20,7 +20,7 @@ pub async fn load(dir: &std::path::Path) -> anyhow::Result<Arc<dyn Backend>> {
         path: dir.to_path_buf(),
         gguf_file: None,
         isq: None,
-        max_num_seqs: 256,
+        max_num_seqs: 32,
         default_max_tokens: 256,
         instances: 1,
         warm_instances: 1,
