@@ -98,6 +98,15 @@ impl Chaos {
         self.seen.lock().unwrap().results.len()
     }
 
+    /// Waits until `n` ids have a reply (failing after a minute).
+    async fn wait_for_replies(&self, n: usize) {
+        let start = Instant::now();
+        while self.replied() < n {
+            assert!(start.elapsed() < Duration::from_secs(60), "stalled at {} replies", self.replied());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Waits until `ids` all have a reply or `timeout` passes.
     async fn wait_replies(&self, ids: &[String], timeout: Duration) {
         let start = Instant::now();
@@ -336,9 +345,7 @@ async fn nats_restart_during_a_run(crash: bool) {
         })
     };
 
-    while caller.replied() < 800 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    caller.wait_for_replies(800).await;
     if crash {
         nats.kill();
     } else {
@@ -389,9 +396,7 @@ async fn chaos_sigstop_a_worker_beyond_ack_wait_then_sigcont() {
     }
     let (mut a, _) = worker(&s.config).await;
     let (_b, _) = worker(&s.config).await;
-    while caller.replied() < 40 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    caller.wait_for_replies(40).await;
     signal(&a, 19); // SIGSTOP, with requests in flight and prefetched
     tokio::time::sleep(Duration::from_secs(5)).await; // ack_wait is 2 s
     signal(&a, 18); // SIGCONT
