@@ -29,6 +29,7 @@ async fn a_caller_that_disconnects_or_times_out_cancels_its_generation() {
     // each generation would take 30 s
     let s = setup("[models.slow]\nbackend = \"synthetic\"\nlatency_ms = 30000\n");
     let mut worker = start_worker(&s.config, &[]).await;
+    wait_log(&mut worker, "listening for cancels").await;
     let (_ingress, base) = start_ingress(&s.config).await;
     let started = Instant::now();
 
@@ -74,10 +75,13 @@ async fn a_caller_that_disconnects_or_times_out_cancels_its_generation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_that_arrives_before_the_request_runs_skips_it() {
     let s = setup("[models.slow]\nbackend = \"synthetic\"\nlatency_ms = 30000\n");
-    let _worker = start_worker(&s.config, &[]).await;
+    let mut worker = start_worker(&s.config, &[]).await;
+    wait_log(&mut worker, "listening for cancels").await;
     let mut caller = Caller::connect(&s.nats.url()).await;
     caller.client.publish(subjects::cancel("early"), Bytes::new()).await.unwrap();
     caller.client.flush().await.unwrap();
+    // core NATS keeps order per connection pair, not across the worker's
+    // two paths (cancel subscription, pull stream): give the cancel a moment
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut h = HeaderMap::new();
     h.insert(headers::MSG_ID, "early");

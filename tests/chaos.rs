@@ -93,9 +93,23 @@ impl Chaos {
         self.publish(&subjects::request(p, &req.model), &req.id, h, Bytes::from(codec::encode(req))).await;
     }
 
+    /// A copy of every reply so far, by id (no lock held across awaits).
+    fn snapshot(&self) -> HashMap<String, Vec<InferResult>> {
+        self.seen.lock().unwrap().results.clone()
+    }
+
     /// Ids with at least one reply.
     fn replied(&self) -> usize {
         self.seen.lock().unwrap().results.len()
+    }
+
+    /// Waits until `n` ids have a reply (failing after a minute).
+    async fn wait_for_replies(&self, n: usize) {
+        let start = Instant::now();
+        while self.replied() < n {
+            assert!(start.elapsed() < Duration::from_secs(60), "stalled at {} replies", self.replied());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Waits until `ids` all have a reply or `timeout` passes.
@@ -147,10 +161,10 @@ impl Chaos {
     /// was connected throughout (else a stored result counts as answered).
     async fn report(&self, name: &str, tenant: &str, ids: &[String], need_reply: bool) -> Report {
         let stored = self.stored(tenant, ids).await;
-        let seen = self.seen.lock().unwrap();
+        let seen = self.snapshot();
         let mut r = Report { sent: ids.len(), ..Default::default() };
         for id in ids {
-            let replies = seen.results.get(id);
+            let replies = seen.get(id);
             let stored = stored.get(id);
             let answered = stored.is_some() && (!need_reply || replies.is_some());
             if answered {
@@ -238,7 +252,7 @@ async fn chaos_kill9_a_worker_ten_times_during_5000_requests() {
     for (i, id) in ids.iter().enumerate() {
         caller.publish_request(Priority::ALL[i % 3], &request(id, "slow", "x"), &[]).await;
     }
-    let mut workers = vec![worker(&s.config).await.0, worker(&s.config).await.0];
+    let mut workers = [worker(&s.config).await.0, worker(&s.config).await.0];
     let mut kills = 0;
     let start = Instant::now();
     while kills < 10 {
@@ -336,9 +350,7 @@ async fn nats_restart_during_a_run(crash: bool) {
         })
     };
 
-    while caller.replied() < 800 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    caller.wait_for_replies(800).await;
     if crash {
         nats.kill();
     } else {
@@ -389,9 +401,7 @@ async fn chaos_sigstop_a_worker_beyond_ack_wait_then_sigcont() {
     }
     let (mut a, _) = worker(&s.config).await;
     let (_b, _) = worker(&s.config).await;
-    while caller.replied() < 40 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    caller.wait_for_replies(40).await;
     signal(&a, 19); // SIGSTOP, with requests in flight and prefetched
     tokio::time::sleep(Duration::from_secs(5)).await; // ack_wait is 2 s
     signal(&a, 18); // SIGCONT
@@ -520,9 +530,9 @@ async fn chaos_ten_thousand_malformed_messages_mixed_into_valid_traffic() {
     let r = caller.report("10,000 malformed + 2,000 valid", subjects::DEFAULT_TENANT, &valid_ids, true).await;
     r.assert_clean();
     {
-        let seen = caller.seen.lock().unwrap();
+        let seen = caller.snapshot();
         for id in &valid_ids {
-            let res = &seen.results[id][0];
+            let res = &seen[id][0];
             assert_eq!(res.status, Status::Ok, "{id}: {res:?}");
             let i = id.strip_prefix("valid-").unwrap();
             assert_eq!(res.output.as_ref().unwrap().text, format!("valid number {i}"));
@@ -549,11 +559,11 @@ async fn chaos_ten_thousand_malformed_messages_mixed_into_valid_traffic() {
         }
         letters
     };
-    let seen = caller.seen.lock().unwrap();
+    let seen = caller.snapshot();
     let (mut poison, mut accepted, mut unanswered, mut twice, mut shared) = (0, 0, 0, 0, 0);
     let mut codes: HashMap<String, usize> = HashMap::new();
     for id in &fuzz_ids {
-        let Some(replies) = seen.results.get(id) else {
+        let Some(replies) = seen.get(id) else {
             unanswered += 1;
             continue;
         };
@@ -645,12 +655,12 @@ async fn chaos_a_model_failing_every_call_opens_its_breaker_and_spares_the_other
     caller.wait_replies(&all, Duration::from_secs(60)).await;
     let r = caller.report("a model failing every call", subjects::DEFAULT_TENANT, &all, true).await;
     r.assert_clean();
-    let seen = caller.seen.lock().unwrap();
+    let seen = caller.snapshot();
     for id in &echo_ids {
-        assert_eq!(seen.results[id][0].status, Status::Ok, "other models unaffected");
+        assert_eq!(seen[id][0].status, Status::Ok, "other models unaffected");
     }
     for id in &broken_ids {
-        let e = seen.results[id][0].error.clone().expect("error result");
+        let e = seen[id][0].error.clone().expect("error result");
         assert_eq!(e.code, ErrorCode::BackendError, "{e:?}");
     }
     drop(seen);
@@ -703,10 +713,10 @@ async fn chaos_a_backlog_of_expired_requests_is_not_computed() {
     caller.wait_replies(&all, Duration::from_secs(60)).await;
     let r = caller.report("2,000 expired in a backlog", subjects::DEFAULT_TENANT, &all, true).await;
     r.assert_clean();
-    let seen = caller.seen.lock().unwrap();
-    let code = |id: &String| seen.results[id][0].error.as_ref().map(|e| e.code);
+    let seen = caller.snapshot();
+    let code = |id: &String| seen[id][0].error.as_ref().map(|e| e.code);
     assert!(expired.iter().all(|id| code(id) == Some(ErrorCode::DeadlineExceeded)));
-    assert!(live.iter().all(|id| seen.results[id][0].status == Status::Ok));
+    assert!(live.iter().all(|id| seen[id][0].status == Status::Ok));
     drop(seen);
     let (_, metrics) = get_text(&format!("http://127.0.0.1:{port}/metrics")).await;
     let computed = metric(&metrics, "fleet_compute_seconds_count{");
@@ -719,7 +729,7 @@ async fn chaos_a_request_whose_workers_keep_dying_is_answered_not_stranded() {
     // max_deliver is 3 in test configs; each generation would take a minute
     let s = setup("[models.slow]\nbackend = \"synthetic\"\nlatency_ms = 60000\n");
     let caller = Chaos::connect(&s.nats.url()).await;
-    let ids = vec!["doomed".to_string()];
+    let ids = ["doomed".to_string()];
     caller.publish_request(Priority::Normal, &request("doomed", "slow", "x"), &[]).await;
     let stream = caller.js.get_stream("FLEET_REQ_NORMAL").await.unwrap();
     let mut consumer =
@@ -737,8 +747,8 @@ async fn chaos_a_request_whose_workers_keep_dying_is_answered_not_stranded() {
     caller.wait_replies(&ids, Duration::from_secs(20)).await;
     let r = caller.report("a request whose worker is killed at each of its 3 deliveries", "default", &ids, true).await;
     r.assert_clean();
-    let seen = caller.seen.lock().unwrap();
-    let e = seen.results["doomed"][0].error.clone().expect("an error result");
+    let seen = caller.snapshot();
+    let e = seen["doomed"][0].error.clone().expect("an error result");
     assert_eq!(e.code, ErrorCode::Internal);
     assert!(e.message.contains("delivered 4 times"), "{e:?}");
     drop(seen);

@@ -93,6 +93,10 @@ pub async fn listen(client: async_nats::Client, cancels: Arc<Cancels>, shutdown:
             return;
         }
     };
+    // once the server has the subscription, cancels from now on are heard
+    if client.flush().await.is_ok() {
+        tracing::info!(subject = subjects::CANCEL_WILDCARD, "listening for cancels");
+    }
     loop {
         let msg = tokio::select! {
             m = sub.next() => match m { Some(m) => m, None => return },
