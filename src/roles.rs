@@ -72,7 +72,7 @@ pub async fn build_worker(
         config.worker.models.clone()
     };
     let breakers = retro_fleet_worker::breaker::Board::new(config.worker.breaker.clone(), registry)?;
-    let budget = backend::pool::Budget::new(config.worker.model_memory_bytes);
+    let budget = backend::pool::Budget::with_metrics(config.worker.model_memory_bytes, registry)?;
     let mut backends: HashMap<String, Arc<dyn Backend>> = HashMap::new();
     for name in &served {
         let Some(model) = config.models.get(name) else {

@@ -68,12 +68,45 @@ pub struct Budget {
     limit: u64,
     used: Mutex<u64>,
     pools: Mutex<Vec<Weak<Pool>>>,
+    metrics: Option<PoolMetrics>,
+}
+
+/// `fleet_model_instances{model}` (loaded now) and `fleet_model_memory_bytes`
+/// (estimated bytes of loaded instances).
+#[derive(Clone)]
+struct PoolMetrics {
+    instances: prometheus::IntGaugeVec,
+    bytes: prometheus::IntGauge,
 }
 
 impl Budget {
     /// A budget of `limit` bytes (0: unlimited).
     pub fn new(limit: u64) -> Arc<Budget> {
-        Arc::new(Budget { limit, used: Mutex::new(0), pools: Mutex::new(Vec::new()) })
+        Arc::new(Budget { limit, used: Mutex::new(0), pools: Mutex::new(Vec::new()), metrics: None })
+    }
+
+    /// [`Budget::new`], with the pools' metrics registered on `registry`.
+    pub fn with_metrics(limit: u64, registry: &prometheus::Registry) -> prometheus::Result<Arc<Budget>> {
+        let m = PoolMetrics {
+            instances: prometheus::IntGaugeVec::new(
+                prometheus::Opts::new("fleet_model_instances", "Model instances loaded in this worker"),
+                &["model"],
+            )?,
+            bytes: prometheus::IntGauge::new(
+                "fleet_model_memory_bytes",
+                "Estimated bytes of the loaded model instances (weight files)",
+            )?,
+        };
+        registry.register(Box::new(m.instances.clone()))?;
+        registry.register(Box::new(m.bytes.clone()))?;
+        Ok(Arc::new(Budget { limit, used: Mutex::new(0), pools: Mutex::new(Vec::new()), metrics: Some(m) }))
+    }
+
+    fn observe(&self, pool: &Pool) {
+        if let Some(m) = &self.metrics {
+            m.instances.with_label_values(&[&pool.name]).set(pool.loaded() as i64);
+            m.bytes.set(self.used() as i64);
+        }
     }
 
     /// Bytes held by loaded instances.
@@ -195,6 +228,7 @@ impl Pool {
         if let Some(idle) = pool.spec.idle_unload {
             tokio::spawn(unload_idle(Arc::downgrade(&pool), idle));
         }
+        budget.observe(&pool);
         tracing::info!(model = name, max, loaded = pool.loaded(), "model pool ready");
         Ok(pool)
     }
@@ -229,6 +263,7 @@ impl Pool {
                 tracing::info!(model = %self.name, instance = i, "model instance loaded");
                 *slot.instance.lock().expect("slot") = Some(b.clone());
                 *slot.last_used.lock().expect("slot") = Instant::now();
+                self.budget.observe(self);
                 Ok(b)
             }
             Err(e) => {
@@ -242,6 +277,7 @@ impl Pool {
         let dropped = self.slots[i].instance.lock().expect("slot").take().is_some();
         if dropped {
             self.budget.release(self.spec.bytes);
+            self.budget.observe(self);
         }
         dropped
     }
@@ -525,6 +561,21 @@ mod tests {
         for t in busy.into_iter().chain(busy_c) {
             t.await.unwrap().unwrap();
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn loaded_instances_and_bytes_are_metrics() {
+        let registry = prometheus::Registry::new();
+        let budget = Budget::with_metrics(0, &registry).unwrap();
+        let loads = Arc::new(AtomicUsize::new(0));
+        let p = pool("m", PoolSpec { idle_unload: Some(Duration::from_secs(5)), ..spec(2, 2) }, &budget, &loads).await;
+        let gauge = |name: &str| {
+            registry.gather().iter().find(|f| f.name() == name).map(|f| f.get_metric()[0].get_gauge().get_value())
+        };
+        assert_eq!((gauge("fleet_model_instances"), gauge("fleet_model_memory_bytes")), (Some(2.0), Some(200.0)));
+        tokio::time::sleep(Duration::from_secs(7)).await;
+        assert_eq!(p.loaded(), 0);
+        assert_eq!((gauge("fleet_model_instances"), gauge("fleet_model_memory_bytes")), (Some(0.0), Some(0.0)));
     }
 
     #[tokio::test(start_paused = true)]
