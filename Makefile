@@ -12,7 +12,7 @@ test: deps check-deploy
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		$(CARGO) nextest run --workspace --profile ci; \
 	else \
-		$(CARGO) test --workspace; \
+		$(CARGO) test --workspace -- --test-threads=1; \
 	fi
 
 deps:

@@ -33,6 +33,14 @@ if ! python3 -c 'import openai' >/dev/null 2>&1; then
         || "$PIP" install --quiet --disable-pip-version-check --break-system-packages openai
 fi
 
+# The test runner: nextest runs each test in its own process, retries a
+# flaky one once in CI, and runs the chaos group one test at a time.
+if command -v cargo >/dev/null 2>&1 && ! cargo nextest --version >/dev/null 2>&1; then
+    echo "installing cargo-nextest (crates.io; a few minutes the first time)..." >&2
+    cargo install --locked --quiet cargo-nextest \
+        || echo "warning: cargo-nextest did not install; tests will run with cargo test, one at a time" >&2
+fi
+
 # Deploy checks (scripts/check-deploy.sh), with --deploy: promtool from
 # Debian's prometheus package, kubernetes-validate from PyPI, kubectl (for
 # kustomize) from Debian when neither it nor kustomize is there.
