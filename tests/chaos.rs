@@ -386,7 +386,16 @@ async fn nats_restart_during_a_run(crash: bool) {
     assert_eq!(r.errors, 0);
     assert!(unready, "the worker reported not ready while NATS was down");
     assert!(ingress_unready, "the ingress reported not ready while NATS was down");
-    let (status, _) = get_text(&format!("http://127.0.0.1:{port1}/health/ready")).await;
+    // readiness follows the reconnect (and the stream checks) within seconds
+    let start = Instant::now();
+    let mut status = 0;
+    while start.elapsed() < Duration::from_secs(15) {
+        status = get_text(&format!("http://127.0.0.1:{port1}/health/ready")).await.0;
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(status, 200, "ready again after the restart");
     for p in [&mut w1, &mut ingress] {
         assert!(p.alive(), "{} survived:\n{}", p.name, p.log());

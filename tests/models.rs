@@ -240,7 +240,7 @@ async fn pools_serve_two_models_unload_when_idle_and_a_broken_model_answers_why(
         models.path().join("missing").display()
     );
     let s = setup(&extra);
-    let mut w = start_worker(&s.config, &[]).await;
+    let w = start_worker(&s.config, &[]).await;
     let mut caller = Caller::connect(&s.nats.url()).await;
     let ask = |id: &str, model: &str| {
         let mut r = request(id, model, "pooled");
