@@ -14,13 +14,8 @@
 #        PROFILE=debug scripts/bench-cache.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PROFILE="${PROFILE:-release}"
-if [ "$PROFILE" = release ]; then
-    cargo build --release --workspace --bins >&2
-else
-    cargo build --workspace --bins >&2
-fi
-BIN="${CARGO_TARGET_DIR:-target}/$PROFILE"
+. scripts/bench-lib.sh
+bench_build
 PORT="${BENCH_NATS_PORT:-4335}"
 WORKDIR="$(mktemp -d)"
 cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORKDIR"; }

@@ -13,13 +13,9 @@
 #   project's code not: the auth and limit code then looks costlier).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PROFILE="${BENCH_PROFILE:-release}"
-if [ "$PROFILE" = release ]; then
-    cargo build --release --workspace --bins >&2
-else
-    cargo build --workspace --bins >&2
-fi
-BIN="${CARGO_TARGET_DIR:-target}/$PROFILE"
+PROFILE="${BENCH_PROFILE:-${PROFILE:-release}}"
+. scripts/bench-lib.sh
+bench_build
 WINDOWS=("$@")
 [ ${#WINDOWS[@]} -gt 0 ] || WINDOWS=(64 1)
 PORT="${BENCH_NATS_PORT:-4334}"

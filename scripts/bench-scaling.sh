@@ -18,13 +18,8 @@
 #   PROFILE=debug uses debug binaries (no release build); RATE=400.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PROFILE="${PROFILE:-release}"
-if [ "$PROFILE" = release ]; then
-    cargo build --release --workspace --bins >&2
-else
-    cargo build --workspace --bins >&2
-fi
-BIN="${CARGO_TARGET_DIR:-target}/$PROFILE"
+. scripts/bench-lib.sh
+bench_build
 COUNTS=("$@")
 [ ${#COUNTS[@]} -gt 0 ] || COUNTS=(1 2 4 8)
 PORT="${BENCH_NATS_PORT:-4334}"

@@ -296,23 +296,7 @@ fn add_demo_model(config: &mut Config) -> anyhow::Result<()> {
         retro_fleet_worker::tiny_model::write(&dir, &Default::default())
             .with_context(|| format!("writing the demo model to {}", dir.display()))?;
     }
-    config.models.insert(
-        "tiny".into(),
-        retro_fleet_worker::ModelConfig::Mistralrs {
-            path: dir,
-            gguf_file: None,
-            isq: None,
-            max_num_seqs: 32,
-            default_max_tokens: 64,
-            instances: 1,
-            warm_instances: 1,
-            grow_at: None,
-            idle_unload_secs: 0,
-            balance: Default::default(),
-            revision: None,
-            adapters: Default::default(),
-        },
-    );
+    config.models.insert("tiny".into(), retro_fleet_worker::ModelConfig::mistralrs(dir, 64));
     Ok(())
 }
 

@@ -16,20 +16,7 @@ use crate::workload::Workload;
 
 /// Loads the mistral.rs model in `dir` the way a worker does (one instance).
 pub async fn load(dir: &std::path::Path) -> anyhow::Result<Arc<dyn Backend>> {
-    let cfg = ModelConfig::Mistralrs {
-        path: dir.to_path_buf(),
-        gguf_file: None,
-        isq: None,
-        max_num_seqs: 32,
-        default_max_tokens: 256,
-        instances: 1,
-        warm_instances: 1,
-        grow_at: None,
-        idle_unload_secs: 0,
-        balance: Default::default(),
-        revision: None,
-        adapters: Default::default(),
-    };
+    let cfg = ModelConfig::mistralrs(dir.to_path_buf(), 256);
     let board = retro_fleet_worker::breaker::Board::unregistered(Default::default());
     Ok(backend::build("direct", &cfg, &board, &backend::pool::Budget::new(0)).await?)
 }

@@ -318,18 +318,25 @@ async fn results(state: &AppState, r: &Record) -> Result<Vec<Option<InferResult>
     Ok(out.into_iter().map(|(_, r)| r).collect())
 }
 
+/// A tenant's batch and the results of its lines (None: not finished).
+async fn load_with_results(
+    state: &AppState,
+    tenant: &str,
+    id: &str,
+) -> Result<(Record, Vec<Option<InferResult>>), ApiError> {
+    let record = load(state, tenant, id).await?;
+    let rs = results(state, &record).await?;
+    Ok((record, rs))
+}
+
 /// `GET /v1/batches/{id}`.
 pub async fn get(
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Response {
-    let record = match load(&state, &who.tenant, &id).await {
-        Ok(r) => r,
-        Err(e) => return e.into_response(),
-    };
-    let rs = match results(&state, &record).await {
-        Ok(rs) => rs,
+    let (record, rs) = match load_with_results(&state, &who.tenant, &id).await {
+        Ok(x) => x,
         Err(e) => return e.into_response(),
     };
     let completed = rs.iter().flatten().filter(|r| r.status == Status::Ok).count();
@@ -343,12 +350,8 @@ pub async fn get_results(
     Extension(who): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Response {
-    let record = match load(&state, &who.tenant, &id).await {
-        Ok(r) => r,
-        Err(e) => return e.into_response(),
-    };
-    let rs = match results(&state, &record).await {
-        Ok(rs) => rs,
+    let (record, rs) = match load_with_results(&state, &who.tenant, &id).await {
+        Ok(x) => x,
         Err(e) => return e.into_response(),
     };
     let kind = kind_of(&record.endpoint).unwrap_or(Kind::Completion);

@@ -137,6 +137,27 @@ pub enum ModelConfig {
     },
 }
 
+impl ModelConfig {
+    /// A mistral.rs model in `path` answering at most `default_max_tokens`
+    /// when a request sets none; every other setting at its default.
+    pub fn mistralrs(path: std::path::PathBuf, default_max_tokens: u32) -> Self {
+        ModelConfig::Mistralrs {
+            path,
+            gguf_file: None,
+            isq: None,
+            max_num_seqs: default_max_num_seqs(),
+            default_max_tokens,
+            instances: default_instances(),
+            warm_instances: default_instances(),
+            grow_at: None,
+            idle_unload_secs: 0,
+            balance: Default::default(),
+            revision: None,
+            adapters: Default::default(),
+        }
+    }
+}
+
 fn default_max_num_seqs() -> usize {
     32
 }
