@@ -197,11 +197,12 @@ async fn handle_inner(
         return terminal(sh, prio, msg, model_label, ids, ErrorCode::Internal, &message, delivered).await;
     }
 
+    let model_revision = backend.revision();
     let base = |status| InferResult {
         v: retro_fleet_schemas::SCHEMA_VERSION,
         id: req.id.clone(),
         model: req.model.clone(),
-        model_revision: backend.revision(),
+        model_revision: model_revision.clone(),
         adapter: req.adapter.clone(),
         status,
         output: None,
@@ -232,7 +233,7 @@ async fn handle_inner(
         return cancelled(sh, msg, reply, tenant, base(Status::Error), "before it started").await;
     }
     let every = (sh.ack_wait / 2).max(Duration::from_millis(100));
-    let revision = backend.revision().unwrap_or_default();
+    let revision = model_revision.clone().unwrap_or_default();
     let cu = cache_use(sh, &req, tenant, &revision, hdrs);
     if let Some(cu) = &cu {
         if cu.read {
