@@ -135,8 +135,24 @@ pub async fn serve(
             _ = shutdown.cancelled() => return,
             m = sub.next() => match m { Some(m) => m, None => return },
         };
-        let from: WarmFrom = serde_json::from_slice(&msg.payload).unwrap_or_default();
         let Some(reply) = msg.reply.clone() else { continue };
+        // an empty request means everything kept; anything else must parse
+        let from: WarmFrom = match msg.payload.is_empty() {
+            true => WarmFrom::default(),
+            false => match serde_json::from_slice(&msg.payload) {
+                Ok(f) => f,
+                Err(e) => {
+                    let p = WarmProgress {
+                        worker: worker.clone(),
+                        done: true,
+                        error: Some(format!("bad warm request (want {{\"since_ms\"?, \"from_seq\"?}}): {e}")),
+                        ..Default::default()
+                    };
+                    let _ = client.publish(reply, Bytes::from(serde_json::to_vec(&p).unwrap_or_default())).await;
+                    continue;
+                }
+            },
+        };
         // progress goes out in order, from one task
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<WarmProgress>();
         let client = client.clone();
