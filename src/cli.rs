@@ -67,19 +67,31 @@ pub enum Command {
         #[arg(long)]
         listen: Option<String>,
     },
-    /// List the live workers in the registry (KV `fleet_workers`).
+    /// List the live workers in the registry (KV `fleet_workers`), or drain
+    /// and resume one.
     Workers {
         /// Print JSON (one array) instead of a table.
         #[arg(long)]
         json: bool,
+        #[command(subcommand)]
+        action: Option<WorkersAction>,
+    },
+    /// Depth of every request queue, or pause and resume a priority class.
+    Queues {
+        #[command(subcommand)]
+        action: Option<QueuesAction>,
     },
     /// Create or update streams and consumers.
     Topology {
         #[command(subcommand)]
         action: TopologyAction,
     },
-    /// Print the effective configuration as TOML.
-    Config,
+    /// Print the effective configuration as TOML (secrets redacted).
+    Config {
+        /// Print secrets (API key hashes, JWT secrets, NATS passwords) as well.
+        #[arg(long)]
+        show_secrets: bool,
+    },
     /// Model tools.
     Model {
         #[command(subcommand)]
@@ -116,6 +128,41 @@ pub enum Command {
     Batch {
         #[command(subcommand)]
         action: BatchAction,
+    },
+}
+
+/// `workers` actions. A worker is named by its id (`retro-fleet workers`).
+#[derive(Debug, Subcommand)]
+pub enum WorkersAction {
+    /// Stop one worker taking requests: what it runs finishes, and it stays
+    /// up (shown as draining) until resumed. Stopping it is SIGTERM's job.
+    Drain {
+        /// Worker id.
+        id: String,
+    },
+    /// Let a drained worker take requests again.
+    Resume {
+        /// Worker id.
+        id: String,
+    },
+}
+
+/// `queues` actions.
+#[derive(Debug, Subcommand)]
+pub enum QueuesAction {
+    /// Stop delivering a priority class to every worker (requests still
+    /// queue): JetStream pauses its worker consumers.
+    Pause {
+        /// Priority class.
+        priority: Priority,
+        /// Resume by itself after this long (`90`, `15m`, `2h`, `7d`); default: until resumed.
+        #[arg(long = "for", value_parser = crate::cache_cli::parse_age)]
+        duration: Option<std::time::Duration>,
+    },
+    /// Deliver a paused priority class again.
+    Resume {
+        /// Priority class.
+        priority: Priority,
     },
 }
 
@@ -311,6 +358,41 @@ pub async fn workers(config: &Config, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&list)?);
     } else {
         print!("{}", crate::registry::table(&list, retro_fleet_worker::unix_ms()));
+    }
+    Ok(())
+}
+
+/// `retro-fleet workers drain|resume ID`.
+pub async fn workers_action(config: &Config, action: WorkersAction) -> anyhow::Result<()> {
+    let client = crate::nats::connect(&config.nats, "workers").await?;
+    let (id, drain) = match &action {
+        WorkersAction::Drain { id } => (id, true),
+        WorkersAction::Resume { id } => (id, false),
+    };
+    let s = crate::ops::drain_worker(&client, id, drain).await?;
+    let state = if s.draining { "draining" } else { "taking requests" };
+    println!("worker {}: {state}, {} request(s) in flight", s.id, s.inflight);
+    Ok(())
+}
+
+/// `retro-fleet queues [pause|resume PRIORITY]`.
+pub async fn queues(config: &Config, action: Option<QueuesAction>) -> anyhow::Result<()> {
+    let client = crate::nats::connect(&config.nats, "queues").await?;
+    let js = async_nats::jetstream::new(client);
+    let (priority, resume, duration) = match action {
+        None => {
+            println!("{}", serde_json::to_string_pretty(&crate::ops::queues(&js).await?)?);
+            return Ok(());
+        }
+        Some(QueuesAction::Pause { priority, duration }) => (priority, false, duration),
+        Some(QueuesAction::Resume { priority }) => (priority, true, None),
+    };
+    for c in crate::ops::pause_priority(&js, priority, resume, duration).await? {
+        match (c.paused, c.remaining_secs) {
+            (false, _) => println!("{}: delivering", c.consumer),
+            (true, Some(s)) if duration.is_some() => println!("{}: paused for {s} s", c.consumer),
+            (true, _) => println!("{}: paused until resumed", c.consumer),
+        }
     }
     Ok(())
 }

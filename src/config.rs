@@ -239,6 +239,29 @@ impl Config {
         Ok(config)
     }
 
+    /// This configuration with every secret replaced by `<redacted>`: API
+    /// key hashes, JWT secrets, and the user and password of NATS URLs.
+    pub fn redacted(&self) -> Config {
+        let mut c = self.clone();
+        c.ingress.auth = c.ingress.auth.redacted();
+        if c.nats.url.contains('@') {
+            c.nats.url = c
+                .nats
+                .url
+                .split(',')
+                .map(|u| match u.split_once('@') {
+                    Some((scheme_user, host)) => {
+                        let scheme = scheme_user.split_once("://").map_or("nats", |(s, _)| s);
+                        format!("{scheme}://<redacted>@{host}")
+                    }
+                    None => u.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join(",");
+        }
+        c
+    }
+
     /// The effective configuration as TOML.
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}"))

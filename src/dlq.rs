@@ -106,6 +106,17 @@ fn header(h: &HeaderMap, name: &str) -> Option<String> {
 }
 
 impl Letter {
+    /// The letter for people and the admin API: everything but the payload,
+    /// which is summarised by its size.
+    pub fn summary(&self) -> serde_json::Value {
+        serde_json::json!({
+            "seq": self.seq, "time": self.time, "priority": self.priority, "model": self.model,
+            "id": self.id, "tenant": self.tenant, "code": self.code, "message": self.message,
+            "deliveries": self.deliveries, "original_subject": self.original_subject,
+            "payload_bytes": self.payload.len(),
+        })
+    }
+
     fn from_message(m: jetstream::message::StreamMessage) -> Letter {
         let h = &m.headers;
         let mut parts = m.subject.as_str().splitn(4, '.').skip(2);
@@ -133,13 +144,17 @@ impl Letter {
     }
 }
 
+/// The DLQ stream.
+pub async fn open(js: &jetstream::Context) -> anyhow::Result<Stream> {
+    js.get_stream(subjects::DLQ_STREAM)
+        .await
+        .with_context(|| format!("no {} stream (run `retro-fleet topology apply`)", subjects::DLQ_STREAM))
+}
+
 async fn dlq_stream(config: &Config) -> anyhow::Result<(jetstream::Context, Stream)> {
     let client = crate::nats::connect(&config.nats, "dlq").await?;
     let js = jetstream::new(client);
-    let stream = js
-        .get_stream(subjects::DLQ_STREAM)
-        .await
-        .with_context(|| format!("no {} stream (run `retro-fleet topology apply`)", subjects::DLQ_STREAM))?;
+    let stream = open(&js).await?;
     Ok((js, stream))
 }
 
@@ -223,13 +238,35 @@ pub async fn show(config: &Config, seq: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What replay did with one letter.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Outcome {
+    /// Sequence of the letter in `FLEET_DLQ`.
+    pub seq: u64,
+    /// Its request id, when known.
+    pub id: Option<String>,
+    /// `replayed`, `would_replay` (dry run) or `skipped`.
+    pub action: &'static str,
+    /// Where it went, or why it was skipped.
+    pub detail: String,
+}
+
 /// What replay did with the letters it looked at.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Replayed {
-    /// Re-published.
+    /// Re-published (or, in a dry run, would be).
     pub replayed: usize,
-    /// Skipped (why is printed).
+    /// Skipped (see each outcome's detail).
     pub skipped: usize,
+    /// One entry per letter, oldest first.
+    pub letters: Vec<Outcome>,
+}
+
+impl Replayed {
+    fn skip(&mut self, l: &Letter, why: impl Into<String>) {
+        self.skipped += 1;
+        self.letters.push(Outcome { seq: l.seq, id: l.id.clone(), action: "skipped", detail: why.into() });
+    }
 }
 
 /// `retro-fleet dlq replay`.
@@ -240,20 +277,41 @@ pub async fn replay(
     keep: bool,
     dry_run: bool,
 ) -> anyhow::Result<Replayed> {
-    let (js, stream) = dlq_stream(config).await?;
+    let (js, _) = dlq_stream(config).await?;
+    let done = replay_with(&js, filter, limit, keep, dry_run).await?;
+    for o in &done.letters {
+        let label = format!("dead letter {} ({})", o.seq, o.id.as_deref().unwrap_or("no id"));
+        match o.action {
+            "skipped" => println!("skip {label}: {}", o.detail),
+            "would_replay" => println!("would replay {label} to {}", o.detail),
+            _ => println!("replayed {label} to {}", o.detail),
+        }
+    }
+    println!("{} replayed, {} skipped", done.replayed, done.skipped);
+    Ok(done)
+}
+
+/// Replays the letters matching `filter` (at most `limit`); see the module
+/// documentation. Shared by the CLI and the admin API.
+pub async fn replay_with(
+    js: &jetstream::Context,
+    filter: &Filter,
+    limit: usize,
+    keep: bool,
+    dry_run: bool,
+) -> anyhow::Result<Replayed> {
+    let stream = open(js).await?;
     let results = js.get_stream(subjects::RESULTS_STREAM).await.context("no results stream")?;
     let letters = read(&stream, filter, limit).await?;
     let mut done = Replayed::default();
     for l in letters {
         let label = format!("dead letter {} ({})", l.seq, l.id.as_deref().unwrap_or("no id"));
         let Some(subject) = l.original_subject.clone().filter(|s| subjects::parse_request(s).is_some()) else {
-            println!("skip {label}: no original request subject");
-            done.skipped += 1;
+            done.skip(&l, "no original request subject");
             continue;
         };
         if subjects::parse_request(&subject).map(|(p, _)| p) != l.priority.parse::<Priority>().ok() {
-            println!("skip {label}: original subject {subject} does not match its class");
-            done.skipped += 1;
+            done.skip(&l, format!("original subject {subject} does not match its class"));
             continue;
         }
         // the stored result of this id: an error is removed so the replay's result can be stored
@@ -262,8 +320,7 @@ pub async fn replay(
             if let Ok(m) = results.direct_get_last_for_subject(&res_subject).await {
                 let stored: Option<InferResult> = codec::decode(None, &m.payload).ok();
                 if stored.as_ref().is_some_and(|r| r.status == Status::Ok) {
-                    println!("skip {label}: a successful result is already stored");
-                    done.skipped += 1;
+                    done.skip(&l, "a successful result is already stored");
                     continue;
                 }
                 if !dry_run {
@@ -296,22 +353,21 @@ pub async fn replay(
         let msg_id =
             format!("{}-replay-{}", l.id.as_deref().filter(|i| subjects::is_token(i)).unwrap_or("letter"), l.seq);
         h.insert(headers::MSG_ID, msg_id.as_str());
-        if dry_run {
-            println!("would replay {label} to {subject}");
-            done.replayed += 1;
-            continue;
-        }
-        js.publish_with_headers(subject.clone(), h, l.payload.clone())
-            .await?
-            .await
-            .with_context(|| format!("re-publishing {label} to {subject}"))?;
-        if !keep {
-            stream.delete_message(l.seq).await.with_context(|| format!("deleting {label} after its replay"))?;
-        }
-        println!("replayed {label} to {subject}");
+        let action = if dry_run {
+            "would_replay"
+        } else {
+            js.publish_with_headers(subject.clone(), h, l.payload.clone())
+                .await?
+                .await
+                .with_context(|| format!("re-publishing {label} to {subject}"))?;
+            if !keep {
+                stream.delete_message(l.seq).await.with_context(|| format!("deleting {label} after its replay"))?;
+            }
+            "replayed"
+        };
         done.replayed += 1;
+        done.letters.push(Outcome { seq: l.seq, id: l.id.clone(), action, detail: subject });
     }
-    println!("{} replayed, {} skipped", done.replayed, done.skipped);
     Ok(done)
 }
 

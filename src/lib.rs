@@ -8,6 +8,7 @@
 //! - [`topology`]: streams and consumers, applied idempotently.
 //! - [`nats`]: connecting, and the local nats-server that `up` starts.
 //! - [`dlq`]: the `dlq` tool: list, show and replay dead letters.
+//! - [`ops`]: operator actions (drain a worker, pause a priority, queue depths).
 //! - [`telemetry`]: logs and the per-process metrics registry.
 //! - [`scaler`]: lag-driven replica recommendations (`retro-fleet scaler`).
 //! - [`registry`]: reading the worker registry (`retro-fleet workers`).
@@ -23,6 +24,7 @@ pub mod config;
 pub mod dlq;
 pub mod ingress;
 pub mod nats;
+pub mod ops;
 pub mod registry;
 pub mod roles;
 pub mod scaler;

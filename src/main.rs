@@ -12,8 +12,8 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    if let Command::Config = cli.command {
-        print!("{}", config.to_toml());
+    if let Command::Config { show_secrets } = cli.command {
+        print!("{}", if show_secrets { config.to_toml() } else { config.redacted().to_toml() });
         return std::process::ExitCode::SUCCESS;
     }
     if let Command::Model { action: ModelAction::Tiny { out, layers, hidden } } = &cli.command {
@@ -55,7 +55,9 @@ fn main() -> std::process::ExitCode {
                 roles::cancel_on_signal(shutdown.clone());
                 retro_fleet::scaler::serve(config, shutdown).await
             }
-            Command::Workers { json } => cli::workers(&config, json).await,
+            Command::Workers { json, action: None } => cli::workers(&config, json).await,
+            Command::Workers { action: Some(action), .. } => cli::workers_action(&config, action).await,
+            Command::Queues { action } => cli::queues(&config, action).await,
             Command::Topology { action: TopologyAction::Apply } => cli::topology_apply(&config).await,
             Command::Cache { action: CacheAction::Warm { since, from_seq, timeout } } => {
                 let since_ms = since.map(|age| retro_fleet_worker::unix_ms().saturating_sub(age.as_millis() as u64));
@@ -80,7 +82,7 @@ fn main() -> std::process::ExitCode {
                 }
             },
             Command::Batch { action } => cli::batch(&config, action).await,
-            Command::Config | Command::Model { .. } => unreachable!("handled above"),
+            Command::Config { .. } | Command::Model { .. } => unreachable!("handled above"),
         }
     });
     match result {

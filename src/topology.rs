@@ -217,6 +217,8 @@ async fn apply_consumer(js: &Context, p: Priority, want: pull::Config) -> Result
             if diff.is_empty() {
                 Change::Unchanged
             } else {
+                // an operator's pause (`retro-fleet queues pause`) outlives the update
+                let want = pull::Config { pause_until: have.pause_until, ..want };
                 stream.update_consumer(want).await.map_err(|e| err(format!("update consumer {name}"))(e.into()))?;
                 Change::Updated(diff)
             }
@@ -289,10 +291,55 @@ pub async fn apply(js: &Context, config: &Config) -> Result<Vec<Applied>, Topolo
             report.push(apply_consumer(js, p, worker_consumer(p, model, t)).await?);
         }
     }
-    for bucket in cache_buckets(config) {
+    for bucket in cache_buckets(config).into_iter().chain(ingress_buckets(config)) {
         report.push(apply_bucket(js, bucket).await?);
     }
     Ok(report)
+}
+
+/// KV buckets of the ingress: batch records (kept as long as results) and
+/// shared rate-limit counters (kept until any counter would be full again).
+pub fn ingress_buckets(config: &Config) -> Vec<kv::Config> {
+    let t = &config.topology;
+    vec![
+        kv::Config {
+            bucket: subjects::BATCHES_BUCKET.to_string(),
+            description: "retro-fleet batches: records and custom ids".into(),
+            history: 1,
+            max_age: Duration::from_secs(t.results_max_age_secs.max(1)),
+            storage: StorageType::File,
+            num_replicas: t.replicas,
+            ..Default::default()
+        },
+        kv::Config {
+            bucket: subjects::RATELIMIT_BUCKET.to_string(),
+            description: "retro-fleet distributed rate-limit counters".into(),
+            history: 1,
+            max_age: Duration::from_secs(config.ingress.rate_limit.max_age_secs().max(1)),
+            storage: StorageType::Memory,
+            num_replicas: t.replicas,
+            ..Default::default()
+        },
+    ]
+}
+
+/// Opens a bucket of the topology, creating it as configured when missing
+/// (a process that starts before `topology apply` still works; another
+/// process creating it at the same moment is fine).
+pub async fn open_bucket(js: &Context, want: kv::Config) -> anyhow::Result<kv::Store> {
+    if let Ok(kv) = js.get_key_value(&want.bucket).await {
+        return Ok(kv);
+    }
+    let name = want.bucket.clone();
+    match js.create_key_value(want).await {
+        Ok(kv) => Ok(kv),
+        Err(e) => js.get_key_value(&name).await.map_err(|_| anyhow::anyhow!("KV bucket {name}: {e}")),
+    }
+}
+
+/// The configuration of bucket `name` among [`ingress_buckets`].
+pub fn ingress_bucket(config: &Config, name: &str) -> kv::Config {
+    ingress_buckets(config).into_iter().find(|b| b.bucket == name).expect("an ingress bucket")
 }
 
 /// KV buckets of the cache: model generations (kept, a few revisions of

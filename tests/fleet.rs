@@ -264,6 +264,34 @@ fn config_env_overrides_file_and_unknown_keys_are_named() {
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("max_inflight = 7"), "{text}");
 
+    // secrets are redacted unless asked for
+    let secret = "an HS256 secret that must not be printed";
+    std::fs::write(
+        &file,
+        format!(
+            "[nats]\nurl = \"nats://fleet:hunter2@nats-a:4222,nats://nats-b:4222\"\n\
+             [[ingress.auth.jwt_keys]]\nalgorithm = \"HS256\"\nsecret = \"{secret}\"\n"
+        ),
+    )
+    .unwrap();
+    let config = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_retro-fleet"))
+            .arg("--config")
+            .arg(&file)
+            .arg("config")
+            .args(extra)
+            .env_remove("NATS_URL")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let shown = config(&[]);
+    assert!(!shown.contains(secret) && !shown.contains("hunter2"), "{shown}");
+    assert!(shown.contains("nats://<redacted>@nats-a:4222,nats://nats-b:4222"), "{shown}");
+    let all = config(&["--show-secrets"]);
+    assert!(all.contains(secret) && all.contains("hunter2"), "{all}");
+
     std::fs::write(&file, "[worker]\nmax_inflite = 5\n").unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_retro-fleet"))
         .arg("--config")

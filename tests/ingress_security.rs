@@ -125,27 +125,11 @@ fn b64(v: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v)
 }
 
-struct Http {
-    client: reqwest::Client,
-    base: String,
+trait Infer {
+    async fn infer(&self, bearer: Option<&str>) -> (u16, Value);
 }
 
-impl Http {
-    async fn send(&self, method: &str, path: &str, bearer: Option<&str>, body: Option<Value>) -> reqwest::Response {
-        let url = format!("{}{path}", self.base);
-        let mut r = match method {
-            "GET" => self.client.get(url),
-            _ => self.client.post(url),
-        };
-        if let Some(b) = bearer {
-            r = r.bearer_auth(b);
-        }
-        if let Some(b) = body {
-            r = r.json(&b);
-        }
-        r.send().await.unwrap()
-    }
-
+impl Infer for Http {
     async fn infer(&self, bearer: Option<&str>) -> (u16, Value) {
         let r = self.send("POST", "/v1/infer", bearer, Some(json!({"model": "echo", "prompt": "hi"}))).await;
         let status = r.status().as_u16();

@@ -32,7 +32,7 @@ pub struct WorkerInfo {
     /// The same figures per model it serves.
     #[serde(default)]
     pub per_model: BTreeMap<String, ModelLoad>,
-    /// Whether it is shutting down (taking no new work).
+    /// Whether it takes no new work: shutting down, or drained by an operator.
     #[serde(default)]
     pub draining: bool,
     /// When it started, unix ms.

@@ -21,6 +21,10 @@ pub const WORKERS_BUCKET: &str = "fleet_workers";
 pub const MODELS_BUCKET: &str = "fleet_models";
 /// Short-lived claims so that one worker computes an answer others wait for.
 pub const CACHE_CLAIMS_BUCKET: &str = "fleet_cache_claims";
+/// Batch records of the ingress's batch API.
+pub const BATCHES_BUCKET: &str = "fleet_batches";
+/// Rate-limit counters shared by ingress replicas.
+pub const RATELIMIT_BUCKET: &str = "fleet_ratelimit";
 /// Asks every worker to warm its cache from `FLEET_RESULTS` (core NATS request, one reply per worker).
 pub const CACHE_WARM: &str = "fleet.ctl.cache.warm";
 /// Control subjects (core NATS).
@@ -37,6 +41,17 @@ pub fn cancel(id: &str) -> String {
 /// The request id of a cancel subject.
 pub fn parse_cancel(subject: &str) -> Option<&str> {
     subject.strip_prefix("fleet.ctl.cancel.").filter(|id| is_token(id))
+}
+
+/// Subject that drains worker `key` (its registry key): it stops taking
+/// requests, finishes the ones it runs, and stays up (core NATS request).
+pub fn drain(key: &str) -> String {
+    format!("fleet.ctl.drain.{key}")
+}
+
+/// Subject that lets drained worker `key` take requests again.
+pub fn resume(key: &str) -> String {
+    format!("fleet.ctl.resume.{key}")
 }
 
 /// Subject a request for `model` at priority `p` is published to.

@@ -1,45 +1,45 @@
-//! Admin routes (role `admin`): what the fleet looks like from the ingress.
+//! Admin routes (role `admin`): look at the fleet and steer it.
 //!
 //! - `GET /v1/admin/config`: the effective configuration, secrets redacted.
-//! - `GET /v1/admin/queues`: depth of each request stream and the pending
-//!   and in-flight counts of its worker consumers.
+//! - `GET /v1/admin/queues`: depth of each request stream, and the pending,
+//!   in-flight and paused state of its worker consumers.
+//! - `POST /v1/admin/queues/{priority}/pause` (optional `?for_secs=N`) and
+//!   `.../resume`: stop or restart delivery of a priority class to every worker.
+//! - `GET /v1/admin/workers`: the live workers (registry).
+//! - `POST /v1/admin/workers/{id}/drain` and `.../resume`: one worker stops
+//!   taking requests (and stays up), or takes them again.
+//! - `GET /v1/admin/dlq?model=&priority=&code=&id=&tenant=&limit=`: dead letters.
+//! - `POST /v1/admin/dlq/replay`: replay the letters a filter selects.
+//! - `POST /v1/admin/cache/purge`: new cache generation for models.
 //!
-//! Draining workers, pausing priorities, DLQ replay and cache purge are not
-//! served here yet.
+//! Each action is the same code the CLI runs ([`crate::ops`], [`crate::dlq`],
+//! [`crate::cache_cli`]).
 
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures::StreamExt;
-use retro_fleet_schemas::{subjects, ErrorCode, Priority};
+use retro_fleet_schemas::{ErrorCode, Priority};
+use schemars::JsonSchema;
+use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::error::ApiError;
+use super::error::{parse_json, ApiError, ApiPath, ApiQuery};
 use super::AppState;
 use crate::config::Config;
+use crate::ops::{self, OpsError};
 
 /// The configuration as JSON with every secret replaced by `"<redacted>"`.
 pub fn redacted(config: &Config) -> Value {
-    let mut c = config.clone();
-    c.ingress.auth = c.ingress.auth.redacted();
-    let mut v = serde_json::to_value(&c).unwrap_or(Value::Null);
-    if let Some(url) = v.pointer_mut("/nats/url") {
-        // user:password@host in a NATS URL
-        if let Some(s) = url.as_str().filter(|s| s.contains('@')) {
-            *url = json!(s
-                .split(',')
-                .map(|u| match u.split_once('@') {
-                    Some((scheme_user, host)) => {
-                        let scheme = scheme_user.split("://").next().unwrap_or("nats");
-                        format!("{scheme}://<redacted>@{host}")
-                    }
-                    None => u.to_string(),
-                })
-                .collect::<Vec<_>>()
-                .join(","));
-        }
-    }
-    v
+    serde_json::to_value(config.redacted()).unwrap_or(Value::Null)
+}
+
+fn internal(e: impl std::fmt::Display) -> Response {
+    ApiError::new(ErrorCode::Internal, e.to_string()).into_response()
 }
 
 /// `GET /v1/admin/config`.
@@ -49,29 +49,220 @@ pub async fn config(State(state): State<AppState>) -> Json<Value> {
 
 /// `GET /v1/admin/queues`.
 pub async fn queues(State(state): State<AppState>) -> Response {
-    let mut out = Vec::new();
-    for p in Priority::ALL {
-        let name = subjects::request_stream(p);
-        let mut stream = match state.js.get_stream(name).await {
-            Ok(s) => s,
-            Err(e) => return ApiError::new(ErrorCode::Internal, format!("stream {name}: {e}")).into_response(),
-        };
-        let info = match stream.info().await {
-            Ok(i) => i.clone(),
-            Err(e) => return ApiError::new(ErrorCode::Internal, format!("stream {name}: {e}")).into_response(),
-        };
-        let mut consumers = Vec::new();
-        let mut list = stream.consumers();
-        while let Some(Ok(c)) = list.next().await {
-            consumers.push(json!({
-                "name": c.name, "pending": c.num_pending, "in_flight": c.num_ack_pending,
-                "redelivered": c.num_redelivered, "waiting_pulls": c.num_waiting,
-            }));
-        }
-        out.push(json!({
-            "priority": p, "stream": name, "messages": info.state.messages, "bytes": info.state.bytes,
-            "consumers": consumers,
-        }));
+    match ops::queues(&state.js).await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => internal(format!("{e:#}")),
     }
-    Json(json!({"queues": out})).into_response()
+}
+
+fn priority(p: &str) -> Result<Priority, ApiError> {
+    p.parse().map_err(|_| {
+        ApiError::new(ErrorCode::InvalidRequest, format!("unknown priority `{p}` (high, normal or low)"))
+            .param("priority")
+    })
+}
+
+/// Query of a pause.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PauseQuery {
+    /// Seconds until delivery resumes by itself; absent: until resumed.
+    pub for_secs: Option<u64>,
+}
+
+/// `POST /v1/admin/queues/{priority}/pause`.
+pub async fn pause(
+    State(state): State<AppState>,
+    ApiPath(p): ApiPath<String>,
+    ApiQuery(q): ApiQuery<PauseQuery>,
+) -> Response {
+    pause_or_resume(&state, &p, false, q.for_secs).await
+}
+
+/// `POST /v1/admin/queues/{priority}/resume`.
+pub async fn resume(State(state): State<AppState>, ApiPath(p): ApiPath<String>) -> Response {
+    pause_or_resume(&state, &p, true, None).await
+}
+
+async fn pause_or_resume(state: &AppState, p: &str, resume: bool, for_secs: Option<u64>) -> Response {
+    let p = match priority(p) {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    if for_secs == Some(0) {
+        return ApiError::new(ErrorCode::InvalidRequest, "for_secs must be at least 1")
+            .param("for_secs")
+            .into_response();
+    }
+    let secs = for_secs.map(|s| s.min(100 * 365 * 24 * 3600));
+    match ops::pause_priority(&state.js, p, resume, secs.map(Duration::from_secs)).await {
+        Ok(consumers) => {
+            tracing::info!(priority = %p, resume, ?for_secs, "admin: {} a priority", if resume { "resumed" } else { "paused" });
+            Json(json!({"priority": p, "paused": !resume, "consumers": consumers})).into_response()
+        }
+        Err(e) => internal(format!("{e:#}")),
+    }
+}
+
+/// `GET /v1/admin/workers`.
+pub async fn workers(State(state): State<AppState>) -> Response {
+    match crate::registry::list(&state.js, state.worker_ttl_secs.max(1) * 1000).await {
+        Ok(list) => Json(json!({ "workers": list })).into_response(),
+        Err(e) => internal(format!("{e:#}")),
+    }
+}
+
+/// `POST /v1/admin/workers/{id}/drain`.
+pub async fn drain_worker(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Response {
+    control(&state, &id, true).await
+}
+
+/// `POST /v1/admin/workers/{id}/resume`.
+pub async fn resume_worker(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Response {
+    control(&state, &id, false).await
+}
+
+async fn control(state: &AppState, id: &str, drain: bool) -> Response {
+    match ops::drain_worker(&state.client, id, drain).await {
+        Ok(s) => {
+            tracing::info!(worker = id, drain, "admin: worker {}", if drain { "drained" } else { "resumed" });
+            Json(s).into_response()
+        }
+        Err(e @ OpsError::NoSuchWorker(_)) => ApiError::new(ErrorCode::NotFound, e.to_string()).into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+/// Which dead letters: every given field must match.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DlqFilter {
+    /// Model name.
+    pub model: Option<String>,
+    /// Priority class.
+    pub priority: Option<Priority>,
+    /// Error code (`decode_error`, `max_deliver_exceeded`, ...).
+    pub code: Option<String>,
+    /// Request id.
+    pub id: Option<String>,
+    /// Tenant.
+    pub tenant: Option<String>,
+}
+
+impl DlqFilter {
+    fn parse(&self) -> Result<crate::dlq::Filter, ApiError> {
+        let mut pairs = Vec::new();
+        let fields = [
+            ("model", self.model.clone()),
+            ("priority", self.priority.map(|p| p.as_str().to_string())),
+            ("code", self.code.clone()),
+            ("id", self.id.clone()),
+            ("tenant", self.tenant.clone()),
+        ];
+        for (k, v) in fields {
+            if let Some(v) = v {
+                pairs.push(format!("{k}={v}"));
+            }
+        }
+        crate::dlq::Filter::parse(&pairs).map_err(|e| ApiError::new(ErrorCode::InvalidRequest, format!("{e:#}")))
+    }
+}
+
+/// Query of `GET /v1/admin/dlq`.
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct DlqQuery {
+    /// Most letters returned (default 100, at most 10,000).
+    pub limit: Option<usize>,
+    /// The filter.
+    #[serde(flatten)]
+    pub filter: DlqFilter,
+}
+
+/// `GET /v1/admin/dlq`.
+pub async fn dlq_list(State(state): State<AppState>, ApiQuery(q): ApiQuery<DlqQuery>) -> Response {
+    let filter = match q.filter.parse() {
+        Ok(f) => f,
+        Err(e) => return e.into_response(),
+    };
+    let limit = q.limit.unwrap_or(100).min(10_000);
+    let letters = async {
+        let stream = crate::dlq::open(&state.js).await?;
+        crate::dlq::read(&stream, &filter, limit).await
+    };
+    match letters.await {
+        Ok(ls) => Json(json!({"letters": ls.iter().map(|l| l.summary()).collect::<Vec<_>>()})).into_response(),
+        Err(e) => internal(format!("{e:#}")),
+    }
+}
+
+/// Body of `POST /v1/admin/dlq/replay`.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayBody {
+    /// Which letters (all when absent).
+    #[serde(default)]
+    pub filter: DlqFilter,
+    /// Most letters replayed (default 1,000).
+    pub limit: Option<usize>,
+    /// Keep the letters in the DLQ after replaying them.
+    #[serde(default)]
+    pub keep: bool,
+    /// Report what would be replayed, change nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// `POST /v1/admin/dlq/replay`.
+pub async fn dlq_replay(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+    let body: ReplayBody = match body.map_err(ApiError::from_body_rejection).and_then(|b| parse_json(&b)) {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let filter = match body.filter.parse() {
+        Ok(f) => f,
+        Err(e) => return e.into_response(),
+    };
+    let limit = body.limit.unwrap_or(1000);
+    match crate::dlq::replay_with(&state.js, &filter, limit, body.keep, body.dry_run).await {
+        Ok(done) => {
+            tracing::info!(
+                replayed = done.replayed,
+                skipped = done.skipped,
+                dry_run = body.dry_run,
+                "admin: DLQ replay"
+            );
+            Json(done).into_response()
+        }
+        Err(e) => internal(format!("{e:#}")),
+    }
+}
+
+/// Body of `POST /v1/admin/cache/purge`.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PurgeBody {
+    /// Models whose cached answers are dropped (all configured when empty).
+    #[serde(default)]
+    pub models: Vec<String>,
+}
+
+/// `POST /v1/admin/cache/purge`.
+pub async fn cache_purge(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+    let body: PurgeBody = match body.map_err(ApiError::from_body_rejection).and_then(|b| parse_json(&b)) {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    if let Some(m) = body.models.iter().find(|m| !state.models.contains(*m)) {
+        return ApiError::new(ErrorCode::UnknownModel, format!("model `{m}` is not configured"))
+            .param("models")
+            .into_response();
+    }
+    match crate::cache_cli::purge_with(&state.js, &state.models, body.models).await {
+        Ok(done) => {
+            let purged: BTreeMap<String, String> = done.into_iter().collect();
+            tracing::info!(models = ?purged.keys().collect::<Vec<_>>(), "admin: cache purged");
+            Json(json!({ "generations": purged })).into_response()
+        }
+        Err(e) => internal(format!("{e:#}")),
+    }
 }

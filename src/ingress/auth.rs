@@ -170,6 +170,9 @@ impl AuthConfig {
     /// A copy with secrets replaced by `"<redacted>"`, for display.
     pub fn redacted(&self) -> AuthConfig {
         let mut c = self.clone();
+        for k in &mut c.api_keys {
+            k.sha256 = "<redacted>".into();
+        }
         for k in &mut c.jwt_keys {
             if k.secret.is_some() {
                 k.secret = Some("<redacted>".into());

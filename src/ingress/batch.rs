@@ -20,10 +20,9 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use async_nats::jetstream::kv;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Extension, Path, Query, State};
+use axum::extract::{Extension, State};
 use axum::http::{HeaderMap as HttpHeaders, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -33,38 +32,18 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::auth::Principal;
-use super::error::{parse_json, status_of, ApiError};
+use super::error::{parse_json, status_of, ApiError, ApiPath, ApiQuery};
 use super::native::{draft_into_prepared, send, Prepared};
 use super::openai::{chat_draft, completion_draft, object, Kind};
 use super::AppState;
 
 /// The bucket's name (part of the NATS topology).
-pub const BUCKET: &str = "fleet_batches";
+pub const BUCKET: &str = retro_fleet_schemas::subjects::BATCHES_BUCKET;
 
 /// Custom ids per KV entry.
 const CHUNK: usize = 1000;
 /// Longest custom id.
 const MAX_CUSTOM_ID: usize = 256;
-
-/// Opens `fleet_batches`, creating it when missing; entries live as long as results.
-pub async fn open_bucket(js: &async_nats::jetstream::Context, max_age_secs: u64) -> anyhow::Result<kv::Store> {
-    if let Ok(kv) = js.get_key_value(BUCKET).await {
-        return Ok(kv);
-    }
-    let created = js
-        .create_key_value(kv::Config {
-            bucket: BUCKET.to_string(),
-            description: "retro-fleet batches: records and custom ids".into(),
-            history: 1,
-            max_age: Duration::from_secs(max_age_secs.max(1)),
-            ..Default::default()
-        })
-        .await;
-    match created {
-        Ok(kv) => Ok(kv),
-        Err(e) => js.get_key_value(BUCKET).await.map_err(|_| anyhow::anyhow!("KV bucket {BUCKET}: {e}")),
-    }
-}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -202,7 +181,7 @@ fn prepare(
 pub async fn create(
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
-    Query(q): Query<CreateQuery>,
+    ApiQuery(q): ApiQuery<CreateQuery>,
     h: HttpHeaders,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
@@ -333,7 +312,7 @@ async fn load_with_results(
 pub async fn get(
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Response {
     let (record, rs) = match load_with_results(&state, &who.tenant, &id).await {
         Ok(x) => x,
@@ -348,7 +327,7 @@ pub async fn get(
 pub async fn get_results(
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Response {
     let (record, rs) = match load_with_results(&state, &who.tenant, &id).await {
         Ok(x) => x,

@@ -5,7 +5,8 @@
 //! - [`openai`]: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`.
 //! - [`replies`]: the per-process inbox, demultiplexed by request id.
 //! - [`error`]: API errors and their one mapping to HTTP status.
-//! - [`admin`]: `/v1/admin/*` (role admin): config (redacted), queue depths.
+//! - [`admin`]: `/v1/admin/*` (role admin): config (redacted), queues and
+//!   pausing them, workers and draining them, dead letters, cache purge.
 //! - [`auth`]: API keys, JWTs, roles and the tenant of a caller.
 //! - [`jwt`]: verifying HS256/RS256/ES256 tokens and their claims.
 //! - [`ratelimit`]: request and token limits, in process or shared via NATS KV.
@@ -113,6 +114,8 @@ pub struct Ingress {
     pub batches: async_nats::jetstream::kv::Store,
     /// The configuration with secrets redacted (`/v1/admin/config`).
     pub config_view: serde_json::Value,
+    /// Registry entries older than this are not live (`/v1/admin/workers`).
+    pub worker_ttl_secs: u64,
 }
 
 /// Handle to the shared state.
@@ -127,8 +130,10 @@ impl Ingress {
             tracing::warn!("ingress authentication is off: every caller may submit and read (ingress.auth.enabled)");
         }
         let js = jetstream::new(client.clone());
-        let limits = ratelimit::Limiter::new(config.ingress.rate_limit.clone(), &js).await?;
-        let batches = batch::open_bucket(&js, config.topology.results_max_age_secs).await?;
+        let bucket = |name| crate::topology::ingress_bucket(config, name);
+        let limits =
+            ratelimit::Limiter::new(config.ingress.rate_limit.clone(), &js, bucket(ratelimit::kv::BUCKET)).await?;
+        let batches = crate::topology::open_bucket(&js, bucket(batch::BUCKET)).await?;
         let replies = Replies::start(&client, metrics.unclaimed.clone()).await?;
         Ok(Arc::new(Ingress {
             js,
@@ -136,6 +141,7 @@ impl Ingress {
             limits,
             batches,
             config_view: admin::redacted(config),
+            worker_ttl_secs: config.topology.worker_ttl_secs,
             client,
             cfg: config.ingress.clone(),
             models: config.models.keys().cloned().collect(),
@@ -163,8 +169,17 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(openai::models))
         .route("/v1/batches/{id}", get(batch::get))
         .route("/v1/batches/{id}/results", get(batch::get_results));
-    let admin =
-        Router::new().route("/v1/admin/config", get(admin::config)).route("/v1/admin/queues", get(admin::queues));
+    let admin = Router::new()
+        .route("/v1/admin/config", get(admin::config))
+        .route("/v1/admin/queues", get(admin::queues))
+        .route("/v1/admin/queues/{priority}/pause", post(admin::pause))
+        .route("/v1/admin/queues/{priority}/resume", post(admin::resume))
+        .route("/v1/admin/workers", get(admin::workers))
+        .route("/v1/admin/workers/{id}/drain", post(admin::drain_worker))
+        .route("/v1/admin/workers/{id}/resume", post(admin::resume_worker))
+        .route("/v1/admin/dlq", get(admin::dlq_list))
+        .route("/v1/admin/dlq/replay", post(admin::dlq_replay))
+        .route("/v1/admin/cache/purge", post(admin::cache_purge));
     Router::new()
         .merge(guarded(RouteClass::Submit, submit))
         .merge(guarded(RouteClass::Admin, admin))
@@ -172,6 +187,7 @@ pub fn router(state: AppState) -> Router {
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
         .route("/metrics", get(metrics))
+        .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::middleware::from_fn_with_state(state.clone(), count_requests))
         .layer(axum::middleware::from_fn(guard::request_id))
@@ -188,6 +204,13 @@ async fn count_requests(
     let resp = next.run(req).await;
     state.metrics.http.with_label_values(&[&route, resp.status().as_str()]).inc();
     resp
+}
+
+async fn not_found(uri: axum::http::Uri) -> error::ApiError {
+    error::ApiError::new(
+        retro_fleet_schemas::ErrorCode::NotFound,
+        format!("no route {} (see /openapi.json)", uri.path()),
+    )
 }
 
 async fn live() -> &'static str {

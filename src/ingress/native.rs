@@ -8,7 +8,7 @@ use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::HeaderMap;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Extension, Path, State};
+use axum::extract::{Extension, State};
 use axum::http::{HeaderMap as HttpHeaders, StatusCode};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
@@ -21,7 +21,7 @@ use retro_fleet_schemas::{
 use serde::{Deserialize, Serialize};
 
 use super::auth::Principal;
-use super::error::{field_of, parse_json, ApiError, REQUEST_ID};
+use super::error::{field_of, parse_json, ApiError, ApiPath, REQUEST_ID};
 use super::ratelimit::{self, RouteClass, Unit};
 use super::replies::{Reply, Waiter};
 use super::AppState;
@@ -463,7 +463,7 @@ pub async fn infer_async(
 pub async fn get_result(
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Response {
     let tenant = who.tenant;
     if !subjects::is_token(&id) {

@@ -185,9 +185,15 @@ impl Sampler {
             m.pending.with_label_values(&labels).set(info.num_pending as i64);
             m.ack_pending.with_label_values(&labels).set(ack_pending as i64);
             m.redelivered.with_label_values(&labels).set(info.num_redelivered as i64);
+            let acc = accs.entry(model.clone()).or_default();
+            if info.paused {
+                // an operator paused this class: its queue is nobody's work
+                // until resumed, and its rates restart from then
+                inner.seen.remove(&(p, model));
+                continue;
+            }
             let now =
                 Seen { t, delivered: info.delivered.consumer_sequence, ack_pending, lag, pending: info.num_pending };
-            let acc = accs.entry(model.clone()).or_default();
             acc.backlog[p.index()] += lag;
             if let Some(prev) = inner.seen.insert((p, model), now) {
                 let dt = t - prev.t;

@@ -315,3 +315,51 @@ pub async fn stored_result(js: &async_nats::jetstream::Context, tenant: &str, id
 pub async fn stream_len(js: &async_nats::jetstream::Context, name: &str) -> u64 {
     js.get_stream(name).await.unwrap().info().await.unwrap().state.messages
 }
+
+/// An HTTP client of one ingress.
+pub struct Http {
+    pub client: reqwest::Client,
+    pub base: String,
+}
+
+impl Http {
+    /// A client of the ingress at `base`.
+    pub fn new(base: &str) -> Http {
+        Http { client: reqwest::Client::new(), base: base.to_string() }
+    }
+
+    /// Sends `method path` with an optional bearer credential and JSON body.
+    pub async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        bearer: Option<&str>,
+        body: Option<serde_json::Value>,
+    ) -> reqwest::Response {
+        let url = format!("{}{path}", self.base);
+        let mut r = match method {
+            "GET" => self.client.get(url),
+            _ => self.client.post(url),
+        };
+        if let Some(b) = bearer {
+            r = r.bearer_auth(b);
+        }
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        r.send().await.unwrap()
+    }
+
+    /// [`Http::send`], then the status and the JSON answer.
+    pub async fn json(
+        &self,
+        method: &str,
+        path: &str,
+        bearer: Option<&str>,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let r = self.send(method, path, bearer, body).await;
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or_default())
+    }
+}

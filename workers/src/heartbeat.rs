@@ -117,25 +117,29 @@ async fn bucket(sh: &Shared) -> Option<kv::Store> {
 }
 
 /// Heartbeats every `every` until `stop` fires, then deletes this worker's
-/// key. After `shutdown` fires (and before `stop`) heartbeats say `draining`.
+/// key. After `shutdown` fires (and before `stop`), and while an operator
+/// has drained the worker, heartbeats say `draining`.
 pub async fn run(sh: Arc<Shared>, every: Duration, shutdown: CancellationToken, stop: CancellationToken) {
     let key = kv_key(&sh.worker_id);
     let mut beat = Beat { started_ms: unix_ms(), last: totals(&sh), at: Instant::now() };
     let mut store = None;
     let mut ticks = tokio::time::interval(every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut draining = false;
+    let mut stopping = false;
+    let mut quiet = sh.quiet.subscribe();
     loop {
         tokio::select! {
             _ = ticks.tick() => {}
-            _ = shutdown.cancelled(), if !draining => draining = true,
+            _ = shutdown.cancelled(), if !stopping => stopping = true,
+            // an operator's drain or resume shows at once
+            Ok(()) = quiet.changed() => {}
             _ = stop.cancelled() => break,
         }
         if store.is_none() {
             store = bucket(&sh).await;
         }
         let Some(kv) = &store else { continue };
-        let info = beat.next(&sh, draining);
+        let info = beat.next(&sh, stopping || *quiet.borrow_and_update());
         let value = Bytes::from(serde_json::to_vec(&info).expect("worker info is JSON"));
         if let Err(e) = kv.put(&key, value).await {
             tracing::debug!(error = %e, "heartbeat failed");

@@ -22,6 +22,7 @@ pub mod breaker;
 pub mod cache;
 pub mod cancel;
 pub mod config;
+pub mod control;
 pub mod heartbeat;
 pub mod hub;
 pub mod lora;

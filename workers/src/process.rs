@@ -52,6 +52,8 @@ pub struct Shared {
     pub cache: Option<Arc<ResultCache>>,
     /// Cancel tokens of running requests.
     pub cancels: Arc<crate::cancel::Cancels>,
+    /// Drained by an operator: take no new requests (see [`crate::control`]).
+    pub quiet: tokio::sync::watch::Sender<bool>,
 }
 
 pub(crate) fn header<'a>(h: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {

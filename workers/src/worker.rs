@@ -12,7 +12,9 @@
 //!
 //! Shutdown is an argument: when it fires the loop stops taking messages,
 //! hands prefetched ones back (nak, so other workers get them at once),
-//! waits for in-flight work up to the drain timeout, and returns.
+//! waits for in-flight work up to the drain timeout, and returns. An
+//! operator's drain ([`crate::control`]) does the same without returning:
+//! the loop closes its pull streams and waits until it is resumed.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -91,6 +93,21 @@ impl Pulling {
     }
 }
 
+/// Hands prefetched messages back (so other workers take them now instead
+/// of after ack_wait) and closes the pull streams. Returns how many.
+async fn hand_back(pulling: &mut [Vec<Pulling>; 3]) -> usize {
+    let mut handed_back = 0;
+    for p in pulling.iter_mut().flatten() {
+        while let Some(msg) = p.ready() {
+            if msg.ack_with(AckKind::Nak(None)).await.is_ok() {
+                handed_back += 1;
+            }
+        }
+        p.stream = None;
+    }
+    handed_back
+}
+
 /// A worker bound to its consumers and backends.
 pub struct Worker {
     shared: Arc<Shared>,
@@ -137,6 +154,7 @@ impl Worker {
             ack_wait,
             cache,
             cancels: Default::default(),
+            quiet: tokio::sync::watch::Sender::new(false),
         };
         Ok(Worker { shared: Arc::new(shared), sources, breakers: None })
     }
@@ -181,6 +199,14 @@ impl Worker {
             let every = Duration::from_millis(cfg.unrouted_sweep_ms);
             tokio::spawn(crate::sweeper::run(self.shared.clone(), every, stop_sweeper.clone()));
         }
+        tokio::spawn(crate::control::listen(
+            self.shared.client.clone(),
+            self.shared.worker_id.clone(),
+            self.shared.quiet.clone(),
+            self.shared.metrics.inflight.clone(),
+            stop_cancels.clone(),
+        ));
+        let mut quiet = self.shared.quiet.subscribe();
         let stop_heartbeat = CancellationToken::new();
         let heartbeat = (cfg.heartbeat_ms > 0).then(|| {
             let every = Duration::from_millis(cfg.heartbeat_ms);
@@ -205,8 +231,17 @@ impl Worker {
         let mut rotation = 0usize;
 
         'pull: loop {
+            if *quiet.borrow_and_update() {
+                let handed_back = hand_back(&mut pulling).await;
+                tracing::info!(handed_back, "drained by an operator: taking no new requests until resumed");
+                tokio::select! {
+                    _ = quiet.wait_for(|q| !q) => continue 'pull,
+                    _ = shutdown.cancelled() => break 'pull,
+                }
+            }
             let slot = tokio::select! {
                 p = slots.clone().acquire_owned() => p.expect("semaphore never closed"),
+                _ = quiet.changed() => continue 'pull,
                 _ = shutdown.cancelled() => break,
             };
             for p in pulling.iter_mut().flatten() {
@@ -247,6 +282,7 @@ impl Worker {
                             }
                             None => continue 'pull,
                         },
+                        _ = quiet.changed() => continue 'pull,
                         _ = shutdown.cancelled() => break 'pull,
                     }
                 }
@@ -256,17 +292,7 @@ impl Worker {
             tasks.spawn(process::handle(self.shared.clone(), priority, msg, slot));
         }
 
-        // Hand prefetched messages back so other workers take them now
-        // instead of after ack_wait.
-        let mut handed_back = 0;
-        for p in pulling.iter_mut().flatten() {
-            while let Some(msg) = p.ready() {
-                if msg.ack_with(AckKind::Nak(None)).await.is_ok() {
-                    handed_back += 1;
-                }
-            }
-            p.stream = None;
-        }
+        let handed_back = hand_back(&mut pulling).await;
         let drain = Duration::from_millis(cfg.drain_timeout_ms);
         let inflight = cfg.max_inflight - slots.available_permits();
         tracing::info!(inflight, handed_back, ?drain, "shutdown: stopped pulling, draining in-flight work");

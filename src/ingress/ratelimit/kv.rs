@@ -24,7 +24,7 @@ use sha2::{Digest, Sha256};
 use super::algo::{self, Algorithm, Counter, Decision, Rule};
 
 /// The bucket's name (part of the NATS topology).
-pub const BUCKET: &str = "fleet_ratelimit";
+pub const BUCKET: &str = retro_fleet_schemas::subjects::RATELIMIT_BUCKET;
 
 /// How long a check under contention keeps retrying before it refuses.
 const MAX_WAIT: Duration = Duration::from_millis(500);
@@ -52,28 +52,10 @@ pub fn kv_key(key: &str) -> String {
 }
 
 impl KvStore {
-    /// Opens the bucket, creating it when missing. Entries live `max_age`
-    /// after their last write: long enough for any counter to be full again.
-    pub async fn open(js: &async_nats::jetstream::Context, max_age_secs: u64) -> anyhow::Result<KvStore> {
-        if let Ok(kv) = js.get_key_value(BUCKET).await {
-            return Ok(KvStore { kv, turns: Default::default() });
-        }
-        let created = js
-            .create_key_value(kv::Config {
-                bucket: BUCKET.to_string(),
-                description: "retro-fleet distributed rate-limit counters".into(),
-                history: 1,
-                max_age: Duration::from_secs(max_age_secs.max(1)),
-                storage: async_nats::jetstream::stream::StorageType::Memory,
-                ..Default::default()
-            })
-            .await;
-        let kv = match created {
-            Ok(kv) => kv,
-            // another replica created it first
-            Err(e) => js.get_key_value(BUCKET).await.map_err(|_| anyhow::anyhow!("KV bucket {BUCKET}: {e}"))?,
-        };
-        Ok(KvStore { kv, turns: Default::default() })
+    /// Opens the bucket (see [`crate::topology::ingress_buckets`]),
+    /// creating it when missing.
+    pub async fn open(js: &async_nats::jetstream::Context, bucket: kv::Config) -> anyhow::Result<KvStore> {
+        Ok(KvStore { kv: crate::topology::open_bucket(js, bucket).await?, turns: Default::default() })
     }
 
     /// Checks `cost` against `rule` for `key`, atomically across replicas.

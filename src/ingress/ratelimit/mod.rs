@@ -224,11 +224,15 @@ impl Limiter {
         Limiter { cfg, store: Store::Local(LocalStore::new()) }
     }
 
-    /// The configured limiter (opens the KV bucket for the `nats` backend).
-    pub async fn new(cfg: RateLimitConfig, js: &async_nats::jetstream::Context) -> anyhow::Result<Limiter> {
+    /// The configured limiter (opens `bucket` for the `nats` backend).
+    pub async fn new(
+        cfg: RateLimitConfig,
+        js: &async_nats::jetstream::Context,
+        bucket: async_nats::jetstream::kv::Config,
+    ) -> anyhow::Result<Limiter> {
         let store = match cfg.backend {
             Backend::Local => Store::Local(LocalStore::new()),
-            Backend::Nats if cfg.enabled => Store::Nats(kv::KvStore::open(js, cfg.max_age_secs()).await?),
+            Backend::Nats if cfg.enabled => Store::Nats(kv::KvStore::open(js, bucket).await?),
             Backend::Nats => Store::Local(LocalStore::new()),
         };
         Ok(Limiter { cfg, store })
