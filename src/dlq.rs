@@ -239,7 +239,7 @@ pub async fn show(config: &Config, seq: u64) -> anyhow::Result<()> {
 }
 
 /// What replay did with one letter.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
 pub struct Outcome {
     /// Sequence of the letter in `FLEET_DLQ`.
     pub seq: u64,
@@ -252,7 +252,7 @@ pub struct Outcome {
 }
 
 /// What replay did with the letters it looked at.
-#[derive(Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Default, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
 pub struct Replayed {
     /// Re-published (or, in a dry run, would be).
     pub replayed: usize,

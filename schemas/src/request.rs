@@ -88,9 +88,11 @@ pub struct SamplingParams {
     pub max_tokens: Option<u32>,
     /// Temperature; 0 means greedy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 2.0))]
     pub temperature: Option<f64>,
-    /// Nucleus sampling mass.
+    /// Nucleus sampling mass, in (0, 1].
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 1.0), extend("exclusiveMinimum" = 0.0))]
     pub top_p: Option<f64>,
     /// Top-k sampling.
     #[serde(default, skip_serializing_if = "Option::is_none")]

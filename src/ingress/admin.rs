@@ -168,19 +168,28 @@ impl DlqFilter {
     }
 }
 
-/// Query of `GET /v1/admin/dlq`.
+/// Query of `GET /v1/admin/dlq`: the filter's fields, and a limit.
 #[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct DlqQuery {
     /// Most letters returned (default 100, at most 10,000).
     pub limit: Option<usize>,
-    /// The filter.
-    #[serde(flatten)]
-    pub filter: DlqFilter,
+    /// Model name.
+    pub model: Option<String>,
+    /// Priority class.
+    pub priority: Option<Priority>,
+    /// Error code.
+    pub code: Option<String>,
+    /// Request id.
+    pub id: Option<String>,
+    /// Tenant.
+    pub tenant: Option<String>,
 }
 
 /// `GET /v1/admin/dlq`.
 pub async fn dlq_list(State(state): State<AppState>, ApiQuery(q): ApiQuery<DlqQuery>) -> Response {
-    let filter = match q.filter.parse() {
+    let filter = DlqFilter { model: q.model, priority: q.priority, code: q.code, id: q.id, tenant: q.tenant };
+    let filter = match filter.parse() {
         Ok(f) => f,
         Err(e) => return e.into_response(),
     };

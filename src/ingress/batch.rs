@@ -75,7 +75,8 @@ pub struct Record {
 }
 
 /// `?priority=` of `POST /v1/batches`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct CreateQuery {
     /// `high`, `normal` or `low` (default).
     #[serde(default)]

@@ -142,20 +142,29 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
 
 /// The error object: our stable `code`, `message` and `retryable`, plus
 /// OpenAI's `type` and `param`, so OpenAI clients read it as their own.
-#[derive(Serialize)]
-struct Body<'a> {
+#[derive(Serialize, schemars::JsonSchema)]
+#[schemars(rename = "Error")]
+pub(crate) struct Body<'a> {
+    /// What went wrong.
     error: Inner<'a>,
+    /// The request's id, when one was assigned (its result may still come).
     #[serde(skip_serializing_if = "Option::is_none")]
     request_id: Option<&'a str>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, schemars::JsonSchema)]
+#[schemars(rename = "ErrorDetail")]
 struct Inner<'a> {
+    /// Stable code (`invalid_request`, `not_found`, `unauthenticated`, ...).
     code: &'a str,
+    /// For people: what went wrong and what to do.
     message: &'a str,
+    /// Whether the same request may succeed later.
     retryable: bool,
+    /// OpenAI's error type.
     #[serde(rename = "type")]
     kind: &'a str,
+    /// The part of the request at fault (`params.temperature`, `query`).
     param: Option<&'a str>,
 }
 
@@ -233,6 +242,10 @@ pub const REQUEST_ID: &str = "x-request-id";
 /// of the field at fault in `param`, both with serde's message.
 pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     use serde_json::error::Category;
+    // every body is an object; serde would also read a struct from an array
+    if body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+        return Err(ApiError::new(ErrorCode::InvalidRequest, "the request body must be a JSON object, not an array"));
+    }
     let mut de = serde_json::Deserializer::from_slice(body);
     let (e, path) = match serde_path_to_error::deserialize::<_, T>(&mut de) {
         Ok(v) => match de.end() {

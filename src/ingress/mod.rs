@@ -10,6 +10,7 @@
 //! - [`auth`]: API keys, JWTs, roles and the tenant of a caller.
 //! - [`jwt`]: verifying HS256/RS256/ES256 tokens and their claims.
 //! - [`ratelimit`]: request and token limits, in process or shared via NATS KV.
+//! - [`openapi`]: `GET /openapi.json`, generated from the handlers' types.
 //! - [`batch`]: `POST /v1/batches` (JSONL), progress and results; KV `fleet_batches`.
 //! - [`guard`]: middleware: request ids; credential, role and rate limit per route class.
 //! - this file: shared state, health, metrics, the router and `serve`.
@@ -22,6 +23,7 @@ pub mod guard;
 pub mod jwt;
 pub mod native;
 pub mod openai;
+pub mod openapi;
 pub mod ratelimit;
 pub mod replies;
 
@@ -116,6 +118,8 @@ pub struct Ingress {
     pub config_view: serde_json::Value,
     /// Registry entries older than this are not live (`/v1/admin/workers`).
     pub worker_ttl_secs: u64,
+    /// The OpenAPI document (`/openapi.json`).
+    pub openapi: serde_json::Value,
 }
 
 /// Handle to the shared state.
@@ -135,6 +139,8 @@ impl Ingress {
             ratelimit::Limiter::new(config.ingress.rate_limit.clone(), &js, bucket(ratelimit::kv::BUCKET)).await?;
         let batches = crate::topology::open_bucket(&js, bucket(batch::BUCKET)).await?;
         let replies = Replies::start(&client, metrics.unclaimed.clone()).await?;
+        let models: BTreeSet<String> = config.models.keys().cloned().collect();
+        let openapi = openapi::spec(&models, auth.enabled(), limits.enabled());
         Ok(Arc::new(Ingress {
             js,
             auth,
@@ -142,9 +148,10 @@ impl Ingress {
             batches,
             config_view: admin::redacted(config),
             worker_ttl_secs: config.topology.worker_ttl_secs,
+            openapi,
             client,
             cfg: config.ingress.clone(),
-            models: config.models.keys().cloned().collect(),
+            models,
             replies,
             metrics,
             registry,
@@ -187,6 +194,7 @@ pub fn router(state: AppState) -> Router {
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(|State(s): State<AppState>| async move { Json(s.openapi.clone()) }))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::middleware::from_fn_with_state(state.clone(), count_requests))

@@ -28,7 +28,7 @@ use super::AppState;
 
 /// Body of `POST /v1/infer` and `/v1/infer/async`. Give the prompt as
 /// `input`, or as the shorthands `prompt` (completion) or `messages` (chat).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NativeRequest {
     /// Model name.
@@ -69,7 +69,7 @@ pub struct NativeRequest {
 }
 
 /// Answer of `POST /v1/infer/async`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, schemars::JsonSchema)]
 pub struct Accepted {
     /// Request id.
     pub id: String,
@@ -256,14 +256,16 @@ async fn charge_tokens(state: &AppState, p: &Prepared) -> Result<(), ApiError> {
 }
 
 /// Charges the caller's token limit, then [`send`]s.
-async fn publish(state: &AppState, p: &Prepared, reply: Option<&str>) -> Result<(), ApiError> {
+async fn publish(state: &AppState, p: &Prepared, reply: Option<&str>) -> Result<bool, ApiError> {
     charge_tokens(state, p).await?;
     send(state, p, reply).await
 }
 
 /// Publishes to the priority stream and waits for JetStream to store it.
-/// A full queue is 503 with `Retry-After`.
-pub async fn send(state: &AppState, p: &Prepared, reply: Option<&str>) -> Result<(), ApiError> {
+/// A full queue is 503 with `Retry-After`. Returns whether JetStream
+/// dropped it as a duplicate: its request id was sent before, within the
+/// duplicate window.
+pub async fn send(state: &AppState, p: &Prepared, reply: Option<&str>) -> Result<bool, ApiError> {
     let id = &p.req.id;
     let mut h = HeaderMap::new();
     h.insert(headers::MSG_ID, id.as_str());
@@ -287,9 +289,9 @@ pub async fn send(state: &AppState, p: &Prepared, reply: Option<&str>) -> Result
         Err(e) => Err(e),
     };
     match ack {
-        Ok(_) => {
+        Ok(ack) => {
             state.metrics.published.with_label_values(&[p.priority.as_str()]).inc();
-            Ok(())
+            Ok(ack.duplicate)
         }
         Err(e) => {
             let text = e.to_string();
@@ -321,11 +323,16 @@ fn result_response(result: InferResult) -> Response {
 /// Publishes `p` and waits for its result; a timeout is 504 with the id.
 pub async fn call(state: &AppState, p: &Prepared) -> Result<InferResult, ApiError> {
     let started = Instant::now();
-    let (reply, mut waiter) = state.replies.register(&p.req.id);
-    if let Err(e) = publish(state, p, Some(&reply)).await {
-        waiter.disarm();
-        return Err(e);
-    }
+    let waiter = open_stream(state, p).await?;
+    wait_result(state, p, waiter, started).await
+}
+
+async fn wait_result(
+    state: &AppState,
+    p: &Prepared,
+    mut waiter: Waiter,
+    started: Instant,
+) -> Result<InferResult, ApiError> {
     let id = &p.req.id;
     let outcome = tokio::time::timeout(p.timeout, waiter.result()).await;
     let (label, result) = match outcome {
@@ -354,11 +361,44 @@ pub async fn call(state: &AppState, p: &Prepared) -> Result<InferResult, ApiErro
 /// Publishes `p` and returns the waiter of its chunks and result.
 pub async fn open_stream(state: &AppState, p: &Prepared) -> Result<Waiter, ApiError> {
     let (reply, mut waiter) = state.replies.register(&p.req.id);
-    if let Err(e) = publish(state, p, Some(&reply)).await {
-        waiter.disarm();
-        return Err(e);
+    match publish(state, p, Some(&reply)).await {
+        Ok(false) => {}
+        Ok(true) => follow_duplicate(state, p, &mut waiter),
+        Err(e) => {
+            waiter.disarm();
+            return Err(e);
+        }
     }
     Ok(waiter)
+}
+
+/// A request id sent again within the duplicate window: JetStream kept the
+/// first request and dropped this one, so this caller gets the first one's
+/// result. It is read back from `FLEET_RESULTS` as soon as it is stored (at
+/// once if it already is), wherever the first call came from; a first call
+/// waiting in this process also shares its reply. This caller leaving does
+/// not cancel the first one's request.
+fn follow_duplicate(state: &AppState, p: &Prepared, waiter: &mut Waiter) {
+    waiter.disarm();
+    let feed = waiter.feeder();
+    let (js, subject) = (state.js.clone(), subjects::result(&p.tenant, &p.req.id));
+    let until = tokio::time::Instant::now() + p.timeout;
+    tracing::debug!(id = %p.req.id, "duplicate request id: following the first request's result");
+    tokio::spawn(async move {
+        let Ok(stream) = js.get_stream_no_info(subjects::RESULTS_STREAM).await else { return };
+        let mut every = Duration::from_millis(10);
+        while !feed.is_closed() && tokio::time::Instant::now() < until {
+            if let Ok(msg) = stream.direct_get_last_for_subject(subject.as_str()).await {
+                let ct = msg.headers.get(headers::CONTENT_TYPE).map(|v| v.as_str());
+                if let Ok(r) = codec::decode::<InferResult>(ct, &msg.payload) {
+                    let _ = feed.send(Reply::Result(Box::new(r)));
+                    return;
+                }
+            }
+            tokio::time::sleep(every).await;
+            every = (every * 2).min(Duration::from_millis(500));
+        }
+    });
 }
 
 /// `POST /v1/infer`: waits for the result (or streams it as SSE with `stream: true`).

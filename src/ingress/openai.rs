@@ -26,7 +26,7 @@ use super::replies::Reply;
 use super::AppState;
 
 /// A `stop` given as one string or a list.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(untagged)]
 enum Stop {
     One(String),
@@ -43,14 +43,14 @@ impl Stop {
 }
 
 /// Message content: a string, or a list of parts of which the text parts count.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(untagged)]
 enum Content {
     Text(String),
     Parts(Vec<Part>),
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 struct Part {
     #[serde(rename = "type")]
     kind: String,
@@ -58,14 +58,14 @@ struct Part {
     text: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 struct Message {
     role: String,
     #[serde(default)]
     content: Option<Content>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 struct StreamOptions {
     #[serde(default)]
     include_usage: bool,
@@ -74,7 +74,7 @@ struct StreamOptions {
 /// Fields shared by both endpoints. Fields OpenAI defines that have no
 /// meaning here (`user`, `logprobs`, penalties, ...) are accepted and ignored,
 /// as OpenAI clients send them; `n` other than 1 is refused.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 struct Common {
     model: String,
     #[serde(default)]
@@ -99,22 +99,22 @@ struct Common {
     stream_options: Option<StreamOptions>,
 }
 
-#[derive(Debug, Deserialize)]
-struct ChatRequest {
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub struct ChatRequest {
     #[serde(flatten)]
     common: Common,
     messages: Vec<Message>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(untagged)]
 enum PromptField {
     One(String),
     Many(Vec<String>),
 }
 
-#[derive(Debug, Deserialize)]
-struct CompletionRequest {
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub struct CompletionRequest {
     #[serde(flatten)]
     common: Common,
     prompt: PromptField,

@@ -5,6 +5,8 @@
 //! of chunks and the final result; the registration is removed when the
 //! [`Waiter`] is dropped (result received, timeout or caller gone), and late
 //! or duplicate replies for ids nobody waits on are dropped and counted.
+//! Several callers may wait on one id (a retry with the same request id
+//! while the first call still waits): each gets every reply.
 //! A waiter dropped before its result arrived (the HTTP caller disconnected
 //! or timed out) publishes a cancel on `fleet.ctl.cancel.<id>`, so the
 //! worker stops generating and stores the result `cancelled`.
@@ -17,7 +19,7 @@ use retro_fleet_schemas::{codec, headers, subjects, InferResult, StreamChunk};
 use tokio::sync::mpsc;
 
 /// A message on a request's reply subject.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Reply {
     /// A streamed delta.
     Chunk(StreamChunk),
@@ -25,7 +27,7 @@ pub enum Reply {
     Result(Box<InferResult>),
 }
 
-type Table = Arc<Mutex<HashMap<String, mpsc::UnboundedSender<Reply>>>>;
+type Table = Arc<Mutex<HashMap<String, Vec<(u64, mpsc::UnboundedSender<Reply>)>>>>;
 
 /// The inbox of this ingress process.
 #[derive(Clone)]
@@ -33,6 +35,7 @@ pub struct Replies {
     prefix: String,
     table: Table,
     client: async_nats::Client,
+    next_key: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Replies {
@@ -41,7 +44,7 @@ impl Replies {
         let prefix = client.new_inbox();
         let mut sub = client.subscribe(format!("{prefix}.*")).await?;
         let table: Table = Default::default();
-        let replies = Replies { prefix, table: table.clone(), client: client.clone() };
+        let replies = Replies { prefix, table: table.clone(), client: client.clone(), next_key: Default::default() };
         tokio::spawn(async move {
             while let Some(msg) = sub.next().await {
                 let Some(id) = msg.subject.rsplit('.').next() else { continue };
@@ -61,10 +64,16 @@ impl Replies {
                         continue;
                     }
                 };
-                let tx = table.lock().expect("reply table lock").get(id).cloned();
-                match tx {
-                    Some(tx) if tx.send(reply).is_ok() => {}
-                    _ => unclaimed.inc(),
+                let txs: Vec<_> = match table.lock().expect("reply table lock").get(id) {
+                    Some(v) => v.iter().map(|(_, tx)| tx.clone()).collect(),
+                    None => Vec::new(),
+                };
+                let mut delivered = false;
+                for tx in txs {
+                    delivered |= tx.send(reply.clone()).is_ok();
+                }
+                if !delivered {
+                    unclaimed.inc();
                 }
             }
         });
@@ -74,9 +83,17 @@ impl Replies {
     /// Registers `id`; returns its reply subject and a waiter.
     pub fn register(&self, id: &str) -> (String, Waiter) {
         let (tx, rx) = mpsc::unbounded_channel();
-        self.table.lock().expect("reply table lock").insert(id.to_string(), tx);
-        let waiter =
-            Waiter { id: id.to_string(), rx, table: self.table.clone(), client: self.client.clone(), armed: true };
+        let key = self.next_key.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.table.lock().expect("reply table lock").entry(id.to_string()).or_default().push((key, tx.clone()));
+        let waiter = Waiter {
+            id: id.to_string(),
+            key,
+            tx,
+            rx,
+            table: self.table.clone(),
+            client: self.client.clone(),
+            armed: true,
+        };
         (format!("{}.{id}", self.prefix), waiter)
     }
 }
@@ -84,6 +101,8 @@ impl Replies {
 /// Receives the replies of one request; unregisters on drop.
 pub struct Waiter {
     id: String,
+    key: u64,
+    tx: mpsc::UnboundedSender<Reply>,
     rx: mpsc::UnboundedReceiver<Reply>,
     table: Table,
     client: async_nats::Client,
@@ -116,11 +135,25 @@ impl Waiter {
     pub fn disarm(&mut self) {
         self.armed = false;
     }
+
+    /// A handle that feeds this waiter as a reply would (a result read back
+    /// from `FLEET_RESULTS`). Sending fails once the waiter is gone.
+    pub fn feeder(&self) -> mpsc::UnboundedSender<Reply> {
+        self.tx.clone()
+    }
 }
 
 impl Drop for Waiter {
     fn drop(&mut self) {
-        self.table.lock().expect("reply table lock").remove(&self.id);
+        {
+            let mut table = self.table.lock().expect("reply table lock");
+            if let Some(v) = table.get_mut(&self.id) {
+                v.retain(|(k, _)| *k != self.key);
+                if v.is_empty() {
+                    table.remove(&self.id);
+                }
+            }
+        }
         if self.armed {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 let (client, subject) = (self.client.clone(), subjects::cancel(&self.id));

@@ -1,0 +1,34 @@
+"""Schemathesis hooks for the retro-fleet conformance run (tests/openapi.rs).
+
+- `application/jsonl`: batch files are JSON Lines; generated values are
+  written one JSON document per line (a string is sent as it is).
+- `no_server_error` replaces schemathesis' `not_a_server_error` with one
+  exception: a 504 for a request that set its own deadline (`timeout_ms`) is
+  the answer the caller asked for when that deadline passes, not a fault.
+  Every other 5xx fails the run.
+"""
+
+import json
+
+import schemathesis
+
+
+@schemathesis.serializer("application/jsonl")
+def jsonl(ctx, value):
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    items = value if isinstance(value, list) else [value]
+    return "".join(json.dumps(v) + "\n" for v in items).encode("utf-8")
+
+
+@schemathesis.check
+def no_server_error(ctx, response, case):
+    status = response.status_code
+    if status < 500:
+        return None
+    body = case.body if isinstance(case.body, dict) else {}
+    if status == 504 and "timeout_ms" in body:
+        return None
+    raise AssertionError(f"server error {status} on {case.method} {case.path}: {response.text[:500]}")
