@@ -9,6 +9,9 @@
 # enough never to refuse: the check runs, nobody is turned away).
 #
 # Usage: scripts/bench-ingress.sh [WINDOW...]   (default: 64 1)
+#   BENCH_BEFORE=/path/to/older/retro-fleet adds a fourth ingress,
+#   `on-nats-before`: the on-nats settings served by that binary, to
+#   measure a change side by side.
 #   BENCH_PROFILE=debug uses a dev build (dependencies optimised, this
 #   project's code not: the auth and limit code then looks costlier).
 set -euo pipefail
@@ -60,13 +63,19 @@ sleep 0.5
 "$BIN/retro-fleet" --config "$WORKDIR/off.toml" topology apply >/dev/null
 "$BIN/retro-fleet" --config "$WORKDIR/off.toml" worker >"$WORKDIR/worker.log" 2>&1 &
 targets=()
+ports=()
 i=0
-for name in off on on-nats; do
+names=(off on on-nats)
+[ -z "${BENCH_BEFORE:-}" ] || names+=(on-nats-before)
+for name in "${names[@]}"; do
     port=$((18080 + i)); i=$((i + 1))
-    "$BIN/retro-fleet" --config "$WORKDIR/$name.toml" ingress --listen "127.0.0.1:$port" >"$WORKDIR/$name.log" 2>&1 &
+    bin="$BIN/retro-fleet" config="$WORKDIR/$name.toml"
+    [ "$name" != on-nats-before ] || { bin="$BENCH_BEFORE"; config="$WORKDIR/on-nats.toml"; }
+    "$bin" --config "$config" ingress --listen "127.0.0.1:$port" >"$WORKDIR/$name.log" 2>&1 &
     targets+=(--http "$name=http://127.0.0.1:$port")
+    ports+=("$port")
 done
-for port in 18080 18081 18082; do
+for port in "${ports[@]}"; do
     for _ in $(seq 100); do curl -fs "http://127.0.0.1:$port/health/ready" >/dev/null && break; sleep 0.1; done
 done
 for w in "${WINDOWS[@]}"; do
