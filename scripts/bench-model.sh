@@ -9,6 +9,8 @@
 #
 # Usage: scripts/bench-model.sh            (release build)
 #        PROFILE=debug scripts/bench-model.sh
+#        WORKER_MAX_INFLIGHT=N (256) and WORKER_BATCH=N (128) set the worker's
+#        max_inflight and batch_size.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/bench-lib.sh
@@ -25,8 +27,8 @@ data_dir = "$WORKDIR/data"
 [log]
 level = "warn"
 [worker]
-max_inflight = 256
-batch_size = 128
+max_inflight = ${WORKER_MAX_INFLIGHT:-256}
+batch_size = ${WORKER_BATCH:-128}
 [worker.cache]
 enabled = false
 [models.tiny]
@@ -39,6 +41,7 @@ sleep 0.5
 "$BIN/retro-fleet" --config "$WORKDIR/bench.toml" topology apply >/dev/null
 "$BIN/retro-fleet" --config "$WORKDIR/bench.toml" worker >"$WORKDIR/worker.log" 2>&1 &
 sleep 2
+echo "worker: max_inflight ${WORKER_MAX_INFLIGHT:-256}, batch_size ${WORKER_BATCH:-128}"
 echo "### tiny model, 32 tokens, greedy, window 64, 640 requests x 3 rounds: fleet vs direct"
 "$BIN/loadtest" --model tiny --greedy --max-tokens 32 --prompt-bytes 64 --window 64 --requests 640 --rounds 3 --direct "$WORKDIR/tiny"
 echo "### the same, streaming (time to first token)"
