@@ -97,6 +97,11 @@ pub enum Command {
         #[command(subcommand)]
         action: ModelAction,
     },
+    /// API keys kept in NATS KV (`fleet_api_keys`), followed live by ingresses.
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
+    },
     /// Result cache tools (every worker at once).
     Cache {
         #[command(subcommand)]
@@ -143,6 +148,29 @@ pub enum WorkersAction {
     /// Let a drained worker take requests again.
     Resume {
         /// Worker id.
+        id: String,
+    },
+}
+
+/// `keys` actions.
+#[derive(Debug, Subcommand)]
+pub enum KeysAction {
+    /// Make a new random key; prints it once (the fleet stores its SHA-256).
+    Add {
+        /// Key id (in logs and rate-limit keys; never secret).
+        id: String,
+        /// Tenant of every request made with the key.
+        #[arg(long)]
+        tenant: String,
+        /// Roles: submit, read, admin (comma-separated).
+        #[arg(long, value_delimiter = ',', value_parser = crate::keys_cli::parse_role)]
+        roles: Vec<crate::ingress::auth::Role>,
+    },
+    /// Ids, tenants and roles of the keys.
+    List,
+    /// Delete a key: ingresses refuse it within moments.
+    Revoke {
+        /// Key id.
         id: String,
     },
 }

@@ -12,6 +12,7 @@
 //! - [`telemetry`]: logs and the per-process metrics registry.
 //! - [`scaler`]: lag-driven replica recommendations (`retro-fleet scaler`).
 //! - [`registry`]: reading the worker registry (`retro-fleet workers`).
+//! - [`keys_cli`]: `retro-fleet keys`: API keys in NATS KV, followed live by ingresses.
 //! - [`batch_cli`]: `retro-fleet batch`: submit, follow and fetch batches over HTTP.
 //!
 //! Wire types live in the `retro-fleet-schemas` crate, the pull loop and
@@ -23,6 +24,7 @@ pub mod cli;
 pub mod config;
 pub mod dlq;
 pub mod ingress;
+pub mod keys_cli;
 pub mod nats;
 pub mod ops;
 pub mod registry;

@@ -1,5 +1,5 @@
 use clap::Parser;
-use retro_fleet::cli::{self, CacheAction, Cli, Command, DlqAction, ModelAction, TopologyAction};
+use retro_fleet::cli::{self, CacheAction, Cli, Command, DlqAction, KeysAction, ModelAction, TopologyAction};
 use retro_fleet::{roles, telemetry};
 use tokio_util::sync::CancellationToken;
 
@@ -67,6 +67,11 @@ fn main() -> std::process::ExitCode {
             Command::Cache { action: CacheAction::Purge { models } } => {
                 retro_fleet::cache_cli::purge(&config, models).await
             }
+            Command::Keys { action } => match action {
+                KeysAction::Add { id, tenant, roles } => retro_fleet::keys_cli::add(&config, id, tenant, roles).await,
+                KeysAction::List => retro_fleet::keys_cli::list(&config).await,
+                KeysAction::Revoke { id } => retro_fleet::keys_cli::revoke(&config, id).await,
+            },
             Command::Submit { model, priority, max_tokens, timeout, prompt } => {
                 cli::submit(&config, model, priority, max_tokens, timeout, prompt).await
             }

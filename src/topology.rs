@@ -297,8 +297,9 @@ pub async fn apply(js: &Context, config: &Config) -> Result<Vec<Applied>, Topolo
     Ok(report)
 }
 
-/// KV buckets of the ingress: batch records (kept as long as results) and
-/// shared rate-limit counters (kept until any counter would be full again).
+/// KV buckets of the ingress: batch records (kept as long as results), API
+/// keys added at run time, and shared rate-limit counters (kept until any
+/// counter would be full again).
 pub fn ingress_buckets(config: &Config) -> Vec<kv::Config> {
     let t = &config.topology;
     vec![
@@ -307,6 +308,14 @@ pub fn ingress_buckets(config: &Config) -> Vec<kv::Config> {
             description: "retro-fleet batches: records and custom ids".into(),
             history: 1,
             max_age: Duration::from_secs(t.results_max_age_secs.max(1)),
+            storage: StorageType::File,
+            num_replicas: t.replicas,
+            ..Default::default()
+        },
+        kv::Config {
+            bucket: subjects::API_KEYS_BUCKET.to_string(),
+            description: "retro-fleet API keys (hashed) added at run time".into(),
+            history: 5,
             storage: StorageType::File,
             num_replicas: t.replicas,
             ..Default::default()

@@ -495,3 +495,64 @@ async fn admin_routes_need_the_admin_role_and_redact_secrets() {
     // admin includes the other roles
     assert_eq!(http.send("GET", "/v1/models", Some("ops-key-1"), None).await.status(), 200);
 }
+
+fn keys_cmd(config: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_retro-fleet"))
+        .arg("--config")
+        .arg(config)
+        .arg("keys")
+        .args(args)
+        .env_remove("NATS_URL")
+        .output()
+        .unwrap();
+    (out.status.success(), String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
+}
+
+/// Polls `infer` with `key` until it answers `want`.
+async fn until_status(http: &Http, key: &str, want: u16) -> Value {
+    let start = std::time::Instant::now();
+    loop {
+        let (status, body) = http.infer(Some(key)).await;
+        if status == want {
+            return body;
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(10), "still {status}, not {want}: {body}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_added_in_kv_work_without_a_restart_and_revoked_ones_stop() {
+    let s = setup(&auth_config());
+    let _worker = start_worker(&s.config, &[]).await;
+    let (_ingress, base) = start_ingress(&s.config).await;
+    let http = Http::new(&base);
+
+    let (ok, key, err) = keys_cmd(&s.config, &["add", "late-app", "--tenant", "initech", "--roles", "submit,read"]);
+    assert!(ok, "{err}");
+    let key = key.trim().to_string();
+    assert!(key.starts_with("rf_") && key.len() > 40, "{key}");
+    let answer = until_status(&http, &key, 200).await;
+    // the tenant is the key's: its result is readable with it, not by another tenant
+    let id = answer["id"].as_str().unwrap();
+    let path = format!("/v1/results/{id}");
+    assert_eq!(http.send("GET", &path, Some(&key), None).await.status(), 200);
+    assert_eq!(http.send("GET", &path, Some("acme-key-1"), None).await.status(), 404);
+
+    let (ok, listed, _) = keys_cmd(&s.config, &["list"]);
+    assert!(ok && listed.contains("late-app") && listed.contains("initech") && listed.contains("submit,read"));
+    assert!(!listed.contains(&hash_key(&key)), "hashes are not listed: {listed}");
+    let (ok, _, err) = keys_cmd(&s.config, &["add", "late-app", "--tenant", "initech", "--roles", "read"]);
+    assert!(!ok && err.contains("taken"), "{err}");
+    let (ok, _, err) = keys_cmd(&s.config, &["add", "x", "--tenant", "initech", "--roles", "root"]);
+    assert!(!ok && err.contains("unknown role `root`"), "{err}");
+
+    let (ok, _, err) = keys_cmd(&s.config, &["revoke", "late-app"]);
+    assert!(ok, "{err}");
+    let refused = until_status(&http, &key, 401).await;
+    assert_eq!(refused["error"]["code"], "unauthenticated");
+    let (ok, _, err) = keys_cmd(&s.config, &["revoke", "late-app"]);
+    assert!(!ok && err.contains("no key `late-app`"), "{err}");
+    // configured keys are untouched
+    assert_eq!(http.infer(Some("acme-key-1")).await.0, 200);
+}

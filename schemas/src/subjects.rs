@@ -23,6 +23,8 @@ pub const MODELS_BUCKET: &str = "fleet_models";
 pub const CACHE_CLAIMS_BUCKET: &str = "fleet_cache_claims";
 /// Batch records of the ingress's batch API.
 pub const BATCHES_BUCKET: &str = "fleet_batches";
+/// API keys managed at run time (`retro-fleet keys`), one per key id.
+pub const API_KEYS_BUCKET: &str = "fleet_api_keys";
 /// Rate-limit counters shared by ingress replicas.
 pub const RATELIMIT_BUCKET: &str = "fleet_ratelimit";
 /// Asks every worker to warm its cache from `FLEET_RESULTS` (core NATS request, one reply per worker).

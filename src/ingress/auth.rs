@@ -18,6 +18,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
 
 use axum::http::HeaderMap;
 use retro_fleet_schemas::{headers, subjects, ErrorCode};
@@ -51,7 +52,8 @@ impl Role {
         }
     }
 
-    fn parse(s: &str) -> Option<Role> {
+    /// `submit`, `read` or `admin`.
+    pub fn parse(s: &str) -> Option<Role> {
         match s {
             "submit" => Some(Role::Submit),
             "read" => Some(Role::Read),
@@ -137,6 +139,10 @@ pub struct AuthConfig {
     pub enabled: bool,
     /// API keys.
     pub api_keys: Vec<ApiKeyConfig>,
+    /// Also accept the API keys in the KV bucket `fleet_api_keys`
+    /// (`retro-fleet keys add|list|revoke`), followed live: an added key
+    /// works and a revoked one stops within moments, without a restart.
+    pub kv_keys: bool,
     /// Keys that verify JWTs.
     pub jwt_keys: Vec<JwtKeyConfig>,
     /// Accepted `iss` values (required when JWT keys are configured).
@@ -156,6 +162,7 @@ impl Default for AuthConfig {
         AuthConfig {
             enabled: false,
             api_keys: Vec::new(),
+            kv_keys: true,
             jwt_keys: Vec::new(),
             jwt_issuers: Vec::new(),
             jwt_audiences: Vec::new(),
@@ -182,16 +189,77 @@ impl AuthConfig {
     }
 }
 
-struct KeyEntry {
+/// One accepted API key (its digest is the map key).
+pub struct KeyEntry {
     id: String,
     tenant: String,
     roles: Roles,
+}
+
+impl KeyEntry {
+    /// Checks one key's settings; its digest and entry.
+    fn of(k: &ApiKeyConfig, origin: &str) -> anyhow::Result<([u8; 32], KeyEntry)> {
+        let digest: [u8; 32] = from_hex(k.sha256.trim())
+            .and_then(|d| d.try_into().ok())
+            .ok_or_else(|| anyhow::anyhow!("{origin} `{}`: sha256 must be 64 hex digits", k.id))?;
+        if !subjects::is_token(&k.tenant) || !subjects::is_token(&k.id) {
+            anyhow::bail!("{origin} `{}`: id and tenant must be characters from [A-Za-z0-9_-]", k.id);
+        }
+        Ok((digest, KeyEntry { id: k.id.clone(), tenant: k.tenant.clone(), roles: Roles::of(k.roles.iter().copied()) }))
+    }
+}
+
+/// API keys from the KV bucket `fleet_api_keys`, by digest, kept current
+/// by [`follow_kv_keys`].
+pub type KvKeys = Arc<RwLock<HashMap<[u8; 32], KeyEntry>>>;
+
+/// Follows the KV bucket of API keys (one JSON [`ApiKeyConfig`] per key id)
+/// into `keys` until the watch ends: current keys first, then every put
+/// and delete as it happens. A malformed entry is skipped with a warning.
+pub async fn follow_kv_keys(kv: async_nats::jetstream::kv::Store, keys: KvKeys) {
+    use async_nats::jetstream::kv::Operation;
+    use futures::StreamExt;
+    let mut watch = match kv.watch_with_history(">").await {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch the API keys in KV; only configured keys work");
+            return;
+        }
+    };
+    while let Some(entry) = watch.next().await {
+        let entry = match entry {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(error = %e, "API key watch");
+                continue;
+            }
+        };
+        let mut keys = keys.write().expect("kv keys lock");
+        // a key id maps to one digest: drop the id's previous key first
+        keys.retain(|_, e| e.id != entry.key);
+        if entry.operation != Operation::Put {
+            tracing::info!(key = %entry.key, "API key revoked");
+            continue;
+        }
+        let parsed = serde_json::from_slice::<ApiKeyConfig>(&entry.value)
+            .map_err(anyhow::Error::from)
+            .and_then(|k| KeyEntry::of(&k, "fleet_api_keys"));
+        match parsed {
+            Ok((digest, e)) if e.id == entry.key => {
+                tracing::info!(key = %entry.key, tenant = %e.tenant, "API key active");
+                keys.insert(digest, e);
+            }
+            Ok(_) => tracing::warn!(key = %entry.key, "API key entry names another id; skipped"),
+            Err(e) => tracing::warn!(key = %entry.key, error = %e, "unreadable API key entry; skipped"),
+        }
+    }
 }
 
 /// Checks credentials against the configured keys.
 pub struct Authenticator {
     enabled: bool,
     api_keys: HashMap<[u8; 32], KeyEntry>,
+    kv_keys: Option<KvKeys>,
     jwt_keys: Vec<VerifyingKey>,
     jwt_rules: Rules,
     tenant_claim: String,
@@ -208,14 +276,7 @@ impl Authenticator {
     pub fn new(cfg: &AuthConfig) -> anyhow::Result<Authenticator> {
         let mut api_keys = HashMap::new();
         for k in &cfg.api_keys {
-            let digest: [u8; 32] = from_hex(k.sha256.trim())
-                .and_then(|d| d.try_into().ok())
-                .ok_or_else(|| anyhow::anyhow!("ingress.auth.api_keys `{}`: sha256 must be 64 hex digits", k.id))?;
-            if !subjects::is_token(&k.tenant) || !subjects::is_token(&k.id) {
-                anyhow::bail!("ingress.auth.api_keys `{}`: id and tenant must be characters from [A-Za-z0-9_-]", k.id);
-            }
-            let entry =
-                KeyEntry { id: k.id.clone(), tenant: k.tenant.clone(), roles: Roles::of(k.roles.iter().copied()) };
+            let (digest, entry) = KeyEntry::of(k, "ingress.auth.api_keys")?;
             if api_keys.insert(digest, entry).is_some() {
                 anyhow::bail!("ingress.auth.api_keys `{}`: the same key is configured twice", k.id);
             }
@@ -254,12 +315,16 @@ impl Authenticator {
             };
             jwt_keys.push(key);
         }
-        if cfg.enabled && api_keys.is_empty() && jwt_keys.is_empty() {
-            anyhow::bail!("ingress.auth.enabled is true but no api_keys or jwt_keys are configured: nobody could call");
+        if cfg.enabled && api_keys.is_empty() && jwt_keys.is_empty() && !cfg.kv_keys {
+            anyhow::bail!(
+                "ingress.auth.enabled is true but no api_keys or jwt_keys are configured and kv_keys is off: \
+                 nobody could call"
+            );
         }
         Ok(Authenticator {
             enabled: cfg.enabled,
             api_keys,
+            kv_keys: (cfg.enabled && cfg.kv_keys).then(Default::default),
             jwt_keys,
             jwt_rules: Rules {
                 issuers: cfg.jwt_issuers.clone(),
@@ -269,6 +334,11 @@ impl Authenticator {
             tenant_claim: cfg.tenant_claim.clone(),
             roles_claim: cfg.roles_claim.clone(),
         })
+    }
+
+    /// The live set of KV keys to follow, when they are accepted.
+    pub fn kv_keys(&self) -> Option<KvKeys> {
+        self.kv_keys.clone()
     }
 
     /// Whether credentials are required.
@@ -310,8 +380,13 @@ impl Authenticator {
 
     fn api_key(&self, key: &str) -> Result<Principal, ApiError> {
         let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
-        match self.api_keys.get(&digest) {
-            Some(e) => Ok(Principal { id: format!("key:{}", e.id), tenant: e.tenant.clone(), roles: e.roles }),
+        let principal =
+            |e: &KeyEntry| Principal { id: format!("key:{}", e.id), tenant: e.tenant.clone(), roles: e.roles };
+        if let Some(e) = self.api_keys.get(&digest) {
+            return Ok(principal(e));
+        }
+        match self.kv_keys.as_ref().and_then(|kv| kv.read().expect("kv keys lock").get(&digest).map(principal)) {
+            Some(p) => Ok(p),
             None => Err(unauthenticated("unknown API key")),
         }
     }

@@ -138,6 +138,10 @@ impl Ingress {
         let limits =
             ratelimit::Limiter::new(config.ingress.rate_limit.clone(), &js, bucket(ratelimit::kv::BUCKET)).await?;
         let batches = crate::topology::open_bucket(&js, bucket(batch::BUCKET)).await?;
+        if let Some(keys) = auth.kv_keys() {
+            let kv = crate::topology::open_bucket(&js, bucket(retro_fleet_schemas::subjects::API_KEYS_BUCKET)).await?;
+            tokio::spawn(auth::follow_kv_keys(kv, keys));
+        }
         let replies = Replies::start(&client, metrics.unclaimed.clone()).await?;
         let models: BTreeSet<String> = config.models.keys().cloned().collect();
         let openapi = openapi::spec(&models, auth.enabled(), limits.enabled());
