@@ -84,14 +84,7 @@ async fn a_drained_worker_takes_nothing_until_resumed_and_a_paused_priority_wait
     let (status, paused) = http.json("POST", "/v1/admin/queues/low/pause", Some(ADMIN), None).await;
     assert_eq!(status, 200, "{paused}");
     assert!(paused["consumers"].as_array().unwrap().iter().all(|c| c["paused"] == true), "{paused}");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_retro-fleet"))
-        .arg("--config")
-        .arg(&s.config)
-        .args(["topology", "apply"])
-        .env_remove("NATS_URL")
-        .env("FLEET_TOPOLOGY__ACK_WAIT_SECS", "3")
-        .output()
-        .unwrap();
+    let out = cli(&s.config, &["topology", "apply"], &[("FLEET_TOPOLOGY__ACK_WAIT_SECS", "3")]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let applied = String::from_utf8(out.stdout).unwrap();
     assert!(applied.contains("FLEET_REQ_LOW/worker_echo") && applied.contains("updated"), "{applied}");

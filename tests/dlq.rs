@@ -12,14 +12,7 @@ use common::*;
 use retro_fleet_schemas::{headers, subjects, ErrorCode, Priority, Status};
 
 fn dlq(config: &Path, args: &[&str]) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_retro-fleet"))
-        .arg("--config")
-        .arg(config)
-        .arg("dlq")
-        .args(args)
-        .env_remove("NATS_URL")
-        .output()
-        .unwrap();
+    let out = cli(config, &[&["dlq"], args].concat(), &[]);
     assert!(out.status.success(), "dlq {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }

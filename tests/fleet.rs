@@ -253,13 +253,7 @@ fn config_env_overrides_file_and_unknown_keys_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("c.toml");
     std::fs::write(&file, "[worker]\nmax_inflight = 5\n").unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_retro-fleet"))
-        .arg("--config")
-        .arg(&file)
-        .arg("config")
-        .env("FLEET_WORKER__MAX_INFLIGHT", "7")
-        .output()
-        .unwrap();
+    let out = cli(&file, &["config"], &[("FLEET_WORKER__MAX_INFLIGHT", "7")]);
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("max_inflight = 7"), "{text}");
@@ -275,14 +269,7 @@ fn config_env_overrides_file_and_unknown_keys_are_named() {
     )
     .unwrap();
     let config = |extra: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_retro-fleet"))
-            .arg("--config")
-            .arg(&file)
-            .arg("config")
-            .args(extra)
-            .env_remove("NATS_URL")
-            .output()
-            .unwrap();
+        let out = cli(&file, &[&["config"], extra].concat(), &[]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout).unwrap()
     };
@@ -293,12 +280,7 @@ fn config_env_overrides_file_and_unknown_keys_are_named() {
     assert!(all.contains(secret) && all.contains("hunter2"), "{all}");
 
     std::fs::write(&file, "[worker]\nmax_inflite = 5\n").unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_retro-fleet"))
-        .arg("--config")
-        .arg(&file)
-        .arg("config")
-        .output()
-        .unwrap();
+    let out = cli(&file, &["config"], &[]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("max_inflite"), "{err}");

@@ -497,14 +497,7 @@ async fn admin_routes_need_the_admin_role_and_redact_secrets() {
 }
 
 fn keys_cmd(config: &Path, args: &[&str]) -> (bool, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_retro-fleet"))
-        .arg("--config")
-        .arg(config)
-        .arg("keys")
-        .args(args)
-        .env_remove("NATS_URL")
-        .output()
-        .unwrap();
+    let out = cli(config, &[&["keys"], args].concat(), &[]);
     (out.status.success(), String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
 }
 

@@ -184,15 +184,19 @@ pub async fn wait_log(p: &mut Proc, needle: &str) {
     }
 }
 
+/// Runs `retro-fleet --config CONFIG ARGS...` with `env` to completion.
+pub fn cli(config: &Path, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_retro-fleet"));
+    cmd.arg("--config").arg(config).args(args).env_remove("NATS_URL");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
 /// Runs `retro-fleet topology apply` and returns its output.
 pub fn topology_apply(config: &Path) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_retro-fleet"))
-        .arg("--config")
-        .arg(config)
-        .args(["topology", "apply"])
-        .env_remove("NATS_URL")
-        .output()
-        .unwrap();
+    let out = cli(config, &["topology", "apply"], &[]);
     assert!(out.status.success(), "topology apply failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }
