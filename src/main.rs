@@ -34,7 +34,26 @@ fn main() -> std::process::ExitCode {
             }
         };
     }
-    telemetry::init_logs(&config.log);
+    let serves = matches!(
+        cli.command,
+        Command::Up { .. } | Command::Ingress { .. } | Command::Worker { .. } | Command::Scaler { .. }
+    );
+    let mut log = config.log.clone();
+    if !serves {
+        // A tool's output is for people and pipes: its logs say only what
+        // went wrong (an explicit level other than the default still wins),
+        // and a closed pipe (`| head`) ends it quietly like any Unix tool.
+        if log.level == "info" {
+            log.level = "warn".into();
+        }
+        #[cfg(unix)]
+        // SAFETY: restoring the default disposition of SIGPIPE before any
+        // thread starts; servers keep Rust's default (ignored, EPIPE errors).
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
+    telemetry::init_logs(&log);
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     let result = runtime.block_on(async move {
         let shutdown = CancellationToken::new();
