@@ -549,3 +549,40 @@ async fn keys_added_in_kv_work_without_a_restart_and_revoked_ones_stop() {
     // configured keys are untouched
     assert_eq!(http.infer(Some("acme-key-1")).await.0, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_request_id_gets_the_first_result_and_ids_are_per_tenant() {
+    let s = setup(&auth_config());
+    let _worker = start_worker(&s.config, &[]).await;
+    let (_ingress, base) = start_ingress(&s.config).await;
+    let http = Http::new(&base);
+    let call = |key: &'static str, prompt: &'static str, stream: bool| {
+        let http = &http;
+        async move {
+            let r = http
+                .client
+                .post(format!("{}/v1/infer", http.base))
+                .bearer_auth(key)
+                .header("X-Request-Id", "order-42")
+                .json(&json!({"model": "echo", "prompt": prompt, "stream": stream}))
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    let (status, first) = call("acme-key-1", "first", false).await;
+    assert_eq!(status, 200, "{first}");
+    assert!(first.contains("\"text\":\"first\""), "{first}");
+    // the same id again, other text: JetStream keeps the first request, and
+    // this caller gets its result (not a hang until the timeout)
+    let (status, again) = call("acme-key-1", "second", false).await;
+    assert_eq!((status, again.contains("\"text\":\"first\"")), (200, true), "{again}");
+    let (status, streamed) = call("acme-key-1", "third", true).await;
+    assert_eq!(status, 200);
+    assert!(streamed.contains("event: result") && streamed.contains("\"text\":\"first\""), "{streamed}");
+    // another tenant's "order-42" is its own request
+    let (status, other) = call("globex-key-1", "globex text", false).await;
+    assert_eq!(status, 200, "{other}");
+    assert!(other.contains("\"text\":\"globex text\""), "{other}");
+}

@@ -268,7 +268,14 @@ async fn publish(state: &AppState, p: &Prepared, reply: Option<&str>) -> Result<
 pub async fn send(state: &AppState, p: &Prepared, reply: Option<&str>) -> Result<bool, ApiError> {
     let id = &p.req.id;
     let mut h = HeaderMap::new();
-    h.insert(headers::MSG_ID, id.as_str());
+    // Request ids are per tenant (results live at fleet.res.<tenant>.<id>),
+    // so is the duplicate window: another tenant choosing the same id must
+    // not have its request dropped as a duplicate of this one.
+    if p.tenant == subjects::DEFAULT_TENANT {
+        h.insert(headers::MSG_ID, id.as_str());
+    } else {
+        h.insert(headers::MSG_ID, format!("{}.{id}", p.tenant).as_str());
+    }
     h.insert(headers::CONTENT_TYPE, codec::ContentType::MSGPACK_MIME);
     h.insert(headers::TENANT, p.tenant.as_str());
     h.insert(headers::TRACEPARENT, p.traceparent.as_str());
