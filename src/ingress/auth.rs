@@ -480,8 +480,10 @@ mod tests {
 
     #[test]
     fn settings_that_let_nobody_or_anybody_in_are_refused() {
-        let on = AuthConfig { enabled: true, ..Default::default() };
-        assert!(Authenticator::new(&on).is_err());
+        let on = AuthConfig { enabled: true, kv_keys: false, ..Default::default() };
+        assert!(Authenticator::new(&on).is_err(), "no key anywhere");
+        let kv_only = AuthConfig { enabled: true, ..Default::default() };
+        assert!(Authenticator::new(&kv_only).is_ok(), "keys may be added to KV while it runs");
         let jwt_without_aud = AuthConfig {
             jwt_keys: vec![JwtKeyConfig {
                 kid: None,

@@ -138,6 +138,12 @@ impl Ingress {
         let limits =
             ratelimit::Limiter::new(config.ingress.rate_limit.clone(), &js, bucket(ratelimit::kv::BUCKET)).await?;
         let batches = crate::topology::open_bucket(&js, bucket(batch::BUCKET)).await?;
+        if auth.enabled() && config.ingress.auth.api_keys.is_empty() && config.ingress.auth.jwt_keys.is_empty() {
+            tracing::warn!(
+                "no API or JWT keys configured: only keys in KV {} are accepted (`retro-fleet keys add`)",
+                retro_fleet_schemas::subjects::API_KEYS_BUCKET
+            );
+        }
         if let Some(keys) = auth.kv_keys() {
             let kv = crate::topology::open_bucket(&js, bucket(retro_fleet_schemas::subjects::API_KEYS_BUCKET)).await?;
             tokio::spawn(auth::follow_kv_keys(kv, keys));

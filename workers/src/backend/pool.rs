@@ -302,28 +302,27 @@ impl Pool {
     fn pick(&self) -> usize {
         let n = self.slots.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
-        let handles = self.handles.lock().expect("handles").clone();
+        let handles = self.handles.lock().expect("handles");
         let available = |i: usize| handles.get(i).is_none_or(|h| h.available());
-        let load = |i: &usize| self.slots[*i].inflight.load(Ordering::Relaxed);
-        let order: Vec<usize> = (0..n).map(|k| (start + k) % n).collect();
+        let load = |i: usize| self.slots[i].inflight.load(Ordering::Relaxed);
+        let order = || (0..n).map(move |k| (start + k) % n);
         // a slot being loaded for a request counts as loaded: later requests join it
         let active = |i: usize| self.is_loaded(i) || self.slots[i].inflight.load(Ordering::Acquire) > 0;
-        let loaded: Vec<usize> = order.iter().copied().filter(|&i| active(i)).collect();
-        let saturated = loaded.iter().all(|i| load(i) >= self.spec.grow_at.max(1));
+        let saturated = order().filter(|&i| active(i)).all(|i| load(i) >= self.spec.grow_at.max(1));
         if saturated {
-            if let Some(&empty) = order.iter().find(|&&i| !active(i) && available(i)) {
+            if let Some(empty) = order().find(|&i| !active(i) && available(i)) {
                 return empty;
             }
         }
-        let candidates: Vec<usize> = match loaded.iter().copied().filter(|&i| available(i)).collect::<Vec<_>>() {
-            c if !c.is_empty() => c,
-            _ if !loaded.is_empty() => loaded,
-            _ => order,
+        // among loaded slots that admit calls, else loaded ones, else any
+        let choose = |keep: &dyn Fn(usize) -> bool| {
+            let mut candidates = order().filter(|&i| keep(i));
+            match self.spec.balance {
+                Balance::RoundRobin => candidates.next(),
+                Balance::LeastBusy => candidates.min_by_key(|&i| load(i)),
+            }
         };
-        match self.spec.balance {
-            Balance::RoundRobin => candidates[0],
-            Balance::LeastBusy => candidates.into_iter().min_by_key(load).expect("non-empty"),
-        }
+        choose(&|i| active(i) && available(i)).or_else(|| choose(&active)).unwrap_or(start)
     }
 
     /// Runs `req` on slot `i`, loading (or probing) its instance first.
