@@ -412,6 +412,9 @@ pub async fn queues(config: &Config, action: Option<QueuesAction>) -> anyhow::Re
             println!("{}", serde_json::to_string_pretty(&crate::ops::queues(&js).await?)?);
             return Ok(());
         }
+        Some(QueuesAction::Pause { duration: Some(d), .. }) if d.is_zero() => {
+            anyhow::bail!("--for must be at least one second (leave it out to pause until resumed)")
+        }
         Some(QueuesAction::Pause { priority, duration }) => (priority, false, duration),
         Some(QueuesAction::Resume { priority }) => (priority, true, None),
     };

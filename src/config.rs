@@ -249,7 +249,7 @@ impl Config {
                 .nats
                 .url
                 .split(',')
-                .map(|u| match u.split_once('@') {
+                .map(|u| match u.rsplit_once('@') {
                     Some((scheme_user, host)) => {
                         let scheme = scheme_user.split_once("://").map_or("nats", |(s, _)| s);
                         format!("{scheme}://<redacted>@{host}")

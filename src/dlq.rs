@@ -123,7 +123,10 @@ impl Letter {
         let priority = parts.next().unwrap_or("").to_string();
         let model = parts.next().unwrap_or("").to_string();
         let body = codec::decode::<InferRequest>(header(h, headers::CONTENT_TYPE).as_deref(), &m.payload).ok();
-        let id = body.as_ref().map(|b| b.id.clone()).or_else(|| header(h, headers::MSG_ID));
+        let id = body.as_ref().map(|b| b.id.clone()).or_else(|| {
+            let msg_id = header(h, headers::MSG_ID)?;
+            Some(subjects::id_of_msg_id(&msg_id, header(h, headers::TENANT).as_deref()).unwrap_or(&msg_id).to_string())
+        });
         let tenant = header(h, headers::TENANT)
             .or_else(|| body.as_ref().and_then(|b| b.tenant.clone()))
             .unwrap_or_else(|| subjects::DEFAULT_TENANT.to_string());

@@ -5,6 +5,24 @@ use tokio_util::sync::CancellationToken;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    let serves = matches!(
+        cli.command,
+        Command::Up { .. } | Command::Ingress { .. } | Command::Worker { .. } | Command::Scaler { .. }
+    );
+    if !serves {
+        // `retro-fleet queues | head`: a closed stdout ends a tool quietly,
+        // like any Unix tool, instead of a panic. (SIGPIPE stays ignored:
+        // a dropped NATS connection must be an error, not a silent death.)
+        let default_hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let payload = info.payload();
+            let msg = payload.downcast_ref::<String>().map(String::as_str).or(payload.downcast_ref::<&str>().copied());
+            if msg.is_some_and(|m| m.contains("failed printing to stdout") && m.contains("Broken pipe")) {
+                std::process::exit(141);
+            }
+            default_hook(info);
+        }));
+    }
     let config = match cli.load_config() {
         Ok(c) => c,
         Err(e) => {
@@ -34,23 +52,12 @@ fn main() -> std::process::ExitCode {
             }
         };
     }
-    let serves = matches!(
-        cli.command,
-        Command::Up { .. } | Command::Ingress { .. } | Command::Worker { .. } | Command::Scaler { .. }
-    );
     let mut log = config.log.clone();
     if !serves {
-        // A tool's output is for people and pipes: its logs say only what
-        // went wrong (an explicit level other than the default still wins),
-        // and a closed pipe (`| head`) ends it quietly like any Unix tool.
+        // A tool's output is for people: its logs say only what went wrong
+        // (an explicit level other than the default still wins).
         if log.level == "info" {
             log.level = "warn".into();
-        }
-        #[cfg(unix)]
-        // SAFETY: restoring the default disposition of SIGPIPE before any
-        // thread starts; servers keep Rust's default (ignored, EPIPE errors).
-        unsafe {
-            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
         }
     }
     telemetry::init_logs(&log);

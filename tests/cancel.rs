@@ -78,7 +78,7 @@ async fn a_cancel_that_arrives_before_the_request_runs_skips_it() {
     let mut worker = start_worker(&s.config, &[]).await;
     wait_log(&mut worker, "listening for cancels").await;
     let mut caller = Caller::connect(&s.nats.url()).await;
-    caller.client.publish(subjects::cancel("early"), Bytes::new()).await.unwrap();
+    caller.client.publish(subjects::cancel(subjects::DEFAULT_TENANT, "early"), Bytes::new()).await.unwrap();
     caller.client.flush().await.unwrap();
     // core NATS keeps order per connection pair, not across the worker's
     // two paths (cancel subscription, pull stream): give the cancel a moment

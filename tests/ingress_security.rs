@@ -31,6 +31,7 @@ max_body_bytes = 4096
 max_prompt_bytes = 1000
 [ingress.auth]
 enabled = true
+kv_keys = true
 jwt_issuers = ["{ISSUER}"]
 jwt_audiences = ["{AUDIENCE}"]
 jwt_leeway_secs = 5
@@ -581,6 +582,18 @@ async fn a_repeated_request_id_gets_the_first_result_and_ids_are_per_tenant() {
     let (status, streamed) = call("acme-key-1", "third", true).await;
     assert_eq!(status, 200);
     assert!(streamed.contains("event: result") && streamed.contains("\"text\":\"first\""), "{streamed}");
+    // an OpenAI streaming retry gets the text too, as one delta
+    let r = http
+        .client
+        .post(format!("{}/v1/completions", http.base))
+        .bearer_auth("acme-key-1")
+        .header("X-Request-Id", "order-42")
+        .json(&json!({"model": "echo", "prompt": "fourth", "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    let sse = r.text().await.unwrap();
+    assert!(sse.contains("\"text\":\"first\"") && sse.contains("[DONE]"), "{sse}");
     // another tenant's "order-42" is its own request
     let (status, other) = call("globex-key-1", "globex text", false).await;
     assert_eq!(status, 200, "{other}");

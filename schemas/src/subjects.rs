@@ -33,16 +33,25 @@ pub const CACHE_WARM: &str = "fleet.ctl.cache.warm";
 pub const CONTROL_PREFIX: &str = "fleet.ctl";
 
 /// Wildcard of cancel messages (core NATS, empty body).
-pub const CANCEL_WILDCARD: &str = "fleet.ctl.cancel.*";
+pub const CANCEL_WILDCARD: &str = "fleet.ctl.cancel.*.*";
 
-/// Subject that cancels request `id`.
-pub fn cancel(id: &str) -> String {
-    format!("fleet.ctl.cancel.{id}")
+/// Subject that cancels request `id` of `tenant` (ids are per tenant).
+pub fn cancel(tenant: &str, id: &str) -> String {
+    format!("fleet.ctl.cancel.{tenant}.{id}")
 }
 
-/// The request id of a cancel subject.
-pub fn parse_cancel(subject: &str) -> Option<&str> {
-    subject.strip_prefix("fleet.ctl.cancel.").filter(|id| is_token(id))
+/// The tenant and request id of a cancel subject.
+pub fn parse_cancel(subject: &str) -> Option<(&str, &str)> {
+    let (tenant, id) = subject.strip_prefix("fleet.ctl.cancel.")?.split_once('.')?;
+    (is_token(tenant) && is_token(id)).then_some((tenant, id))
+}
+
+/// The request id in a `Nats-Msg-Id`: the HTTP ingress writes
+/// `<tenant>.<id>` for tenants other than the default (ids are per tenant),
+/// NATS publishers the bare id. `None` when it is not a valid id.
+pub fn id_of_msg_id<'a>(msg_id: &'a str, tenant: Option<&str>) -> Option<&'a str> {
+    let id = tenant.and_then(|t| msg_id.strip_prefix(t)?.strip_prefix('.')).unwrap_or(msg_id);
+    is_token(id).then_some(id)
 }
 
 /// Subject that drains worker `key` (its registry key): it stops taking
@@ -124,8 +133,13 @@ mod tests {
 
     #[test]
     fn cancel_subject_round_trips() {
-        assert_eq!(parse_cancel(&cancel("01J-x_y")), Some("01J-x_y"));
-        assert_eq!(parse_cancel("fleet.ctl.cancel.a.b"), None);
+        assert_eq!(parse_cancel(&cancel("acme", "01J-x_y")), Some(("acme", "01J-x_y")));
+        assert_eq!(parse_cancel("fleet.ctl.cancel.a"), None);
+        assert_eq!(id_of_msg_id("acme.job-1", Some("acme")), Some("job-1"));
+        assert_eq!(id_of_msg_id("job-1", Some("acme")), Some("job-1"));
+        assert_eq!(id_of_msg_id("job-1", None), Some("job-1"));
+        assert_eq!(id_of_msg_id("other.job-1", Some("acme")), None);
+        assert_eq!(parse_cancel("fleet.ctl.cancel.a.b.c"), None);
         assert_eq!(parse_cancel("fleet.ctl.drain.a"), None);
     }
 

@@ -142,6 +142,7 @@ pub struct AuthConfig {
     /// Also accept the API keys in the KV bucket `fleet_api_keys`
     /// (`retro-fleet keys add|list|revoke`), followed live: an added key
     /// works and a revoked one stops within moments, without a restart.
+    /// Off by default: whoever may write that bucket may then mint keys.
     pub kv_keys: bool,
     /// Keys that verify JWTs.
     pub jwt_keys: Vec<JwtKeyConfig>,
@@ -162,7 +163,7 @@ impl Default for AuthConfig {
         AuthConfig {
             enabled: false,
             api_keys: Vec::new(),
-            kv_keys: true,
+            kv_keys: false,
             jwt_keys: Vec::new(),
             jwt_issuers: Vec::new(),
             jwt_audiences: Vec::new(),
@@ -214,44 +215,52 @@ impl KeyEntry {
 pub type KvKeys = Arc<RwLock<HashMap<[u8; 32], KeyEntry>>>;
 
 /// Follows the KV bucket of API keys (one JSON [`ApiKeyConfig`] per key id)
-/// into `keys` until the watch ends: current keys first, then every put
-/// and delete as it happens. A malformed entry is skipped with a warning.
+/// into `keys`: current keys first, then every put and delete as it
+/// happens. A malformed entry is skipped with a warning. If the watch ends
+/// (NATS trouble), the KV keys are dropped until it is re-established, so
+/// a revocation missed meanwhile cannot keep a key alive.
 pub async fn follow_kv_keys(kv: async_nats::jetstream::kv::Store, keys: KvKeys) {
     use async_nats::jetstream::kv::Operation;
     use futures::StreamExt;
-    let mut watch = match kv.watch_with_history(">").await {
-        Ok(w) => w,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot watch the API keys in KV; only configured keys work");
-            return;
-        }
-    };
-    while let Some(entry) = watch.next().await {
-        let entry = match entry {
-            Ok(e) => e,
+    loop {
+        let mut watch = match kv.watch_with_history(">").await {
+            Ok(w) => w,
             Err(e) => {
-                tracing::warn!(error = %e, "API key watch");
+                tracing::warn!(error = %e, "cannot watch the API keys in KV; retrying (only configured keys work)");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                 continue;
             }
         };
-        let mut keys = keys.write().expect("kv keys lock");
-        // a key id maps to one digest: drop the id's previous key first
-        keys.retain(|_, e| e.id != entry.key);
-        if entry.operation != Operation::Put {
-            tracing::info!(key = %entry.key, "API key revoked");
-            continue;
-        }
-        let parsed = serde_json::from_slice::<ApiKeyConfig>(&entry.value)
-            .map_err(anyhow::Error::from)
-            .and_then(|k| KeyEntry::of(&k, "fleet_api_keys"));
-        match parsed {
-            Ok((digest, e)) if e.id == entry.key => {
-                tracing::info!(key = %entry.key, tenant = %e.tenant, "API key active");
-                keys.insert(digest, e);
+        while let Some(entry) = watch.next().await {
+            let entry = match entry {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!(error = %e, "API key watch");
+                    continue;
+                }
+            };
+            let mut keys = keys.write().expect("kv keys lock");
+            // a key id maps to one digest: drop the id's previous key first
+            keys.retain(|_, e| e.id != entry.key);
+            if entry.operation != Operation::Put {
+                tracing::info!(key = %entry.key, "API key revoked");
+                continue;
             }
-            Ok(_) => tracing::warn!(key = %entry.key, "API key entry names another id; skipped"),
-            Err(e) => tracing::warn!(key = %entry.key, error = %e, "unreadable API key entry; skipped"),
+            let parsed = serde_json::from_slice::<ApiKeyConfig>(&entry.value)
+                .map_err(anyhow::Error::from)
+                .and_then(|k| KeyEntry::of(&k, "fleet_api_keys"));
+            match parsed {
+                Ok((digest, e)) if e.id == entry.key => {
+                    tracing::info!(key = %entry.key, tenant = %e.tenant, "API key active");
+                    keys.insert(digest, e);
+                }
+                Ok(_) => tracing::warn!(key = %entry.key, "API key entry names another id; skipped"),
+                Err(e) => tracing::warn!(key = %entry.key, error = %e, "unreadable API key entry; skipped"),
+            }
         }
+        keys.write().expect("kv keys lock").clear();
+        tracing::warn!("the API key watch ended; KV keys are refused until it is back");
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     }
 }
 
@@ -482,7 +491,7 @@ mod tests {
     fn settings_that_let_nobody_or_anybody_in_are_refused() {
         let on = AuthConfig { enabled: true, kv_keys: false, ..Default::default() };
         assert!(Authenticator::new(&on).is_err(), "no key anywhere");
-        let kv_only = AuthConfig { enabled: true, ..Default::default() };
+        let kv_only = AuthConfig { enabled: true, kv_keys: true, ..Default::default() };
         assert!(Authenticator::new(&kv_only).is_ok(), "keys may be added to KV while it runs");
         let jwt_without_aud = AuthConfig {
             jwt_keys: vec![JwtKeyConfig {

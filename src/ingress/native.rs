@@ -367,7 +367,7 @@ async fn wait_result(
 
 /// Publishes `p` and returns the waiter of its chunks and result.
 pub async fn open_stream(state: &AppState, p: &Prepared) -> Result<Waiter, ApiError> {
-    let (reply, mut waiter) = state.replies.register(&p.req.id);
+    let (reply, mut waiter) = state.replies.register(&p.tenant, &p.req.id);
     match publish(state, p, Some(&reply)).await {
         Ok(false) => {}
         Ok(true) => follow_duplicate(state, p, &mut waiter),

@@ -322,6 +322,9 @@ fn sse(
     let stream = super::native::task_stream(move |tx| async move {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut first = true;
+        // what the caller has been sent, to send the rest with the result
+        // (all of it when following a repeated request id's stored result)
+        let mut streamed = String::new();
         let send = |v: Value| Event::default().data(v.to_string());
         loop {
             match tokio::time::timeout_at(deadline, waiter.next()).await {
@@ -332,6 +335,7 @@ fn sse(
                     if tx.send(send(chunk(kind, &c.id, &model, Some(&c.delta), None, first))).await.is_err() {
                         return;
                     }
+                    streamed.push_str(&c.delta);
                     first = false;
                 }
                 Ok(Some(Reply::Result(r))) => {
@@ -341,6 +345,11 @@ fn sse(
                             let _ = tx.send(send(body)).await;
                         }
                         _ => {
+                            let text = r.output.as_ref().map_or("", |o| o.text.as_str());
+                            if let Some(rest) = text.strip_prefix(streamed.as_str()).filter(|rest| !rest.is_empty()) {
+                                let _ = tx.send(send(chunk(kind, &r.id, &model, Some(rest), None, first))).await;
+                                first = false;
+                            }
                             let finish =
                                 r.output.as_ref().map(|o| o.finish_reason.clone()).unwrap_or_else(|| "stop".into());
                             let _ = tx.send(send(chunk(kind, &r.id, &model, None, Some(&finish), first))).await;

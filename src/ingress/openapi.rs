@@ -571,9 +571,13 @@ pub fn spec(models: &std::collections::BTreeSet<String>, auth_on: bool, limits_o
 
     let mut schemas = g.0.take_definitions(true);
     schemas.extend(views());
-    let names = json!({"enum": models});
-    for body in ["NativeRequest", "ChatRequest", "CompletionRequest"] {
-        narrow(&mut schemas, body, "model", names.clone());
+    // model names are for callers with the `read` role (`/v1/models`): the
+    // document, open to all, lists them only when authentication is off
+    if !auth_on {
+        let names = json!({"enum": models});
+        for body in ["NativeRequest", "ChatRequest", "CompletionRequest"] {
+            narrow(&mut schemas, body, "model", names.clone());
+        }
     }
     narrow(&mut schemas, "NativeRequest", "id", json!({"pattern": "^[A-Za-z0-9_-]{1,128}$"}));
     let mut doc = json!({

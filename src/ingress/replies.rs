@@ -1,6 +1,9 @@
 //! Replies for synchronous callers: one wildcard inbox subscription per
 //! ingress process, demultiplexed by request id.
 //!
+//! Reply subjects are `<inbox>.<tenant>.<id>`: ids are per tenant, so two
+//! tenants using one id never see each other's replies.
+//!
 //! A caller registers its request id before publishing and gets a receiver
 //! of chunks and the final result; the registration is removed when the
 //! [`Waiter`] is dropped (result received, timeout or caller gone), and late
@@ -8,7 +11,7 @@
 //! Several callers may wait on one id (a retry with the same request id
 //! while the first call still waits): each gets every reply.
 //! A waiter dropped before its result arrived (the HTTP caller disconnected
-//! or timed out) publishes a cancel on `fleet.ctl.cancel.<id>`, so the
+//! or timed out) publishes a cancel on `fleet.ctl.cancel.<tenant>.<id>`, so the
 //! worker stops generating and stores the result `cancelled`.
 
 use std::collections::HashMap;
@@ -42,12 +45,14 @@ impl Replies {
     /// Subscribes to `<inbox>.*` and starts demultiplexing.
     pub async fn start(client: &async_nats::Client, unclaimed: prometheus::IntCounter) -> anyhow::Result<Replies> {
         let prefix = client.new_inbox();
-        let mut sub = client.subscribe(format!("{prefix}.*")).await?;
+        let mut sub = client.subscribe(format!("{prefix}.*.*")).await?;
         let table: Table = Default::default();
         let replies = Replies { prefix, table: table.clone(), client: client.clone(), next_key: Default::default() };
         tokio::spawn(async move {
             while let Some(msg) = sub.next().await {
-                let Some(id) = msg.subject.rsplit('.').next() else { continue };
+                let mut tail = msg.subject.rsplitn(3, '.');
+                let (Some(id), Some(tenant)) = (tail.next(), tail.next()) else { continue };
+                let key = format!("{tenant}.{id}");
                 let hdrs = msg.headers.as_ref();
                 let ct = hdrs.and_then(|h| h.get(headers::CONTENT_TYPE)).map(|v| v.as_str());
                 let is_chunk =
@@ -64,7 +69,7 @@ impl Replies {
                         continue;
                     }
                 };
-                let txs: Vec<_> = match table.lock().expect("reply table lock").get(id) {
+                let txs: Vec<_> = match table.lock().expect("reply table lock").get(&key) {
                     Some(v) => v.iter().map(|(_, tx)| tx.clone()).collect(),
                     None => Vec::new(),
                 };
@@ -80,27 +85,32 @@ impl Replies {
         Ok(replies)
     }
 
-    /// Registers `id`; returns its reply subject and a waiter.
-    pub fn register(&self, id: &str) -> (String, Waiter) {
+    /// Registers request `id` of `tenant`; returns its reply subject and a waiter.
+    pub fn register(&self, tenant: &str, id: &str) -> (String, Waiter) {
+        let key = format!("{tenant}.{id}");
         let (tx, rx) = mpsc::unbounded_channel();
-        let key = self.next_key.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.table.lock().expect("reply table lock").entry(id.to_string()).or_default().push((key, tx.clone()));
+        let slot = self.next_key.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.table.lock().expect("reply table lock").entry(key.clone()).or_default().push((slot, tx.clone()));
         let waiter = Waiter {
-            id: id.to_string(),
-            key,
+            id: key.clone(),
+            cancel: subjects::cancel(tenant, id),
+            key: slot,
             tx,
             rx,
             table: self.table.clone(),
             client: self.client.clone(),
             armed: true,
         };
-        (format!("{}.{id}", self.prefix), waiter)
+        (format!("{}.{key}", self.prefix), waiter)
     }
 }
 
 /// Receives the replies of one request; unregisters on drop.
 pub struct Waiter {
+    /// `<tenant>.<id>`: the table key.
     id: String,
+    /// The request's cancel subject.
+    cancel: String,
     key: u64,
     tx: mpsc::UnboundedSender<Reply>,
     rx: mpsc::UnboundedReceiver<Reply>,
@@ -156,7 +166,7 @@ impl Drop for Waiter {
         }
         if self.armed {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                let (client, subject) = (self.client.clone(), subjects::cancel(&self.id));
+                let (client, subject) = (self.client.clone(), self.cancel.clone());
                 tracing::debug!(id = %self.id, "caller gone before its result; cancelling");
                 rt.spawn(async move {
                     if let Err(e) = client.publish(subject, bytes::Bytes::new()).await {

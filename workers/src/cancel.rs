@@ -1,5 +1,7 @@
 //! Cancellation: a caller (the ingress, when its HTTP caller disconnects or
-//! times out) publishes on `fleet.ctl.cancel.<id>`; every worker listens.
+//! times out) publishes on `fleet.ctl.cancel.<tenant>.<id>`; every worker
+//! listens. Requests are known by tenant and id (`Cancels` keys are
+//! `<tenant>.<id>`): ids are per tenant.
 //! The worker running that request aborts the generation (its future is
 //! dropped, which stops the backend's work) and answers `cancelled`; a
 //! worker that has not started it yet remembers the id for a while, so it is
@@ -102,9 +104,9 @@ pub async fn listen(client: async_nats::Client, cancels: Arc<Cancels>, shutdown:
             m = sub.next() => match m { Some(m) => m, None => return },
             _ = shutdown.cancelled() => return,
         };
-        if let Some(id) = subjects::parse_cancel(&msg.subject) {
-            if cancels.cancel(id) {
-                tracing::info!(id, "cancel received; aborting the generation");
+        if let Some((tenant, id)) = subjects::parse_cancel(&msg.subject) {
+            if cancels.cancel(&format!("{tenant}.{id}")) {
+                tracing::info!(tenant, id, "cancel received; aborting the generation");
             }
         }
     }

@@ -121,8 +121,8 @@ async fn handle_inner(
     let queued_ms = now_ms.saturating_sub(published_ms) as f64;
     sh.metrics.queue_wait.with_label_values(&[prio.as_str(), model_label]).observe(queued_ms / 1e3);
     let reply = header(hdrs, headers::REPLY).filter(|r| !r.is_empty());
-    let header_id = header(hdrs, headers::MSG_ID).filter(|id| subjects::is_token(id));
     let header_tenant = header(hdrs, headers::TENANT);
+    let header_id = header(hdrs, headers::MSG_ID).and_then(|m| subjects::id_of_msg_id(m, header_tenant));
 
     let decoded = codec::decode::<InferRequest>(header(hdrs, headers::CONTENT_TYPE), &msg.payload)
         .map_err(|e| (ErrorCode::DecodeError, e.0))
@@ -230,7 +230,7 @@ async fn handle_inner(
         }
     }
 
-    let cancel = sh.cancels.register(&req.id);
+    let cancel = sh.cancels.register(&format!("{tenant}.{}", req.id));
     if cancel.token.is_cancelled() {
         return cancelled(sh, msg, reply, tenant, base(Status::Error), "before it started").await;
     }

@@ -52,7 +52,8 @@ pub async fn sweep(sh: &Shared, p: Priority) -> Result<usize, crate::process::Er
             let message = format!("model `{model}` is not configured in this fleet");
             let letter = Letter { subject: &subject, headers: Some(&m.headers), payload: &m.payload, delivered: 1 };
             let hdrs = Some(&m.headers);
-            let id = header(hdrs, headers::MSG_ID).filter(|id| subjects::is_token(id));
+            let id =
+                header(hdrs, headers::MSG_ID).and_then(|m| subjects::id_of_msg_id(m, header(hdrs, headers::TENANT)));
             dead_letter(sh, p, &letter, id, ErrorCode::UnknownModel, &message).await?;
             // Only the sweeper whose delete succeeds answers; the dead letter
             // is deduplicated on the request id.

@@ -287,6 +287,11 @@ impl Worker {
                     }
                 }
             };
+            if *quiet.borrow() {
+                // drained while this message was being taken: hand it back
+                let _ = msg.ack_with(AckKind::Nak(None)).await;
+                continue;
+            }
             scheduler.took(priority, 1);
             self.shared.metrics.pulled.with_label_values(&[priority.as_str()]).inc();
             tasks.spawn(process::handle(self.shared.clone(), priority, msg, slot));

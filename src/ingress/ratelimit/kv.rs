@@ -17,10 +17,12 @@
 //! write per check), double each time a lease is used up before it ends,
 //! halve when one ends unused, and never exceed 1/16 of the counter's
 //! capacity. Every unit spent was first taken from the shared counter, so
-//! the limit holds across replicas (accepted <= limit + burst); credit a
-//! lease did not spend lapses, which can refuse a caller slightly early
-//! (by at most 1/16 of its capacity per replica). Checks that still
-//! contend retry for up to half a second and are then refused (429).
+//! the limit holds across replicas (accepted <= limit + burst). What a
+//! lease did not spend is lost when it lapses (up to 1/16 of the capacity
+//! each time, less as leases halve after a lapse): a bursty caller close
+//! to its limit can be refused before it reaches it. Refunding unspent
+//! credit is not built. Checks that still contend retry for up to half a
+//! second and are then refused (429).
 
 use std::collections::HashMap;
 use std::sync::Arc;
