@@ -16,11 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/bench-lib.sh
 bench_build
-PORT="${BENCH_NATS_PORT:-4335}"
-WORKDIR="$(mktemp -d)"
-cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORKDIR"; }
-trap cleanup EXIT
-export NATS_URL="nats://127.0.0.1:$PORT"
+bench_workdir 4335
 cat > "$WORKDIR/bench.toml" <<TOML
 metrics_listen = "127.0.0.1:0"
 data_dir = "$WORKDIR/data"

@@ -21,11 +21,7 @@ PROFILE="${BENCH_PROFILE:-${PROFILE:-release}}"
 bench_build
 WINDOWS=("$@")
 [ ${#WINDOWS[@]} -gt 0 ] || WINDOWS=(64 1)
-PORT="${BENCH_NATS_PORT:-4334}"
-WORKDIR="$(mktemp -d)"
-cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORKDIR"; }
-trap cleanup EXIT
-export NATS_URL="nats://127.0.0.1:$PORT"
+bench_workdir 4334
 KEY="bench-key-$(date +%s)"
 HASH="$(printf %s "$KEY" | sha256sum | cut -d' ' -f1)"
 cat > "$WORKDIR/off.toml" <<TOML

@@ -9,3 +9,12 @@ bench_build() {
     fi
     BIN="${CARGO_TARGET_DIR:-target}/$PROFILE"
 }
+
+# A temp dir for the run, removed (with every background job) on exit, and
+# NATS_URL for a nats-server on BENCH_NATS_PORT (default: the argument).
+bench_workdir() {
+    PORT="${BENCH_NATS_PORT:-$1}"
+    WORKDIR="$(mktemp -d)"
+    trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORKDIR"' EXIT
+    export NATS_URL="nats://127.0.0.1:$PORT"
+}

@@ -15,11 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/bench-lib.sh
 bench_build
-PORT="${BENCH_NATS_PORT:-4336}"
-WORKDIR="$(mktemp -d)"
-cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORKDIR"; }
-trap cleanup EXIT
-export NATS_URL="nats://127.0.0.1:$PORT"
+bench_workdir 4336
 "$BIN/retro-fleet" model tiny --out "$WORKDIR/tiny" >/dev/null
 cat > "$WORKDIR/bench.toml" <<TOML
 metrics_listen = "127.0.0.1:0"

@@ -13,15 +13,12 @@
 #   before/after figures come from one run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/bench-lib.sh
 cargo build --release --workspace --bins >&2
 BIN="${CARGO_TARGET_DIR:-target}/release"
 WORKERS=("$@")
 [ ${#WORKERS[@]} -gt 0 ] || WORKERS=("$BIN/retro-fleet")
-PORT="${BENCH_NATS_PORT:-4333}"
-WORKDIR="$(mktemp -d)"
-cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORKDIR"; }
-trap cleanup EXIT
-export NATS_URL="nats://127.0.0.1:$PORT"
+bench_workdir 4333
 cat > "$WORKDIR/bench.toml" <<TOML
 metrics_listen = "127.0.0.1:0"
 [log]

@@ -21,7 +21,6 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
-use axum::response::{IntoResponse, Response};
 use axum::Json;
 use retro_fleet_schemas::{ErrorCode, Priority};
 use schemars::JsonSchema;
@@ -32,14 +31,21 @@ use super::error::{parse_json, ApiError, ApiPath, ApiQuery};
 use super::AppState;
 use crate::config::Config;
 use crate::ops::{self, OpsError};
+use retro_fleet_worker::control::ControlState;
 
 /// The configuration as JSON with every secret replaced by `"<redacted>"`.
 pub fn redacted(config: &Config) -> Value {
     serde_json::to_value(config.redacted()).unwrap_or(Value::Null)
 }
 
-fn internal(e: impl std::fmt::Display) -> Response {
-    ApiError::new(ErrorCode::Internal, e.to_string()).into_response()
+/// A failure of NATS or JetStream behind an admin action (500).
+fn internal(e: anyhow::Error) -> ApiError {
+    ApiError::new(ErrorCode::Internal, format!("{e:#}"))
+}
+
+/// A JSON body of an admin action.
+fn body<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    body.map_err(ApiError::from_body_rejection).and_then(|b| parse_json(&b))
 }
 
 /// `GET /v1/admin/config`.
@@ -48,11 +54,8 @@ pub async fn config(State(state): State<AppState>) -> Json<Value> {
 }
 
 /// `GET /v1/admin/queues`.
-pub async fn queues(State(state): State<AppState>) -> Response {
-    match ops::queues(&state.js).await {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => internal(format!("{e:#}")),
-    }
+pub async fn queues(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    ops::queues(&state.js).await.map(Json).map_err(internal)
 }
 
 fn priority(p: &str) -> Result<Priority, ApiError> {
@@ -75,62 +78,60 @@ pub async fn pause(
     State(state): State<AppState>,
     ApiPath(p): ApiPath<String>,
     ApiQuery(q): ApiQuery<PauseQuery>,
-) -> Response {
+) -> Result<Json<Value>, ApiError> {
     pause_or_resume(&state, &p, false, q.for_secs).await
 }
 
 /// `POST /v1/admin/queues/{priority}/resume`.
-pub async fn resume(State(state): State<AppState>, ApiPath(p): ApiPath<String>) -> Response {
+pub async fn resume(State(state): State<AppState>, ApiPath(p): ApiPath<String>) -> Result<Json<Value>, ApiError> {
     pause_or_resume(&state, &p, true, None).await
 }
 
-async fn pause_or_resume(state: &AppState, p: &str, resume: bool, for_secs: Option<u64>) -> Response {
-    let p = match priority(p) {
-        Ok(p) => p,
-        Err(e) => return e.into_response(),
-    };
+async fn pause_or_resume(
+    state: &AppState,
+    p: &str,
+    resume: bool,
+    for_secs: Option<u64>,
+) -> Result<Json<Value>, ApiError> {
+    let p = priority(p)?;
     if for_secs == Some(0) {
-        return ApiError::new(ErrorCode::InvalidRequest, "for_secs must be at least 1")
-            .param("for_secs")
-            .into_response();
+        return Err(ApiError::new(ErrorCode::InvalidRequest, "for_secs must be at least 1").param("for_secs"));
     }
     let secs = for_secs.map(|s| s.min(100 * 365 * 24 * 3600));
-    match ops::pause_priority(&state.js, p, resume, secs.map(Duration::from_secs)).await {
-        Ok(consumers) => {
-            tracing::info!(priority = %p, resume, ?for_secs, "admin: {} a priority", if resume { "resumed" } else { "paused" });
-            Json(json!({"priority": p, "paused": !resume, "consumers": consumers})).into_response()
-        }
-        Err(e) => internal(format!("{e:#}")),
-    }
+    let consumers = ops::pause_priority(&state.js, p, resume, secs.map(Duration::from_secs)).await.map_err(internal)?;
+    tracing::info!(priority = %p, resume, ?for_secs, "admin: {} a priority", if resume { "resumed" } else { "paused" });
+    Ok(Json(json!({"priority": p, "paused": !resume, "consumers": consumers})))
 }
 
 /// `GET /v1/admin/workers`.
-pub async fn workers(State(state): State<AppState>) -> Response {
-    match crate::registry::list(&state.js, state.worker_ttl_secs.max(1) * 1000).await {
-        Ok(list) => Json(json!({ "workers": list })).into_response(),
-        Err(e) => internal(format!("{e:#}")),
-    }
+pub async fn workers(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let list = crate::registry::list(&state.js, state.worker_ttl_secs.max(1) * 1000).await.map_err(internal)?;
+    Ok(Json(json!({ "workers": list })))
 }
 
 /// `POST /v1/admin/workers/{id}/drain`.
-pub async fn drain_worker(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Response {
+pub async fn drain_worker(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<ControlState>, ApiError> {
     control(&state, &id, true).await
 }
 
 /// `POST /v1/admin/workers/{id}/resume`.
-pub async fn resume_worker(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Response {
+pub async fn resume_worker(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<ControlState>, ApiError> {
     control(&state, &id, false).await
 }
 
-async fn control(state: &AppState, id: &str, drain: bool) -> Response {
-    match ops::drain_worker(&state.client, id, drain).await {
-        Ok(s) => {
-            tracing::info!(worker = id, drain, "admin: worker {}", if drain { "drained" } else { "resumed" });
-            Json(s).into_response()
-        }
-        Err(e @ OpsError::NoSuchWorker(_)) => ApiError::new(ErrorCode::NotFound, e.to_string()).into_response(),
-        Err(e) => internal(e),
-    }
+async fn control(state: &AppState, id: &str, drain: bool) -> Result<Json<ControlState>, ApiError> {
+    let s = ops::drain_worker(&state.client, id, drain).await.map_err(|e| match e {
+        OpsError::NoSuchWorker(_) => ApiError::new(ErrorCode::NotFound, e.to_string()),
+        OpsError::Other(e) => internal(e),
+    })?;
+    tracing::info!(worker = id, drain, "admin: worker {}", if drain { "drained" } else { "resumed" });
+    Ok(Json(s))
 }
 
 /// Which dead letters: every given field must match.
@@ -187,21 +188,13 @@ pub struct DlqQuery {
 }
 
 /// `GET /v1/admin/dlq`.
-pub async fn dlq_list(State(state): State<AppState>, ApiQuery(q): ApiQuery<DlqQuery>) -> Response {
-    let filter = DlqFilter { model: q.model, priority: q.priority, code: q.code, id: q.id, tenant: q.tenant };
-    let filter = match filter.parse() {
-        Ok(f) => f,
-        Err(e) => return e.into_response(),
-    };
+pub async fn dlq_list(State(state): State<AppState>, ApiQuery(q): ApiQuery<DlqQuery>) -> Result<Json<Value>, ApiError> {
+    let filter =
+        DlqFilter { model: q.model, priority: q.priority, code: q.code, id: q.id, tenant: q.tenant }.parse()?;
     let limit = q.limit.unwrap_or(100).min(10_000);
-    let letters = async {
-        let stream = crate::dlq::open(&state.js).await?;
-        crate::dlq::read(&stream, &filter, limit).await
-    };
-    match letters.await {
-        Ok(ls) => Json(json!({"letters": ls.iter().map(|l| l.summary()).collect::<Vec<_>>()})).into_response(),
-        Err(e) => internal(format!("{e:#}")),
-    }
+    let stream = crate::dlq::open(&state.js).await.map_err(internal)?;
+    let letters = crate::dlq::read(&stream, &filter, limit).await.map_err(internal)?;
+    Ok(Json(json!({"letters": letters.iter().map(|l| l.summary()).collect::<Vec<_>>()})))
 }
 
 /// Body of `POST /v1/admin/dlq/replay`.
@@ -222,28 +215,17 @@ pub struct ReplayBody {
 }
 
 /// `POST /v1/admin/dlq/replay`.
-pub async fn dlq_replay(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
-    let body: ReplayBody = match body.map_err(ApiError::from_body_rejection).and_then(|b| parse_json(&b)) {
-        Ok(b) => b,
-        Err(e) => return e.into_response(),
-    };
-    let filter = match body.filter.parse() {
-        Ok(f) => f,
-        Err(e) => return e.into_response(),
-    };
-    let limit = body.limit.unwrap_or(1000);
-    match crate::dlq::replay_with(&state.js, &filter, limit, body.keep, body.dry_run).await {
-        Ok(done) => {
-            tracing::info!(
-                replayed = done.replayed,
-                skipped = done.skipped,
-                dry_run = body.dry_run,
-                "admin: DLQ replay"
-            );
-            Json(done).into_response()
-        }
-        Err(e) => internal(format!("{e:#}")),
-    }
+pub async fn dlq_replay(
+    State(state): State<AppState>,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Json<crate::dlq::Replayed>, ApiError> {
+    let b: ReplayBody = body(raw)?;
+    let filter = b.filter.parse()?;
+    let done = crate::dlq::replay_with(&state.js, &filter, b.limit.unwrap_or(1000), b.keep, b.dry_run)
+        .await
+        .map_err(internal)?;
+    tracing::info!(replayed = done.replayed, skipped = done.skipped, dry_run = b.dry_run, "admin: DLQ replay");
+    Ok(Json(done))
 }
 
 /// Body of `POST /v1/admin/cache/purge`.
@@ -256,22 +238,16 @@ pub struct PurgeBody {
 }
 
 /// `POST /v1/admin/cache/purge`.
-pub async fn cache_purge(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
-    let body: PurgeBody = match body.map_err(ApiError::from_body_rejection).and_then(|b| parse_json(&b)) {
-        Ok(b) => b,
-        Err(e) => return e.into_response(),
-    };
-    if let Some(m) = body.models.iter().find(|m| !state.models.contains(*m)) {
-        return ApiError::new(ErrorCode::UnknownModel, format!("model `{m}` is not configured"))
-            .param("models")
-            .into_response();
+pub async fn cache_purge(
+    State(state): State<AppState>,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let b: PurgeBody = body(raw)?;
+    if let Some(m) = b.models.iter().find(|m| !state.models.contains(*m)) {
+        return Err(ApiError::new(ErrorCode::UnknownModel, format!("model `{m}` is not configured")).param("models"));
     }
-    match crate::cache_cli::purge_with(&state.js, &state.models, body.models).await {
-        Ok(done) => {
-            let purged: BTreeMap<String, String> = done.into_iter().collect();
-            tracing::info!(models = ?purged.keys().collect::<Vec<_>>(), "admin: cache purged");
-            Json(json!({ "generations": purged })).into_response()
-        }
-        Err(e) => internal(format!("{e:#}")),
-    }
+    let purged: BTreeMap<String, String> =
+        crate::cache_cli::purge_with(&state.js, &state.models, b.models).await.map_err(internal)?.into_iter().collect();
+    tracing::info!(models = ?purged.keys().collect::<Vec<_>>(), "admin: cache purged");
+    Ok(Json(json!({ "generations": purged })))
 }

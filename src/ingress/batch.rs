@@ -314,14 +314,11 @@ pub async fn get(
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
     ApiPath(id): ApiPath<String>,
-) -> Response {
-    let (record, rs) = match load_with_results(&state, &who.tenant, &id).await {
-        Ok(x) => x,
-        Err(e) => return e.into_response(),
-    };
+) -> Result<Json<Value>, ApiError> {
+    let (record, rs) = load_with_results(&state, &who.tenant, &id).await?;
     let completed = rs.iter().flatten().filter(|r| r.status == Status::Ok).count();
     let failed = rs.iter().flatten().filter(|r| r.status != Status::Ok).count();
-    Json(view(&record, completed, failed)).into_response()
+    Ok(Json(view(&record, completed, failed)))
 }
 
 /// `GET /v1/batches/{id}/results`: JSONL, one line per finished request.
@@ -329,18 +326,15 @@ pub async fn get_results(
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
     ApiPath(id): ApiPath<String>,
-) -> Response {
-    let (record, rs) = match load_with_results(&state, &who.tenant, &id).await {
-        Ok(x) => x,
-        Err(e) => return e.into_response(),
-    };
+) -> Result<Response, ApiError> {
+    let (record, rs) = load_with_results(&state, &who.tenant, &id).await?;
     let kind = kind_of(&record.endpoint).unwrap_or(Kind::Completion);
     let key = record_key(&record.tenant, &record.id);
     let mut custom_ids: Vec<String> = Vec::with_capacity(record.total);
     for k in 0..record.total.div_ceil(CHUNK) {
         match state.batches.get(format!("{key}.ids.{k}")).await {
             Ok(Some(v)) => custom_ids.extend(serde_json::from_slice::<Vec<String>>(&v).unwrap_or_default()),
-            _ => return ApiError::new(ErrorCode::Internal, "the batch's custom ids are missing").into_response(),
+            _ => return Err(ApiError::new(ErrorCode::Internal, "the batch's custom ids are missing")),
         }
     }
     let mut out = String::new();
@@ -361,5 +355,5 @@ pub async fn get_results(
         out.push_str(&line.to_string());
         out.push('\n');
     }
-    ([(axum::http::header::CONTENT_TYPE, "application/jsonl")], out).into_response()
+    Ok(([(axum::http::header::CONTENT_TYPE, "application/jsonl")], out).into_response())
 }
