@@ -5,7 +5,10 @@
 - `no_server_error` replaces schemathesis' `not_a_server_error` with one
   exception: a 504 for a request that set its own deadline (`timeout_ms`) is
   the answer the caller asked for when that deadline passes, not a fault.
-  Every other 5xx fails the run.
+  A request id is an idempotency key, so a later request reusing the id of
+  one that set `timeout_ms` (the stateful phase reuses ids it saw) is
+  answered that first result, and may be the same 504. Every other 5xx
+  fails the run.
 """
 
 import json
@@ -23,12 +26,25 @@ def jsonl(ctx, value):
     return "".join(json.dumps(v) + "\n" for v in items).encode("utf-8")
 
 
+# request ids of requests that set their own deadline
+DEADLINED = set()
+
+
+def request_id(case, body):
+    headers = {str(k).lower(): v for k, v in (case.headers or {}).items()}
+    rid = body.get("id") or headers.get("x-request-id")
+    return rid if isinstance(rid, str) else None
+
+
 @schemathesis.check
 def no_server_error(ctx, response, case):
     status = response.status_code
+    body = case.body if isinstance(case.body, dict) else {}
+    rid = request_id(case, body)
+    if "timeout_ms" in body and rid:
+        DEADLINED.add(rid)
     if status < 500:
         return None
-    body = case.body if isinstance(case.body, dict) else {}
-    if status == 504 and "timeout_ms" in body:
+    if status == 504 and ("timeout_ms" in body or rid in DEADLINED):
         return None
     raise AssertionError(f"server error {status} on {case.method} {case.path}: {response.text[:500]}")
