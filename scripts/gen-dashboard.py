@@ -61,6 +61,7 @@ PANELS = [
     ]),
     ("Cache lookups by result", "reqps", [
         (f"sum by (result) (rate(fleet_cache_lookups_total{{{M}}}[5m]))", "{{result}}"),
+        (f"sum by (result) (rate(fleet_ingress_cache_total{{{M}}}[5m]))", "ingress {{result}}"),
     ]),
     ("Cache bytes / open circuit breakers", "short", [
         ("sum by (tier) (fleet_cache_bytes)", "cache bytes {{tier}}"),

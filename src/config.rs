@@ -188,6 +188,8 @@ pub struct IngressConfig {
     pub max_batch_bytes: usize,
     /// Deadline of each batch request, in seconds from submission.
     pub batch_timeout_secs: u64,
+    /// The ingress's memory of recent answers (the first cache level).
+    pub cache: crate::ingress::answers::AnswerCacheConfig,
 }
 
 impl Default for IngressConfig {
@@ -203,6 +205,7 @@ impl Default for IngressConfig {
             max_batch_lines: 50_000,
             max_batch_bytes: 64 << 20,
             batch_timeout_secs: 24 * 3600,
+            cache: Default::default(),
         }
     }
 }

@@ -326,3 +326,95 @@ async fn a_streaming_request_answered_from_the_cache_still_gets_its_chunks() {
         assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>(), "in order, no gaps");
     }
 }
+
+/// `POST /v1/infer` of a greedy prompt as `bearer`; returns the status and answer.
+async fn infer_http(http: &Http, bearer: &str, prompt: &str, extra: serde_json::Value) -> serde_json::Value {
+    let mut body = serde_json::json!({"model": "echo", "prompt": prompt, "params": {"temperature": 0.0}});
+    body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    let (status, answer) = http.json("POST", "/v1/infer", Some(bearer), Some(body)).await;
+    assert_eq!(status, 200, "{answer}");
+    answer
+}
+
+#[tokio::test]
+async fn the_ingress_answers_repeats_itself_per_tenant_until_purge_or_expiry() {
+    use retro_fleet::ingress::auth::hash_key;
+    use serde_json::json;
+    let s = setup(&format!(
+        r#"[ingress.auth]
+enabled = true
+[[ingress.auth.api_keys]]
+id = "acme"
+sha256 = "{acme}"
+tenant = "acme"
+roles = ["submit", "read"]
+[[ingress.auth.api_keys]]
+id = "globex"
+sha256 = "{globex}"
+tenant = "globex"
+roles = ["submit", "read"]
+"#,
+        acme = hash_key("acme-key"),
+        globex = hash_key("globex-key"),
+    ));
+    let mut w = start_worker(&s.config, &[]).await;
+    let (mut ingress, base) = start_ingress(&s.config).await;
+    let http = Http::new(&base);
+    let caller = Caller::connect(&s.nats.url()).await;
+    let tier = |a: &serde_json::Value| a["cache"].as_str().unwrap().to_string();
+
+    let first = infer_http(&http, "acme-key", "edge question", json!({})).await;
+    assert_eq!(tier(&first), "none");
+    let second = infer_http(&http, "acme-key", "edge question", json!({})).await;
+    assert_eq!(tier(&second), "ingress", "{second}");
+    assert_eq!(second["output"], first["output"]);
+    assert_ne!(second["id"], first["id"]);
+    // answered without a queue: the worker stored the first, not the second
+    let id = |a: &serde_json::Value| a["id"].as_str().unwrap().to_string();
+    assert!(stored_result(&caller.js, "acme", &id(&first)).await.is_some());
+    assert!(stored_result(&caller.js, "acme", &id(&second)).await.is_none());
+
+    // another tenant: the worker's cache and the ingress's are both per tenant
+    assert_eq!(tier(&infer_http(&http, "globex-key", "edge question", json!({})).await), "none");
+    assert_eq!(tier(&infer_http(&http, "globex-key", "edge question", json!({})).await), "ingress");
+
+    // other parameters, bypass, refresh, a caller's own id, streaming: to the fleet
+    let other_params = json!({"params": {"temperature": 0.0, "max_tokens": 1}});
+    assert_eq!(tier(&infer_http(&http, "acme-key", "edge question", other_params).await), "none");
+    assert_eq!(tier(&infer_http(&http, "acme-key", "edge question", json!({"cache": "bypass"})).await), "none");
+    assert_eq!(tier(&infer_http(&http, "acme-key", "edge question", json!({"cache": "refresh"})).await), "none");
+    let own_id = infer_http(&http, "acme-key", "edge question", json!({"id": "mine-1"})).await;
+    assert_eq!(tier(&own_id), "memory", "a caller's id goes through the fleet and is stored");
+    assert!(stored_result(&caller.js, "acme", "mine-1").await.is_some());
+
+    // sampling without a seed: the worker does not cache it, so neither does the ingress
+    let hot = json!({"params": {"temperature": 0.9}});
+    assert_eq!(tier(&infer_http(&http, "acme-key", "hot", hot.clone()).await), "none");
+    assert_eq!(tier(&infer_http(&http, "acme-key", "hot", hot).await), "none");
+
+    // purge reaches the ingress as it reaches the workers
+    let out = cli(&s.config, &["cache", "purge", "--model", "echo"]);
+    assert!(out.contains("purged the cache of `echo`"), "{out}");
+    wait_log(&mut w, "cache generation changed").await;
+    wait_log(&mut ingress, "the ingress forgets the model's answers").await;
+    assert_eq!(tier(&infer_http(&http, "acme-key", "edge question", json!({})).await), "none", "no stale hit");
+    assert_eq!(tier(&infer_http(&http, "acme-key", "edge question", json!({})).await), "ingress");
+
+    // an answer is kept only as long as the worker allows (X-Cache-Ttl)
+    let short = |p: &str| {
+        let r = http
+            .client
+            .post(format!("{base}/v1/infer"))
+            .bearer_auth("acme-key")
+            .header("x-cache-ttl", "1")
+            .json(&json!({"model": "echo", "prompt": p, "params": {"temperature": 0.0}}));
+        async move { r.send().await.unwrap().json::<serde_json::Value>().await.unwrap() }
+    };
+    assert_eq!(tier(&short("short-lived").await), "none");
+    assert_eq!(tier(&short("short-lived").await), "ingress");
+    tokio::time::sleep(Duration::from_millis(1_300)).await;
+    assert_eq!(tier(&short("short-lived").await), "none", "expired");
+
+    let metrics = http.client.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains(r#"fleet_ingress_cache_total{model="echo",result="hit"} 4"#), "{metrics}");
+}

@@ -196,7 +196,10 @@ async fn main() -> anyhow::Result<()> {
 
 /// HTTP mode: alternating rounds over the `--http` targets.
 async fn http_main(args: &Args, workload: &workload::Workload) -> anyhow::Result<()> {
-    let client = http::client(args.window)?;
+    // open loop: keep enough connections for the bursts of a 1 ms timer
+    // (new connections under load fail and skew the tail)
+    let pool = args.rate.map_or(args.window, |r| args.window.max((r / 100.0) as usize).max(1024));
+    let client = http::client(pool)?;
     let mode = match args.rate {
         Some(r) => Mode::Rate(r),
         None => Mode::Window(args.window.max(1)),

@@ -111,6 +111,9 @@ pub enum CacheTier {
     Semantic,
     /// Shared the model call of an identical request in flight at the same time.
     Coalesced,
+    /// Answered by the HTTP ingress from its own memory of recent answers,
+    /// without a queue (so not stored in `FLEET_RESULTS`).
+    Ingress,
 }
 
 /// Milliseconds spent in each phase.

@@ -25,10 +25,16 @@ impl RouteClass {
     }
 }
 
+/// Marks (inside the ingress only; a caller's copy is removed) a request
+/// whose `X-Request-Id` the ingress made, as opposed to one the caller chose.
+pub const ID_MADE_HERE: &str = "x-retro-fleet-id-made-here";
+
 /// Gives every request an id: the caller's `X-Request-Id` (1-128 of
 /// `[A-Za-z0-9_-]`; it also becomes the id of a published request that
 /// names none in its body) or a new ULID. It is echoed on the response.
 pub async fn request_id(mut req: Request, next: Next) -> Response {
+    // only this middleware says an id was made here (see [`ID_MADE_HERE`])
+    req.headers_mut().remove(ID_MADE_HERE);
     let id = match req.headers().get(REQUEST_ID) {
         Some(v) => match v.to_str().ok().filter(|s| s.len() <= MAX_ID_LEN && subjects::is_token(s)) {
             Some(s) => s.to_string(),
@@ -44,6 +50,7 @@ pub async fn request_id(mut req: Request, next: Next) -> Response {
         None => {
             let id = ulid::Ulid::new().to_string();
             req.headers_mut().insert(REQUEST_ID, HeaderValue::from_str(&id).expect("a ULID is a header value"));
+            req.headers_mut().insert(ID_MADE_HERE, HeaderValue::from_static("1"));
             id
         }
     };

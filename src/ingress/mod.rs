@@ -12,10 +12,12 @@
 //! - [`ratelimit`]: request and token limits, in process or shared via NATS KV.
 //! - [`openapi`]: `GET /openapi.json`, generated from the handlers' types.
 //! - [`batch`]: `POST /v1/batches` (JSONL), progress and results; KV `fleet_batches`.
+//! - [`answers`]: the ingress's memory of recent answers (the first cache level).
 //! - [`guard`]: middleware: request ids; credential, role and rate limit per route class.
 //! - this file: shared state, health, metrics, the router and `serve`.
 
 pub mod admin;
+pub mod answers;
 pub mod auth;
 pub mod batch;
 pub mod error;
@@ -120,6 +122,8 @@ pub struct Ingress {
     pub worker_ttl_secs: u64,
     /// The OpenAPI document (`/openapi.json`).
     pub openapi: serde_json::Value,
+    /// Recent cacheable answers, served to identical calls without a queue.
+    pub answers: Arc<answers::AnswerCache>,
 }
 
 /// Handle to the shared state.
@@ -149,6 +153,12 @@ impl Ingress {
             tokio::spawn(auth::follow_kv_keys(kv, keys));
         }
         let replies = Replies::start(&client, metrics.unclaimed.clone()).await?;
+        let answers = Arc::new(answers::AnswerCache::new(config.ingress.cache.clone(), &registry)?);
+        if config.ingress.cache.enabled {
+            use retro_fleet_worker::cache::sync;
+            sync::load_generations(answers.as_ref(), &js).await;
+            tokio::spawn(sync::follow_generations(answers.clone(), js.clone()));
+        }
         let models: BTreeSet<String> = config.models.keys().cloned().collect();
         let openapi = openapi::spec(&models, auth.enabled(), limits.enabled());
         Ok(Arc::new(Ingress {
@@ -159,6 +169,7 @@ impl Ingress {
             config_view: admin::redacted(config),
             worker_ttl_secs: config.topology.worker_ttl_secs,
             openapi,
+            answers,
             client,
             cfg: config.ingress.clone(),
             models,

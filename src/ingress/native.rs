@@ -118,6 +118,8 @@ pub struct Prepared {
     pub traceparent: String,
     /// The caller (for token limits).
     pub who: Principal,
+    /// The caller chose the request id (body or `X-Request-Id`).
+    pub caller_id: bool,
 }
 
 /// `X-Cache: use|bypass|refresh|semantic` (wins over the body) and `X-Cache-Ttl: SECONDS`.
@@ -188,6 +190,7 @@ pub fn draft_into_prepared(state: &AppState, h: &HttpHeaders, who: &Principal, d
         None => d.priority.unwrap_or_default(),
     };
     let tenant = who.tenant.clone();
+    let caller_id = d.id.is_some() || !h.contains_key(super::guard::ID_MADE_HERE);
     let id =
         d.id.or_else(|| h.get(REQUEST_ID).and_then(|v| v.to_str().ok()).map(str::to_string))
             .unwrap_or_else(|| ulid::Ulid::new().to_string());
@@ -231,7 +234,7 @@ pub fn draft_into_prepared(state: &AppState, h: &HttpHeaders, who: &Principal, d
         .filter(|t| headers::is_traceparent(t))
         .map(str::to_string)
         .unwrap_or_else(|| headers::new_traceparent(ulid::Ulid::new().0, ulid::Ulid::new().0 as u64));
-    Ok(Prepared { req, priority, tenant, timeout, cache_ttl, traceparent, who: who.clone() })
+    Ok(Prepared { req, priority, tenant, timeout, cache_ttl, traceparent, who: who.clone(), caller_id })
 }
 
 /// Tokens a request may use, as token limits count them: prompt bytes / 4
@@ -327,11 +330,32 @@ fn result_response(result: InferResult) -> Response {
     }
 }
 
-/// Publishes `p` and waits for its result; a timeout is 504 with the id.
+/// Answers `p` from the ingress's cache, or publishes it and waits for its
+/// result (kept for the next identical call when the worker allows); a
+/// timeout is 504 with the id.
 pub async fn call(state: &AppState, p: &Prepared) -> Result<InferResult, ApiError> {
     let started = Instant::now();
+    let cached = state.answers.serves(p);
+    if cached {
+        if let Some(result) = state.answers.get(p, retro_fleet_worker::unix_ms()) {
+            observe(state, p, "ok", started);
+            return Ok(result);
+        }
+    }
     let waiter = open_stream(state, p).await?;
-    wait_result(state, p, waiter, started).await
+    let (result, expires_ms) = wait_result(state, p, waiter, started).await?;
+    if expires_ms.is_some() && p.req.cache != CacheMode::Bypass {
+        state.answers.put(p, &result, expires_ms, retro_fleet_worker::unix_ms());
+    }
+    Ok(result)
+}
+
+fn observe(state: &AppState, p: &Prepared, outcome: &str, started: Instant) {
+    state
+        .metrics
+        .e2e
+        .with_label_values(&[p.priority.as_str(), &p.req.model, outcome])
+        .observe(started.elapsed().as_secs_f64());
 }
 
 async fn wait_result(
@@ -339,11 +363,11 @@ async fn wait_result(
     p: &Prepared,
     mut waiter: Waiter,
     started: Instant,
-) -> Result<InferResult, ApiError> {
+) -> Result<(InferResult, Option<u64>), ApiError> {
     let id = &p.req.id;
-    let outcome = tokio::time::timeout(p.timeout, waiter.result()).await;
+    let outcome = tokio::time::timeout(p.timeout, waiter.result_with_expiry()).await;
     let (label, result) = match outcome {
-        Ok(Some(result)) => (result.error.as_ref().map_or("ok", |e| e.code.as_str()), Ok(result)),
+        Ok(Some(r)) => (r.0.error.as_ref().map_or("ok", |e| e.code.as_str()), Ok(r)),
         _ => (
             "timeout",
             Err(ApiError::new(
@@ -357,11 +381,7 @@ async fn wait_result(
             .with_id(id)),
         ),
     };
-    state
-        .metrics
-        .e2e
-        .with_label_values(&[p.priority.as_str(), &p.req.model, label])
-        .observe(started.elapsed().as_secs_f64());
+    observe(state, p, label, started);
     result
 }
 
@@ -398,7 +418,7 @@ fn follow_duplicate(state: &AppState, p: &Prepared, waiter: &mut Waiter) {
             if let Ok(msg) = stream.direct_get_last_for_subject(subject.as_str()).await {
                 let ct = msg.headers.get(headers::CONTENT_TYPE).map(|v| v.as_str());
                 if let Ok(r) = codec::decode::<InferResult>(ct, &msg.payload) {
-                    let _ = feed.send(Reply::Result(Box::new(r)));
+                    let _ = feed.send(Reply::Result(Box::new(r), None));
                     return;
                 }
             }
@@ -444,7 +464,7 @@ fn sse(mut waiter: Waiter, timeout: Duration) -> Sse<impl Stream<Item = Result<E
                         return;
                     }
                 }
-                Ok(Some(Reply::Result(r))) => {
+                Ok(Some(Reply::Result(r, _))) => {
                     let kind = if r.status == Status::Ok { "result" } else { "error" };
                     let _ = tx.send(Event::default().event(kind).json_data(&r).expect("result is JSON")).await;
                     return;

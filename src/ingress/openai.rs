@@ -338,7 +338,7 @@ fn sse(
                     streamed.push_str(&c.delta);
                     first = false;
                 }
-                Ok(Some(Reply::Result(r))) => {
+                Ok(Some(Reply::Result(r, _))) => {
                     match (&r.status, &r.error) {
                         (Status::Error, Some(e)) => {
                             let body = ApiError::from(e.clone()).with_id(&r.id).body();

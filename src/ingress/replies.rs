@@ -26,8 +26,9 @@ use tokio::sync::mpsc;
 pub enum Reply {
     /// A streamed delta.
     Chunk(StreamChunk),
-    /// The final result.
-    Result(Box<InferResult>),
+    /// The final result, and until when the worker lets callers keep it
+    /// (`Fleet-Cache-Expires`, unix ms) when it is a cacheable answer.
+    Result(Box<InferResult>, Option<u64>),
 }
 
 type Table = Arc<Mutex<HashMap<String, Vec<(u64, mpsc::UnboundedSender<Reply>)>>>>;
@@ -60,7 +61,9 @@ impl Replies {
                 let reply = if is_chunk {
                     codec::decode::<StreamChunk>(ct, &msg.payload).map(Reply::Chunk)
                 } else {
-                    codec::decode::<InferResult>(ct, &msg.payload).map(|r| Reply::Result(Box::new(r)))
+                    let expires =
+                        hdrs.and_then(|h| h.get(headers::CACHE_EXPIRES)).and_then(|v| v.as_str().parse::<u64>().ok());
+                    codec::decode::<InferResult>(ct, &msg.payload).map(|r| Reply::Result(Box::new(r), expires))
                 };
                 let reply = match reply {
                     Ok(r) => r,
@@ -124,7 +127,7 @@ impl Waiter {
     /// The next chunk or the result.
     pub async fn next(&mut self) -> Option<Reply> {
         let r = self.rx.recv().await;
-        if matches!(r, Some(Reply::Result(_))) {
+        if matches!(r, Some(Reply::Result(..))) {
             self.armed = false;
         }
         r
@@ -132,10 +135,15 @@ impl Waiter {
 
     /// Waits for the final result, skipping chunks.
     pub async fn result(&mut self) -> Option<InferResult> {
+        self.result_with_expiry().await.map(|(r, _)| r)
+    }
+
+    /// The final result and its `Fleet-Cache-Expires`, skipping chunks.
+    pub async fn result_with_expiry(&mut self) -> Option<(InferResult, Option<u64>)> {
         while let Some(r) = self.rx.recv().await {
-            if let Reply::Result(r) = r {
+            if let Reply::Result(r, expires) = r {
                 self.armed = false;
-                return Some(*r);
+                return Some((*r, expires));
             }
         }
         None

@@ -534,6 +534,10 @@ async fn publish_result_keyed(
         Err(e) => return Err(e.into()),
     };
     let payload = if first {
+        if let Some((_, expires_ms)) = cached {
+            // the caller may keep this answer until then (the ingress's cache)
+            h.insert(headers::CACHE_EXPIRES, expires_ms.to_string().as_str());
+        }
         payload
     } else {
         let stored =

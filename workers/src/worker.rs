@@ -323,7 +323,7 @@ impl Worker {
     async fn start_cache(&self, cache: Arc<crate::cache::ResultCache>, stop: CancellationToken) {
         use crate::cache::{sync, warm};
         let sh = &self.shared;
-        sync::load_generations(&cache, &sh.js).await;
+        sync::load_generations(cache.as_ref(), &sh.js).await;
         let follow = tokio::spawn(sync::follow_generations(cache.clone(), sh.js.clone()));
         let stop_follow = stop.clone();
         tokio::spawn(async move {

@@ -12,10 +12,23 @@ use retro_fleet_schemas::subjects;
 
 use super::{Answer, Key, ResultCache};
 
+/// Whatever keeps answers by model generation: the worker's cache, the
+/// ingress's memory of answers.
+pub trait Generations: Send + Sync {
+    /// `model`'s generation is now `generation` ("" when deleted).
+    fn set_generation(&self, model: &str, generation: &str);
+}
+
+impl Generations for ResultCache {
+    fn set_generation(&self, model: &str, generation: &str) {
+        ResultCache::set_generation(self, model, generation)
+    }
+}
+
 /// Loads every model's cache generation from KV `fleet_models`, then keeps
 /// following changes until the connection goes away. Without the bucket
 /// (topology not applied) generations stay empty and this says so.
-pub async fn follow_generations(cache: Arc<ResultCache>, js: jetstream::Context) {
+pub async fn follow_generations<G: Generations + ?Sized>(cache: Arc<G>, js: jetstream::Context) {
     let store = match js.get_key_value(subjects::MODELS_BUCKET).await {
         Ok(s) => s,
         Err(e) => {
@@ -47,7 +60,7 @@ pub async fn follow_generations(cache: Arc<ResultCache>, js: jetstream::Context)
 }
 
 /// Reads the current generations once (so the first requests already use them).
-pub async fn load_generations(cache: &ResultCache, js: &jetstream::Context) {
+pub async fn load_generations<G: Generations + ?Sized>(cache: &G, js: &jetstream::Context) {
     let Ok(store) = js.get_key_value(subjects::MODELS_BUCKET).await else { return };
     let Ok(mut keys) = store.keys().await else { return };
     while let Some(Ok(k)) = keys.next().await {
