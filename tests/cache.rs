@@ -418,3 +418,19 @@ roles = ["submit", "read"]
     let metrics = http.client.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains(r#"fleet_ingress_cache_total{model="echo",result="hit"} 4"#), "{metrics}");
 }
+
+#[tokio::test]
+async fn answers_from_the_ingress_count_against_token_limits() {
+    let s = setup("[ingress.rate_limit]\nenabled = true\n[ingress.rate_limit.submit]\nrequests = 1000\ntokens = 100\n");
+    let _w = start_worker(&s.config, &[]).await;
+    let (_ingress, base) = start_ingress(&s.config).await;
+    let http = Http::new(&base);
+    // 4 prompt bytes (1 token) + max_tokens 40: 41 tokens a call
+    let body = serde_json::json!({"model": "echo", "prompt": "edge", "params": {"temperature": 0.0, "max_tokens": 40}});
+    let (status, first) = http.json("POST", "/v1/infer", None, Some(body.clone())).await;
+    assert_eq!((status, first["cache"].as_str()), (200, Some("none")), "{first}");
+    let (status, second) = http.json("POST", "/v1/infer", None, Some(body.clone())).await;
+    assert_eq!((status, second["cache"].as_str()), (200, Some("ingress")), "{second}");
+    let (status, third) = http.json("POST", "/v1/infer", None, Some(body)).await;
+    assert_eq!(status, 429, "the third call exceeds 100 tokens even from memory: {third}");
+}

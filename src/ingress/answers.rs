@@ -2,20 +2,26 @@
 //! synchronous call meets, before any queue.
 //!
 //! A worker that answers a cacheable request (its own cache holds the
-//! answer) says until when in `Fleet-Cache-Expires` on the reply. The
-//! ingress keeps that answer in memory for the same time (at most
-//! `max_ttl_secs`) and serves an identical request from it directly,
-//! marked `cache: "ingress"`. Everything the worker's cache decides stays
-//! the worker's: what is cacheable, TTLs, bypass. What the ingress keys on
-//! is the same exact key the workers use:
-//! tenant, model, model revision, cache generation, adapter, sampling
-//! parameters and input.
+//! answer) puts its cache key and expiry on the reply (`Fleet-Cache-Key`,
+//! `Fleet-Cache-Expires`). The ingress keeps that answer in memory for the
+//! same time (at most `max_ttl_secs`) and serves an identical request from
+//! it directly, marked `cache: "ingress"`. Everything the worker's cache
+//! decides stays the worker's: what is cacheable, TTLs, bypass. The ingress
+//! keys on the same exact key the workers use: tenant, model, model
+//! revision, cache generation, adapter, sampling parameters and input.
 //!
-//! - Generations come from KV `fleet_models` (followed live), so a purge or
-//!   a new model revision published there reaches the ingress as it reaches
-//!   the workers.
-//! - The revision is the one in the latest result for the model: an answer
-//!   from a worker with other model files makes older answers unreachable.
+//! - Generations come from KV `fleet_models` (followed live), so a purge
+//!   reaches the ingress as it reaches the workers.
+//! - An answer is kept only if the key the ingress computes for it (its
+//!   current generation, the result's revision) is the worker's key: an
+//!   answer made under a generation the ingress no longer has (a purge
+//!   while it was in flight, or a worker that has not seen the purge yet)
+//!   is not kept.
+//! - Lookups use the revision in the latest result for the model, so an
+//!   answer from a worker with other model files makes older answers
+//!   unreachable. An ingress that only answers from memory learns of new
+//!   model files when its answers expire (`max_ttl_secs`), or at once with
+//!   `retro-fleet cache purge`.
 //! - Only requests whose id the ingress chose are answered here. A caller
 //!   that picks its own id gets the fleet's stored result for that id.
 //! - Answers served here go through no queue, so they are not stored in
@@ -31,6 +37,7 @@ use retro_fleet_worker::cache::sync::Generations;
 use serde::{Deserialize, Serialize};
 
 use super::native::Prepared;
+use super::replies::Cacheable;
 
 /// `[ingress.cache]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -46,7 +53,7 @@ pub struct AnswerCacheConfig {
 
 impl Default for AnswerCacheConfig {
     fn default() -> Self {
-        AnswerCacheConfig { enabled: true, memory_bytes: 64 << 20, max_ttl_secs: 300 }
+        AnswerCacheConfig { enabled: true, memory_bytes: 64 << 20, max_ttl_secs: 60 }
     }
 }
 
@@ -65,7 +72,8 @@ pub struct AnswerCache {
     entries: foyer::Cache<u128, Arc<Entry>>,
     generations: RwLock<HashMap<String, String>>,
     revisions: RwLock<HashMap<String, String>>,
-    /// `fleet_ingress_cache_total{model,result}`: `hit`, `miss`, `stored`.
+    /// `fleet_ingress_cache_total{model,result}`: `hit`, `miss`, `stored`,
+    /// `other_key` (an answer made under another generation, not kept).
     counts: IntCounterVec,
     /// `fleet_ingress_cache_bytes`.
     bytes: IntGauge,
@@ -96,6 +104,10 @@ impl AnswerCache {
 
     fn key(&self, p: &Prepared, revision: &str) -> u128 {
         let generations = self.generations.read().expect("generations lock");
+        Self::key_with(&generations, p, revision)
+    }
+
+    fn key_with(generations: &HashMap<String, String>, p: &Prepared, revision: &str) -> u128 {
         let scope = Scope {
             tenant: &p.tenant,
             model: &p.req.model,
@@ -109,10 +121,14 @@ impl AnswerCache {
     /// The answer for `p` if one is here and still valid.
     pub fn get(&self, p: &Prepared, now_ms: u64) -> Option<InferResult> {
         let revision = self.revisions.read().expect("revisions lock").get(&p.req.model).cloned();
-        let hit = revision
-            .and_then(|r| self.entries.get(&self.key(p, &r)))
-            .map(|e| e.value().clone())
-            .filter(|e| e.expires_ms > now_ms);
+        let key = revision.map(|r| self.key(p, &r));
+        let mut hit = key.and_then(|k| self.entries.get(&k)).map(|e| e.value().clone());
+        if hit.as_ref().is_some_and(|e| e.expires_ms <= now_ms) {
+            if let Some(k) = key {
+                self.entries.remove(&k);
+            }
+            hit = None;
+        }
         self.counts.with_label_values(&[p.req.model.as_str(), if hit.is_some() { "hit" } else { "miss" }]).inc();
         let e = hit?;
         Some(InferResult {
@@ -132,16 +148,14 @@ impl AnswerCache {
         })
     }
 
-    /// Keeps `result`, the answer to `p`, until `expires_ms` (from the
-    /// worker's `Fleet-Cache-Expires`; nothing is kept without it).
-    pub fn put(&self, p: &Prepared, result: &InferResult, expires_ms: Option<u64>, now_ms: u64) {
-        let (Some(expires_ms), Some(output), Some(usage)) = (expires_ms, &result.output, &result.usage) else {
-            return;
-        };
+    /// Keeps `result`, the answer to `p` that a worker marked `cacheable`,
+    /// if the worker's key is the one the ingress computes for it now.
+    pub fn put(&self, p: &Prepared, result: &InferResult, cacheable: Cacheable, now_ms: u64) {
+        let (Some(output), Some(usage)) = (&result.output, &result.usage) else { return };
         if !self.cfg.enabled || p.req.stream || result.status != Status::Ok || result.error.is_some() {
             return;
         }
-        let expires_ms = expires_ms.min(now_ms.saturating_add(self.cfg.max_ttl_secs.saturating_mul(1000)));
+        let expires_ms = cacheable.expires_ms.min(now_ms.saturating_add(self.cfg.max_ttl_secs.saturating_mul(1000)));
         if expires_ms <= now_ms {
             return;
         }
@@ -160,7 +174,15 @@ impl AnswerCache {
             usage: usage.clone(),
             worker: result.worker.clone(),
         };
-        self.entries.insert(self.key(p, &revision), Arc::new(entry));
+        // under the generations lock: a purge seen after the check makes
+        // this entry unreachable, one seen before fails the check
+        let generations = self.generations.read().expect("generations lock");
+        if Self::key_with(&generations, p, &revision) != cacheable.key {
+            self.counts.with_label_values(&[p.req.model.as_str(), "other_key"]).inc();
+            return;
+        }
+        self.entries.insert(cacheable.key, Arc::new(entry));
+        drop(generations);
         self.counts.with_label_values(&[p.req.model.as_str(), "stored"]).inc();
         self.bytes.set(self.entries.usage() as i64);
     }
@@ -173,5 +195,100 @@ impl Generations for AnswerCache {
             tracing::info!(model, generation, "cache generation changed; the ingress forgets the model's answers");
             g.insert(model.to_string(), generation.to_string());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ingress::auth::Principal;
+    use retro_fleet_schemas::{InferRequest, Input, Priority, SamplingParams};
+
+    fn prepared(tenant: &str, prompt: &str) -> Prepared {
+        let req = InferRequest {
+            v: 1,
+            id: "id-1".into(),
+            model: "echo".into(),
+            adapter: None,
+            input: Input::Completion { prompt: prompt.into() },
+            params: SamplingParams { temperature: Some(0.0), ..Default::default() },
+            stream: false,
+            cache: CacheMode::Use,
+            tenant: Some(tenant.into()),
+            metadata: Default::default(),
+        };
+        let who = Principal { id: "anonymous".into(), tenant: tenant.into(), roles: Default::default() };
+        Prepared {
+            req,
+            priority: Priority::Normal,
+            tenant: tenant.into(),
+            timeout: std::time::Duration::from_secs(1),
+            cache_ttl: None,
+            traceparent: String::new(),
+            who,
+            caller_id: false,
+        }
+    }
+
+    fn answer(revision: &str) -> InferResult {
+        let mut r = InferResult::error("id-1", "echo", retro_fleet_schemas::ErrorCode::Internal, "");
+        r.status = Status::Ok;
+        r.error = None;
+        r.model_revision = Some(revision.into());
+        r.output = Some(Output { text: "hi".into(), finish_reason: "stop".into() });
+        r.usage = Some(Usage { prompt_tokens: 1, completion_tokens: 1, total_tokens: 2 });
+        r
+    }
+
+    /// The key a worker at `generation` computes for `p`.
+    fn worker_key(p: &Prepared, revision: &str, generation: &str) -> u128 {
+        let g = HashMap::from([(p.req.model.clone(), generation.to_string())]);
+        AnswerCache::key_with(&g, p, revision)
+    }
+
+    #[test]
+    fn keeps_only_answers_under_its_own_generation_and_until_they_expire() {
+        let cache = AnswerCache::new(AnswerCacheConfig::default(), &Registry::new()).unwrap();
+        let p = prepared("acme", "q");
+        cache.set_generation("echo", "g1");
+        let now = 1_000_000;
+
+        // a worker that has not seen the purge answers under g0: not kept
+        let stale = Cacheable { key: worker_key(&p, "r1", "g0"), expires_ms: now + 10_000 };
+        cache.put(&p, &answer("r1"), stale, now);
+        assert!(cache.get(&p, now).is_none());
+
+        // under g1: kept, served, per tenant
+        let fresh = Cacheable { key: worker_key(&p, "r1", "g1"), expires_ms: now + 10_000 };
+        cache.put(&p, &answer("r1"), fresh, now);
+        let hit = cache.get(&p, now + 1).expect("kept");
+        assert_eq!((hit.cache, hit.id.as_str()), (CacheTier::Ingress, "id-1"));
+        assert!(cache.get(&prepared("globex", "q"), now + 1).is_none(), "never another tenant's");
+        assert!(cache.get(&prepared("acme", "other"), now + 1).is_none());
+
+        // expired: never served (the worker's expiry, or max_ttl_secs if sooner)
+        assert!(cache.get(&p, now + 10_000).is_none());
+        let long = Cacheable { key: fresh.key, expires_ms: now + 3_600_000 };
+        cache.put(&p, &answer("r1"), long, now);
+        assert!(cache.get(&p, now + 59_000).is_some());
+        assert!(cache.get(&p, now + 60_000).is_none(), "max_ttl_secs caps the worker's expiry");
+
+        // a purge (new generation) makes it unreachable
+        cache.put(&p, &answer("r1"), long, now);
+        cache.set_generation("echo", "g2");
+        assert!(cache.get(&p, now + 1).is_none());
+
+        // an answer from new model files makes the old revision's unreachable
+        cache.put(&p, &answer("r1"), Cacheable { key: worker_key(&p, "r1", "g2"), expires_ms: now + 9_000 }, now);
+        assert!(cache.get(&p, now + 1).is_some());
+        let other = prepared("acme", "another question");
+        cache.put(
+            &other,
+            &answer("r2"),
+            Cacheable { key: worker_key(&other, "r2", "g2"), expires_ms: now + 9_000 },
+            now,
+        );
+        assert!(cache.get(&p, now + 1).is_none(), "revision r1 is no longer the model's");
+        assert!(cache.get(&other, now + 1).is_some());
     }
 }

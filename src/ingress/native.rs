@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use super::auth::Principal;
 use super::error::{field_of, parse_json, ApiError, ApiPath, REQUEST_ID};
 use super::ratelimit::{self, RouteClass, Unit};
-use super::replies::{Reply, Waiter};
+use super::replies::{Cacheable, Reply, Waiter};
 use super::AppState;
 
 /// Body of `POST /v1/infer` and `/v1/infer/async`. Give the prompt as
@@ -335,17 +335,18 @@ fn result_response(result: InferResult) -> Response {
 /// timeout is 504 with the id.
 pub async fn call(state: &AppState, p: &Prepared) -> Result<InferResult, ApiError> {
     let started = Instant::now();
-    let cached = state.answers.serves(p);
-    if cached {
+    // an answer from memory costs the caller's token limit like any other
+    charge_tokens(state, p).await?;
+    if state.answers.serves(p) {
         if let Some(result) = state.answers.get(p, retro_fleet_worker::unix_ms()) {
             observe(state, p, "ok", started);
             return Ok(result);
         }
     }
-    let waiter = open_stream(state, p).await?;
-    let (result, expires_ms) = wait_result(state, p, waiter, started).await?;
-    if expires_ms.is_some() && p.req.cache != CacheMode::Bypass {
-        state.answers.put(p, &result, expires_ms, retro_fleet_worker::unix_ms());
+    let waiter = register_and_send(state, p).await?;
+    let (result, cacheable) = wait_result(state, p, waiter, started).await?;
+    if let Some(c) = cacheable {
+        state.answers.put(p, &result, c, retro_fleet_worker::unix_ms());
     }
     Ok(result)
 }
@@ -363,9 +364,9 @@ async fn wait_result(
     p: &Prepared,
     mut waiter: Waiter,
     started: Instant,
-) -> Result<(InferResult, Option<u64>), ApiError> {
+) -> Result<(InferResult, Option<Cacheable>), ApiError> {
     let id = &p.req.id;
-    let outcome = tokio::time::timeout(p.timeout, waiter.result_with_expiry()).await;
+    let outcome = tokio::time::timeout(p.timeout, waiter.result_and_cacheable()).await;
     let (label, result) = match outcome {
         Ok(Some(r)) => (r.0.error.as_ref().map_or("ok", |e| e.code.as_str()), Ok(r)),
         _ => (
@@ -385,10 +386,17 @@ async fn wait_result(
     result
 }
 
-/// Publishes `p` and returns the waiter of its chunks and result.
+/// Charges the caller's token limit, publishes `p` and returns the waiter
+/// of its chunks and result.
 pub async fn open_stream(state: &AppState, p: &Prepared) -> Result<Waiter, ApiError> {
+    charge_tokens(state, p).await?;
+    register_and_send(state, p).await
+}
+
+/// [`open_stream`] of a request already charged.
+async fn register_and_send(state: &AppState, p: &Prepared) -> Result<Waiter, ApiError> {
     let (reply, mut waiter) = state.replies.register(&p.tenant, &p.req.id);
-    match publish(state, p, Some(&reply)).await {
+    match send(state, p, Some(&reply)).await {
         Ok(false) => {}
         Ok(true) => follow_duplicate(state, p, &mut waiter),
         Err(e) => {

@@ -26,9 +26,26 @@ use tokio::sync::mpsc;
 pub enum Reply {
     /// A streamed delta.
     Chunk(StreamChunk),
-    /// The final result, and until when the worker lets callers keep it
-    /// (`Fleet-Cache-Expires`, unix ms) when it is a cacheable answer.
-    Result(Box<InferResult>, Option<u64>),
+    /// The final result, and the worker's cache key and expiry when it is a
+    /// cacheable answer.
+    Result(Box<InferResult>, Option<Cacheable>),
+}
+
+/// A cacheable answer's `Fleet-Cache-Key` and `Fleet-Cache-Expires`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cacheable {
+    /// The worker's exact cache key.
+    pub key: u128,
+    /// Unix ms after which it must not be served.
+    pub expires_ms: u64,
+}
+
+impl Cacheable {
+    fn from_headers(h: &async_nats::HeaderMap) -> Option<Cacheable> {
+        let key = u128::from_str_radix(h.get(headers::CACHE_KEY)?.as_str(), 16).ok()?;
+        let expires_ms = h.get(headers::CACHE_EXPIRES)?.as_str().parse().ok()?;
+        Some(Cacheable { key, expires_ms })
+    }
 }
 
 type Table = Arc<Mutex<HashMap<String, Vec<(u64, mpsc::UnboundedSender<Reply>)>>>>;
@@ -61,9 +78,8 @@ impl Replies {
                 let reply = if is_chunk {
                     codec::decode::<StreamChunk>(ct, &msg.payload).map(Reply::Chunk)
                 } else {
-                    let expires =
-                        hdrs.and_then(|h| h.get(headers::CACHE_EXPIRES)).and_then(|v| v.as_str().parse::<u64>().ok());
-                    codec::decode::<InferResult>(ct, &msg.payload).map(|r| Reply::Result(Box::new(r), expires))
+                    let cacheable = hdrs.and_then(Cacheable::from_headers);
+                    codec::decode::<InferResult>(ct, &msg.payload).map(|r| Reply::Result(Box::new(r), cacheable))
                 };
                 let reply = match reply {
                     Ok(r) => r,
@@ -135,15 +151,15 @@ impl Waiter {
 
     /// Waits for the final result, skipping chunks.
     pub async fn result(&mut self) -> Option<InferResult> {
-        self.result_with_expiry().await.map(|(r, _)| r)
+        self.result_and_cacheable().await.map(|(r, _)| r)
     }
 
-    /// The final result and its `Fleet-Cache-Expires`, skipping chunks.
-    pub async fn result_with_expiry(&mut self) -> Option<(InferResult, Option<u64>)> {
+    /// The final result and whether it is a cacheable answer, skipping chunks.
+    pub async fn result_and_cacheable(&mut self) -> Option<(InferResult, Option<Cacheable>)> {
         while let Some(r) = self.rx.recv().await {
-            if let Reply::Result(r, expires) = r {
+            if let Reply::Result(r, cacheable) = r {
                 self.armed = false;
-                return Some((*r, expires));
+                return Some((*r, cacheable));
             }
         }
         None

@@ -534,8 +534,10 @@ async fn publish_result_keyed(
         Err(e) => return Err(e.into()),
     };
     let payload = if first {
-        if let Some((_, expires_ms)) = cached {
-            // the caller may keep this answer until then (the ingress's cache)
+        if let Some((key, expires_ms)) = cached {
+            // the caller may keep this answer until then (the ingress's
+            // cache), under this key (which says the generation it used)
+            h.insert(headers::CACHE_KEY, key.hex().as_str());
             h.insert(headers::CACHE_EXPIRES, expires_ms.to_string().as_str());
         }
         payload

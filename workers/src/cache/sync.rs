@@ -26,15 +26,20 @@ impl Generations for ResultCache {
 }
 
 /// Loads every model's cache generation from KV `fleet_models`, then keeps
-/// following changes until the connection goes away. Without the bucket
-/// (topology not applied) generations stay empty and this says so.
+/// following changes until the task is dropped. Without the bucket
+/// (topology not applied) it says so and looks again every few seconds.
 pub async fn follow_generations<G: Generations + ?Sized>(cache: Arc<G>, js: jetstream::Context) {
-    let store = match js.get_key_value(subjects::MODELS_BUCKET).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(bucket = subjects::MODELS_BUCKET, error = %e,
-                "no model generations bucket; `cache purge` will not reach this worker (run `retro-fleet topology apply`)");
-            return;
+    let mut warned = false;
+    let store = loop {
+        match js.get_key_value(subjects::MODELS_BUCKET).await {
+            Ok(s) => break s,
+            Err(e) => {
+                if !std::mem::replace(&mut warned, true) {
+                    tracing::warn!(bucket = subjects::MODELS_BUCKET, error = %e,
+                        "no model generations bucket: `cache purge` cannot reach this process until it exists (run `retro-fleet topology apply`)");
+                }
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
         }
     };
     loop {
