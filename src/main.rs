@@ -61,7 +61,18 @@ fn main() -> std::process::ExitCode {
         }
     }
     telemetry::init_logs(&log);
-    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let runtime = match (&cli.command, config.worker.threads) {
+        // a worker's messaging batches its socket writes on one thread
+        (Command::Worker { .. }, 0 | 1) => {
+            retro_fleet_worker::backend::pool::load_models_off_runtime();
+            tokio::runtime::Builder::new_current_thread().enable_all().build()
+        }
+        (Command::Worker { .. }, n) => {
+            tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build()
+        }
+        _ => tokio::runtime::Runtime::new(),
+    }
+    .expect("tokio runtime");
     let result = runtime.block_on(async move {
         let shutdown = CancellationToken::new();
         match cli.command {

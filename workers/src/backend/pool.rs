@@ -207,7 +207,7 @@ impl Pool {
             }
             None => {
                 // the first instance tells the revision, even for a lazy pool
-                let first = (pool.loader)().await?;
+                let first = load_off_runtime((pool.loader)()).await?;
                 pool.revision = first.revision();
                 let pool = Arc::new(pool);
                 budget.reserve(pool.spec.bytes, &pool).map_err(overloaded)?;
@@ -258,7 +258,7 @@ impl Pool {
             return Ok(b);
         }
         self.budget.reserve(self.spec.bytes, self).map_err(overloaded)?;
-        match (self.loader)().await {
+        match load_off_runtime((self.loader)()).await {
             Ok(b) => {
                 tracing::info!(model = %self.name, instance = i, "model instance loaded");
                 *slot.instance.lock().expect("slot") = Some(b.clone());
@@ -374,6 +374,42 @@ fn probe() -> InferRequest {
 
 fn overloaded(message: String) -> BackendError {
     BackendError { code: ErrorCode::Overloaded, message, retryable: true }
+}
+
+static LOADS_OFF_RUNTIME: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// From now on model loads run on a runtime of their own ("model-loader"):
+/// for a process whose runtime has one thread (`retro-fleet worker`), where
+/// reading and converting weights (seconds to minutes) would otherwise hold
+/// up its messages, heartbeats and in-progress acks.
+pub fn load_models_off_runtime() {
+    LOADS_OFF_RUNTIME.store(true, Ordering::Relaxed);
+}
+
+/// Runs a model load, on the loader runtime if [`load_models_off_runtime`]
+/// was called, else in place.
+async fn load_off_runtime(
+    load: BoxFuture<'static, Result<Arc<dyn Backend>, BackendError>>,
+) -> Result<Arc<dyn Backend>, BackendError> {
+    if !LOADS_OFF_RUNTIME.load(Ordering::Relaxed) {
+        return load.await;
+    }
+    static LOADER: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    let rt = LOADER.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("model-loader")
+            .enable_all()
+            .build()
+            .expect("the model loader runtime")
+    });
+    rt.spawn(load).await.unwrap_or_else(|e| {
+        Err(BackendError {
+            code: retro_fleet_schemas::ErrorCode::Internal,
+            message: format!("loading the model failed: {e}"),
+            retryable: true,
+        })
+    })
 }
 
 async fn unload_idle(pool: Weak<Pool>, idle: Duration) {
