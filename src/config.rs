@@ -349,8 +349,8 @@ mod tests {
 
     #[test]
     fn example_config_matches_defaults() {
-        let example = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/retro-fleet.example.toml");
-        let c = Config::load(Some(Path::new(example)), Figment::new()).unwrap();
+        let example = retro_fleet_testkit::package_dir().join("deploy/retro-fleet.example.toml");
+        let c = Config::load(Some(&example), Figment::new()).unwrap();
         assert_eq!(c, Config::default(), "deploy/retro-fleet.example.toml documents every default");
     }
 }

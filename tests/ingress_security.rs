@@ -20,7 +20,7 @@ const ISSUER: &str = "https://issuer.test";
 const AUDIENCE: &str = "retro-fleet";
 
 fn fixture(name: &str) -> String {
-    format!("{}/tests/fixtures/jwt/{name}", env!("CARGO_MANIFEST_DIR"))
+    format!("{}/tests/fixtures/jwt/{name}", retro_fleet_testkit::package_dir().display())
 }
 
 fn auth_config() -> String {

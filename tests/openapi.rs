@@ -73,7 +73,7 @@ async fn requests_by_status(base: &str) -> BTreeMap<String, u64> {
 }
 
 fn schemathesis(base: &str, dir: &std::path::Path, extra: &[&str]) {
-    let hooks = format!("{}/tests/openapi", env!("CARGO_MANIFEST_DIR"));
+    let hooks = format!("{}/tests/openapi", retro_fleet_testkit::package_dir().display());
     let out = Command::new("schemathesis")
         .current_dir(dir)
         .env("SCHEMATHESIS_HOOKS", "hooks")

@@ -51,7 +51,7 @@ async fn prometheus_scrapes_every_role_and_records_the_recommendation() {
 
     let prom_port = free_port();
     let dir = s.dir.path();
-    let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/prometheus/rules/fleet.rules.yml");
+    let rules = retro_fleet_testkit::package_dir().join("deploy/prometheus/rules/fleet.rules.yml");
     let ingress_target = ingress_base.trim_start_matches("http://");
     std::fs::write(
         dir.join("prometheus.yml"),

@@ -8,7 +8,10 @@ use std::path::PathBuf;
 use retro_fleet_schemas::*;
 
 fn dir(sub: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(sub)
+    // at run time, not env!(): a binary reused from another checkout
+    // through a shared target directory would read that checkout's files
+    let package = std::env::var_os("CARGO_MANIFEST_DIR").expect("run with `cargo test` or `cargo nextest run`");
+    PathBuf::from(package).join(sub)
 }
 
 fn update() -> bool {

@@ -115,7 +115,13 @@ pub fn wait_for_port(port: u16, timeout: Duration) {
     }
 }
 
-/// Path of a file next to the workspace root, for tests that need repo files.
-pub fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+/// The directory of the package whose tests are running, read at run time
+/// (cargo and nextest set `CARGO_MANIFEST_DIR` for test processes). The
+/// compile-time value would be wrong for a test binary reused from another
+/// checkout through a shared target directory: it would read that
+/// checkout's files.
+pub fn package_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .expect("CARGO_MANIFEST_DIR is not set: run the tests with `cargo test` or `cargo nextest run`")
 }
