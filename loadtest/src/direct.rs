@@ -8,21 +8,33 @@ use std::time::Instant;
 use futures::StreamExt;
 use hdrhistogram::Histogram;
 use retro_fleet_schemas::{InferRequest, Input};
+use retro_fleet_worker::backend::cohort::Admission;
 use retro_fleet_worker::backend::{self, Backend};
 use retro_fleet_worker::ModelConfig;
 
 use crate::load::Report;
 use crate::workload::Workload;
 
-/// Loads the mistral.rs model in `dir` the way a worker does (one instance).
-pub async fn load(dir: &std::path::Path) -> anyhow::Result<Arc<dyn Backend>> {
-    let cfg = ModelConfig::mistralrs(dir.to_path_buf(), 256);
+/// Loads the mistral.rs model in `dir` the way a worker does (one instance),
+/// with requests entering its engine by `admission`.
+pub async fn load(dir: &std::path::Path, admission: Admission) -> anyhow::Result<Arc<dyn Backend>> {
+    let mut cfg = ModelConfig::mistralrs(dir.to_path_buf(), 256);
+    if let ModelConfig::Mistralrs { admission: a, .. } = &mut cfg {
+        *a = admission;
+    }
     let board = retro_fleet_worker::breaker::Board::unregistered(Default::default());
     Ok(backend::build("direct", &cfg, &board, &backend::pool::Budget::new(0)).await?)
 }
 
-/// Runs `n` requests with `window` in flight; with `stream`, also times the first token.
-pub async fn run(model: &Arc<dyn Backend>, n: usize, window: usize, workload: &Workload) -> anyhow::Result<Report> {
+/// Runs `n` requests with `window` in flight; with `stream`, also times the
+/// first token. The report is named `target`.
+pub async fn run(
+    target: &str,
+    model: &Arc<dyn Backend>,
+    n: usize,
+    window: usize,
+    workload: &Workload,
+) -> anyhow::Result<Report> {
     let run_id = ulid::Ulid::new().to_string();
     let params = workload.params();
     let stream = workload.stream;
@@ -65,7 +77,7 @@ pub async fn run(model: &Arc<dyn Backend>, n: usize, window: usize, workload: &W
     let (h, t) = (hist.lock().unwrap(), ttft.lock().unwrap());
     let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     Ok(Report {
-        target: "direct".into(),
+        target: target.into(),
         sent: n,
         answered,
         lost: n - answered,

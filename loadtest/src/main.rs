@@ -12,6 +12,7 @@
 //! reference the others are compared with.
 
 mod direct;
+
 mod floor;
 mod http;
 mod load;
@@ -23,6 +24,7 @@ use clap::Parser;
 use retro_fleet_schemas::Priority;
 
 use load::{Mode, Report, Target};
+use retro_fleet_worker::backend::cohort::Admission;
 
 /// Load generator for retro-fleet (NATS requests → replies).
 #[derive(Debug, Parser)]
@@ -64,6 +66,11 @@ struct Args {
     /// and print fleet/direct in tokens per second.
     #[arg(long, value_name = "MODEL_DIR")]
     direct: Option<std::path::PathBuf>,
+    /// How requests enter the direct engine: `cohort` (as the workers do by
+    /// default) and/or `continuous` (mistral.rs's own scheduling),
+    /// comma-separated; each is measured in its own rounds.
+    #[arg(long, default_value = "cohort", value_delimiter = ',', value_parser = parse_admission)]
+    direct_admission: Vec<Admission>,
     /// Model(s) to call, comma-separated (each served by a running worker);
     /// several are measured in alternating rounds and compared with the first.
     #[arg(long, default_value = "echo", value_delimiter = ',')]
@@ -139,27 +146,33 @@ async fn main() -> anyhow::Result<()> {
     };
     let wait = Duration::from_secs(args.timeout);
     let warmup = (args.requests / 10).clamp(100, 2_000);
-    let direct_model = match &args.direct {
-        Some(dir) => Some(direct::load(dir).await?),
-        None => None,
-    };
+    let mut direct_models = Vec::new();
+    if let Some(dir) = &args.direct {
+        for a in &args.direct_admission {
+            let name = match a {
+                Admission::Cohort => "direct",
+                Admission::Continuous => "direct-continuous",
+            };
+            direct_models.push((name, direct::load(dir, *a).await?));
+        }
+    }
     for t in &targets {
         load::run(&client, t, warmup, mode, &workload, wait).await?;
     }
-    if let Some(m) = &direct_model {
-        direct::run(m, warmup, args.window, &workload).await?;
+    for (name, m) in &direct_models {
+        direct::run(name, m, warmup, args.window, &workload).await?;
     }
-    let mut reports: Vec<Vec<Report>> = vec![Vec::new(); targets.len() + direct_model.is_some() as usize];
+    let mut reports: Vec<Vec<Report>> = vec![Vec::new(); targets.len() + direct_models.len()];
     for round in 0..args.rounds.max(1) {
         for (i, t) in targets.iter().enumerate() {
             let r = load::run(&client, t, args.requests, mode, &workload, wait).await?;
             eprintln!("round {}: {}", round + 1, r.line());
             reports[i].push(r);
         }
-        if let Some(m) = &direct_model {
-            let r = direct::run(m, args.requests, args.window, &workload).await?;
+        for (j, (name, m)) in direct_models.iter().enumerate() {
+            let r = direct::run(name, m, args.requests, args.window, &workload).await?;
             eprintln!("round {}: {}", round + 1, r.line());
-            reports[targets.len()].push(r);
+            reports[targets.len() + j].push(r);
         }
     }
     if let Some(w) = floor_worker {
@@ -170,9 +183,10 @@ async fn main() -> anyhow::Result<()> {
     for r in &medians {
         println!("{}", r.line());
     }
-    if direct_model.is_some() {
-        let (fleet, direct) = (&medians[0], &medians[medians.len() - 1]);
-        println!("fleet/direct: {:.2}", fleet.tokens_per_s / direct.tokens_per_s.max(f64::MIN_POSITIVE));
+    for direct in &medians[targets.len()..] {
+        let fleet = &medians[0];
+        let name = direct.target.replace("direct", "fleet/direct");
+        println!("{name}: {:.2}", fleet.tokens_per_s / direct.tokens_per_s.max(f64::MIN_POSITIVE));
     }
     // each NATS target against the floor when measured, else against the first
     let reference = targets.iter().position(|t| t.name == "floor").unwrap_or(0);
@@ -241,4 +255,12 @@ async fn http_main(args: &Args, workload: &workload::Workload) -> anyhow::Result
         anyhow::bail!("{lost} HTTP requests failed");
     }
     Ok(())
+}
+
+fn parse_admission(s: &str) -> Result<Admission, String> {
+    match s {
+        "cohort" => Ok(Admission::Cohort),
+        "continuous" => Ok(Admission::Continuous),
+        _ => Err(format!("`{s}`: expected `cohort` or `continuous`")),
+    }
 }

@@ -113,6 +113,14 @@ pub enum ModelConfig {
         /// Sequences one instance batches together.
         #[serde(default = "default_max_num_seqs")]
         max_num_seqs: usize,
+        /// How requests enter the engine: `cohort` (together, so the engine
+        /// batches them; see [`crate::backend::cohort`]) or `continuous`.
+        #[serde(default)]
+        admission: crate::backend::cohort::Admission,
+        /// With `cohort`: how long a request that finds the engine idle waits
+        /// for companions, in milliseconds.
+        #[serde(default = "default_gather_ms")]
+        gather_ms: u64,
         /// `max_tokens` of requests that set none.
         #[serde(default = "default_max_tokens")]
         default_max_tokens: u32,
@@ -152,6 +160,8 @@ impl ModelConfig {
             gguf_file: None,
             isq: None,
             max_num_seqs: default_max_num_seqs(),
+            admission: Default::default(),
+            gather_ms: default_gather_ms(),
             default_max_tokens,
             instances: default_instances(),
             warm_instances: default_instances(),
@@ -166,6 +176,10 @@ impl ModelConfig {
 
 fn default_max_num_seqs() -> usize {
     32
+}
+
+fn default_gather_ms() -> u64 {
+    2
 }
 
 fn default_max_tokens() -> u32 {

@@ -17,6 +17,8 @@ async fn tiny() -> (tempfile::TempDir, Arc<dyn Backend>) {
         gguf_file: None,
         isq: None,
         max_num_seqs: 8,
+        admission: Default::default(),
+        gather_ms: 2,
         default_max_tokens: 16,
         instances: 1,
         warm_instances: 1,

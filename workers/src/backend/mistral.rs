@@ -15,6 +15,10 @@
 //!   held back and cut here.
 //! - The engine's response channel has capacity 1 and a slow reader stalls
 //!   the whole engine: responses are drained at once.
+//! - An engine whose thread panicked (its KV cache does under mixed-length
+//!   batches, see [`super::cohort`]) closes the response channels of the
+//!   requests it held, and `get_sender` starts a new engine for the next
+//!   request: those requests fail retryably and are run again.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -43,6 +47,11 @@ pub struct MistralSpec {
     pub isq: Option<String>,
     /// Sequences the engine batches together.
     pub max_num_seqs: usize,
+    /// How requests enter the engine.
+    pub admission: super::cohort::Admission,
+    /// With cohort admission: how long a request finding the engine idle
+    /// waits for companions.
+    pub gather: std::time::Duration,
     /// `max_tokens` when a request sets none.
     pub default_max_tokens: u32,
     /// Revision reported in results; default: a hash of the model files.
@@ -56,6 +65,8 @@ fn backend_err(message: impl Into<String>) -> BackendError {
 /// A loaded mistral.rs model.
 pub struct Mistral {
     model: Model,
+    /// Cohort admission (none: continuous).
+    gate: Option<Arc<super::cohort::Gate>>,
     revision: String,
     default_max_tokens: u32,
 }
@@ -109,7 +120,9 @@ impl Mistral {
             }
             None => format!("hub:{dir}"),
         };
-        Ok(Mistral { model, revision, default_max_tokens: spec.default_max_tokens })
+        let gate = (spec.admission == super::cohort::Admission::Cohort)
+            .then(|| super::cohort::Gate::new(spec.max_num_seqs, spec.gather));
+        Ok(Mistral { model, gate, revision, default_max_tokens: spec.default_max_tokens })
     }
 }
 
@@ -362,6 +375,10 @@ impl Backend for Mistral {
                 }
                 Input::Completion { prompt } => Prompt::Completion(prompt),
             };
+            let _place = match &self.gate {
+                Some(gate) => Some(gate.enter().await),
+                None => None,
+            };
             let out = generate(&self.model, prompt, &params, deltas).await?;
             Ok(Generation {
                 text: out.text,
@@ -541,9 +558,14 @@ async fn generate(
     // In streaming mode the engine sends the stop string (and one more
     // token) before it notices it: hold back a possible prefix and cut here.
     let max_stop = stops.iter().map(|s| s.len()).max().unwrap_or(0);
-    let (mut text, mut emitted, mut finish, mut stopped) = (String::new(), 0usize, None::<String>, false);
-    loop {
-        let Some(resp) = rx.recv().await else { break };
+    let (mut text, mut emitted, mut stopped) = (String::new(), 0usize, false);
+    let finish_reason = loop {
+        // the engine drops the sender only when its thread dies (mistral.rs
+        // reboots it on the next request): a cut-off answer is an error,
+        // worth another attempt, never a result
+        let Some(resp) = rx.recv().await else {
+            return Err(backend_err("the mistral.rs engine stopped before the answer was complete"));
+        };
         let (piece, fr) = match resp {
             // chat streaming chunk
             Response::Chunk(c) => {
@@ -584,10 +606,9 @@ async fn generate(
             }
         }
         if let Some(fr) = fr {
-            finish = Some(if stopped { "stop".into() } else { fr });
-            break;
+            break if stopped { "stop".to_string() } else { fr };
         }
-    }
+    };
     if emitted < text.len() {
         if let Some(d) = &deltas {
             let _ = d.send(text[emitted..].to_string());
@@ -595,7 +616,7 @@ async fn generate(
     }
     Ok(Output {
         text,
-        finish_reason: finish.unwrap_or_else(|| "stop".into()),
+        finish_reason,
         prompt_tokens: meter.prompt_len.load(Ordering::SeqCst),
         completion_tokens: meter.sampled.load(Ordering::SeqCst),
     })

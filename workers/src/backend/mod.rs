@@ -4,7 +4,10 @@
 //! - [`synthetic`]: sleeps a fixed latency, for scaling benchmarks.
 //! - `mistral`: real text models through mistral.rs (feature `mistralrs`).
 //! - [`pool`]: several instances of one model, least busy first.
+//! - [`cohort`]: lets requests into a mistral.rs engine together, so it
+//!   batches them.
 
+pub mod cohort;
 pub mod echo;
 #[cfg(feature = "mistralrs")]
 pub mod mistral;
@@ -99,6 +102,8 @@ pub async fn build(
             gguf_file,
             isq,
             max_num_seqs,
+            admission,
+            gather_ms,
             default_max_tokens,
             instances,
             warm_instances,
@@ -113,6 +118,8 @@ pub async fn build(
                 gguf_file: gguf_file.clone(),
                 isq: isq.clone(),
                 max_num_seqs: *max_num_seqs,
+                admission: *admission,
+                gather: std::time::Duration::from_millis(*gather_ms),
                 default_max_tokens: *default_max_tokens,
                 revision: revision.clone(),
             };
