@@ -7,7 +7,6 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use retro_fleet::ingress::auth::hash_key;
 use retro_fleet_schemas::{subjects, Priority, Status};
 use serde_json::{json, Value};
 
@@ -15,24 +14,8 @@ const ADMIN: &str = "ops-key-1";
 const APP: &str = "app-key-1";
 
 fn auth(extra: &str) -> String {
-    format!(
-        r#"
-[ingress.auth]
-enabled = true
-[[ingress.auth.api_keys]]
-id = "ops"
-sha256 = "{ops}"
-tenant = "ops"
-roles = ["admin"]
-[[ingress.auth.api_keys]]
-id = "app"
-sha256 = "{app}"
-tenant = "default"
-roles = ["submit", "read"]
-{extra}"#,
-        ops = hash_key(ADMIN),
-        app = hash_key(APP),
-    )
+    let keys = auth_with_keys(&[("ops", ADMIN, "ops", &["admin"]), ("app", APP, "default", &["submit", "read"])]);
+    format!("{keys}{extra}")
 }
 
 /// Polls `GET path` until `ok` holds for its JSON, for up to 15 s.

@@ -8,29 +8,14 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use common::*;
-use retro_fleet::ingress::auth::hash_key;
 use retro_fleet_schemas::subjects;
 use serde_json::{json, Value};
 
 fn config() -> String {
-    format!(
-        r#"
-[ingress.auth]
-enabled = true
-[[ingress.auth.api_keys]]
-id = "producer"
-sha256 = "{a}"
-tenant = "acme"
-roles = ["submit", "read"]
-[[ingress.auth.api_keys]]
-id = "other"
-sha256 = "{b}"
-tenant = "globex"
-roles = ["submit", "read"]
-"#,
-        a = hash_key("acme-batch-key"),
-        b = hash_key("globex-batch-key"),
-    )
+    auth_with_keys(&[
+        ("producer", "acme-batch-key", "acme", &["submit", "read"]),
+        ("other", "globex-batch-key", "globex", &["submit", "read"]),
+    ])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

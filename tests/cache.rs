@@ -338,25 +338,11 @@ async fn infer_http(http: &Http, bearer: &str, prompt: &str, extra: serde_json::
 
 #[tokio::test]
 async fn the_ingress_answers_repeats_itself_per_tenant_until_purge_or_expiry() {
-    use retro_fleet::ingress::auth::hash_key;
     use serde_json::json;
-    let s = setup(&format!(
-        r#"[ingress.auth]
-enabled = true
-[[ingress.auth.api_keys]]
-id = "acme"
-sha256 = "{acme}"
-tenant = "acme"
-roles = ["submit", "read"]
-[[ingress.auth.api_keys]]
-id = "globex"
-sha256 = "{globex}"
-tenant = "globex"
-roles = ["submit", "read"]
-"#,
-        acme = hash_key("acme-key"),
-        globex = hash_key("globex-key"),
-    ));
+    let s = setup(&auth_with_keys(&[
+        ("acme", "acme-key", "acme", &["submit", "read"]),
+        ("globex", "globex-key", "globex", &["submit", "read"]),
+    ]));
     let mut w = start_worker(&s.config, &[]).await;
     let (mut ingress, base) = start_ingress(&s.config).await;
     let http = Http::new(&base);

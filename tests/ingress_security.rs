@@ -35,27 +35,7 @@ kv_keys = true
 jwt_issuers = ["{ISSUER}"]
 jwt_audiences = ["{AUDIENCE}"]
 jwt_leeway_secs = 5
-[[ingress.auth.api_keys]]
-id = "acme-app"
-sha256 = "{acme}"
-tenant = "acme"
-roles = ["submit", "read"]
-[[ingress.auth.api_keys]]
-id = "acme-reader"
-sha256 = "{reader}"
-tenant = "acme"
-roles = ["read"]
-[[ingress.auth.api_keys]]
-id = "globex-app"
-sha256 = "{globex}"
-tenant = "globex"
-roles = ["submit", "read"]
-[[ingress.auth.api_keys]]
-id = "ops"
-sha256 = "{ops}"
-tenant = "ops"
-roles = ["admin"]
-[[ingress.auth.jwt_keys]]
+{keys}[[ingress.auth.jwt_keys]]
 algorithm = "HS256"
 secret = "{HS_SECRET}"
 [[ingress.auth.jwt_keys]]
@@ -67,10 +47,12 @@ kid = "ec"
 algorithm = "ES256"
 public_key_file = "{ec}"
 "#,
-        acme = hash_key("acme-key-1"),
-        reader = hash_key("acme-reader-key"),
-        globex = hash_key("globex-key-1"),
-        ops = hash_key("ops-key-1"),
+        keys = api_keys(&[
+            ("acme-app", "acme-key-1", "acme", &["submit", "read"]),
+            ("acme-reader", "acme-reader-key", "acme", &["read"]),
+            ("globex-app", "globex-key-1", "globex", &["submit", "read"]),
+            ("ops", "ops-key-1", "ops", &["admin"]),
+        ]),
         rsa = fixture("rsa-public.pem"),
         ec = fixture("ec-public.pem"),
     )

@@ -9,15 +9,11 @@ use std::collections::BTreeMap;
 use std::process::Command;
 
 use common::*;
-use retro_fleet::ingress::auth::hash_key;
 
 const ADMIN: &str = "conformance-admin-key";
 
 fn auth() -> String {
-    format!(
-        "[ingress.auth]\nenabled = true\n[[ingress.auth.api_keys]]\nid = \"ops\"\nsha256 = \"{}\"\ntenant = \"ops\"\nroles = [\"admin\"]\n",
-        hash_key(ADMIN)
-    )
+    auth_with_keys(&[("ops", ADMIN, "ops", &["admin"])])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

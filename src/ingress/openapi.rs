@@ -541,6 +541,11 @@ pub fn spec(models: &std::collections::BTreeSet<String>, auth_on: bool, limits_o
             }
             statuses.push(422); // a malformed X-Request-Id
         }
+        if path.contains('{') {
+            // a parameter holding `#` or `?` unescaped cuts the path short,
+            // and the fallback answers 404 `not_found`
+            statuses.push(404);
+        }
         statuses.sort_unstable();
         statuses.dedup();
         for s in statuses {

@@ -41,6 +41,26 @@ drain_timeout_ms = 5000
 
 /// A nats-server, a temp dir and a config in it (with `extra` appended),
 /// with the topology applied.
+/// `[[ingress.auth.api_keys]]` entries, one per `(id, key, tenant, roles)`,
+/// each key stored as its SHA-256 as operators configure it.
+pub fn api_keys(keys: &[(&str, &str, &str, &[&str])]) -> String {
+    keys.iter()
+        .map(|(id, key, tenant, roles)| {
+            let roles: Vec<String> = roles.iter().map(|r| format!("{r:?}")).collect();
+            format!(
+                "[[ingress.auth.api_keys]]\nid = {id:?}\nsha256 = {:?}\ntenant = {tenant:?}\nroles = [{}]\n",
+                retro_fleet::ingress::auth::hash_key(key),
+                roles.join(", ")
+            )
+        })
+        .collect()
+}
+
+/// Authentication on with exactly these API keys (see [`api_keys`]).
+pub fn auth_with_keys(keys: &[(&str, &str, &str, &[&str])]) -> String {
+    format!("[ingress.auth]\nenabled = true\n{}", api_keys(keys))
+}
+
 pub struct Setup {
     pub nats: NatsServer,
     pub dir: tempfile::TempDir,
