@@ -13,7 +13,8 @@
 #        PROFILE=debug scripts/bench-model.sh
 #        WORKER_MAX_INFLIGHT=N (256) and WORKER_BATCH=N (128) set the worker's
 #        max_inflight and batch_size; WORKER_ADMISSION=continuous the
-#        worker's admission (default cohort); REQUESTS=N per round (640).
+#        worker's admission (default cohort); WORKER_STREAM_INTERVAL=ms the
+#        worker's stream_interval_ms (default 20); REQUESTS=N per round (640).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/bench-lib.sh
@@ -28,6 +29,7 @@ level = "warn"
 [worker]
 max_inflight = ${WORKER_MAX_INFLIGHT:-256}
 batch_size = ${WORKER_BATCH:-128}
+stream_interval_ms = ${WORKER_STREAM_INTERVAL:-20}
 [worker.cache]
 enabled = false
 [models.tiny]
@@ -41,7 +43,7 @@ sleep 0.5
 "$BIN/retro-fleet" --config "$WORKDIR/bench.toml" topology apply >/dev/null
 "$BIN/retro-fleet" --config "$WORKDIR/bench.toml" worker >"$WORKDIR/worker.log" 2>&1 &
 sleep 2
-echo "worker: max_inflight ${WORKER_MAX_INFLIGHT:-256}, batch_size ${WORKER_BATCH:-128}, admission ${WORKER_ADMISSION:-cohort}"
+echo "worker: max_inflight ${WORKER_MAX_INFLIGHT:-256}, batch_size ${WORKER_BATCH:-128}, admission ${WORKER_ADMISSION:-cohort}, stream_interval_ms ${WORKER_STREAM_INTERVAL:-20}"
 echo "### tiny model, 32 tokens, greedy, window 64, ${REQUESTS:-640} requests x 3 rounds: fleet vs direct"
 "$BIN/loadtest" --model tiny --greedy --max-tokens 32 --prompt-bytes 64 --window 64 --requests "${REQUESTS:-640}" --rounds 3 --direct "$WORKDIR/tiny" --direct-admission cohort,continuous
 echo "### the same, streaming (time to first token)"

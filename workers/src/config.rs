@@ -45,6 +45,10 @@ pub struct WorkerConfig {
     /// 1 runs it all on one thread, which batches socket writes and costs
     /// a third less CPU per message than a multi-threaded runtime.
     pub threads: usize,
+    /// Streamed text: at most one chunk per this many ms after the first
+    /// (which goes out at once); pieces generated meanwhile travel together.
+    /// 0 sends every piece as it comes (one NATS message per token).
+    pub stream_interval_ms: u64,
 }
 
 impl Default for WorkerConfig {
@@ -65,6 +69,7 @@ impl Default for WorkerConfig {
             breaker: Default::default(),
             heartbeat_ms: 2_000,
             threads: 1,
+            stream_interval_ms: 20,
         }
     }
 }

@@ -307,7 +307,8 @@ async fn handle_inner(
     let (deltas, forwarder) = match (req.stream, reply) {
         (true, Some(reply)) => {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            let task = tokio::spawn(forward_chunks(sh.client.clone(), reply.to_string(), req.id.clone(), rx));
+            let every = Duration::from_millis(sh.cfg.stream_interval_ms);
+            let task = tokio::spawn(forward_chunks(sh.client.clone(), reply.to_string(), req.id.clone(), every, rx));
             (Some(tx), Some(task))
         }
         _ => (None, None),
@@ -566,10 +567,15 @@ async fn stored_result(sh: &Shared, tenant: &str, id: &str) -> Option<InferResul
     codec::decode(m.headers.get(headers::CONTENT_TYPE).map(|v| v.as_str()), &m.payload).ok()
 }
 
+/// Publishes streamed text to `reply` as chunks: the first piece at once,
+/// then at most one chunk per `every` holding what was generated meanwhile
+/// (a message per token would cost about as much CPU as a small model's
+/// token), then the `done` chunk.
 async fn forward_chunks(
     client: async_nats::Client,
     reply: String,
     id: String,
+    every: Duration,
     mut rx: tokio::sync::mpsc::UnboundedReceiver<String>,
 ) {
     let mut seq = 0;
@@ -583,10 +589,18 @@ async fn forward_chunks(
         let (reply, h) = (reply.clone(), h.clone());
         async move { client.publish_with_headers(reply, h, Bytes::from(codec::encode(&chunk))).await }
     };
-    while let Some(delta) = rx.recv().await {
+    let mut last: Option<tokio::time::Instant> = None;
+    while let Some(mut delta) = rx.recv().await {
+        if let Some(at) = last.filter(|_| !every.is_zero()) {
+            tokio::time::sleep_until(at + every).await;
+            while let Ok(more) = rx.try_recv() {
+                delta.push_str(&more);
+            }
+        }
         if send(delta, false).await.is_err() {
             return;
         }
+        last = Some(tokio::time::Instant::now());
     }
     let _ = send(String::new(), true).await;
 }
@@ -695,7 +709,8 @@ async fn answer_cached(
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let _ = tx.send(answer.output.text.clone());
         drop(tx);
-        forward_chunks(sh.client.clone(), reply.to_string(), req.id.clone(), rx).await;
+        // one piece: sent at once whatever the interval
+        forward_chunks(sh.client.clone(), reply.to_string(), req.id.clone(), Duration::ZERO, rx).await;
     }
     result.output = Some(answer.output);
     result.usage = Some(answer.usage);
@@ -703,4 +718,33 @@ async fn answer_cached(
     publish_result_keyed(sh, reply, tenant, &result, key).await?;
     msg.ack().await?;
     Ok(Outcome::Ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+
+    #[tokio::test]
+    async fn pieces_generated_within_the_interval_travel_in_one_chunk() {
+        let nats = retro_fleet_testkit::NatsServer::start();
+        let client = async_nats::connect(nats.url()).await.unwrap();
+        let mut sub = client.subscribe("reply.chunks").await.unwrap();
+        client.flush().await.unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        for piece in ["a", "b", "c"] {
+            tx.send(piece.to_string()).unwrap();
+        }
+        drop(tx);
+        forward_chunks(client.clone(), "reply.chunks".into(), "r1".into(), Duration::from_millis(50), rx).await;
+        client.flush().await.unwrap();
+        let mut chunks = Vec::new();
+        while chunks.last().map_or(true, |c: &StreamChunk| !c.done) {
+            let m = tokio::time::timeout(Duration::from_secs(5), sub.next()).await.unwrap().unwrap();
+            chunks.push(codec::decode(Some(codec::ContentType::MSGPACK_MIME), &m.payload).unwrap());
+        }
+        let got: Vec<(u64, &str, bool)> = chunks.iter().map(|c| (c.seq, c.delta.as_str(), c.done)).collect();
+        // the first piece at once, the rest together, then `done`
+        assert_eq!(got, vec![(0, "a", false), (1, "bc", false), (2, "", true)]);
+    }
 }
