@@ -739,7 +739,7 @@ mod tests {
         forward_chunks(client.clone(), "reply.chunks".into(), "r1".into(), Duration::from_millis(50), rx).await;
         client.flush().await.unwrap();
         let mut chunks = Vec::new();
-        while chunks.last().map_or(true, |c: &StreamChunk| !c.done) {
+        while chunks.last().is_none_or(|c: &StreamChunk| !c.done) {
             let m = tokio::time::timeout(Duration::from_secs(5), sub.next()).await.unwrap().unwrap();
             chunks.push(codec::decode(Some(codec::ContentType::MSGPACK_MIME), &m.payload).unwrap());
         }

@@ -46,6 +46,8 @@ pub struct Gate {
     max: usize,
     gather: Duration,
     state: Mutex<State>,
+    /// `fleet_model_waiting{model}`, shared by the model's instances.
+    waiting: Option<prometheus::IntGauge>,
 }
 
 #[derive(Default)]
@@ -66,9 +68,10 @@ pub struct Permit {
 
 impl Gate {
     /// A gate for an engine that batches `max` sequences, waiting `gather`
-    /// for companions when a request finds the engine idle.
-    pub fn new(max: usize, gather: Duration) -> Arc<Gate> {
-        Arc::new(Gate { max: max.max(1), gather, state: Mutex::new(State::default()) })
+    /// for companions when a request finds the engine idle; `waiting`
+    /// counts the requests queued at it.
+    pub fn new(max: usize, gather: Duration, waiting: Option<prometheus::IntGauge>) -> Arc<Gate> {
+        Arc::new(Gate { max: max.max(1), gather, state: Mutex::new(State::default()), waiting })
     }
 
     /// Waits for a place in a cohort. Cancel-safe: a dropped waiter is
@@ -102,6 +105,9 @@ impl Gate {
         } else {
             let (tx, rx) = oneshot::channel();
             s.queue.push_back(tx);
+            if let Some(g) = &self.waiting {
+                g.inc();
+            }
             return Err(rx);
         }
         let start = s.gather_until.unwrap_or(now);
@@ -124,6 +130,9 @@ impl Gate {
             let n = s.queue.len().min(self.max);
             s.running = n;
             s.gather_until = None;
+            if let Some(g) = &self.waiting {
+                g.sub(n as i64);
+            }
             s.queue.drain(..n).collect()
         };
         // outside the lock: a waiter that is gone drops its permit, which
@@ -154,7 +163,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_cohort_gathers_then_admits_no_one_until_it_is_done() {
-        let gate = Gate::new(3, Duration::from_millis(2));
+        let gate = Gate::new(3, Duration::from_millis(2), None);
         let first = tokio::spawn({
             let g = gate.clone();
             async move { g.enter().await }
@@ -183,7 +192,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_next_cohort_is_the_oldest_waiters_up_to_the_limit() {
-        let gate = Gate::new(2, Duration::ZERO);
+        let waiting = prometheus::IntGauge::new("waiting", "waiting").unwrap();
+        let gate = Gate::new(2, Duration::ZERO, Some(waiting.clone()));
         let holder = gate.enter().await;
         let order = Arc::new(Mutex::new(Vec::new()));
         let mut tasks = Vec::new();
@@ -197,18 +207,18 @@ mod tests {
             }));
             tokio::task::yield_now().await;
         }
-        assert_eq!(gate.load(), (1, 5));
+        assert_eq!((gate.load(), waiting.get()), ((1, 5), 5));
         drop(holder);
         for t in tasks {
             t.await.unwrap();
         }
         assert_eq!(*order.lock().unwrap(), vec![0, 1, 2, 3, 4]);
-        assert_eq!(gate.load(), (0, 0));
+        assert_eq!((gate.load(), waiting.get()), ((0, 0), 0));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_waiter_that_gives_up_loses_no_place() {
-        let gate = Gate::new(1, Duration::ZERO);
+        let gate = Gate::new(1, Duration::ZERO, None);
         let holder = gate.enter().await;
         let quitter = tokio::spawn({
             let g = gate.clone();

@@ -72,8 +72,9 @@ pub struct Mistral {
 }
 
 impl Mistral {
-    /// Loads the model described by `spec`.
-    pub async fn load(spec: &MistralSpec) -> Result<Mistral, BackendError> {
+    /// Loads the model described by `spec`; `waiting` counts requests
+    /// queued for its engine (cohort admission).
+    pub async fn load(spec: &MistralSpec, waiting: Option<prometheus::IntGauge>) -> Result<Mistral, BackendError> {
         let (dir, token) = match crate::hub::resolve(&spec.path) {
             Ok(crate::hub::ModelSource::Local(p)) => (p.to_string_lossy().to_string(), TokenSource::None),
             Ok(crate::hub::ModelSource::Hub(id)) => {
@@ -121,7 +122,7 @@ impl Mistral {
             None => format!("hub:{dir}"),
         };
         let gate = (spec.admission == super::cohort::Admission::Cohort)
-            .then(|| super::cohort::Gate::new(spec.max_num_seqs, spec.gather));
+            .then(|| super::cohort::Gate::new(spec.max_num_seqs, spec.gather, waiting));
         Ok(Mistral { model, gate, revision, default_max_tokens: spec.default_max_tokens })
     }
 }
@@ -176,9 +177,10 @@ pub async fn load_instances(
         _ => (spec.revision.clone(), 0),
     };
     let owned = spec.clone();
+    let waiting = pooling.budget.waiting_gauge(name);
     let loader: super::pool::Loader = Arc::new(move || {
-        let spec = owned.clone();
-        Box::pin(async move { Ok(Arc::new(Mistral::load(&spec).await?) as Arc<dyn Backend>) })
+        let (spec, waiting) = (owned.clone(), waiting.clone());
+        Box::pin(async move { Ok(Arc::new(Mistral::load(&spec, waiting).await?) as Arc<dyn Backend>) })
     });
     let pool_spec = super::pool::PoolSpec {
         max: pooling.max,
@@ -498,7 +500,7 @@ async fn generate(
             completion_tokens: 0,
         });
     }
-    let greedy = p.temperature.map_or(true, |t| t <= 0.0);
+    let greedy = p.temperature.is_none_or(|t| t <= 0.0);
     let meter = Arc::new(Meter {
         prompt_len: AtomicUsize::new(0),
         sampled: AtomicUsize::new(0),

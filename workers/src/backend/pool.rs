@@ -71,12 +71,14 @@ pub struct Budget {
     metrics: Option<PoolMetrics>,
 }
 
-/// `fleet_model_instances{model}` (loaded now) and `fleet_model_memory_bytes`
-/// (estimated bytes of loaded instances).
+/// `fleet_model_instances{model}` (loaded now), `fleet_model_memory_bytes`
+/// (estimated bytes of loaded instances) and `fleet_model_waiting{model}`
+/// (requests queued for a place in an engine).
 #[derive(Clone)]
 struct PoolMetrics {
     instances: prometheus::IntGaugeVec,
     bytes: prometheus::IntGauge,
+    waiting: prometheus::IntGaugeVec,
 }
 
 impl Budget {
@@ -96,10 +98,23 @@ impl Budget {
                 "fleet_model_memory_bytes",
                 "Estimated bytes of the loaded model instances (weight files)",
             )?,
+            waiting: prometheus::IntGaugeVec::new(
+                prometheus::Opts::new(
+                    "fleet_model_waiting",
+                    "Requests this worker holds waiting for a place in a model's engine (cohort admission)",
+                ),
+                &["model"],
+            )?,
         };
         registry.register(Box::new(m.instances.clone()))?;
         registry.register(Box::new(m.bytes.clone()))?;
+        registry.register(Box::new(m.waiting.clone()))?;
         Ok(Arc::new(Budget { limit, used: Mutex::new(0), pools: Mutex::new(Vec::new()), metrics: Some(m) }))
+    }
+
+    /// The gauge of requests waiting for `model`'s engines, when metrics are on.
+    pub fn waiting_gauge(&self, model: &str) -> Option<prometheus::IntGauge> {
+        self.metrics.as_ref().map(|m| m.waiting.with_label_values(&[model]))
     }
 
     fn observe(&self, pool: &Pool) {
