@@ -47,7 +47,8 @@ pub struct WorkerConfig {
     pub threads: usize,
     /// Streamed text: at most one chunk per this many ms after the first
     /// (which goes out at once); pieces generated meanwhile travel together.
-    /// 0 sends every piece as it comes (one NATS message per token).
+    /// 0 sends every piece as it comes (one NATS message per token); at
+    /// most 10,000.
     pub stream_interval_ms: u64,
 }
 
@@ -123,7 +124,7 @@ pub enum ModelConfig {
         #[serde(default)]
         admission: crate::backend::cohort::Admission,
         /// With `cohort`: how long a request that finds the engine idle waits
-        /// for companions, in milliseconds.
+        /// for companions, in milliseconds (at most 10,000).
         #[serde(default = "default_gather_ms")]
         gather_ms: u64,
         /// `max_tokens` of requests that set none.

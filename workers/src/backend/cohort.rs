@@ -57,8 +57,25 @@ struct State {
     /// While gathering, the time the current cohort starts: newcomers
     /// before it join.
     gather_until: Option<Instant>,
-    /// Requests waiting for the next cohort, oldest first.
-    queue: VecDeque<oneshot::Sender<Permit>>,
+    /// Requests waiting for the next cohort, oldest first; each is sent its
+    /// place and the time to start.
+    queue: VecDeque<oneshot::Sender<(Permit, Instant)>>,
+}
+
+impl State {
+    /// The oldest waiter whose caller is still there.
+    fn next_waiter(&mut self) -> Option<oneshot::Sender<(Permit, Instant)>> {
+        while let Some(tx) = self.queue.pop_front() {
+            if !tx.is_closed() {
+                return Some(tx);
+            }
+        }
+        None
+    }
+
+    fn gathering(&self, now: Instant) -> bool {
+        self.gather_until.is_some_and(|until| now < until)
+    }
 }
 
 /// A place in the current cohort; dropping it leaves the cohort.
@@ -66,48 +83,53 @@ pub struct Permit {
     gate: Option<Arc<Gate>>,
 }
 
+/// Longest gathering: beyond it a setting is a mistake, not a wait.
+const MAX_GATHER: Duration = Duration::from_secs(10);
+
 impl Gate {
     /// A gate for an engine that batches `max` sequences, waiting `gather`
-    /// for companions when a request finds the engine idle; `waiting`
-    /// counts the requests queued at it.
+    /// (at most 10 s) for companions when a request finds the engine idle;
+    /// `waiting` counts the requests queued at it.
     pub fn new(max: usize, gather: Duration, waiting: Option<prometheus::IntGauge>) -> Arc<Gate> {
+        let gather = gather.min(MAX_GATHER);
         Arc::new(Gate { max: max.max(1), gather, state: Mutex::new(State::default()), waiting })
     }
 
-    /// Waits for a place in a cohort. Cancel-safe: a dropped waiter is
-    /// skipped, and a place it was given is handed back.
+    /// Waits for a place in a cohort. Cancel-safe: a caller that gives up
+    /// while queued is skipped, and a place it held goes back to the gate
+    /// (to the oldest waiter while its cohort still gathers).
     pub async fn enter(self: &Arc<Gate>) -> Permit {
-        match self.admit() {
-            Ok((permit, start)) => {
-                // holding the permit: a caller that gives up while gathering
-                // hands its place back
-                tokio::time::sleep_until(start).await;
-                permit
+        let (permit, start) = match self.admit() {
+            Ok(place) => place,
+            Err(rx) => {
+                let _counted = Queued::count(self.waiting.as_ref());
+                match rx.await {
+                    Ok(place) => place,
+                    // the gate is dropped only with its engine; nothing to wait for
+                    Err(_) => return Permit { gate: None },
+                }
             }
-            Err(rx) => match rx.await {
-                Ok(permit) => permit,
-                // the gate is dropped only with its engine; nothing to wait for
-                Err(_) => Permit { gate: None },
-            },
-        }
+        };
+        // holding the permit: giving up while gathering hands the place back
+        tokio::time::sleep_until(start).await;
+        permit
     }
 
     /// A place in the cohort that is gathering (or opens one on an idle
-    /// engine), with the time it starts; or a place in the queue.
-    fn admit(self: &Arc<Gate>) -> Result<(Permit, Instant), oneshot::Receiver<Permit>> {
+    /// engine), with the time it starts; or a place in the queue. Nobody
+    /// joins past a waiter: the queue is first in, first out.
+    fn admit(self: &Arc<Gate>) -> Result<(Permit, Instant), oneshot::Receiver<(Permit, Instant)>> {
         let mut s = self.state.lock().unwrap();
         let now = Instant::now();
+        s.queue.retain(|tx| !tx.is_closed());
         if s.running == 0 && s.queue.is_empty() {
             s.running = 1;
             s.gather_until = Some(now + self.gather);
-        } else if s.gather_until.is_some_and(|until| now < until) && s.running < self.max {
+        } else if s.gathering(now) && s.running < self.max && s.queue.is_empty() {
             s.running += 1;
         } else {
             let (tx, rx) = oneshot::channel();
             s.queue.push_back(tx);
-            if let Some(g) = &self.waiting {
-                g.inc();
-            }
             return Err(rx);
         }
         let start = s.gather_until.unwrap_or(now);
@@ -119,40 +141,76 @@ impl Gate {
         Permit { gate: Some(self.clone()) }
     }
 
-    /// One member finished: when it was the last, the next cohort starts.
-    fn leave(self: &Arc<Gate>) {
-        let next: Vec<oneshot::Sender<Permit>> = {
-            let mut s = self.state.lock().unwrap();
-            s.running -= 1;
-            if s.running > 0 {
-                return;
+    /// `k` places were given up. When the cohort is then empty, the next one
+    /// starts with the oldest waiters; while it still gathers, waiters take
+    /// the free places. Loops rather than recursing when a waiter turns out
+    /// to be gone after all.
+    fn release(self: &Arc<Gate>, mut k: usize) {
+        while k > 0 {
+            let (next, start) = {
+                let mut s = self.state.lock().unwrap();
+                let now = Instant::now();
+                s.running -= k;
+                let (free, start) = if s.running == 0 {
+                    s.gather_until = None;
+                    (self.max, now)
+                } else if s.gathering(now) {
+                    (self.max - s.running, s.gather_until.unwrap_or(now))
+                } else {
+                    return;
+                };
+                let mut next = Vec::new();
+                while next.len() < free {
+                    match s.next_waiter() {
+                        Some(tx) => next.push(tx),
+                        None => break,
+                    }
+                }
+                s.running += next.len();
+                (next, start)
+            };
+            // outside the lock; a waiter gone since is handed no place
+            k = 0;
+            for tx in next {
+                if let Err((mut unused, _)) = tx.send((self.permit(), start)) {
+                    unused.gate = None;
+                    k += 1;
+                }
             }
-            let n = s.queue.len().min(self.max);
-            s.running = n;
-            s.gather_until = None;
-            if let Some(g) = &self.waiting {
-                g.sub(n as i64);
-            }
-            s.queue.drain(..n).collect()
-        };
-        // outside the lock: a waiter that is gone drops its permit, which
-        // calls `leave` again
-        for tx in next {
-            let _ = tx.send(self.permit());
         }
     }
 
     /// Members of the current cohort and requests waiting for the next.
     pub fn load(&self) -> (usize, usize) {
         let s = self.state.lock().unwrap();
-        (s.running, s.queue.len())
+        (s.running, s.queue.iter().filter(|tx| !tx.is_closed()).count())
+    }
+}
+
+/// One request counted in `fleet_model_waiting` while it is queued.
+struct Queued(Option<prometheus::IntGauge>);
+
+impl Queued {
+    fn count(gauge: Option<&prometheus::IntGauge>) -> Queued {
+        if let Some(g) = gauge {
+            g.inc();
+        }
+        Queued(gauge.cloned())
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        if let Some(g) = &self.0 {
+            g.dec();
+        }
     }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
         if let Some(gate) = self.gate.take() {
-            gate.leave();
+            gate.release(1);
         }
     }
 }
@@ -236,6 +294,58 @@ mod tests {
         let p = tokio::time::timeout(Duration::from_secs(1), patient).await.expect("the gate stuck").unwrap();
         assert_eq!(gate.load(), (1, 0));
         drop(p);
+        assert_eq!(gate.load(), (0, 0));
+    }
+
+    fn spawn_enter(gate: &Arc<Gate>) -> tokio::task::JoinHandle<Permit> {
+        let g = gate.clone();
+        tokio::spawn(async move { g.enter().await })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiters_that_gave_up_take_no_place_in_the_next_cohort() {
+        let waiting = prometheus::IntGauge::new("waiting", "waiting").unwrap();
+        let gate = Gate::new(2, Duration::ZERO, Some(waiting.clone()));
+        let holder = gate.enter().await;
+        // the quitter is first in line: the next cohort must not be only
+        // the one live waiter behind it
+        let quitter = spawn_enter(&gate);
+        tokio::task::yield_now().await;
+        let patient = [spawn_enter(&gate), spawn_enter(&gate)];
+        tokio::task::yield_now().await;
+        assert_eq!(waiting.get(), 3);
+        quitter.abort();
+        let _ = quitter.await;
+        assert_eq!((gate.load(), waiting.get()), ((1, 2), 2), "the gauge counts only callers still waiting");
+        drop(holder);
+        let [a, b] = patient;
+        let (a, b) = (a.await.unwrap(), b.await.unwrap());
+        assert_eq!((gate.load(), waiting.get()), ((2, 0), 0), "both live waiters form the next cohort");
+        drop((a, b));
+        assert_eq!(gate.load(), (0, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_place_freed_while_gathering_goes_to_the_oldest_waiter() {
+        let gate = Gate::new(2, Duration::from_millis(10), None);
+        let first = spawn_enter(&gate);
+        tokio::task::yield_now().await;
+        let second = spawn_enter(&gate);
+        tokio::task::yield_now().await;
+        let oldest = spawn_enter(&gate);
+        tokio::task::yield_now().await;
+        assert_eq!(gate.load(), (2, 1));
+        first.abort();
+        let _ = first.await;
+        // the freed place is the oldest waiter's, not a newcomer's
+        assert_eq!(gate.load(), (2, 0));
+        let newcomer = spawn_enter(&gate);
+        tokio::task::yield_now().await;
+        assert_eq!(gate.load(), (2, 1));
+        let (second, oldest) = (second.await.unwrap(), oldest.await.unwrap());
+        assert!(!newcomer.is_finished());
+        drop((second, oldest));
+        drop(newcomer.await.unwrap());
         assert_eq!(gate.load(), (0, 0));
     }
 }

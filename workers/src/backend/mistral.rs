@@ -18,7 +18,8 @@
 //! - An engine whose thread panicked (its KV cache does under mixed-length
 //!   batches, see [`super::cohort`]) closes the response channels of the
 //!   requests it held, and `get_sender` starts a new engine for the next
-//!   request: those requests fail retryably and are run again.
+//!   request: those requests fail retryably and are run again (unless text
+//!   already reached a streaming caller: then the failure is final).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -561,12 +562,19 @@ async fn generate(
     // token) before it notices it: hold back a possible prefix and cut here.
     let max_stop = stops.iter().map(|s| s.len()).max().unwrap_or(0);
     let (mut text, mut emitted, mut stopped) = (String::new(), 0usize, false);
+    // A failure after text reached a streaming caller is final: another
+    // attempt would stream from the start again onto the same reply subject,
+    // and the caller would see the text twice.
+    let failed = |message: String, emitted: usize| BackendError {
+        retryable: deltas.is_none() || emitted == 0,
+        ..backend_err(message)
+    };
     let finish_reason = loop {
         // the engine drops the sender only when its thread dies (mistral.rs
         // reboots it on the next request): a cut-off answer is an error,
         // worth another attempt, never a result
         let Some(resp) = rx.recv().await else {
-            return Err(backend_err("the mistral.rs engine stopped before the answer was complete"));
+            return Err(failed("the mistral.rs engine stopped before the answer was complete".into(), emitted));
         };
         let (piece, fr) = match resp {
             // chat streaming chunk
@@ -585,11 +593,11 @@ async fn generate(
             Response::ValidationError(e) => {
                 return Err(BackendError { code: ErrorCode::InvalidRequest, message: format!("{e}"), retryable: false })
             }
-            Response::InternalError(e) => return Err(backend_err(format!("mistral.rs: {e}"))),
+            Response::InternalError(e) => return Err(failed(format!("mistral.rs: {e}"), emitted)),
             Response::ModelError(m, _) | Response::CompletionModelError(m, _) => {
-                return Err(backend_err(format!("mistral.rs model error: {m}")))
+                return Err(failed(format!("mistral.rs model error: {m}"), emitted))
             }
-            _ => return Err(backend_err("unexpected mistral.rs response")),
+            _ => return Err(failed("unexpected mistral.rs response".into(), emitted)),
         };
         if !stopped {
             let from = text.len().saturating_sub(max_stop.saturating_sub(1));
