@@ -12,7 +12,6 @@
 //! reference the others are compared with.
 
 mod direct;
-
 mod floor;
 mod http;
 mod load;
@@ -69,7 +68,7 @@ struct Args {
     /// How requests enter the direct engine: `cohort` (as the workers do by
     /// default) and/or `continuous` (mistral.rs's own scheduling),
     /// comma-separated; each is measured in its own rounds.
-    #[arg(long, default_value = "cohort", value_delimiter = ',', value_parser = parse_admission)]
+    #[arg(long, default_value = "cohort", value_delimiter = ',')]
     direct_admission: Vec<Admission>,
     /// Model(s) to call, comma-separated (each served by a running worker);
     /// several are measured in alternating rounds and compared with the first.
@@ -255,12 +254,4 @@ async fn http_main(args: &Args, workload: &workload::Workload) -> anyhow::Result
         anyhow::bail!("{lost} HTTP requests failed");
     }
     Ok(())
-}
-
-fn parse_admission(s: &str) -> Result<Admission, String> {
-    match s {
-        "cohort" => Ok(Admission::Cohort),
-        "continuous" => Ok(Admission::Continuous),
-        _ => Err(format!("`{s}`: expected `cohort` or `continuous`")),
-    }
 }

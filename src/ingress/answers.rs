@@ -121,14 +121,14 @@ impl AnswerCache {
     /// The answer for `p` if one is here and still valid.
     pub fn get(&self, p: &Prepared, now_ms: u64) -> Option<InferResult> {
         let revision = self.revisions.read().expect("revisions lock").get(&p.req.model).cloned();
-        let key = revision.map(|r| self.key(p, &r));
-        let mut hit = key.and_then(|k| self.entries.get(&k)).map(|e| e.value().clone());
-        if hit.as_ref().is_some_and(|e| e.expires_ms <= now_ms) {
-            if let Some(k) = key {
-                self.entries.remove(&k);
+        let hit = revision.map(|r| self.key(p, &r)).and_then(|key| {
+            let entry = self.entries.get(&key)?.value().clone();
+            if entry.expires_ms <= now_ms {
+                self.entries.remove(&key);
+                return None;
             }
-            hit = None;
-        }
+            Some(entry)
+        });
         self.counts.with_label_values(&[p.req.model.as_str(), if hit.is_some() { "hit" } else { "miss" }]).inc();
         let e = hit?;
         Some(InferResult {

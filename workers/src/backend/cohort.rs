@@ -41,6 +41,17 @@ pub enum Admission {
     Continuous,
 }
 
+impl std::str::FromStr for Admission {
+    type Err = String;
+
+    /// The names of the configuration file (`cohort`, `continuous`).
+    fn from_str(s: &str) -> Result<Admission, String> {
+        use serde::Deserialize;
+        Admission::deserialize(serde::de::value::StrDeserializer::<serde::de::value::Error>::new(s))
+            .map_err(|e| e.to_string())
+    }
+}
+
 /// The gate of one engine.
 pub struct Gate {
     max: usize,
