@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, AckKind};
 use async_nats::HeaderMap;
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use retro_fleet_schemas::{
     codec, headers, subjects, CacheMode, CacheTier, ErrorCode, InferRequest, InferResult, Output, Priority, Status,
     StreamChunk, Timings,
@@ -177,7 +178,7 @@ async fn handle_inner(
     if delivered > 1 {
         // A previous delivery may have stored its result before the worker
         // died: answer with that one, never with a second computation.
-        if let Some(stored) = stored_result(sh, tenant, &req.id).await {
+        if let Some(stored) = Box::pin(stored_result(sh, tenant, &req.id)).await {
             tracing::info!(id = %req.id, delivered, "redelivered request already answered; re-sending the stored result");
             if let Some(reply) = reply {
                 sh.client
@@ -239,7 +240,7 @@ async fn handle_inner(
     let cu = cache_use(sh, &req, tenant, &revision, hdrs);
     if let Some(cu) = &cu {
         if cu.read {
-            if let Some(hit) = lookup(cu, &req, now_ms).await {
+            if let Some(hit) = Box::pin(lookup(cu, &req, now_ms)).await {
                 let mut result = base(Status::Ok);
                 result.cache = hit.tier;
                 result.cache_similarity = hit.similarity;
@@ -260,7 +261,7 @@ async fn handle_inner(
                 }
                 Flight::Follower(rx) => {
                     let waited = tokio::select! {
-                        a = with_progress(msg, every, &req.id, cache::follow(rx)) => a,
+                        a = Box::pin(with_progress(msg, every, &req.id, cache::follow(rx))) => a,
                         _ = cancel.token.cancelled() => {
                             let why = "while it waited for an identical request";
                             return cancelled(sh, msg, reply, tenant, base(Status::Error), why).await;
@@ -277,10 +278,10 @@ async fn handle_inner(
             }
         }
         if let (Some(claims), true) = (cu.cache.claims(), cu.read) {
-            match claims.claim(cu.key).await {
+            match Box::pin(claims.claim(cu.key)).await {
                 cache::sync::Claim::Mine => claimed = true,
                 cache::sync::Claim::Theirs => match tokio::select! {
-                    a = with_progress(msg, every, &req.id, claims.wait(cu.key)) => a,
+                    a = Box::pin(with_progress(msg, every, &req.id, claims.wait(cu.key))) => a,
                     _ = cancel.token.cancelled() => {
                         let why = "while another worker computed it";
                         return cancelled(sh, msg, reply, tenant, base(Status::Error), why).await;
@@ -328,7 +329,7 @@ async fn handle_inner(
     if claimed && !matches!(generated, Some(Ok(_))) {
         if let Some(cu) = &cu {
             if let Some(claims) = cu.cache.claims() {
-                claims.release(cu.key).await;
+                Box::pin(claims.release(cu.key)).await;
             }
         }
     }
@@ -348,7 +349,7 @@ async fn handle_inner(
                 cu.cache.put(&req.model, cu.key, &answer, cu.semantic.as_ref().map(|(b, t)| (*b, t.as_str())));
                 if claimed {
                     if let Some(claims) = cu.cache.claims() {
-                        claims.answer(cu.key, &answer).await;
+                        Box::pin(claims.answer(cu.key, &answer)).await;
                     }
                 }
                 stored_under = Some((cu.key, answer.expires_ms));
@@ -376,22 +377,25 @@ async fn handle_inner(
 }
 
 /// Answers a cancelled request `cancelled` (stored, replied) and acks it.
-async fn cancelled(
-    sh: &Shared,
-    msg: &jetstream::Message,
-    reply: Option<&str>,
-    tenant: &str,
+/// Boxed: a rare path (see [`terminal`]).
+fn cancelled<'a>(
+    sh: &'a Shared,
+    msg: &'a jetstream::Message,
+    reply: Option<&'a str>,
+    tenant: &'a str,
     mut result: InferResult,
-    when: &str,
-) -> Result<Outcome, Error> {
-    result.error = Some(retro_fleet_schemas::ErrorBody {
-        code: ErrorCode::Cancelled,
-        message: format!("cancelled by the caller {when}"),
-        retryable: false,
-    });
-    publish_result(sh, reply, tenant, &result).await?;
-    msg.ack().await?;
-    Ok(Outcome::Failed(ErrorCode::Cancelled))
+    when: &'a str,
+) -> BoxFuture<'a, Result<Outcome, Error>> {
+    Box::pin(async move {
+        result.error = Some(retro_fleet_schemas::ErrorBody {
+            code: ErrorCode::Cancelled,
+            message: format!("cancelled by the caller {when}"),
+            retryable: false,
+        });
+        publish_result(sh, reply, tenant, &result).await?;
+        msg.ack().await?;
+        Ok(Outcome::Failed(ErrorCode::Cancelled))
+    })
 }
 
 /// What is known about who asked, for error results.
@@ -405,27 +409,33 @@ pub(crate) struct Ids<'a> {
 /// Gives a message up: dead letter with the original payload, error result
 /// where someone can see it, then `Term`. If the dead letter cannot be
 /// written the message is nak'ed instead, so nothing is lost.
+///
+/// Boxed, like the other paths a request rarely takes: the future of
+/// [`handle`] is allocated and moved for every message, so its size is
+/// kept to what the common path needs.
 #[allow(clippy::too_many_arguments)]
-async fn terminal(
-    sh: &Shared,
+fn terminal<'a>(
+    sh: &'a Shared,
     prio: Priority,
-    msg: &jetstream::Message,
-    model_label: &str,
-    ids: Ids<'_>,
+    msg: &'a jetstream::Message,
+    model_label: &'a str,
+    ids: Ids<'a>,
     code: ErrorCode,
-    message: &str,
+    message: &'a str,
     delivered: i64,
-) -> Result<Outcome, Error> {
-    let letter = Letter { subject: &msg.subject, headers: msg.headers.as_ref(), payload: &msg.payload, delivered };
-    if let Err(e) = dead_letter(sh, prio, &letter, ids.id, code, message).await {
-        tracing::error!(error = %e, "cannot write the dead letter; nak so the message is kept");
-        msg.ack_with(AckKind::Nak(Some(Duration::from_secs(5)))).await?;
-        return Ok(Outcome::Retried);
-    }
-    sh.metrics.dead_letters.with_label_values(&[prio.as_str(), model_label, code.as_str()]).inc();
-    answer_error(sh, ids, letter.model(), code, message).await?;
-    msg.ack_with(AckKind::Term).await?;
-    Ok(Outcome::Failed(code))
+) -> BoxFuture<'a, Result<Outcome, Error>> {
+    Box::pin(async move {
+        let letter = Letter { subject: &msg.subject, headers: msg.headers.as_ref(), payload: &msg.payload, delivered };
+        if let Err(e) = dead_letter(sh, prio, &letter, ids.id, code, message).await {
+            tracing::error!(error = %e, "cannot write the dead letter; nak so the message is kept");
+            msg.ack_with(AckKind::Nak(Some(Duration::from_secs(5)))).await?;
+            return Ok(Outcome::Retried);
+        }
+        sh.metrics.dead_letters.with_label_values(&[prio.as_str(), model_label, code.as_str()]).inc();
+        answer_error(sh, ids, letter.model(), code, message).await?;
+        msg.ack_with(AckKind::Term).await?;
+        Ok(Outcome::Failed(code))
+    })
 }
 
 /// A request message being given up.
@@ -543,8 +553,9 @@ async fn publish_result_keyed(
         }
         payload
     } else {
-        let stored =
-            stored_payload(sh, tenant, &result.id).await.ok_or("a result is stored for this id but cannot be read")?;
+        let stored = Box::pin(stored_payload(sh, tenant, &result.id))
+            .await
+            .ok_or("a result is stored for this id but cannot be read")?;
         tracing::info!(id = %result.id, "a result for this request was already stored; sending that one");
         stored
     };
@@ -692,32 +703,35 @@ async fn lookup(cu: &CacheUse, req: &InferRequest, now_ms: u64) -> Option<cache:
 }
 
 /// Answers from the cache (or a shared computation): chunks first for a
-/// streaming request, then the stored result, then the ack.
+/// streaming request, then the stored result, then the ack. Boxed (see
+/// [`terminal`]).
 #[allow(clippy::too_many_arguments)]
-async fn answer_cached(
-    sh: &Shared,
-    msg: &jetstream::Message,
-    req: &InferRequest,
-    reply: Option<&str>,
-    tenant: &str,
+fn answer_cached<'a>(
+    sh: &'a Shared,
+    msg: &'a jetstream::Message,
+    req: &'a InferRequest,
+    reply: Option<&'a str>,
+    tenant: &'a str,
     mut result: InferResult,
     answer: Answer,
     key: Option<(Key, u64)>,
     picked: Instant,
-) -> Result<Outcome, Error> {
-    if let (true, Some(reply)) = (req.stream, reply) {
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let _ = tx.send(answer.output.text.clone());
-        drop(tx);
-        // one piece: sent at once whatever the interval
-        forward_chunks(sh.client.clone(), reply.to_string(), req.id.clone(), Duration::ZERO, rx).await;
-    }
-    result.output = Some(answer.output);
-    result.usage = Some(answer.usage);
-    result.timings.total_ms = result.timings.queued_ms + picked.elapsed().as_secs_f64() * 1e3;
-    publish_result_keyed(sh, reply, tenant, &result, key).await?;
-    msg.ack().await?;
-    Ok(Outcome::Ok)
+) -> BoxFuture<'a, Result<Outcome, Error>> {
+    Box::pin(async move {
+        if let (true, Some(reply)) = (req.stream, reply) {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let _ = tx.send(answer.output.text.clone());
+            drop(tx);
+            // one piece: sent at once whatever the interval
+            forward_chunks(sh.client.clone(), reply.to_string(), req.id.clone(), Duration::ZERO, rx).await;
+        }
+        result.output = Some(answer.output);
+        result.usage = Some(answer.usage);
+        result.timings.total_ms = result.timings.queued_ms + picked.elapsed().as_secs_f64() * 1e3;
+        publish_result_keyed(sh, reply, tenant, &result, key).await?;
+        msg.ack().await?;
+        Ok(Outcome::Ok)
+    })
 }
 
 #[cfg(test)]

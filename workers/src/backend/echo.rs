@@ -33,8 +33,7 @@ impl Backend for Echo {
                 Input::Completion { prompt } => prompt.as_str(),
                 Input::Chat { messages } => messages.last().map(|m| m.content.as_str()).unwrap_or(""),
             };
-            let words: Vec<&str> = source.split_whitespace().collect();
-            let (text, finish_reason) = limit_words(&words, req.params.max_tokens, &req.params.stop);
+            let (text, finish_reason) = limit_words(source.split_whitespace(), req.params.max_tokens, &req.params.stop);
             if let Some(tx) = deltas {
                 send_words(&tx, &text);
             }

@@ -179,10 +179,14 @@ impl Backend for Unavailable {
 
 /// Applies `max_tokens` and stop sequences to whitespace-separated words, as
 /// the test backends count tokens; returns the text and its finish reason.
-pub(crate) fn limit_words(words: &[&str], max_tokens: Option<u32>, stop: &[String]) -> (String, String) {
+pub(crate) fn limit_words<'w>(
+    words: impl IntoIterator<Item = &'w str>,
+    max_tokens: Option<u32>,
+    stop: &[String],
+) -> (String, String) {
     let mut text = String::new();
     let mut finish = "stop";
-    for (i, w) in words.iter().enumerate() {
+    for (i, w) in words.into_iter().enumerate() {
         if max_tokens.is_some_and(|m| i as u32 >= m) {
             finish = "length";
             break;
@@ -225,9 +229,10 @@ mod tests {
     #[test]
     fn limit_words_honours_max_tokens_and_stop() {
         let w = ["a", "b", "c", "d"];
-        assert_eq!(limit_words(&w, None, &[]), ("a b c d".into(), "stop".into()));
-        assert_eq!(limit_words(&w, Some(2), &[]), ("a b".into(), "length".into()));
-        assert_eq!(limit_words(&w, None, &["c".into()]), ("a b ".into(), "stop".into()));
-        assert_eq!(limit_words(&w, Some(0), &[]), ("".into(), "length".into()));
+        let w = || w.iter().copied();
+        assert_eq!(limit_words(w(), None, &[]), ("a b c d".into(), "stop".into()));
+        assert_eq!(limit_words(w(), Some(2), &[]), ("a b".into(), "length".into()));
+        assert_eq!(limit_words(w(), None, &["c".into()]), ("a b ".into(), "stop".into()));
+        assert_eq!(limit_words(w(), Some(0), &[]), ("".into(), "length".into()));
     }
 }

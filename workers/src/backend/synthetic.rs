@@ -71,8 +71,8 @@ impl Backend for Synthetic {
                 });
             }
             let n = req.params.max_tokens.unwrap_or(self.output_tokens).min(self.output_tokens.max(1) * 64);
-            let words: Vec<&str> = std::iter::repeat_n("token", n as usize).collect();
-            let (text, finish_reason) = limit_words(&words, req.params.max_tokens, &req.params.stop);
+            let words = std::iter::repeat_n("token", n as usize);
+            let (text, finish_reason) = limit_words(words, req.params.max_tokens, &req.params.stop);
             if let Some(tx) = deltas {
                 super::echo::send_words(&tx, &text);
             }
