@@ -3,6 +3,9 @@ use retro_fleet::cli::{self, CacheAction, Cli, Command, DlqAction, KeysAction, M
 use retro_fleet::{roles, telemetry};
 use tokio_util::sync::CancellationToken;
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let serves = matches!(
