@@ -14,7 +14,9 @@
 #        WORKER_MAX_INFLIGHT=N (256) and WORKER_BATCH=N (128) set the worker's
 #        max_inflight and batch_size; WORKER_ADMISSION=continuous the
 #        worker's admission (default cohort); WORKER_STREAM_INTERVAL=ms the
-#        worker's stream_interval_ms (default 20); REQUESTS=N per round (640).
+#        worker's stream_interval_ms (default 20); REQUESTS=N per round (640);
+#        WORKER=/path/to/retro-fleet serves the model with another build (to
+#        measure a change side by side: run once with each).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/bench-lib.sh
@@ -41,7 +43,7 @@ echo "# $(date -u +%F) $(nproc) cores, $(nats-server --version), $PROFILE build"
 nats-server -js -a 127.0.0.1 -p "$PORT" -sd "$WORKDIR/store" >/dev/null 2>&1 &
 sleep 0.5
 "$BIN/retro-fleet" --config "$WORKDIR/bench.toml" topology apply >/dev/null
-"$BIN/retro-fleet" --config "$WORKDIR/bench.toml" worker >"$WORKDIR/worker.log" 2>&1 &
+"${WORKER:-$BIN/retro-fleet}" --config "$WORKDIR/bench.toml" worker >"$WORKDIR/worker.log" 2>&1 &
 sleep 2
 echo "worker: max_inflight ${WORKER_MAX_INFLIGHT:-256}, batch_size ${WORKER_BATCH:-128}, admission ${WORKER_ADMISSION:-cohort}, stream_interval_ms ${WORKER_STREAM_INTERVAL:-20}"
 echo "### tiny model, 32 tokens, greedy, window 64, ${REQUESTS:-640} requests x 3 rounds: fleet vs direct"
