@@ -239,7 +239,40 @@ impl Config {
         if config.models.is_empty() {
             config.models = default_models();
         }
+        config.check().map_err(figment::Error::from)?;
         Ok(config)
+    }
+
+    /// Values the types admit but that cannot work, refused with the key and
+    /// the range instead of hanging a worker or being quietly capped.
+    fn check(&self) -> Result<(), String> {
+        use retro_fleet_worker::config::{ModelConfig, MAX_INTERVAL_MS};
+        let w = &self.worker;
+        if w.max_inflight == 0 {
+            return Err("`worker.max_inflight` must be at least 1: a worker holding no request takes none".into());
+        }
+        if w.batch_size == 0 {
+            return Err("`worker.batch_size` must be at least 1: it is how many messages one pull may bring".into());
+        }
+        if w.stream_interval_ms > MAX_INTERVAL_MS {
+            return Err(format!(
+                "`worker.stream_interval_ms` is {}; at most {MAX_INTERVAL_MS} (ms between streamed chunks)",
+                w.stream_interval_ms
+            ));
+        }
+        for (name, model) in &self.models {
+            if let ModelConfig::Mistralrs { gather_ms, max_num_seqs, .. } = model {
+                if *gather_ms > MAX_INTERVAL_MS {
+                    return Err(format!(
+                        "`models.{name}.gather_ms` is {gather_ms}; at most {MAX_INTERVAL_MS} (ms a cohort waits for companions)"
+                    ));
+                }
+                if *max_num_seqs == 0 {
+                    return Err(format!("`models.{name}.max_num_seqs` must be at least 1"));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// This configuration with every secret replaced by `<redacted>`: API
@@ -337,6 +370,27 @@ mod tests {
             assert_eq!(only.models.keys().collect::<Vec<_>>(), ["slow"], "a catalogue replaces the built-in echo");
             let c = Config::load(Some(Path::new("m.toml")), Figment::new())?;
             assert_eq!(c.models.keys().collect::<Vec<_>>(), ["echo", "slow"]);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn settings_that_cannot_work_are_refused_with_their_key() {
+        figment::Jail::expect_with(|jail| {
+            let cases = [
+                ("[worker]\nmax_inflight = 0\n", "worker.max_inflight"),
+                ("[worker]\nbatch_size = 0\n", "worker.batch_size"),
+                ("[worker]\nstream_interval_ms = 10001\n", "worker.stream_interval_ms"),
+                ("[models.m]\nbackend = \"mistralrs\"\npath = \"x\"\ngather_ms = 60000\n", "models.m.gather_ms"),
+                ("[models.m]\nbackend = \"mistralrs\"\npath = \"x\"\nmax_num_seqs = 0\n", "models.m.max_num_seqs"),
+            ];
+            for (toml, key) in cases {
+                jail.create_file("bad.toml", toml)?;
+                let err = Config::load(Some(Path::new("bad.toml")), Figment::new()).unwrap_err();
+                assert!(err.to_string().contains(key), "{toml}: {err}");
+            }
+            jail.create_file("edge.toml", "[worker]\nstream_interval_ms = 10000\nmax_inflight = 1\nbatch_size = 1\n")?;
+            Config::load(Some(Path::new("edge.toml")), Figment::new())?;
             Ok(())
         });
     }

@@ -207,6 +207,10 @@ fn default_output_tokens() -> u32 {
 /// The fleet's model catalogue: name → model.
 pub type Models = BTreeMap<String, ModelConfig>;
 
+/// Longest setting of the intervals that pace a request (`gather_ms`,
+/// `stream_interval_ms`), in ms: beyond it a setting is a mistake, not a wait.
+pub const MAX_INTERVAL_MS: u64 = 10_000;
+
 /// The catalogue used when none is configured: one `echo` model.
 pub fn default_models() -> Models {
     BTreeMap::from([("echo".to_string(), ModelConfig::Echo { revision: None })])

@@ -308,7 +308,7 @@ async fn handle_inner(
     let (deltas, forwarder) = match (req.stream, reply) {
         (true, Some(reply)) => {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            let every = Duration::from_millis(sh.cfg.stream_interval_ms.min(10_000));
+            let every = Duration::from_millis(sh.cfg.stream_interval_ms.min(crate::config::MAX_INTERVAL_MS));
             let task = tokio::spawn(forward_chunks(sh.client.clone(), reply.to_string(), req.id.clone(), every, rx));
             (Some(tx), Some(task))
         }

@@ -94,8 +94,8 @@ pub struct Permit {
     gate: Option<Arc<Gate>>,
 }
 
-/// Longest gathering: beyond it a setting is a mistake, not a wait.
-const MAX_GATHER: Duration = Duration::from_secs(10);
+/// Longest gathering (configs are refused beyond it at load).
+const MAX_GATHER: Duration = Duration::from_millis(crate::config::MAX_INTERVAL_MS);
 
 impl Gate {
     /// A gate for an engine that batches `max` sequences, waiting `gather`
