@@ -20,6 +20,10 @@ bench_build
 WORKERS=("$@")
 [ ${#WORKERS[@]} -gt 0 ] || WORKERS=("$BIN/retro-fleet")
 N="${REQUESTS:-60000}"
+# loadtest warms up with a tenth of the requests (100 to 2,000) inside the
+# measured window: count them
+WARM=$((N / 10)); WARM=$((WARM < 100 ? 100 : WARM > 2000 ? 2000 : WARM))
+export LC_ALL=C
 bench_workdir 4337
 cat > "$WORKDIR/bench.toml" <<TOML
 metrics_listen = "127.0.0.1:0"
@@ -31,7 +35,7 @@ batch_size = 256
 TOML
 TICK_US=$((1000000 / $(getconf CLK_TCK)))
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-per_req() { awk -v t="$1" -v u="$TICK_US" -v n="$N" 'BEGIN {printf "%.1f", t * u / n}'; }
+per_req() { awk -v t="$1" -v u="$TICK_US" -v n="$((N + WARM))" 'BEGIN {printf "%.1f", t * u / n}'; }
 
 # measure LABEL WORKER_BINARY|"" LOADTEST_ARGS...
 measure() {
@@ -60,7 +64,7 @@ measure() {
     local server_us worker_us client_us
     server_us=$(per_req $((s1 - s0)))
     worker_us=$(per_req $((w1 - w0)))
-    client_us=$(awk -v c="$client" -v n="$N" 'BEGIN {printf "%.1f", c / n}')
+    client_us=$(awk -v c="$client" -v n="$((N + WARM))" 'BEGIN {printf "%.1f", c / n}')
     printf '| %s | %s | %s | %s | %s | %s |\n' "$label" "$rps" "$server_us" \
         "$([ -n "$wpid" ] && echo "$worker_us" || echo "(in client)")" "$client_us" \
         "$(awk -v a="$server_us" -v b="$worker_us" -v c="$client_us" 'BEGIN {printf "%.1f", a + b + c}')"

@@ -261,8 +261,9 @@ impl Config {
             ));
         }
         for (name, model) in &self.models {
-            if let ModelConfig::Mistralrs { gather_ms, max_num_seqs, .. } = model {
-                if *gather_ms > MAX_INTERVAL_MS {
+            if let ModelConfig::Mistralrs { gather_ms, max_num_seqs, admission, .. } = model {
+                let cohort = *admission == retro_fleet_worker::backend::cohort::Admission::Cohort;
+                if cohort && *gather_ms > MAX_INTERVAL_MS {
                     return Err(format!(
                         "`models.{name}.gather_ms` is {gather_ms}; at most {MAX_INTERVAL_MS} (ms a cohort waits for companions)"
                     ));
@@ -391,6 +392,11 @@ mod tests {
             }
             jail.create_file("edge.toml", "[worker]\nstream_interval_ms = 10000\nmax_inflight = 1\nbatch_size = 1\n")?;
             Config::load(Some(Path::new("edge.toml")), Figment::new())?;
+            // gather_ms only paces cohorts: ignored, so not refused, without them
+            let continuous =
+                "[models.m]\nbackend = \"mistralrs\"\npath = \"x\"\nadmission = \"continuous\"\ngather_ms = 60000\n";
+            jail.create_file("continuous.toml", continuous)?;
+            Config::load(Some(Path::new("continuous.toml")), Figment::new())?;
             Ok(())
         });
     }
