@@ -254,6 +254,14 @@ impl Config {
         if w.batch_size == 0 {
             return Err("`worker.batch_size` must be at least 1: it is how many messages one pull may bring".into());
         }
+        for (key, share) in [("normal_share", w.normal_share), ("low_share", w.low_share)] {
+            if !(0.0..=0.5).contains(&share) {
+                return Err(format!(
+                    "`worker.{key}` is {share}; it is a fraction of the worker's slots from 0 to 0.5 \
+                     (the rest go to higher priorities first)"
+                ));
+            }
+        }
         if w.stream_interval_ms > MAX_INTERVAL_MS {
             return Err(format!(
                 "`worker.stream_interval_ms` is {}; at most {MAX_INTERVAL_MS} (ms between streamed chunks)",
@@ -381,6 +389,8 @@ mod tests {
             let cases = [
                 ("[worker]\nmax_inflight = 0\n", "worker.max_inflight"),
                 ("[worker]\nbatch_size = 0\n", "worker.batch_size"),
+                ("[worker]\nlow_share = 0.8\n", "worker.low_share"),
+                ("[worker]\nnormal_share = -0.1\n", "worker.normal_share"),
                 ("[worker]\nstream_interval_ms = 10001\n", "worker.stream_interval_ms"),
                 ("[models.m]\nbackend = \"mistralrs\"\npath = \"x\"\ngather_ms = 60000\n", "models.m.gather_ms"),
                 ("[models.m]\nbackend = \"mistralrs\"\npath = \"x\"\nmax_num_seqs = 0\n", "models.m.max_num_seqs"),

@@ -16,9 +16,9 @@ pub struct WorkerConfig {
     pub max_inflight: usize,
     /// Most messages taken in one pull.
     pub batch_size: usize,
-    /// Guaranteed share of pulled slots for normal requests while high ones wait (0..1).
+    /// Guaranteed share of pulled slots for normal requests while high ones wait (0 to 0.5).
     pub normal_share: f64,
-    /// Guaranteed share of pulled slots for low requests while higher ones wait (0..1).
+    /// Guaranteed share of pulled slots for low requests while higher ones wait (0 to 0.5).
     pub low_share: f64,
     /// How long one pull request waits at the server before it is renewed, in ms.
     pub idle_wait_ms: u64,
