@@ -25,14 +25,7 @@ N="${REQUESTS:-60000}"
 WARM=$((N / 10)); WARM=$((WARM < 100 ? 100 : WARM > 2000 ? 2000 : WARM))
 export LC_ALL=C
 bench_workdir 4337
-cat > "$WORKDIR/bench.toml" <<TOML
-metrics_listen = "127.0.0.1:0"
-[log]
-level = "warn"
-[worker]
-max_inflight = 512
-batch_size = 256
-TOML
+bench_echo_config "$WORKDIR/bench.toml"
 TICK_US=$((1000000 / $(getconf CLK_TCK)))
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 per_req() { awk -v t="$1" -v u="$TICK_US" -v n="$((N + WARM))" 'BEGIN {printf "%.1f", t * u / n}'; }

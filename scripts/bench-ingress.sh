@@ -24,14 +24,7 @@ WINDOWS=("$@")
 bench_workdir 4334
 KEY="bench-key-$(date +%s)"
 HASH="$(printf %s "$KEY" | sha256sum | cut -d' ' -f1)"
-cat > "$WORKDIR/off.toml" <<TOML
-metrics_listen = "127.0.0.1:0"
-[log]
-level = "warn"
-[worker]
-max_inflight = 512
-batch_size = 256
-TOML
+bench_echo_config "$WORKDIR/off.toml"
 on_config() {
     cat "$WORKDIR/off.toml"
     cat <<TOML

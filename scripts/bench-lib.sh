@@ -18,3 +18,17 @@ bench_workdir() {
     trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORKDIR"' EXIT
     export NATS_URL="nats://127.0.0.1:$PORT"
 }
+
+# Writes the worker config the echo benchmarks share to $1: quiet logs, a
+# metrics port of its own, and room for a window-64 load (512 in flight,
+# pulls of 256).
+bench_echo_config() {
+    cat > "$1" <<TOML
+metrics_listen = "127.0.0.1:0"
+[log]
+level = "warn"
+[worker]
+max_inflight = 512
+batch_size = 256
+TOML
+}

@@ -19,14 +19,7 @@ BIN="${CARGO_TARGET_DIR:-target}/release"
 WORKERS=("$@")
 [ ${#WORKERS[@]} -gt 0 ] || WORKERS=("$BIN/retro-fleet")
 bench_workdir 4333
-cat > "$WORKDIR/bench.toml" <<TOML
-metrics_listen = "127.0.0.1:0"
-[log]
-level = "warn"
-[worker]
-max_inflight = 512
-batch_size = 256
-TOML
+bench_echo_config "$WORKDIR/bench.toml"
 echo "# $(date -u +%F) $(nproc) cores, $(nats-server --version)"
 for worker in "${WORKERS[@]}"; do
     # a fresh server per worker: stored results pile up and slow the server
