@@ -246,42 +246,8 @@ impl Config {
     /// Values the types admit but that cannot work, refused with the key and
     /// the range instead of hanging a worker or being quietly capped.
     fn check(&self) -> Result<(), String> {
-        use retro_fleet_worker::config::{ModelConfig, MAX_INTERVAL_MS};
-        let w = &self.worker;
-        if w.max_inflight == 0 {
-            return Err("`worker.max_inflight` must be at least 1: a worker holding no request takes none".into());
-        }
-        if w.batch_size == 0 {
-            return Err("`worker.batch_size` must be at least 1: it is how many messages one pull may bring".into());
-        }
-        for (key, share) in [("normal_share", w.normal_share), ("low_share", w.low_share)] {
-            if !(0.0..=0.5).contains(&share) {
-                return Err(format!(
-                    "`worker.{key}` is {share}; it is a fraction of the worker's slots from 0 to 0.5 \
-                     (the rest go to higher priorities first)"
-                ));
-            }
-        }
-        if w.stream_interval_ms > MAX_INTERVAL_MS {
-            return Err(format!(
-                "`worker.stream_interval_ms` is {}; at most {MAX_INTERVAL_MS} (ms between streamed chunks)",
-                w.stream_interval_ms
-            ));
-        }
-        for (name, model) in &self.models {
-            if let ModelConfig::Mistralrs { gather_ms, max_num_seqs, admission, .. } = model {
-                let cohort = *admission == retro_fleet_worker::backend::cohort::Admission::Cohort;
-                if cohort && *gather_ms > MAX_INTERVAL_MS {
-                    return Err(format!(
-                        "`models.{name}.gather_ms` is {gather_ms}; at most {MAX_INTERVAL_MS} (ms a cohort waits for companions)"
-                    ));
-                }
-                if *max_num_seqs == 0 {
-                    return Err(format!("`models.{name}.max_num_seqs` must be at least 1"));
-                }
-            }
-        }
-        Ok(())
+        self.worker.check()?;
+        self.models.iter().try_for_each(|(name, model)| model.check(name))
     }
 
     /// This configuration with every secret replaced by `<redacted>`: API

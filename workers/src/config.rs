@@ -52,6 +52,34 @@ pub struct WorkerConfig {
     pub stream_interval_ms: u64,
 }
 
+impl WorkerConfig {
+    /// Values the types admit but that cannot work, as a message naming the
+    /// key (`worker.…`) and its range.
+    pub fn check(&self) -> Result<(), String> {
+        if self.max_inflight == 0 {
+            return Err("`worker.max_inflight` must be at least 1: a worker holding no request takes none".into());
+        }
+        if self.batch_size == 0 {
+            return Err("`worker.batch_size` must be at least 1: it is how many messages one pull may bring".into());
+        }
+        for (key, share) in [("normal_share", self.normal_share), ("low_share", self.low_share)] {
+            if !(0.0..=0.5).contains(&share) {
+                return Err(format!(
+                    "`worker.{key}` is {share}; it is a fraction of the worker's slots from 0 to 0.5 \
+                     (the rest go to higher priorities first)"
+                ));
+            }
+        }
+        if self.stream_interval_ms > MAX_INTERVAL_MS {
+            return Err(format!(
+                "`worker.stream_interval_ms` is {}; at most {MAX_INTERVAL_MS} (ms between streamed chunks)",
+                self.stream_interval_ms
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Default for WorkerConfig {
     fn default() -> Self {
         WorkerConfig {
@@ -158,6 +186,23 @@ pub enum ModelConfig {
 }
 
 impl ModelConfig {
+    /// Values the types admit but that cannot work in model `name`, as a
+    /// message naming the key (`models.<name>.…`).
+    pub fn check(&self, name: &str) -> Result<(), String> {
+        if let ModelConfig::Mistralrs { gather_ms, max_num_seqs, admission, .. } = self {
+            let cohort = *admission == crate::backend::cohort::Admission::Cohort;
+            if cohort && *gather_ms > MAX_INTERVAL_MS {
+                return Err(format!(
+                    "`models.{name}.gather_ms` is {gather_ms}; at most {MAX_INTERVAL_MS} (ms a cohort waits for companions)"
+                ));
+            }
+            if *max_num_seqs == 0 {
+                return Err(format!("`models.{name}.max_num_seqs` must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+
     /// A mistral.rs model in `path` answering at most `default_max_tokens`
     /// when a request sets none; every other setting at its default.
     pub fn mistralrs(path: std::path::PathBuf, default_max_tokens: u32) -> Self {

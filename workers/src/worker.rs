@@ -131,9 +131,7 @@ impl Worker {
         cache: Option<Arc<crate::cache::ResultCache>>,
         registry: &prometheus::Registry,
     ) -> Result<Worker, WorkerError> {
-        if cfg.max_inflight == 0 || cfg.batch_size == 0 {
-            return Err(WorkerError::Config("max_inflight and batch_size must be at least 1".into()));
-        }
+        cfg.check().map_err(WorkerError::Config)?;
         if consumers.is_empty() {
             return Err(WorkerError::Config("no consumers: the worker serves no model".into()));
         }
