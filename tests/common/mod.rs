@@ -39,8 +39,6 @@ drain_timeout_ms = 5000
     path
 }
 
-/// A nats-server, a temp dir and a config in it (with `extra` appended),
-/// with the topology applied.
 /// `[[ingress.auth.api_keys]]` entries, one per `(id, key, tenant, roles)`,
 /// each key stored as its SHA-256 as operators configure it.
 pub fn api_keys(keys: &[(&str, &str, &str, &[&str])]) -> String {
@@ -61,6 +59,8 @@ pub fn auth_with_keys(keys: &[(&str, &str, &str, &[&str])]) -> String {
     format!("[ingress.auth]\nenabled = true\n{}", api_keys(keys))
 }
 
+/// A nats-server, a temp dir and a config in it (with `extra` appended),
+/// with the topology applied.
 pub struct Setup {
     pub nats: NatsServer,
     pub dir: tempfile::TempDir,
