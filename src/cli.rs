@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use figment::providers::Serialized;
 use figment::Figment;
 use futures::StreamExt;
-use retro_fleet_schemas::{codec, headers, subjects, InferRequest, InferResult, Input, Priority, SamplingParams};
+use retro_fleet_schemas::{codec, headers, subjects, Envelope, InferRequest, InferResult, Input, Priority, SamplingParams};
 
 use crate::config::Config;
 
@@ -453,9 +453,9 @@ pub async fn submit(
     };
     let reply = client.new_inbox();
     let mut sub = client.subscribe(reply.clone()).await?;
-    let mut h = async_nats::HeaderMap::new();
-    h.insert(headers::MSG_ID, req.id.as_str());
-    h.insert(headers::REPLY, reply.as_str());
+    // past the wait, a worker answers `deadline_exceeded` instead of running it
+    let deadline = retro_fleet_worker::unix_ms() + timeout.saturating_mul(1000);
+    let h = Envelope::new(req.id.as_str()).reply(reply.as_str()).deadline_ms(deadline).headers();
     js.publish_with_headers(subjects::request(priority, &req.model), h, codec::encode(&req).into())
         .await?
         .await

@@ -17,6 +17,8 @@ use std::fmt::Write as _;
 use anyhow::{bail, Context as _};
 use async_nats::jetstream::{self, stream::Stream};
 use async_nats::HeaderMap;
+use retro_fleet_schemas::envelope::replay_headers;
+use retro_fleet_schemas::stored::stored_message;
 use retro_fleet_schemas::{codec, headers, subjects, InferRequest, InferResult, Priority, Status};
 
 use crate::config::Config;
@@ -319,8 +321,7 @@ pub async fn replay_with(
         }
         // the stored result of this id: an error is removed so the replay's result can be stored
         if let Some(id) = l.id.as_deref().filter(|id| subjects::is_token(id) && subjects::is_token(&l.tenant)) {
-            let res_subject = subjects::result(&l.tenant, id);
-            if let Ok(m) = results.direct_get_last_for_subject(&res_subject).await {
+            if let Ok(Some(m)) = stored_message(js, &l.tenant, id).await {
                 let stored: Option<InferResult> = codec::decode(None, &m.payload).ok();
                 if stored.as_ref().is_some_and(|r| r.status == Status::Ok) {
                     done.skip(&l, "a successful result is already stored");
@@ -329,33 +330,15 @@ pub async fn replay_with(
                 if !dry_run {
                     results
                         .purge()
-                        .filter(res_subject)
+                        .filter(subjects::result(&l.tenant, id))
                         .await
                         .with_context(|| format!("removing the error result of {id}"))?;
                 }
             }
         }
-        let mut h = HeaderMap::new();
-        for (k, vs) in l.headers.iter() {
-            let name = k.to_string();
-            let dropped = [
-                headers::ERROR_CODE,
-                headers::ERROR_MESSAGE,
-                headers::DELIVERY_COUNT,
-                headers::ORIGINAL_SUBJECT,
-                headers::DEADLINE,
-                headers::MSG_ID,
-            ];
-            if dropped.iter().any(|d| d.eq_ignore_ascii_case(&name)) {
-                continue;
-            }
-            for v in vs {
-                h.append(name.as_str(), v.as_str());
-            }
-        }
         let msg_id =
             format!("{}-replay-{}", l.id.as_deref().filter(|i| subjects::is_token(i)).unwrap_or("letter"), l.seq);
-        h.insert(headers::MSG_ID, msg_id.as_str());
+        let h = replay_headers(&l.headers, &msg_id);
         let action = if dry_run {
             "would_replay"
         } else {

@@ -5,11 +5,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_nats::HeaderMap;
 use bytes::Bytes;
 use futures::StreamExt;
 use hdrhistogram::Histogram;
-use retro_fleet_schemas::{codec, headers, subjects, CacheTier, InferRequest, InferResult, Input, Priority};
+use retro_fleet_schemas::{codec, headers, subjects, CacheTier, Envelope, InferRequest, InferResult, Input, Priority};
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
@@ -219,9 +218,7 @@ pub async fn run(
             tenant: None,
             metadata: Default::default(),
         };
-        let mut h = HeaderMap::new();
-        h.insert(headers::MSG_ID, id.as_str());
-        h.insert(headers::REPLY, format!("{inbox}.{i}").as_str());
+        let h = Envelope::new(id.as_str()).reply(format!("{inbox}.{i}")).headers();
         let payload = Bytes::from(codec::encode(&req));
         *sent_at[i].lock().unwrap() = Some(Instant::now());
         let ack = js.publish_with_headers(target.subject.clone(), h, payload).await?;

@@ -10,21 +10,28 @@
 //! - [`codec`]: MessagePack (default) or JSON in, MessagePack out.
 //! - [`json_schema`]: the JSON Schemas committed under `schemas/json/`.
 //! - [`registry`]: worker heartbeats (KV `fleet_workers`) and scaling reports.
+//! - [`envelope`]: the request header envelope, written by every publisher and read by workers.
+//! - [`cache_key`]: cache keys and the purge generations they are made under.
+//! - [`stored`]: reading a request's stored result from `FLEET_RESULTS`.
 //!
 //! Messages are MessagePack maps with named fields (so fields can be added)
 //! and carry a schema version `v`; see [`SCHEMA_VERSION`].
 
+pub mod cache_key;
 pub mod chunk;
 pub mod codec;
+pub mod envelope;
 pub mod headers;
 pub mod json_schema;
 pub mod registry;
 pub mod request;
 pub mod result;
+pub mod stored;
 pub mod subjects;
 
 pub use chunk::StreamChunk;
 pub use codec::{decode, encode, ContentType, DecodeError};
+pub use envelope::{Envelope, Received};
 pub use registry::{ModelLoad, ModelScaling, PerPriority, WorkerInfo};
 pub use request::{CacheMode, ChatMessage, InferRequest, Input, Priority, SamplingParams};
 pub use result::{CacheTier, ErrorBody, ErrorCode, InferResult, Output, Status, Timings, Usage};

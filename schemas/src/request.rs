@@ -178,13 +178,19 @@ impl FromStr for Priority {
 pub struct Invalid {
     /// Stable code of the problem.
     pub code: ErrorCode,
+    /// The field at fault (dotted path, as in the JSON body), when one is.
+    pub field: Option<&'static str>,
     /// What is wrong and what to do.
     pub message: String,
 }
 
 impl Invalid {
-    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Invalid { code, message: message.into() }
+    fn new(code: ErrorCode, field: Option<&'static str>, message: impl Into<String>) -> Self {
+        Invalid { code, field, message: message.into() }
+    }
+
+    fn field(field: &'static str, message: impl Into<String>) -> Self {
+        Invalid::new(ErrorCode::InvalidRequest, Some(field), message)
     }
 }
 
@@ -197,23 +203,24 @@ impl InferRequest {
         if self.v > crate::SCHEMA_VERSION {
             return Err(Invalid::new(
                 ErrorCode::InvalidRequest,
+                None,
                 format!("schema version {} is newer than this worker's {}", self.v, crate::SCHEMA_VERSION),
             ));
         }
         if self.id.is_empty() || self.id.len() > MAX_ID_LEN || !crate::subjects::is_token(&self.id) {
-            return Err(Invalid::new(ErrorCode::InvalidRequest, "`id` must be 1-128 characters from [A-Za-z0-9_-]"));
+            return Err(Invalid::field("id", "`id` must be 1-128 characters from [A-Za-z0-9_-]"));
         }
         if !crate::subjects::is_token(&self.model) {
-            return Err(Invalid::new(ErrorCode::InvalidRequest, "`model` must be characters from [A-Za-z0-9_-]"));
+            return Err(Invalid::field("model", "`model` must be characters from [A-Za-z0-9_-]"));
         }
         if let Some(t) = &self.tenant {
             if !crate::subjects::is_token(t) {
-                return Err(Invalid::new(ErrorCode::InvalidRequest, "`tenant` must be characters from [A-Za-z0-9_-]"));
+                return Err(Invalid::field("tenant", "`tenant` must be characters from [A-Za-z0-9_-]"));
             }
         }
         match &self.input {
             Input::Chat { messages } if messages.is_empty() => {
-                return Err(Invalid::new(ErrorCode::InvalidRequest, "`input.messages` must not be empty"));
+                return Err(Invalid::field("input.messages", "`input.messages` must not be empty"));
             }
             _ => {}
         }
@@ -221,17 +228,18 @@ impl InferRequest {
         if len > max_prompt_bytes {
             return Err(Invalid::new(
                 ErrorCode::PromptTooLarge,
+                Some("input"),
                 format!("prompt is {len} bytes; the limit is {max_prompt_bytes}"),
             ));
         }
         if let Some(t) = self.params.temperature {
             if !(0.0..=2.0).contains(&t) {
-                return Err(Invalid::new(ErrorCode::InvalidRequest, "`params.temperature` must be within 0..=2"));
+                return Err(Invalid::field("params.temperature", "`params.temperature` must be within 0..=2"));
             }
         }
         if let Some(p) = self.params.top_p {
             if !(0.0..=1.0).contains(&p) || p == 0.0 {
-                return Err(Invalid::new(ErrorCode::InvalidRequest, "`params.top_p` must be within (0, 1]"));
+                return Err(Invalid::field("params.top_p", "`params.top_p` must be within (0, 1]"));
             }
         }
         Ok(())

@@ -32,8 +32,7 @@ use std::sync::{Arc, RwLock};
 
 use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 use retro_fleet_schemas::{CacheMode, CacheTier, InferResult, Output, Status, Timings, Usage};
-use retro_fleet_worker::cache::key::{exact, Scope};
-use retro_fleet_worker::cache::sync::Generations;
+use retro_fleet_schemas::cache_key::{exact, Generations, Scope};
 use serde::{Deserialize, Serialize};
 
 use super::native::Prepared;
@@ -70,7 +69,7 @@ struct Entry {
 pub struct AnswerCache {
     cfg: AnswerCacheConfig,
     entries: foyer::Cache<u128, Arc<Entry>>,
-    generations: RwLock<HashMap<String, String>>,
+    generations: Arc<Generations>,
     revisions: RwLock<HashMap<String, String>>,
     /// `fleet_ingress_cache_total{model,result}`: `hit`, `miss`, `stored`,
     /// `other_key` (an answer made under another generation, not kept).
@@ -102,19 +101,18 @@ impl AnswerCache {
         self.cfg.enabled && !p.caller_id && !p.req.stream && matches!(p.req.cache, CacheMode::Use | CacheMode::Semantic)
     }
 
-    fn key(&self, p: &Prepared, revision: &str) -> u128 {
-        let generations = self.generations.read().expect("generations lock");
-        Self::key_with(&generations, p, revision)
+    /// The models' cache generations (followed from KV `fleet_models`).
+    pub fn generations(&self) -> &Arc<Generations> {
+        &self.generations
     }
 
-    fn key_with(generations: &HashMap<String, String>, p: &Prepared, revision: &str) -> u128 {
-        let scope = Scope {
-            tenant: &p.tenant,
-            model: &p.req.model,
-            revision,
-            generation: generations.get(&p.req.model).map_or("", String::as_str),
-            adapter: p.req.adapter.as_deref(),
-        };
+    fn key(&self, p: &Prepared, revision: &str) -> u128 {
+        self.generations.with(&p.req.model, |generation| Self::key_with(generation, p, revision))
+    }
+
+    fn key_with(generation: &str, p: &Prepared, revision: &str) -> u128 {
+        let scope =
+            Scope { tenant: &p.tenant, model: &p.req.model, revision, generation, adapter: p.req.adapter.as_deref() };
         exact(&scope, &p.req.params, &p.req.input).0
     }
 
@@ -174,29 +172,24 @@ impl AnswerCache {
             usage: usage.clone(),
             worker: result.worker.clone(),
         };
-        // under the generations lock: a purge seen after the check makes
+        // while no purge can happen: a purge seen after the check makes
         // this entry unreachable, one seen before fails the check
-        let generations = self.generations.read().expect("generations lock");
-        if Self::key_with(&generations, p, &revision) != cacheable.key {
+        let kept = self.generations.with(&p.req.model, |generation| {
+            let same = Self::key_with(generation, p, &revision) == cacheable.key;
+            if same {
+                self.entries.insert(cacheable.key, Arc::new(entry));
+            }
+            same
+        });
+        if !kept {
             self.counts.with_label_values(&[p.req.model.as_str(), "other_key"]).inc();
             return;
         }
-        self.entries.insert(cacheable.key, Arc::new(entry));
-        drop(generations);
         self.counts.with_label_values(&[p.req.model.as_str(), "stored"]).inc();
         self.bytes.set(self.entries.usage() as i64);
     }
 }
 
-impl Generations for AnswerCache {
-    fn set_generation(&self, model: &str, generation: &str) {
-        let mut g = self.generations.write().expect("generations lock");
-        if g.get(model).map(String::as_str) != Some(generation) {
-            tracing::info!(model, generation, "cache generation changed; the ingress forgets the model's answers");
-            g.insert(model.to_string(), generation.to_string());
-        }
-    }
-}
 
 #[cfg(test)]
 mod tests {
@@ -242,15 +235,14 @@ mod tests {
 
     /// The key a worker at `generation` computes for `p`.
     fn worker_key(p: &Prepared, revision: &str, generation: &str) -> u128 {
-        let g = HashMap::from([(p.req.model.clone(), generation.to_string())]);
-        AnswerCache::key_with(&g, p, revision)
+        AnswerCache::key_with(generation, p, revision)
     }
 
     #[test]
     fn keeps_only_answers_under_its_own_generation_and_until_they_expire() {
         let cache = AnswerCache::new(AnswerCacheConfig::default(), &Registry::new()).unwrap();
         let p = prepared("acme", "q");
-        cache.set_generation("echo", "g1");
+        cache.generations().set("echo", "g1");
         let now = 1_000_000;
 
         // a worker that has not seen the purge answers under g0: not kept
@@ -275,7 +267,7 @@ mod tests {
 
         // a purge (new generation) makes it unreachable
         cache.put(&p, &answer("r1"), long, now);
-        cache.set_generation("echo", "g2");
+        cache.generations().set("echo", "g2");
         assert!(cache.get(&p, now + 1).is_none());
 
         // an answer from new model files makes the old revision's unreachable

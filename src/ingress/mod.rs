@@ -156,8 +156,8 @@ impl Ingress {
         let answers = Arc::new(answers::AnswerCache::new(config.ingress.cache.clone(), &registry)?);
         if config.ingress.cache.enabled {
             use retro_fleet_worker::cache::sync;
-            sync::load_generations(answers.as_ref(), &js).await;
-            tokio::spawn(sync::follow_generations(answers.clone(), js.clone()));
+            sync::load_generations(answers.generations(), &js).await;
+            tokio::spawn(sync::follow_generations(answers.generations().clone(), js.clone()));
         }
         let models: BTreeSet<String> = config.models.keys().cloned().collect();
         let openapi = openapi::spec(&models, auth.enabled(), limits.enabled());

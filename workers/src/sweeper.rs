@@ -11,10 +11,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use retro_fleet_schemas::{headers, subjects, ErrorCode, Priority};
+use retro_fleet_schemas::{subjects, ErrorCode, Priority, Received};
 use tokio_util::sync::CancellationToken;
 
-use crate::process::{answer_error, dead_letter, header, Ids, Letter, Shared};
+use crate::process::decide::Ids;
+use crate::process::settle::{answer_error, dead_letter, Letter};
+use crate::process::Shared;
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
 
 /// Sweeps every `interval` until `shutdown`.
 pub async fn run(sh: Arc<Shared>, interval: Duration, shutdown: CancellationToken) {
@@ -32,7 +36,7 @@ pub async fn run(sh: Arc<Shared>, interval: Duration, shutdown: CancellationToke
 }
 
 /// One pass over one priority stream; returns how many requests it answered.
-pub async fn sweep(sh: &Shared, p: Priority) -> Result<usize, crate::process::Error> {
+pub async fn sweep(sh: &Shared, p: Priority) -> Result<usize, Error> {
     let stream = sh.js.get_stream(subjects::request_stream(p)).await?;
     let mut listed = stream.info_with_subjects(subjects::request_wildcard(p)).await?;
     let mut unrouted = Vec::new();
@@ -51,21 +55,14 @@ pub async fn sweep(sh: &Shared, p: Priority) -> Result<usize, crate::process::Er
             let model = subjects::parse_request(&subject).map(|(_, m)| m).unwrap_or("unknown");
             let message = format!("model `{model}` is not configured in this fleet");
             let letter = Letter { subject: &subject, headers: Some(&m.headers), payload: &m.payload, delivered: 1 };
-            let hdrs = Some(&m.headers);
-            let id =
-                header(hdrs, headers::MSG_ID).and_then(|m| subjects::id_of_msg_id(m, header(hdrs, headers::TENANT)));
-            dead_letter(sh, p, &letter, id, ErrorCode::UnknownModel, &message).await?;
+            let ids = Ids::of_envelope(&Received::read(Some(&m.headers)));
+            dead_letter(sh, p, &letter, ids.id.as_deref(), ErrorCode::UnknownModel, &message).await?;
             // Only the sweeper whose delete succeeds answers; the dead letter
             // is deduplicated on the request id.
             if !stream.delete_message(m.sequence).await.unwrap_or(false) {
                 continue;
             }
-            let ids = Ids {
-                id,
-                tenant: header(hdrs, headers::TENANT).filter(|t| subjects::is_token(t)),
-                reply: header(hdrs, headers::REPLY).filter(|r| !r.is_empty()),
-            };
-            answer_error(sh, ids, model, ErrorCode::UnknownModel, &message).await?;
+            answer_error(sh, &ids, model, ErrorCode::UnknownModel, &message).await?;
             sh.metrics.dead_letters.with_label_values(&[p.as_str(), "unknown", ErrorCode::UnknownModel.as_str()]).inc();
             answered += 1;
         }

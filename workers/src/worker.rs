@@ -321,8 +321,8 @@ impl Worker {
     async fn start_cache(&self, cache: Arc<crate::cache::ResultCache>, stop: CancellationToken) {
         use crate::cache::{sync, warm};
         let sh = &self.shared;
-        sync::load_generations(cache.as_ref(), &sh.js).await;
-        let follow = tokio::spawn(sync::follow_generations(cache.clone(), sh.js.clone()));
+        sync::load_generations(cache.generations(), &sh.js).await;
+        let follow = tokio::spawn(sync::follow_generations(cache.generations().clone(), sh.js.clone()));
         let stop_follow = stop.clone();
         tokio::spawn(async move {
             stop_follow.cancelled().await;

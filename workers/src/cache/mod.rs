@@ -9,21 +9,25 @@
 //! - Every answer carries an expiry (worker default, or the request's
 //!   `Fleet-Cache-Ttl`); an expired answer is never served.
 //! - Identical requests in flight in one worker share one model call
-//!   ([`ResultCache::join`]); across workers, [`claims`] lets one compute
-//!   while the others wait for its answer.
+//!   ([`ResultCache::join`]); across workers, claims ([`sync::Claims`]) let
+//!   one compute while the others wait for its answer. A request's part in
+//!   all of this is one [`Session`].
 //! - Each model has a cache generation, watched in KV `fleet_models`:
 //!   changing it (`retro-fleet cache purge`) makes the model's old answers
 //!   unreachable in every worker at once.
 //! - The semantic index ([`semantic`]) finds answers to similar prompts.
+//!
+//! Keys and generations are a contract with the ingress and live in
+//! [`retro_fleet_schemas::cache_key`].
 
-pub mod key;
 pub mod semantic;
+mod session;
 pub mod sync;
 pub mod warm;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use foyer::{
@@ -31,11 +35,13 @@ use foyer::{
     HybridCachePolicy, PsyncIoEngineConfig, Source,
 };
 use prometheus::{IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
+use retro_fleet_schemas::cache_key::Generations;
 use retro_fleet_schemas::{CacheTier, Output, Usage};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-pub use key::{Key, Scope};
+pub use retro_fleet_schemas::cache_key::{Key, Scope};
+pub use session::{Found, Session};
 
 /// Cache settings of a worker (`[worker.cache]`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -220,7 +226,7 @@ pub struct ResultCache {
     store: HybridCache<u128, Bytes>,
     cfg: CacheConfig,
     disk: Option<PathBuf>,
-    generations: RwLock<HashMap<String, String>>,
+    generations: Arc<Generations>,
     flights: Flights,
     semantic: Mutex<semantic::Index>,
     metrics: CacheMetrics,
@@ -276,7 +282,7 @@ impl ResultCache {
             store,
             cfg: cfg.clone(),
             disk,
-            generations: RwLock::new(HashMap::new()),
+            generations: Arc::default(),
             flights: Mutex::new(HashMap::new()),
             semantic: Mutex::new(semantic::Index::new(cfg.semantic_max_entries)),
             metrics,
@@ -345,18 +351,9 @@ impl ResultCache {
         self.claims.as_ref()
     }
 
-    /// Sets a model's cache generation (from KV `fleet_models`).
-    pub fn set_generation(&self, model: &str, generation: &str) {
-        let mut g = self.generations.write().expect("generations lock");
-        if g.get(model).map(String::as_str) != Some(generation) {
-            tracing::info!(model, generation, "cache generation changed; earlier answers of the model are unreachable");
-            g.insert(model.to_string(), generation.to_string());
-        }
-    }
-
-    /// A model's cache generation ("" until one is set).
-    pub fn generation(&self, model: &str) -> String {
-        self.generations.read().expect("generations lock").get(model).cloned().unwrap_or_default()
+    /// The models' cache generations (followed from KV `fleet_models`).
+    pub fn generations(&self) -> &Arc<Generations> {
+        &self.generations
     }
 
     /// Whether `model` takes part in the semantic cache.

@@ -8,12 +8,12 @@
 //! share most words and word stems score high; different questions low.
 //!
 //! Entries live in buckets whose key already fixes tenant, model, revision,
-//! adapter, parameters and earlier turns (see [`super::key::semantic`]); the
+//! adapter, parameters and earlier turns (see [`retro_fleet_schemas::cache_key::semantic`]); the
 //! index only ever compares prompts inside one bucket.
 
 use std::collections::{HashMap, VecDeque};
 
-use super::key::Key;
+use super::Key;
 
 /// Embedding dimensions.
 pub const DIM: usize = 512;

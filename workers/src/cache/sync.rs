@@ -8,27 +8,22 @@ use std::time::Duration;
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use futures::StreamExt;
+use retro_fleet_schemas::cache_key::Generations;
 use retro_fleet_schemas::subjects;
 
-use super::{Answer, Key, ResultCache};
+use super::{Answer, Key};
 
-/// Whatever keeps answers by model generation: the worker's cache, the
-/// ingress's memory of answers.
-pub trait Generations: Send + Sync {
-    /// `model`'s generation is now `generation` ("" when deleted).
-    fn set_generation(&self, model: &str, generation: &str);
-}
-
-impl Generations for ResultCache {
-    fn set_generation(&self, model: &str, generation: &str) {
-        ResultCache::set_generation(self, model, generation)
+/// Sets `model`'s generation in `table`, saying so when it changed.
+fn set(table: &Generations, model: &str, generation: &str) {
+    if table.set(model, generation) {
+        tracing::info!(model, generation, "cache generation changed; earlier answers of the model are unreachable");
     }
 }
 
 /// Loads every model's cache generation from KV `fleet_models`, then keeps
 /// following changes until the task is dropped. Without the bucket
 /// (topology not applied) it says so and looks again every few seconds.
-pub async fn follow_generations<G: Generations + ?Sized>(cache: Arc<G>, js: jetstream::Context) {
+pub async fn follow_generations(table: Arc<Generations>, js: jetstream::Context) {
     let mut warned = false;
     let store = loop {
         match js.get_key_value(subjects::MODELS_BUCKET).await {
@@ -54,8 +49,8 @@ pub async fn follow_generations<G: Generations + ?Sized>(cache: Arc<G>, js: jets
         while let Some(entry) = watch.next().await {
             match entry {
                 Ok(e) => match e.operation {
-                    kv::Operation::Put => cache.set_generation(&e.key, &String::from_utf8_lossy(&e.value)),
-                    kv::Operation::Delete | kv::Operation::Purge => cache.set_generation(&e.key, ""),
+                    kv::Operation::Put => set(&table, &e.key, &String::from_utf8_lossy(&e.value)),
+                    kv::Operation::Delete | kv::Operation::Purge => set(&table, &e.key, ""),
                 },
                 Err(e) => tracing::warn!(error = %e, "model generation watch error"),
             }
@@ -65,12 +60,12 @@ pub async fn follow_generations<G: Generations + ?Sized>(cache: Arc<G>, js: jets
 }
 
 /// Reads the current generations once (so the first requests already use them).
-pub async fn load_generations<G: Generations + ?Sized>(cache: &G, js: &jetstream::Context) {
+pub async fn load_generations(table: &Generations, js: &jetstream::Context) {
     let Ok(store) = js.get_key_value(subjects::MODELS_BUCKET).await else { return };
     let Ok(mut keys) = store.keys().await else { return };
     while let Some(Ok(k)) = keys.next().await {
         if let Ok(Some(v)) = store.get(&k).await {
-            cache.set_generation(&k, &String::from_utf8_lossy(&v));
+            set(table, &k, &String::from_utf8_lossy(&v));
         }
     }
 }

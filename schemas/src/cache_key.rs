@@ -1,12 +1,18 @@
-//! Cache keys: what makes two requests the same question.
+//! Cache keys: what makes two requests the same question. A contract
+//! between workers (which store answers under a key) and the ingress (which
+//! keeps an answer only under the key it computes itself).
 //!
 //! A key is the first 128 bits of a SHA-256 over, length-prefixed: tenant,
 //! model, model revision, the model's cache generation (see
-//! [`super::ResultCache::set_generation`]), adapter, the normalized sampling
-//! parameters and the input. Tenants never share keys.
+//! [`Generations`]), adapter, the normalized sampling parameters and the
+//! input. Tenants never share keys.
 
-use retro_fleet_schemas::{Input, SamplingParams};
+use std::collections::HashMap;
+use std::sync::RwLock;
+
 use sha2::{Digest, Sha256};
+
+use crate::{Input, SamplingParams};
 
 /// A 128-bit cache key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -152,10 +158,41 @@ pub fn semantic(scope: &Scope<'_>, params: &SamplingParams, input: &Input) -> Op
     Some((h.finish(), text))
 }
 
+/// Each model's cache generation, as KV `fleet_models` holds it: a purge
+/// (`retro-fleet cache purge`) writes a new one, which makes every answer
+/// kept under the old one unreachable. Workers and ingresses each follow the
+/// bucket into one of these tables; a model without an entry is at "".
+#[derive(Debug, Default)]
+pub struct Generations(RwLock<HashMap<String, String>>);
+
+impl Generations {
+    /// Sets `model`'s generation ("" when deleted); whether it changed.
+    pub fn set(&self, model: &str, generation: &str) -> bool {
+        let mut g = self.0.write().expect("generations lock");
+        if g.get(model).map(String::as_str) == Some(generation) {
+            return false;
+        }
+        g.insert(model.to_string(), generation.to_string());
+        true
+    }
+
+    /// `model`'s current generation.
+    pub fn get(&self, model: &str) -> String {
+        self.0.read().expect("generations lock").get(model).cloned().unwrap_or_default()
+    }
+
+    /// Runs `f` with `model`'s generation while no purge can change it, so
+    /// what `f` keeps under a key made from it cannot outlive a purge.
+    pub fn with<R>(&self, model: &str, f: impl FnOnce(&str) -> R) -> R {
+        let g = self.0.read().expect("generations lock");
+        f(g.get(model).map_or("", String::as_str))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use retro_fleet_schemas::ChatMessage;
+    use crate::ChatMessage;
 
     fn scope(tenant: &str) -> Scope<'_> {
         Scope { tenant, model: "m", revision: "r1", generation: "", adapter: None }
@@ -228,6 +265,17 @@ mod tests {
         assert_ne!(ba, semantic(&scope("u"), &greedy(), &a).unwrap().0, "tenants never share a bucket");
         let ends_with_assistant = Input::Chat { messages: vec![msg("user", "q"), msg("assistant", "a")] };
         assert!(semantic(&scope("t"), &greedy(), &ends_with_assistant).is_none());
+    }
+
+    #[test]
+    fn generations_change_once_per_new_value() {
+        let g = Generations::default();
+        assert_eq!(g.get("m"), "");
+        assert!(g.set("m", "g1"));
+        assert!(!g.set("m", "g1"));
+        assert_eq!(g.with("m", str::to_string), "g1");
+        assert!(g.set("m", ""));
+        assert_eq!(g.get("m"), "");
     }
 
     #[test]

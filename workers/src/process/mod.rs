@@ -1,0 +1,125 @@
+//! Handling one request message, from bytes to a settled message, in three
+//! steps: [`decide`] (pure: a job, or why not), [`run`] (the cache and the
+//! model: a settlement), [`settle`] (every store, reply, dead letter and
+//! ack, from one table).
+//!
+//! # Layout
+//! - [`decide`]: a delivered message → a job or a rejection; a job → run, re-send, expire or give up.
+//! - [`run`]: the cache session, the backend, chunks, in-progress acks, cancellation.
+//! - [`settle`]: the settlement table and the NATS writes: results, replies, dead letters, acks.
+
+pub mod decide;
+pub mod run;
+pub mod settle;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use retro_fleet_schemas::stored::stored_result;
+use retro_fleet_schemas::{headers, subjects, ErrorCode, Priority, Received};
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::backend::Backend;
+use crate::cache::ResultCache;
+use crate::config::WorkerConfig;
+use crate::metrics::Metrics;
+use crate::unix_ms;
+use decide::{Admission, Delivery, Served};
+pub use settle::{Outcome, SettleError};
+use settle::{Settlement, Settling};
+
+/// What every message handler needs; shared by all in-flight tasks.
+pub struct Shared {
+    /// Core NATS client (replies).
+    pub client: async_nats::Client,
+    /// JetStream context (results, dead letters).
+    pub js: jetstream::Context,
+    /// Backends of the models this worker serves.
+    pub backends: HashMap<String, Arc<dyn Backend>>,
+    /// Every model configured in the fleet (to tell "unknown" from "not mine").
+    pub catalog: BTreeSet<String>,
+    /// This worker's id.
+    pub worker_id: String,
+    /// Worker settings.
+    pub cfg: WorkerConfig,
+    /// Metrics handles.
+    pub metrics: Metrics,
+    /// Deliveries after which a retryable failure is dead-lettered.
+    pub max_deliver: i64,
+    /// The consumers' ack wait: a request still running is re-armed with an
+    /// in-progress ack every half of it, so it is never redelivered while alive.
+    pub ack_wait: Duration,
+    /// The result cache, when enabled.
+    pub cache: Option<Arc<ResultCache>>,
+    /// Cancel tokens of running requests.
+    pub cancels: Arc<crate::cancel::Cancels>,
+    /// Drained by an operator: take no new requests (see [`crate::control`]).
+    pub quiet: tokio::sync::watch::Sender<bool>,
+}
+
+/// Processes one message and settles it (ack, nak or term). Never panics on
+/// input; a NATS failure while settling leaves the message for redelivery.
+pub async fn handle(sh: Arc<Shared>, prio: Priority, msg: jetstream::Message, _permit: OwnedSemaphorePermit) {
+    sh.metrics.inflight.inc();
+    let model_label = subjects::parse_request(&msg.subject)
+        .map(|(_, m)| m)
+        .filter(|m| sh.catalog.contains(*m))
+        .unwrap_or("unknown")
+        .to_string();
+    // the caller's trace id on every log line about this request
+    let span = tracing::info_span!("request", trace_id = tracing::field::Empty);
+    let envelope = Received::read(msg.headers.as_ref());
+    if let Some(t) = envelope.traceparent.and_then(headers::trace_id) {
+        span.record("trace_id", t);
+    }
+    let delivered = msg.info().map_or(1, |i| i.delivered);
+    let m = Settling { msg: &msg, priority: prio, model_label: &model_label, delivered };
+    let outcome = tracing::Instrument::instrument(handle_inner(&sh, &m, envelope), span).await;
+    let label = match &outcome {
+        Ok(o) => o.as_str(),
+        Err(e) => {
+            tracing::warn!(error = %e, subject = %msg.subject, "settling a message failed; it will be redelivered");
+            "nats_error"
+        }
+    };
+    sh.metrics.requests.with_label_values(&[prio.as_str(), &model_label, label]).inc();
+    sh.metrics.inflight.dec();
+}
+
+/// Decides, runs and settles one message.
+async fn handle_inner(sh: &Shared, m: &Settling<'_>, envelope: Received<'_>) -> Result<Outcome, SettleError> {
+    let picked = Instant::now();
+    let now_ms = unix_ms();
+    let published_ms = m.msg.info().map_or(now_ms, |i| (i.published.unix_timestamp_nanos() / 1_000_000) as u64);
+    let queued_ms = now_ms.saturating_sub(published_ms) as f64;
+    sh.metrics.queue_wait.with_label_values(&[m.priority.as_str(), m.model_label]).observe(queued_ms / 1e3);
+    let delivery = Delivery {
+        subject: &m.msg.subject,
+        priority: m.priority,
+        envelope,
+        payload: &m.msg.payload,
+        delivered: m.delivered,
+    };
+    let served = Served { backends: &sh.backends, catalog: &sh.catalog, max_prompt_bytes: sh.cfg.max_prompt_bytes };
+    let job = match decide::decide(&delivery, &served) {
+        Ok(job) => job,
+        Err(rejection) => return settle::settle(sh, m, Settlement::GiveUp(rejection)).await,
+    };
+    // A previous delivery may have stored its result before its worker died.
+    let stored = match job.delivered > 1 {
+        true => Box::pin(stored_result(&sh.js, &job.tenant, &job.req.id)).await.ok().flatten(),
+        false => None,
+    };
+    let settlement = match decide::admit(&job, stored, now_ms, sh.max_deliver) {
+        Admission::Answered(result) => Settlement::Resend { result: Box::new(result), reply: job.reply },
+        Admission::GiveUp(rejection) => Settlement::GiveUp(rejection),
+        Admission::Expired { late_ms } => {
+            let message = format!("deadline passed {late_ms} ms before a worker picked the request up");
+            run::final_error(sh, &job, queued_ms, ErrorCode::DeadlineExceeded, message)
+        }
+        Admission::Run => run::run(sh, m, job, queued_ms, picked).await,
+    };
+    settle::settle(sh, m, settlement).await
+}

@@ -1,0 +1,295 @@
+//! Running an admitted job: the cache session, the backend, streamed
+//! chunks, in-progress acks and cancellation. Produces a [`Settlement`];
+//! the only effects here are those of running (chunks to the reply
+//! subject, in-progress acks, the cache).
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, AckKind};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use retro_fleet_schemas::{codec, headers, CacheTier, ErrorBody, ErrorCode, InferResult, Output, Status, StreamChunk};
+use tokio_util::sync::CancellationToken;
+
+use super::decide::{Job, Rejection};
+use super::settle::{Settlement, Settling};
+use super::Shared;
+use crate::backend::{BackendError, Generation};
+use crate::cache::{self, Found, Session};
+use crate::unix_ms;
+
+/// The job's result with `status` and nothing computed yet.
+fn blank(sh: &Shared, job: &Job, status: Status, queued_ms: f64) -> InferResult {
+    InferResult {
+        v: retro_fleet_schemas::SCHEMA_VERSION,
+        id: job.req.id.clone(),
+        model: job.req.model.clone(),
+        model_revision: job.backend.revision(),
+        adapter: job.req.adapter.clone(),
+        status,
+        output: None,
+        usage: None,
+        cache: CacheTier::None,
+        cache_similarity: None,
+        timings: retro_fleet_schemas::Timings { queued_ms, compute_ms: 0.0, total_ms: queued_ms },
+        worker: sh.worker_id.clone(),
+        error: None,
+    }
+}
+
+/// A final error result of the job (stored and acked, never retried).
+pub fn final_error(sh: &Shared, job: &Job, queued_ms: f64, code: ErrorCode, message: String) -> Settlement {
+    let mut result = blank(sh, job, Status::Error, queued_ms);
+    result.error = Some(ErrorBody { code, message, retryable: false });
+    Settlement::Answer { result: Box::new(result), to: job.ids(), cached: None }
+}
+
+/// Runs `fut` while the message's ack timer is re-armed and the request can
+/// be cancelled: `None` when it was cancelled first.
+struct Guard<'a> {
+    msg: &'a jetstream::Message,
+    every: Duration,
+    id: &'a str,
+    cancel: &'a CancellationToken,
+}
+
+impl Guard<'_> {
+    async fn run<F: Future>(&self, fut: F) -> Option<F::Output> {
+        tokio::select! {
+            out = with_progress(self.msg, self.every, self.id, fut) => Some(out),
+            // dropping the future stops its work (a generation included)
+            _ = self.cancel.cancelled() => None,
+        }
+    }
+}
+
+/// Runs `job`, picked from the queue at `picked` after `queued_ms` in it.
+pub async fn run(sh: &Shared, m: &Settling<'_>, job: Job, queued_ms: f64, picked: Instant) -> Settlement {
+    let cancel = sh.cancels.register(&format!("{}.{}", job.tenant, job.req.id));
+    let cancelled = |when: &str, compute_ms: f64| {
+        let mut s = final_error(sh, &job, queued_ms, ErrorCode::Cancelled, format!("cancelled by the caller {when}"));
+        if let Settlement::Answer { result, .. } = &mut s {
+            result.timings.compute_ms = compute_ms;
+        }
+        s
+    };
+    if cancel.token.is_cancelled() {
+        return cancelled("before it started", 0.0);
+    }
+    let every = (sh.ack_wait / 2).max(Duration::from_millis(100));
+    let guard = Guard { msg: m.msg, every, id: &job.req.id, cancel: &cancel.token };
+    let revision = job.backend.revision().unwrap_or_default();
+    let mut session =
+        sh.cache.as_ref().and_then(|c| Session::open(c, &job.req, &job.tenant, &revision, job.cache_ttl_secs));
+    if let Some(s) = session.as_mut() {
+        match Box::pin(from_cache(s, &guard)).await {
+            Err(Cancelled(when)) => return cancelled(when, 0.0),
+            Ok(Some(found)) => return Box::pin(answer_found(sh, &job, s, found, queued_ms, picked)).await,
+            Ok(None) => {}
+        }
+    }
+    let started = Instant::now();
+    let generated = generate(sh, &job, &guard).await;
+    let compute = started.elapsed();
+    sh.metrics.compute.with_label_values(&[m.priority.as_str(), m.model_label]).observe(compute.as_secs_f64());
+    let compute_ms = compute.as_secs_f64() * 1e3;
+    let g = match generated {
+        Some(Ok(g)) => g,
+        Some(Err(e)) => {
+            abandon(session).await;
+            return failure(&job, e, sh.max_deliver);
+        }
+        None => {
+            abandon(session).await;
+            return cancelled("while it ran", compute_ms);
+        }
+    };
+    let output = Output { text: g.text, finish_reason: g.finish_reason };
+    let cached = match session {
+        Some(s) => Some(s.keep(&output, &g.usage, unix_ms()).await),
+        None => None,
+    };
+    let mut result = blank(sh, &job, Status::Ok, queued_ms);
+    result.output = Some(output);
+    result.usage = Some(g.usage);
+    result.timings.compute_ms = compute_ms;
+    result.timings.total_ms = queued_ms + picked.elapsed().as_secs_f64() * 1e3;
+    Settlement::Answer { result: Box::new(result), to: job.ids(), cached }
+}
+
+/// Runs the backend, streaming chunks to the reply subject when asked;
+/// `None` when the request was cancelled.
+async fn generate(sh: &Shared, job: &Job, guard: &Guard<'_>) -> Option<Result<Generation, BackendError>> {
+    let (deltas, forwarder) = match (job.req.stream, &job.reply) {
+        (true, Some(reply)) => {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let every = Duration::from_millis(sh.cfg.stream_interval_ms.min(crate::config::MAX_INTERVAL_MS));
+            let task = tokio::spawn(forward_chunks(sh.client.clone(), reply.clone(), job.req.id.clone(), every, rx));
+            (Some(tx), Some(task))
+        }
+        _ => (None, None),
+    };
+    let generated = guard.run(job.backend.generate(&job.req, deltas)).await;
+    if let Some(task) = forwarder {
+        // every chunk is out before the final result (same connection, in order)
+        let _ = task.await;
+    }
+    generated
+}
+
+/// A failed generation: retried while deliveries remain and another
+/// attempt may succeed, else given up.
+fn failure(job: &Job, e: BackendError, max_deliver: i64) -> Settlement {
+    if e.retryable && job.delivered < max_deliver {
+        let delay = Duration::from_millis(250 * (1 << job.delivered.clamp(0, 6)) as u64);
+        tracing::warn!(id = %job.req.id, model = %job.req.model, error = %e, delivered = job.delivered, ?delay, "retryable backend failure; nak");
+        return Settlement::Retry { delay };
+    }
+    Settlement::GiveUp(Rejection { ids: job.ids(), code: e.code, message: e.message })
+}
+
+/// Gives the cache session up after a failed or cancelled generation.
+async fn abandon(session: Option<Session>) {
+    if let Some(s) = session {
+        Box::pin(s.abandon()).await;
+    }
+}
+
+/// The request was cancelled while it waited (says when).
+struct Cancelled(&'static str);
+
+/// An answer from the cache, or from an identical request computed in this
+/// worker or (claimed) in another; `None` when this request computes.
+async fn from_cache(s: &mut Session, guard: &Guard<'_>) -> Result<Option<Found>, Cancelled> {
+    if let Some(found) = s.lookup(unix_ms()).await {
+        return Ok(Some(found));
+    }
+    while let Some(rx) = s.join() {
+        match guard.run(cache::follow(rx)).await {
+            None => return Err(Cancelled("while it waited for an identical request")),
+            Some(Some(answer)) => return Ok(Some(s.coalesced(&answer))),
+            // the leader gave up: join again
+            Some(None) => {}
+        }
+    }
+    if s.claim().await {
+        match guard.run(s.wait_claim()).await {
+            None => return Err(Cancelled("while another worker computed it")),
+            Some(Some(answer)) => return Ok(Some(s.adopt(answer))),
+            Some(None) => {}
+        }
+    }
+    Ok(None)
+}
+
+/// Answers from the cache (or a shared computation): the text as one chunk
+/// first for a streaming request, then the result to store.
+async fn answer_found(
+    sh: &Shared,
+    job: &Job,
+    s: &Session,
+    found: Found,
+    queued_ms: f64,
+    picked: Instant,
+) -> Settlement {
+    if let (true, Some(reply)) = (job.req.stream, &job.reply) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let _ = tx.send(found.answer.output.text.clone());
+        drop(tx);
+        // one piece: sent at once whatever the interval
+        forward_chunks(sh.client.clone(), reply.clone(), job.req.id.clone(), Duration::ZERO, rx).await;
+    }
+    let cached = s.recorded(&found);
+    let mut result = blank(sh, job, Status::Ok, queued_ms);
+    result.cache = found.tier;
+    result.cache_similarity = found.similarity;
+    result.output = Some(found.answer.output);
+    result.usage = Some(found.answer.usage);
+    result.timings.total_ms = queued_ms + picked.elapsed().as_secs_f64() * 1e3;
+    Settlement::Answer { result: Box::new(result), to: job.ids(), cached }
+}
+
+/// Publishes streamed text to `reply` as chunks: the first piece at once,
+/// then at most one chunk per `every` holding what was generated meanwhile
+/// (a message per token would cost about as much CPU as a small model's
+/// token), then the `done` chunk.
+async fn forward_chunks(
+    client: async_nats::Client,
+    reply: String,
+    id: String,
+    every: Duration,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    let mut seq = 0;
+    let mut h = HeaderMap::new();
+    h.insert(headers::CONTENT_TYPE, codec::ContentType::MSGPACK_MIME);
+    h.insert(headers::KIND, headers::KIND_CHUNK);
+    let mut send = |delta: String, done: bool| {
+        let chunk = StreamChunk { v: retro_fleet_schemas::SCHEMA_VERSION, id: id.clone(), seq, delta, done };
+        seq += 1;
+        let client = client.clone();
+        let (reply, h) = (reply.clone(), h.clone());
+        async move { client.publish_with_headers(reply, h, Bytes::from(codec::encode(&chunk))).await }
+    };
+    let mut last: Option<tokio::time::Instant> = None;
+    while let Some(mut delta) = rx.recv().await {
+        if let Some(at) = last.filter(|_| !every.is_zero()) {
+            tokio::time::sleep_until(at + every).await;
+            while let Ok(more) = rx.try_recv() {
+                delta.push_str(&more);
+            }
+        }
+        if send(delta, false).await.is_err() {
+            return;
+        }
+        last = Some(tokio::time::Instant::now());
+    }
+    let _ = send(String::new(), true).await;
+}
+
+/// Runs `fut`, re-arming the message's ack timer every `every` while it runs,
+/// so a request still being worked on is never redelivered to another worker.
+async fn with_progress<F: Future>(msg: &jetstream::Message, every: Duration, id: &str, fut: F) -> F::Output {
+    tokio::pin!(fut);
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        tokio::select! {
+            out = &mut fut => return out,
+            _ = ticks.tick() => {
+                if let Err(e) = msg.ack_with(AckKind::Progress).await {
+                    tracing::warn!(id, error = %e, "in-progress ack failed");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+
+    #[tokio::test]
+    async fn pieces_generated_within_the_interval_travel_in_one_chunk() {
+        let nats = retro_fleet_testkit::NatsServer::start();
+        let client = async_nats::connect(nats.url()).await.unwrap();
+        let mut sub = client.subscribe("reply.chunks").await.unwrap();
+        client.flush().await.unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        for piece in ["a", "b", "c"] {
+            tx.send(piece.to_string()).unwrap();
+        }
+        drop(tx);
+        forward_chunks(client.clone(), "reply.chunks".into(), "r1".into(), Duration::from_millis(50), rx).await;
+        client.flush().await.unwrap();
+        let mut chunks = Vec::new();
+        while chunks.last().is_none_or(|c: &StreamChunk| !c.done) {
+            let m = tokio::time::timeout(Duration::from_secs(5), sub.next()).await.unwrap().unwrap();
+            chunks.push(codec::decode(Some(codec::ContentType::MSGPACK_MIME), &m.payload).unwrap());
+        }
+        let got: Vec<(u64, &str, bool)> = chunks.iter().map(|c| (c.seq, c.delta.as_str(), c.done)).collect();
+        // the first piece at once, the rest together, then `done`
+        assert_eq!(got, vec![(0, "a", false), (1, "bc", false), (2, "", true)]);
+    }
+}

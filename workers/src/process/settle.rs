@@ -1,0 +1,349 @@
+//! Settling a message: every store, reply, dead letter and ack/nak/term of
+//! the worker happens here, in the order one table gives ([`Settlement::steps`]).
+//!
+//! Ack discipline: a result is written to `FLEET_RESULTS` first (the first
+//! writer wins), then the stored result goes to the reply subject, then the
+//! message is acked. A message given up is dead-lettered with its original
+//! payload before it is terminated; if the dead letter cannot be written it
+//! is nak'ed instead, so nothing is lost. Retryable failures are nak'ed with
+//! a delay.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use retro_fleet_schemas::envelope::{dead_letter_headers, GivenUp};
+use retro_fleet_schemas::stored::{stored_message, StoredError};
+use retro_fleet_schemas::{codec, headers, subjects, ErrorCode, InferResult, Priority};
+
+use super::decide::{Ids, Rejection};
+use super::Shared;
+use crate::cache::Key;
+
+/// How a message is settled; made by deciding and running, carried out by [`settle`].
+#[derive(Debug)]
+pub enum Settlement {
+    /// Store the result (first writer wins), reply with what is stored, ack.
+    Answer {
+        /// The result (an answer, or a final error such as `cancelled`).
+        result: Box<InferResult>,
+        /// Its tenant and reply subject.
+        to: Ids,
+        /// The cache key and expiry the answer is kept under, recorded with it.
+        cached: Option<(Key, u64)>,
+    },
+    /// Reply with the result an earlier delivery stored, ack.
+    Resend {
+        /// The stored result.
+        result: Box<InferResult>,
+        /// The reply subject.
+        reply: Option<String>,
+    },
+    /// Nak with a delay: another attempt (maybe elsewhere) may succeed.
+    Retry {
+        /// Redelivery delay.
+        delay: Duration,
+    },
+    /// Dead letter, error result, term.
+    GiveUp(Rejection),
+}
+
+/// One effect of settling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Write the result to `FLEET_RESULTS`, then reply with the stored one.
+    Store,
+    /// Reply with a result already stored.
+    Resend,
+    /// Write the dead letter; when that fails, nak instead of every later step.
+    DeadLetter,
+    /// Store (when the id is known) and reply the error result.
+    ErrorResult,
+    /// Done.
+    Ack,
+    /// Redeliver later.
+    Nak,
+    /// Never redeliver.
+    Term,
+}
+
+impl Settlement {
+    /// The effects of this settlement, in order.
+    pub fn steps(&self) -> &'static [Step] {
+        match self {
+            Settlement::Answer { .. } => &[Step::Store, Step::Ack],
+            Settlement::Resend { .. } => &[Step::Resend, Step::Ack],
+            Settlement::Retry { .. } => &[Step::Nak],
+            Settlement::GiveUp(_) => &[Step::DeadLetter, Step::ErrorResult, Step::Term],
+        }
+    }
+
+    /// The outcome label when every step succeeds.
+    fn outcome(&self) -> Outcome {
+        match self {
+            Settlement::Answer { result, .. } => result.error.as_ref().map_or(Outcome::Ok, |e| Outcome::Failed(e.code)),
+            Settlement::Resend { .. } => Outcome::Ok,
+            Settlement::Retry { .. } => Outcome::Retried,
+            Settlement::GiveUp(r) => Outcome::Failed(r.code),
+        }
+    }
+}
+
+/// How a message ended, for the outcome label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Answered.
+    Ok,
+    /// Answered with an error, or given up.
+    Failed(ErrorCode),
+    /// Handed back for redelivery.
+    Retried,
+}
+
+impl Outcome {
+    /// The `outcome` label.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Failed(c) => c.as_str(),
+            Outcome::Retried => "retried",
+        }
+    }
+}
+
+/// A NATS operation of settling failed; the message is left for redelivery.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SettleError {
+    /// A JetStream write (result or dead letter) failed.
+    #[error("writing to JetStream: {0}")]
+    Write(#[from] jetstream::context::PublishError),
+    /// A reply could not be sent.
+    #[error("replying: {0}")]
+    Reply(#[from] async_nats::client::PublishError),
+    /// The result stored by another delivery could not be read.
+    #[error("reading the stored result: {0}")]
+    Stored(#[from] StoredError),
+    /// The write said a result is stored, but none could be read.
+    #[error("a result is stored for this id but cannot be read")]
+    StoredMissing,
+    /// Ack, nak or term failed.
+    #[error("acknowledging: {0}")]
+    Ack(async_nats::Error),
+}
+
+/// The message being settled: what it was, where it came from.
+pub struct Settling<'a> {
+    /// The message.
+    pub msg: &'a jetstream::Message,
+    /// Class of its stream.
+    pub priority: Priority,
+    /// Model label of its metrics.
+    pub model_label: &'a str,
+    /// Deliveries so far.
+    pub delivered: i64,
+}
+
+/// Carries out `s` for the message.
+pub async fn settle(sh: &Shared, m: &Settling<'_>, s: Settlement) -> Result<Outcome, SettleError> {
+    for step in s.steps() {
+        match (step, &s) {
+            (Step::Store, Settlement::Answer { result, to, cached }) => {
+                let tenant = to.tenant.as_deref().unwrap_or(subjects::DEFAULT_TENANT);
+                publish_result(sh, to.reply.as_deref(), tenant, result, *cached).await?;
+            }
+            (Step::Resend, Settlement::Resend { result, reply }) => {
+                tracing::info!(id = %result.id, delivered = m.delivered, "redelivered request already answered; re-sending the stored result");
+                if let Some(reply) = reply {
+                    let payload = Bytes::from(codec::encode(result));
+                    sh.client.publish_with_headers(reply.clone(), reply_headers(), payload).await?;
+                }
+            }
+            (Step::DeadLetter, Settlement::GiveUp(r)) => {
+                let letter = Letter::of(m.msg, m.delivered);
+                if let Err(e) = dead_letter(sh, m.priority, &letter, r.ids.id.as_deref(), r.code, &r.message).await {
+                    tracing::error!(error = %e, "cannot write the dead letter; nak so the message is kept");
+                    ack(m.msg, AckKind::Nak(Some(Duration::from_secs(5)))).await?;
+                    return Ok(Outcome::Retried);
+                }
+                sh.metrics.dead_letters.with_label_values(&[m.priority.as_str(), m.model_label, r.code.as_str()]).inc();
+            }
+            (Step::ErrorResult, Settlement::GiveUp(r)) => {
+                answer_error(sh, &r.ids, letter_model(&m.msg.subject), r.code, &r.message).await?;
+            }
+            (Step::Ack, _) => ack(m.msg, AckKind::Ack).await?,
+            (Step::Nak, Settlement::Retry { delay }) => {
+                sh.metrics.naks.with_label_values(&[m.priority.as_str(), m.model_label]).inc();
+                ack(m.msg, AckKind::Nak(Some(*delay))).await?;
+            }
+            (Step::Term, _) => ack(m.msg, AckKind::Term).await?,
+            (step, s) => unreachable!("step {step:?} is not in the table of {s:?}"),
+        }
+    }
+    Ok(s.outcome())
+}
+
+async fn ack(msg: &jetstream::Message, kind: AckKind) -> Result<(), SettleError> {
+    msg.ack_with(kind).await.map_err(SettleError::Ack)
+}
+
+/// A request message being given up.
+pub struct Letter<'a> {
+    /// Subject it was published to.
+    pub subject: &'a str,
+    /// Its headers.
+    pub headers: Option<&'a HeaderMap>,
+    /// Its body.
+    pub payload: &'a Bytes,
+    /// Deliveries so far.
+    pub delivered: i64,
+}
+
+impl<'a> Letter<'a> {
+    fn of(msg: &'a jetstream::Message, delivered: i64) -> Letter<'a> {
+        Letter { subject: &msg.subject, headers: msg.headers.as_ref(), payload: &msg.payload, delivered }
+    }
+}
+
+/// The model named by a request subject, for dead-letter subjects and error results.
+fn letter_model(subject: &str) -> &str {
+    subjects::parse_request(subject).map(|(_, m)| m).filter(|m| subjects::is_token(m)).unwrap_or("unknown")
+}
+
+/// Writes `letter` to `FLEET_DLQ` with its original payload and headers plus
+/// the error, and waits for the stream to have it.
+pub async fn dead_letter(
+    sh: &Shared,
+    prio: Priority,
+    letter: &Letter<'_>,
+    id: Option<&str>,
+    code: ErrorCode,
+    message: &str,
+) -> Result<(), SettleError> {
+    tracing::warn!(subject = %letter.subject, id = id.unwrap_or("-"), code = code.as_str(), %message, "request failed; dead-lettering");
+    let why = GivenUp { code, message, delivered: letter.delivered, subject: letter.subject };
+    let h = dead_letter_headers(letter.headers, &why);
+    let subject = subjects::dlq(prio, letter_model(letter.subject));
+    sh.js.publish_with_headers(subject, h, letter.payload.clone()).await?.await?;
+    Ok(())
+}
+
+/// Sends the error result to whoever can see it: stored and replied when
+/// the request id is known, replied only when just the reply subject is.
+pub async fn answer_error(
+    sh: &Shared,
+    ids: &Ids,
+    model: &str,
+    code: ErrorCode,
+    message: &str,
+) -> Result<(), SettleError> {
+    let mut result = InferResult::error(ids.id.as_deref().unwrap_or(""), model, code, message);
+    result.worker = sh.worker_id.clone();
+    match (&ids.id, &ids.reply) {
+        (Some(_), reply) => {
+            let tenant = ids.tenant.as_deref().unwrap_or(subjects::DEFAULT_TENANT);
+            publish_result(sh, reply.as_deref(), tenant, &result, None).await?
+        }
+        (None, Some(reply)) => {
+            let payload = Bytes::from(codec::encode(&result));
+            sh.client.publish_with_headers(reply.clone(), reply_headers(), payload).await?
+        }
+        (None, None) => {}
+    }
+    Ok(())
+}
+
+/// Headers of a result sent to a reply subject.
+fn reply_headers() -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert(headers::CONTENT_TYPE, codec::ContentType::MSGPACK_MIME);
+    h.insert(headers::KIND, headers::KIND_RESULT);
+    h
+}
+
+/// Stores the result in `FLEET_RESULTS`, then sends the stored result to
+/// the reply subject. The first writer wins: the write expects no earlier
+/// result for the id, so when two deliveries of one request both computed
+/// (a worker stalled past `ack_wait`, or died after storing), the later one
+/// re-sends the result already stored instead of its own. A caller never
+/// sees two different answers, nor one that is not stored. `cached` is the
+/// key and expiry of a cacheable answer, recorded in headers so replays of
+/// `FLEET_RESULTS` can warm caches and the ingress can keep the answer.
+pub async fn publish_result(
+    sh: &Shared,
+    reply: Option<&str>,
+    tenant: &str,
+    result: &InferResult,
+    cached: Option<(Key, u64)>,
+) -> Result<(), SettleError> {
+    let payload = Bytes::from(codec::encode(result));
+    // No `Nats-Msg-Id` on the write: the expected sequence alone decides, so
+    // a result removed on purpose (`dlq replay`) can be written again within
+    // the duplicate window.
+    let mut first_only = reply_headers();
+    first_only.insert(async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, "0");
+    let mut h = reply_headers();
+    h.insert(headers::MSG_ID, result.id.as_str());
+    if let Some((key, expires_ms)) = cached {
+        first_only.insert(headers::CACHE_KEY, key.hex().as_str());
+        first_only.insert(headers::CACHE_EXPIRES, expires_ms.to_string().as_str());
+    }
+    let subject = subjects::result(tenant, &result.id);
+    let first = match sh.js.publish_with_headers(subject, first_only, payload.clone()).await?.await {
+        Ok(ack) => !ack.duplicate,
+        Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => false,
+        Err(e) => return Err(e.into()),
+    };
+    let payload = if first {
+        if let Some((key, expires_ms)) = cached {
+            // the caller may keep this answer until then (the ingress's
+            // cache), under this key (which says the generation it used)
+            h.insert(headers::CACHE_KEY, key.hex().as_str());
+            h.insert(headers::CACHE_EXPIRES, expires_ms.to_string().as_str());
+        }
+        payload
+    } else {
+        let stored = Box::pin(stored_message(&sh.js, tenant, &result.id)).await?;
+        tracing::info!(id = %result.id, "a result for this request was already stored; sending that one");
+        stored.ok_or(SettleError::StoredMissing)?.payload
+    };
+    if let Some(reply) = reply {
+        sh.client.publish_with_headers(reply.to_string(), h, payload).await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn every_settlement() -> Vec<Settlement> {
+        let result = Box::new(InferResult::error("r", "m", ErrorCode::Cancelled, "x"));
+        vec![
+            Settlement::Answer { result: result.clone(), to: Ids::default(), cached: None },
+            Settlement::Resend { result, reply: None },
+            Settlement::Retry { delay: Duration::from_secs(1) },
+            Settlement::GiveUp(Rejection { ids: Ids::default(), code: ErrorCode::DecodeError, message: "m".into() }),
+        ]
+    }
+
+    #[test]
+    fn every_settlement_ends_with_exactly_one_acknowledgement() {
+        for s in every_settlement() {
+            let steps = s.steps();
+            let acks = steps.iter().filter(|s| matches!(s, Step::Ack | Step::Nak | Step::Term)).count();
+            assert_eq!(acks, 1, "{s:?}");
+            assert!(matches!(steps.last(), Some(Step::Ack | Step::Nak | Step::Term)), "{s:?}: acknowledged last");
+        }
+    }
+
+    #[test]
+    fn results_are_stored_before_the_ack_and_dead_letters_before_the_term() {
+        let table: Vec<_> = every_settlement().iter().map(|s| (s.steps(), s.outcome())).collect();
+        assert_eq!(table[0], (&[Step::Store, Step::Ack][..], Outcome::Failed(ErrorCode::Cancelled)));
+        assert_eq!(table[1], (&[Step::Resend, Step::Ack][..], Outcome::Ok));
+        assert_eq!(table[2], (&[Step::Nak][..], Outcome::Retried));
+        assert_eq!(table[3], (&[Step::DeadLetter, Step::ErrorResult, Step::Term][..], Outcome::Failed(ErrorCode::DecodeError)));
+    }
+}
