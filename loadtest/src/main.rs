@@ -9,11 +9,13 @@
 //!
 //! `--http NAME=URL` (repeatable) loads ingresses over HTTP instead
 //! (`POST /v1/infer`), alternating rounds between them; the first is the
-//! reference the others are compared with.
+//! reference the others are compared with. `--serve-http-floor ADDR` runs
+//! the bare HTTP floor for them to be compared with (see [`http_floor`]).
 
 mod direct;
 mod floor;
 mod http;
+mod http_floor;
 mod load;
 mod workload;
 
@@ -102,6 +104,12 @@ struct Args {
     /// HTTP mode: send `Authorization: Bearer TOKEN`.
     #[arg(long)]
     bearer: Option<String>,
+    /// Serve the bare HTTP floor on ADDR (e.g. 127.0.0.1:18090) until
+    /// stopped, instead of generating load: an axum handler that publishes
+    /// to a work-queue stream and waits for a bare puller's reply on one
+    /// muxed inbox. Load it with `--http floor=http://ADDR`.
+    #[arg(long, value_name = "ADDR")]
+    serve_http_floor: Option<String>,
 }
 
 #[tokio::main]
@@ -121,6 +129,9 @@ async fn main() -> anyhow::Result<()> {
     let client = async_nats::connect(&args.nats).await.map_err(|e| {
         anyhow::anyhow!("cannot connect to NATS at {}: {e} (start the fleet with `make up`)", args.nats)
     })?;
+    if let Some(listen) = &args.serve_http_floor {
+        return http_floor::serve(client, listen).await;
+    }
     let mode = match args.rate {
         Some(r) => Mode::Rate(r),
         None => Mode::Window(args.window.max(1)),

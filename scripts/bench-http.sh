@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# The synchronous HTTP echo path against its own floor, in one run:
+#   floor   `loadtest --serve-http-floor`: one axum handler publishes to a
+#           work-queue stream, waits for the publish ack and for the reply
+#           on one muxed inbox; a bare puller replies and acks. No
+#           retro-fleet code.
+#   fleet   `retro-fleet ingress` (auth and limits off, as a local `up`) in
+#           front of `retro-fleet worker` (echo model).
+# Both against one nats-server. `loadtest --http` alternates rounds between
+# them (floor first: the reference). Then each is loaded alone for REQUESTS
+# (default 30,000) at window 64 while each process's user+system time is
+# read from /proc: CPU per request by process says where the difference goes.
+#
+# Usage: scripts/bench-http.sh [WINDOW...]   (default: 64 16 1)
+#   PROFILE=debug uses a dev build (dependencies optimised, this project's
+#   code not).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/bench-lib.sh
+bench_build
+WINDOWS=("$@")
+[ ${#WINDOWS[@]} -gt 0 ] || WINDOWS=(64 16 1)
+N="${REQUESTS:-30000}"
+export LC_ALL=C
+bench_workdir 4338
+bench_echo_config "$WORKDIR/bench.toml"
+echo "# $(date -u +%F) $(nproc) cores, $(nats-server --version), $PROFILE build"
+nats-server -js -a 127.0.0.1 -p "$PORT" -sd "$WORKDIR/store" >/dev/null 2>&1 &
+NATS_PID=$!
+sleep 0.5
+"$BIN/retro-fleet" --config "$WORKDIR/bench.toml" topology apply >/dev/null
+"$BIN/retro-fleet" --config "$WORKDIR/bench.toml" worker >"$WORKDIR/worker.log" 2>&1 &
+WORKER_PID=$!
+"$BIN/retro-fleet" --config "$WORKDIR/bench.toml" ingress --listen 127.0.0.1:18081 >"$WORKDIR/ingress.log" 2>&1 &
+INGRESS_PID=$!
+"$BIN/loadtest" --serve-http-floor 127.0.0.1:18090 >"$WORKDIR/floor.log" 2>&1 &
+FLOOR_PID=$!
+for port in 18081 18090; do
+    for _ in $(seq 100); do
+        curl -fs -o /dev/null -X POST "http://127.0.0.1:$port/v1/infer" -d '{"model":"echo","prompt":"up?"}' && break
+        sleep 0.1
+    done
+done
+for w in "${WINDOWS[@]}"; do
+    n=$(( w > 1 ? 20000 : 3000 ))
+    echo "## HTTP window $w, $n requests x 3 rounds, 256-byte prompts"
+    "$BIN/loadtest" --http floor=http://127.0.0.1:18090 --http fleet=http://127.0.0.1:18081 \
+        --window "$w" --requests "$n" --rounds 3 || echo "(some requests failed: see above)"
+done
+
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+per_req() { awk -v t="$1" -v u="$TICK_US" -v n="$N" 'BEGIN {printf "%.1f", t * u / n}'; }
+# cpu LABEL URL PIDS...: CPU µs per request of each pid while URL serves N requests
+cpu() {
+    local label=$1 url=$2; shift 2
+    local before=() after=() i out client
+    for p in "$@"; do before+=("$(ticks "$p")"); done
+    local TIMEFORMAT="CLIENT %U %S"
+    out=$( { time "$BIN/loadtest" --http "$label=$url" --window 64 --requests "$N" --rounds 1 2>/dev/null; } 2>&1 )
+    for p in "$@"; do after+=("$(ticks "$p")"); done
+    client=$(echo "$out" | awk -v n="$N" '/^CLIENT/ {printf "%.1f", ($2 + $3) * 1000000 / n}')
+    local row="| $label | $(echo "$out" | grep -oE '[0-9]+ req/s' | tail -1 | cut -d' ' -f1)"
+    local total=$client
+    for i in "${!before[@]}"; do
+        local us
+        us=$(per_req $((after[i] - before[i])))
+        row="$row | $us"
+        total=$(awk -v a="$total" -v b="$us" 'BEGIN {printf "%.1f", a + b}')
+    done
+    [ $# -eq 3 ] || row="$row | —"
+    echo "$row | $client | $total |"
+}
+echo "## CPU per request, $N requests at window 64 (each path alone; the client's time includes its warm-up)"
+echo "| path | req/s | nats-server µs | ingress or floor µs | worker µs | client µs | total µs |"
+echo "|---|---|---|---|---|---|---|"
+for _ in 1 2; do
+    cpu floor http://127.0.0.1:18090 "$NATS_PID" "$FLOOR_PID"
+    cpu fleet http://127.0.0.1:18081 "$NATS_PID" "$INGRESS_PID" "$WORKER_PID"
+done
