@@ -75,7 +75,7 @@ pub async fn guard(State((state, class)): State<(AppState, RouteClass)>, mut req
     let role = class.role();
     if !who.roles.allows(role) {
         state.metrics.denied.with_label_values(&[class.as_str(), "forbidden"]).inc();
-        return ApiError::ingress(IngressCode::Forbidden, format!("this route needs the `{}` role", role.as_str()))
+        return ApiError::new(IngressCode::Forbidden, format!("this route needs the `{}` role", role.as_str()))
             .into_response();
     }
     let decision = state.limits.check(&who, class, Unit::Requests, 1).await;
