@@ -36,8 +36,8 @@ use retro_fleet_worker::cache::key::{exact, Scope};
 use retro_fleet_worker::cache::sync::Generations;
 use serde::{Deserialize, Serialize};
 
-use super::native::Prepared;
 use super::replies::Cacheable;
+use super::submit::validate::Prepared;
 
 /// `[ingress.cache]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -1,6 +1,7 @@
 //! Middleware: request ids on every route, and on API routes the guard:
 //! credential (401), role of the route class (403), request rate limit
-//! (429), in that order, before the body is read.
+//! (429), in that order, before the body is read. Handlers set the id they
+//! used with [`with_request_id`].
 
 use axum::extract::{Request, State};
 use axum::http::HeaderValue;
@@ -57,6 +58,15 @@ pub async fn request_id(mut req: Request, next: Next) -> Response {
     let mut resp = next.run(req).await;
     if !resp.headers().contains_key(REQUEST_ID) {
         resp.headers_mut().insert(REQUEST_ID, HeaderValue::from_str(&id).expect("checked above"));
+    }
+    resp
+}
+
+/// Sets `X-Request-Id` to the id the fleet used for this request (a
+/// handler's answer wins over the one [`request_id`] would echo).
+pub fn with_request_id(mut resp: Response, id: &str) -> Response {
+    if let Ok(v) = HeaderValue::from_str(id) {
+        resp.headers_mut().insert(REQUEST_ID, v);
     }
     resp
 }

@@ -1,19 +1,31 @@
 //! The HTTP ingress: a thin layer that turns HTTP calls into requests on
 //! the priority streams and waits for their replies.
 //!
-//! - [`native`]: `POST /v1/infer`, `POST /v1/infer/async`, `GET /v1/results/{id}`.
-//! - [`openai`]: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`.
+//! # Layout
+//!
+//! One path carries every request to the fleet: an API adapter reads its
+//! body into a [`submit::Draft`], and [`submit`] does the rest. Adapters
+//! never import each other.
+//!
+//! - [`submit`]: the submit service: validation (`Draft` → `Prepared`),
+//!   token charging, publishing, waiting (`call`), streaming
+//!   (`open_stream`) and following a repeated request id's first result.
+//! - [`native`]: adapter for `POST /v1/infer`, `POST /v1/infer/async`, `GET /v1/results/{id}`.
+//! - [`openai`]: adapter for `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`.
+//! - [`batch`]: adapter for `POST /v1/batches` (JSONL), progress and results; KV `fleet_batches`.
+//! - [`openai_shapes`]: OpenAI bodies into drafts and results into OpenAI
+//!   objects, shared by `openai` and `batch`.
+//! - [`sse`]: a Server-Sent Events stream fed by a task, for the streaming adapters.
 //! - [`replies`]: the per-process inbox, demultiplexed by request id.
-//! - [`error`]: API errors and their one mapping to HTTP status.
-//! - [`admin`]: `/v1/admin/*` (role admin): config (redacted), queues and
-//!   pausing them, workers and draining them, dead letters, cache purge.
+//! - [`answers`]: the ingress's memory of recent answers (the first cache level).
+//! - [`error`]: API errors, their one code enum and its one mapping to HTTP status.
+//! - [`guard`]: middleware: request ids; credential, role and rate limit per route class.
 //! - [`auth`]: API keys, JWTs, roles and the tenant of a caller.
 //! - [`jwt`]: verifying HS256/RS256/ES256 tokens and their claims.
 //! - [`ratelimit`]: request and token limits, in process or shared via NATS KV.
+//! - [`admin`]: `/v1/admin/*` (role admin): config (redacted), queues and
+//!   pausing them, workers and draining them, dead letters, cache purge.
 //! - [`openapi`]: `GET /openapi.json`, generated from the handlers' types.
-//! - [`batch`]: `POST /v1/batches` (JSONL), progress and results; KV `fleet_batches`.
-//! - [`answers`]: the ingress's memory of recent answers (the first cache level).
-//! - [`guard`]: middleware: request ids; credential, role and rate limit per route class.
 //! - this file: shared state, health, metrics, the router and `serve`.
 
 pub mod admin;
@@ -25,9 +37,12 @@ pub mod guard;
 pub mod jwt;
 pub mod native;
 pub mod openai;
+pub mod openai_shapes;
 pub mod openapi;
 pub mod ratelimit;
 pub mod replies;
+pub mod sse;
+pub mod submit;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
