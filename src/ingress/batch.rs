@@ -38,8 +38,8 @@ use serde_json::{json, Value};
 use super::auth::Principal;
 use super::error::{parse_json, status_of, ApiError, ApiPath, ApiQuery};
 use super::openai_shapes::{chat_draft, completion_draft, object, Kind};
+use super::state::AppState;
 use super::submit::{self, Prepared};
-use super::AppState;
 
 /// The bucket's name (part of the NATS topology).
 pub const BUCKET: &str = retro_fleet_schemas::subjects::BATCHES_BUCKET;

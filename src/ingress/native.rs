@@ -22,11 +22,11 @@ use serde::{Deserialize, Serialize};
 
 use super::auth::Principal;
 use super::error::{parse_json, ApiError, ApiPath};
-use super::guard::with_request_id;
 use super::replies::{Reply, Waiter};
+use super::request_id::with_request_id;
 use super::sse::task_stream;
+use super::state::AppState;
 use super::submit::{self, Draft, Prepared};
-use super::AppState;
 
 /// Body of `POST /v1/infer` and `/v1/infer/async`. Give the prompt as
 /// `input`, or as the shorthands `prompt` (completion) or `messages` (chat).

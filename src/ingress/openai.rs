@@ -23,12 +23,12 @@ use serde_json::{json, Value};
 
 use super::auth::Principal;
 use super::error::ApiError;
-use super::guard::with_request_id;
 use super::openai_shapes::{chat_draft, chunk, completion_draft, object, usage, Kind};
 use super::replies::{Reply, Waiter};
+use super::request_id::with_request_id;
 use super::sse::task_stream;
+use super::state::AppState;
 use super::submit::{self, Draft};
-use super::AppState;
 
 /// `POST /v1/chat/completions`.
 pub async fn chat_completions(

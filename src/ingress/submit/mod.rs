@@ -25,7 +25,7 @@ pub use validate::{estimated_tokens, Draft, Prepared, Rules};
 use super::error::ApiError;
 use super::ratelimit::{self, RouteClass, Unit};
 use super::replies::{Cacheable, Reply, Waiter};
-use super::AppState;
+use super::state::AppState;
 
 /// [`validate::prepare`] against this ingress's limits and models.
 pub fn prepare(

@@ -9,7 +9,7 @@ use retro_fleet_schemas::{codec, headers, subjects, ErrorCode, Priority};
 
 use super::validate::Prepared;
 use crate::ingress::error::ApiError;
-use crate::ingress::AppState;
+use crate::ingress::state::AppState;
 
 /// Publishes to the priority stream and waits for JetStream to store it.
 /// A full queue is 503 with `Retry-After`. Returns whether JetStream

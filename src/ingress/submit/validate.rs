@@ -16,7 +16,7 @@ use retro_fleet_schemas::{headers, CacheMode, ErrorCode, InferRequest, Input, Pr
 
 use crate::ingress::auth::Principal;
 use crate::ingress::error::{field_of, ApiError, REQUEST_ID};
-use crate::ingress::guard::ID_MADE_HERE;
+use crate::ingress::request_id::ID_MADE_HERE;
 
 /// A request as an API handler understood it, before ids and limits.
 #[derive(Debug)]
