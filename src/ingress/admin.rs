@@ -28,7 +28,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::{parse_json, ApiError, ApiPath, ApiQuery};
-use super::AppState;
+use super::state::AppState;
 use crate::config::Config;
 use crate::ops::{self, OpsError};
 use retro_fleet_worker::control::ControlState;

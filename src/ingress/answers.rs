@@ -35,8 +35,8 @@ use retro_fleet_schemas::{CacheMode, CacheTier, InferResult, Output, Status, Tim
 use retro_fleet_schemas::cache_key::{exact, Generations, Scope};
 use serde::{Deserialize, Serialize};
 
-use super::native::Prepared;
 use super::replies::Cacheable;
+use super::submit::validate::Prepared;
 
 /// `[ingress.cache]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

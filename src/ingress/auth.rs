@@ -276,7 +276,7 @@ pub struct Authenticator {
 }
 
 fn unauthenticated(message: impl Into<String>) -> ApiError {
-    ApiError::ingress(IngressCode::Unauthenticated, message)
+    ApiError::new(IngressCode::Unauthenticated, message)
 }
 
 impl Authenticator {

@@ -16,6 +16,10 @@
 //! The batch record and its custom ids live in the KV bucket
 //! `fleet_batches` under `<tenant>.<batch id>`: another tenant's batch is a
 //! 404, like an unknown one.
+//!
+//! An adapter like the others: lines are read by
+//! [`openai_shapes`](super::openai_shapes), prepared and published by
+//! [`submit`]; this module owns the JSONL framing and the batch record.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -33,9 +37,9 @@ use serde_json::{json, Value};
 
 use super::auth::Principal;
 use super::error::{parse_json, status_of, ApiError, ApiPath, ApiQuery};
-use super::native::{draft_into_prepared, send, Prepared};
-use super::openai::{chat_draft, completion_draft, object, Kind};
-use super::AppState;
+use super::openai_shapes::{chat_draft, completion_draft, object, Kind};
+use super::state::AppState;
+use super::submit::{self, Prepared};
 
 /// The bucket's name (part of the NATS topology).
 pub const BUCKET: &str = retro_fleet_schemas::subjects::BATCHES_BUCKET;
@@ -170,7 +174,7 @@ fn prepare(
         }
         draft.id = Some(format!("{batch}-{i}"));
         draft.priority = Some(priority);
-        let mut p = draft_into_prepared(state, h, who, draft).map_err(|e| at_line(i, "body", e))?;
+        let mut p = submit::prepare(state, h, who, draft).map_err(|e| at_line(i, "body", e))?;
         p.timeout = timeout;
         ids.push(line.custom_id);
         prepared.push(p);
@@ -217,7 +221,7 @@ pub async fn create(
     let outcomes: Vec<(usize, bool)> = futures::stream::iter(0..prepared.len())
         .map(|i| {
             let (state, prepared) = (state.clone(), prepared.clone());
-            async move { (i, send(&state, &prepared[i], None).await.is_ok()) }
+            async move { (i, submit::send(&state, &prepared[i], None).await.is_ok()) }
         })
         .buffer_unordered(64)
         .collect()

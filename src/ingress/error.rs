@@ -9,22 +9,70 @@ use serde::Serialize;
 /// An error answered to an HTTP caller.
 #[derive(Debug, Clone)]
 pub struct ApiError {
-    /// Stable code.
-    pub code: ErrorCode,
+    /// Stable code: the one source of the body's `code`, the HTTP status
+    /// and `retryable`.
+    pub code: ApiCode,
     /// For people: what went wrong and what to do.
     pub message: String,
     /// Request id when one was assigned, so the result can be fetched later.
     pub request_id: Option<String>,
     /// Seconds to wait before retrying (`Retry-After`).
     pub retry_after: Option<u64>,
-    /// Overrides the status derived from the code (413 body limit, 400 syntax).
-    pub status: Option<StatusCode>,
-    /// An ingress-only code (authentication, roles, rate limits); wins over `code`.
-    pub ingress: Option<IngressCode>,
     /// Where in the request the problem is (`params.temperature`, `headers.x-request-id`).
     pub param: Option<String>,
     /// Extra response headers (`X-RateLimit-*`, `WWW-Authenticate`).
     pub headers: Vec<(&'static str, String)>,
+}
+
+/// The code of an API error. Results on the wire carry the codes of
+/// [`ErrorCode`]; the ingress adds its own ([`IngressCode`]). Either way the
+/// code alone decides what the caller sees: the body's `code`, the HTTP
+/// status ([`ApiCode::status`]) and `retryable`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ApiCode {
+    /// A code of the wire, as results carry it.
+    Wire(ErrorCode),
+    /// A code only the ingress answers with.
+    Ingress(IngressCode),
+}
+
+impl ApiCode {
+    /// The code as written in error bodies.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApiCode::Wire(c) => c.as_str(),
+            ApiCode::Ingress(c) => c.as_str(),
+        }
+    }
+
+    /// The HTTP status of an error with this code.
+    pub fn status(self) -> StatusCode {
+        match self {
+            ApiCode::Wire(c) => status_of(c),
+            ApiCode::Ingress(c) => c.status(),
+        }
+    }
+
+    /// Whether the same request may succeed later.
+    pub fn retryable(self) -> bool {
+        match self {
+            ApiCode::Wire(c) => c.retryable(),
+            ApiCode::Ingress(c) => c == IngressCode::RateLimited,
+        }
+    }
+}
+
+impl From<ErrorCode> for ApiCode {
+    fn from(c: ErrorCode) -> Self {
+        ApiCode::Wire(c)
+    }
+}
+
+impl From<IngressCode> for ApiCode {
+    fn from(c: IngressCode) -> Self {
+        ApiCode::Ingress(c)
+    }
 }
 
 /// Codes only the HTTP ingress answers with: they never appear in results
@@ -39,6 +87,10 @@ pub enum IngressCode {
     Forbidden,
     /// Over a rate limit (429, with `Retry-After`).
     RateLimited,
+    /// The request body broke off before it was read whole (400). Written
+    /// as the wire's `invalid_request`, as it always was; only its status
+    /// differs (nothing in the body was judged: it never arrived).
+    UnreadableBody,
 }
 
 impl IngressCode {
@@ -48,6 +100,7 @@ impl IngressCode {
             IngressCode::Unauthenticated => "unauthenticated",
             IngressCode::Forbidden => "forbidden",
             IngressCode::RateLimited => "rate_limited",
+            IngressCode::UnreadableBody => ErrorCode::InvalidRequest.as_str(),
         }
     }
 
@@ -56,32 +109,22 @@ impl IngressCode {
             IngressCode::Unauthenticated => StatusCode::UNAUTHORIZED,
             IngressCode::Forbidden => StatusCode::FORBIDDEN,
             IngressCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            IngressCode::UnreadableBody => StatusCode::BAD_REQUEST,
         }
     }
 }
 
 impl ApiError {
-    /// An error with `code`.
-    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+    /// An error with `code` (an [`ErrorCode`] or an [`IngressCode`]).
+    pub fn new(code: impl Into<ApiCode>, message: impl Into<String>) -> Self {
         ApiError {
-            code,
+            code: code.into(),
             message: message.into(),
             request_id: None,
             retry_after: None,
-            status: None,
-            ingress: None,
             param: None,
             headers: Vec::new(),
         }
-    }
-
-    /// An error with an ingress-only code.
-    pub fn ingress(code: IngressCode, message: impl Into<String>) -> Self {
-        let wire = match code {
-            IngressCode::RateLimited => ErrorCode::Overloaded,
-            _ => ErrorCode::InvalidRequest,
-        };
-        ApiError { ingress: Some(code), ..ApiError::new(wire, message) }
     }
 
     /// Names the part of the request at fault.
@@ -98,7 +141,7 @@ impl ApiError {
 
     /// The stable code as written in the body.
     pub fn code_str(&self) -> &'static str {
-        self.ingress.map_or_else(|| self.code.as_str(), IngressCode::as_str)
+        self.code.as_str()
     }
 
     /// Attaches the request id.
@@ -113,15 +156,9 @@ impl ApiError {
         self
     }
 
-    /// Overrides the HTTP status.
-    pub fn status(mut self, status: StatusCode) -> Self {
-        self.status = Some(status);
-        self
-    }
-
     /// The HTTP status of this error.
     pub fn http_status(&self) -> StatusCode {
-        self.status.or(self.ingress.map(IngressCode::status)).unwrap_or_else(|| status_of(self.code))
+        self.code.status()
     }
 }
 
@@ -184,10 +221,7 @@ impl ApiError {
             error: Inner {
                 code: self.code_str(),
                 message: &self.message,
-                retryable: match self.ingress {
-                    Some(c) => c == IngressCode::RateLimited,
-                    None => self.code.retryable(),
-                },
+                retryable: self.code.retryable(),
                 kind,
                 param: self.param.as_deref(),
             },
@@ -196,14 +230,15 @@ impl ApiError {
         serde_json::to_value(body).expect("error body is JSON")
     }
 
-    /// A request body that could not be read (too large: 413).
+    /// A request body that could not be read: too large (413) or broken
+    /// off (400; axum's only other rejection of a body).
     pub fn from_body_rejection(r: axum::extract::rejection::BytesRejection) -> ApiError {
         let code = if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ErrorCode::PromptTooLarge
+            ApiCode::Wire(ErrorCode::PromptTooLarge)
         } else {
-            ErrorCode::InvalidRequest
+            ApiCode::Ingress(IngressCode::UnreadableBody)
         };
-        ApiError::new(code, r.body_text()).status(r.status())
+        ApiError::new(code, r.body_text())
     }
 }
 
@@ -214,7 +249,7 @@ impl IntoResponse for ApiError {
         if let Some(secs) = self.retry_after {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
-        if self.ingress == Some(IngressCode::Unauthenticated) {
+        if self.code == ApiCode::Ingress(IngressCode::Unauthenticated) {
             resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         for (name, value) in self.headers {

@@ -1,20 +1,34 @@
 //! The HTTP ingress: a thin layer that turns HTTP calls into requests on
 //! the priority streams and waits for their replies.
 //!
-//! - [`native`]: `POST /v1/infer`, `POST /v1/infer/async`, `GET /v1/results/{id}`.
-//! - [`openai`]: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`.
+//! # Layout
+//!
+//! One path carries every request to the fleet: an API adapter reads its
+//! body into a [`submit::Draft`], and [`submit`] does the rest. Adapters
+//! never import each other.
+//!
+//! - [`submit`]: the submit service: validation (`Draft` → `Prepared`),
+//!   token charging, publishing, waiting (`call`), streaming
+//!   (`open_stream`) and following a repeated request id's first result.
+//! - [`native`]: adapter for `POST /v1/infer`, `POST /v1/infer/async`, `GET /v1/results/{id}`.
+//! - [`openai`]: adapter for `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`.
+//! - [`batch`]: adapter for `POST /v1/batches` (JSONL), progress and results; KV `fleet_batches`.
+//! - [`openai_shapes`]: OpenAI bodies into drafts and results into OpenAI
+//!   objects, shared by `openai` and `batch`.
+//! - [`sse`]: a Server-Sent Events stream fed by a task, for the streaming adapters.
 //! - [`replies`]: the per-process inbox, demultiplexed by request id.
-//! - [`error`]: API errors and their one mapping to HTTP status.
-//! - [`admin`]: `/v1/admin/*` (role admin): config (redacted), queues and
-//!   pausing them, workers and draining them, dead letters, cache purge.
+//! - [`answers`]: the ingress's memory of recent answers (the first cache level).
+//! - [`error`]: API errors, their one code enum and its one mapping to HTTP status.
+//! - [`guard`]: middleware: credential, role and rate limit per route class.
+//! - [`request_id`]: middleware: every request's id, echoed on its response.
 //! - [`auth`]: API keys, JWTs, roles and the tenant of a caller.
 //! - [`jwt`]: verifying HS256/RS256/ES256 tokens and their claims.
 //! - [`ratelimit`]: request and token limits, in process or shared via NATS KV.
+//! - [`admin`]: `/v1/admin/*` (role admin): config (redacted), queues and
+//!   pausing them, workers and draining them, dead letters, cache purge.
 //! - [`openapi`]: `GET /openapi.json`, generated from the handlers' types.
-//! - [`batch`]: `POST /v1/batches` (JSONL), progress and results; KV `fleet_batches`.
-//! - [`answers`]: the ingress's memory of recent answers (the first cache level).
-//! - [`guard`]: middleware: request ids; credential, role and rate limit per route class.
-//! - this file: shared state, health, metrics, the router and `serve`.
+//! - [`state`]: the state handlers share, and the metric handles.
+//! - this file: building the state, health, metrics, the router and `serve`.
 
 pub mod admin;
 pub mod answers;
@@ -25,9 +39,16 @@ pub mod guard;
 pub mod jwt;
 pub mod native;
 pub mod openai;
+pub mod openai_shapes;
 pub mod openapi;
 pub mod ratelimit;
 pub mod replies;
+pub mod request_id;
+pub mod sse;
+pub mod state;
+pub mod submit;
+
+pub use state::{AppState, Ingress, IngressMetrics};
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -39,95 +60,12 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
-use retro_fleet_worker::metrics::LATENCY_BUCKETS;
+use prometheus::Registry;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, IngressConfig};
+use crate::config::Config;
 use ratelimit::RouteClass;
 use replies::Replies;
-
-/// Ingress metrics.
-#[derive(Clone)]
-pub struct IngressMetrics {
-    /// `fleet_http_requests_total{route,status}`.
-    pub http: IntCounterVec,
-    /// `fleet_request_duration_seconds{priority,model,outcome}`: end to end, as the HTTP caller sees it.
-    pub e2e: HistogramVec,
-    /// `fleet_ingress_published_total{priority}`.
-    pub published: IntCounterVec,
-    /// `fleet_ingress_unclaimed_replies_total`: replies that arrived after their caller left.
-    pub unclaimed: IntCounter,
-    /// `fleet_ingress_denied_total{class,reason}`: refused by the guard
-    /// (`unauthenticated`, `forbidden`, `rate_limited`, `token_limited`).
-    pub denied: IntCounterVec,
-}
-
-impl IngressMetrics {
-    fn new(registry: &Registry) -> prometheus::Result<Self> {
-        let m = IngressMetrics {
-            http: IntCounterVec::new(
-                Opts::new("fleet_http_requests_total", "HTTP requests by route and status"),
-                &["route", "status"],
-            )?,
-            e2e: HistogramVec::new(
-                HistogramOpts::new("fleet_request_duration_seconds", "End-to-end latency of synchronous calls")
-                    .buckets(LATENCY_BUCKETS.to_vec()),
-                &["priority", "model", "outcome"],
-            )?,
-            published: IntCounterVec::new(
-                Opts::new("fleet_ingress_published_total", "Requests published"),
-                &["priority"],
-            )?,
-            unclaimed: IntCounter::new("fleet_ingress_unclaimed_replies_total", "Replies nobody waited for any more")?,
-            denied: IntCounterVec::new(
-                Opts::new("fleet_ingress_denied_total", "Requests refused by authentication, roles or rate limits"),
-                &["class", "reason"],
-            )?,
-        };
-        registry.register(Box::new(m.http.clone()))?;
-        registry.register(Box::new(m.e2e.clone()))?;
-        registry.register(Box::new(m.published.clone()))?;
-        registry.register(Box::new(m.unclaimed.clone()))?;
-        registry.register(Box::new(m.denied.clone()))?;
-        Ok(m)
-    }
-}
-
-/// State shared by every handler.
-pub struct Ingress {
-    /// Core client.
-    pub client: async_nats::Client,
-    /// JetStream context.
-    pub js: jetstream::Context,
-    /// Settings.
-    pub cfg: IngressConfig,
-    /// Models the fleet serves.
-    pub models: BTreeSet<String>,
-    /// The reply inbox.
-    pub replies: Replies,
-    /// Metrics handles.
-    pub metrics: IngressMetrics,
-    /// Registry rendered at `/metrics`.
-    pub registry: Registry,
-    /// Checks credentials.
-    pub auth: auth::Authenticator,
-    /// Rate limits.
-    pub limits: ratelimit::Limiter,
-    /// Batch records (KV `fleet_batches`).
-    pub batches: async_nats::jetstream::kv::Store,
-    /// The configuration with secrets redacted (`/v1/admin/config`).
-    pub config_view: serde_json::Value,
-    /// Registry entries older than this are not live (`/v1/admin/workers`).
-    pub worker_ttl_secs: u64,
-    /// The OpenAPI document (`/openapi.json`).
-    pub openapi: serde_json::Value,
-    /// Recent cacheable answers, served to identical calls without a queue.
-    pub answers: Arc<answers::AnswerCache>,
-}
-
-/// Handle to the shared state.
-pub type AppState = Arc<Ingress>;
 
 impl Ingress {
     /// Builds the state: subscribes the inbox and registers metrics.
@@ -219,7 +157,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::middleware::from_fn_with_state(state.clone(), count_requests))
-        .layer(axum::middleware::from_fn(guard::request_id))
+        .layer(axum::middleware::from_fn(request_id::middleware))
         .with_state(state)
 }
 

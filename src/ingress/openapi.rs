@@ -19,7 +19,7 @@ use super::admin::{DlqQuery, PauseQuery, PurgeBody, ReplayBody};
 use super::batch::CreateQuery;
 use super::error::Body as ErrorBody;
 use super::native::{Accepted, NativeRequest};
-use super::openai::{ChatRequest, CompletionRequest};
+use super::openai_shapes::{ChatRequest, CompletionRequest};
 use super::ratelimit::RouteClass;
 
 /// Every route: method, path, and the class whose role it needs (`None`:

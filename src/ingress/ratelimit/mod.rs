@@ -317,7 +317,7 @@ pub fn refusal(d: &Decision, unit: Unit) -> ApiError {
         Unit::Tokens => "tokens",
     };
     let secs = d.retry_after_ms.div_ceil(1000).max(1);
-    let mut e = ApiError::ingress(
+    let mut e = ApiError::new(
         IngressCode::RateLimited,
         format!("rate limit of {} {what} exceeded; retry in {secs} s", d.limit),
     )

@@ -1,0 +1,249 @@
+//! OpenAI's shapes, both ways: chat and completion bodies into a [`Draft`],
+//! results into OpenAI's response objects and stream chunks.
+//!
+//! Two adapters speak OpenAI: the [`openai`](super::openai) handlers and
+//! the lines of a [`batch`](super::batch), which are OpenAI bodies too. The
+//! translation lives here, apart from both, so neither imports the other;
+//! it is not the submit service's either, whose input is the shape-free
+//! [`Draft`].
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use retro_fleet_schemas::{ChatMessage, ErrorCode, InferResult, Input, SamplingParams};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::error::{parse_json, ApiError};
+use super::submit::Draft;
+
+/// A `stop` given as one string or a list.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Stop {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            Stop::One(s) => vec![s],
+            Stop::Many(v) => v,
+        }
+    }
+}
+
+/// Message content: a string, or a list of parts of which the text parts count.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+struct Part {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    text: Option<String>,
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+struct Message {
+    role: String,
+    #[serde(default)]
+    content: Option<Content>,
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+/// Fields shared by both endpoints. Fields OpenAI defines that have no
+/// meaning here (`user`, `logprobs`, penalties, ...) are accepted and ignored,
+/// as OpenAI clients send them; `n` other than 1 is refused.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+struct Common {
+    model: String,
+    #[serde(default)]
+    max_tokens: Option<u32>,
+    #[serde(default)]
+    max_completion_tokens: Option<u32>,
+    #[serde(default)]
+    temperature: Option<f64>,
+    #[serde(default)]
+    top_p: Option<f64>,
+    #[serde(default)]
+    top_k: Option<u32>,
+    #[serde(default)]
+    seed: Option<u64>,
+    #[serde(default)]
+    stop: Option<Stop>,
+    #[serde(default)]
+    n: Option<u32>,
+    #[serde(default)]
+    stream: bool,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+}
+
+/// Body of `POST /v1/chat/completions`.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub struct ChatRequest {
+    #[serde(flatten)]
+    common: Common,
+    messages: Vec<Message>,
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(untagged)]
+enum PromptField {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// Body of `POST /v1/completions`.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub struct CompletionRequest {
+    #[serde(flatten)]
+    common: Common,
+    prompt: PromptField,
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Which OpenAI object family a call belongs to.
+#[derive(Clone, Copy)]
+pub enum Kind {
+    /// `chat.completion`.
+    Chat,
+    /// `text_completion`.
+    Completion,
+}
+
+impl Kind {
+    fn id(self, id: &str) -> String {
+        match self {
+            Kind::Chat => format!("chatcmpl-{id}"),
+            Kind::Completion => format!("cmpl-{id}"),
+        }
+    }
+}
+
+fn draft(common: Common, input: Input) -> Result<(Draft, bool), ApiError> {
+    if common.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::new(ErrorCode::InvalidRequest, "only `n: 1` is supported"));
+    }
+    let include_usage = common.stream_options.map(|o| o.include_usage).unwrap_or(false);
+    let params = SamplingParams {
+        max_tokens: common.max_completion_tokens.or(common.max_tokens),
+        temperature: common.temperature,
+        top_p: common.top_p,
+        top_k: common.top_k,
+        seed: common.seed,
+        stop: common.stop.map(Stop::into_vec).unwrap_or_default(),
+    };
+    let draft = Draft {
+        model: common.model,
+        adapter: None,
+        input,
+        params,
+        stream: common.stream,
+        cache: Default::default(),
+        metadata: Default::default(),
+        id: None,
+        timeout_ms: None,
+        priority: None,
+    };
+    Ok((draft, include_usage))
+}
+
+/// Reads a chat completion body (also a line of a batch).
+pub fn chat_draft(body: &[u8]) -> Result<(Draft, bool), ApiError> {
+    parse_json::<ChatRequest>(body).and_then(|r| {
+        let mut messages = Vec::with_capacity(r.messages.len());
+        for m in r.messages {
+            let content = match m.content {
+                None => String::new(),
+                Some(Content::Text(t)) => t,
+                Some(Content::Parts(parts)) => {
+                    if let Some(p) = parts.iter().find(|p| p.kind != "text") {
+                        return Err(ApiError::new(
+                            ErrorCode::InvalidRequest,
+                            format!("content part type `{}` is not supported; send text", p.kind),
+                        ));
+                    }
+                    parts.into_iter().filter_map(|p| p.text).collect::<Vec<_>>().join("")
+                }
+            };
+            messages.push(ChatMessage { role: m.role, content });
+        }
+        draft(r.common, Input::Chat { messages })
+    })
+}
+
+/// Reads a completion body (also a line of a batch).
+pub fn completion_draft(body: &[u8]) -> Result<(Draft, bool), ApiError> {
+    parse_json::<CompletionRequest>(body).and_then(|r| {
+        let prompt = match r.prompt {
+            PromptField::One(p) => p,
+            PromptField::Many(mut v) if v.len() == 1 => v.remove(0),
+            PromptField::Many(_) => {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidRequest,
+                    "send one prompt per request (`prompt` as a string)",
+                ))
+            }
+        };
+        draft(r.common, Input::Completion { prompt })
+    })
+}
+
+/// The `usage` object of a result.
+pub fn usage(r: &InferResult) -> Value {
+    let u = r.usage.clone().unwrap_or_default();
+    json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens})
+}
+
+/// The non-streaming response object.
+pub fn object(kind: Kind, r: &InferResult) -> Value {
+    let (text, finish) = r.output.as_ref().map(|o| (o.text.as_str(), o.finish_reason.as_str())).unwrap_or(("", "stop"));
+    match kind {
+        Kind::Chat => json!({
+            "id": kind.id(&r.id), "object": "chat.completion", "created": now(), "model": r.model,
+            "system_fingerprint": r.model_revision,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": finish}],
+            "usage": usage(r),
+        }),
+        Kind::Completion => json!({
+            "id": kind.id(&r.id), "object": "text_completion", "created": now(), "model": r.model,
+            "system_fingerprint": r.model_revision,
+            "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}],
+            "usage": usage(r),
+        }),
+    }
+}
+
+/// One streamed chunk object (`chat.completion.chunk` or `text_completion`).
+pub fn chunk(kind: Kind, id: &str, model: &str, delta: Option<&str>, finish: Option<&str>, first: bool) -> Value {
+    match kind {
+        Kind::Chat => {
+            let mut d = serde_json::Map::new();
+            if first {
+                d.insert("role".into(), json!("assistant"));
+            }
+            if let Some(t) = delta {
+                d.insert("content".into(), json!(t));
+            }
+            json!({"id": kind.id(id), "object": "chat.completion.chunk", "created": now(), "model": model,
+                   "choices": [{"index": 0, "delta": d, "logprobs": null, "finish_reason": finish}]})
+        }
+        Kind::Completion => json!({"id": kind.id(id), "object": "text_completion", "created": now(), "model": model,
+                   "choices": [{"index": 0, "text": delta.unwrap_or(""), "logprobs": null, "finish_reason": finish}]}),
+    }
+}

@@ -1,0 +1,98 @@
+//! The state every handler shares, and the ingress's metric handles. It
+//! only holds them: [`Ingress::new`](super::Ingress::new) in the module root
+//! builds it, so the handler modules import this module and nothing here
+//! imports them back.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use async_nats::jetstream;
+use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
+use retro_fleet_worker::metrics::LATENCY_BUCKETS;
+
+use super::replies::Replies;
+use super::{answers, auth, ratelimit};
+use crate::config::IngressConfig;
+
+/// Ingress metrics.
+#[derive(Clone)]
+pub struct IngressMetrics {
+    /// `fleet_http_requests_total{route,status}`.
+    pub http: IntCounterVec,
+    /// `fleet_request_duration_seconds{priority,model,outcome}`: end to end, as the HTTP caller sees it.
+    pub e2e: HistogramVec,
+    /// `fleet_ingress_published_total{priority}`.
+    pub published: IntCounterVec,
+    /// `fleet_ingress_unclaimed_replies_total`: replies that arrived after their caller left.
+    pub unclaimed: IntCounter,
+    /// `fleet_ingress_denied_total{class,reason}`: refused by the guard
+    /// (`unauthenticated`, `forbidden`, `rate_limited`, `token_limited`).
+    pub denied: IntCounterVec,
+}
+
+impl IngressMetrics {
+    /// Makes the handles and registers them.
+    pub(super) fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let m = IngressMetrics {
+            http: IntCounterVec::new(
+                Opts::new("fleet_http_requests_total", "HTTP requests by route and status"),
+                &["route", "status"],
+            )?,
+            e2e: HistogramVec::new(
+                HistogramOpts::new("fleet_request_duration_seconds", "End-to-end latency of synchronous calls")
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                &["priority", "model", "outcome"],
+            )?,
+            published: IntCounterVec::new(
+                Opts::new("fleet_ingress_published_total", "Requests published"),
+                &["priority"],
+            )?,
+            unclaimed: IntCounter::new("fleet_ingress_unclaimed_replies_total", "Replies nobody waited for any more")?,
+            denied: IntCounterVec::new(
+                Opts::new("fleet_ingress_denied_total", "Requests refused by authentication, roles or rate limits"),
+                &["class", "reason"],
+            )?,
+        };
+        registry.register(Box::new(m.http.clone()))?;
+        registry.register(Box::new(m.e2e.clone()))?;
+        registry.register(Box::new(m.published.clone()))?;
+        registry.register(Box::new(m.unclaimed.clone()))?;
+        registry.register(Box::new(m.denied.clone()))?;
+        Ok(m)
+    }
+}
+
+/// State shared by every handler.
+pub struct Ingress {
+    /// Core client.
+    pub client: async_nats::Client,
+    /// JetStream context.
+    pub js: jetstream::Context,
+    /// Settings.
+    pub cfg: IngressConfig,
+    /// Models the fleet serves.
+    pub models: BTreeSet<String>,
+    /// The reply inbox.
+    pub replies: Replies,
+    /// Metrics handles.
+    pub metrics: IngressMetrics,
+    /// Registry rendered at `/metrics`.
+    pub registry: Registry,
+    /// Checks credentials.
+    pub auth: auth::Authenticator,
+    /// Rate limits.
+    pub limits: ratelimit::Limiter,
+    /// Batch records (KV `fleet_batches`).
+    pub batches: async_nats::jetstream::kv::Store,
+    /// The configuration with secrets redacted (`/v1/admin/config`).
+    pub config_view: serde_json::Value,
+    /// Registry entries older than this are not live (`/v1/admin/workers`).
+    pub worker_ttl_secs: u64,
+    /// The OpenAPI document (`/openapi.json`).
+    pub openapi: serde_json::Value,
+    /// Recent cacheable answers, served to identical calls without a queue.
+    pub answers: Arc<answers::AnswerCache>,
+}
+
+/// Handle to the shared state.
+pub type AppState = Arc<Ingress>;

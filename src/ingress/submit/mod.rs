@@ -1,0 +1,171 @@
+//! The submit service: the one path every HTTP request to the fleet takes,
+//! whatever API it came in by. API handlers translate their shapes into a
+//! [`Draft`] and call this; they never talk to JetStream or to each other.
+//!
+//! - [`validate`]: the decision step, `Draft` → [`Prepared`] (validation,
+//!   ids, priority, tenant, deadline), pure.
+//! - [`queue`]: publishing to the priority stream ([`send`]) and telling
+//!   JetStream's refusals apart by their API error code.
+//! - this file: token charging, and the three ways to submit: [`call`] (wait
+//!   for the result, answered from the ingress's memory when it can),
+//!   [`open_stream`] (chunks, then the result) and [`publish`] (fire and
+//!   forget); a request id sent again within the duplicate window follows
+//!   the first request's result ([`follow_duplicate`]).
+
+pub mod queue;
+pub mod validate;
+
+use std::time::{Duration, Instant};
+
+use retro_fleet_schemas::{codec, headers, subjects, ErrorCode, InferResult};
+
+pub use queue::send;
+pub use validate::{estimated_tokens, Draft, Prepared, Rules};
+
+use super::error::ApiError;
+use super::ratelimit::{self, RouteClass, Unit};
+use super::replies::{Cacheable, Reply, Waiter};
+use super::state::AppState;
+
+/// [`validate::prepare`] against this ingress's limits and models.
+pub fn prepare(
+    state: &AppState,
+    h: &axum::http::HeaderMap,
+    who: &super::auth::Principal,
+    d: Draft,
+) -> Result<Prepared, ApiError> {
+    let rules = Rules {
+        max_prompt_bytes: state.cfg.max_prompt_bytes,
+        request_timeout_ms: state.cfg.request_timeout_ms,
+        models: &state.models,
+    };
+    validate::prepare(&rules, h, who, d)
+}
+
+/// Takes the request's estimated tokens from the caller's token limit.
+async fn charge_tokens(state: &AppState, p: &Prepared) -> Result<(), ApiError> {
+    if !state.limits.enabled() {
+        return Ok(());
+    }
+    let cost = estimated_tokens(&p.req, state.limits.default_max_tokens());
+    match state.limits.check(&p.who, RouteClass::Submit, Unit::Tokens, cost).await {
+        Some(d) if !d.allowed => {
+            state.metrics.denied.with_label_values(&[RouteClass::Submit.as_str(), "token_limited"]).inc();
+            Err(ratelimit::refusal(&d, Unit::Tokens).with_id(&p.req.id))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Charges the caller's token limit, then [`send`]s without waiting for a
+/// result (it goes to `FLEET_RESULTS`).
+pub async fn publish(state: &AppState, p: &Prepared) -> Result<bool, ApiError> {
+    charge_tokens(state, p).await?;
+    send(state, p, None).await
+}
+
+/// Answers `p` from the ingress's cache, or publishes it and waits for its
+/// result (kept for the next identical call when the worker allows); a
+/// timeout is 504 with the id.
+pub async fn call(state: &AppState, p: &Prepared) -> Result<InferResult, ApiError> {
+    let started = Instant::now();
+    // an answer from memory costs the caller's token limit like any other
+    charge_tokens(state, p).await?;
+    if state.answers.serves(p) {
+        if let Some(result) = state.answers.get(p, retro_fleet_worker::unix_ms()) {
+            observe(state, p, "ok", started);
+            return Ok(result);
+        }
+    }
+    let waiter = register_and_send(state, p).await?;
+    let (result, cacheable) = wait_result(state, p, waiter, started).await?;
+    if let Some(c) = cacheable {
+        state.answers.put(p, &result, c, retro_fleet_worker::unix_ms());
+    }
+    Ok(result)
+}
+
+fn observe(state: &AppState, p: &Prepared, outcome: &str, started: Instant) {
+    state
+        .metrics
+        .e2e
+        .with_label_values(&[p.priority.as_str(), &p.req.model, outcome])
+        .observe(started.elapsed().as_secs_f64());
+}
+
+async fn wait_result(
+    state: &AppState,
+    p: &Prepared,
+    mut waiter: Waiter,
+    started: Instant,
+) -> Result<(InferResult, Option<Cacheable>), ApiError> {
+    let id = &p.req.id;
+    let outcome = tokio::time::timeout(p.timeout, waiter.result_and_cacheable()).await;
+    let (label, result) = match outcome {
+        Ok(Some(r)) => (r.0.error.as_ref().map_or("ok", |e| e.code.as_str()), Ok(r)),
+        _ => (
+            "timeout",
+            Err(ApiError::new(
+                ErrorCode::Timeout,
+                format!(
+                    "no result within {} ms, so the request was cancelled; its final result (`cancelled`, or the \
+                     answer if it finished first) is at /v1/results/{id}",
+                    p.timeout.as_millis()
+                ),
+            )
+            .with_id(id)),
+        ),
+    };
+    observe(state, p, label, started);
+    result
+}
+
+/// Charges the caller's token limit, publishes `p` and returns the waiter
+/// of its chunks and result.
+pub async fn open_stream(state: &AppState, p: &Prepared) -> Result<Waiter, ApiError> {
+    charge_tokens(state, p).await?;
+    register_and_send(state, p).await
+}
+
+/// [`open_stream`] of a request already charged.
+async fn register_and_send(state: &AppState, p: &Prepared) -> Result<Waiter, ApiError> {
+    let (reply, mut waiter) = state.replies.register(&p.tenant, &p.req.id);
+    match send(state, p, Some(&reply)).await {
+        Ok(false) => {}
+        Ok(true) => follow_duplicate(state, p, &mut waiter),
+        Err(e) => {
+            waiter.disarm();
+            return Err(e);
+        }
+    }
+    Ok(waiter)
+}
+
+/// A request id sent again within the duplicate window: JetStream kept the
+/// first request and dropped this one, so this caller gets the first one's
+/// result. It is read back from `FLEET_RESULTS` as soon as it is stored (at
+/// once if it already is), wherever the first call came from; a first call
+/// waiting in this process also shares its reply. This caller leaving does
+/// not cancel the first one's request.
+fn follow_duplicate(state: &AppState, p: &Prepared, waiter: &mut Waiter) {
+    waiter.disarm();
+    let feed = waiter.feeder();
+    let (js, subject) = (state.js.clone(), subjects::result(&p.tenant, &p.req.id));
+    let until = tokio::time::Instant::now() + p.timeout;
+    tracing::debug!(id = %p.req.id, "duplicate request id: following the first request's result");
+    tokio::spawn(async move {
+        let Ok(stream) = js.get_stream_no_info(subjects::RESULTS_STREAM).await else { return };
+        let mut every = Duration::from_millis(10);
+        while !feed.is_closed() && tokio::time::Instant::now() < until {
+            if let Ok(msg) = stream.direct_get_last_for_subject(subject.as_str()).await {
+                let ct = msg.headers.get(headers::CONTENT_TYPE).map(|v| v.as_str());
+                if let Ok(r) = codec::decode::<InferResult>(ct, &msg.payload) {
+                    let _ = feed.send(Reply::Result(Box::new(r), None));
+                    return;
+                }
+            }
+            tokio::time::sleep(every).await;
+            every = (every * 2).min(Duration::from_millis(500));
+        }
+    });
+}

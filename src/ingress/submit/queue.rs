@@ -1,0 +1,140 @@
+//! Publishing a prepared request to its priority stream, and what a refusal
+//! by JetStream means for the caller.
+
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+use async_nats::jetstream::ErrorCode as JsCode;
+use async_nats::HeaderMap;
+use axum::body::Bytes;
+use retro_fleet_schemas::{codec, headers, subjects, ErrorCode, Priority};
+
+use super::validate::Prepared;
+use crate::ingress::error::ApiError;
+use crate::ingress::state::AppState;
+
+/// Publishes to the priority stream and waits for JetStream to store it.
+/// A full queue is 503 with `Retry-After`. Returns whether JetStream
+/// dropped it as a duplicate: its request id was sent before, within the
+/// duplicate window.
+pub async fn send(state: &AppState, p: &Prepared, reply: Option<&str>) -> Result<bool, ApiError> {
+    let subject = subjects::request(p.priority, &p.req.model);
+    let payload = Bytes::from(codec::encode(&p.req));
+    let ack = match state.js.publish_with_headers(subject, request_headers(p, reply), payload).await {
+        Ok(f) => f.await,
+        Err(e) => Err(e),
+    };
+    match ack {
+        Ok(ack) => {
+            state.metrics.published.with_label_values(&[p.priority.as_str()]).inc();
+            Ok(ack.duplicate)
+        }
+        Err(e) => {
+            let (code, message) = refusal(&e, p.priority);
+            tracing::warn!(id = %p.req.id, error = %e, "publish refused");
+            Err(ApiError::new(code, message).with_id(&p.req.id).retry_after(state.cfg.retry_after_secs))
+        }
+    }
+}
+
+/// The headers of a published request.
+fn request_headers(p: &Prepared, reply: Option<&str>) -> HeaderMap {
+    let id = &p.req.id;
+    let mut h = HeaderMap::new();
+    // Request ids are per tenant (results live at fleet.res.<tenant>.<id>),
+    // so is the duplicate window: another tenant choosing the same id must
+    // not have its request dropped as a duplicate of this one.
+    if p.tenant == subjects::DEFAULT_TENANT {
+        h.insert(headers::MSG_ID, id.as_str());
+    } else {
+        h.insert(headers::MSG_ID, format!("{}.{id}", p.tenant).as_str());
+    }
+    h.insert(headers::CONTENT_TYPE, codec::ContentType::MSGPACK_MIME);
+    h.insert(headers::TENANT, p.tenant.as_str());
+    h.insert(headers::TRACEPARENT, p.traceparent.as_str());
+    let deadline = retro_fleet_worker::unix_ms() + p.timeout.as_millis() as u64;
+    h.insert(headers::DEADLINE, deadline.to_string().as_str());
+    if let Some(reply) = reply {
+        h.insert(headers::REPLY, reply);
+    }
+    if let Some(ttl) = p.cache_ttl {
+        h.insert(headers::CACHE_TTL, ttl.to_string().as_str());
+    }
+    h
+}
+
+/// JetStream API error codes under which the server refuses to store a
+/// request because a limit is reached: the queue is full, for now.
+const FULL: [JsCode; 6] = [
+    // a discard-new limit of the stream: "maximum messages exceeded",
+    // "maximum bytes exceeded", "maximum messages per subject exceeded"
+    JsCode::STREAM_STORE_FAILED,
+    // the server or account is out of storage or memory
+    JsCode::INSUFFICIENT_RESOURCES,
+    JsCode::STORAGE_RESOURCES_EXCEEDED,
+    JsCode::MEMORY_RESOURCES_EXCEEDED,
+    // over the stream's `max_msg_size` (or headers over 64 KiB): answered
+    // as a full queue since publish refusals were first told apart; the
+    // ingress's own `max_prompt_bytes` keeps requests well below it
+    JsCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM,
+    JsCode::STREAM_HEADER_EXCEEDS_MAXIMUM,
+];
+
+/// The API error code of a JetStream error behind a refused publish.
+fn api_code(e: &PublishError) -> Option<JsCode> {
+    let source = std::error::Error::source(e)?;
+    source.downcast_ref::<async_nats::jetstream::Error>().map(async_nats::jetstream::Error::error_code)
+}
+
+/// What a refused publish means for the caller: a missing topology, an
+/// unconfirmed publish or a full queue are `overloaded` (retry later);
+/// anything else is `internal`.
+fn refusal(e: &PublishError, priority: Priority) -> (ErrorCode, String) {
+    match e.kind() {
+        PublishErrorKind::StreamNotFound => {
+            (ErrorCode::Overloaded, "request streams are missing; run `retro-fleet topology apply`".to_string())
+        }
+        PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe => {
+            (ErrorCode::Overloaded, format!("NATS did not confirm the request ({e}); retry"))
+        }
+        _ if api_code(e).is_some_and(|c| FULL.contains(&c)) => {
+            (ErrorCode::Overloaded, format!("the {priority} queue is full; retry later"))
+        }
+        _ => (ErrorCode::Internal, format!("publishing the request failed: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A publish refused by the server with `err_code`, as async-nats reports it.
+    fn refused(err_code: u64, description: &str) -> PublishError {
+        let api: async_nats::jetstream::Error =
+            serde_json::from_value(serde_json::json!({"code": 503, "err_code": err_code, "description": description}))
+                .unwrap();
+        PublishError::with_source(PublishErrorKind::Other, api)
+    }
+
+    #[test]
+    fn a_full_queue_is_told_by_its_api_error_code() {
+        let (code, message) = refusal(&refused(10077, "maximum messages exceeded"), Priority::Low);
+        assert_eq!((code, message.as_str()), (ErrorCode::Overloaded, "the low queue is full; retry later"));
+        for c in [10023, 10047, 10028, 10054, 10097] {
+            assert_eq!(refusal(&refused(c, "x"), Priority::High).0, ErrorCode::Overloaded, "err_code {c}");
+        }
+        // the words of a description decide nothing
+        let (code, message) = refusal(&refused(10999, "maximum resources"), Priority::High);
+        assert_eq!(code, ErrorCode::Internal);
+        assert!(message.starts_with("publishing the request failed: "), "{message}");
+        assert_eq!(refusal(&PublishError::new(PublishErrorKind::Other), Priority::High).0, ErrorCode::Internal);
+    }
+
+    #[test]
+    fn missing_streams_and_unconfirmed_publishes_are_overloaded() {
+        let (code, message) = refusal(&PublishError::new(PublishErrorKind::StreamNotFound), Priority::Normal);
+        assert_eq!(code, ErrorCode::Overloaded);
+        assert!(message.contains("topology apply"));
+        let (code, message) = refusal(&PublishError::new(PublishErrorKind::TimedOut), Priority::Normal);
+        assert_eq!(code, ErrorCode::Overloaded);
+        assert!(message.starts_with("NATS did not confirm the request (timed out"), "{message}");
+    }
+}

@@ -1,0 +1,270 @@
+//! The decision step of a submission: a [`Draft`] (what an API handler
+//! read from its body) becomes a [`Prepared`] request (ids, priority,
+//! tenant, cache policy, deadline and trace context assigned; fields and
+//! model checked), or an [`ApiError`] naming the field at fault. Nothing
+//! here touches NATS, so it is tested without a server.
+//!
+//! This module imports no other submit code and nothing that imports it:
+//! the answer cache reads [`Prepared`] from here while the rest of
+//! [`super`] calls the answer cache.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use axum::http::HeaderMap as HttpHeaders;
+use retro_fleet_schemas::{headers, CacheMode, ErrorCode, InferRequest, Input, Priority, SamplingParams};
+
+use crate::ingress::auth::Principal;
+use crate::ingress::error::{field_of, ApiError, REQUEST_ID};
+use crate::ingress::request_id::ID_MADE_HERE;
+
+/// A request as an API handler understood it, before ids and limits.
+#[derive(Debug)]
+pub struct Draft {
+    /// Model name.
+    pub model: String,
+    /// Adapter.
+    pub adapter: Option<String>,
+    /// The prompt.
+    pub input: Input,
+    /// Sampling parameters.
+    pub params: SamplingParams,
+    /// Stream chunks.
+    pub stream: bool,
+    /// Cache policy.
+    pub cache: CacheMode,
+    /// Metadata.
+    pub metadata: BTreeMap<String, String>,
+    /// Caller's id.
+    pub id: Option<String>,
+    /// Caller's timeout.
+    pub timeout_ms: Option<u64>,
+    /// Priority from the body (the `X-Priority` header wins).
+    pub priority: Option<Priority>,
+}
+
+/// A request ready to publish.
+pub struct Prepared {
+    /// The wire request.
+    pub req: InferRequest,
+    /// Its class.
+    pub priority: Priority,
+    /// Tenant (from the credential).
+    pub tenant: String,
+    /// How long to wait (also the deadline).
+    pub timeout: Duration,
+    /// Seconds a cached answer stays valid (`X-Cache-Ttl`), when the caller sets it.
+    pub cache_ttl: Option<u64>,
+    /// W3C trace context: the caller's `traceparent`, or a new one.
+    pub traceparent: String,
+    /// The caller (for token limits).
+    pub who: Principal,
+    /// The caller chose the request id (body or `X-Request-Id`).
+    pub caller_id: bool,
+}
+
+/// What a request is checked against: the ingress's limits and models.
+pub struct Rules<'a> {
+    /// Longest input text, in bytes.
+    pub max_prompt_bytes: usize,
+    /// Longest wait (ms); a caller's `timeout_ms` may only shorten it.
+    pub request_timeout_ms: u64,
+    /// Models the fleet serves.
+    pub models: &'a BTreeSet<String>,
+}
+
+/// Assigns id, priority and tenant (the caller's), and checks the request
+/// and its model against `rules`.
+pub fn prepare(rules: &Rules<'_>, h: &HttpHeaders, who: &Principal, d: Draft) -> Result<Prepared, ApiError> {
+    let priority = priority(h, d.priority)?;
+    let tenant = who.tenant.clone();
+    let caller_id = d.id.is_some() || !h.contains_key(ID_MADE_HERE);
+    let id =
+        d.id.or_else(|| h.get(REQUEST_ID).and_then(|v| v.to_str().ok()).map(str::to_string))
+            .unwrap_or_else(|| ulid::Ulid::new().to_string());
+    let (cache, cache_ttl) = cache_headers(h, d.cache)?;
+    let req = InferRequest {
+        v: retro_fleet_schemas::SCHEMA_VERSION,
+        id,
+        model: d.model,
+        adapter: d.adapter,
+        input: d.input,
+        params: d.params,
+        stream: d.stream,
+        cache,
+        tenant: Some(tenant.clone()),
+        metadata: d.metadata,
+    };
+    check(rules, &req)?;
+    let cap = Duration::from_millis(rules.request_timeout_ms);
+    let timeout = d.timeout_ms.map(Duration::from_millis).map_or(cap, |t| t.min(cap));
+    let traceparent = traceparent(h);
+    Ok(Prepared { req, priority, tenant, timeout, cache_ttl, traceparent, who: who.clone(), caller_id })
+}
+
+/// `X-Priority` (wins over the body), else the body's, else `normal`.
+fn priority(h: &HttpHeaders, body: Option<Priority>) -> Result<Priority, ApiError> {
+    match h.get("x-priority").and_then(|v| v.to_str().ok()) {
+        Some(p) => {
+            p.parse().map_err(|e: String| ApiError::new(ErrorCode::InvalidRequest, e).param("headers.x-priority"))
+        }
+        None => Ok(body.unwrap_or_default()),
+    }
+}
+
+/// `X-Cache: use|bypass|refresh|semantic` (wins over the body) and `X-Cache-Ttl: SECONDS`.
+fn cache_headers(h: &HttpHeaders, body: CacheMode) -> Result<(CacheMode, Option<u64>), ApiError> {
+    let mode = match h.get("x-cache").and_then(|v| v.to_str().ok()) {
+        Some(v) => serde_json::from_value(serde_json::Value::String(v.trim().to_ascii_lowercase())).map_err(|_| {
+            ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!("X-Cache `{v}`: use one of use, bypass, refresh, semantic"),
+            )
+        })?,
+        None => body,
+    };
+    let ttl = match h.get("x-cache-ttl").and_then(|v| v.to_str().ok()) {
+        Some(v) => Some(v.trim().parse::<u64>().map_err(|_| {
+            ApiError::new(ErrorCode::InvalidRequest, format!("X-Cache-Ttl `{v}` must be whole seconds"))
+        })?),
+        None => None,
+    };
+    Ok((mode, ttl))
+}
+
+/// The wire's own checks, then whether the model is served here.
+fn check(rules: &Rules<'_>, req: &InferRequest) -> Result<(), ApiError> {
+    req.validate(rules.max_prompt_bytes).map_err(|e| {
+        // The wire's validation names its field only in its message
+        // (`` `params.top_p` must be ... ``): `field_of` reads it from there
+        // until the validation error carries the field itself.
+        let param = match e.code {
+            ErrorCode::PromptTooLarge => Some("input"),
+            _ => field_of(&e.message),
+        };
+        let err = ApiError::new(e.code, e.message.clone()).with_id(&req.id);
+        match param {
+            Some(p) => err.param(p),
+            None => err,
+        }
+    })?;
+    if !rules.models.contains(&req.model) {
+        let known: Vec<&str> = rules.models.iter().map(String::as_str).collect();
+        return Err(ApiError::new(
+            ErrorCode::UnknownModel,
+            format!("model `{}` is not served here; models: {}", req.model, known.join(", ")),
+        )
+        .param("model"));
+    }
+    Ok(())
+}
+
+/// The caller's W3C `traceparent` when well formed, else a new one.
+fn traceparent(h: &HttpHeaders) -> String {
+    h.get(headers::TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .filter(|t| headers::is_traceparent(t))
+        .map(str::to_string)
+        .unwrap_or_else(|| headers::new_traceparent(ulid::Ulid::new().0, ulid::Ulid::new().0 as u64))
+}
+
+/// Tokens a request may use, as token limits count them: prompt bytes / 4
+/// (a common rule of thumb for English text) plus `max_tokens`.
+pub fn estimated_tokens(req: &InferRequest, default_max_tokens: u64) -> u64 {
+    (req.input.text_len() as u64).div_ceil(4) + req.params.max_tokens.map_or(default_max_tokens, u64::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ingress::error::ApiCode;
+    use axum::http::HeaderValue;
+
+    fn models() -> BTreeSet<String> {
+        ["echo".to_string()].into()
+    }
+
+    fn draft(model: &str, prompt: &str) -> Draft {
+        Draft {
+            model: model.into(),
+            adapter: None,
+            input: Input::Completion { prompt: prompt.into() },
+            params: SamplingParams::default(),
+            stream: false,
+            cache: CacheMode::Use,
+            metadata: BTreeMap::new(),
+            id: None,
+            timeout_ms: None,
+            priority: None,
+        }
+    }
+
+    fn who() -> Principal {
+        Principal { id: "key:a".into(), tenant: "acme".into(), roles: Default::default() }
+    }
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HttpHeaders {
+        let mut h = HttpHeaders::new();
+        for (k, v) in pairs {
+            h.insert(*k, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn assigns_tenant_priority_id_and_a_capped_timeout() {
+        let models = models();
+        let rules = Rules { max_prompt_bytes: 100, request_timeout_ms: 5_000, models: &models };
+        let h = headers(&[("x-priority", "high"), (REQUEST_ID, "made-here"), (ID_MADE_HERE, "1")]);
+        let mut d = draft("echo", "hi");
+        d.priority = Some(Priority::Low);
+        d.timeout_ms = Some(60_000);
+        let p = prepare(&rules, &h, &who(), d).unwrap();
+        assert_eq!((p.priority, p.tenant.as_str(), p.req.tenant.as_deref()), (Priority::High, "acme", Some("acme")));
+        assert_eq!((p.req.id.as_str(), p.caller_id), ("made-here", false), "the guard's id is not the caller's");
+        assert_eq!(p.timeout, Duration::from_secs(5), "capped by the ingress timeout");
+        assert!(headers::is_traceparent(&p.traceparent));
+
+        let mut d = draft("echo", "hi");
+        d.id = Some("mine".into());
+        let p = prepare(&rules, &headers(&[("x-cache", "Bypass"), ("x-cache-ttl", "7")]), &who(), d).unwrap();
+        assert_eq!((p.req.id.as_str(), p.caller_id, p.priority), ("mine", true, Priority::Normal));
+        assert_eq!((p.req.cache, p.cache_ttl), (CacheMode::Bypass, Some(7)));
+    }
+
+    #[test]
+    fn refusals_name_their_field() {
+        let models = models();
+        let rules = Rules { max_prompt_bytes: 4, request_timeout_ms: 5_000, models: &models };
+        let refuse = |h: &HttpHeaders, d: Draft| prepare(&rules, h, &who(), d).err().expect("refused");
+
+        let e = refuse(&HttpHeaders::new(), draft("gpt", "hi"));
+        assert_eq!((e.code, e.param.as_deref()), (ApiCode::Wire(ErrorCode::UnknownModel), Some("model")));
+        let e = refuse(&HttpHeaders::new(), draft("echo", "too long"));
+        assert_eq!((e.code, e.param.as_deref()), (ApiCode::Wire(ErrorCode::PromptTooLarge), Some("input")));
+        let mut d = draft("echo", "hi");
+        d.params.top_p = Some(0.0);
+        let e = refuse(&HttpHeaders::new(), d);
+        assert_eq!((e.code, e.param.as_deref()), (ApiCode::Wire(ErrorCode::InvalidRequest), Some("params.top_p")));
+        assert!(e.request_id.is_some(), "a refused request keeps the id it was given");
+        let e = refuse(&headers(&[("x-priority", "urgent")]), draft("echo", "hi"));
+        assert_eq!(e.param.as_deref(), Some("headers.x-priority"));
+        let e = refuse(&headers(&[("x-cache", "sometimes")]), draft("echo", "hi"));
+        assert_eq!(e.code, ApiCode::Wire(ErrorCode::InvalidRequest));
+    }
+
+    #[test]
+    fn estimates_prompt_bytes_over_four_plus_max_tokens() {
+        let mut req = prepare(
+            &Rules { max_prompt_bytes: 100, request_timeout_ms: 1, models: &models() },
+            &HttpHeaders::new(),
+            &who(),
+            draft("echo", "hello"),
+        )
+        .unwrap()
+        .req;
+        assert_eq!(estimated_tokens(&req, 16), 2 + 16);
+        req.params.max_tokens = Some(3);
+        assert_eq!(estimated_tokens(&req, 16), 2 + 3);
+    }
+}
