@@ -142,14 +142,10 @@ impl Chaos {
 
     /// Stored results of `ids`.
     async fn stored(&self, tenant: &str, ids: &[String]) -> HashMap<String, InferResult> {
-        let stream = self.js.get_stream(subjects::RESULTS_STREAM).await.unwrap();
         futures::stream::iter(ids.iter().cloned())
-            .map(|id| {
-                let stream = stream.clone();
-                async move {
-                    let m = stream.direct_get_last_for_subject(subjects::result(tenant, &id)).await.ok()?;
-                    Some((id, codec::decode::<InferResult>(None, &m.payload).unwrap()))
-                }
+            .map(|id| async move {
+                let stored = retro_fleet_schemas::stored::stored_result(&self.js, tenant, &id).await.unwrap();
+                stored.map(|r| (id, r))
             })
             .buffer_unordered(64)
             .filter_map(|x| async move { x })

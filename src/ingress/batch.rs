@@ -31,7 +31,8 @@ use axum::http::{HeaderMap as HttpHeaders, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::StreamExt;
-use retro_fleet_schemas::{codec, headers, subjects, ErrorCode, InferResult, Priority, Status};
+use retro_fleet_schemas::stored::stored_result;
+use retro_fleet_schemas::{subjects, ErrorCode, InferResult, Priority, Status};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -274,25 +275,15 @@ async fn load(state: &AppState, tenant: &str, id: &str) -> Result<Record, ApiErr
 
 /// The stored results of a batch's lines, `None` where not finished yet.
 async fn results(state: &AppState, r: &Record) -> Result<Vec<Option<InferResult>>, ApiError> {
-    let stream = state
-        .js
-        .get_stream_no_info(subjects::RESULTS_STREAM)
-        .await
-        .map_err(|e| ApiError::new(ErrorCode::Internal, format!("results stream: {e}")))?;
     let rejected: HashSet<usize> = r.rejected.iter().copied().collect();
     let mut out: Vec<(usize, Option<InferResult>)> = futures::stream::iter(0..r.total)
         .map(|i| {
-            let (stream, subject, skip) =
-                (stream.clone(), subjects::result(&r.tenant, &format!("{}-{i}", r.id)), rejected.contains(&i));
+            let (js, id, skip) = (state.js.clone(), format!("{}-{i}", r.id), rejected.contains(&i));
             async move {
                 if skip {
                     return (i, None);
                 }
-                let found = stream.direct_get_last_for_subject(subject).await.ok().and_then(|m| {
-                    let ct = m.headers.get(headers::CONTENT_TYPE).map(|v| v.as_str().to_string());
-                    codec::decode::<InferResult>(ct.as_deref(), &m.payload).ok()
-                });
-                (i, found)
+                (i, stored_result(&js, &r.tenant, &id).await.ok().flatten())
             }
         })
         .buffer_unordered(64)

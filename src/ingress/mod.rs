@@ -94,8 +94,9 @@ impl Ingress {
         let answers = Arc::new(answers::AnswerCache::new(config.ingress.cache.clone(), &registry)?);
         if config.ingress.cache.enabled {
             use retro_fleet_worker::cache::sync;
-            sync::load_generations(answers.generations(), &js).await;
-            tokio::spawn(sync::follow_generations(answers.generations().clone(), js.clone()));
+            const CONSEQUENCE: &str = "the ingress forgets the model's answers";
+            sync::load_generations(answers.generations(), &js, CONSEQUENCE).await;
+            tokio::spawn(sync::follow_generations(answers.generations().clone(), js.clone(), CONSEQUENCE));
         }
         let models: BTreeSet<String> = config.models.keys().cloned().collect();
         let openapi = openapi::spec(&models, auth.enabled(), limits.enabled());

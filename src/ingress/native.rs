@@ -15,8 +15,9 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::Stream;
+use retro_fleet_schemas::stored::stored_result;
 use retro_fleet_schemas::{
-    codec, headers, subjects, CacheMode, ChatMessage, ErrorCode, InferResult, Input, Priority, SamplingParams, Status,
+    subjects, CacheMode, ChatMessage, ErrorCode, InferResult, Input, Priority, SamplingParams, Status,
 };
 use serde::{Deserialize, Serialize};
 
@@ -204,23 +205,13 @@ pub async fn get_result(
     if !subjects::is_token(&id) {
         return ApiError::new(ErrorCode::NotFound, "no such result").into_response();
     }
-    let stream = match state.js.get_stream_no_info(subjects::RESULTS_STREAM).await {
-        Ok(s) => s,
-        Err(e) => return ApiError::new(ErrorCode::Internal, format!("results stream: {e}")).into_response(),
-    };
-    match stream.direct_get_last_for_subject(subjects::result(&tenant, &id)).await {
-        Ok(msg) => {
-            let ct = msg.headers.get(headers::CONTENT_TYPE).map(|v| v.as_str());
-            match codec::decode::<InferResult>(ct, &msg.payload) {
-                Ok(r) => (StatusCode::OK, Json(r)).into_response(),
-                Err(e) => ApiError::new(ErrorCode::Internal, format!("stored result unreadable: {e}")).into_response(),
-            }
-        }
-        Err(e) if matches!(e.kind(), async_nats::jetstream::stream::DirectGetErrorKind::NotFound) => {
+    match stored_result(&state.js, &tenant, &id).await {
+        Ok(Some(r)) => (StatusCode::OK, Json(r)).into_response(),
+        Ok(None) => {
             ApiError::new(ErrorCode::NotFound, format!("no result for `{id}` (yet): it may still be queued or running"))
                 .with_id(&id)
                 .into_response()
         }
-        Err(e) => ApiError::new(ErrorCode::Internal, format!("reading the result failed: {e}")).into_response(),
+        Err(e) => ApiError::new(ErrorCode::Internal, e.to_string()).into_response(),
     }
 }

@@ -330,9 +330,7 @@ impl Caller {
 
 /// Reads the stored result of `id` from `FLEET_RESULTS`.
 pub async fn stored_result(js: &async_nats::jetstream::Context, tenant: &str, id: &str) -> Option<InferResult> {
-    let stream = js.get_stream(subjects::RESULTS_STREAM).await.unwrap();
-    let msg = stream.direct_get_last_for_subject(subjects::result(tenant, id)).await.ok()?;
-    Some(codec::decode(None, &msg.payload).unwrap())
+    retro_fleet_schemas::stored::stored_result(js, tenant, id).await.unwrap()
 }
 
 /// Messages in a stream.

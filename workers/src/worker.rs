@@ -321,8 +321,9 @@ impl Worker {
     async fn start_cache(&self, cache: Arc<crate::cache::ResultCache>, stop: CancellationToken) {
         use crate::cache::{sync, warm};
         let sh = &self.shared;
-        sync::load_generations(cache.generations(), &sh.js).await;
-        let follow = tokio::spawn(sync::follow_generations(cache.generations().clone(), sh.js.clone()));
+        const CONSEQUENCE: &str = "earlier answers of the model are unreachable";
+        sync::load_generations(cache.generations(), &sh.js, CONSEQUENCE).await;
+        let follow = tokio::spawn(sync::follow_generations(cache.generations().clone(), sh.js.clone(), CONSEQUENCE));
         let stop_follow = stop.clone();
         tokio::spawn(async move {
             stop_follow.cancelled().await;

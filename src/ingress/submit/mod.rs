@@ -17,7 +17,8 @@ pub mod validate;
 
 use std::time::{Duration, Instant};
 
-use retro_fleet_schemas::{codec, headers, subjects, ErrorCode, InferResult};
+use retro_fleet_schemas::stored::stored_result;
+use retro_fleet_schemas::{ErrorCode, InferResult};
 
 pub use queue::send;
 pub use validate::{estimated_tokens, Draft, Prepared, Rules};
@@ -150,19 +151,15 @@ async fn register_and_send(state: &AppState, p: &Prepared) -> Result<Waiter, Api
 fn follow_duplicate(state: &AppState, p: &Prepared, waiter: &mut Waiter) {
     waiter.disarm();
     let feed = waiter.feeder();
-    let (js, subject) = (state.js.clone(), subjects::result(&p.tenant, &p.req.id));
+    let (js, tenant, id) = (state.js.clone(), p.tenant.clone(), p.req.id.clone());
     let until = tokio::time::Instant::now() + p.timeout;
     tracing::debug!(id = %p.req.id, "duplicate request id: following the first request's result");
     tokio::spawn(async move {
-        let Ok(stream) = js.get_stream_no_info(subjects::RESULTS_STREAM).await else { return };
         let mut every = Duration::from_millis(10);
         while !feed.is_closed() && tokio::time::Instant::now() < until {
-            if let Ok(msg) = stream.direct_get_last_for_subject(subject.as_str()).await {
-                let ct = msg.headers.get(headers::CONTENT_TYPE).map(|v| v.as_str());
-                if let Ok(r) = codec::decode::<InferResult>(ct, &msg.payload) {
-                    let _ = feed.send(Reply::Result(Box::new(r), None));
-                    return;
-                }
+            if let Ok(Some(r)) = stored_result(&js, &tenant, &id).await {
+                let _ = feed.send(Reply::Result(Box::new(r), None));
+                return;
             }
             tokio::time::sleep(every).await;
             every = (every * 2).min(Duration::from_millis(500));

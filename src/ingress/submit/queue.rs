@@ -5,7 +5,7 @@ use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::ErrorCode as JsCode;
 use async_nats::HeaderMap;
 use axum::body::Bytes;
-use retro_fleet_schemas::{codec, headers, subjects, ErrorCode, Priority};
+use retro_fleet_schemas::{codec, subjects, Envelope, ErrorCode, Priority};
 
 use super::validate::Prepared;
 use crate::ingress::error::ApiError;
@@ -37,28 +37,14 @@ pub async fn send(state: &AppState, p: &Prepared, reply: Option<&str>) -> Result
 
 /// The headers of a published request.
 fn request_headers(p: &Prepared, reply: Option<&str>) -> HeaderMap {
-    let id = &p.req.id;
-    let mut h = HeaderMap::new();
-    // Request ids are per tenant (results live at fleet.res.<tenant>.<id>),
-    // so is the duplicate window: another tenant choosing the same id must
-    // not have its request dropped as a duplicate of this one.
-    if p.tenant == subjects::DEFAULT_TENANT {
-        h.insert(headers::MSG_ID, id.as_str());
-    } else {
-        h.insert(headers::MSG_ID, format!("{}.{id}", p.tenant).as_str());
-    }
-    h.insert(headers::CONTENT_TYPE, codec::ContentType::MSGPACK_MIME);
-    h.insert(headers::TENANT, p.tenant.as_str());
-    h.insert(headers::TRACEPARENT, p.traceparent.as_str());
     let deadline = retro_fleet_worker::unix_ms() + p.timeout.as_millis() as u64;
-    h.insert(headers::DEADLINE, deadline.to_string().as_str());
-    if let Some(reply) = reply {
-        h.insert(headers::REPLY, reply);
-    }
-    if let Some(ttl) = p.cache_ttl {
-        h.insert(headers::CACHE_TTL, ttl.to_string().as_str());
-    }
-    h
+    let mut envelope = Envelope::new(p.req.id.as_str())
+        .tenant(p.tenant.as_str())
+        .traceparent(p.traceparent.as_str())
+        .deadline_ms(deadline)
+        .cache_ttl_secs(p.cache_ttl);
+    envelope.reply = reply.map(str::to_string);
+    envelope.headers()
 }
 
 /// JetStream API error codes under which the server refuses to store a

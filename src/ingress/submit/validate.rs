@@ -15,7 +15,7 @@ use axum::http::HeaderMap as HttpHeaders;
 use retro_fleet_schemas::{headers, CacheMode, ErrorCode, InferRequest, Input, Priority, SamplingParams};
 
 use crate::ingress::auth::Principal;
-use crate::ingress::error::{field_of, ApiError, REQUEST_ID};
+use crate::ingress::error::{ApiError, REQUEST_ID};
 use crate::ingress::request_id::ID_MADE_HERE;
 
 /// A request as an API handler understood it, before ids and limits.
@@ -135,15 +135,8 @@ fn cache_headers(h: &HttpHeaders, body: CacheMode) -> Result<(CacheMode, Option<
 /// The wire's own checks, then whether the model is served here.
 fn check(rules: &Rules<'_>, req: &InferRequest) -> Result<(), ApiError> {
     req.validate(rules.max_prompt_bytes).map_err(|e| {
-        // The wire's validation names its field only in its message
-        // (`` `params.top_p` must be ... ``): `field_of` reads it from there
-        // until the validation error carries the field itself.
-        let param = match e.code {
-            ErrorCode::PromptTooLarge => Some("input"),
-            _ => field_of(&e.message),
-        };
         let err = ApiError::new(e.code, e.message.clone()).with_id(&req.id);
-        match param {
+        match e.field {
             Some(p) => err.param(p),
             None => err,
         }

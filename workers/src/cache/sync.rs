@@ -13,17 +13,19 @@ use retro_fleet_schemas::subjects;
 
 use super::{Answer, Key};
 
-/// Sets `model`'s generation in `table`, saying so when it changed.
-fn set(table: &Generations, model: &str, generation: &str) {
+/// Sets `model`'s generation in `table`, saying so (and what it means for
+/// the answers of the process: `consequence`) when it changed.
+fn set(table: &Generations, model: &str, generation: &str, consequence: &str) {
     if table.set(model, generation) {
-        tracing::info!(model, generation, "cache generation changed; earlier answers of the model are unreachable");
+        tracing::info!(model, generation, "cache generation changed; {consequence}");
     }
 }
 
 /// Loads every model's cache generation from KV `fleet_models`, then keeps
 /// following changes until the task is dropped. Without the bucket
 /// (topology not applied) it says so and looks again every few seconds.
-pub async fn follow_generations(table: Arc<Generations>, js: jetstream::Context) {
+/// `consequence` says in the log what a change means for this process.
+pub async fn follow_generations(table: Arc<Generations>, js: jetstream::Context, consequence: &'static str) {
     let mut warned = false;
     let store = loop {
         match js.get_key_value(subjects::MODELS_BUCKET).await {
@@ -49,8 +51,8 @@ pub async fn follow_generations(table: Arc<Generations>, js: jetstream::Context)
         while let Some(entry) = watch.next().await {
             match entry {
                 Ok(e) => match e.operation {
-                    kv::Operation::Put => set(&table, &e.key, &String::from_utf8_lossy(&e.value)),
-                    kv::Operation::Delete | kv::Operation::Purge => set(&table, &e.key, ""),
+                    kv::Operation::Put => set(&table, &e.key, &String::from_utf8_lossy(&e.value), consequence),
+                    kv::Operation::Delete | kv::Operation::Purge => set(&table, &e.key, "", consequence),
                 },
                 Err(e) => tracing::warn!(error = %e, "model generation watch error"),
             }
@@ -60,12 +62,12 @@ pub async fn follow_generations(table: Arc<Generations>, js: jetstream::Context)
 }
 
 /// Reads the current generations once (so the first requests already use them).
-pub async fn load_generations(table: &Generations, js: &jetstream::Context) {
+pub async fn load_generations(table: &Generations, js: &jetstream::Context, consequence: &str) {
     let Ok(store) = js.get_key_value(subjects::MODELS_BUCKET).await else { return };
     let Ok(mut keys) = store.keys().await else { return };
     while let Some(Ok(k)) = keys.next().await {
         if let Ok(Some(v)) = store.get(&k).await {
-            set(table, &k, &String::from_utf8_lossy(&v));
+            set(table, &k, &String::from_utf8_lossy(&v), consequence);
         }
     }
 }
