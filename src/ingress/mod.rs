@@ -14,6 +14,7 @@
 //! - [`batch`]: `POST /v1/batches` (JSONL), progress and results; KV `fleet_batches`.
 //! - [`answers`]: the ingress's memory of recent answers (the first cache level).
 //! - [`guard`]: middleware: request ids; credential, role and rate limit per route class.
+//! - [`shutdown`]: the bounded drain: calls still waiting when it ends are answered 503.
 //! - this file: shared state, health, metrics, the router and `serve`.
 
 pub mod admin;
@@ -28,6 +29,7 @@ pub mod openai;
 pub mod openapi;
 pub mod ratelimit;
 pub mod replies;
+pub mod shutdown;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -124,6 +126,8 @@ pub struct Ingress {
     pub openapi: serde_json::Value,
     /// Recent cacheable answers, served to identical calls without a queue.
     pub answers: Arc<answers::AnswerCache>,
+    /// The drain on shutdown (`ingress.drain_timeout_ms`).
+    pub drain: shutdown::Drain,
 }
 
 /// Handle to the shared state.
@@ -170,6 +174,7 @@ impl Ingress {
             worker_ttl_secs: config.topology.worker_ttl_secs,
             openapi,
             answers,
+            drain: shutdown::Drain::new(Duration::from_millis(config.ingress.drain_timeout_ms)),
             client,
             cfg: config.ingress.clone(),
             models,
@@ -219,6 +224,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::middleware::from_fn_with_state(state.clone(), count_requests))
+        .layer(axum::middleware::from_fn_with_state(state.drain.clone(), shutdown::bound))
         .layer(axum::middleware::from_fn(guard::request_id))
         .with_state(state)
 }
@@ -267,13 +273,45 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], crate::telemetry::render(&state.registry))
 }
 
-/// Serves until `shutdown` fires, then finishes open requests and returns.
+/// Serves until `shutdown` fires, then lets open calls finish for
+/// `ingress.drain_timeout_ms` (later ones are answered 503, connections
+/// still open a moment after are closed) and returns how many calls it cut
+/// short.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<usize> {
     tracing::info!(addr = %listener.local_addr()?, "ingress listening");
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
-    Ok(())
+    let (drain, replies) = (state.drain.clone(), state.replies.clone());
+    let begin = {
+        let drain = drain.clone();
+        async move {
+            shutdown.cancelled().await;
+            // calls cut short keep their requests: a retry with the id gets the result
+            replies.stop_cancelling();
+            drain.begin();
+        }
+    };
+    let server = axum::serve(listener, router(state)).with_graceful_shutdown(begin);
+    let closing = async {
+        drain.expired().await;
+        // the 503s of calls cut short are written in this moment
+        tokio::time::sleep(retro_fleet_worker::FINAL_OP_TIMEOUT).await;
+    };
+    tokio::select! {
+        r = async move { server.await } => r?,
+        _ = closing => {
+            tracing::warn!("connections still open after the drain (a response still streaming): closed");
+            drain.count_closed(1);
+        }
+    }
+    let cut = drain.cut_short();
+    if cut > 0 {
+        tracing::warn!(
+            cut_short = cut,
+            "the drain ended before some calls did: answered 503, their requests stay queued"
+        );
+    }
+    Ok(cut)
 }
