@@ -9,8 +9,8 @@ use tracing_subscriber::EnvFilter;
 use crate::config::{LogConfig, LogFormat};
 
 /// Libraries whose `info` lines are their internals (mistral.rs loader
-/// steps, dtypes and layer maps; the NATS client's own connect lines, which
-/// the roles already say in their words): kept at `warn` unless the level
+/// steps, dtypes and layer maps; the cache's block recovery; the NATS
+/// client's own connect lines, which the roles already say in their words): kept at `warn` unless the level
 /// names them or asks for `debug`/`trace`.
 const ENGINE_TARGETS: &[&str] = &[
     "mistralrs",
@@ -23,6 +23,10 @@ const ENGINE_TARGETS: &[&str] = &[
     "candle_nn",
     "hf_hub",
     "tokenizers",
+    "foyer",
+    "foyer_common",
+    "foyer_memory",
+    "foyer_storage",
     "async_nats",
 ];
 
