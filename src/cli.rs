@@ -28,6 +28,11 @@ pub struct Cli {
     /// Log format: auto, json or pretty.
     #[arg(long, global = true)]
     pub log_format: Option<String>,
+    /// Log level or filter, e.g. `debug` or `info,mistralrs_core=info`
+    /// (default `info`, with the model engine's own lines at `warn`;
+    /// RUST_LOG wins over both).
+    #[arg(long, global = true)]
+    pub log_level: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -342,6 +347,9 @@ impl Cli {
         }
         if let Some(f) = &self.log_format {
             flags = flags.merge(Serialized::default("log.format", f));
+        }
+        if let Some(l) = &self.log_level {
+            flags = flags.merge(Serialized::default("log.level", l));
         }
         match &self.command {
             Command::Up { listen: Some(l) } | Command::Ingress { listen: Some(l) } => {

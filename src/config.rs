@@ -190,6 +190,9 @@ pub struct IngressConfig {
     pub batch_timeout_secs: u64,
     /// The ingress's memory of recent answers (the first cache level).
     pub cache: crate::ingress::answers::AnswerCacheConfig,
+    /// On SIGTERM, how long calls in flight may still finish, in ms; those
+    /// still waiting then are answered 503 (retry: the request id is kept).
+    pub drain_timeout_ms: u64,
 }
 
 impl Default for IngressConfig {
@@ -206,8 +209,31 @@ impl Default for IngressConfig {
             max_batch_bytes: 64 << 20,
             batch_timeout_secs: 24 * 3600,
             cache: Default::default(),
+            drain_timeout_ms: 30_000,
         }
     }
+}
+
+/// What a secret is shown as.
+pub const REDACTED: &str = "<redacted>";
+
+/// `url` (one NATS URL or a comma-separated list) with the credentials of
+/// each (`user:password@` or `token@`) replaced by `<redacted>`. The one
+/// place a NATS URL is made fit for a log line, an error or `config`.
+pub fn redact_url(url: &str) -> String {
+    if !url.contains('@') {
+        return url.to_string();
+    }
+    url.split(',')
+        .map(|u| match u.rsplit_once('@') {
+            Some((scheme_user, host)) => {
+                let scheme = scheme_user.split_once("://").map_or("nats", |(s, _)| s.trim());
+                format!("{scheme}://{REDACTED}@{host}")
+            }
+            None => u.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Config file read when `--config` is not given and it exists.
@@ -251,24 +277,14 @@ impl Config {
     }
 
     /// This configuration with every secret replaced by `<redacted>`: API
-    /// key hashes, JWT secrets, and the user and password of NATS URLs.
+    /// key hashes, JWT secrets, the user and password (or token) of NATS
+    /// URLs and the path of the NATS credentials file.
     pub fn redacted(&self) -> Config {
         let mut c = self.clone();
         c.ingress.auth = c.ingress.auth.redacted();
-        if c.nats.url.contains('@') {
-            c.nats.url = c
-                .nats
-                .url
-                .split(',')
-                .map(|u| match u.rsplit_once('@') {
-                    Some((scheme_user, host)) => {
-                        let scheme = scheme_user.split_once("://").map_or("nats", |(s, _)| s);
-                        format!("{scheme}://<redacted>@{host}")
-                    }
-                    None => u.to_string(),
-                })
-                .collect::<Vec<_>>()
-                .join(",");
+        c.nats.url = redact_url(&c.nats.url);
+        if c.nats.credentials.is_some() {
+            c.nats.credentials = Some(PathBuf::from(REDACTED));
         }
         c
     }
@@ -375,6 +391,19 @@ mod tests {
             Config::load(Some(Path::new("continuous.toml")), Figment::new())?;
             Ok(())
         });
+    }
+
+    #[test]
+    fn urls_lose_their_credentials() {
+        assert_eq!(redact_url("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+        assert_eq!(redact_url("nats://u:p4ss@h:1"), "nats://<redacted>@h:1");
+        assert_eq!(redact_url("tls://s3cr3t-token@h:1, nats://h2:2"), "tls://<redacted>@h:1, nats://h2:2");
+        assert_eq!(redact_url("u:p@h:1"), "nats://<redacted>@h:1");
+        let mut c = Config::default();
+        c.nats.url = "nats://u:p4ss@h:1".into();
+        c.nats.credentials = Some("/etc/nats/secret.creds".into());
+        let shown = c.redacted().to_toml();
+        assert!(!shown.contains("p4ss") && !shown.contains("secret.creds"), "{shown}");
     }
 
     #[test]

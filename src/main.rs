@@ -1,4 +1,5 @@
 use clap::Parser;
+use futures::FutureExt as _;
 use retro_fleet::cli::{self, CacheAction, Cli, Command, DlqAction, KeysAction, ModelAction, TopologyAction};
 use retro_fleet::{roles, telemetry};
 use tokio_util::sync::CancellationToken;
@@ -13,18 +14,7 @@ fn main() -> std::process::ExitCode {
         Command::Up { .. } | Command::Ingress { .. } | Command::Worker { .. } | Command::Scaler { .. }
     );
     if !serves {
-        // `retro-fleet queues | head`: a closed stdout ends a tool quietly,
-        // like any Unix tool, instead of a panic. (SIGPIPE stays ignored:
-        // a dropped NATS connection must be an error, not a silent death.)
-        let default_hook = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            let payload = info.payload();
-            let msg = payload.downcast_ref::<String>().map(String::as_str).or(payload.downcast_ref::<&str>().copied());
-            if msg.is_some_and(|m| m.contains("failed printing to stdout") && m.contains("Broken pipe")) {
-                std::process::exit(141);
-            }
-            default_hook(info);
-        }));
+        quiet_broken_pipe();
     }
     let config = match cli.load_config() {
         Ok(c) => c,
@@ -37,23 +27,8 @@ fn main() -> std::process::ExitCode {
         print!("{}", if show_secrets { config.to_toml() } else { config.redacted().to_toml() });
         return std::process::ExitCode::SUCCESS;
     }
-    if let Command::Model { action: ModelAction::Tiny { out, layers, hidden } } = &cli.command {
-        return match cli::model_tiny(out, *layers, *hidden) {
-            Ok(()) => std::process::ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                std::process::ExitCode::FAILURE
-            }
-        };
-    }
-    if let Command::Model { action: ModelAction::TinyLora { out, rank, seed } } = &cli.command {
-        return match cli::model_tiny_lora(out, *rank, *seed) {
-            Ok(()) => std::process::ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                std::process::ExitCode::FAILURE
-            }
-        };
+    if let Command::Model { action } = &cli.command {
+        return exit_code(model_tool(action));
     }
     let mut log = config.log.clone();
     if !serves {
@@ -64,8 +39,68 @@ fn main() -> std::process::ExitCode {
         }
     }
     telemetry::init_logs(&log);
-    let runtime = match (&cli.command, config.worker.threads) {
-        // a worker's messaging batches its socket writes on one thread
+    let runtime = runtime_for(&cli.command, config.worker.threads);
+    let serving = runtime.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let role = match cli.command {
+            Command::Up { .. } => roles::up(config, shutdown.clone()).boxed_local(),
+            Command::Ingress { .. } => roles::ingress(config, shutdown.clone()).boxed_local(),
+            Command::Worker { .. } => roles::worker(config, shutdown.clone()).boxed_local(),
+            Command::Scaler { .. } => {
+                retro_fleet::scaler::serve(config, shutdown.clone()).map(|r| r.map(|()| roles::Exit::Clean)).boxed_local()
+            }
+            tool => return run_tool(tool, config).await.map(|()| roles::Exit::Clean),
+        };
+        roles::cancel_on_signal(shutdown);
+        role.await
+    });
+    // Tasks still waiting on NATS (a lost connection) or a model thread
+    // must not keep a stopped process alive.
+    runtime.shutdown_timeout(retro_fleet_worker::FINAL_OP_TIMEOUT);
+    match serving {
+        Ok(exit) => std::process::ExitCode::from(exit.code()),
+        Err(e) => exit_code(Err(e)),
+    }
+}
+
+/// `retro-fleet queues | head`: a closed stdout ends a tool quietly, like
+/// any Unix tool, instead of a panic. (SIGPIPE stays ignored: a dropped
+/// NATS connection must be an error, not a silent death.)
+fn quiet_broken_pipe() {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let msg = payload.downcast_ref::<String>().map(String::as_str).or(payload.downcast_ref::<&str>().copied());
+        if msg.is_some_and(|m| m.contains("failed printing to stdout") && m.contains("Broken pipe")) {
+            std::process::exit(141);
+        }
+        default_hook(info);
+    }));
+}
+
+/// 0, or the error on stderr and 1.
+fn exit_code(result: anyhow::Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// `retro-fleet model ...`: no runtime, no NATS.
+fn model_tool(action: &ModelAction) -> anyhow::Result<()> {
+    match action {
+        ModelAction::Tiny { out, layers, hidden } => cli::model_tiny(out, *layers, *hidden),
+        ModelAction::TinyLora { out, rank, seed } => cli::model_tiny_lora(out, *rank, *seed),
+    }
+}
+
+/// A worker's messaging batches its socket writes on one thread (unless
+/// `worker.threads` asks for more); everything else runs multi-threaded.
+fn runtime_for(command: &Command, worker_threads: usize) -> tokio::runtime::Runtime {
+    match (command, worker_threads) {
         (Command::Worker { .. }, 0 | 1) => {
             retro_fleet_worker::backend::pool::load_models_off_runtime();
             tokio::runtime::Builder::new_current_thread().enable_all().build()
@@ -75,66 +110,47 @@ fn main() -> std::process::ExitCode {
         }
         _ => tokio::runtime::Runtime::new(),
     }
-    .expect("tokio runtime");
-    let result = runtime.block_on(async move {
-        let shutdown = CancellationToken::new();
-        match cli.command {
-            Command::Up { .. } => {
-                roles::cancel_on_signal(shutdown.clone());
-                roles::up(config, shutdown).await
-            }
-            Command::Ingress { .. } => {
-                roles::cancel_on_signal(shutdown.clone());
-                roles::ingress(config, shutdown).await
-            }
-            Command::Worker { .. } => {
-                roles::cancel_on_signal(shutdown.clone());
-                roles::worker(config, shutdown).await
-            }
-            Command::Scaler { .. } => {
-                roles::cancel_on_signal(shutdown.clone());
-                retro_fleet::scaler::serve(config, shutdown).await
-            }
-            Command::Workers { json, action: None } => cli::workers(&config, json).await,
-            Command::Workers { action: Some(action), .. } => cli::workers_action(&config, action).await,
-            Command::Queues { action } => cli::queues(&config, action).await,
-            Command::Topology { action: TopologyAction::Apply } => cli::topology_apply(&config).await,
-            Command::Cache { action: CacheAction::Warm { since, from_seq, timeout } } => {
-                let since_ms = since.map(|age| retro_fleet_worker::unix_ms().saturating_sub(age.as_millis() as u64));
-                let from = retro_fleet_worker::cache::warm::WarmFrom { since_ms, from_seq };
-                retro_fleet::cache_cli::warm(&config, from, std::time::Duration::from_secs(timeout)).await
-            }
-            Command::Cache { action: CacheAction::Purge { models } } => {
-                retro_fleet::cache_cli::purge(&config, models).await
-            }
-            Command::Keys { action } => match action {
-                KeysAction::Add { id, tenant, roles } => retro_fleet::keys_cli::add(&config, id, tenant, roles).await,
-                KeysAction::List => retro_fleet::keys_cli::list(&config).await,
-                KeysAction::Revoke { id } => retro_fleet::keys_cli::revoke(&config, id).await,
-            },
-            Command::Submit { model, priority, max_tokens, timeout, prompt } => {
-                cli::submit(&config, model, priority, max_tokens, timeout, prompt).await
-            }
-            Command::Dlq { action } => match action {
-                DlqAction::List { filter, limit } => {
-                    let filter = retro_fleet::dlq::Filter::parse(&filter)?;
-                    retro_fleet::dlq::list(&config, &filter, limit).await
-                }
-                DlqAction::Show { seq } => retro_fleet::dlq::show(&config, seq).await,
-                DlqAction::Replay { filter, limit, keep, dry_run } => {
-                    let filter = retro_fleet::dlq::Filter::parse(&filter)?;
-                    retro_fleet::dlq::replay(&config, &filter, limit, keep, dry_run).await.map(|_| ())
-                }
-            },
-            Command::Batch { action } => cli::batch(&config, action).await,
-            Command::Config { .. } | Command::Model { .. } => unreachable!("handled above"),
+    .expect("tokio runtime")
+}
+
+/// Runs a tool (any command that does not serve) to its end.
+async fn run_tool(command: Command, config: retro_fleet::config::Config) -> anyhow::Result<()> {
+    match command {
+        Command::Workers { json, action: None } => cli::workers(&config, json).await,
+        Command::Workers { action: Some(action), .. } => cli::workers_action(&config, action).await,
+        Command::Queues { action } => cli::queues(&config, action).await,
+        Command::Topology { action: TopologyAction::Apply } => cli::topology_apply(&config).await,
+        Command::Cache { action: CacheAction::Warm { since, from_seq, timeout } } => {
+            let since_ms = since.map(|age| retro_fleet_worker::unix_ms().saturating_sub(age.as_millis() as u64));
+            let from = retro_fleet_worker::cache::warm::WarmFrom { since_ms, from_seq };
+            retro_fleet::cache_cli::warm(&config, from, std::time::Duration::from_secs(timeout)).await
         }
-    });
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+        Command::Cache { action: CacheAction::Purge { models } } => {
+            retro_fleet::cache_cli::purge(&config, models).await
         }
+        Command::Keys { action } => match action {
+            KeysAction::Add { id, tenant, roles } => retro_fleet::keys_cli::add(&config, id, tenant, roles).await,
+            KeysAction::List => retro_fleet::keys_cli::list(&config).await,
+            KeysAction::Revoke { id } => retro_fleet::keys_cli::revoke(&config, id).await,
+        },
+        Command::Submit { model, priority, max_tokens, timeout, prompt } => {
+            cli::submit(&config, model, priority, max_tokens, timeout, prompt).await
+        }
+        Command::Dlq { action } => match action {
+            DlqAction::List { filter, limit } => {
+                let filter = retro_fleet::dlq::Filter::parse(&filter)?;
+                retro_fleet::dlq::list(&config, &filter, limit).await
+            }
+            DlqAction::Show { seq } => retro_fleet::dlq::show(&config, seq).await,
+            DlqAction::Replay { filter, limit, keep, dry_run } => {
+                let filter = retro_fleet::dlq::Filter::parse(&filter)?;
+                retro_fleet::dlq::replay(&config, &filter, limit, keep, dry_run).await.map(|_| ())
+            }
+        },
+        Command::Batch { action } => cli::batch(&config, action).await,
+        Command::Up { .. } | Command::Ingress { .. } | Command::Worker { .. } | Command::Scaler { .. } => {
+            unreachable!("serving roles are run by main")
+        }
+        Command::Config { .. } | Command::Model { .. } => unreachable!("handled before the runtime starts"),
     }
 }

@@ -2,6 +2,7 @@
 //! process, with a local nats-server when none answers).
 
 use std::collections::{BTreeSet, HashMap};
+use std::io::IsTerminal as _;
 use std::sync::Arc;
 
 use anyhow::{bail, Context as _};
@@ -14,27 +15,137 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::{ingress, nats, telemetry, topology};
 
-/// Fires `token` on Ctrl-C or SIGTERM.
-pub fn cancel_on_signal(token: CancellationToken) {
-    tokio::spawn(async move {
-        let ctrl_c = tokio::signal::ctrl_c();
-        #[cfg(unix)]
-        let term = async {
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(mut s) => {
-                    s.recv().await;
-                }
-                Err(_) => std::future::pending().await,
-            }
-        };
-        #[cfg(not(unix))]
-        let term = std::future::pending::<()>();
-        tokio::select! {
-            _ = ctrl_c => tracing::info!("Ctrl-C: shutting down"),
-            _ = term => tracing::info!("SIGTERM: shutting down"),
+/// How a serving role ended, for its exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Everything taken was finished (or handed back): exit 0.
+    Clean,
+    /// Work was abandoned within the shutdown bound (its messages are
+    /// redelivered by JetStream, or HTTP calls were answered 503): exit
+    /// [`Exit::ABANDONED`].
+    Abandoned,
+}
+
+impl Exit {
+    /// Exit code after a bounded shutdown that abandoned work (EX_TEMPFAIL:
+    /// what was abandoned comes back, from JetStream or the caller's retry).
+    pub const ABANDONED: u8 = 75;
+
+    /// Clean when `clean`, else abandoned.
+    pub fn of(clean: bool) -> Exit {
+        if clean {
+            Exit::Clean
+        } else {
+            Exit::Abandoned
         }
+    }
+
+    /// The process exit code.
+    pub fn code(self) -> u8 {
+        match self {
+            Exit::Clean => 0,
+            Exit::Abandoned => Exit::ABANDONED,
+        }
+    }
+}
+
+/// The two signals that stop a serving role.
+#[derive(Debug, Clone, Copy)]
+enum Stop {
+    Interrupt,
+    Terminate,
+}
+
+impl Stop {
+    fn name(self) -> &'static str {
+        match self {
+            Stop::Interrupt => "Ctrl-C",
+            Stop::Terminate => "SIGTERM",
+        }
+    }
+
+    /// 128 + the signal's number, as shells report a death by it.
+    fn exit_code(self) -> i32 {
+        match self {
+            Stop::Interrupt => 130,
+            Stop::Terminate => 143,
+        }
+    }
+}
+
+/// Waits for the next Ctrl-C (SIGINT) or SIGTERM.
+#[cfg(unix)]
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+#[cfg(unix)]
+impl Signals {
+    fn new() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals { int: signal(SignalKind::interrupt())?, term: signal(SignalKind::terminate())? })
+    }
+
+    async fn next(&mut self) -> Stop {
+        tokio::select! {
+            _ = self.int.recv() => Stop::Interrupt,
+            _ = self.term.recv() => Stop::Terminate,
+        }
+    }
+}
+
+#[cfg(not(unix))]
+struct Signals;
+
+#[cfg(not(unix))]
+impl Signals {
+    fn new() -> std::io::Result<Signals> {
+        Ok(Signals)
+    }
+
+    async fn next(&mut self) -> Stop {
+        let _ = tokio::signal::ctrl_c().await;
+        Stop::Interrupt
+    }
+}
+
+/// Fires `token` on the first Ctrl-C or SIGTERM (the role then drains,
+/// bounded); a second one exits at once with 130 or 143.
+pub fn cancel_on_signal(token: CancellationToken) {
+    let mut signals = match Signals::new() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for signals; stop the process with SIGKILL");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        let first = signals.next().await;
+        tracing::info!("{}: shutting down (again to exit at once)", first.name());
         token.cancel();
+        let second = signals.next().await;
+        tracing::warn!("{} again: exiting at once; unfinished work is redelivered by JetStream", second.name());
+        std::process::exit(second.exit_code());
     });
+}
+
+/// `fut`, unless `shutdown` fires first (then `None`): a signal while a
+/// role starts (connecting, loading models) stops it at once.
+async fn unless_stopped<T>(shutdown: &CancellationToken, fut: impl std::future::Future<Output = T>) -> Option<T> {
+    tokio::select! {
+        r = fut => Some(r),
+        _ = shutdown.cancelled() => None,
+    }
+}
+
+/// A shutdown's last flush of what the client still holds (bounded).
+async fn final_flush(client: &async_nats::Client) {
+    retro_fleet_worker::final_op(client, "flush", client.flush()).await;
+}
+
+async fn bind(addr: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))
 }
 
 /// Opens the worker's result cache, when enabled.
@@ -183,68 +294,123 @@ fn worker_readiness(
 }
 
 /// `retro-fleet worker`.
-pub async fn worker(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let client = nats::connect(&config.nats, "worker").await?;
-    let registry = telemetry::registry();
-    let worker = build_worker(&config, &client, &registry).await?;
+pub async fn worker(config: Config, shutdown: CancellationToken) -> anyhow::Result<Exit> {
+    let start = async {
+        let client = nats::connect(&config.nats, "worker").await?;
+        let registry = telemetry::registry();
+        let worker = build_worker(&config, &client, &registry).await?;
+        anyhow::Ok((client, registry, worker))
+    };
+    let Some(started) = unless_stopped(&shutdown, start).await else { return Ok(Exit::Clean) };
+    let (client, registry, worker) = started?;
     if let Some(addr) = &config.metrics_listen {
         serve_telemetry(addr, registry, client.clone(), worker.breakers(), shutdown.clone()).await?;
     }
-    worker.run(shutdown).await;
-    client.flush().await.ok();
-    Ok(())
+    let drained = worker.run(shutdown).await;
+    final_flush(&client).await;
+    Ok(Exit::of(drained.clean()))
 }
 
 /// `retro-fleet ingress`.
-pub async fn ingress(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let client = nats::connect(&config.nats, "ingress").await?;
-    let state = ingress::Ingress::new(client.clone(), &config, telemetry::registry()).await?;
-    let listener = tokio::net::TcpListener::bind(&config.ingress.listen)
-        .await
-        .with_context(|| format!("binding {}", config.ingress.listen))?;
-    ingress::serve(listener, state, shutdown).await?;
-    client.flush().await.ok();
-    Ok(())
+pub async fn ingress(config: Config, shutdown: CancellationToken) -> anyhow::Result<Exit> {
+    let start = async {
+        let client = nats::connect(&config.nats, "ingress").await?;
+        let state = ingress::Ingress::new(client.clone(), &config, telemetry::registry()).await?;
+        let listener = bind(&config.ingress.listen).await?;
+        anyhow::Ok((client, state, listener))
+    };
+    let Some(started) = unless_stopped(&shutdown, start).await else { return Ok(Exit::Clean) };
+    let (client, state, listener) = started?;
+    let cut_short = ingress::serve(listener, state, shutdown).await?;
+    final_flush(&client).await;
+    Ok(Exit::of(cut_short == 0))
 }
 
 /// `retro-fleet up`: ingress and worker in one process against `nats.url`,
 /// starting a local nats-server (store under the data dir) when none answers.
-pub async fn up(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn up(config: Config, shutdown: CancellationToken) -> anyhow::Result<Exit> {
     let mut config = config;
     add_demo_model(&mut config)?;
-    let local = if nats::answers(&config.nats.url).await {
-        tracing::info!(url = %config.nats.url, "using the running NATS server");
-        None
-    } else {
-        let port = port_of(&config.nats.url).unwrap_or(4222);
-        let store = config.data_dir.join("nats");
-        tracing::info!(port, store = %store.display(), "no NATS server answers; starting a local nats-server");
-        let server = nats::LocalServer::start(&store, port).await?;
-        config.nats.url = server.url.clone();
-        Some(server)
-    };
-    let client = nats::connect(&config.nats, "up").await?;
-    let registry = telemetry::registry();
-    let worker = build_worker(&config, &client, &registry).await?;
-    let registry_for_scaler = registry.clone();
-    let state = ingress::Ingress::new(client.clone(), &config, registry).await?;
-    let listener = tokio::net::TcpListener::bind(&config.ingress.listen)
-        .await
-        .with_context(|| format!("binding {}", config.ingress.listen))?;
+    let listener = bind(&config.ingress.listen).await?;
     let addr = listener.local_addr()?;
-    let models: Vec<&String> = config.models.keys().collect();
-    eprintln!("retro-fleet is up: http://{addr} (models: {models:?}, NATS: {}). Ctrl-C stops it.", config.nats.url);
+    greet_starting(addr);
+    let Some(local) = unless_stopped(&shutdown, local_nats(&mut config)).await else { return Ok(Exit::Clean) };
+    let local = local?;
+    let start = async {
+        let client = nats::connect(&config.nats, "up").await?;
+        let registry = telemetry::registry();
+        let worker = build_worker(&config, &client, &registry).await?;
+        let state = ingress::Ingress::new(client.clone(), &config, registry.clone()).await?;
+        anyhow::Ok((client, registry, worker, state))
+    };
+    let Some(started) = unless_stopped(&shutdown, start).await else {
+        if let Some(server) = local {
+            server.stop().await;
+        }
+        return Ok(Exit::Clean);
+    };
+    let (client, registry, worker, state) = started?;
+    greet_ready(addr, &config);
     let ingress_task = tokio::spawn(ingress::serve(listener, state, shutdown.clone()));
-    let scaler_task = tokio::spawn(up_scaler(config.clone(), client.clone(), registry_for_scaler, shutdown.clone()));
-    worker.run(shutdown).await;
-    ingress_task.await??;
-    scaler_task.await.ok();
-    client.flush().await.ok();
+    let scaler_task = tokio::spawn(up_scaler(config.clone(), client.clone(), registry, shutdown.clone()));
+    let drained = worker.run(shutdown).await;
+    let cut_short = ingress_task.await??;
+    // the scaler stops at once on shutdown; its last flush is bounded
+    let _ = tokio::time::timeout(retro_fleet_worker::FINAL_OP_TIMEOUT * 2, scaler_task).await;
+    final_flush(&client).await;
     drop(client);
     if let Some(server) = local {
         server.stop().await;
     }
-    Ok(())
+    Ok(Exit::of(drained.clean() && cut_short == 0))
+}
+
+/// The NATS server `up` uses: the one answering at `nats.url`, or a local
+/// one it starts (and `config.nats.url` then points at).
+async fn local_nats(config: &mut Config) -> anyhow::Result<Option<nats::LocalServer>> {
+    if nats::answers(&config.nats.url).await {
+        tracing::info!(url = %crate::config::redact_url(&config.nats.url), "using the running NATS server");
+        return Ok(None);
+    }
+    let port = port_of(&config.nats.url).unwrap_or(4222);
+    let store = config.data_dir.join("nats");
+    tracing::info!(port, store = %store.display(), "no NATS server answers; starting a local nats-server");
+    let server = nats::LocalServer::start(&store, port).await?;
+    config.nats.url = server.url.clone();
+    Ok(Some(server))
+}
+
+/// The first line of `up`: where it will listen, before models load.
+fn greet_starting(addr: std::net::SocketAddr) {
+    if std::io::stderr().is_terminal() {
+        eprintln!("retro-fleet up: starting on http://{addr} (loading models; Ctrl-C stops it)");
+    }
+}
+
+/// Says where the fleet listens and how to try it: a few plain lines on a
+/// terminal, one log line otherwise.
+fn greet_ready(addr: std::net::SocketAddr, config: &Config) {
+    let models: Vec<&str> = config.models.keys().map(String::as_str).collect();
+    let nats_url = crate::config::redact_url(&config.nats.url);
+    if !std::io::stderr().is_terminal() {
+        tracing::info!(url = %format!("http://{addr}"), ?models, nats = %nats_url, "retro-fleet is up");
+        return;
+    }
+    let model = if models.contains(&"echo") { "echo" } else { models.first().copied().unwrap_or("echo") };
+    let mut lines = vec![
+        format!("retro-fleet is up on http://{addr} (models: {}; NATS: {nats_url})", models.join(", ")),
+        "  try it:".to_string(),
+        format!("    curl -s {addr}/v1/infer -d '{{\"model\":\"{model}\",\"prompt\":\"hello fleet\"}}'"),
+    ];
+    if models.contains(&"tiny") {
+        lines.push(format!(
+            "    curl -s {addr}/v1/chat/completions -H 'content-type: application/json' \\\n      \
+             -d '{{\"model\":\"tiny\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}],\"max_tokens\":8}}'"
+        ));
+    }
+    lines.push(format!("  metrics: http://{addr}/metrics   API: http://{addr}/openapi.json"));
+    lines.push("  Ctrl-C drains and stops it; a second Ctrl-C exits at once.".to_string());
+    eprintln!("{}", lines.join("\n"));
 }
 
 /// The scaler inside `up`: its metrics join the process registry (served by

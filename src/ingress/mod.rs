@@ -28,6 +28,7 @@
 //!   pausing them, workers and draining them, dead letters, cache purge.
 //! - [`openapi`]: `GET /openapi.json`, generated from the handlers' types.
 //! - [`state`]: the state handlers share, and the metric handles.
+//! - [`shutdown`]: the bounded drain: calls still waiting when it ends are answered 503.
 //! - this file: building the state, health, metrics, the router and `serve`.
 
 pub mod admin;
@@ -44,6 +45,7 @@ pub mod openapi;
 pub mod ratelimit;
 pub mod replies;
 pub mod request_id;
+pub mod shutdown;
 pub mod sse;
 pub mod state;
 pub mod submit;
@@ -109,6 +111,7 @@ impl Ingress {
             worker_ttl_secs: config.topology.worker_ttl_secs,
             openapi,
             answers,
+            drain: shutdown::Drain::new(Duration::from_millis(config.ingress.drain_timeout_ms)),
             client,
             cfg: config.ingress.clone(),
             models,
@@ -158,6 +161,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::middleware::from_fn_with_state(state.clone(), count_requests))
+        .layer(axum::middleware::from_fn_with_state(state.drain.clone(), shutdown::bound))
         .layer(axum::middleware::from_fn(request_id::middleware))
         .with_state(state)
 }
@@ -206,13 +210,45 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], crate::telemetry::render(&state.registry))
 }
 
-/// Serves until `shutdown` fires, then finishes open requests and returns.
+/// Serves until `shutdown` fires, then lets open calls finish for
+/// `ingress.drain_timeout_ms` (later ones are answered 503, connections
+/// still open a moment after are closed) and returns how many calls it cut
+/// short.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<usize> {
     tracing::info!(addr = %listener.local_addr()?, "ingress listening");
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
-    Ok(())
+    let (drain, replies) = (state.drain.clone(), state.replies.clone());
+    let begin = {
+        let drain = drain.clone();
+        async move {
+            shutdown.cancelled().await;
+            // calls cut short keep their requests: a retry with the id gets the result
+            replies.stop_cancelling();
+            drain.begin();
+        }
+    };
+    let server = axum::serve(listener, router(state)).with_graceful_shutdown(begin);
+    let closing = async {
+        drain.expired().await;
+        // the 503s of calls cut short are written in this moment
+        tokio::time::sleep(retro_fleet_worker::FINAL_OP_TIMEOUT).await;
+    };
+    tokio::select! {
+        r = async move { server.await } => r?,
+        _ = closing => {
+            tracing::warn!("connections still open after the drain (a response still streaming): closed");
+            drain.count_closed(1);
+        }
+    }
+    let cut = drain.cut_short();
+    if cut > 0 {
+        tracing::warn!(
+            cut_short = cut,
+            "the drain ended before some calls did: answered 503, their requests stay queued"
+        );
+    }
+    Ok(cut)
 }

@@ -57,6 +57,8 @@ pub struct Replies {
     table: Table,
     client: async_nats::Client,
     next_key: Arc<std::sync::atomic::AtomicU64>,
+    /// Set on shutdown: callers cut short are not callers gone.
+    keep_requests: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Replies {
@@ -65,7 +67,13 @@ impl Replies {
         let prefix = client.new_inbox();
         let mut sub = client.subscribe(format!("{prefix}.*.*")).await?;
         let table: Table = Default::default();
-        let replies = Replies { prefix, table: table.clone(), client: client.clone(), next_key: Default::default() };
+        let replies = Replies {
+            prefix,
+            table: table.clone(),
+            client: client.clone(),
+            next_key: Default::default(),
+            keep_requests: Default::default(),
+        };
         tokio::spawn(async move {
             while let Some(msg) = sub.next().await {
                 let mut tail = msg.subject.rsplitn(3, '.');
@@ -104,6 +112,12 @@ impl Replies {
         Ok(replies)
     }
 
+    /// From now on a waiter dropped before its result does not cancel its
+    /// request (the ingress is shutting down: the caller may retry).
+    pub fn stop_cancelling(&self) {
+        self.keep_requests.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Registers request `id` of `tenant`; returns its reply subject and a waiter.
     pub fn register(&self, tenant: &str, id: &str) -> (String, Waiter) {
         let key = format!("{tenant}.{id}");
@@ -119,6 +133,7 @@ impl Replies {
             table: self.table.clone(),
             client: self.client.clone(),
             armed: true,
+            keep_requests: self.keep_requests.clone(),
         };
         (format!("{}.{key}", self.prefix), waiter)
     }
@@ -137,6 +152,8 @@ pub struct Waiter {
     client: async_nats::Client,
     /// Cancel the request when dropped before its result.
     armed: bool,
+    /// Never cancel (the ingress is shutting down).
+    keep_requests: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Waiter {
@@ -188,7 +205,7 @@ impl Drop for Waiter {
                 }
             }
         }
-        if self.armed {
+        if self.armed && !self.keep_requests.load(std::sync::atomic::Ordering::Relaxed) {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 let (client, subject) = (self.client.clone(), self.cancel.clone());
                 tracing::debug!(id = %self.id, "caller gone before its result; cancelling");

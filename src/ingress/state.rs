@@ -11,7 +11,7 @@ use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, R
 use retro_fleet_worker::metrics::LATENCY_BUCKETS;
 
 use super::replies::Replies;
-use super::{answers, auth, ratelimit};
+use super::{answers, auth, ratelimit, shutdown};
 use crate::config::IngressConfig;
 
 /// Ingress metrics.
@@ -92,6 +92,8 @@ pub struct Ingress {
     pub openapi: serde_json::Value,
     /// Recent cacheable answers, served to identical calls without a queue.
     pub answers: Arc<answers::AnswerCache>,
+    /// The drain on shutdown (`ingress.drain_timeout_ms`).
+    pub drain: shutdown::Drain,
 }
 
 /// Handle to the shared state.

@@ -119,7 +119,12 @@ pub async fn run(client: async_nats::Client, sampler: Arc<Sampler>, shutdown: Ca
             _ = ticks.tick() => {}
             _ = shutdown.cancelled() => break,
         }
-        match sampler.sample().await {
+        // a sample waiting on a lost connection must not hold up the shutdown
+        let sampled = tokio::select! {
+            r = sampler.sample() => r,
+            _ = shutdown.cancelled() => break,
+        };
+        match sampled {
             Ok(reports) => {
                 for r in reports {
                     let payload = serde_json::to_vec(&r).expect("report is JSON");
@@ -133,7 +138,7 @@ pub async fn run(client: async_nats::Client, sampler: Arc<Sampler>, shutdown: Ca
             Err(e) => tracing::warn!(error = %e, "scaler sample failed"),
         }
     }
-    client.flush().await.ok();
+    retro_fleet_worker::final_op(&client, "flush", client.flush()).await;
 }
 
 /// `retro-fleet scaler`: the sampling loop plus its HTTP endpoints on
@@ -152,6 +157,10 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned()).into_future(),
     );
     run(client, sampler, shutdown).await;
-    server.await??;
+    // its endpoints answer at once; one still waiting on NATS is dropped
+    match tokio::time::timeout(retro_fleet_worker::FINAL_OP_TIMEOUT, server).await {
+        Ok(r) => r??,
+        Err(_) => tracing::warn!("scaler HTTP calls still open at shutdown: closed"),
+    }
     Ok(())
 }

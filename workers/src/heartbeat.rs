@@ -117,7 +117,8 @@ async fn bucket(sh: &Shared) -> Option<kv::Store> {
 }
 
 /// Heartbeats every `every` until `stop` fires, then deletes this worker's
-/// key. After `shutdown` fires (and before `stop`), and while an operator
+/// key (a bounded [`crate::final_op`]: with NATS gone the key expires by
+/// itself). After `shutdown` fires (and before `stop`), and while an operator
 /// has drained the worker, heartbeats say `draining`.
 pub async fn run(sh: Arc<Shared>, every: Duration, shutdown: CancellationToken, stop: CancellationToken) {
     let key = kv_key(&sh.worker_id);
@@ -136,21 +137,36 @@ pub async fn run(sh: Arc<Shared>, every: Duration, shutdown: CancellationToken, 
             _ = stop.cancelled() => break,
         }
         if store.is_none() {
-            store = bucket(&sh).await;
+            tokio::select! {
+                s = bucket(&sh) => store = s,
+                _ = stop.cancelled() => break,
+            }
         }
         let Some(kv) = &store else { continue };
         let info = beat.next(&sh, stopping || *quiet.borrow_and_update());
         let value = Bytes::from(serde_json::to_vec(&info).expect("worker info is JSON"));
-        if let Err(e) = kv.put(&key, value).await {
-            tracing::debug!(error = %e, "heartbeat failed");
+        // a put waiting on a lost connection must not hold up the shutdown
+        tokio::select! {
+            r = kv.put(&key, value) => if let Err(e) = r {
+                tracing::debug!(error = %e, "heartbeat failed");
+            },
+            _ = stop.cancelled() => break,
         }
     }
-    if store.is_none() {
-        store = bucket(&sh).await;
-    }
-    if let Some(kv) = store {
-        if let Err(e) = kv.delete(&key).await {
-            tracing::debug!(error = %e, "removing the registry entry failed; it expires by itself");
+    let client = sh.client.clone();
+    let remove = async move {
+        let store = match store {
+            Some(kv) => Some(kv),
+            None => bucket(&sh).await,
+        };
+        match store {
+            Some(kv) => kv.delete(&key).await.map_err(|e| e.to_string()),
+            None => Err("no registry bucket".into()),
         }
+    };
+    match crate::final_op(&client, "registry delete", remove).await {
+        Some(Ok(())) => {}
+        Some(Err(e)) => tracing::debug!(error = %e, "removing the registry entry failed; it expires by itself"),
+        None => tracing::info!("registry entry left to expire by itself (NATS gone or not answering)"),
     }
 }

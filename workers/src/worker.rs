@@ -94,18 +94,40 @@ impl Pulling {
 }
 
 /// Hands prefetched messages back (so other workers take them now instead
-/// of after ack_wait) and closes the pull streams. Returns how many.
-async fn hand_back(pulling: &mut [Vec<Pulling>; 3]) -> usize {
-    let mut handed_back = 0;
+/// of after ack_wait) and closes the pull streams. Returns how many were
+/// handed back and how many could not be (NATS gone or not answering: those
+/// come back after ack_wait).
+async fn hand_back(pulling: &mut [Vec<Pulling>; 3], client: &async_nats::Client) -> (usize, usize) {
+    let (mut handed_back, mut kept) = (0, 0);
     for p in pulling.iter_mut().flatten() {
         while let Some(msg) = p.ready() {
-            if msg.ack_with(AckKind::Nak(None)).await.is_ok() {
-                handed_back += 1;
+            match crate::final_op(client, "hand back a prefetched message", msg.ack_with(AckKind::Nak(None))).await {
+                Some(Ok(())) => handed_back += 1,
+                _ => kept += 1,
             }
         }
         p.stream = None;
     }
-    handed_back
+    (handed_back, kept)
+}
+
+/// What a worker's shutdown left behind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Drained {
+    /// Prefetched messages handed back (nak): other workers took them at once.
+    pub handed_back: usize,
+    /// Messages JetStream will redeliver after `ack_wait`: requests still
+    /// running when the drain timeout passed, and prefetched ones that could
+    /// not be handed back.
+    pub redelivered: usize,
+}
+
+impl Drained {
+    /// Whether every request this worker took was finished or handed back.
+    pub fn clean(&self) -> bool {
+        self.redelivered == 0
+    }
 }
 
 /// A worker bound to its consumers and backends.
@@ -175,8 +197,10 @@ impl Worker {
         m
     }
 
-    /// Pulls and processes until `shutdown` fires, then drains in-flight work.
-    pub async fn run(self, shutdown: CancellationToken) {
+    /// Pulls and processes until `shutdown` fires, then drains in-flight
+    /// work (bounded by `drain_timeout_ms`; the final NATS operations by
+    /// [`crate::FINAL_OP_TIMEOUT`] each) and says what it left behind.
+    pub async fn run(self, shutdown: CancellationToken) -> Drained {
         let cfg = &self.shared.cfg;
         let slots = Arc::new(Semaphore::new(cfg.max_inflight));
         let tasks = TaskTracker::new();
@@ -230,7 +254,7 @@ impl Worker {
 
         'pull: loop {
             if *quiet.borrow_and_update() {
-                let handed_back = hand_back(&mut pulling).await;
+                let (handed_back, _) = hand_back(&mut pulling, &self.shared.client).await;
                 tracing::info!(handed_back, "drained by an operator: taking no new requests until resumed");
                 tokio::select! {
                     _ = quiet.wait_for(|q| !q) => continue 'pull,
@@ -242,8 +266,14 @@ impl Worker {
                 _ = quiet.changed() => continue 'pull,
                 _ = shutdown.cancelled() => break,
             };
-            for p in pulling.iter_mut().flatten() {
-                p.open().await;
+            let open_all = async {
+                for p in pulling.iter_mut().flatten() {
+                    p.open().await;
+                }
+            };
+            tokio::select! {
+                _ = open_all => {}
+                _ = shutdown.cancelled() => break,
             }
             rotation = rotation.wrapping_add(1);
             // A message already here, in the scheduler's order of classes.
@@ -295,25 +325,54 @@ impl Worker {
             tasks.spawn(process::handle(self.shared.clone(), priority, msg, slot));
         }
 
-        let handed_back = hand_back(&mut pulling).await;
+        self.finish(pulling, &slots, tasks, [stop_cancels, stop_heartbeat], heartbeat).await
+    }
+
+    /// The end of [`Worker::run`]: hands prefetched messages back, waits for
+    /// in-flight work up to the drain timeout, stops the listeners and the
+    /// heartbeat (bounded), closes the cache.
+    async fn finish(
+        &self,
+        mut pulling: [Vec<Pulling>; 3],
+        slots: &Semaphore,
+        tasks: TaskTracker,
+        stops: [CancellationToken; 2],
+        heartbeat: Option<tokio::task::JoinHandle<()>>,
+    ) -> Drained {
+        let cfg = &self.shared.cfg;
+        let (handed_back, kept) = hand_back(&mut pulling, &self.shared.client).await;
         let drain = Duration::from_millis(cfg.drain_timeout_ms);
         let inflight = cfg.max_inflight - slots.available_permits();
         tracing::info!(inflight, handed_back, ?drain, "shutdown: stopped pulling, draining in-flight work");
         tasks.close();
-        if tokio::time::timeout(drain, tasks.wait()).await.is_err() {
-            let left = cfg.max_inflight - slots.available_permits();
-            tracing::warn!(left, "drain timeout: unfinished requests stay unacked and will be redelivered");
+        let unfinished = if tokio::time::timeout(drain, tasks.wait()).await.is_err() {
+            cfg.max_inflight - slots.available_permits()
         } else {
             tracing::info!("drained");
-        }
-        stop_cancels.cancel();
-        stop_heartbeat.cancel();
-        if let Some(task) = heartbeat {
-            let _ = task.await;
+            0
+        };
+        stops.iter().for_each(CancellationToken::cancel);
+        if let Some(mut task) = heartbeat {
+            // its last act is one bounded registry delete
+            if tokio::time::timeout(crate::FINAL_OP_TIMEOUT * 2, &mut task).await.is_err() {
+                task.abort();
+            }
         }
         if let Some(cache) = &self.shared.cache {
             cache.close().await;
         }
+        let drained = Drained { handed_back, redelivered: unfinished + kept };
+        if !drained.clean() {
+            tracing::warn!(
+                unfinished,
+                not_handed_back = kept,
+                redelivered = drained.redelivered,
+                ack_wait = ?self.shared.ack_wait,
+                "shutdown abandoned work: JetStream will redeliver {} message(s) after ack_wait",
+                drained.redelivered
+            );
+        }
+        drained
     }
 
     /// Cache duties: current model generations (then follow changes), warm

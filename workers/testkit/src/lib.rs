@@ -2,7 +2,8 @@
 //! JetStream store, killed on drop (as nats-io/nats.rs does in its own tests).
 //!
 //! # Layout
-//! Everything is in this file: [`NatsServer`] and [`free_port`].
+//! Everything is in this file: [`NatsServer`] (optionally requiring
+//! credentials) and [`free_port`].
 
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -14,6 +15,8 @@ pub struct NatsServer {
     child: Option<Child>,
     port: u16,
     store: tempfile::TempDir,
+    /// Extra command-line arguments (authentication).
+    extra: Vec<String>,
 }
 
 impl NatsServer {
@@ -23,8 +26,16 @@ impl NatsServer {
     ///
     /// Panics with instructions when no `nats-server` is installed.
     pub fn start() -> NatsServer {
+        NatsServer::start_with(&[])
+    }
+
+    /// [`NatsServer::start`] with extra `nats-server` arguments, e.g.
+    /// `["--user", "u", "--pass", "p"]` or `["--auth", "TOKEN"]` for a server
+    /// that requires credentials. [`NatsServer::url`] carries none.
+    pub fn start_with(args: &[&str]) -> NatsServer {
         let store = tempfile::tempdir().expect("temp dir for the JetStream store");
-        let mut server = NatsServer { child: None, port: free_port(), store };
+        let extra = args.iter().map(|a| a.to_string()).collect();
+        let mut server = NatsServer { child: None, port: free_port(), store, extra };
         server.spawn();
         server
     }
@@ -34,6 +45,7 @@ impl NatsServer {
         let child = Command::new(&bin)
             .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
             .arg(self.store.path())
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
