@@ -7,57 +7,26 @@
 //! - [`decide`]: a delivered message → a job or a rejection; a job → run, re-send, expire or give up.
 //! - [`run`]: the cache session, the backend, chunks, in-progress acks, cancellation.
 //! - [`settle`]: the settlement table and the NATS writes: results, replies, dead letters, acks.
+//! - `shared`: [`Shared`], what every message's task needs.
 
 pub mod decide;
 pub mod run;
 pub mod settle;
+mod shared;
 
-use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use async_nats::jetstream;
 use retro_fleet_schemas::stored::stored_result;
 use retro_fleet_schemas::{headers, subjects, ErrorCode, Priority, Received};
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::backend::Backend;
-use crate::cache::ResultCache;
-use crate::config::WorkerConfig;
-use crate::metrics::Metrics;
 use crate::unix_ms;
 use decide::{Admission, Delivery, Served};
 pub use settle::{Outcome, SettleError};
+pub use shared::Shared;
 use settle::{Settlement, Settling};
-
-/// What every message handler needs; shared by all in-flight tasks.
-pub struct Shared {
-    /// Core NATS client (replies).
-    pub client: async_nats::Client,
-    /// JetStream context (results, dead letters).
-    pub js: jetstream::Context,
-    /// Backends of the models this worker serves.
-    pub backends: HashMap<String, Arc<dyn Backend>>,
-    /// Every model configured in the fleet (to tell "unknown" from "not mine").
-    pub catalog: BTreeSet<String>,
-    /// This worker's id.
-    pub worker_id: String,
-    /// Worker settings.
-    pub cfg: WorkerConfig,
-    /// Metrics handles.
-    pub metrics: Metrics,
-    /// Deliveries after which a retryable failure is dead-lettered.
-    pub max_deliver: i64,
-    /// The consumers' ack wait: a request still running is re-armed with an
-    /// in-progress ack every half of it, so it is never redelivered while alive.
-    pub ack_wait: Duration,
-    /// The result cache, when enabled.
-    pub cache: Option<Arc<ResultCache>>,
-    /// Cancel tokens of running requests.
-    pub cancels: Arc<crate::cancel::Cancels>,
-    /// Drained by an operator: take no new requests (see [`crate::control`]).
-    pub quiet: tokio::sync::watch::Sender<bool>,
-}
 
 /// Processes one message and settles it (ack, nak or term). Never panics on
 /// input; a NATS failure while settling leaves the message for redelivery.

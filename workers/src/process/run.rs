@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::decide::{Job, Rejection};
 use super::settle::{Settlement, Settling};
-use super::Shared;
+use super::shared::Shared;
 use crate::backend::{BackendError, Generation};
 use crate::cache::{self, Found, Session};
 use crate::unix_ms;

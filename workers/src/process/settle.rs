@@ -18,7 +18,7 @@ use retro_fleet_schemas::stored::{stored_message, StoredError};
 use retro_fleet_schemas::{codec, headers, subjects, ErrorCode, InferResult, Priority};
 
 use super::decide::{Ids, Rejection};
-use super::Shared;
+use super::shared::Shared;
 use crate::cache::Key;
 
 /// How a message is settled; made by deciding and running, carried out by [`settle`].
