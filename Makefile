@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 
-.PHONY: up test deps build bench check-schemas check-deploy
+.PHONY: up test deps build bench check-schemas check-deploy check-size
 
 up: deps
 	$(CARGO) run --release --bin retro-fleet -- up
@@ -25,6 +25,10 @@ check-deploy: deps
 
 build:
 	$(CARGO) build --release --workspace
+
+# The release binary stays under its size limit (docs/OPERATIONS.md).
+check-size:
+	scripts/check-size.sh
 
 # Fleet vs bare JetStream floor, window 64 and 1 (see docs/BENCHMARKS.md).
 bench: deps

@@ -1,12 +1,12 @@
 # Shared by the benchmark scripts: build the binaries of $PROFILE (release
-# by default, PROFILE=debug for debug) and set BIN to their directory.
+# by default, PROFILE=debug for debug, PROFILE=profiling for release code
+# with line tables, for perf) and set BIN to their directory.
 bench_build() {
     PROFILE="${PROFILE:-release}"
-    if [ "$PROFILE" = release ]; then
-        cargo build --release --workspace --bins >&2
-    else
-        cargo build --workspace --bins >&2
-    fi
+    case "$PROFILE" in
+        debug) cargo build --workspace --bins >&2 ;;
+        *) cargo build --profile "$PROFILE" --workspace --bins >&2 ;;
+    esac
     BIN="${CARGO_TARGET_DIR:-target}/$PROFILE"
 }
 
