@@ -3,10 +3,10 @@
 # pod carry (a worker scaling from zero pulls it first): build it as they
 # do and fail when it grows past the limit (docs/OPERATIONS.md, "Binary
 # size").
-# Usage: scripts/check-size.sh [MAX_MB]   (default 100, or FLEET_MAX_BINARY_MB)
+# Usage: scripts/check-size.sh [MAX_MB]   (default 128, or FLEET_MAX_BINARY_MB)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-max_mb="${1:-${FLEET_MAX_BINARY_MB:-100}}"
+max_mb="${1:-${FLEET_MAX_BINARY_MB:-128}}"
 case "$max_mb" in
     '' | *[!0-9]*) echo "check-size: MAX_MB must be a whole number of MB, got '$max_mb'" >&2; exit 2 ;;
 esac
