@@ -8,7 +8,9 @@ use clap::{Parser, Subcommand};
 use figment::providers::Serialized;
 use figment::Figment;
 use futures::StreamExt;
-use retro_fleet_schemas::{codec, headers, subjects, Envelope, InferRequest, InferResult, Input, Priority, SamplingParams};
+use retro_fleet_schemas::{
+    codec, headers, subjects, Envelope, InferRequest, InferResult, Input, Priority, SamplingParams,
+};
 
 use crate::config::Config;
 

@@ -236,7 +236,8 @@ mod tests {
     #[test]
     fn a_replayed_letter_has_its_envelope_without_the_letter_or_the_deadline() {
         let req = Envelope::new("r3").tenant("t").deadline_ms(5).traceparent("tp").headers();
-        let why = GivenUp { code: ErrorCode::DecodeError, message: "bad\nbody", delivered: 3, subject: "fleet.req.normal.m" };
+        let why =
+            GivenUp { code: ErrorCode::DecodeError, message: "bad\nbody", delivered: 3, subject: "fleet.req.normal.m" };
         let letter = dead_letter_headers(Some(&req), &why);
         assert_eq!(letter.get(headers::ERROR_MESSAGE).unwrap().as_str(), "bad body");
         assert_eq!(letter.get(headers::DELIVERY_COUNT).unwrap().as_str(), "3");

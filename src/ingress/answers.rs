@@ -31,8 +31,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
-use retro_fleet_schemas::{CacheMode, CacheTier, InferResult, Output, Status, Timings, Usage};
 use retro_fleet_schemas::cache_key::{exact, Generations, Scope};
+use retro_fleet_schemas::{CacheMode, CacheTier, InferResult, Output, Status, Timings, Usage};
 use serde::{Deserialize, Serialize};
 
 use super::replies::Cacheable;
@@ -189,7 +189,6 @@ impl AnswerCache {
         self.bytes.set(self.entries.usage() as i64);
     }
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -99,8 +99,11 @@ pub struct Served<'a> {
 /// A valid request for a model and adapter this worker serves, or why not.
 pub fn decide(d: &Delivery<'_>, served: &Served<'_>) -> Result<Job, Rejection> {
     let env = &d.envelope;
-    let req = parse(d, served.max_prompt_bytes)
-        .map_err(|(code, message)| Rejection { ids: Ids::of_envelope(env), code, message })?;
+    let req = parse(d, served.max_prompt_bytes).map_err(|(code, message)| Rejection {
+        ids: Ids::of_envelope(env),
+        code,
+        message,
+    })?;
     let tenant = env.tenant.or(req.tenant.as_deref()).unwrap_or(subjects::DEFAULT_TENANT).to_string();
     if !subjects::is_token(&tenant) {
         // not stored: a result subject needs a valid tenant, and storing it

@@ -25,8 +25,8 @@ use tokio::sync::OwnedSemaphorePermit;
 use crate::unix_ms;
 use decide::{Admission, Delivery, Served};
 pub use settle::{Outcome, SettleError};
-pub use shared::Shared;
 use settle::{Settlement, Settling};
+pub use shared::Shared;
 
 /// Processes one message and settles it (ack, nak or term). Never panics on
 /// input; a NATS failure while settling leaves the message for redelivery.

@@ -344,6 +344,9 @@ mod tests {
         assert_eq!(table[0], (&[Step::Store, Step::Ack][..], Outcome::Failed(ErrorCode::Cancelled)));
         assert_eq!(table[1], (&[Step::Resend, Step::Ack][..], Outcome::Ok));
         assert_eq!(table[2], (&[Step::Nak][..], Outcome::Retried));
-        assert_eq!(table[3], (&[Step::DeadLetter, Step::ErrorResult, Step::Term][..], Outcome::Failed(ErrorCode::DecodeError)));
+        assert_eq!(
+            table[3],
+            (&[Step::DeadLetter, Step::ErrorResult, Step::Term][..], Outcome::Failed(ErrorCode::DecodeError))
+        );
     }
 }

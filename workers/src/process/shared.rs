@@ -39,4 +39,3 @@ pub struct Shared {
     /// Drained by an operator: take no new requests (see [`crate::control`]).
     pub quiet: tokio::sync::watch::Sender<bool>,
 }
-
