@@ -381,7 +381,7 @@ impl Cli {
 pub async fn topology_apply(config: &Config) -> anyhow::Result<()> {
     let client = crate::nats::connect(&config.nats, "topology").await?;
     let js = async_nats::jetstream::new(client);
-    for line in crate::topology::apply(&js, config).await? {
+    for line in crate::topology::apply(&js, &config.topology_plan()).await? {
         println!("{line}");
     }
     Ok(())

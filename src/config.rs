@@ -9,6 +9,12 @@ use figment::Figment;
 use retro_fleet_worker::config::{default_models, Models, WorkerConfig};
 use serde::{Deserialize, Serialize};
 
+use crate::ingress::config::IngressConfig;
+use crate::nats::{redact_url, NatsConfig, REDACTED};
+use crate::scaler::Policy;
+use crate::telemetry::LogConfig;
+use crate::topology::TopologyConfig;
+
 /// The whole configuration of a retro-fleet process.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -31,7 +37,7 @@ pub struct Config {
     /// The fleet's model catalogue, by name.
     pub models: Models,
     /// Scaling recommendations.
-    pub scaler: crate::scaler::ScalerConfig,
+    pub scaler: Policy,
 }
 
 impl Default for Config {
@@ -45,195 +51,9 @@ impl Default for Config {
             ingress: IngressConfig::default(),
             worker: WorkerConfig::default(),
             models: default_models(),
-            scaler: crate::scaler::ScalerConfig::default(),
+            scaler: Policy::default(),
         }
     }
-}
-
-/// NATS connection settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct NatsConfig {
-    /// Server URL(s), comma-separated. `NATS_URL` in the environment also sets it.
-    pub url: String,
-    /// Client name shown by the server.
-    pub name: Option<String>,
-    /// Credentials file, if the server requires one.
-    pub credentials: Option<PathBuf>,
-    /// Connect timeout in ms.
-    pub connect_timeout_ms: u64,
-}
-
-impl Default for NatsConfig {
-    fn default() -> Self {
-        NatsConfig { url: "nats://127.0.0.1:4222".into(), name: None, credentials: None, connect_timeout_ms: 2_000 }
-    }
-}
-
-/// Log settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LogConfig {
-    /// `auto` (pretty in a terminal, JSON otherwise), `json` or `pretty`.
-    pub format: LogFormat,
-    /// `tracing` filter, e.g. `info` or `retro_fleet=debug,info`. `RUST_LOG` wins.
-    pub level: String,
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        LogConfig { format: LogFormat::Auto, level: "info".into() }
-    }
-}
-
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LogFormat {
-    /// Pretty on a terminal, JSON otherwise.
-    Auto,
-    /// One JSON object per line.
-    Json,
-    /// Human-readable.
-    Pretty,
-}
-
-/// Stream and consumer settings (applied by `topology apply`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TopologyConfig {
-    /// Most messages waiting in each request stream; beyond it publishes are refused.
-    pub max_msgs: i64,
-    /// Most bytes in each request stream; beyond it publishes are refused.
-    pub max_bytes: i64,
-    /// Largest request message in bytes.
-    pub max_msg_size: i32,
-    /// Oldest a request may get in its stream, in seconds.
-    pub max_age_secs: u64,
-    /// Window in which a re-published request id is dropped as a duplicate, in seconds.
-    pub duplicate_window_secs: u64,
-    /// How long results are kept, in seconds.
-    pub results_max_age_secs: u64,
-    /// `file` or `memory` storage for `FLEET_RESULTS`. Memory halves the
-    /// server's work per request but loses stored results when a
-    /// single server restarts (with 3 replicas they survive one loss).
-    /// Applied when the stream is created; changing it means recreating it.
-    pub results_storage: Storage,
-    /// How long dead letters are kept, in seconds.
-    pub dlq_max_age_secs: u64,
-    /// Time a worker has to ack before a message is redelivered, in seconds.
-    pub ack_wait_secs: u64,
-    /// Deliveries before a failing message is given up.
-    pub max_deliver: i64,
-    /// Most unacked messages per consumer across all workers.
-    pub max_ack_pending: i64,
-    /// Replicas of each stream (1 for a single server; 3 in a cluster).
-    pub replicas: usize,
-    /// How long a worker stays in the registry (KV `fleet_workers`) after
-    /// its last heartbeat, in seconds.
-    pub worker_ttl_secs: u64,
-}
-
-impl Default for TopologyConfig {
-    fn default() -> Self {
-        TopologyConfig {
-            max_msgs: 1_000_000,
-            max_bytes: 1 << 30,
-            max_msg_size: 1 << 20,
-            max_age_secs: 24 * 3600,
-            duplicate_window_secs: 120,
-            results_max_age_secs: 24 * 3600,
-            results_storage: Storage::File,
-            dlq_max_age_secs: 7 * 24 * 3600,
-            ack_wait_secs: 30,
-            max_deliver: 5,
-            max_ack_pending: 10_000,
-            replicas: 1,
-            worker_ttl_secs: 10,
-        }
-    }
-}
-
-/// JetStream storage of a stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Storage {
-    /// On disk.
-    File,
-    /// In memory.
-    Memory,
-}
-
-/// HTTP ingress settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct IngressConfig {
-    /// Address to listen on.
-    pub listen: String,
-    /// How long a synchronous call waits for its result, in ms (also its deadline).
-    pub request_timeout_ms: u64,
-    /// Largest request body in bytes (413 beyond).
-    pub max_body_bytes: usize,
-    /// Largest prompt in bytes of text (413 beyond).
-    pub max_prompt_bytes: usize,
-    /// Seconds a client is told to wait (`Retry-After`) when a queue is full.
-    pub retry_after_secs: u64,
-    /// Authentication: API keys and JWTs (off by default for local use).
-    pub auth: crate::ingress::auth::AuthConfig,
-    /// Rate limits per caller and route class.
-    pub rate_limit: crate::ingress::ratelimit::RateLimitConfig,
-    /// Most lines in one batch (`POST /v1/batches`).
-    pub max_batch_lines: usize,
-    /// Largest batch body in bytes (413 beyond).
-    pub max_batch_bytes: usize,
-    /// Deadline of each batch request, in seconds from submission.
-    pub batch_timeout_secs: u64,
-    /// The ingress's memory of recent answers (the first cache level).
-    pub cache: crate::ingress::answers::AnswerCacheConfig,
-    /// On SIGTERM, how long calls in flight may still finish, in ms; those
-    /// still waiting then are answered 503 (retry: the request id is kept).
-    pub drain_timeout_ms: u64,
-}
-
-impl Default for IngressConfig {
-    fn default() -> Self {
-        IngressConfig {
-            listen: "127.0.0.1:8080".into(),
-            request_timeout_ms: 30_000,
-            max_body_bytes: 2 << 20,
-            max_prompt_bytes: 256 * 1024,
-            retry_after_secs: 1,
-            auth: Default::default(),
-            rate_limit: Default::default(),
-            max_batch_lines: 50_000,
-            max_batch_bytes: 64 << 20,
-            batch_timeout_secs: 24 * 3600,
-            cache: Default::default(),
-            drain_timeout_ms: 30_000,
-        }
-    }
-}
-
-/// What a secret is shown as.
-pub const REDACTED: &str = "<redacted>";
-
-/// `url` (one NATS URL or a comma-separated list) with the credentials of
-/// each (`user:password@` or `token@`) replaced by `<redacted>`. The one
-/// place a NATS URL is made fit for a log line, an error or `config`.
-pub fn redact_url(url: &str) -> String {
-    if !url.contains('@') {
-        return url.to_string();
-    }
-    url.split(',')
-        .map(|u| match u.rsplit_once('@') {
-            Some((scheme_user, host)) => {
-                let scheme = scheme_user.split_once("://").map_or("nats", |(s, _)| s.trim());
-                format!("{scheme}://{REDACTED}@{host}")
-            }
-            None => u.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join(",")
 }
 
 /// Config file read when `--config` is not given and it exists.
@@ -287,6 +107,16 @@ impl Config {
             c.nats.credentials = Some(PathBuf::from(REDACTED));
         }
         c
+    }
+
+    /// What `topology apply` lays out for this configuration.
+    pub fn topology_plan(&self) -> crate::topology::Plan {
+        crate::topology::Plan {
+            topology: self.topology.clone(),
+            models: self.models.keys().cloned().collect(),
+            rate_limit_age_secs: self.ingress.rate_limit.max_age_secs(),
+            claim_wait_ms: self.worker.cache.claim_wait_ms,
+        }
     }
 
     /// The effective configuration as TOML.

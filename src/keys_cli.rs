@@ -13,7 +13,7 @@ use crate::ingress::auth::{hash_key, ApiKeyConfig, Role};
 async fn bucket(config: &Config) -> anyhow::Result<async_nats::jetstream::kv::Store> {
     let client = crate::nats::connect(&config.nats, "keys").await?;
     let js = async_nats::jetstream::new(client);
-    let want = crate::topology::ingress_bucket(config, subjects::API_KEYS_BUCKET);
+    let want = crate::topology::ingress_bucket(&config.topology_plan(), subjects::API_KEYS_BUCKET);
     crate::topology::open_bucket(&js, want).await
 }
 

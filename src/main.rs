@@ -46,9 +46,7 @@ fn main() -> std::process::ExitCode {
             Command::Up { .. } => roles::up(config, shutdown.clone()).boxed_local(),
             Command::Ingress { .. } => roles::ingress(config, shutdown.clone()).boxed_local(),
             Command::Worker { .. } => roles::worker(config, shutdown.clone()).boxed_local(),
-            Command::Scaler { .. } => retro_fleet::scaler::serve(config, shutdown.clone())
-                .map(|r| r.map(|()| roles::Exit::Clean))
-                .boxed_local(),
+            Command::Scaler { .. } => roles::scaler(config, shutdown.clone()).boxed_local(),
             tool => return run_tool(tool, config).await.map(|()| roles::Exit::Clean),
         };
         roles::cancel_on_signal(shutdown);

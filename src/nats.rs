@@ -1,6 +1,6 @@
 //! Connecting to NATS, and starting a local server for `up`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -8,7 +8,49 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 
-use crate::config::NatsConfig;
+use serde::{Deserialize, Serialize};
+
+/// NATS connection settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    /// Server URL(s), comma-separated. `NATS_URL` in the environment also sets it.
+    pub url: String,
+    /// Client name shown by the server.
+    pub name: Option<String>,
+    /// Credentials file, if the server requires one.
+    pub credentials: Option<PathBuf>,
+    /// Connect timeout in ms.
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        NatsConfig { url: "nats://127.0.0.1:4222".into(), name: None, credentials: None, connect_timeout_ms: 2_000 }
+    }
+}
+
+/// What a secret is shown as.
+pub const REDACTED: &str = "<redacted>";
+
+/// `url` (one NATS URL or a comma-separated list) with the credentials of
+/// each (`user:password@` or `token@`) replaced by `<redacted>`. The one
+/// place a NATS URL is made fit for a log line, an error or `config`.
+pub fn redact_url(url: &str) -> String {
+    if !url.contains('@') {
+        return url.to_string();
+    }
+    url.split(',')
+        .map(|u| match u.rsplit_once('@') {
+            Some((scheme_user, host)) => {
+                let scheme = scheme_user.split_once("://").map_or("nats", |(s, _)| s.trim());
+                format!("{scheme}://{REDACTED}@{host}")
+            }
+            None => u.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
 
 /// Credentials given in a NATS URL (`user:password@` or `token@`), which
 /// the client library would otherwise ignore.
@@ -87,7 +129,7 @@ fn refused(auth: &Option<UrlAuth>, creds: bool, at: &str) -> String {
 /// (with backoff) after the first connection, across every listed server.
 /// Credentials in the URL are used; no error or log line shows them.
 pub async fn connect(cfg: &NatsConfig, role: &str) -> anyhow::Result<async_nats::Client> {
-    let shown = crate::config::redact_url(&cfg.url);
+    let shown = redact_url(&cfg.url);
     let (urls, auth) = parse_urls(&cfg.url).with_context(|| format!("invalid NATS url `{shown}`"))?;
     let at = urls.first().map(|a| format!("{}:{}", a.host(), a.port())).unwrap_or_default();
     let refusal = Arc::new(AtomicBool::new(false));

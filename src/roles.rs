@@ -176,7 +176,7 @@ pub async fn build_worker(
     registry: &prometheus::Registry,
 ) -> anyhow::Result<Worker> {
     let js = async_nats::jetstream::new(client.clone());
-    topology::apply(&js, config).await?;
+    topology::apply(&js, &config.topology_plan()).await?;
     let served: Vec<String> = if config.worker.models.is_empty() {
         config.models.keys().cloned().collect()
     } else {
@@ -311,11 +311,31 @@ pub async fn worker(config: Config, shutdown: CancellationToken) -> anyhow::Resu
     Ok(Exit::of(drained.clean()))
 }
 
+/// `retro-fleet scaler`.
+pub async fn scaler(config: Config, shutdown: CancellationToken) -> anyhow::Result<Exit> {
+    let setup = crate::scaler::Setup {
+        nats: config.nats,
+        policy: config.scaler,
+        worker_ttl_secs: config.topology.worker_ttl_secs,
+        listen: config.metrics_listen.unwrap_or_else(|| "127.0.0.1:9091".into()),
+    };
+    crate::scaler::serve(setup, shutdown).await.map(|()| Exit::Clean)
+}
+
+/// What the ingress takes from the whole configuration.
+fn ingress_setup(config: &Config) -> ingress::config::Setup {
+    ingress::config::Setup {
+        ingress: config.ingress.clone(),
+        plan: config.topology_plan(),
+        config_view: serde_json::to_value(config.redacted()).unwrap_or(serde_json::Value::Null),
+    }
+}
+
 /// `retro-fleet ingress`.
 pub async fn ingress(config: Config, shutdown: CancellationToken) -> anyhow::Result<Exit> {
     let start = async {
         let client = nats::connect(&config.nats, "ingress").await?;
-        let state = ingress::Ingress::new(client.clone(), &config, telemetry::registry()).await?;
+        let state = ingress::Ingress::new(client.clone(), ingress_setup(&config), telemetry::registry()).await?;
         let listener = bind(&config.ingress.listen).await?;
         anyhow::Ok((client, state, listener))
     };
@@ -340,7 +360,7 @@ pub async fn up(config: Config, shutdown: CancellationToken) -> anyhow::Result<E
         let client = nats::connect(&config.nats, "up").await?;
         let registry = telemetry::registry();
         let worker = build_worker(&config, &client, &registry).await?;
-        let state = ingress::Ingress::new(client.clone(), &config, registry.clone()).await?;
+        let state = ingress::Ingress::new(client.clone(), ingress_setup(&config), registry.clone()).await?;
         anyhow::Ok((client, registry, worker, state))
     };
     let Some(started) = unless_stopped(&shutdown, start).await else {
@@ -369,7 +389,7 @@ pub async fn up(config: Config, shutdown: CancellationToken) -> anyhow::Result<E
 /// one it starts (and `config.nats.url` then points at).
 async fn local_nats(config: &mut Config) -> anyhow::Result<Option<nats::LocalServer>> {
     if nats::answers(&config.nats.url).await {
-        tracing::info!(url = %crate::config::redact_url(&config.nats.url), "using the running NATS server");
+        tracing::info!(url = %nats::redact_url(&config.nats.url), "using the running NATS server");
         return Ok(None);
     }
     let port = port_of(&config.nats.url).unwrap_or(4222);
@@ -391,7 +411,7 @@ fn greet_starting(addr: std::net::SocketAddr) {
 /// terminal, one log line otherwise.
 fn greet_ready(addr: std::net::SocketAddr, config: &Config) {
     let models: Vec<&str> = config.models.keys().map(String::as_str).collect();
-    let nats_url = crate::config::redact_url(&config.nats.url);
+    let nats_url = nats::redact_url(&config.nats.url);
     if !std::io::stderr().is_terminal() {
         tracing::info!(url = %format!("http://{addr}"), ?models, nats = %nats_url, "retro-fleet is up");
         return;
@@ -422,7 +442,9 @@ async fn up_scaler(
     registry: prometheus::Registry,
     shutdown: CancellationToken,
 ) {
-    let sampler = match crate::scaler::Sampler::new(client.clone(), &config, &registry) {
+    let sampler =
+        crate::scaler::Sampler::new(client.clone(), config.scaler.clone(), config.topology.worker_ttl_secs, &registry);
+    let sampler = match sampler {
         Ok(s) => Arc::new(s),
         Err(e) => {
             tracing::error!(error = %e, "scaler metrics could not be registered; no scaler in this process");

@@ -9,7 +9,73 @@ use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, Storag
 use async_nats::jetstream::{kv, Context};
 use retro_fleet_schemas::{subjects, Priority};
 
-use crate::config::{Config, TopologyConfig};
+use serde::{Deserialize, Serialize};
+
+/// Stream and consumer settings (applied by `topology apply`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TopologyConfig {
+    /// Most messages waiting in each request stream; beyond it publishes are refused.
+    pub max_msgs: i64,
+    /// Most bytes in each request stream; beyond it publishes are refused.
+    pub max_bytes: i64,
+    /// Largest request message in bytes.
+    pub max_msg_size: i32,
+    /// Oldest a request may get in its stream, in seconds.
+    pub max_age_secs: u64,
+    /// Window in which a re-published request id is dropped as a duplicate, in seconds.
+    pub duplicate_window_secs: u64,
+    /// How long results are kept, in seconds.
+    pub results_max_age_secs: u64,
+    /// `file` or `memory` storage for `FLEET_RESULTS`. Memory halves the
+    /// server's work per request but loses stored results when a
+    /// single server restarts (with 3 replicas they survive one loss).
+    /// Applied when the stream is created; changing it means recreating it.
+    pub results_storage: Storage,
+    /// How long dead letters are kept, in seconds.
+    pub dlq_max_age_secs: u64,
+    /// Time a worker has to ack before a message is redelivered, in seconds.
+    pub ack_wait_secs: u64,
+    /// Deliveries before a failing message is given up.
+    pub max_deliver: i64,
+    /// Most unacked messages per consumer across all workers.
+    pub max_ack_pending: i64,
+    /// Replicas of each stream (1 for a single server; 3 in a cluster).
+    pub replicas: usize,
+    /// How long a worker stays in the registry (KV `fleet_workers`) after
+    /// its last heartbeat, in seconds.
+    pub worker_ttl_secs: u64,
+}
+
+impl Default for TopologyConfig {
+    fn default() -> Self {
+        TopologyConfig {
+            max_msgs: 1_000_000,
+            max_bytes: 1 << 30,
+            max_msg_size: 1 << 20,
+            max_age_secs: 24 * 3600,
+            duplicate_window_secs: 120,
+            results_max_age_secs: 24 * 3600,
+            results_storage: Storage::File,
+            dlq_max_age_secs: 7 * 24 * 3600,
+            ack_wait_secs: 30,
+            max_deliver: 5,
+            max_ack_pending: 10_000,
+            replicas: 1,
+            worker_ttl_secs: 10,
+        }
+    }
+}
+
+/// JetStream storage of a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Storage {
+    /// On disk.
+    File,
+    /// In memory.
+    Memory,
+}
 
 /// What `apply` did to one object.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,8 +153,8 @@ pub fn results_stream(t: &TopologyConfig) -> stream::Config {
         subjects: vec![subjects::RESULTS_WILDCARD.to_string()],
         retention: RetentionPolicy::Limits,
         storage: match t.results_storage {
-            crate::config::Storage::File => StorageType::File,
-            crate::config::Storage::Memory => StorageType::Memory,
+            Storage::File => StorageType::File,
+            Storage::Memory => StorageType::Memory,
         },
         max_age: Duration::from_secs(t.results_max_age_secs),
         duplicate_window: Duration::from_secs(t.duplicate_window_secs),
@@ -275,10 +341,25 @@ async fn apply_bucket(js: &Context, want: async_nats::jetstream::kv::Config) -> 
     Ok(Applied { kind: "kv", name, change })
 }
 
+/// What the topology is laid out from: `[topology]`, the model catalogue
+/// and the two settings of other roles that size its buckets.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    /// `[topology]`.
+    pub topology: TopologyConfig,
+    /// The configured models (one worker consumer per model and priority).
+    pub models: Vec<String>,
+    /// Longest a rate-limit counter can matter, in seconds (the ingress's
+    /// longest window).
+    pub rate_limit_age_secs: u64,
+    /// How long a worker waits on another's compute claim, in ms.
+    pub claim_wait_ms: u64,
+}
+
 /// Creates or updates every stream and every worker consumer of the
 /// configured models. Running it twice changes nothing the second time.
-pub async fn apply(js: &Context, config: &Config) -> Result<Vec<Applied>, TopologyError> {
-    let t = &config.topology;
+pub async fn apply(js: &Context, plan: &Plan) -> Result<Vec<Applied>, TopologyError> {
+    let t = &plan.topology;
     let mut report = Vec::new();
     for p in Priority::ALL {
         report.push(apply_stream(js, request_stream(p, t)).await?);
@@ -287,11 +368,11 @@ pub async fn apply(js: &Context, config: &Config) -> Result<Vec<Applied>, Topolo
     report.push(apply_stream(js, dlq_stream(t)).await?);
     report.push(apply_bucket(js, workers_bucket(t)).await?);
     for p in Priority::ALL {
-        for model in config.models.keys() {
+        for model in &plan.models {
             report.push(apply_consumer(js, p, worker_consumer(p, model, t)).await?);
         }
     }
-    for bucket in cache_buckets(config).into_iter().chain(ingress_buckets(config)) {
+    for bucket in cache_buckets(plan).into_iter().chain(ingress_buckets(plan)) {
         report.push(apply_bucket(js, bucket).await?);
     }
     Ok(report)
@@ -300,8 +381,8 @@ pub async fn apply(js: &Context, config: &Config) -> Result<Vec<Applied>, Topolo
 /// KV buckets of the ingress: batch records (kept as long as results), API
 /// keys added at run time, and shared rate-limit counters (kept until any
 /// counter would be full again).
-pub fn ingress_buckets(config: &Config) -> Vec<kv::Config> {
-    let t = &config.topology;
+pub fn ingress_buckets(plan: &Plan) -> Vec<kv::Config> {
+    let t = &plan.topology;
     vec![
         kv::Config {
             bucket: subjects::BATCHES_BUCKET.to_string(),
@@ -324,7 +405,7 @@ pub fn ingress_buckets(config: &Config) -> Vec<kv::Config> {
             bucket: subjects::RATELIMIT_BUCKET.to_string(),
             description: "retro-fleet distributed rate-limit counters".into(),
             history: 1,
-            max_age: Duration::from_secs(config.ingress.rate_limit.max_age_secs().max(1)),
+            max_age: Duration::from_secs(plan.rate_limit_age_secs.max(1)),
             storage: StorageType::Memory,
             num_replicas: t.replicas,
             ..Default::default()
@@ -347,14 +428,14 @@ pub async fn open_bucket(js: &Context, want: kv::Config) -> anyhow::Result<kv::S
 }
 
 /// The configuration of bucket `name` among [`ingress_buckets`].
-pub fn ingress_bucket(config: &Config, name: &str) -> kv::Config {
-    ingress_buckets(config).into_iter().find(|b| b.bucket == name).expect("an ingress bucket")
+pub fn ingress_bucket(plan: &Plan, name: &str) -> kv::Config {
+    ingress_buckets(plan).into_iter().find(|b| b.bucket == name).expect("an ingress bucket")
 }
 
 /// KV buckets of the cache: model generations (kept, a few revisions of
 /// history) and compute claims (short-lived: twice the claim wait).
-pub fn cache_buckets(config: &Config) -> Vec<kv::Config> {
-    let t = &config.topology;
+pub fn cache_buckets(plan: &Plan) -> Vec<kv::Config> {
+    let t = &plan.topology;
     vec![
         kv::Config {
             bucket: subjects::MODELS_BUCKET.to_string(),
@@ -368,7 +449,7 @@ pub fn cache_buckets(config: &Config) -> Vec<kv::Config> {
             bucket: subjects::CACHE_CLAIMS_BUCKET.to_string(),
             description: "retro-fleet claims: one worker computes, others wait for its answer".into(),
             history: 1,
-            max_age: Duration::from_millis(config.worker.cache.claim_wait_ms.max(1_000) * 2),
+            max_age: Duration::from_millis(plan.claim_wait_ms.max(1_000) * 2),
             storage: StorageType::Memory,
             num_replicas: t.replicas,
             ..Default::default()

@@ -29,14 +29,8 @@ use serde_json::{json, Value};
 
 use super::error::{parse_json, ApiError, ApiPath, ApiQuery};
 use super::state::AppState;
-use crate::config::Config;
 use crate::ops::{self, OpsError};
 use retro_fleet_worker::control::ControlState;
-
-/// The configuration as JSON with every secret replaced by `"<redacted>"`.
-pub fn redacted(config: &Config) -> Value {
-    serde_json::to_value(config.redacted()).unwrap_or(Value::Null)
-}
 
 /// A failure of NATS or JetStream behind an admin action (500).
 fn internal(e: anyhow::Error) -> ApiError {

@@ -33,6 +33,7 @@ use std::sync::{Arc, RwLock};
 use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 use retro_fleet_schemas::cache_key::{exact, Generations, Scope};
 use retro_fleet_schemas::{CacheMode, CacheTier, InferResult, Output, Status, Timings, Usage};
+use retro_fleet_worker::metrics::registered;
 use serde::{Deserialize, Serialize};
 
 use super::replies::Cacheable;
@@ -81,13 +82,17 @@ pub struct AnswerCache {
 impl AnswerCache {
     /// An empty cache; registers its metrics.
     pub fn new(cfg: AnswerCacheConfig, registry: &Registry) -> prometheus::Result<AnswerCache> {
-        let counts = IntCounterVec::new(
-            Opts::new("fleet_ingress_cache_total", "Lookups and stores of the ingress's answer cache"),
-            &["model", "result"],
+        let counts = registered(
+            registry,
+            IntCounterVec::new(
+                Opts::new("fleet_ingress_cache_total", "Lookups and stores of the ingress's answer cache"),
+                &["model", "result"],
+            )?,
         )?;
-        let bytes = IntGauge::new("fleet_ingress_cache_bytes", "Bytes held by the ingress's answer cache")?;
-        registry.register(Box::new(counts.clone()))?;
-        registry.register(Box::new(bytes.clone()))?;
+        let bytes = registered(
+            registry,
+            IntGauge::new("fleet_ingress_cache_bytes", "Bytes held by the ingress's answer cache")?,
+        )?;
         let entries = foyer::CacheBuilder::new(cfg.memory_bytes.max(1 << 16))
             .with_weighter(|_: &u128, e: &Arc<Entry>| {
                 256 + e.output.text.len() + e.model_revision.as_ref().map_or(0, String::len) + e.worker.len()

@@ -35,6 +35,7 @@ pub mod admin;
 pub mod answers;
 pub mod auth;
 pub mod batch;
+pub mod config;
 pub mod error;
 pub mod guard;
 pub mod jwt;
@@ -65,24 +66,24 @@ use axum::{Json, Router};
 use prometheus::Registry;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use config::Setup;
 use ratelimit::RouteClass;
 use replies::Replies;
 
 impl Ingress {
     /// Builds the state: subscribes the inbox and registers metrics.
-    pub async fn new(client: async_nats::Client, config: &Config, registry: Registry) -> anyhow::Result<AppState> {
+    pub async fn new(client: async_nats::Client, setup: Setup, registry: Registry) -> anyhow::Result<AppState> {
+        let Setup { ingress: cfg, plan, config_view } = setup;
         let metrics = IngressMetrics::new(&registry)?;
-        let auth = auth::Authenticator::new(&config.ingress.auth)?;
+        let auth = auth::Authenticator::new(&cfg.auth)?;
         if !auth.enabled() {
             tracing::warn!("ingress authentication is off: every caller may submit and read (ingress.auth.enabled)");
         }
         let js = jetstream::new(client.clone());
-        let bucket = |name| crate::topology::ingress_bucket(config, name);
-        let limits =
-            ratelimit::Limiter::new(config.ingress.rate_limit.clone(), &js, bucket(ratelimit::kv::BUCKET)).await?;
+        let bucket = |name| crate::topology::ingress_bucket(&plan, name);
+        let limits = ratelimit::Limiter::new(cfg.rate_limit.clone(), &js, bucket(ratelimit::kv::BUCKET)).await?;
         let batches = crate::topology::open_bucket(&js, bucket(batch::BUCKET)).await?;
-        if auth.enabled() && config.ingress.auth.api_keys.is_empty() && config.ingress.auth.jwt_keys.is_empty() {
+        if auth.enabled() && cfg.auth.api_keys.is_empty() && cfg.auth.jwt_keys.is_empty() {
             tracing::warn!(
                 "no API or JWT keys configured: only keys in KV {} are accepted (`retro-fleet keys add`)",
                 retro_fleet_schemas::subjects::API_KEYS_BUCKET
@@ -93,27 +94,27 @@ impl Ingress {
             tokio::spawn(auth::follow_kv_keys(kv, keys));
         }
         let replies = Replies::start(&client, metrics.unclaimed.clone()).await?;
-        let answers = Arc::new(answers::AnswerCache::new(config.ingress.cache.clone(), &registry)?);
-        if config.ingress.cache.enabled {
+        let answers = Arc::new(answers::AnswerCache::new(cfg.cache.clone(), &registry)?);
+        if cfg.cache.enabled {
             use retro_fleet_worker::cache::sync;
             const CONSEQUENCE: &str = "the ingress forgets the model's answers";
             sync::load_generations(answers.generations(), &js, CONSEQUENCE).await;
             tokio::spawn(sync::follow_generations(answers.generations().clone(), js.clone(), CONSEQUENCE));
         }
-        let models: BTreeSet<String> = config.models.keys().cloned().collect();
+        let models: BTreeSet<String> = plan.models.iter().cloned().collect();
         let openapi = openapi::spec(&models, auth.enabled(), limits.enabled());
         Ok(Arc::new(Ingress {
             js,
             auth,
             limits,
             batches,
-            config_view: admin::redacted(config),
-            worker_ttl_secs: config.topology.worker_ttl_secs,
+            config_view,
+            worker_ttl_secs: plan.topology.worker_ttl_secs,
             openapi,
             answers,
-            drain: shutdown::Drain::new(Duration::from_millis(config.ingress.drain_timeout_ms)),
+            drain: shutdown::Drain::new(Duration::from_millis(cfg.drain_timeout_ms)),
             client,
-            cfg: config.ingress.clone(),
+            cfg,
             models,
             replies,
             metrics,

@@ -7,12 +7,12 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use async_nats::jetstream;
-use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
-use retro_fleet_worker::metrics::LATENCY_BUCKETS;
+use prometheus::{HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
+use retro_fleet_worker::metrics::{latency, registered};
 
+use super::config::IngressConfig;
 use super::replies::Replies;
 use super::{answers, auth, ratelimit, shutdown};
-use crate::config::IngressConfig;
 
 /// Ingress metrics.
 #[derive(Clone)]
@@ -33,32 +33,28 @@ pub struct IngressMetrics {
 impl IngressMetrics {
     /// Makes the handles and registers them.
     pub(super) fn new(registry: &Registry) -> prometheus::Result<Self> {
-        let m = IngressMetrics {
-            http: IntCounterVec::new(
-                Opts::new("fleet_http_requests_total", "HTTP requests by route and status"),
-                &["route", "status"],
+        let counter = |n: &str, h: &str, l: &[&str]| registered(registry, IntCounterVec::new(Opts::new(n, h), l)?);
+        Ok(IngressMetrics {
+            http: counter("fleet_http_requests_total", "HTTP requests by route and status", &["route", "status"])?,
+            e2e: registered(
+                registry,
+                latency(
+                    "fleet_request_duration_seconds",
+                    "End-to-end latency of synchronous calls",
+                    &["priority", "model", "outcome"],
+                )?,
             )?,
-            e2e: HistogramVec::new(
-                HistogramOpts::new("fleet_request_duration_seconds", "End-to-end latency of synchronous calls")
-                    .buckets(LATENCY_BUCKETS.to_vec()),
-                &["priority", "model", "outcome"],
+            published: counter("fleet_ingress_published_total", "Requests published", &["priority"])?,
+            unclaimed: registered(
+                registry,
+                IntCounter::new("fleet_ingress_unclaimed_replies_total", "Replies nobody waited for any more")?,
             )?,
-            published: IntCounterVec::new(
-                Opts::new("fleet_ingress_published_total", "Requests published"),
-                &["priority"],
-            )?,
-            unclaimed: IntCounter::new("fleet_ingress_unclaimed_replies_total", "Replies nobody waited for any more")?,
-            denied: IntCounterVec::new(
-                Opts::new("fleet_ingress_denied_total", "Requests refused by authentication, roles or rate limits"),
+            denied: counter(
+                "fleet_ingress_denied_total",
+                "Requests refused by authentication, roles or rate limits",
                 &["class", "reason"],
             )?,
-        };
-        registry.register(Box::new(m.http.clone()))?;
-        registry.register(Box::new(m.e2e.clone()))?;
-        registry.register(Box::new(m.published.clone()))?;
-        registry.register(Box::new(m.unclaimed.clone()))?;
-        registry.register(Box::new(m.denied.clone()))?;
-        Ok(m)
+        })
     }
 }
 

@@ -3,6 +3,7 @@
 //! `deploy/` use them.
 
 use prometheus::{GaugeVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use retro_fleet_worker::metrics::registered;
 
 /// Handles to the scaler's metrics.
 #[derive(Clone)]
@@ -50,10 +51,11 @@ pub struct ScalerMetrics {
 impl ScalerMetrics {
     /// Creates and registers the metrics on `registry`.
     pub fn new(registry: &Registry) -> prometheus::Result<Self> {
-        let ig = |n: &str, h: &str, l: &[&str]| IntGaugeVec::new(Opts::new(n, h), l);
-        let g = |n: &str, h: &str, l: &[&str]| GaugeVec::new(Opts::new(n, h), l);
+        let ig = |n: &str, h: &str, l: &[&str]| registered(registry, IntGaugeVec::new(Opts::new(n, h), l)?);
+        let g = |n: &str, h: &str, l: &[&str]| registered(registry, GaugeVec::new(Opts::new(n, h), l)?);
+        let counter = |n: &str, h: &str, l: &[&str]| registered(registry, IntCounterVec::new(Opts::new(n, h), l)?);
         let sc = &["stream", "consumer"];
-        let m = ScalerMetrics {
+        Ok(ScalerMetrics {
             recommended: ig("fleet_recommended_replicas", "Worker replicas the scaler recommends", &["model"])?,
             desired: ig("fleet_desired_replicas", "Replicas the latest sample alone asks for", &["model"])?,
             lag: ig("fleet_consumer_lag", "Pending plus unacknowledged messages of a worker consumer", sc)?,
@@ -69,33 +71,17 @@ impl ScalerMetrics {
             lag_slope: g("fleet_model_lag_slope", "Backlog trend over the window, requests per second", &["model"])?,
             latency: g("fleet_model_worker_latency_seconds", "Mean backend time reported by workers", &["model"])?,
             warning: ig("fleet_scaler_warning", "1 while a scaler warning holds", &["model", "kind"])?,
-            anomalies: IntCounterVec::new(
-                Opts::new("fleet_scaler_anomalies_total", "Anomalies seen (robust z-score)"),
+            anomalies: counter(
+                "fleet_scaler_anomalies_total",
+                "Anomalies seen (robust z-score)",
                 &["model", "signal"],
             )?,
             stream_messages: ig("fleet_stream_messages", "Messages stored in a fleet stream", &["stream"])?,
-            registry_workers: IntGauge::new("fleet_registry_workers", "Live workers in the registry")?,
-            samples: IntCounterVec::new(Opts::new("fleet_scaler_samples_total", "Scaler samples"), &["result"])?,
-        };
-        registry.register(Box::new(m.recommended.clone()))?;
-        registry.register(Box::new(m.desired.clone()))?;
-        registry.register(Box::new(m.lag.clone()))?;
-        registry.register(Box::new(m.pending.clone()))?;
-        registry.register(Box::new(m.ack_pending.clone()))?;
-        registry.register(Box::new(m.redelivered.clone()))?;
-        registry.register(Box::new(m.backlog.clone()))?;
-        registry.register(Box::new(m.arrival.clone()))?;
-        registry.register(Box::new(m.completion.clone()))?;
-        registry.register(Box::new(m.service.clone()))?;
-        registry.register(Box::new(m.drain.clone()))?;
-        registry.register(Box::new(m.workers.clone()))?;
-        registry.register(Box::new(m.lag_slope.clone()))?;
-        registry.register(Box::new(m.latency.clone()))?;
-        registry.register(Box::new(m.warning.clone()))?;
-        registry.register(Box::new(m.anomalies.clone()))?;
-        registry.register(Box::new(m.stream_messages.clone()))?;
-        registry.register(Box::new(m.registry_workers.clone()))?;
-        registry.register(Box::new(m.samples.clone()))?;
-        Ok(m)
+            registry_workers: registered(
+                registry,
+                IntGauge::new("fleet_registry_workers", "Live workers in the registry")?,
+            )?,
+            samples: counter("fleet_scaler_samples_total", "Scaler samples", &["result"])?,
+        })
     }
 }

@@ -11,7 +11,7 @@
 //! - [`sampler`]: one sample of streams, consumers and registry → per-model reports.
 //! - [`metrics`]: the scaler's Prometheus metrics.
 //! - [`http`]: `/metrics`, `/health/*`, `/v1/scaling`.
-//! - this file: settings and the sampling loop.
+//! - this file: the sampling loop and the `scaler` role.
 
 pub mod http;
 pub mod metrics;
@@ -23,89 +23,10 @@ use std::future::IntoFuture as _;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
 pub use recommend::{recommend, Policy, Reason, Recommendation, Sample, State};
 pub use sampler::Sampler;
-
-/// Scaler settings (`[scaler]`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ScalerConfig {
-    /// Time between samples, in ms.
-    pub interval_ms: u64,
-    /// Window of the lag and latency trends and of the anomaly baseline, in seconds.
-    pub window_secs: u64,
-    /// Models to recommend for; empty = every model with a worker consumer.
-    pub models: Vec<String>,
-    /// Fewest replicas while a model has traffic.
-    pub min_replicas: u32,
-    /// Most replicas ever recommended.
-    pub max_replicas: u32,
-    /// Capacity kept above the arrival rate (1.25 = 25 % spare).
-    pub headroom: f64,
-    /// Time within which a backlog should be drained, in seconds.
-    pub drain_target_secs: f64,
-    /// How long the need must stay lower before scaling down, in seconds.
-    pub scale_down_cooldown_secs: f64,
-    /// Spare capacity kept over the peak need when scaling down (0.1 = 10 %).
-    pub tolerance: f64,
-    /// Idle time (no backlog, no arrivals) before zero replicas are
-    /// recommended, in seconds; 0 never recommends zero.
-    pub idle_to_zero_secs: f64,
-    /// Backlog weight of high-priority requests (2 = drained in half the target).
-    pub weight_high: f64,
-    /// Backlog weight of normal-priority requests.
-    pub weight_normal: f64,
-    /// Backlog weight of low-priority requests.
-    pub weight_low: f64,
-    /// One worker's service rate (requests/s) assumed until one is measured
-    /// (it is measured whenever requests wait while workers run).
-    pub default_service_rate: f64,
-    /// Robust z-score above which lag growth or latency is an anomaly.
-    pub anomaly_z: f64,
-}
-
-impl Default for ScalerConfig {
-    fn default() -> Self {
-        ScalerConfig {
-            interval_ms: 5_000,
-            window_secs: 300,
-            models: Vec::new(),
-            min_replicas: 1,
-            max_replicas: 20,
-            headroom: 1.25,
-            drain_target_secs: 60.0,
-            scale_down_cooldown_secs: 300.0,
-            tolerance: 0.1,
-            idle_to_zero_secs: 900.0,
-            weight_high: 2.0,
-            weight_normal: 1.0,
-            weight_low: 0.5,
-            default_service_rate: 10.0,
-            anomaly_z: stats::ANOMALY_Z,
-        }
-    }
-}
-
-impl ScalerConfig {
-    /// The recommender's policy.
-    pub fn policy(&self) -> Policy {
-        Policy {
-            min_replicas: self.min_replicas,
-            max_replicas: self.max_replicas,
-            headroom: self.headroom,
-            drain_target_secs: self.drain_target_secs,
-            scale_down_cooldown_secs: self.scale_down_cooldown_secs,
-            tolerance: self.tolerance,
-            idle_to_zero_secs: self.idle_to_zero_secs,
-            priority_weights: [self.weight_high, self.weight_normal, self.weight_low],
-            default_service_rate: self.default_service_rate,
-        }
-    }
-}
 
 /// Samples until `shutdown` fires, publishing every report on
 /// `fleet.scaling.<model>` and keeping the latest for `/v1/scaling`.
@@ -141,13 +62,25 @@ pub async fn run(client: async_nats::Client, sampler: Arc<Sampler>, shutdown: Ca
     retro_fleet_worker::final_op(&client, "flush", client.flush()).await;
 }
 
+/// What `retro-fleet scaler` runs with.
+pub struct Setup {
+    /// Where NATS is.
+    pub nats: crate::nats::NatsConfig,
+    /// `[scaler]`.
+    pub policy: Policy,
+    /// How long a worker stays in the registry after its last heartbeat.
+    pub worker_ttl_secs: u64,
+    /// Where `/metrics`, `/health/*` and `/v1/scaling` are served.
+    pub listen: String,
+}
+
 /// `retro-fleet scaler`: the sampling loop plus its HTTP endpoints on
 /// `metrics_listen`.
-pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let client = crate::nats::connect(&config.nats, "scaler").await?;
+pub async fn serve(setup: Setup, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let client = crate::nats::connect(&setup.nats, "scaler").await?;
     let registry = crate::telemetry::registry();
-    let sampler = Arc::new(Sampler::new(client.clone(), &config, &registry)?);
-    let addr = config.metrics_listen.clone().unwrap_or_else(|| "127.0.0.1:9091".into());
+    let sampler = Arc::new(Sampler::new(client.clone(), setup.policy, setup.worker_ttl_secs, &registry)?);
+    let addr = setup.listen;
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
         .map_err(|e| anyhow::anyhow!("binding scaler listener {addr}: {e}"))?;

@@ -19,9 +19,17 @@ use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
-/// How the recommender turns load into replicas (set from `[scaler]`).
-#[derive(Debug, Clone, PartialEq)]
+/// The scaler's settings (`[scaler]`): how the recommender turns load into
+/// replicas, and how often and over what window the sampler looks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct Policy {
+    /// Time between samples, in ms.
+    pub interval_ms: u64,
+    /// Window of the lag and latency trends and of the anomaly baseline, in seconds.
+    pub window_secs: u64,
+    /// Models to recommend for; empty = every model with a worker consumer.
+    pub models: Vec<String>,
     /// Fewest replicas while a model has traffic.
     pub min_replicas: u32,
     /// Most replicas ever recommended.
@@ -30,18 +38,53 @@ pub struct Policy {
     pub headroom: f64,
     /// Time within which a backlog should be drained, in seconds.
     pub drain_target_secs: f64,
-    /// How long the desired count must stay lower before scaling down, in seconds.
+    /// How long the need must stay lower before scaling down, in seconds.
     pub scale_down_cooldown_secs: f64,
-    /// Relative drop ignored when scaling down (0.1 = 10 %).
+    /// Spare capacity kept over the peak need when scaling down (0.1 = 10 %).
     pub tolerance: f64,
-    /// Idle time (no backlog, no arrivals) after which zero is recommended,
-    /// in seconds; 0 never scales to zero.
+    /// Idle time (no backlog, no arrivals) before zero replicas are
+    /// recommended, in seconds; 0 never recommends zero.
     pub idle_to_zero_secs: f64,
-    /// Weight of each priority's backlog: high, normal, low. A weight of 2
-    /// drains that class in half the drain target.
-    pub priority_weights: [f64; 3],
-    /// One worker's service rate (requests/s) assumed until one is measured.
+    /// Backlog weight of high-priority requests (2 = drained in half the target).
+    pub weight_high: f64,
+    /// Backlog weight of normal-priority requests.
+    pub weight_normal: f64,
+    /// Backlog weight of low-priority requests.
+    pub weight_low: f64,
+    /// One worker's service rate (requests/s) assumed until one is measured
+    /// (it is measured whenever requests wait while workers run).
     pub default_service_rate: f64,
+    /// Robust z-score above which lag growth or latency is an anomaly.
+    pub anomaly_z: f64,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            interval_ms: 5_000,
+            window_secs: 300,
+            models: Vec::new(),
+            min_replicas: 1,
+            max_replicas: 20,
+            headroom: 1.25,
+            drain_target_secs: 60.0,
+            scale_down_cooldown_secs: 300.0,
+            tolerance: 0.1,
+            idle_to_zero_secs: 900.0,
+            weight_high: 2.0,
+            weight_normal: 1.0,
+            weight_low: 0.5,
+            default_service_rate: 10.0,
+            anomaly_z: super::stats::ANOMALY_Z,
+        }
+    }
+}
+
+impl Policy {
+    /// The backlog weight of each priority: high, normal, low.
+    pub fn priority_weights(&self) -> [f64; 3] {
+        [self.weight_high, self.weight_normal, self.weight_low]
+    }
 }
 
 /// One observation of one model's queues.
@@ -130,7 +173,7 @@ pub fn recommend(policy: &Policy, state: &mut State, sample: &Sample) -> Recomme
     let mu = state.service_rate.unwrap_or(policy.default_service_rate).max(1e-9);
     let arrival = sample.arrival_rate.max(0.0);
     let weighted: f64 =
-        sample.backlog.iter().zip(policy.priority_weights).map(|(&b, w)| b as f64 * w.max(0.0)).sum::<f64>();
+        sample.backlog.iter().zip(policy.priority_weights()).map(|(&b, w)| b as f64 * w.max(0.0)).sum::<f64>();
     let backlog = sample.total_backlog();
 
     let needed = arrival * policy.headroom.max(1.0) / mu + weighted / policy.drain_target_secs.max(1e-3) / mu;
@@ -214,8 +257,11 @@ mod tests {
             scale_down_cooldown_secs: 60.0,
             tolerance: 0.1,
             idle_to_zero_secs: 120.0,
-            priority_weights: [2.0, 1.0, 0.5],
+            weight_high: 2.0,
+            weight_normal: 1.0,
+            weight_low: 0.5,
             default_service_rate: 10.0,
+            ..Policy::default()
         }
     }
 

@@ -22,8 +22,6 @@ use serde::Serialize;
 use super::metrics::ScalerMetrics;
 use super::recommend::{recommend, Policy, Reason, Sample, State};
 use super::stats::{robust_z, slope};
-use super::ScalerConfig;
-use crate::config::Config;
 
 /// Every warning a report can carry.
 const WARNINGS: [&str; 4] = ["lag_growing", "lag_anomaly", "latency_anomaly", "no_workers_with_backlog"];
@@ -79,8 +77,7 @@ pub struct Snapshot {
 /// Samples the fleet and keeps what the recommender needs between samples.
 pub struct Sampler {
     js: async_nats::jetstream::Context,
-    cfg: ScalerConfig,
-    policy: Policy,
+    cfg: Policy,
     ttl_ms: u64,
     metrics: ScalerMetrics,
     started: Instant,
@@ -95,26 +92,28 @@ fn trim<T>(q: &mut VecDeque<(f64, T)>, horizon: f64) {
 }
 
 impl Sampler {
-    /// A sampler for `config`, registering its metrics on `registry`.
+    /// A sampler following `policy`, counting a worker live for
+    /// `worker_ttl_secs` after its last heartbeat, registering its metrics
+    /// on `registry`.
     pub fn new(
         client: async_nats::Client,
-        config: &Config,
+        policy: Policy,
+        worker_ttl_secs: u64,
         registry: &prometheus::Registry,
     ) -> prometheus::Result<Sampler> {
         Ok(Sampler {
             js: async_nats::jetstream::new(client),
-            cfg: config.scaler.clone(),
-            policy: config.scaler.policy(),
-            ttl_ms: config.topology.worker_ttl_secs.max(1) * 1000,
+            latest: RwLock::new(Snapshot { interval_ms: policy.interval_ms, ..Default::default() }),
+            cfg: policy,
+            ttl_ms: worker_ttl_secs.max(1) * 1000,
             metrics: ScalerMetrics::new(registry)?,
             started: Instant::now(),
             inner: Mutex::new(Inner::default()),
-            latest: RwLock::new(Snapshot { interval_ms: config.scaler.interval_ms, ..Default::default() }),
         })
     }
 
     /// The scaler settings.
-    pub fn config(&self) -> &ScalerConfig {
+    pub fn config(&self) -> &Policy {
         &self.cfg
     }
 
@@ -247,7 +246,7 @@ impl Sampler {
                 service_rate,
             };
             let track = inner.models.entry(model.clone()).or_default();
-            let rec = recommend(&self.policy, &mut track.rec, &sample);
+            let rec = recommend(&self.cfg, &mut track.rec, &sample);
             let backlog = sample.total_backlog() as f64;
 
             // trends and anomalies

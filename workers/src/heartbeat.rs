@@ -12,43 +12,12 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv;
 use bytes::Bytes;
-use prometheus::core::Collector;
 use retro_fleet_schemas::registry::kv_key;
 use retro_fleet_schemas::{subjects, ModelLoad, WorkerInfo};
 use tokio_util::sync::CancellationToken;
 
 use crate::process::Shared;
 use crate::unix_ms;
-
-/// Outcomes that do not finish a request (it comes back).
-const NOT_FINISHED: &[&str] = &["retried", "nats_error"];
-
-/// Per-model totals read from the metrics: (finished, backend seconds, backend count).
-fn totals(sh: &Shared) -> BTreeMap<String, (u64, f64, u64)> {
-    let mut t: BTreeMap<String, (u64, f64, u64)> = BTreeMap::new();
-    for family in sh.metrics.requests.collect() {
-        for m in family.get_metric() {
-            let label = |name: &str| {
-                m.get_label().iter().find(|l| l.name() == name).map(|l| l.value().to_string()).unwrap_or_default()
-            };
-            if NOT_FINISHED.contains(&label("outcome").as_str()) {
-                continue;
-            }
-            t.entry(label("model")).or_default().0 += m.get_counter().get_value() as u64;
-        }
-    }
-    for family in sh.metrics.compute.collect() {
-        for m in family.get_metric() {
-            let model =
-                m.get_label().iter().find(|l| l.name() == "model").map(|l| l.value().to_string()).unwrap_or_default();
-            let h = m.get_histogram();
-            let e = t.entry(model).or_default();
-            e.1 += h.get_sample_sum();
-            e.2 += h.get_sample_count();
-        }
-    }
-    t
-}
 
 /// Builds heartbeats from successive metric readings.
 struct Beat {
@@ -59,7 +28,7 @@ struct Beat {
 
 impl Beat {
     fn next(&mut self, sh: &Shared, draining: bool) -> WorkerInfo {
-        let now = totals(sh);
+        let now = sh.metrics.per_model_totals();
         let dt = self.at.elapsed().as_secs_f64().max(1e-3);
         let mut per_model = BTreeMap::new();
         let models: Vec<String> = {
@@ -122,7 +91,7 @@ async fn bucket(sh: &Shared) -> Option<kv::Store> {
 /// has drained the worker, heartbeats say `draining`.
 pub async fn run(sh: Arc<Shared>, every: Duration, shutdown: CancellationToken, stop: CancellationToken) {
     let key = kv_key(&sh.worker_id);
-    let mut beat = Beat { started_ms: unix_ms(), last: totals(&sh), at: Instant::now() };
+    let mut beat = Beat { started_ms: unix_ms(), last: sh.metrics.per_model_totals(), at: Instant::now() };
     let mut store = None;
     let mut ticks = tokio::time::interval(every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -1,6 +1,11 @@
 //! Worker metrics, registered once per process on the caller's registry.
 
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use prometheus::core::Collector;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
+use retro_fleet_schemas::{ErrorCode, Priority};
 
 /// Histogram buckets (seconds) for every latency in the fleet, set in one place:
 /// from 100 µs (cache hits, echo) to 2 minutes (long generations).
@@ -9,64 +14,134 @@ pub const LATENCY_BUCKETS: &[f64] = &[
     120.0,
 ];
 
-/// Handles to the worker's metrics.
+/// Outcomes that do not finish a request (it comes back).
+const NOT_FINISHED: &[&str] = &["retried", "nats_error"];
+
+/// Registers `metric` on `registry` and hands it back, so that a metric
+/// family is declared, registered and kept in one expression.
+pub fn registered<M: Collector + Clone + 'static>(registry: &Registry, metric: M) -> prometheus::Result<M> {
+    registry.register(Box::new(metric.clone()))?;
+    Ok(metric)
+}
+
+/// A histogram family over [`LATENCY_BUCKETS`].
+pub fn latency(name: &str, help: &str, labels: &[&str]) -> prometheus::Result<HistogramVec> {
+    HistogramVec::new(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()), labels)
+}
+
+/// The worker's metrics. Each method is one event: it records it (and,
+/// where the event is worth a line, logs it) in one place, so call sites
+/// never spell label lists.
 #[derive(Clone)]
 pub struct Metrics {
     /// `fleet_worker_requests_total{priority,model,outcome}`: outcome is `ok` or an error code.
-    pub requests: IntCounterVec,
+    requests: IntCounterVec,
     /// `fleet_queue_wait_seconds{priority,model}`: publish → picked up by a worker.
-    pub queue_wait: HistogramVec,
+    queue_wait: HistogramVec,
     /// `fleet_compute_seconds{priority,model}`: backend time.
-    pub compute: HistogramVec,
+    compute: HistogramVec,
     /// `fleet_worker_inflight`: requests being processed.
     pub inflight: IntGauge,
     /// `fleet_dead_letters_total{priority,model,code}`.
-    pub dead_letters: IntCounterVec,
+    dead_letters: IntCounterVec,
     /// `fleet_worker_naks_total{priority,model}`: retryable failures handed back.
-    pub naks: IntCounterVec,
+    naks: IntCounterVec,
     /// `fleet_worker_pulled_total{priority}`: messages taken from each class.
-    pub pulled: IntCounterVec,
+    pulled: IntCounterVec,
 }
 
 impl Metrics {
     /// Creates and registers the worker metrics on `registry`.
     pub fn new(registry: &Registry) -> prometheus::Result<Self> {
-        let m = Metrics {
-            requests: IntCounterVec::new(
-                Opts::new("fleet_worker_requests_total", "Requests finished by workers, by outcome"),
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            registered(registry, IntCounterVec::new(Opts::new(name, help), labels)?)
+        };
+        let latency = |name: &str, help: &str| registered(registry, latency(name, help, &["priority", "model"])?);
+        Ok(Metrics {
+            requests: counter(
+                "fleet_worker_requests_total",
+                "Requests finished by workers, by outcome",
                 &["priority", "model", "outcome"],
             )?,
-            queue_wait: HistogramVec::new(
-                HistogramOpts::new("fleet_queue_wait_seconds", "Time from publish to a worker picking the request up")
-                    .buckets(LATENCY_BUCKETS.to_vec()),
-                &["priority", "model"],
+            queue_wait: latency("fleet_queue_wait_seconds", "Time from publish to a worker picking the request up")?,
+            compute: latency("fleet_compute_seconds", "Backend time per request")?,
+            inflight: registered(
+                registry,
+                IntGauge::new("fleet_worker_inflight", "Requests being processed by this worker")?,
             )?,
-            compute: HistogramVec::new(
-                HistogramOpts::new("fleet_compute_seconds", "Backend time per request")
-                    .buckets(LATENCY_BUCKETS.to_vec()),
-                &["priority", "model"],
-            )?,
-            inflight: IntGauge::new("fleet_worker_inflight", "Requests being processed by this worker")?,
-            dead_letters: IntCounterVec::new(
-                Opts::new("fleet_dead_letters_total", "Requests sent to the dead-letter stream"),
+            dead_letters: counter(
+                "fleet_dead_letters_total",
+                "Requests sent to the dead-letter stream",
                 &["priority", "model", "code"],
             )?,
-            naks: IntCounterVec::new(
-                Opts::new("fleet_worker_naks_total", "Retryable failures handed back for redelivery"),
+            naks: counter(
+                "fleet_worker_naks_total",
+                "Retryable failures handed back for redelivery",
                 &["priority", "model"],
             )?,
-            pulled: IntCounterVec::new(
-                Opts::new("fleet_worker_pulled_total", "Messages pulled, by priority class"),
-                &["priority"],
-            )?,
-        };
-        registry.register(Box::new(m.requests.clone()))?;
-        registry.register(Box::new(m.queue_wait.clone()))?;
-        registry.register(Box::new(m.compute.clone()))?;
-        registry.register(Box::new(m.inflight.clone()))?;
-        registry.register(Box::new(m.dead_letters.clone()))?;
-        registry.register(Box::new(m.naks.clone()))?;
-        registry.register(Box::new(m.pulled.clone()))?;
-        Ok(m)
+            pulled: counter("fleet_worker_pulled_total", "Messages pulled, by priority class", &["priority"])?,
+        })
+    }
+
+    /// A message of class `p` was pulled.
+    pub fn pulled(&self, p: Priority) {
+        self.pulled.with_label_values(&[p.as_str()]).inc();
+    }
+
+    /// A request was picked up `queued` after it was published.
+    pub fn picked_up(&self, p: Priority, model: &str, queued: Duration) {
+        self.queue_wait.with_label_values(&[p.as_str(), model]).observe(queued.as_secs_f64());
+    }
+
+    /// The backend worked `took` on a request.
+    pub fn computed(&self, p: Priority, model: &str, took: Duration) {
+        self.compute.with_label_values(&[p.as_str(), model]).observe(took.as_secs_f64());
+    }
+
+    /// A request left the worker with `outcome` (`ok`, an error code, ...).
+    pub fn finished(&self, p: Priority, model: &str, outcome: &str) {
+        self.requests.with_label_values(&[p.as_str(), model, outcome]).inc();
+    }
+
+    /// A retryable failure was handed back for redelivery.
+    pub fn handed_back(&self, p: Priority, model: &str) {
+        self.naks.with_label_values(&[p.as_str(), model]).inc();
+    }
+
+    /// A request is in `FLEET_DLQ` now.
+    pub fn dead_lettered(&self, p: Priority, model: &str, code: ErrorCode, id: Option<&str>, message: &str) {
+        tracing::warn!(%model, id = id.unwrap_or("-"), code = code.as_str(), %message, "request failed; dead-lettered");
+        self.dead_letters.with_label_values(&[p.as_str(), model, code.as_str()]).inc();
+    }
+
+    /// Per-model totals read from the metrics: (finished, backend seconds, backend count).
+    pub fn per_model_totals(&self) -> BTreeMap<String, (u64, f64, u64)> {
+        let mut t: BTreeMap<String, (u64, f64, u64)> = BTreeMap::new();
+        for family in self.requests.collect() {
+            for m in family.get_metric() {
+                let label = |name: &str| {
+                    m.get_label().iter().find(|l| l.name() == name).map(|l| l.value().to_string()).unwrap_or_default()
+                };
+                if NOT_FINISHED.contains(&label("outcome").as_str()) {
+                    continue;
+                }
+                t.entry(label("model")).or_default().0 += m.get_counter().get_value() as u64;
+            }
+        }
+        for family in self.compute.collect() {
+            for m in family.get_metric() {
+                let model = m
+                    .get_label()
+                    .iter()
+                    .find(|l| l.name() == "model")
+                    .map(|l| l.value().to_string())
+                    .unwrap_or_default();
+                let h = m.get_histogram();
+                let e = t.entry(model).or_default();
+                e.1 += h.get_sample_sum();
+                e.2 += h.get_sample_count();
+            }
+        }
+        t
     }
 }

@@ -56,14 +56,14 @@ pub async fn sweep(sh: &Shared, p: Priority) -> Result<usize, Error> {
             let message = format!("model `{model}` is not configured in this fleet");
             let letter = Letter { subject: &subject, headers: Some(&m.headers), payload: &m.payload, delivered: 1 };
             let ids = Ids::of_envelope(&Received::read(Some(&m.headers)));
-            dead_letter(sh, p, &letter, ids.id.as_deref(), ErrorCode::UnknownModel, &message).await?;
+            dead_letter(sh, p, &letter, ErrorCode::UnknownModel, &message).await?;
             // Only the sweeper whose delete succeeds answers; the dead letter
             // is deduplicated on the request id.
             if !stream.delete_message(m.sequence).await.unwrap_or(false) {
                 continue;
             }
             answer_error(sh, &ids, model, ErrorCode::UnknownModel, &message).await?;
-            sh.metrics.dead_letters.with_label_values(&[p.as_str(), "unknown", ErrorCode::UnknownModel.as_str()]).inc();
+            sh.metrics.dead_lettered(p, "unknown", ErrorCode::UnknownModel, ids.id.as_deref(), &message);
             answered += 1;
         }
     }

@@ -321,7 +321,7 @@ impl Worker {
                 continue;
             }
             scheduler.took(priority, 1);
-            self.shared.metrics.pulled.with_label_values(&[priority.as_str()]).inc();
+            self.shared.metrics.pulled(priority);
             tasks.spawn(process::handle(self.shared.clone(), priority, msg, slot));
         }
 

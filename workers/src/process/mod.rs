@@ -15,7 +15,7 @@ pub mod settle;
 mod shared;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use retro_fleet_schemas::stored::stored_result;
@@ -53,7 +53,7 @@ pub async fn handle(sh: Arc<Shared>, prio: Priority, msg: jetstream::Message, _p
             "nats_error"
         }
     };
-    sh.metrics.requests.with_label_values(&[prio.as_str(), &model_label, label]).inc();
+    sh.metrics.finished(prio, &model_label, label);
     sh.metrics.inflight.dec();
 }
 
@@ -62,8 +62,9 @@ async fn handle_inner(sh: &Shared, m: &Settling<'_>, envelope: Received<'_>) -> 
     let picked = Instant::now();
     let now_ms = unix_ms();
     let published_ms = m.msg.info().map_or(now_ms, |i| (i.published.unix_timestamp_nanos() / 1_000_000) as u64);
-    let queued_ms = now_ms.saturating_sub(published_ms) as f64;
-    sh.metrics.queue_wait.with_label_values(&[m.priority.as_str(), m.model_label]).observe(queued_ms / 1e3);
+    let queued = Duration::from_millis(now_ms.saturating_sub(published_ms));
+    sh.metrics.picked_up(m.priority, m.model_label, queued);
+    let queued_ms = queued.as_secs_f64() * 1e3;
     let delivery = Delivery {
         subject: &m.msg.subject,
         priority: m.priority,

@@ -92,7 +92,7 @@ pub async fn run(sh: &Shared, m: &Settling<'_>, job: Job, queued_ms: f64, picked
     let started = Instant::now();
     let generated = generate(sh, &job, &guard).await;
     let compute = started.elapsed();
-    sh.metrics.compute.with_label_values(&[m.priority.as_str(), m.model_label]).observe(compute.as_secs_f64());
+    sh.metrics.computed(m.priority, m.model_label, compute);
     let compute_ms = compute.as_secs_f64() * 1e3;
     let g = match generated {
         Some(Ok(g)) => g,

@@ -162,19 +162,19 @@ pub async fn settle(sh: &Shared, m: &Settling<'_>, s: Settlement) -> Result<Outc
             }
             (Step::DeadLetter, Settlement::GiveUp(r)) => {
                 let letter = Letter::of(m.msg, m.delivered);
-                if let Err(e) = dead_letter(sh, m.priority, &letter, r.ids.id.as_deref(), r.code, &r.message).await {
+                if let Err(e) = dead_letter(sh, m.priority, &letter, r.code, &r.message).await {
                     tracing::error!(error = %e, "cannot write the dead letter; nak so the message is kept");
                     ack(m.msg, AckKind::Nak(Some(Duration::from_secs(5)))).await?;
                     return Ok(Outcome::Retried);
                 }
-                sh.metrics.dead_letters.with_label_values(&[m.priority.as_str(), m.model_label, r.code.as_str()]).inc();
+                sh.metrics.dead_lettered(m.priority, m.model_label, r.code, r.ids.id.as_deref(), &r.message);
             }
             (Step::ErrorResult, Settlement::GiveUp(r)) => {
                 answer_error(sh, &r.ids, letter_model(&m.msg.subject), r.code, &r.message).await?;
             }
             (Step::Ack, _) => ack(m.msg, AckKind::Ack).await?,
             (Step::Nak, Settlement::Retry { delay }) => {
-                sh.metrics.naks.with_label_values(&[m.priority.as_str(), m.model_label]).inc();
+                sh.metrics.handed_back(m.priority, m.model_label);
                 ack(m.msg, AckKind::Nak(Some(*delay))).await?;
             }
             (Step::Term, _) => ack(m.msg, AckKind::Term).await?,
@@ -217,11 +217,9 @@ pub async fn dead_letter(
     sh: &Shared,
     prio: Priority,
     letter: &Letter<'_>,
-    id: Option<&str>,
     code: ErrorCode,
     message: &str,
 ) -> Result<(), SettleError> {
-    tracing::warn!(subject = %letter.subject, id = id.unwrap_or("-"), code = code.as_str(), %message, "request failed; dead-lettering");
     let why = GivenUp { code, message, delivered: letter.delivered, subject: letter.subject };
     let h = dead_letter_headers(letter.headers, &why);
     let subject = subjects::dlq(prio, letter_model(letter.subject));

@@ -1,0 +1,66 @@
+//! The ingress's settings (`[ingress]`).
+
+use serde::{Deserialize, Serialize};
+
+/// What the ingress is built from: its section and what it must know of
+/// the rest of the fleet.
+#[derive(Debug, Clone)]
+pub struct Setup {
+    /// `[ingress]`.
+    pub ingress: IngressConfig,
+    /// The fleet's layout: models, buckets, the workers' registry TTL.
+    pub plan: crate::topology::Plan,
+    /// What `GET /v1/admin/config` shows: the whole configuration, every
+    /// secret already redacted.
+    pub config_view: serde_json::Value,
+}
+
+/// HTTP ingress settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngressConfig {
+    /// Address to listen on.
+    pub listen: String,
+    /// How long a synchronous call waits for its result, in ms (also its deadline).
+    pub request_timeout_ms: u64,
+    /// Largest request body in bytes (413 beyond).
+    pub max_body_bytes: usize,
+    /// Largest prompt in bytes of text (413 beyond).
+    pub max_prompt_bytes: usize,
+    /// Seconds a client is told to wait (`Retry-After`) when a queue is full.
+    pub retry_after_secs: u64,
+    /// Authentication: API keys and JWTs (off by default for local use).
+    pub auth: super::auth::AuthConfig,
+    /// Rate limits per caller and route class.
+    pub rate_limit: super::ratelimit::RateLimitConfig,
+    /// Most lines in one batch (`POST /v1/batches`).
+    pub max_batch_lines: usize,
+    /// Largest batch body in bytes (413 beyond).
+    pub max_batch_bytes: usize,
+    /// Deadline of each batch request, in seconds from submission.
+    pub batch_timeout_secs: u64,
+    /// The ingress's memory of recent answers (the first cache level).
+    pub cache: super::answers::AnswerCacheConfig,
+    /// On SIGTERM, how long calls in flight may still finish, in ms; those
+    /// still waiting then are answered 503 (retry: the request id is kept).
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for IngressConfig {
+    fn default() -> Self {
+        IngressConfig {
+            listen: "127.0.0.1:8080".into(),
+            request_timeout_ms: 30_000,
+            max_body_bytes: 2 << 20,
+            max_prompt_bytes: 256 * 1024,
+            retry_after_secs: 1,
+            auth: Default::default(),
+            rate_limit: Default::default(),
+            max_batch_lines: 50_000,
+            max_batch_bytes: 64 << 20,
+            batch_timeout_secs: 24 * 3600,
+            cache: Default::default(),
+            drain_timeout_ms: 30_000,
+        }
+    }
+}
