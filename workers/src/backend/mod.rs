@@ -8,9 +8,11 @@
 //! - [`cohort`]: lets requests into a mistral.rs engine together, so it
 //!   batches them.
 //! - `words`: the word-counted output of the test backends.
+//! - `interface`: the [`Backend`] trait, [`Generation`] and [`BackendError`].
 
 pub mod cohort;
 pub mod echo;
+mod interface;
 #[cfg(feature = "mistralrs")]
 pub mod mistral;
 pub mod pool;
@@ -19,61 +21,11 @@ mod words;
 
 use std::sync::Arc;
 
-use futures::future::BoxFuture;
-use retro_fleet_schemas::{ErrorCode, InferRequest, Usage};
-use tokio::sync::mpsc;
+use retro_fleet_schemas::{ErrorCode, InferRequest};
 
 use crate::config::ModelConfig;
 
-/// What a backend produced.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Generation {
-    /// Output text.
-    pub text: String,
-    /// `stop` or `length`.
-    pub finish_reason: String,
-    /// Token counts.
-    pub usage: Usage,
-}
-
-/// A backend failure.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{message}")]
-pub struct BackendError {
-    /// Stable code for the result.
-    pub code: ErrorCode,
-    /// What happened.
-    pub message: String,
-    /// Whether another attempt (maybe on another worker) may succeed.
-    pub retryable: bool,
-}
-
-/// Sends streamed text deltas, in order, while a backend generates.
-pub type DeltaSender = mpsc::UnboundedSender<String>;
-
-/// A generation under way (what [`Backend::generate`] returns).
-pub type Generating<'a> = BoxFuture<'a, Result<Generation, BackendError>>;
-
-/// A model implementation.
-pub trait Backend: Send + Sync + 'static {
-    /// Revision of the model (part of results and cache keys).
-    fn revision(&self) -> Option<String>;
-
-    /// LoRA adapters a request may name (none by default).
-    fn adapters(&self) -> Vec<String> {
-        Vec::new()
-    }
-
-    /// Whether a call now would be admitted (false while a circuit breaker
-    /// is open); a pool prefers available instances.
-    fn available(&self) -> bool {
-        true
-    }
-
-    /// Runs `req`. When `deltas` is given, sends output pieces as they are
-    /// generated; their concatenation equals the returned text.
-    fn generate<'a>(&'a self, req: &'a InferRequest, deltas: Option<DeltaSender>) -> Generating<'a>;
-}
+pub use interface::{Backend, BackendError, DeltaSender, Generating, Generation};
 
 /// Builds (loads) the backend of a configured model, each instance behind
 /// its own circuit breaker on `breakers`, loading on the caller's runtime.

@@ -8,7 +8,8 @@ use std::time::Duration;
 use mistralrs::{GgufModelBuilder, ModelDType, TextModelBuilder, TokenSource};
 use retro_fleet_schemas::ErrorCode;
 
-use super::{backend_err, Mistral};
+use super::engine::Mistral;
+use super::stream::backend_err;
 use crate::backend::cohort::{Admission, Gate};
 use crate::backend::pool::{Budget, LoadOn, Loader, Pool, PoolSpec};
 use crate::backend::{Backend, BackendError};

@@ -6,9 +6,13 @@ use mistralrs::{Model, Response};
 use retro_fleet_schemas::ErrorCode;
 use tokio::sync::mpsc;
 
-use super::backend_err;
 use super::request::{self, Params, Prompt};
 use crate::backend::{BackendError, DeltaSender};
+
+/// A failure of the model (worth another attempt).
+pub(super) fn backend_err(message: impl Into<String>) -> BackendError {
+    BackendError { code: ErrorCode::BackendError, message: message.into(), retryable: true }
+}
 
 /// What the engine produced for one request.
 pub(super) struct Output {
