@@ -99,10 +99,7 @@ fn model_tool(action: &ModelAction) -> anyhow::Result<()> {
 /// `worker.threads` asks for more); everything else runs multi-threaded.
 fn runtime_for(command: &Command, worker_threads: usize) -> tokio::runtime::Runtime {
     match (command, worker_threads) {
-        (Command::Worker { .. }, 0 | 1) => {
-            retro_fleet_worker::backend::pool::load_models_off_runtime();
-            tokio::runtime::Builder::new_current_thread().enable_all().build()
-        }
+        (Command::Worker { .. }, 0 | 1) => tokio::runtime::Builder::new_current_thread().enable_all().build(),
         (Command::Worker { .. }, n) => {
             tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build()
         }

@@ -184,6 +184,8 @@ pub async fn build_worker(
     };
     let breakers = retro_fleet_worker::breaker::Board::new(config.worker.breaker.clone(), registry)?;
     let budget = backend::pool::Budget::with_metrics(config.worker.model_memory_bytes, registry)?;
+    // a one-thread runtime (`retro-fleet worker`) loads weights on a thread of its own
+    let load_on = backend::pool::LoadOn::for_current_runtime();
     let mut backends: HashMap<String, Arc<dyn Backend>> = HashMap::new();
     for name in &served {
         let Some(model) = config.models.get(name) else {
@@ -192,7 +194,7 @@ pub async fn build_worker(
                 config.models.keys().collect::<Vec<_>>()
             );
         };
-        let loaded = match backend::build(name, model, &breakers, &budget).await {
+        let loaded = match backend::build_on(name, model, &breakers, &budget, &load_on).await {
             Ok(b) => b,
             Err(e) => {
                 // the other models still serve; this one answers why it cannot

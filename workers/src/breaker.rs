@@ -13,16 +13,16 @@
 //! model rejects as invalid says nothing about the model's health.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::future::BoxFuture;
 use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
 use retro_fleet_schemas::{ErrorCode, InferRequest};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use crate::backend::{Backend, BackendError, DeltaSender, Generation};
+use crate::backend::{Backend, BackendError, DeltaSender, Generating, Generation};
 
 /// When a model instance's breaker opens and how long it stays open.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -253,6 +253,12 @@ impl Board {
 
     /// Wraps `inner`, instance `instance` of `model`, in a new breaker.
     pub fn guard(&self, model: &str, instance: usize, inner: Arc<dyn Backend>) -> Arc<dyn Backend> {
+        Arc::new(Guarded { inner, breaker: self.breaker(model, instance) })
+    }
+
+    /// A new breaker for instance `instance` of `model`, closed, listed on
+    /// this board (a pool's slot owns it; see [`Breaker::call`]).
+    pub fn breaker(&self, model: &str, instance: usize) -> Arc<Breaker> {
         let breaker = Arc::new(Breaker {
             model: model.to_string(),
             instance,
@@ -261,7 +267,7 @@ impl Board {
         });
         self.state_gauge.with_label_values(&[model, &instance.to_string()]).set(0);
         self.breakers.lock().expect("breaker list").push(breaker.clone());
-        Arc::new(Guarded { inner, breaker })
+        breaker
     }
 
     /// Every breaker's state.
@@ -291,6 +297,63 @@ pub struct Breaker {
 }
 
 impl Breaker {
+    /// Whether a call now would be admitted (false while open).
+    pub fn available(&self) -> bool {
+        self.machine.lock().expect("breaker").would_admit(Instant::now())
+    }
+
+    /// Runs the call `run` starts if the breaker admits it, and records its
+    /// outcome; a refused call fails at once, retryably, and `run` is never
+    /// called.
+    pub async fn call<F, G>(&self, run: F) -> Result<Generation, BackendError>
+    where
+        F: FnOnce() -> G,
+        G: Future<Output = Result<Generation, BackendError>>,
+    {
+        let probe = self.admit()?;
+        let mut guard = ProbeGuard { breaker: self, armed: probe };
+        let out = run().await;
+        guard.armed = false;
+        let failed = matches!(&out, Err(e) if matches!(e.code, ErrorCode::BackendError | ErrorCode::Internal));
+        let change = self.machine.lock().expect("breaker").record(Instant::now(), failed, probe);
+        if let Some(state) = change {
+            let why = match &out {
+                Err(e) => e.message.clone(),
+                Ok(_) => String::new(),
+            };
+            self.changed(state, &why);
+        }
+        out
+    }
+
+    /// Admits a call (true: it is the half-open probe) or refuses it with
+    /// the error the caller gets.
+    fn admit(&self) -> Result<bool, BackendError> {
+        let admitted = {
+            let mut m = self.machine.lock().expect("breaker");
+            let was = m.state;
+            let admitted = m.admit(Instant::now());
+            if admitted == Ok(true) && was == State::Open {
+                drop(m);
+                self.changed(State::HalfOpen, "open time elapsed");
+            }
+            admitted
+        };
+        admitted.map_err(|r| {
+            self.board.refused.with_label_values(&[&self.model]).inc();
+            BackendError {
+                code: ErrorCode::BackendError,
+                message: format!(
+                    "model `{}` instance {} is failing (circuit open); retry in {} ms",
+                    self.model,
+                    self.instance,
+                    r.retry_in.as_millis()
+                ),
+                retryable: true,
+            }
+        })
+    }
+
     fn changed(&self, state: State, why: &str) {
         let instance = self.instance.to_string();
         self.board.state_gauge.with_label_values(&[&self.model, &instance]).set(state.gauge());
@@ -333,56 +396,11 @@ impl Backend for Guarded {
     }
 
     fn available(&self) -> bool {
-        self.breaker.machine.lock().expect("breaker").would_admit(Instant::now())
+        self.breaker.available()
     }
 
-    fn generate<'a>(
-        &'a self,
-        req: &'a InferRequest,
-        deltas: Option<DeltaSender>,
-    ) -> BoxFuture<'a, Result<Generation, BackendError>> {
-        Box::pin(async move {
-            let b = &self.breaker;
-            let admitted = {
-                let mut m = b.machine.lock().expect("breaker");
-                let was = m.state;
-                let admitted = m.admit(Instant::now());
-                if admitted == Ok(true) && was == State::Open {
-                    drop(m);
-                    b.changed(State::HalfOpen, "open time elapsed");
-                }
-                admitted
-            };
-            let probe = match admitted {
-                Ok(p) => p,
-                Err(r) => {
-                    b.board.refused.with_label_values(&[&b.model]).inc();
-                    return Err(BackendError {
-                        code: ErrorCode::BackendError,
-                        message: format!(
-                            "model `{}` instance {} is failing (circuit open); retry in {} ms",
-                            b.model,
-                            b.instance,
-                            r.retry_in.as_millis()
-                        ),
-                        retryable: true,
-                    });
-                }
-            };
-            let mut guard = ProbeGuard { breaker: b, armed: probe };
-            let out = self.inner.generate(req, deltas).await;
-            guard.armed = false;
-            let failed = matches!(&out, Err(e) if matches!(e.code, ErrorCode::BackendError | ErrorCode::Internal));
-            let change = b.machine.lock().expect("breaker").record(Instant::now(), failed, probe);
-            if let Some(state) = change {
-                let why = match &out {
-                    Err(e) => e.message.clone(),
-                    Ok(_) => String::new(),
-                };
-                b.changed(state, &why);
-            }
-            out
-        })
+    fn generate<'a>(&'a self, req: &'a InferRequest, deltas: Option<DeltaSender>) -> Generating<'a> {
+        Box::pin(self.breaker.call(move || self.inner.generate(req, deltas)))
     }
 }
 

@@ -148,9 +148,9 @@ pub enum ModelConfig {
         #[serde(default = "default_max_num_seqs")]
         max_num_seqs: usize,
         /// How requests enter the engine: `cohort` (together, so the engine
-        /// batches them; see [`crate::backend::cohort`]) or `continuous`.
+        /// batches them; see [`Admission`]) or `continuous`.
         #[serde(default)]
-        admission: crate::backend::cohort::Admission,
+        admission: Admission,
         /// With `cohort`: how long a request that finds the engine idle waits
         /// for companions, in milliseconds (at most 10,000).
         #[serde(default = "default_gather_ms")]
@@ -173,7 +173,7 @@ pub enum ModelConfig {
         idle_unload_secs: u64,
         /// Routing over loaded instances: `least_busy` or `round_robin`.
         #[serde(default)]
-        balance: crate::backend::pool::Balance,
+        balance: Balance,
         /// Revision reported in results; default: a hash of the model files.
         #[serde(default)]
         revision: Option<String>,
@@ -190,7 +190,7 @@ impl ModelConfig {
     /// message naming the key (`models.<name>.…`).
     pub fn check(&self, name: &str) -> Result<(), String> {
         if let ModelConfig::Mistralrs { gather_ms, max_num_seqs, admission, .. } = self {
-            let cohort = *admission == crate::backend::cohort::Admission::Cohort;
+            let cohort = *admission == Admission::Cohort;
             if cohort && *gather_ms > MAX_INTERVAL_MS {
                 return Err(format!(
                     "`models.{name}.gather_ms` is {gather_ms}; at most {MAX_INTERVAL_MS} (ms a cohort waits for companions)"
@@ -247,6 +247,38 @@ fn default_latency_ms() -> u64 {
 
 fn default_output_tokens() -> u32 {
     16
+}
+
+/// How requests enter a mistral.rs engine (the cohort gate is `backend::cohort`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Admission {
+    /// Together, in cohorts of at most `max_num_seqs` (see the cohort module's docs).
+    #[default]
+    Cohort,
+    /// As they come: the engine's own scheduling.
+    Continuous,
+}
+
+impl std::str::FromStr for Admission {
+    type Err = String;
+
+    /// The names of the configuration file (`cohort`, `continuous`).
+    fn from_str(s: &str) -> Result<Admission, String> {
+        Admission::deserialize(serde::de::value::StrDeserializer::<serde::de::value::Error>::new(s))
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// How a model's pool spreads requests over its loaded instances.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// The instance with the fewest requests in flight (ties: round robin).
+    #[default]
+    LeastBusy,
+    /// Each loaded instance in turn.
+    RoundRobin,
 }
 
 /// The fleet's model catalogue: name → model.

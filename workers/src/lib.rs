@@ -8,8 +8,9 @@
 //! - [`heartbeat`]: registry heartbeats to the KV bucket `fleet_workers`.
 //! - [`sweeper`]: answers requests addressed to models nobody in the fleet serves.
 //! - [`cache`]: the result cache (foyer memory + disk), coalescing, warming, semantic index.
-//! - [`backend`]: the `Backend` trait and the echo and synthetic backends.
-//! - [`breaker`]: a circuit breaker per model instance.
+//! - [`backend`]: the `Backend` trait; the echo, synthetic and mistral.rs backends; pools of
+//!   model instances (routing, growth) under the worker's memory budget (`backend/pool/budget.rs`).
+//! - [`breaker`]: a circuit breaker per model instance (owned by its pool slot).
 //! - [`cancel`]: cancel messages on `fleet.ctl.cancel.<id>` and the tokens of running requests.
 //! - [`config`]: worker and model configuration.
 //! - [`hub`]: model ids of the Hugging Face hub, from its local cache or online.

@@ -30,27 +30,8 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-/// How requests enter a mistral.rs engine.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Admission {
-    /// Together, in cohorts of at most `max_num_seqs` (see the module docs).
-    #[default]
-    Cohort,
-    /// As they come: the engine's own scheduling.
-    Continuous,
-}
-
-impl std::str::FromStr for Admission {
-    type Err = String;
-
-    /// The names of the configuration file (`cohort`, `continuous`).
-    fn from_str(s: &str) -> Result<Admission, String> {
-        use serde::Deserialize;
-        Admission::deserialize(serde::de::value::StrDeserializer::<serde::de::value::Error>::new(s))
-            .map_err(|e| e.to_string())
-    }
-}
+/// Config types of cohort admission live with the rest of the model's settings.
+pub use crate::config::Admission;
 
 /// The gate of one engine.
 pub struct Gate {

@@ -4,11 +4,10 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use futures::future::BoxFuture;
-use retro_fleet_schemas::{ErrorCode, InferRequest, Usage};
+use retro_fleet_schemas::{ErrorCode, InferRequest};
 use tokio::sync::Semaphore;
 
-use super::{limit_words, Backend, BackendError, DeltaSender, Generation};
+use super::{words, Backend, BackendError, DeltaSender, Generating};
 
 /// Sleeps `latency`, then answers `output_tokens` words; at most
 /// `concurrency` requests run at once per worker.
@@ -52,11 +51,7 @@ impl Backend for Synthetic {
         self.revision.clone()
     }
 
-    fn generate<'a>(
-        &'a self,
-        req: &'a InferRequest,
-        deltas: Option<DeltaSender>,
-    ) -> BoxFuture<'a, Result<Generation, BackendError>> {
+    fn generate<'a>(&'a self, req: &'a InferRequest, deltas: Option<DeltaSender>) -> Generating<'a> {
         Box::pin(async move {
             let _slot = match &self.slots {
                 Some(s) => Some(s.acquire().await.expect("semaphore never closed")),
@@ -71,17 +66,7 @@ impl Backend for Synthetic {
                 });
             }
             let n = req.params.max_tokens.unwrap_or(self.output_tokens).min(self.output_tokens.max(1) * 64);
-            let words = std::iter::repeat_n("token", n as usize);
-            let (text, finish_reason) = limit_words(words, req.params.max_tokens, &req.params.stop);
-            if let Some(tx) = deltas {
-                super::echo::send_words(&tx, &text);
-            }
-            let prompt_tokens = req.input.text_len().div_ceil(4) as u32;
-            Ok(Generation {
-                text,
-                finish_reason,
-                usage: Usage { prompt_tokens, completion_tokens: n, total_tokens: prompt_tokens + n },
-            })
+            Ok(words::answer(req, std::iter::repeat_n("token", n as usize), Some(n), deltas))
         })
     }
 }

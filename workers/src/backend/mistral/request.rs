@@ -1,0 +1,161 @@
+//! Building a mistral.rs request from a fleet request: the prompt, the
+//! sampling parameters, and the logits processor that counts tokens and
+//! samples with the request's own seed.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use mistralrs::{
+    Constraint, CustomLogitsProcessor, NormalRequest, Request, RequestLike, RequestMessage, Response, SamplingParams,
+    StopTokens, Tensor, TextMessageRole, TextMessages,
+};
+use tokio::sync::mpsc;
+
+/// The input of a request, borrowed.
+pub(super) enum Prompt<'a> {
+    Chat(&'a [(String, String)]),
+    Completion(&'a str),
+}
+
+/// The sampling parameters of a request, with its defaults applied.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Params {
+    pub max_tokens: Option<u32>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<u32>,
+    pub seed: Option<u64>,
+    pub stop: Vec<String>,
+}
+
+/// A streaming mistral.rs request for `prompt` (`id` from the engine),
+/// stopping at `stops`, answering on `response`; and the meter that counts
+/// its tokens.
+pub(super) fn build(
+    prompt: Prompt<'_>,
+    p: &Params,
+    stops: &[String],
+    id: usize,
+    response: mpsc::Sender<Response>,
+) -> (Request, Arc<Meter>) {
+    let greedy = p.temperature.is_none_or(|t| t <= 0.0);
+    let meter = Arc::new(Meter {
+        prompt_len: AtomicUsize::new(0),
+        sampled: AtomicUsize::new(0),
+        sampling: (!greedy).then(|| (p.temperature.unwrap(), p.top_k.map(|k| k as usize), p.top_p)),
+        rng: Mutex::new(p.seed.unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+        })),
+    });
+    let messages = match prompt {
+        Prompt::Chat(msgs) => {
+            let mut tm = TextMessages::new();
+            for (role, content) in msgs {
+                // Custom(role) renders the role verbatim in the template
+                tm = tm.add_message(TextMessageRole::Custom(role.clone()), content);
+            }
+            tm.take_messages()
+        }
+        Prompt::Completion(text) => {
+            RequestMessage::Completion { text: text.to_string(), echo_prompt: false, best_of: None }
+        }
+    };
+
+    // SamplingParams directly, not RequestBuilder: its set_deterministic_sampler()
+    // replaces every field, max_len included. Temperature must be Some(0.0):
+    // None means 1.0 in the engine.
+    let sampling_params = SamplingParams {
+        temperature: Some(0.0),
+        max_len: p.max_tokens.map(|m| m as usize),
+        stop_toks: (!stops.is_empty()).then(|| StopTokens::Seqs(stops.to_vec())),
+        ..SamplingParams::neutral()
+    };
+    let req = Request::Normal(Box::new(NormalRequest {
+        messages,
+        sampling_params,
+        response,
+        return_logprobs: false,
+        is_streaming: true,
+        id,
+        constraint: Constraint::None,
+        suffix: None,
+        tools: None,
+        tool_choice: None,
+        logits_processors: Some(vec![meter.clone() as Arc<dyn CustomLogitsProcessor>]),
+        return_raw_logits: false,
+        web_search_options: None,
+        model_id: None,
+        truncate_sequence: false, // a too-long prompt is a validation error, not silently cut
+    }));
+    (req, meter)
+}
+
+/// Per-request logits processor. It counts prompt and completion tokens
+/// (streamed completion chunks carry no usage) and does seeded sampling:
+/// it picks the token with its own RNG and masks every other one, and the
+/// engine, asked for temperature 0, takes the only token left.
+pub(super) struct Meter {
+    prompt_len: AtomicUsize,
+    sampled: AtomicUsize,
+    sampling: Option<(f64, Option<usize>, Option<f64>)>, // (temperature, top_k, top_p) when not greedy
+    rng: Mutex<u64>,
+}
+
+impl Meter {
+    /// Tokens of the prompt and of the completion so far.
+    pub(super) fn tokens(&self) -> (usize, usize) {
+        (self.prompt_len.load(Ordering::SeqCst), self.sampled.load(Ordering::SeqCst))
+    }
+
+    fn next_f64(&self) -> f64 {
+        let mut s = self.rng.lock().unwrap(); // splitmix64
+        *s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = *s;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+impl CustomLogitsProcessor for Meter {
+    fn apply(&self, logits: &Tensor, context: &[u32]) -> mistralrs::Result<Tensor> {
+        if self.sampled.fetch_add(1, Ordering::SeqCst) == 0 {
+            self.prompt_len.store(context.len(), Ordering::SeqCst);
+        }
+        let Some((t, top_k, top_p)) = self.sampling else { return Ok(logits.clone()) };
+        let v: Vec<f32> = logits.to_vec1::<f32>()?;
+        let mut idx: Vec<usize> = (0..v.len()).collect();
+        idx.sort_unstable_by(|&a, &b| v[b].total_cmp(&v[a]));
+        if let Some(k) = top_k.filter(|k| *k > 0) {
+            idx.truncate(k);
+        }
+        let max = v[idx[0]] as f64;
+        let mut p: Vec<f64> = idx.iter().map(|&i| ((v[i] as f64 - max) / t).exp()).collect();
+        let z: f64 = p.iter().sum();
+        p.iter_mut().for_each(|x| *x /= z);
+        if let Some(tp) = top_p.filter(|tp| *tp > 0.0 && *tp < 1.0) {
+            let (mut c, mut keep) = (0.0, 0);
+            while keep < p.len() && c < tp {
+                c += p[keep];
+                keep += 1;
+            }
+            idx.truncate(keep);
+            p.truncate(keep);
+            let z: f64 = p.iter().sum();
+            p.iter_mut().for_each(|x| *x /= z);
+        }
+        let u = self.next_f64();
+        let (mut acc, mut pick) = (0.0, idx[idx.len() - 1]);
+        for (j, &i) in idx.iter().enumerate() {
+            acc += p[j];
+            if u < acc {
+                pick = i;
+                break;
+            }
+        }
+        let mut out = vec![f32::MIN; v.len()];
+        out[pick] = 0.0;
+        Tensor::from_vec(out, v.len(), logits.device())
+    }
+}
