@@ -18,6 +18,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
+
+use crate::metrics::registered;
 use retro_fleet_schemas::{ErrorCode, InferRequest};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
@@ -221,29 +223,34 @@ pub struct Snapshot {
 impl Board {
     /// A board whose breakers use `cfg`, with metrics registered on `registry`.
     pub fn new(cfg: BreakerConfig, registry: &Registry) -> prometheus::Result<Board> {
-        let board = Board {
+        Ok(Board {
             cfg,
             breakers: Default::default(),
-            state_gauge: IntGaugeVec::new(
-                Opts::new(
-                    "fleet_breaker_state",
-                    "Circuit breaker state per model instance: 0 closed, 1 half-open, 2 open",
-                ),
-                &["model", "instance"],
+            state_gauge: registered(
+                registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "fleet_breaker_state",
+                        "Circuit breaker state per model instance: 0 closed, 1 half-open, 2 open",
+                    ),
+                    &["model", "instance"],
+                )?,
             )?,
-            transitions: IntCounterVec::new(
-                Opts::new("fleet_breaker_transitions_total", "Circuit breaker state changes, by new state"),
-                &["model", "state"],
+            transitions: registered(
+                registry,
+                IntCounterVec::new(
+                    Opts::new("fleet_breaker_transitions_total", "Circuit breaker state changes, by new state"),
+                    &["model", "state"],
+                )?,
             )?,
-            refused: IntCounterVec::new(
-                Opts::new("fleet_breaker_refused_total", "Calls refused because the instance's breaker was open"),
-                &["model"],
+            refused: registered(
+                registry,
+                IntCounterVec::new(
+                    Opts::new("fleet_breaker_refused_total", "Calls refused because the instance's breaker was open"),
+                    &["model"],
+                )?,
             )?,
-        };
-        registry.register(Box::new(board.state_gauge.clone()))?;
-        registry.register(Box::new(board.transitions.clone()))?;
-        registry.register(Box::new(board.refused.clone()))?;
-        Ok(board)
+        })
     }
 
     /// A board without metrics (for tests and tools).

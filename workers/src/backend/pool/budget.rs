@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex, Weak};
 
 use tokio::time::Instant;
 
+use crate::metrics::registered;
+
 /// What the budget asks of a pool to make room for another.
 pub(super) trait Evictable: Send + Sync {
     /// When any of its instances last served.
@@ -54,25 +56,31 @@ impl Budget {
     /// [`Budget::new`], with the pools' metrics registered on `registry`.
     pub fn with_metrics(limit: u64, registry: &prometheus::Registry) -> prometheus::Result<Arc<Budget>> {
         let m = PoolMetrics {
-            instances: prometheus::IntGaugeVec::new(
-                prometheus::Opts::new("fleet_model_instances", "Model instances loaded in this worker"),
-                &["model"],
+            instances: registered(
+                registry,
+                prometheus::IntGaugeVec::new(
+                    prometheus::Opts::new("fleet_model_instances", "Model instances loaded in this worker"),
+                    &["model"],
+                )?,
             )?,
-            bytes: prometheus::IntGauge::new(
-                "fleet_model_memory_bytes",
-                "Estimated bytes of the loaded model instances (weight files)",
+            bytes: registered(
+                registry,
+                prometheus::IntGauge::new(
+                    "fleet_model_memory_bytes",
+                    "Estimated bytes of the loaded model instances (weight files)",
+                )?,
             )?,
-            waiting: prometheus::IntGaugeVec::new(
-                prometheus::Opts::new(
-                    "fleet_model_waiting",
-                    "Requests this worker holds waiting for a place in a model's engine (cohort admission)",
-                ),
-                &["model"],
+            waiting: registered(
+                registry,
+                prometheus::IntGaugeVec::new(
+                    prometheus::Opts::new(
+                        "fleet_model_waiting",
+                        "Requests this worker holds waiting for a place in a model's engine (cohort admission)",
+                    ),
+                    &["model"],
+                )?,
             )?,
         };
-        registry.register(Box::new(m.instances.clone()))?;
-        registry.register(Box::new(m.bytes.clone()))?;
-        registry.register(Box::new(m.waiting.clone()))?;
         Ok(Arc::new(Budget { limit, ledger: Mutex::default(), metrics: Some(m) }))
     }
 
