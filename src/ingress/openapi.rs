@@ -310,7 +310,7 @@ pub fn spec(models: &std::collections::BTreeSet<String>, auth_on: bool, limits_o
     let chat = g.of::<ChatRequest>();
     let completion = g.of::<CompletionRequest>();
     let replay = g.of::<ReplayBody>();
-    let replayed = g.of::<crate::dlq::Replayed>();
+    let replayed = g.of::<crate::ops::dlq::Replayed>();
     let purge = g.of::<PurgeBody>();
     let control = g.of::<retro_fleet_worker::control::ControlState>();
     let _ = g.of::<WorkerInfo>();
