@@ -61,6 +61,9 @@ fn from_f32(dtype: Dtype, v: &[f32]) -> Vec<u8> {
     }
 }
 
+/// A tensor read from safetensors: its shape and its values as f32.
+type Tensor = (Vec<usize>, Vec<f32>);
+
 fn read_adapter(dir: &Path) -> std::io::Result<(AdapterConfig, BTreeMap<String, Delta>)> {
     let cfg_path = dir.join("adapter_config.json");
     let cfg: AdapterConfig = serde_json::from_slice(&std::fs::read(&cfg_path)?)
@@ -73,7 +76,7 @@ fn read_adapter(dir: &Path) -> std::io::Result<(AdapterConfig, BTreeMap<String, 
     }
     let bytes = std::fs::read(dir.join("adapter_model.safetensors"))?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("adapter_model.safetensors: {e}")))?;
-    let mut halves: BTreeMap<String, [Option<(Vec<usize>, Vec<f32>)>; 2]> = BTreeMap::new();
+    let mut halves: BTreeMap<String, [Option<Tensor>; 2]> = BTreeMap::new();
     for (name, view) in st.tensors() {
         let name = name.strip_prefix("base_model.model.").unwrap_or(&name).to_string();
         let (prefix, which) = if let Some(p) = name.strip_suffix(".lora_A.weight") {
