@@ -1,6 +1,6 @@
 use clap::Parser;
 use futures::FutureExt as _;
-use retro_fleet::cli::{self, CacheAction, Cli, Command, DlqAction, KeysAction, ModelAction, TopologyAction};
+use retro_fleet::tools::{self, CacheAction, Cli, Command, DlqAction, KeysAction, ModelAction, TopologyAction};
 use retro_fleet::{roles, telemetry};
 use tokio_util::sync::CancellationToken;
 
@@ -90,8 +90,8 @@ fn exit_code(result: anyhow::Result<()>) -> std::process::ExitCode {
 /// `retro-fleet model ...`: no runtime, no NATS.
 fn model_tool(action: &ModelAction) -> anyhow::Result<()> {
     match action {
-        ModelAction::Tiny { out, layers, hidden } => cli::model_tiny(out, *layers, *hidden),
-        ModelAction::TinyLora { out, rank, seed } => cli::model_tiny_lora(out, *rank, *seed),
+        ModelAction::Tiny { out, layers, hidden } => tools::model::tiny(out, *layers, *hidden),
+        ModelAction::TinyLora { out, rank, seed } => tools::model::tiny_lora(out, *rank, *seed),
     }
 }
 
@@ -111,38 +111,36 @@ fn runtime_for(command: &Command, worker_threads: usize) -> tokio::runtime::Runt
 /// Runs a tool (any command that does not serve) to its end.
 async fn run_tool(command: Command, config: retro_fleet::config::Config) -> anyhow::Result<()> {
     match command {
-        Command::Workers { json, action: None } => cli::workers(&config, json).await,
-        Command::Workers { action: Some(action), .. } => cli::workers_action(&config, action).await,
-        Command::Queues { action } => cli::queues(&config, action).await,
-        Command::Topology { action: TopologyAction::Apply } => cli::topology_apply(&config).await,
+        Command::Workers { json, action: None } => tools::ops::workers(&config, json).await,
+        Command::Workers { action: Some(action), .. } => tools::ops::workers_action(&config, action).await,
+        Command::Queues { action } => tools::ops::queues(&config, action).await,
+        Command::Topology { action: TopologyAction::Apply } => tools::ops::topology_apply(&config).await,
         Command::Cache { action: CacheAction::Warm { since, from_seq, timeout } } => {
             let since_ms = since.map(|age| retro_fleet_worker::unix_ms().saturating_sub(age.as_millis() as u64));
             let from = retro_fleet_worker::cache::warm::WarmFrom { since_ms, from_seq };
-            retro_fleet::cache_cli::warm(&config, from, std::time::Duration::from_secs(timeout)).await
+            tools::cache::warm(&config, from, std::time::Duration::from_secs(timeout)).await
         }
-        Command::Cache { action: CacheAction::Purge { models } } => {
-            retro_fleet::cache_cli::purge(&config, models).await
-        }
+        Command::Cache { action: CacheAction::Purge { models } } => tools::cache::purge(&config, models).await,
         Command::Keys { action } => match action {
-            KeysAction::Add { id, tenant, roles } => retro_fleet::keys_cli::add(&config, id, tenant, roles).await,
-            KeysAction::List => retro_fleet::keys_cli::list(&config).await,
-            KeysAction::Revoke { id } => retro_fleet::keys_cli::revoke(&config, id).await,
+            KeysAction::Add { id, tenant, roles } => tools::keys::add(&config, id, tenant, roles).await,
+            KeysAction::List => tools::keys::list(&config).await,
+            KeysAction::Revoke { id } => tools::keys::revoke(&config, id).await,
         },
         Command::Submit { model, priority, max_tokens, timeout, prompt } => {
-            cli::submit(&config, model, priority, max_tokens, timeout, prompt).await
+            tools::submit::submit(&config, model, priority, max_tokens, timeout, prompt).await
         }
         Command::Dlq { action } => match action {
             DlqAction::List { filter, limit } => {
-                let filter = retro_fleet::dlq::Filter::parse(&filter)?;
-                retro_fleet::dlq::list(&config, &filter, limit).await
+                let filter = retro_fleet::ops::dlq::Filter::parse(&filter)?;
+                tools::dlq::list(&config, &filter, limit).await
             }
-            DlqAction::Show { seq } => retro_fleet::dlq::show(&config, seq).await,
+            DlqAction::Show { seq } => tools::dlq::show(&config, seq).await,
             DlqAction::Replay { filter, limit, keep, dry_run } => {
-                let filter = retro_fleet::dlq::Filter::parse(&filter)?;
-                retro_fleet::dlq::replay(&config, &filter, limit, keep, dry_run).await.map(|_| ())
+                let filter = retro_fleet::ops::dlq::Filter::parse(&filter)?;
+                tools::dlq::replay(&config, &filter, limit, keep, dry_run).await.map(|_| ())
             }
         },
-        Command::Batch { action } => cli::batch(&config, action).await,
+        Command::Batch { action } => tools::batch::batch(&config, action).await,
         Command::Up { .. } | Command::Ingress { .. } | Command::Worker { .. } | Command::Scaler { .. } => {
             unreachable!("serving roles are run by main")
         }

@@ -1,6 +1,6 @@
-//! Reading the worker registry (KV bucket `fleet_workers`) and printing it
-//! for `retro-fleet workers`. Workers write their own entries (see the
-//! worker crate's `heartbeat`).
+//! Reading the worker registry (KV bucket `fleet_workers`): the scaler,
+//! the admin API and `retro-fleet workers` list the live workers with it.
+//! Workers write their own entries (see the worker crate's `heartbeat`).
 
 use futures::StreamExt;
 use retro_fleet_schemas::{subjects, WorkerInfo};
@@ -28,31 +28,4 @@ pub async fn list(js: &async_nats::jetstream::Context, ttl_ms: u64) -> anyhow::R
     }
     out.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(out)
-}
-
-/// A table of `workers`, one line each, for people.
-pub fn table(workers: &[WorkerInfo], now_ms: u64) -> String {
-    let mut s = format!(
-        "{:<28} {:<20} {:>9} {:>10} {:>9} {:>10} {:>6}  {}\n",
-        "ID", "MODELS", "INFLIGHT", "COMPLETED", "REQ/S", "LATENCY", "AGE", "STATE"
-    );
-    for w in workers {
-        let latency = w.latency_ms.map(|l| format!("{l:.1}ms")).unwrap_or_else(|| "-".into());
-        let age = now_ms.saturating_sub(w.updated_ms) as f64 / 1e3;
-        s.push_str(&format!(
-            "{:<28} {:<20} {:>9} {:>10} {:>9.1} {:>10} {:>5.1}s  {}\n",
-            w.id,
-            w.models.join(","),
-            format!("{}/{}", w.inflight, w.capacity),
-            w.completed,
-            w.throughput,
-            latency,
-            age,
-            if w.draining { "draining" } else { "serving" },
-        ));
-    }
-    if workers.is_empty() {
-        s.push_str("(no live workers)\n");
-    }
-    s
 }

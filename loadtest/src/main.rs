@@ -11,6 +11,14 @@
 //! (`POST /v1/infer`), alternating rounds between them; the first is the
 //! reference the others are compared with. `--serve-http-floor ADDR` runs
 //! the bare HTTP floor for them to be compared with (see [`http_floor`]).
+//!
+//! # Layout
+//! - [`load`]: sending requests over NATS and timing their replies; the report.
+//! - [`workload`]: what each request asks (prompt size, greedy sampling, repeated prompts).
+//! - [`floor`]: the bare JetStream round trip (publish → pull → reply → ack).
+//! - [`http`]: load over HTTP (`POST /v1/infer`) against one or more ingresses.
+//! - [`http_floor`]: the bare HTTP → JetStream → reply floor.
+//! - [`direct`]: the model called in-process, with no fleet around it.
 
 mod direct;
 mod floor;

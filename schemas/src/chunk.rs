@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct StreamChunk {
     /// Schema version of this message.
-    #[serde(default = "crate::default_version")]
+    #[serde(default = "crate::version::default_version")]
     pub v: u32,
     /// Request id.
     pub id: String,

@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //! - [`request`]: the inference request a producer publishes.
+//! - [`priority`]: the priority classes (one request stream each).
 //! - [`result`]: the result a worker publishes, its error body and stable codes.
 //! - [`chunk`]: a streamed token delta.
 //! - [`subjects`]: stream, subject, consumer and KV names (the NATS topology).
@@ -13,6 +14,7 @@
 //! - [`envelope`]: the request header envelope, written by every publisher and read by workers.
 //! - [`cache_key`]: cache keys and the purge generations they are made under.
 //! - [`stored`]: reading a request's stored result from `FLEET_RESULTS`.
+//! - [`version`]: [`SCHEMA_VERSION`], the `v` every message carries.
 //!
 //! Messages are MessagePack maps with named fields (so fields can be added)
 //! and carry a schema version `v`; see [`SCHEMA_VERSION`].
@@ -23,23 +25,19 @@ pub mod codec;
 pub mod envelope;
 pub mod headers;
 pub mod json_schema;
+pub mod priority;
 pub mod registry;
 pub mod request;
 pub mod result;
 pub mod stored;
 pub mod subjects;
+pub mod version;
 
 pub use chunk::StreamChunk;
 pub use codec::{decode, encode, ContentType, DecodeError};
 pub use envelope::{Envelope, Received};
+pub use priority::Priority;
 pub use registry::{ModelLoad, ModelScaling, PerPriority, WorkerInfo};
-pub use request::{CacheMode, ChatMessage, InferRequest, Input, Priority, SamplingParams};
+pub use request::{CacheMode, ChatMessage, InferRequest, Input, SamplingParams};
 pub use result::{CacheTier, ErrorBody, ErrorCode, InferResult, Output, Status, Timings, Usage};
-
-/// Version of the wire schema written by this build. Readers accept any
-/// message whose `v` is at most this (fields are only ever added).
-pub const SCHEMA_VERSION: u32 = 1;
-
-fn default_version() -> u32 {
-    SCHEMA_VERSION
-}
+pub use version::SCHEMA_VERSION;

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct WorkerInfo {
     /// Schema version of this message.
-    #[serde(default = "crate::default_version")]
+    #[serde(default = "crate::version::default_version")]
     pub v: u32,
     /// Worker id.
     pub id: String,
@@ -68,7 +68,7 @@ pub struct PerPriority {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ModelScaling {
     /// Schema version of this message.
-    #[serde(default = "crate::default_version")]
+    #[serde(default = "crate::version::default_version")]
     pub v: u32,
     /// Model name.
     pub model: String,
@@ -144,7 +144,7 @@ mod tests {
         let json = r#"{"id":"w","models":["echo"],"capacity":4,"inflight":0,"completed":0,
             "throughput":0.0,"latency_ms":null,"started_ms":1,"updated_ms":2}"#;
         let w: WorkerInfo = serde_json::from_str(json).unwrap();
-        assert_eq!(w.v, crate::SCHEMA_VERSION);
+        assert_eq!(w.v, crate::version::SCHEMA_VERSION);
         assert!(w.per_model.is_empty() && !w.draining);
     }
 }

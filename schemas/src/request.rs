@@ -1,8 +1,6 @@
 //! The inference request.
 
 use std::collections::BTreeMap;
-use std::fmt;
-use std::str::FromStr;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -14,7 +12,7 @@ use crate::result::ErrorCode;
 #[serde(deny_unknown_fields)]
 pub struct InferRequest {
     /// Schema version of this message.
-    #[serde(default = "crate::default_version")]
+    #[serde(default = "crate::version::default_version")]
     pub v: u32,
     /// Request id (a ULID when the ingress makes it). Also the `Nats-Msg-Id`,
     /// so a re-published request is deduplicated by JetStream.
@@ -122,56 +120,6 @@ pub enum CacheMode {
     Semantic,
 }
 
-/// Priority class; one request stream per class.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum Priority {
-    /// Interactive traffic, served first.
-    High,
-    /// The default class.
-    #[default]
-    Normal,
-    /// Batch traffic; still progresses under sustained higher load.
-    Low,
-}
-
-impl Priority {
-    /// All classes, highest first.
-    pub const ALL: [Priority; 3] = [Priority::High, Priority::Normal, Priority::Low];
-
-    /// Lowercase name used in subjects and labels.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Priority::High => "high",
-            Priority::Normal => "normal",
-            Priority::Low => "low",
-        }
-    }
-
-    /// Index in [`Priority::ALL`].
-    pub fn index(self) -> usize {
-        self as usize
-    }
-}
-
-impl fmt::Display for Priority {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Priority {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.to_ascii_lowercase().as_str() {
-            "high" => Ok(Priority::High),
-            "normal" => Ok(Priority::Normal),
-            "low" => Ok(Priority::Low),
-            other => Err(format!("unknown priority `{other}`: expected high, normal or low")),
-        }
-    }
-}
-
 /// A request that decoded but cannot be served as asked.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{message}")]
@@ -200,11 +148,11 @@ pub const MAX_ID_LEN: usize = 128;
 impl InferRequest {
     /// Checks the fields a worker relies on; `max_prompt_bytes` bounds the input text.
     pub fn validate(&self, max_prompt_bytes: usize) -> Result<(), Invalid> {
-        if self.v > crate::SCHEMA_VERSION {
+        if self.v > crate::version::SCHEMA_VERSION {
             return Err(Invalid::new(
                 ErrorCode::InvalidRequest,
                 None,
-                format!("schema version {} is newer than this worker's {}", self.v, crate::SCHEMA_VERSION),
+                format!("schema version {} is newer than this worker's {}", self.v, crate::version::SCHEMA_VERSION),
             ));
         }
         if self.id.is_empty() || self.id.len() > MAX_ID_LEN || !crate::subjects::is_token(&self.id) {

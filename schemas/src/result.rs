@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct InferResult {
     /// Schema version of this message.
-    #[serde(default = "crate::default_version")]
+    #[serde(default = "crate::version::default_version")]
     pub v: u32,
     /// Request id.
     pub id: String,
@@ -49,7 +49,7 @@ impl InferResult {
     /// An error result for request `id`.
     pub fn error(id: impl Into<String>, model: impl Into<String>, code: ErrorCode, message: impl Into<String>) -> Self {
         InferResult {
-            v: crate::SCHEMA_VERSION,
+            v: crate::version::SCHEMA_VERSION,
             id: id.into(),
             model: model.into(),
             model_revision: None,

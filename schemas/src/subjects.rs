@@ -1,6 +1,6 @@
 //! Names of streams, subjects, consumers and buckets.
 
-use crate::Priority;
+use crate::priority::Priority;
 
 /// Request stream of a priority class.
 pub fn request_stream(p: Priority) -> &'static str {

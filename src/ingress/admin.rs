@@ -12,8 +12,8 @@
 //! - `POST /v1/admin/dlq/replay`: replay the letters a filter selects.
 //! - `POST /v1/admin/cache/purge`: new cache generation for models.
 //!
-//! Each action is the same code the CLI runs ([`crate::ops`], [`crate::dlq`],
-//! [`crate::cache_cli`]).
+//! Each action is the same code the CLI runs ([`crate::ops`] and its
+//! [`dlq`](crate::ops::dlq) and [`cache`](crate::ops::cache)).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -145,7 +145,7 @@ pub struct DlqFilter {
 }
 
 impl DlqFilter {
-    fn parse(&self) -> Result<crate::dlq::Filter, ApiError> {
+    fn parse(&self) -> Result<crate::ops::dlq::Filter, ApiError> {
         let mut pairs = Vec::new();
         let fields = [
             ("model", self.model.clone()),
@@ -159,7 +159,7 @@ impl DlqFilter {
                 pairs.push(format!("{k}={v}"));
             }
         }
-        crate::dlq::Filter::parse(&pairs).map_err(|e| ApiError::new(ErrorCode::InvalidRequest, format!("{e:#}")))
+        crate::ops::dlq::Filter::parse(&pairs).map_err(|e| ApiError::new(ErrorCode::InvalidRequest, format!("{e:#}")))
     }
 }
 
@@ -186,8 +186,8 @@ pub async fn dlq_list(State(state): State<AppState>, ApiQuery(q): ApiQuery<DlqQu
     let filter =
         DlqFilter { model: q.model, priority: q.priority, code: q.code, id: q.id, tenant: q.tenant }.parse()?;
     let limit = q.limit.unwrap_or(100).min(10_000);
-    let stream = crate::dlq::open(&state.js).await.map_err(internal)?;
-    let letters = crate::dlq::read(&stream, &filter, limit).await.map_err(internal)?;
+    let stream = crate::ops::dlq::open(&state.js).await.map_err(internal)?;
+    let letters = crate::ops::dlq::read(&stream, &filter, limit).await.map_err(internal)?;
     Ok(Json(json!({"letters": letters.iter().map(|l| l.summary()).collect::<Vec<_>>()})))
 }
 
@@ -212,10 +212,10 @@ pub struct ReplayBody {
 pub async fn dlq_replay(
     State(state): State<AppState>,
     raw: Result<Bytes, BytesRejection>,
-) -> Result<Json<crate::dlq::Replayed>, ApiError> {
+) -> Result<Json<crate::ops::dlq::Replayed>, ApiError> {
     let b: ReplayBody = body(raw)?;
     let filter = b.filter.parse()?;
-    let done = crate::dlq::replay_with(&state.js, &filter, b.limit.unwrap_or(1000), b.keep, b.dry_run)
+    let done = crate::ops::dlq::replay(&state.js, &filter, b.limit.unwrap_or(1000), b.keep, b.dry_run)
         .await
         .map_err(internal)?;
     tracing::info!(replayed = done.replayed, skipped = done.skipped, dry_run = b.dry_run, "admin: DLQ replay");
@@ -241,7 +241,7 @@ pub async fn cache_purge(
         return Err(ApiError::new(ErrorCode::UnknownModel, format!("model `{m}` is not configured")).param("models"));
     }
     let purged: BTreeMap<String, String> =
-        crate::cache_cli::purge_with(&state.js, &state.models, b.models).await.map_err(internal)?.into_iter().collect();
+        crate::ops::cache::purge(&state.js, &state.models, b.models).await.map_err(internal)?.into_iter().collect();
     tracing::info!(models = ?purged.keys().collect::<Vec<_>>(), "admin: cache purged");
     Ok(Json(json!({ "generations": purged })))
 }

@@ -16,8 +16,8 @@ use retro_fleet_schemas::registry::kv_key;
 use retro_fleet_schemas::{subjects, ModelLoad, WorkerInfo};
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::unix_ms;
 use crate::process::Shared;
-use crate::unix_ms;
 
 /// Builds heartbeats from successive metric readings.
 struct Beat {
@@ -86,8 +86,8 @@ async fn bucket(sh: &Shared) -> Option<kv::Store> {
 }
 
 /// Heartbeats every `every` until `stop` fires, then deletes this worker's
-/// key (a bounded [`crate::final_op`]: with NATS gone the key expires by
-/// itself). After `shutdown` fires (and before `stop`), and while an operator
+/// key (a bounded [`crate::shutdown::final_op`]: with NATS gone the key
+/// expires by itself). After `shutdown` fires (and before `stop`), and while an operator
 /// has drained the worker, heartbeats say `draining`.
 pub async fn run(sh: Arc<Shared>, every: Duration, shutdown: CancellationToken, stop: CancellationToken) {
     let key = kv_key(&sh.worker_id);
@@ -133,7 +133,7 @@ pub async fn run(sh: Arc<Shared>, every: Duration, shutdown: CancellationToken, 
             None => Err("no registry bucket".into()),
         }
     };
-    match crate::final_op(&client, "registry delete", remove).await {
+    match crate::shutdown::final_op(&client, "registry delete", remove).await {
         Some(Ok(())) => {}
         Some(Err(e)) => tracing::debug!(error = %e, "removing the registry entry failed; it expires by itself"),
         None => tracing::info!("registry entry left to expire by itself (NATS gone or not answering)"),

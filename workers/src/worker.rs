@@ -101,7 +101,9 @@ async fn hand_back(pulling: &mut [Vec<Pulling>; 3], client: &async_nats::Client)
     let (mut handed_back, mut kept) = (0, 0);
     for p in pulling.iter_mut().flatten() {
         while let Some(msg) = p.ready() {
-            match crate::final_op(client, "hand back a prefetched message", msg.ack_with(AckKind::Nak(None))).await {
+            match crate::shutdown::final_op(client, "hand back a prefetched message", msg.ack_with(AckKind::Nak(None)))
+                .await
+            {
                 Some(Ok(())) => handed_back += 1,
                 _ => kept += 1,
             }
@@ -199,7 +201,7 @@ impl Worker {
 
     /// Pulls and processes until `shutdown` fires, then drains in-flight
     /// work (bounded by `drain_timeout_ms`; the final NATS operations by
-    /// [`crate::FINAL_OP_TIMEOUT`] each) and says what it left behind.
+    /// [`crate::shutdown::FINAL_OP_TIMEOUT`] each) and says what it left behind.
     pub async fn run(self, shutdown: CancellationToken) -> Drained {
         let cfg = &self.shared.cfg;
         let slots = Arc::new(Semaphore::new(cfg.max_inflight));
@@ -354,7 +356,7 @@ impl Worker {
         stops.iter().for_each(CancellationToken::cancel);
         if let Some(mut task) = heartbeat {
             // its last act is one bounded registry delete
-            if tokio::time::timeout(crate::FINAL_OP_TIMEOUT * 2, &mut task).await.is_err() {
+            if tokio::time::timeout(crate::shutdown::FINAL_OP_TIMEOUT * 2, &mut task).await.is_err() {
                 task.abort();
             }
         }
@@ -389,7 +391,7 @@ impl Worker {
             follow.abort();
         });
         if cache.config().warm_on_start {
-            let since_ms = crate::unix_ms().saturating_sub(cache.config().warm_window_secs * 1000);
+            let since_ms = crate::clock::unix_ms().saturating_sub(cache.config().warm_window_secs * 1000);
             let from = warm::WarmFrom { since_ms: Some(since_ms), from_seq: None };
             match warm::replay(&cache, &sh.js, from, |_| {}, &sh.worker_id).await {
                 Ok(p) => tracing::info!(

@@ -13,7 +13,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use super::Key;
+use retro_fleet_schemas::cache_key::Key;
 
 /// Embedding dimensions.
 pub const DIM: usize = 512;

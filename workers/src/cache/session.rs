@@ -8,12 +8,13 @@
 
 use std::sync::Arc;
 
-use retro_fleet_schemas::cache_key::{self, Scope};
+use retro_fleet_schemas::cache_key::{self, Key, Scope};
 use retro_fleet_schemas::{CacheMode, CacheTier, InferRequest, Output, Usage};
 use tokio::sync::watch;
 
+use super::answer::Answer;
+use super::store::{Flight, Leader, ResultCache};
 use super::sync::Claim;
-use super::{Answer, Flight, Key, Leader, ResultCache};
 
 /// An answer found without computing it.
 #[derive(Debug, Clone)]
@@ -105,7 +106,7 @@ impl Session {
 
     /// Joins an identical request in flight in this worker: `None` when
     /// this one leads (it computes), or the leader's answer to wait for with
-    /// [`super::follow`] (`None` there: the leader gave up; join again).
+    /// [`super::store::follow`] (`None` there: the leader gave up; join again).
     pub fn join(&mut self) -> Option<watch::Receiver<Option<Arc<Answer>>>> {
         match self.cache.join(self.key) {
             Flight::Leader(l) => {

@@ -8,10 +8,10 @@ use std::time::Duration;
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use futures::StreamExt;
-use retro_fleet_schemas::cache_key::Generations;
+use retro_fleet_schemas::cache_key::{Generations, Key};
 use retro_fleet_schemas::subjects;
 
-use super::{Answer, Key};
+use super::answer::Answer;
 
 /// Sets `model`'s generation in `table`, saying so (and what it means for
 /// the answers of the process: `consequence`) when it changed.

@@ -13,11 +13,13 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer};
 use bytes::Bytes;
 use futures::StreamExt;
+use retro_fleet_schemas::cache_key::Key;
 use retro_fleet_schemas::{codec, headers, subjects, InferResult, Status};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::{Answer, Key, ResultCache};
+use super::answer::Answer;
+use super::store::ResultCache;
 
 /// Where a replay starts.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
@@ -83,7 +85,7 @@ pub async fn replay(
         p.scanned += 1;
         let pending = msg.info().map(|i| i.pending).unwrap_or(1);
         if let Some(answer) = answer_of(&msg) {
-            if answer.1.expires_ms > crate::unix_ms() {
+            if answer.1.expires_ms > crate::clock::unix_ms() {
                 cache.put(&answer.2, answer.0, &answer.1, None);
                 p.inserted += 1;
             } else {

@@ -22,7 +22,7 @@ use retro_fleet_schemas::stored::stored_result;
 use retro_fleet_schemas::{headers, subjects, ErrorCode, Priority, Received};
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::unix_ms;
+use crate::clock::unix_ms;
 use decide::{Admission, Delivery, Served};
 pub use settle::{Outcome, SettleError};
 use settle::{Settlement, Settling};

@@ -17,7 +17,7 @@ use super::settle::{Settlement, Settling};
 use super::shared::Shared;
 use crate::backend::{BackendError, Generation};
 use crate::cache::{self, Found, Session};
-use crate::unix_ms;
+use crate::clock::unix_ms;
 
 /// The job's result with `status` and nothing computed yet.
 fn blank(sh: &Shared, job: &Job, status: Status, queued_ms: f64) -> InferResult {

@@ -1,16 +1,34 @@
-//! Command line: one binary, one subcommand per role or tool.
+//! The command line: one binary, one subcommand per role or tool. This
+//! module defines it (clap); each tool for people is a module below it.
+//!
+//! # Layout
+//! - [`ops`]: `topology apply`, `workers` (list, drain, resume), `queues` (depths, pause, resume).
+//! - [`submit`]: `submit`: one request over NATS, its result printed.
+//! - [`batch`]: `batch`: submit, follow and fetch batches over HTTP.
+//! - [`dlq`]: `dlq`: list, show and replay dead letters.
+//! - [`cache`]: `cache warm | purge`: fleet-wide cache tools.
+//! - [`keys`]: `keys`: API keys in NATS KV, followed live by ingresses.
+//! - [`model`]: `model tiny | tiny-lora`: the small demo model and a LoRA adapter for it.
+//!
+//! The serving roles (`up`, `ingress`, `worker`, `scaler`) are run by
+//! [`crate::roles`] and [`crate::scaler`]; the actions the tools share with
+//! the admin API are in [`crate::ops`].
+
+pub mod batch;
+pub mod cache;
+pub mod dlq;
+pub mod keys;
+pub mod model;
+pub mod ops;
+pub mod submit;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use figment::providers::Serialized;
 use figment::Figment;
-use futures::StreamExt;
-use retro_fleet_schemas::{
-    codec, headers, subjects, Envelope, InferRequest, InferResult, Input, Priority, SamplingParams,
-};
+use retro_fleet_schemas::Priority;
 
 use crate::config::Config;
 
@@ -170,7 +188,7 @@ pub enum KeysAction {
         #[arg(long)]
         tenant: String,
         /// Roles: submit, read, admin (comma-separated).
-        #[arg(long, value_delimiter = ',', value_parser = crate::keys_cli::parse_role)]
+        #[arg(long, value_delimiter = ',', value_parser = keys::parse_role)]
         roles: Vec<crate::ingress::auth::Role>,
     },
     /// Ids, tenants and roles of the keys.
@@ -191,7 +209,7 @@ pub enum QueuesAction {
         /// Priority class.
         priority: Priority,
         /// Resume by itself after this long (`90`, `15m`, `2h`, `7d`); default: until resumed.
-        #[arg(long = "for", value_parser = crate::cache_cli::parse_age)]
+        #[arg(long = "for", value_parser = cache::parse_age)]
         duration: Option<std::time::Duration>,
     },
     /// Deliver a paused priority class again.
@@ -316,7 +334,7 @@ pub enum CacheAction {
     /// Replay stored results (FLEET_RESULTS) into every running worker's cache.
     Warm {
         /// Only results stored within this age, e.g. 30m, 6h, 7d (default: all kept).
-        #[arg(long, value_parser = crate::cache_cli::parse_age)]
+        #[arg(long, value_parser = cache::parse_age)]
         since: Option<Duration>,
         /// Only results from this stream sequence on (wins over --since).
         #[arg(long)]
@@ -375,157 +393,4 @@ impl Cli {
         }
         Config::load(self.config.as_deref(), flags)
     }
-}
-
-/// `retro-fleet topology apply`.
-pub async fn topology_apply(config: &Config) -> anyhow::Result<()> {
-    let client = crate::nats::connect(&config.nats, "topology").await?;
-    let js = async_nats::jetstream::new(client);
-    for line in crate::topology::apply(&js, &config.topology_plan()).await? {
-        println!("{line}");
-    }
-    Ok(())
-}
-
-/// `retro-fleet workers`.
-pub async fn workers(config: &Config, json: bool) -> anyhow::Result<()> {
-    let client = crate::nats::connect(&config.nats, "workers").await?;
-    let js = async_nats::jetstream::new(client);
-    let list = crate::registry::list(&js, config.topology.worker_ttl_secs.max(1) * 1000).await?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&list)?);
-    } else {
-        print!("{}", crate::registry::table(&list, retro_fleet_worker::unix_ms()));
-    }
-    Ok(())
-}
-
-/// `retro-fleet workers drain|resume ID`.
-pub async fn workers_action(config: &Config, action: WorkersAction) -> anyhow::Result<()> {
-    let client = crate::nats::connect(&config.nats, "workers").await?;
-    let (id, drain) = match &action {
-        WorkersAction::Drain { id } => (id, true),
-        WorkersAction::Resume { id } => (id, false),
-    };
-    let s = crate::ops::drain_worker(&client, id, drain).await?;
-    let state = if s.draining { "draining" } else { "taking requests" };
-    println!("worker {}: {state}, {} request(s) in flight", s.id, s.inflight);
-    Ok(())
-}
-
-/// `retro-fleet queues [pause|resume PRIORITY]`.
-pub async fn queues(config: &Config, action: Option<QueuesAction>) -> anyhow::Result<()> {
-    let client = crate::nats::connect(&config.nats, "queues").await?;
-    let js = async_nats::jetstream::new(client);
-    let (priority, resume, duration) = match action {
-        None => {
-            println!("{}", serde_json::to_string_pretty(&crate::ops::queues(&js).await?)?);
-            return Ok(());
-        }
-        Some(QueuesAction::Pause { duration: Some(d), .. }) if d.is_zero() => {
-            anyhow::bail!("--for must be at least one second (leave it out to pause until resumed)")
-        }
-        Some(QueuesAction::Pause { priority, duration }) => (priority, false, duration),
-        Some(QueuesAction::Resume { priority }) => (priority, true, None),
-    };
-    for c in crate::ops::pause_priority(&js, priority, resume, duration).await? {
-        match (c.paused, c.remaining_secs) {
-            (false, _) => println!("{}: delivering", c.consumer),
-            (true, Some(s)) if duration.is_some() => println!("{}: paused for {s} s", c.consumer),
-            (true, _) => println!("{}: paused until resumed", c.consumer),
-        }
-    }
-    Ok(())
-}
-
-/// `retro-fleet submit`.
-pub async fn submit(
-    config: &Config,
-    model: String,
-    priority: Priority,
-    max_tokens: Option<u32>,
-    timeout: u64,
-    prompt: String,
-) -> anyhow::Result<()> {
-    let client = crate::nats::connect(&config.nats, "submit").await?;
-    let js = async_nats::jetstream::new(client.clone());
-    let req = InferRequest {
-        v: retro_fleet_schemas::SCHEMA_VERSION,
-        id: ulid::Ulid::new().to_string(),
-        model,
-        adapter: None,
-        input: Input::Completion { prompt },
-        params: SamplingParams { max_tokens, ..Default::default() },
-        stream: false,
-        cache: Default::default(),
-        tenant: None,
-        metadata: Default::default(),
-    };
-    let reply = client.new_inbox();
-    let mut sub = client.subscribe(reply.clone()).await?;
-    // past the wait, a worker answers `deadline_exceeded` instead of running it
-    let deadline = retro_fleet_worker::unix_ms() + timeout.saturating_mul(1000);
-    let h = Envelope::new(req.id.as_str()).reply(reply.as_str()).deadline_ms(deadline).headers();
-    js.publish_with_headers(subjects::request(priority, &req.model), h, codec::encode(&req).into())
-        .await?
-        .await
-        .context("the request streams refused the request (run `retro-fleet topology apply`?)")?;
-    let wait = async {
-        while let Some(m) = sub.next().await {
-            let kind = m.headers.as_ref().and_then(|h| h.get(headers::KIND)).map(|v| v.as_str().to_string());
-            if kind.as_deref() == Some(headers::KIND_RESULT) {
-                return codec::decode::<InferResult>(None, &m.payload).map_err(anyhow::Error::from);
-            }
-        }
-        anyhow::bail!("subscription closed")
-    };
-    let result = tokio::time::timeout(Duration::from_secs(timeout), wait)
-        .await
-        .with_context(|| format!("no result within {timeout} s for request {} (is a worker running?)", req.id))??;
-    println!("{}", serde_json::to_string_pretty(&result)?);
-    Ok(())
-}
-
-/// `retro-fleet model tiny-lora`.
-pub fn model_tiny_lora(out: &std::path::Path, rank: usize, seed: u64) -> anyhow::Result<()> {
-    if rank == 0 {
-        anyhow::bail!("--rank must be at least 1");
-    }
-    retro_fleet_worker::lora::write_tiny_adapter(out, &Default::default(), rank, seed)
-        .with_context(|| format!("writing {}", out.display()))?;
-    println!("wrote a rank-{rank} LoRA adapter for the tiny model to {}", out.display());
-    Ok(())
-}
-
-/// `retro-fleet model tiny`.
-pub fn model_tiny(out: &std::path::Path, layers: usize, hidden: usize) -> anyhow::Result<()> {
-    if hidden == 0 || hidden % 8 != 0 || layers == 0 {
-        anyhow::bail!("--hidden must be a positive multiple of 8 and --layers at least 1");
-    }
-    let sizes = retro_fleet_worker::tiny_model::Tiny { hidden, inter: hidden * 2, layers, ..Default::default() };
-    retro_fleet_worker::tiny_model::write(out, &sizes).with_context(|| format!("writing {}", out.display()))?;
-    println!("wrote a tiny Llama model to {} ({layers} layers, hidden {hidden})", out.display());
-    Ok(())
-}
-
-/// `retro-fleet batch ...`.
-pub async fn batch(config: &Config, action: BatchAction) -> anyhow::Result<()> {
-    let client = |to: &IngressArgs| {
-        let base = to.url.clone().unwrap_or_else(|| format!("http://{}", config.ingress.listen));
-        crate::batch_cli::Client::new(&base, to.api_key.clone())
-    };
-    match action {
-        BatchAction::Submit { file, priority, wait, to } => {
-            let c = client(&to);
-            let batch = c.submit(&file, priority.map(|p| p.as_str())).await?;
-            let id = batch["id"].as_str().context("the ingress answered without a batch id")?.to_string();
-            let batch = if wait { c.wait(&id).await? } else { batch };
-            println!("{}", serde_json::to_string_pretty(&batch)?);
-        }
-        BatchAction::Status { id, to } => {
-            println!("{}", serde_json::to_string_pretty(&client(&to).status(&id).await?)?)
-        }
-        BatchAction::Results { id, to } => print!("{}", client(&to).results(&id).await?),
-    }
-    Ok(())
 }

@@ -1,4 +1,5 @@
-//! `retro-fleet dlq`: list, show and replay dead letters.
+//! Dead letters: reading and replaying them, for `retro-fleet dlq` and the
+//! admin API.
 //!
 //! A dead letter in `FLEET_DLQ` is the original request (payload and
 //! headers) plus `Fleet-Error-Code`, `Fleet-Error-Message`,
@@ -12,16 +13,12 @@
 //! never removed, and such a letter is skipped. The letter is deleted once
 //! the request streams hold the replay, unless `--keep` is given.
 
-use std::fmt::Write as _;
-
 use anyhow::{bail, Context as _};
 use async_nats::jetstream::{self, stream::Stream};
 use async_nats::HeaderMap;
 use retro_fleet_schemas::envelope::replay_headers;
 use retro_fleet_schemas::stored::stored_message;
 use retro_fleet_schemas::{codec, headers, subjects, InferRequest, InferResult, Priority, Status};
-
-use crate::config::Config;
 
 /// Which letters a command applies to: `key=value` pairs, all of which must
 /// match. Keys: `model`, `priority`, `code`, `id`, `tenant`.
@@ -119,6 +116,11 @@ impl Letter {
         })
     }
 
+    /// The letter's header `name`, when it has one.
+    pub fn header(&self, name: &str) -> Option<String> {
+        header(&self.headers, name)
+    }
+
     fn from_message(m: jetstream::message::StreamMessage) -> Letter {
         let h = &m.headers;
         let mut parts = m.subject.as_str().splitn(4, '.').skip(2);
@@ -156,11 +158,10 @@ pub async fn open(js: &jetstream::Context) -> anyhow::Result<Stream> {
         .with_context(|| format!("no {} stream (run `retro-fleet topology apply`)", subjects::DLQ_STREAM))
 }
 
-async fn dlq_stream(config: &Config) -> anyhow::Result<(jetstream::Context, Stream)> {
-    let client = crate::nats::connect(&config.nats, "dlq").await?;
-    let js = jetstream::new(client);
-    let stream = open(&js).await?;
-    Ok((js, stream))
+/// The letter at sequence `seq`.
+pub async fn get(stream: &Stream, seq: u64) -> anyhow::Result<Letter> {
+    let m = stream.direct_get(seq).await.with_context(|| format!("no dead letter with sequence {seq}"))?;
+    Ok(Letter::from_message(m))
 }
 
 /// Every letter matching `filter`, oldest first, at most `limit`.
@@ -186,61 +187,6 @@ pub async fn read(stream: &Stream, filter: &Filter, limit: usize) -> anyhow::Res
         }
     }
     Ok(out)
-}
-
-/// `retro-fleet dlq list`.
-pub async fn list(config: &Config, filter: &Filter, limit: usize) -> anyhow::Result<()> {
-    let (_, stream) = dlq_stream(config).await?;
-    let letters = read(&stream, filter, limit).await?;
-    println!("{:>8}  {:<6}  {:<16}  {:<28}  {:<18}  {:>5}  message", "seq", "prio", "model", "id", "code", "deliv");
-    for l in &letters {
-        let mut message = l.message.clone();
-        if message.chars().count() > 80 {
-            message = message.chars().take(77).collect::<String>() + "...";
-        }
-        println!(
-            "{:>8}  {:<6}  {:<16}  {:<28}  {:<18}  {:>5}  {}",
-            l.seq,
-            l.priority,
-            l.model,
-            l.id.as_deref().unwrap_or("-"),
-            l.code,
-            l.deliveries,
-            message
-        );
-    }
-    println!("{} dead letter(s)", letters.len());
-    Ok(())
-}
-
-/// `retro-fleet dlq show SEQ`.
-pub async fn show(config: &Config, seq: u64) -> anyhow::Result<()> {
-    let (_, stream) = dlq_stream(config).await?;
-    let m = stream.direct_get(seq).await.with_context(|| format!("no dead letter with sequence {seq}"))?;
-    let l = Letter::from_message(m);
-    let mut out = String::new();
-    let _ = writeln!(out, "sequence: {}\ntime: {}\npriority: {}\nmodel: {}", l.seq, l.time, l.priority, l.model);
-    let _ = writeln!(out, "id: {}\ntenant: {}", l.id.as_deref().unwrap_or("-"), l.tenant);
-    let _ = writeln!(out, "error: {} ({} deliveries)\nmessage: {}", l.code, l.deliveries, l.message);
-    let _ = writeln!(out, "headers:");
-    let mut names: Vec<(String, String)> =
-        l.headers.iter().flat_map(|(k, vs)| vs.iter().map(move |v| (k.to_string(), v.to_string()))).collect();
-    names.sort();
-    for (k, v) in names {
-        let _ = writeln!(out, "  {k}: {v}");
-    }
-    let ct = header(&l.headers, headers::CONTENT_TYPE);
-    let _ = writeln!(out, "payload ({} bytes):", l.payload.len());
-    match codec::decode::<serde_json::Value>(ct.as_deref(), &l.payload) {
-        Ok(v) => {
-            let _ = writeln!(out, "{}", serde_json::to_string_pretty(&v)?);
-        }
-        Err(_) => {
-            let _ = writeln!(out, "{}", l.payload.escape_ascii());
-        }
-    }
-    print!("{out}");
-    Ok(())
 }
 
 /// What replay did with one letter.
@@ -274,31 +220,9 @@ impl Replayed {
     }
 }
 
-/// `retro-fleet dlq replay`.
-pub async fn replay(
-    config: &Config,
-    filter: &Filter,
-    limit: usize,
-    keep: bool,
-    dry_run: bool,
-) -> anyhow::Result<Replayed> {
-    let (js, _) = dlq_stream(config).await?;
-    let done = replay_with(&js, filter, limit, keep, dry_run).await?;
-    for o in &done.letters {
-        let label = format!("dead letter {} ({})", o.seq, o.id.as_deref().unwrap_or("no id"));
-        match o.action {
-            "skipped" => println!("skip {label}: {}", o.detail),
-            "would_replay" => println!("would replay {label} to {}", o.detail),
-            _ => println!("replayed {label} to {}", o.detail),
-        }
-    }
-    println!("{} replayed, {} skipped", done.replayed, done.skipped);
-    Ok(done)
-}
-
 /// Replays the letters matching `filter` (at most `limit`); see the module
-/// documentation. Shared by the CLI and the admin API.
-pub async fn replay_with(
+/// documentation. Shared by `retro-fleet dlq replay` and the admin API.
+pub async fn replay(
     js: &jetstream::Context,
     filter: &Filter,
     limit: usize,

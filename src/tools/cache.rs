@@ -95,33 +95,10 @@ pub async fn purge(config: &Config, models: Vec<String>) -> anyhow::Result<()> {
     let client = crate::nats::connect(&config.nats, "cache-purge").await?;
     let js = async_nats::jetstream::new(client);
     let configured: std::collections::BTreeSet<String> = config.models.keys().cloned().collect();
-    for (m, generation) in purge_with(&js, &configured, models).await? {
+    for (m, generation) in crate::ops::cache::purge(&js, &configured, models).await? {
         println!("purged the cache of `{m}` (generation {generation})");
     }
     Ok(())
-}
-
-/// [`purge`] on an open connection; every `configured` model when `models`
-/// is empty. Returns each model with its new generation.
-pub async fn purge_with(
-    js: &async_nats::jetstream::Context,
-    configured: &std::collections::BTreeSet<String>,
-    models: Vec<String>,
-) -> anyhow::Result<Vec<(String, String)>> {
-    let models = if models.is_empty() { configured.iter().cloned().collect() } else { models };
-    if let Some(m) = models.iter().find(|m| !configured.contains(*m)) {
-        anyhow::bail!("model `{m}` is not configured; configured: {configured:?}");
-    }
-    let kv = js.get_key_value(subjects::MODELS_BUCKET).await.with_context(|| {
-        format!("KV bucket {} is missing (run `retro-fleet topology apply`)", subjects::MODELS_BUCKET)
-    })?;
-    let mut out = Vec::new();
-    for m in models {
-        let generation = ulid::Ulid::new().to_string();
-        kv.put(&m, Bytes::from(generation.clone())).await.with_context(|| format!("purging `{m}`"))?;
-        out.push((m, generation));
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

@@ -1,6 +1,8 @@
-//! Operator actions shared by the CLI and the admin API: draining and
-//! resuming one worker, pausing and resuming a priority class, and the
-//! depth of every queue.
+//! Operator actions shared by the tools (`retro-fleet workers | queues |
+//! dlq | cache`) and the admin API: draining and resuming one worker,
+//! pausing and resuming a priority class, and the depth of every queue
+//! (here); dead letters ([`dlq`]); cache purges ([`cache`]). They act and
+//! return what they did; printing it is the tools' part.
 //!
 //! - A **drain** asks one worker (by its registry id) over core NATS to stop
 //!   taking requests; what it runs finishes and it stays up, shown as
@@ -10,6 +12,9 @@
 //!   worker, now or started later, until it is resumed or the pause ends.
 //!   Requests keep queueing (up to the stream's limits); messages a worker
 //!   had already prefetched still run.
+
+pub mod cache;
+pub mod dlq;
 
 use std::time::Duration;
 

@@ -8,6 +8,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use serde_json::Value;
 
+use super::{BatchAction, IngressArgs};
+use crate::config::Config;
+
 /// An ingress to talk to.
 pub struct Client {
     http: reqwest::Client,
@@ -84,4 +87,26 @@ impl Client {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
+}
+
+/// `retro-fleet batch ...`.
+pub async fn batch(config: &Config, action: BatchAction) -> anyhow::Result<()> {
+    let client = |to: &IngressArgs| {
+        let base = to.url.clone().unwrap_or_else(|| format!("http://{}", config.ingress.listen));
+        Client::new(&base, to.api_key.clone())
+    };
+    match action {
+        BatchAction::Submit { file, priority, wait, to } => {
+            let c = client(&to);
+            let batch = c.submit(&file, priority.map(|p| p.as_str())).await?;
+            let id = batch["id"].as_str().context("the ingress answered without a batch id")?.to_string();
+            let batch = if wait { c.wait(&id).await? } else { batch };
+            println!("{}", serde_json::to_string_pretty(&batch)?);
+        }
+        BatchAction::Status { id, to } => {
+            println!("{}", serde_json::to_string_pretty(&client(&to).status(&id).await?)?)
+        }
+        BatchAction::Results { id, to } => print!("{}", client(&to).results(&id).await?),
+    }
+    Ok(())
 }

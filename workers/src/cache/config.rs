@@ -1,0 +1,57 @@
+//! The cache's settings (`[worker.cache]`).
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Cache settings of a worker (`[worker.cache]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Cache answers at all.
+    pub enabled: bool,
+    /// Memory tier budget in bytes.
+    pub memory_bytes: usize,
+    /// Disk tier budget in bytes (0: memory only).
+    pub disk_bytes: usize,
+    /// Disk tier directory; default `<data_dir>/cache`. One worker process per directory.
+    pub dir: Option<PathBuf>,
+    /// How long an answer stays valid, in seconds (a request's `Fleet-Cache-Ttl` overrides it).
+    pub ttl_secs: u64,
+    /// Cache only reproducible requests (temperature 0 or a seed).
+    pub deterministic_only: bool,
+    /// Let one worker compute an answer while other workers wait for it (claims in KV `fleet_cache_claims`).
+    pub coalesce_across_workers: bool,
+    /// How long a worker waits for another worker's claimed answer before computing it itself, in ms.
+    pub claim_wait_ms: u64,
+    /// Replay recent `FLEET_RESULTS` into the cache when the worker starts.
+    pub warm_on_start: bool,
+    /// How far back `warm_on_start` replays, in seconds.
+    pub warm_window_secs: u64,
+    /// Models whose answers may be served to similar prompts (requests opt in with cache mode `semantic`).
+    pub semantic_models: Vec<String>,
+    /// Least cosine similarity for a semantic hit (0..1).
+    pub semantic_threshold: f64,
+    /// Most prompts held by the semantic index.
+    pub semantic_max_entries: usize,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            enabled: true,
+            memory_bytes: 256 << 20,
+            disk_bytes: 1 << 30,
+            dir: None,
+            ttl_secs: 86_400,
+            deterministic_only: true,
+            coalesce_across_workers: false,
+            claim_wait_ms: 30_000,
+            warm_on_start: false,
+            warm_window_secs: 86_400,
+            semantic_models: Vec::new(),
+            semantic_threshold: 0.9,
+            semantic_max_entries: 100_000,
+        }
+    }
+}
