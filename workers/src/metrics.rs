@@ -110,7 +110,7 @@ impl Metrics {
 
     /// A request is in `FLEET_DLQ` now.
     pub fn dead_lettered(&self, p: Priority, model: &str, code: ErrorCode, id: Option<&str>, message: &str) {
-        tracing::warn!(%model, id = id.unwrap_or("-"), code = code.as_str(), %message, "request failed; dead-lettered");
+        tracing::warn!(%model, id = id.unwrap_or("-"), code = code.as_str(), %message, "request failed; dead-lettering");
         self.dead_letters.with_label_values(&[p.as_str(), model, code.as_str()]).inc();
     }
 
