@@ -9,6 +9,7 @@ use anyhow::{bail, Context as _};
 use async_nats::jetstream::consumer::PullConsumer;
 use retro_fleet_schemas::{subjects, Priority};
 use retro_fleet_worker::cache::ResultCache;
+use retro_fleet_worker::checkpoint::Checkpoints;
 use retro_fleet_worker::{backend, Backend, Worker};
 use tokio_util::sync::CancellationToken;
 
@@ -218,7 +219,7 @@ pub async fn build_worker(
     let id = config.worker.id.clone().unwrap_or_else(retro_fleet_worker::default_worker_id);
     let catalog: BTreeSet<String> = config.models.keys().cloned().collect();
     let cache = open_cache(config, &js, &id, registry).await?;
-    Ok(Worker::new(
+    let worker = Worker::new(
         client.clone(),
         consumers,
         backends,
@@ -230,7 +231,14 @@ pub async fn build_worker(
         cache,
         registry,
     )?
-    .with_breakers(breakers))
+    .with_breakers(breakers);
+    Ok(match config.worker.checkpoint_interval_ms {
+        0 => worker,
+        ms => {
+            let kv = topology::open_bucket(&js, topology::checkpoints_bucket(&config.topology)).await?;
+            worker.with_checkpoints(Checkpoints::new(kv, std::time::Duration::from_millis(ms)))
+        }
+    })
 }
 
 /// Serves `/metrics` and `/health/*` for roles without the ingress.

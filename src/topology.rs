@@ -35,6 +35,8 @@ pub struct TopologyConfig {
     /// How long dead letters are kept, in seconds.
     pub dlq_max_age_secs: u64,
     /// Time a worker has to ack before a message is redelivered, in seconds.
+    /// A running request is re-armed every third of it, so this is how long
+    /// a dead worker's request waits before another worker takes it over.
     pub ack_wait_secs: u64,
     /// Deliveries before a failing message is given up.
     pub max_deliver: i64,
@@ -58,7 +60,7 @@ impl Default for TopologyConfig {
             results_max_age_secs: 24 * 3600,
             results_storage: Storage::File,
             dlq_max_age_secs: 7 * 24 * 3600,
-            ack_wait_secs: 30,
+            ack_wait_secs: 5,
             max_deliver: 5,
             max_ack_pending: 10_000,
             replicas: 1,
@@ -312,6 +314,21 @@ pub fn workers_bucket(t: &TopologyConfig) -> async_nats::jetstream::kv::Config {
     }
 }
 
+/// Configuration of the checkpoint bucket `fleet_checkpoints`: one key per
+/// running generation, removed when its request is settled; a crash's
+/// leftovers expire after an hour (longer than any generation).
+pub fn checkpoints_bucket(t: &TopologyConfig) -> kv::Config {
+    kv::Config {
+        bucket: subjects::CHECKPOINTS_BUCKET.to_string(),
+        description: "retro-fleet generated tokens of running requests (resumed after a worker dies)".into(),
+        history: 1,
+        max_age: Duration::from_secs(3600),
+        storage: StorageType::File,
+        num_replicas: t.replicas,
+        ..Default::default()
+    }
+}
+
 async fn apply_bucket(js: &Context, want: async_nats::jetstream::kv::Config) -> Result<Applied, TopologyError> {
     let name = want.bucket.clone();
     let stream_name = format!("KV_{name}");
@@ -367,6 +384,7 @@ pub async fn apply(js: &Context, plan: &Plan) -> Result<Vec<Applied>, TopologyEr
     report.push(apply_stream(js, results_stream(t)).await?);
     report.push(apply_stream(js, dlq_stream(t)).await?);
     report.push(apply_bucket(js, workers_bucket(t)).await?);
+    report.push(apply_bucket(js, checkpoints_bucket(t)).await?);
     for p in Priority::ALL {
         for model in &plan.models {
             report.push(apply_consumer(js, p, worker_consumer(p, model, t)).await?);

@@ -218,27 +218,6 @@ impl Report {
     }
 }
 
-/// A worker and its metrics/health port.
-async fn worker(config: &std::path::Path) -> (Proc, u16) {
-    let port = free_port();
-    let mut p = Proc::start(config, &["worker"], &[("FLEET_METRICS_LISTEN", format!("127.0.0.1:{port}"))]);
-    wait_ready(&format!("http://127.0.0.1:{port}/health/ready"), &mut p).await;
-    wait_log(&mut p, "worker pulling").await;
-    (p, port)
-}
-
-async fn get_text(url: &str) -> (u16, String) {
-    match reqwest::get(url).await {
-        Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
-        Err(_) => (0, String::new()),
-    }
-}
-
-/// The value of the metric line starting with `prefix` (0 when absent).
-fn metric(text: &str, prefix: &str) -> f64 {
-    text.lines().filter(|l| l.starts_with(prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_kill9_a_worker_ten_times_during_5000_requests() {
     let extra = "max_inflight = 16\nbatch_size = 16\n[models.slow]\nbackend = \"synthetic\"\nlatency_ms = 40\n";

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use futures::StreamExt;
-use retro_fleet_schemas::{codec, headers, ChatMessage, Input, Priority, SamplingParams, Status, StreamChunk};
+use retro_fleet_schemas::{codec, headers, subjects, ChatMessage, Input, Priority, SamplingParams, Status, StreamChunk};
 
 fn model_config(dir: &std::path::Path) -> String {
     let model = dir.join("tiny");
@@ -282,4 +282,91 @@ async fn pools_serve_two_models_unload_when_idle_and_a_broken_model_answers_why(
     let (got, dups) = caller.collect(200, Duration::from_secs(120)).await;
     assert_eq!((got.len(), dups), (200, 0));
     assert!(got.iter().all(|(_, r)| r.status == Status::Ok));
+}
+
+/// Whether `text` shows a program's internals (a source location, a backtrace).
+fn shows_internals(text: &str) -> bool {
+    let t = text.to_ascii_lowercase();
+    t.contains(".rs:") || t.contains("backtrace") || t.contains("panicked")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_the_model_cannot_serve_are_answered_at_once_and_never_retried() {
+    let models = tempfile::tempdir().unwrap();
+    let s = setup(&model_config(models.path()));
+    let (_worker, port) = worker(&s.config).await;
+    let (_ingress, base) = start_ingress(&s.config).await;
+
+    // past the context: a 400 with both numbers, nothing computed
+    let body = serde_json::json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5000});
+    let (status, v) = post_json(&format!("{base}/v1/chat/completions"), &body).await;
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["code"], "context_length_exceeded", "{v}");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.contains("2048") && message.contains("5000"), "{message}");
+    let (_, metrics) = get_text(&format!("http://127.0.0.1:{port}/metrics")).await;
+    assert_eq!(metric(&metrics, "fleet_worker_generated_tokens_total"), 0.0, "no model call");
+
+    // a request the engine itself refuses (an empty prompt, sent over NATS
+    // past the ingress): one attempt, an error result, a dead letter
+    let mut caller = Caller::connect(&s.nats.url()).await;
+    caller.publish(Priority::Normal, &request("empty", "tiny", "")).await;
+    let (results, _) = caller.collect(1, Duration::from_secs(30)).await;
+    let error = results[0].1.error.clone().expect("an error result");
+    assert_eq!(error.code, retro_fleet_schemas::ErrorCode::InvalidRequest, "{error:?}");
+    assert!(!shows_internals(&error.message) && !error.message.contains("mistral"), "{}", error.message);
+    let (_, metrics) = get_text(&format!("http://127.0.0.1:{port}/metrics")).await;
+    assert_eq!(metric(&metrics, "fleet_worker_naks_total"), 0.0, "not retried");
+    assert_eq!(stream_len(&caller.js, subjects::DLQ_STREAM).await, 2, "both dead-lettered once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_reply_shows_internals_whatever_the_prompt_length_max_tokens_and_stops() {
+    let models = tempfile::tempdir().unwrap();
+    let s = setup(&model_config(models.path()));
+    let _worker = start_worker(&s.config, &[]).await;
+    let (_ingress, base) = start_ingress(&s.config).await;
+    let http = reqwest::Client::new();
+    let mut seen = Vec::new();
+    let mut k = 0u64;
+    for len in [0usize, 1, 300, 2040, 2100, 9000] {
+        for max_tokens in [None, Some(1), Some(9), Some(2040), Some(5000)] {
+            for stop in [vec![], vec!["e".to_string()], vec!["\n".to_string(), "zz".to_string()]] {
+                k += 1;
+                let prompt = "ab cd ".repeat(len / 6 + 1)[..len].to_string();
+                let stream = k % 2 == 0;
+                let (url, body) = if k % 3 == 0 {
+                    let mut b = serde_json::json!({"model": "tiny", "messages": [{"role": "user", "content": prompt}],
+                        "stop": stop, "stream": stream});
+                    if let Some(m) = max_tokens {
+                        b["max_tokens"] = m.into();
+                    }
+                    (format!("{base}/v1/chat/completions"), b)
+                } else {
+                    let mut b = serde_json::json!({"id": format!("p{k}"), "model": "tiny", "prompt": prompt,
+                        "stream": stream, "params": {"stop": stop}});
+                    if let Some(m) = max_tokens {
+                        b["params"]["max_tokens"] = m.into();
+                    }
+                    (format!("{base}/v1/infer"), b)
+                };
+                let r = http.post(&url).json(&body).send().await.unwrap();
+                let status = r.status().as_u16();
+                let text = r.text().await.unwrap();
+                assert!(!shows_internals(&text), "{url} {len} {max_tokens:?} {stop:?}: {status} {text}");
+                seen.push(status);
+            }
+        }
+    }
+    // every stored result too
+    let js = async_nats::jetstream::new(async_nats::connect(s.nats.url()).await.unwrap());
+    let mut stream = js.get_stream(subjects::RESULTS_STREAM).await.unwrap();
+    let n = stream.info().await.unwrap().state.messages;
+    for seq in 1..=n {
+        if let Ok(m) = stream.get_raw_message(seq).await {
+            let r: retro_fleet_schemas::InferResult = codec::decode(None, &m.payload).unwrap();
+            assert!(!shows_internals(&format!("{r:?}")), "{r:?}");
+        }
+    }
+    assert!(seen.contains(&200) && seen.contains(&400), "answers and refusals both seen: {seen:?}");
 }

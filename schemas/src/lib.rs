@@ -33,7 +33,7 @@ pub mod stored;
 pub mod subjects;
 pub mod version;
 
-pub use chunk::StreamChunk;
+pub use chunk::{Splice, StreamChunk};
 pub use codec::{decode, encode, ContentType, DecodeError};
 pub use envelope::{Envelope, Received};
 pub use priority::Priority;

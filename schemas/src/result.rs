@@ -150,6 +150,8 @@ pub enum ErrorCode {
     InvalidRequest,
     /// The input is over the configured size limit.
     PromptTooLarge,
+    /// Prompt tokens plus `max_tokens` do not fit in the model's context.
+    ContextLengthExceeded,
     /// No model of that name is configured in the fleet.
     UnknownModel,
     /// The request's deadline passed before it could run.
@@ -175,6 +177,7 @@ impl ErrorCode {
             ErrorCode::DecodeError => "decode_error",
             ErrorCode::InvalidRequest => "invalid_request",
             ErrorCode::PromptTooLarge => "prompt_too_large",
+            ErrorCode::ContextLengthExceeded => "context_length_exceeded",
             ErrorCode::UnknownModel => "unknown_model",
             ErrorCode::DeadlineExceeded => "deadline_exceeded",
             ErrorCode::Cancelled => "cancelled",

@@ -27,6 +27,9 @@ pub const BATCHES_BUCKET: &str = "fleet_batches";
 pub const API_KEYS_BUCKET: &str = "fleet_api_keys";
 /// Rate-limit counters shared by ingress replicas.
 pub const RATELIMIT_BUCKET: &str = "fleet_ratelimit";
+/// Generated token ids of running requests, per tenant and id, so that a
+/// redelivered request resumes where its dead worker got to.
+pub const CHECKPOINTS_BUCKET: &str = "fleet_checkpoints";
 /// Asks every worker to warm its cache from `FLEET_RESULTS` (core NATS request, one reply per worker).
 pub const CACHE_WARM: &str = "fleet.ctl.cache.warm";
 /// Control subjects (core NATS).

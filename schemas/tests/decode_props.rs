@@ -86,6 +86,7 @@ fn code() -> impl Strategy<Value = ErrorCode> {
         ErrorCode::DecodeError,
         ErrorCode::InvalidRequest,
         ErrorCode::PromptTooLarge,
+        ErrorCode::ContextLengthExceeded,
         ErrorCode::UnknownModel,
         ErrorCode::DeadlineExceeded,
         ErrorCode::Cancelled,
@@ -159,10 +160,11 @@ fn result() -> impl Strategy<Value = InferResult> {
 }
 
 fn chunk() -> impl Strategy<Value = StreamChunk> {
-    (any::<u32>(), token(), any::<u64>(), text(), any::<bool>()).prop_map(|(v, id, seq, delta, done)| StreamChunk {
+    (any::<u32>(), token(), any::<u64>(), any::<u64>(), text(), any::<bool>()).prop_map(|(v, id, seq, offset, delta, done)| StreamChunk {
         v,
         id,
         seq,
+        offset,
         delta,
         done,
     })

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use super::auth::Principal;
 use super::error::{parse_json, ApiError, ApiPath};
-use super::replies::{Reply, Waiter};
+use super::replies::{Next, Reply, Streamed, Waiter};
 use super::request_id::with_request_id;
 use super::sse::task_stream;
 use super::state::AppState;
@@ -132,7 +132,7 @@ pub async fn infer(
     };
     let resp = if p.req.stream {
         match submit::open_stream(&state, &p).await {
-            Ok(waiter) => sse(waiter, p.timeout).into_response(),
+            Ok(waiter) => sse(waiter, p.timeout, p.req.id.clone()).into_response(),
             Err(e) => e.into_response(),
         }
     } else {
@@ -145,16 +145,26 @@ pub async fn infer(
 }
 
 /// Chunks as `event: chunk`, then the result as `event: result` (or `event: error`).
-fn sse(mut waiter: Waiter, timeout: Duration) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+fn sse(mut waiter: Waiter, timeout: Duration, id: String) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let stream = task_stream(move |tx| async move {
         let deadline = tokio::time::Instant::now() + timeout;
+        let mut streamed = Streamed::default();
         loop {
             match tokio::time::timeout_at(deadline, waiter.next()).await {
-                Ok(Some(Reply::Chunk(c))) => {
-                    if tx.send(Event::default().event("chunk").json_data(&c).expect("chunk is JSON")).await.is_err() {
+                Ok(Some(Reply::Chunk(c))) => match streamed.read(c) {
+                    Next::Forward(c) => {
+                        let event = Event::default().event("chunk").json_data(&c).expect("chunk is JSON");
+                        if tx.send(event).await.is_err() {
+                            return;
+                        }
+                    }
+                    Next::Skip => {}
+                    Next::Diverged => {
+                        let body = super::sse::diverged(&id).body().to_string();
+                        let _ = tx.send(Event::default().event("error").data(body)).await;
                         return;
                     }
-                }
+                },
                 Ok(Some(Reply::Result(r, _))) => {
                     let kind = if r.status == Status::Ok { "result" } else { "error" };
                     let _ = tx.send(Event::default().event(kind).json_data(&r).expect("result is JSON")).await;

@@ -24,7 +24,7 @@ use serde_json::{json, Value};
 use super::auth::Principal;
 use super::error::ApiError;
 use super::openai_shapes::{chat_draft, chunk, completion_draft, object, usage, Kind};
-use super::replies::{Reply, Waiter};
+use super::replies::{Next, Reply, Streamed, Waiter};
 use super::request_id::with_request_id;
 use super::sse::task_stream;
 use super::state::AppState;
@@ -70,7 +70,7 @@ async fn respond(
     let resp = if prepared.req.stream {
         match submit::open_stream(&state, &prepared).await {
             Ok(waiter) => {
-                sse(waiter, prepared.timeout, kind, prepared.req.model.clone(), include_usage).into_response()
+                sse(waiter, prepared.timeout, kind, prepared.req.model.clone(), include_usage, prepared.req.id.clone()).into_response()
             }
             Err(e) => e.into_response(),
         }
@@ -95,26 +95,33 @@ fn sse(
     kind: Kind,
     model: String,
     include_usage: bool,
+    id: String,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let stream = task_stream(move |tx| async move {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut first = true;
         // what the caller has been sent, to send the rest with the result
         // (all of it when following a repeated request id's stored result)
-        let mut streamed = String::new();
+        let mut streamed = Streamed::default();
         let send = |v: Value| Event::default().data(v.to_string());
         loop {
             match tokio::time::timeout_at(deadline, waiter.next()).await {
-                Ok(Some(Reply::Chunk(c))) => {
-                    if c.delta.is_empty() && !first {
-                        continue;
+                Ok(Some(Reply::Chunk(c))) => match streamed.read(c) {
+                    // `done` is said by the chunk with `finish_reason`, after the result
+                    Next::Forward(c) if c.done => {}
+                    Next::Forward(c) => {
+                        if tx.send(send(chunk(kind, &c.id, &model, Some(&c.delta), None, first))).await.is_err() {
+                            return;
+                        }
+                        first = false;
                     }
-                    if tx.send(send(chunk(kind, &c.id, &model, Some(&c.delta), None, first))).await.is_err() {
+                    Next::Skip => {}
+                    Next::Diverged => {
+                        let _ = tx.send(send(super::sse::diverged(&id).body())).await;
+                        let _ = tx.send(Event::default().data("[DONE]")).await;
                         return;
                     }
-                    streamed.push_str(&c.delta);
-                    first = false;
-                }
+                },
                 Ok(Some(Reply::Result(r, _))) => {
                     match (&r.status, &r.error) {
                         (Status::Error, Some(e)) => {
@@ -123,7 +130,7 @@ fn sse(
                         }
                         _ => {
                             let text = r.output.as_ref().map_or("", |o| o.text.as_str());
-                            if let Some(rest) = text.strip_prefix(streamed.as_str()).filter(|rest| !rest.is_empty()) {
+                            if let Some(rest) = text.strip_prefix(streamed.text.as_str()).filter(|rest| !rest.is_empty()) {
                                 let _ = tx.send(send(chunk(kind, &r.id, &model, Some(rest), None, first))).await;
                                 first = false;
                             }

@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
-use retro_fleet_schemas::{codec, headers, subjects, InferResult, StreamChunk};
+use retro_fleet_schemas::{codec, headers, subjects, InferResult, Splice, StreamChunk};
 use tokio::sync::mpsc;
 
 /// A message on a request's reply subject.
@@ -29,6 +29,52 @@ pub enum Reply {
     /// The final result, and the worker's cache key and expiry when it is a
     /// cacheable answer.
     Result(Box<InferResult>, Option<Cacheable>),
+}
+
+/// The text one caller has been streamed, and what each chunk adds to it.
+/// Every streaming path (native and OpenAI SSE) reads chunks through this,
+/// so a caller never sees text twice, nor two generations spliced, when a
+/// worker dies and another takes the request over.
+#[derive(Debug, Default)]
+pub struct Streamed {
+    /// The text forwarded so far.
+    pub text: String,
+    /// Chunks forwarded so far.
+    seq: u64,
+    done: bool,
+}
+
+/// What to do with a chunk.
+#[derive(Debug, PartialEq)]
+pub enum Next {
+    /// Forward this chunk (renumbered; only its new text).
+    Forward(StreamChunk),
+    /// Nothing new in it.
+    Skip,
+    /// It continues another generation than the one streamed: the stream
+    /// cannot go on (the stored result is the one to read).
+    Diverged,
+}
+
+impl Streamed {
+    /// Reads chunk `c`.
+    pub fn read(&mut self, c: StreamChunk) -> Next {
+        let delta = match c.extend(&self.text) {
+            Ok(new) => new.to_string(),
+            // a chunk lost on the way: the result carries the whole text
+            Err(Splice::Gap) => return Next::Skip,
+            Err(Splice::Diverged) => return Next::Diverged,
+        };
+        // the first chunk goes out even when empty: it opens the stream
+        if (delta.is_empty() && self.seq > 0 && !c.done) || self.done {
+            return Next::Skip;
+        }
+        let chunk = StreamChunk { seq: self.seq, offset: self.text.len() as u64, delta, ..c };
+        self.seq += 1;
+        self.done = chunk.done;
+        self.text.push_str(&chunk.delta);
+        Next::Forward(chunk)
+    }
 }
 
 /// A cacheable answer's `Fleet-Cache-Key` and `Fleet-Cache-Expires`.
@@ -216,5 +262,37 @@ impl Drop for Waiter {
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(seq: u64, offset: u64, delta: &str, done: bool) -> StreamChunk {
+        StreamChunk { v: 1, id: "r".into(), seq, offset, delta: delta.into(), done }
+    }
+
+    #[test]
+    fn a_takeover_repeating_the_start_shows_each_byte_once() {
+        let mut s = Streamed::default();
+        let mut out = Vec::new();
+        // the first worker streams "Hello wo" and dies; the second starts
+        // again at offset 0 with what was checkpointed, then goes on
+        for c in [
+            chunk(0, 0, "Hello", false),
+            chunk(1, 5, " wo", false),
+            chunk(0, 0, "Hello w", false),
+            chunk(1, 7, "orld", false),
+            chunk(2, 11, "", true),
+        ] {
+            if let Next::Forward(c) = s.read(c) {
+                out.push((c.seq, c.offset, c.delta, c.done));
+            }
+        }
+        let want = [(0, 0, "Hello", false), (1, 5, " wo", false), (2, 8, "rld", false), (3, 11, "", true)];
+        assert_eq!(out, want.map(|(a, b, c, d)| (a, b, c.to_string(), d)));
+        assert_eq!(s.text, "Hello world");
+        assert_eq!(s.read(chunk(0, 0, "Help", false)), Next::Diverged);
     }
 }

@@ -27,3 +27,14 @@ impl Drop for AbortOnDrop {
         self.0.abort();
     }
 }
+
+/// The error that ends a stream whose answer was restarted after a fault
+/// and no longer continues the text sent so far (see `replies::Streamed`).
+pub fn diverged(id: &str) -> super::error::ApiError {
+    super::error::ApiError::new(
+        retro_fleet_schemas::ErrorCode::BackendError,
+        "the answer was restarted after a worker failed and no longer continues the text streamed so far; \
+         its complete text is stored under the request id (GET /v1/results/{id})",
+    )
+    .with_id(id)
+}

@@ -185,6 +185,28 @@ pub async fn start_worker(config: &Path, extra_args: &[&str]) -> Proc {
     p
 }
 
+/// A worker and its metrics/health port.
+pub async fn worker(config: &Path) -> (Proc, u16) {
+    let port = free_port();
+    let mut p = Proc::start(config, &["worker"], &[("FLEET_METRICS_LISTEN", format!("127.0.0.1:{port}"))]);
+    wait_ready(&format!("http://127.0.0.1:{port}/health/ready"), &mut p).await;
+    wait_log(&mut p, "worker pulling").await;
+    (p, port)
+}
+
+/// `GET url`: its status and body (0 when unreachable).
+pub async fn get_text(url: &str) -> (u16, String) {
+    match reqwest::get(url).await {
+        Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+        Err(_) => (0, String::new()),
+    }
+}
+
+/// The sum of the metric lines starting with `prefix` (0 when absent).
+pub fn metric(text: &str, prefix: &str) -> f64 {
+    text.lines().filter(|l| l.starts_with(prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+}
+
 /// Starts an ingress; returns it and its base URL.
 pub async fn start_ingress(config: &Path) -> (Proc, String) {
     let port = free_port();

@@ -24,7 +24,7 @@ use retro_fleet_schemas::{ErrorCode, InferRequest};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use crate::backend::{Backend, BackendError, DeltaSender, Generating, Generation};
+use crate::backend::{Attempt, Backend, BackendError, Generating, Generation};
 
 /// When a model instance's breaker opens and how long it stays open.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -406,8 +406,8 @@ impl Backend for Guarded {
         self.breaker.available()
     }
 
-    fn generate<'a>(&'a self, req: &'a InferRequest, deltas: Option<DeltaSender>) -> Generating<'a> {
-        Box::pin(self.breaker.call(move || self.inner.generate(req, deltas)))
+    fn generate<'a>(&'a self, req: &'a InferRequest, attempt: Attempt) -> Generating<'a> {
+        Box::pin(self.breaker.call(move || self.inner.generate(req, attempt)))
     }
 }
 
@@ -483,11 +483,11 @@ mod tests {
         let b = board.guard("m", 0, failing);
         let req = crate::backend::tests_support::request("x");
         for _ in 0..3 {
-            let e = b.generate(&req, None).await.unwrap_err();
+            let e = b.generate(&req, Attempt::default()).await.unwrap_err();
             assert!(e.message.contains("synthetic failure"), "{e}");
         }
         assert!(!b.available());
-        let e = b.generate(&req, None).await.unwrap_err();
+        let e = b.generate(&req, Attempt::default()).await.unwrap_err();
         assert!(e.message.contains("circuit open") && e.retryable, "{e}");
         assert_eq!(board.snapshot()[0].state, State::Open);
         tokio::time::advance(Duration::from_secs(1)).await;

@@ -50,6 +50,11 @@ pub struct WorkerConfig {
     /// 0 sends every piece as it comes (one NATS message per token); at
     /// most 10,000.
     pub stream_interval_ms: u64,
+    /// How often a generation writes its tokens so far to KV
+    /// `fleet_checkpoints`, in ms (0 = never): when its worker dies, the
+    /// next attempt goes on from the last checkpoint instead of starting
+    /// again. At most 10,000.
+    pub checkpoint_interval_ms: u64,
 }
 
 impl WorkerConfig {
@@ -76,6 +81,12 @@ impl WorkerConfig {
                 self.stream_interval_ms
             ));
         }
+        if self.checkpoint_interval_ms > MAX_INTERVAL_MS {
+            return Err(format!(
+                "`worker.checkpoint_interval_ms` is {}; at most {MAX_INTERVAL_MS} (ms between checkpoints; 0 turns them off)",
+                self.checkpoint_interval_ms
+            ));
+        }
         Ok(())
     }
 }
@@ -99,6 +110,7 @@ impl Default for WorkerConfig {
             heartbeat_ms: 2_000,
             threads: 1,
             stream_interval_ms: 20,
+            checkpoint_interval_ms: 1_000,
         }
     }
 }

@@ -13,6 +13,7 @@
 //!   model instances (routing, growth) under the worker's memory budget (`backend/pool/budget.rs`).
 //! - [`breaker`]: a circuit breaker per model instance (owned by its pool slot).
 //! - [`cancel`]: cancel messages on `fleet.ctl.cancel.<id>` and the tokens of running requests.
+//! - [`checkpoint`]: the tokens of running generations in KV `fleet_checkpoints`, so another attempt resumes.
 //! - [`config`]: worker and model configuration.
 //! - [`hub`]: model ids of the Hugging Face hub, from its local cache or online.
 //! - [`lora`]: merges LoRA adapters (PEFT) into copies of base weights.
@@ -25,6 +26,7 @@ pub mod backend;
 pub mod breaker;
 pub mod cache;
 pub mod cancel;
+pub mod checkpoint;
 pub mod clock;
 pub mod config;
 pub mod control;

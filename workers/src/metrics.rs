@@ -48,6 +48,8 @@ pub struct Metrics {
     naks: IntCounterVec,
     /// `fleet_worker_pulled_total{priority}`: messages taken from each class.
     pulled: IntCounterVec,
+    /// `fleet_worker_generated_tokens_total{model}`: tokens the backend computed.
+    generated: IntCounterVec,
 }
 
 impl Metrics {
@@ -80,6 +82,11 @@ impl Metrics {
                 &["priority", "model"],
             )?,
             pulled: counter("fleet_worker_pulled_total", "Messages pulled, by priority class", &["priority"])?,
+            generated: counter(
+                "fleet_worker_generated_tokens_total",
+                "Tokens computed by the backend (a resumed generation counts only those after its checkpoint)",
+                &["model"],
+            )?,
         })
     }
 
@@ -96,6 +103,11 @@ impl Metrics {
     /// The backend worked `took` on a request.
     pub fn computed(&self, p: Priority, model: &str, took: Duration) {
         self.compute.with_label_values(&[p.as_str(), model]).observe(took.as_secs_f64());
+    }
+
+    /// The backend computed `tokens` tokens of a completion.
+    pub fn generated(&self, model: &str, tokens: u32) {
+        self.generated.with_label_values(&[model]).inc_by(tokens as u64);
     }
 
     /// A request left the worker with `outcome` (`ok`, an error code, ...).

@@ -175,10 +175,19 @@ impl Worker {
             max_deliver,
             ack_wait,
             cache,
+            checkpoints: None,
             cancels: Default::default(),
             quiet: tokio::sync::watch::Sender::new(false),
         };
         Ok(Worker { shared: Arc::new(shared), sources, breakers: None })
+    }
+
+    /// Writes checkpoints of running generations to `checkpoints`, and
+    /// resumes redelivered requests from them.
+    pub fn with_checkpoints(mut self, checkpoints: crate::checkpoint::Checkpoints) -> Self {
+        let shared = Arc::get_mut(&mut self.shared).expect("checkpoints are attached before the worker runs");
+        shared.checkpoints = Some(checkpoints);
+        self
     }
 
     /// Attaches the circuit breakers of this worker's backends (for health).

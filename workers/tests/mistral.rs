@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use retro_fleet_schemas::{ChatMessage, InferRequest, Input, SamplingParams};
-use retro_fleet_worker::backend::{self, Backend};
+use retro_fleet_worker::backend::{self, Attempt, Backend};
 use retro_fleet_worker::ModelConfig;
 
 async fn tiny() -> (tempfile::TempDir, Arc<dyn Backend>) {
@@ -63,16 +63,16 @@ async fn max_tokens_is_honoured_with_greedy_sampling() {
     let (_dir, b) = tiny().await;
     for n in [1u32, 5, 12] {
         let params = SamplingParams { max_tokens: Some(n), temperature: Some(0.0), ..Default::default() };
-        let g = b.generate(&req(completion("hello"), params), None).await.unwrap();
+        let g = b.generate(&req(completion("hello"), params), Attempt::default()).await.unwrap();
         assert_eq!(g.usage.completion_tokens, n, "{g:?}");
         assert_eq!(g.finish_reason, "length");
         assert!(!g.text.is_empty());
     }
     let zero = SamplingParams { max_tokens: Some(0), ..Default::default() };
-    let g = b.generate(&req(completion("hello"), zero), None).await.unwrap();
+    let g = b.generate(&req(completion("hello"), zero), Attempt::default()).await.unwrap();
     assert_eq!((g.text.as_str(), g.usage.completion_tokens), ("", 0));
     // no max_tokens: the model's configured default applies, not its context length
-    let g = b.generate(&req(completion("hello"), SamplingParams::default()), None).await.unwrap();
+    let g = b.generate(&req(completion("hello"), SamplingParams::default()), Attempt::default()).await.unwrap();
     assert_eq!(g.usage.completion_tokens, 16);
 }
 
@@ -81,7 +81,7 @@ async fn greedy_and_seeded_sampling_are_reproducible() {
     let (_dir, b) = tiny().await;
     let run = |params: SamplingParams| {
         let b = b.clone();
-        async move { b.generate(&req(completion("the fleet"), params), None).await.unwrap().text }
+        async move { b.generate(&req(completion("the fleet"), params), Attempt::default()).await.unwrap().text }
     };
     let greedy = SamplingParams { max_tokens: Some(20), temperature: Some(0.0), ..Default::default() };
     assert_eq!(run(greedy.clone()).await, run(greedy).await);
@@ -97,13 +97,13 @@ async fn greedy_and_seeded_sampling_are_reproducible() {
 async fn stop_sequences_cut_the_text() {
     let (_dir, b) = tiny().await;
     let base = SamplingParams { max_tokens: Some(40), temperature: Some(0.0), ..Default::default() };
-    let full = b.generate(&req(completion("abc"), base.clone()), None).await.unwrap().text;
+    let full = b.generate(&req(completion("abc"), base.clone()), Attempt::default()).await.unwrap().text;
     assert!(full.len() > 6, "{full:?}");
     // stop at a piece of the greedy output: the text ends right before it
     let stop: String = full.chars().skip(4).take(2).collect();
     let cut_at = full.find(&stop).unwrap();
     let params = SamplingParams { stop: vec![stop.clone()], ..base };
-    let g = b.generate(&req(completion("abc"), params), None).await.unwrap();
+    let g = b.generate(&req(completion("abc"), params), Attempt::default()).await.unwrap();
     assert_eq!(g.text, full[..cut_at], "stop {stop:?} in {full:?}");
     assert_eq!(g.finish_reason, "stop");
 }
@@ -118,9 +118,9 @@ async fn chat_uses_the_template_and_streams_the_same_text() {
         ],
     };
     let params = SamplingParams { max_tokens: Some(10), temperature: Some(0.0), ..Default::default() };
-    let plain = b.generate(&req(input.clone(), params.clone()), None).await.unwrap();
+    let plain = b.generate(&req(input.clone(), params.clone()), Attempt::default()).await.unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let streamed = b.generate(&req(input, params), Some(tx)).await.unwrap();
+    let streamed = b.generate(&req(input, params), Attempt::streaming(Some(tx))).await.unwrap();
     let mut deltas = String::new();
     while let Ok(d) = rx.try_recv() {
         deltas.push_str(&d);
@@ -141,4 +141,61 @@ fn the_revision_is_a_hash_of_the_files() {
     let bigger = retro_fleet_worker::tiny_model::Tiny { layers: 3, ..Default::default() };
     retro_fleet_worker::tiny_model::write(b.path(), &bigger).unwrap();
     assert_ne!(ra, backend::mistral::files_revision(b.path()).unwrap());
+}
+
+/// Runs `r` with checkpoints after every token and returns the last one.
+async fn last_checkpoint(b: &Arc<dyn Backend>, r: &InferRequest) -> backend::Checkpoint {
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    let every = std::time::Duration::ZERO;
+    let attempt = Attempt { checkpoints: Some(backend::Checkpointing { tx, every }), ..Default::default() };
+    b.generate(r, attempt).await.unwrap();
+    let c = rx.borrow().clone();
+    c.expect("a checkpoint was sent")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_generation_goes_on_exactly_where_the_checkpoint_was() {
+    let (_dir, b) = tiny().await;
+    for (temperature, seed) in [(Some(0.0), None), (Some(1.0), Some(7)), (Some(1.0), None)] {
+        let input = Input::Chat { messages: vec![ChatMessage { role: "user".into(), content: "tell me".into() }] };
+        let whole = SamplingParams { max_tokens: Some(300), temperature, seed, ..Default::default() };
+        let uninterrupted = b.generate(&req(input.clone(), whole.clone()), Attempt::default()).await.unwrap();
+        // an attempt that got 120 tokens in, as if its worker died there
+        let cut = SamplingParams { max_tokens: Some(121), ..whole.clone() };
+        let mut c = last_checkpoint(&b, &req(input.clone(), cut)).await;
+        // after every token but the last, until a piece is not ASCII (the
+        // tiny model draws an invalid byte now and then)
+        let n = c.generated.len();
+        let ascii = uninterrupted.text.find(|ch: char| !ch.is_ascii()).unwrap_or(usize::MAX);
+        assert_eq!(n, 120.min(ascii), "{:?}", uninterrupted.text);
+        assert_eq!(c.text, uninterrupted.text[..c.text.len()], "the checkpoint's text is the start of the answer");
+        c.max_tokens = 300;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let resumed = Attempt { deltas: Some(tx), resume: Some(c), ..Default::default() };
+        let g = b.generate(&req(input.clone(), whole), resumed).await.unwrap();
+        assert_eq!(g.text, uninterrupted.text, "temperature {temperature:?}, seed {seed:?}");
+        assert_eq!(g.usage, uninterrupted.usage, "usage counts the whole answer");
+        assert_eq!(g.computed_tokens as usize, 300 - (n - 1), "only the tokens after the checkpoint (and its last again)");
+        let mut deltas = String::new();
+        while let Ok(d) = rx.try_recv() {
+            deltas.push_str(&d);
+        }
+        assert_eq!(deltas, g.text, "the stream repeats the checkpoint's text, then goes on");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_the_context_is_refused_before_the_engine() {
+    let (_dir, b) = tiny().await;
+    let params = SamplingParams { max_tokens: Some(5000), ..Default::default() };
+    let e = b.generate(&req(completion("hello"), params), Attempt::default()).await.unwrap_err();
+    assert_eq!(e.code, retro_fleet_schemas::ErrorCode::ContextLengthExceeded);
+    assert!(!e.retryable);
+    assert!(e.message.contains("2048") && e.message.contains("5000"), "{}", e.message);
+    // the budget left by a long prompt, when none is asked for
+    let long = "x".repeat(2040);
+    let g = b.generate(&req(completion(&long), SamplingParams::default()), Attempt::default()).await.unwrap();
+    assert!(g.usage.prompt_tokens + g.usage.completion_tokens <= 2048, "{:?}", g.usage);
+    let e = b.generate(&req(completion(&"x".repeat(2100)), SamplingParams::default()), Attempt::default()).await;
+    assert_eq!(e.unwrap_err().code, retro_fleet_schemas::ErrorCode::ContextLengthExceeded);
 }

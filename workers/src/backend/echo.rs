@@ -2,7 +2,7 @@
 
 use retro_fleet_schemas::{InferRequest, Input};
 
-use super::{words, Backend, DeltaSender, Generating};
+use super::{words, Attempt, Backend, Generating};
 
 /// Returns the prompt (or the last chat message), word-limited by
 /// `max_tokens` and cut at stop sequences.
@@ -22,8 +22,8 @@ impl Backend for Echo {
         self.revision.clone()
     }
 
-    fn generate<'a>(&'a self, req: &'a InferRequest, deltas: Option<DeltaSender>) -> Generating<'a> {
-        Box::pin(async move { Ok(words::answer(req, last_text(&req.input).split_whitespace(), None, deltas)) })
+    fn generate<'a>(&'a self, req: &'a InferRequest, attempt: Attempt) -> Generating<'a> {
+        Box::pin(async move { Ok(words::answer(req, last_text(&req.input).split_whitespace(), None, attempt.deltas)) })
     }
 }
 

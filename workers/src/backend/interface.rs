@@ -4,6 +4,7 @@
 
 use futures::future::BoxFuture;
 use retro_fleet_schemas::{ErrorCode, InferRequest, Usage};
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 /// What a backend produced.
@@ -15,6 +16,9 @@ pub struct Generation {
     pub finish_reason: String,
     /// Token counts.
     pub usage: Usage,
+    /// Tokens this attempt computed: fewer than the completion's when it
+    /// resumed an earlier attempt's checkpoint.
+    pub computed_tokens: u32,
 }
 
 /// A backend failure.
@@ -31,6 +35,53 @@ pub struct BackendError {
 
 /// Sends streamed text deltas, in order, while a backend generates.
 pub type DeltaSender = mpsc::UnboundedSender<String>;
+
+/// The tokens a generation has produced so far, enough for another attempt
+/// (on any worker holding the same model revision) to go on from there
+/// instead of starting again. Kept in KV `fleet_checkpoints`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Revision of the model that produced the tokens.
+    pub revision: String,
+    /// The prompt's token ids, as the engine saw them.
+    pub prompt: Vec<u32>,
+    /// The generated token ids.
+    pub generated: Vec<u32>,
+    /// The answer's text so far: exactly the text of `generated`.
+    pub text: String,
+    /// The sampler's state after the last generated token.
+    pub rng: u64,
+    /// The tokens the whole generation may produce (`max_tokens` as run).
+    pub max_tokens: u32,
+}
+
+/// Where a generation sends its latest [`Checkpoint`] while it runs, and
+/// how often.
+#[derive(Debug)]
+pub struct Checkpointing {
+    /// Holds the latest checkpoint (a slow writer skips older ones).
+    pub tx: tokio::sync::watch::Sender<Option<Checkpoint>>,
+    /// At most one checkpoint per this long.
+    pub every: std::time::Duration,
+}
+
+/// How to run one attempt of a request, beyond the request itself.
+#[derive(Debug, Default)]
+pub struct Attempt {
+    /// Where to send streamed text, when the caller streams.
+    pub deltas: Option<DeltaSender>,
+    /// Where an earlier attempt got to (a backend that cannot resume ignores it).
+    pub resume: Option<Checkpoint>,
+    /// Where to send checkpoints while generating (none: do not checkpoint).
+    pub checkpoints: Option<Checkpointing>,
+}
+
+impl Attempt {
+    /// A first attempt streaming to `deltas` when given.
+    pub fn streaming(deltas: Option<DeltaSender>) -> Attempt {
+        Attempt { deltas, ..Default::default() }
+    }
+}
 
 /// A generation under way (what [`Backend::generate`] returns).
 pub type Generating<'a> = BoxFuture<'a, Result<Generation, BackendError>>;
@@ -51,7 +102,8 @@ pub trait Backend: Send + Sync + 'static {
         true
     }
 
-    /// Runs `req`. When `deltas` is given, sends output pieces as they are
-    /// generated; their concatenation equals the returned text.
-    fn generate<'a>(&'a self, req: &'a InferRequest, deltas: Option<DeltaSender>) -> Generating<'a>;
+    /// Runs `req`. When `attempt.deltas` is given, sends output pieces as
+    /// they are generated; their concatenation equals the returned text (a
+    /// resumed attempt sends the resumed text first, then the rest).
+    fn generate<'a>(&'a self, req: &'a InferRequest, attempt: Attempt) -> Generating<'a>;
 }

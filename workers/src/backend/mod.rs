@@ -25,7 +25,7 @@ use retro_fleet_schemas::{ErrorCode, InferRequest};
 
 use crate::config::ModelConfig;
 
-pub use interface::{Backend, BackendError, DeltaSender, Generating, Generation};
+pub use interface::{Attempt, Backend, BackendError, Checkpoint, Checkpointing, DeltaSender, Generating, Generation};
 
 /// Builds (loads) the backend of a configured model, each instance behind
 /// its own circuit breaker on `breakers`, loading on the caller's runtime.
@@ -101,7 +101,7 @@ impl Backend for Unavailable {
         None
     }
 
-    fn generate<'a>(&'a self, _req: &'a InferRequest, _deltas: Option<DeltaSender>) -> Generating<'a> {
+    fn generate<'a>(&'a self, _req: &'a InferRequest, _attempt: Attempt) -> Generating<'a> {
         let e = BackendError { code: ErrorCode::BackendError, message: self.message.clone(), retryable: false };
         Box::pin(async move { Err(e) })
     }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use retro_fleet_schemas::{ErrorCode, InferRequest};
 use tokio::sync::Semaphore;
 
-use super::{words, Backend, BackendError, DeltaSender, Generating};
+use super::{words, Attempt, Backend, BackendError, Generating};
 
 /// Sleeps `latency`, then answers `output_tokens` words; at most
 /// `concurrency` requests run at once per worker.
@@ -51,7 +51,7 @@ impl Backend for Synthetic {
         self.revision.clone()
     }
 
-    fn generate<'a>(&'a self, req: &'a InferRequest, deltas: Option<DeltaSender>) -> Generating<'a> {
+    fn generate<'a>(&'a self, req: &'a InferRequest, attempt: Attempt) -> Generating<'a> {
         Box::pin(async move {
             let _slot = match &self.slots {
                 Some(s) => Some(s.acquire().await.expect("semaphore never closed")),
@@ -66,7 +66,7 @@ impl Backend for Synthetic {
                 });
             }
             let n = req.params.max_tokens.unwrap_or(self.output_tokens).min(self.output_tokens.max(1) * 64);
-            Ok(words::answer(req, std::iter::repeat_n("token", n as usize), Some(n), deltas))
+            Ok(words::answer(req, std::iter::repeat_n("token", n as usize), Some(n), attempt.deltas))
         })
     }
 }

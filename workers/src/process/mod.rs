@@ -38,13 +38,13 @@ pub async fn handle(sh: Arc<Shared>, prio: Priority, msg: jetstream::Message, _p
         .unwrap_or("unknown")
         .to_string();
     // the caller's trace id on every log line about this request
-    let span = tracing::info_span!("request", trace_id = tracing::field::Empty);
+    let span = tracing::info_span!("request", id = tracing::field::Empty, trace_id = tracing::field::Empty);
     let envelope = Received::read(msg.headers.as_ref());
     if let Some(t) = envelope.traceparent.and_then(headers::trace_id) {
         span.record("trace_id", t);
     }
     let delivered = msg.info().map_or(1, |i| i.delivered);
-    let m = Settling { msg: &msg, priority: prio, model_label: &model_label, delivered };
+    let m = Settling { msg: &msg, priority: prio, model_label: &model_label, delivered, checkpointed: Default::default() };
     let outcome = tracing::Instrument::instrument(handle_inner(&sh, &m, envelope), span).await;
     let label = match &outcome {
         Ok(o) => o.as_str(),
@@ -77,13 +77,16 @@ async fn handle_inner(sh: &Shared, m: &Settling<'_>, envelope: Received<'_>) -> 
         Ok(job) => job,
         Err(rejection) => return settle::settle(sh, m, Settlement::GiveUp(rejection)).await,
     };
+    tracing::Span::current().record("id", job.req.id.as_str());
     // A previous delivery may have stored its result before its worker died.
     let stored = match job.delivered > 1 {
         true => Box::pin(stored_result(&sh.js, &job.tenant, &job.req.id)).await.ok().flatten(),
         false => None,
     };
     let settlement = match decide::admit(&job, stored, now_ms, sh.max_deliver) {
-        Admission::Answered(result) => Settlement::Resend { result: Box::new(result), reply: job.reply },
+        Admission::Answered(result) => {
+            Settlement::Resend { result: Box::new(result), reply: job.reply, tenant: job.tenant }
+        }
         Admission::GiveUp(rejection) => Settlement::GiveUp(rejection),
         Admission::Expired { late_ms } => {
             let message = format!("deadline passed {late_ms} ms before a worker picked the request up");

@@ -4,6 +4,7 @@
 //! subject, in-progress acks, the cache).
 
 use std::future::Future;
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind};
@@ -15,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::decide::{Job, Rejection};
 use super::settle::{Settlement, Settling};
 use super::shared::Shared;
-use crate::backend::{BackendError, Generation};
+use crate::backend::{Attempt, BackendError, Checkpoint, Generation};
 use crate::cache::{self, Found, Session};
 use crate::clock::unix_ms;
 
@@ -77,7 +78,8 @@ pub async fn run(sh: &Shared, m: &Settling<'_>, job: Job, queued_ms: f64, picked
     if cancel.token.is_cancelled() {
         return cancelled("before it started", 0.0);
     }
-    let every = (sh.ack_wait / 2).max(Duration::from_millis(100));
+    // a third of ack_wait: one late or lost progress ack is not a redelivery
+    let every = (sh.ack_wait / 3).max(Duration::from_millis(100));
     let guard = Guard { msg: m.msg, every, id: &job.req.id, cancel: &cancel.token };
     let revision = job.backend.revision().unwrap_or_default();
     let mut session =
@@ -89,13 +91,21 @@ pub async fn run(sh: &Shared, m: &Settling<'_>, job: Job, queued_ms: f64, picked
             Ok(None) => {}
         }
     }
+    // a delivery after the first may find where an earlier one got to
+    let resume = match (&sh.checkpoints, job.delivered > 1) {
+        (Some(c), true) => Box::pin(c.load(&job.tenant, &job.req.id)).await,
+        _ => None,
+    };
     let started = Instant::now();
-    let generated = generate(sh, &job, &guard).await;
+    let generated = generate(sh, &job, &guard, resume, &m.checkpointed).await;
     let compute = started.elapsed();
     sh.metrics.computed(m.priority, m.model_label, compute);
     let compute_ms = compute.as_secs_f64() * 1e3;
     let g = match generated {
-        Some(Ok(g)) => g,
+        Some(Ok(g)) => {
+            sh.metrics.generated(m.model_label, g.computed_tokens);
+            g
+        }
         Some(Err(e)) => {
             abandon(session).await;
             return failure(&job, e, sh.max_deliver);
@@ -118,9 +128,16 @@ pub async fn run(sh: &Shared, m: &Settling<'_>, job: Job, queued_ms: f64, picked
     Settlement::Answer { result: Box::new(result), to: job.ids(), cached }
 }
 
-/// Runs the backend, streaming chunks to the reply subject when asked;
+/// Runs the backend, streaming chunks to the reply subject when asked and
+/// writing checkpoints when enabled (`wrote` is set once one is written);
 /// `None` when the request was cancelled.
-async fn generate(sh: &Shared, job: &Job, guard: &Guard<'_>) -> Option<Result<Generation, BackendError>> {
+async fn generate(
+    sh: &Shared,
+    job: &Job,
+    guard: &Guard<'_>,
+    resume: Option<Checkpoint>,
+    wrote: &AtomicBool,
+) -> Option<Result<Generation, BackendError>> {
     let (deltas, forwarder) = match (job.req.stream, &job.reply) {
         (true, Some(reply)) => {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -130,7 +147,16 @@ async fn generate(sh: &Shared, job: &Job, guard: &Guard<'_>) -> Option<Result<Ge
         }
         _ => (None, None),
     };
-    let generated = guard.run(job.backend.generate(&job.req, deltas)).await;
+    let mut attempt = Attempt { deltas, resume, checkpoints: None };
+    let generated = match &sh.checkpoints {
+        Some(c) => {
+            let (to, write) = c.writing(&job.tenant, &job.req.id, wrote);
+            attempt.checkpoints = Some(to);
+            // the writer ends when the generation drops its sender
+            guard.run(async { tokio::join!(job.backend.generate(&job.req, attempt), write).0 }).await
+        }
+        None => guard.run(job.backend.generate(&job.req, attempt)).await,
+    };
     if let Some(task) = forwarder {
         // every chunk is out before the final result (same connection, in order)
         let _ = task.await;
@@ -221,12 +247,15 @@ async fn forward_chunks(
     every: Duration,
     mut rx: tokio::sync::mpsc::UnboundedReceiver<String>,
 ) {
-    let mut seq = 0;
+    let (mut seq, mut offset) = (0, 0);
     let mut h = HeaderMap::new();
     h.insert(headers::CONTENT_TYPE, codec::ContentType::MSGPACK_MIME);
     h.insert(headers::KIND, headers::KIND_CHUNK);
     let mut send = |delta: String, done: bool| {
-        let chunk = StreamChunk { v: retro_fleet_schemas::SCHEMA_VERSION, id: id.clone(), seq, delta, done };
+        let at = offset;
+        offset += delta.len() as u64;
+        let chunk =
+            StreamChunk { v: retro_fleet_schemas::SCHEMA_VERSION, id: id.clone(), seq, offset: at, delta, done };
         seq += 1;
         let client = client.clone();
         let (reply, h) = (reply.clone(), h.clone());
@@ -288,8 +317,8 @@ mod tests {
             let m = tokio::time::timeout(Duration::from_secs(5), sub.next()).await.unwrap().unwrap();
             chunks.push(codec::decode(Some(codec::ContentType::MSGPACK_MIME), &m.payload).unwrap());
         }
-        let got: Vec<(u64, &str, bool)> = chunks.iter().map(|c| (c.seq, c.delta.as_str(), c.done)).collect();
+        let got: Vec<_> = chunks.iter().map(|c| (c.seq, c.offset, c.delta.as_str(), c.done)).collect();
         // the first piece at once, the rest together, then `done`
-        assert_eq!(got, vec![(0, "a", false), (1, "bc", false), (2, "", true)]);
+        assert_eq!(got, vec![(0, 0, "a", false), (1, 1, "bc", false), (2, 3, "", true)]);
     }
 }

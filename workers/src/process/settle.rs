@@ -39,6 +39,8 @@ pub enum Settlement {
         result: Box<InferResult>,
         /// The reply subject.
         reply: Option<String>,
+        /// The request's tenant.
+        tenant: String,
     },
     /// Nak with a delay: another attempt (maybe elsewhere) may succeed.
     Retry {
@@ -60,6 +62,9 @@ pub enum Step {
     DeadLetter,
     /// Store (when the id is known) and reply the error result.
     ErrorResult,
+    /// Remove the request's checkpoint, when it may have one (the request
+    /// is settled: no attempt will resume it).
+    Forget,
     /// Done.
     Ack,
     /// Redeliver later.
@@ -72,10 +77,10 @@ impl Settlement {
     /// The effects of this settlement, in order.
     pub fn steps(&self) -> &'static [Step] {
         match self {
-            Settlement::Answer { .. } => &[Step::Store, Step::Ack],
-            Settlement::Resend { .. } => &[Step::Resend, Step::Ack],
+            Settlement::Answer { .. } => &[Step::Store, Step::Forget, Step::Ack],
+            Settlement::Resend { .. } => &[Step::Resend, Step::Forget, Step::Ack],
             Settlement::Retry { .. } => &[Step::Nak],
-            Settlement::GiveUp(_) => &[Step::DeadLetter, Step::ErrorResult, Step::Term],
+            Settlement::GiveUp(_) => &[Step::DeadLetter, Step::ErrorResult, Step::Forget, Step::Term],
         }
     }
 
@@ -88,6 +93,43 @@ impl Settlement {
             Settlement::GiveUp(r) => Outcome::Failed(r.code),
         }
     }
+}
+
+impl Settlement {
+    /// The tenant and id of the request settled, when known.
+    fn request(&self) -> Option<(&str, &str)> {
+        let (tenant, id) = match self {
+            Settlement::Answer { result, to, .. } => (to.tenant.as_deref(), Some(result.id.as_str())),
+            Settlement::Resend { result, tenant, .. } => (Some(tenant.as_str()), Some(result.id.as_str())),
+            Settlement::Retry { .. } => return None,
+            Settlement::GiveUp(r) => (r.ids.tenant.as_deref(), r.ids.id.as_deref()),
+        };
+        Some((tenant.unwrap_or(subjects::DEFAULT_TENANT), id?))
+    }
+
+    /// Replaces an error message that carries a program's internals (a
+    /// backtrace, a source path) with a sentence; the original goes to the
+    /// log. Every error a caller can read passes here.
+    fn keep_internals_out(&mut self) {
+        let message = match self {
+            Settlement::Answer { result, .. } => result.error.as_mut().map(|e| (e.code, &mut e.message)),
+            Settlement::GiveUp(r) => Some((r.code, &mut r.message)),
+            Settlement::Resend { .. } | Settlement::Retry { .. } => None,
+        };
+        if let Some((code, message)) = message {
+            if let Some(public) = public_message(code, message) {
+                tracing::warn!(error = %message, "an error message held internals; the caller gets a sentence");
+                *message = public;
+            }
+        }
+    }
+}
+
+/// A sentence to send instead of `message` when it shows internals.
+pub fn public_message(code: ErrorCode, message: &str) -> Option<String> {
+    let lower = message.to_ascii_lowercase();
+    let internal = lower.contains(".rs:") || lower.contains("backtrace") || lower.contains("panicked") || message.contains('\n');
+    internal.then(|| format!("the request failed ({code}); the worker's log has the detail under the request id"))
 }
 
 /// How a message ended, for the outcome label.
@@ -143,17 +185,20 @@ pub struct Settling<'a> {
     pub model_label: &'a str,
     /// Deliveries so far.
     pub delivered: i64,
+    /// A checkpoint of this request was written (by this delivery).
+    pub checkpointed: std::sync::atomic::AtomicBool,
 }
 
 /// Carries out `s` for the message.
-pub async fn settle(sh: &Shared, m: &Settling<'_>, s: Settlement) -> Result<Outcome, SettleError> {
+pub async fn settle(sh: &Shared, m: &Settling<'_>, mut s: Settlement) -> Result<Outcome, SettleError> {
+    s.keep_internals_out();
     for step in s.steps() {
         match (step, &s) {
             (Step::Store, Settlement::Answer { result, to, cached }) => {
                 let tenant = to.tenant.as_deref().unwrap_or(subjects::DEFAULT_TENANT);
                 publish_result(sh, to.reply.as_deref(), tenant, result, *cached).await?;
             }
-            (Step::Resend, Settlement::Resend { result, reply }) => {
+            (Step::Resend, Settlement::Resend { result, reply, .. }) => {
                 tracing::info!(id = %result.id, delivered = m.delivered, "redelivered request already answered; re-sending the stored result");
                 if let Some(reply) = reply {
                     let payload = Bytes::from(codec::encode(result));
@@ -171,6 +216,12 @@ pub async fn settle(sh: &Shared, m: &Settling<'_>, s: Settlement) -> Result<Outc
             }
             (Step::ErrorResult, Settlement::GiveUp(r)) => {
                 answer_error(sh, &r.ids, letter_model(&m.msg.subject), r.code, &r.message).await?;
+            }
+            (Step::Forget, s) => {
+                let may_exist = m.delivered > 1 || m.checkpointed.load(std::sync::atomic::Ordering::Relaxed);
+                if let (Some(c), Some((tenant, id)), true) = (&sh.checkpoints, s.request(), may_exist) {
+                    c.forget(tenant, id).await;
+                }
             }
             (Step::Ack, _) => ack(m.msg, AckKind::Ack).await?,
             (Step::Nak, Settlement::Retry { delay }) => {
@@ -320,7 +371,7 @@ mod tests {
         let result = Box::new(InferResult::error("r", "m", ErrorCode::Cancelled, "x"));
         vec![
             Settlement::Answer { result: result.clone(), to: Ids::default(), cached: None },
-            Settlement::Resend { result, reply: None },
+            Settlement::Resend { result, reply: None, tenant: "default".into() },
             Settlement::Retry { delay: Duration::from_secs(1) },
             Settlement::GiveUp(Rejection { ids: Ids::default(), code: ErrorCode::DecodeError, message: "m".into() }),
         ]
@@ -339,12 +390,15 @@ mod tests {
     #[test]
     fn results_are_stored_before_the_ack_and_dead_letters_before_the_term() {
         let table: Vec<_> = every_settlement().iter().map(|s| (s.steps(), s.outcome())).collect();
-        assert_eq!(table[0], (&[Step::Store, Step::Ack][..], Outcome::Failed(ErrorCode::Cancelled)));
-        assert_eq!(table[1], (&[Step::Resend, Step::Ack][..], Outcome::Ok));
+        assert_eq!(table[0], (&[Step::Store, Step::Forget, Step::Ack][..], Outcome::Failed(ErrorCode::Cancelled)));
+        assert_eq!(table[1], (&[Step::Resend, Step::Forget, Step::Ack][..], Outcome::Ok));
         assert_eq!(table[2], (&[Step::Nak][..], Outcome::Retried));
         assert_eq!(
             table[3],
-            (&[Step::DeadLetter, Step::ErrorResult, Step::Term][..], Outcome::Failed(ErrorCode::DecodeError))
+            (
+                &[Step::DeadLetter, Step::ErrorResult, Step::Forget, Step::Term][..],
+                Outcome::Failed(ErrorCode::DecodeError)
+            )
         );
     }
 }

@@ -30,10 +30,12 @@ pub struct Shared {
     /// Deliveries after which a retryable failure is dead-lettered.
     pub max_deliver: i64,
     /// The consumers' ack wait: a request still running is re-armed with an
-    /// in-progress ack every half of it, so it is never redelivered while alive.
+    /// in-progress ack every third of it, so it is never redelivered while alive.
     pub ack_wait: Duration,
     /// The result cache, when enabled.
     pub cache: Option<Arc<ResultCache>>,
+    /// Checkpoints of running generations, when enabled.
+    pub checkpoints: Option<crate::checkpoint::Checkpoints>,
     /// Cancel tokens of running requests.
     pub cancels: Arc<crate::cancel::Cancels>,
     /// Drained by an operator: take no new requests (see [`crate::control`]).

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use retro_fleet_schemas::{ErrorCode, InferRequest};
 
 use super::load::{files_revision, not_mistral, pool, Shared};
-use crate::backend::{Backend, BackendError, DeltaSender, Generating};
+use crate::backend::{Attempt, Backend, BackendError, Generating};
 use crate::config::ModelConfig;
 use crate::hub::{self, ModelSource};
 
@@ -83,11 +83,11 @@ impl Backend for Adapted {
         self.adapters.keys().cloned().collect()
     }
 
-    fn generate<'a>(&'a self, req: &'a InferRequest, deltas: Option<DeltaSender>) -> Generating<'a> {
+    fn generate<'a>(&'a self, req: &'a InferRequest, attempt: Attempt) -> Generating<'a> {
         match req.adapter.as_deref() {
-            None => self.base.generate(req, deltas),
+            None => self.base.generate(req, attempt),
             Some(a) => match self.adapters.get(a) {
-                Some(b) => b.generate(req, deltas),
+                Some(b) => b.generate(req, attempt),
                 None => {
                     let message = format!("no adapter `{a}`; adapters: {}", self.adapters().join(", "));
                     Box::pin(

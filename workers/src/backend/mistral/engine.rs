@@ -6,10 +6,11 @@ use std::sync::Arc;
 use mistralrs::Model;
 use retro_fleet_schemas::{InferRequest, Input, Usage};
 
-use super::request::{Params, Prompt};
-use super::stream;
+use super::context::Context;
+use super::request::{self, Params, Prompt};
+use super::stream::{self, Run};
 use crate::backend::cohort::Gate;
-use crate::backend::{Backend, DeltaSender, Generating, Generation};
+use crate::backend::{Attempt, Backend, Checkpoint, Generating, Generation};
 
 /// A loaded mistral.rs model.
 pub struct Mistral {
@@ -18,6 +19,8 @@ pub struct Mistral {
     pub(super) gate: Option<Arc<Gate>>,
     pub(super) revision: String,
     pub(super) default_max_tokens: u32,
+    /// The model's context length in tokens, when known.
+    pub(super) context: Option<usize>,
 }
 
 impl Backend for Mistral {
@@ -25,30 +28,48 @@ impl Backend for Mistral {
         Some(self.revision.clone())
     }
 
-    fn generate<'a>(&'a self, req: &'a InferRequest, deltas: Option<DeltaSender>) -> Generating<'a> {
+    fn generate<'a>(&'a self, req: &'a InferRequest, attempt: Attempt) -> Generating<'a> {
         Box::pin(async move {
             let p = &req.params;
-            let params = Params {
-                max_tokens: Some(p.max_tokens.unwrap_or(self.default_max_tokens)),
+            let mut params = Params {
+                max_tokens: None,
                 temperature: p.temperature,
                 top_p: p.top_p,
                 top_k: p.top_k,
-                seed: p.seed,
+                seed: Some(p.seed.unwrap_or_else(|| request::seed_of(&req.id))),
                 stop: p.stop.clone(),
             };
-            let chat: Vec<(String, String)>;
-            let prompt = match &req.input {
-                Input::Chat { messages } => {
+            let resume = attempt.resume.filter(|c| self.resumes(c, &req.id));
+            let (chat, joined): (Vec<(String, String)>, Vec<u32>);
+            let prompt = match (&resume, &req.input) {
+                // the earlier prompt and tokens, but the last token: it is
+                // produced again first (see `request::From`)
+                (Some(c), _) => {
+                    joined = c.prompt.iter().chain(&c.generated[..c.generated.len() - 1]).copied().collect();
+                    params.max_tokens = Some(c.max_tokens - (c.generated.len() as u32 - 1));
+                    Prompt::Tokens(&joined)
+                }
+                (None, Input::Chat { messages }) => {
                     chat = messages.iter().map(|m| (m.role.clone(), m.content.clone())).collect();
                     Prompt::Chat(&chat)
                 }
-                Input::Completion { prompt } => Prompt::Completion(prompt),
+                (None, Input::Completion { prompt }) => Prompt::Completion(prompt),
             };
+            if resume.is_none() {
+                let context = Context { tokens: self.context, default_max_tokens: self.default_max_tokens };
+                params.max_tokens = Some(context.budget(&self.model, &prompt, p.max_tokens).await?);
+            }
             let _place = match &self.gate {
                 Some(gate) => Some(gate.enter().await),
                 None => None,
             };
-            let out = stream::generate(&self.model, prompt, &params, deltas).await?;
+            let run = Run {
+                deltas: attempt.deltas,
+                resume: resume.as_ref(),
+                checkpoints: attempt.checkpoints,
+                revision: &self.revision,
+            };
+            let out = stream::generate(&self.model, prompt, &params, run).await?;
             Ok(Generation {
                 text: out.text,
                 finish_reason: out.finish_reason,
@@ -57,7 +78,23 @@ impl Backend for Mistral {
                     completion_tokens: out.completion_tokens as u32,
                     total_tokens: (out.prompt_tokens + out.completion_tokens) as u32,
                 },
+                computed_tokens: out.computed_tokens as u32,
             })
         })
+    }
+}
+
+impl Mistral {
+    /// Whether checkpoint `c` of request `id` can be resumed here: the same
+    /// model revision, and tokens left to generate.
+    fn resumes(&self, c: &Checkpoint, id: &str) -> bool {
+        let n = c.generated.len();
+        let ok = c.revision == self.revision && n > 0 && n < c.max_tokens as usize && !c.text.is_empty();
+        if ok {
+            tracing::info!(id, tokens = n, "resuming from a checkpoint");
+        } else {
+            tracing::info!(id, tokens = n, revision = %c.revision, "a checkpoint this instance cannot resume; starting again");
+        }
+        ok
     }
 }

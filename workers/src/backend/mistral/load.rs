@@ -84,7 +84,9 @@ impl Mistral {
         };
         let gate = (*admission == Admission::Cohort)
             .then(|| Gate::new(*max_num_seqs, Duration::from_millis(*gather_ms), waiting));
-        Ok(Mistral { model, gate, revision, default_max_tokens: *default_max_tokens })
+        // a model without a known context is left to the engine's own checks
+        let context = model.max_sequence_length().ok().flatten();
+        Ok(Mistral { model, gate, revision, default_max_tokens: *default_max_tokens, context })
     }
 }
 

@@ -18,10 +18,12 @@
 //! - An engine whose thread panicked (its KV cache does under mixed-length
 //!   batches, see [`super::cohort`]) closes the response channels of the
 //!   requests it held, and `get_sender` starts a new engine for the next
-//!   request: those requests fail retryably and are run again (unless text
-//!   already reached a streaming caller: then the failure is final).
+//!   request: those requests fail retryably and are run again. An error the
+//!   engine reports for a request (`narrow invalid args` past the end of
+//!   the context, say) is the request's own: it is final, not retried.
 //!
 //! - `engine`: a loaded model as a backend.
+//! - `context`: whether a request fits in the model's context.
 //! - `load`: one instance from the model's configuration, and the pool of
 //!   a model's instances.
 //! - `adapters`: LoRA adapters, one pool per adapter.
@@ -30,6 +32,7 @@
 //! - `stream`: one request run in streaming mode, cut at stop strings.
 
 mod adapters;
+mod context;
 mod engine;
 mod load;
 mod request;

@@ -6,8 +6,8 @@ use mistralrs::{Model, Response};
 use retro_fleet_schemas::ErrorCode;
 use tokio::sync::mpsc;
 
-use super::request::{self, Params, Prompt};
-use crate::backend::{BackendError, DeltaSender};
+use super::request::{self, Meter, Params, Prompt};
+use crate::backend::{BackendError, Checkpoint, Checkpointing, DeltaSender};
 
 /// A failure of the model (worth another attempt).
 pub(super) fn backend_err(message: impl Into<String>) -> BackendError {
@@ -20,15 +20,31 @@ pub(super) struct Output {
     pub finish_reason: String,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
+    /// Tokens this attempt computed (fewer than `completion_tokens` when it
+    /// resumed an earlier attempt).
+    pub computed_tokens: usize,
+}
+
+/// One attempt at a request, beyond its prompt and parameters.
+pub(super) struct Run<'a> {
+    /// Where to send streamed text.
+    pub deltas: Option<DeltaSender>,
+    /// Where an earlier attempt got to.
+    pub resume: Option<&'a Checkpoint>,
+    /// Where to send checkpoints, and how often.
+    pub checkpoints: Option<Checkpointing>,
+    /// The model's revision (recorded in checkpoints).
+    pub revision: &'a str,
 }
 
 /// Runs one request, forwarding text to `deltas` as it arrives and cutting
-/// it at stop strings.
+/// it at stop strings; a resumed one starts with the earlier text and goes
+/// on from its tokens.
 pub(super) async fn generate(
     model: &Model,
     prompt: Prompt<'_>,
     p: &Params,
-    deltas: Option<DeltaSender>,
+    run: Run<'_>,
 ) -> Result<Output, BackendError> {
     if p.max_tokens == Some(0) {
         // max_len=Some(0) would still produce 1 token
@@ -37,49 +53,124 @@ pub(super) async fn generate(
             finish_reason: "length".into(),
             prompt_tokens: 0,
             completion_tokens: 0,
+            computed_tokens: 0,
         });
     }
     let stops: Vec<String> = p.stop.iter().filter(|s| !s.is_empty()).cloned().collect();
     let (tx, mut rx) = mpsc::channel::<Response>(1);
     let runner = model.inner();
-    let (req, meter) = request::build(prompt, p, &stops, runner.next_request_id(), tx);
-    let sender = runner.get_sender(None).map_err(|e| backend_err(format!("mistral.rs engine: {e}")))?;
-    sender.send(req).await.map_err(|_| backend_err("mistral.rs engine stopped"))?;
+    let from = run.resume.map(|c| request::From { prompt: &c.prompt, generated: &c.generated, rng: c.rng });
+    let record = run.checkpoints.is_some();
+    let (req, meter) = request::build(prompt, p, &stops, runner.next_request_id(), tx, record, from);
+    let sender = runner.get_sender(None).map_err(|e| {
+        tracing::warn!(error = %e, "no mistral.rs engine to send the request to");
+        backend_err("the model's engine is not running")
+    })?;
+    sender.send(req).await.map_err(|_| backend_err("the model's engine stopped"))?;
 
-    let mut text = Text::new(stops, deltas.as_ref());
-    // A failure after text reached a streaming caller is final: another
-    // attempt would stream from the start again onto the same reply subject,
-    // and the caller would see the text twice.
-    let failed = |message: String, emitted: usize| BackendError {
-        retryable: deltas.is_none() || emitted == 0,
-        ..backend_err(message)
+    let mut text = Text::new(stops, run.deltas.as_ref());
+    let mut marks = Marks::new(run.checkpoints, run.revision, p.max_tokens.unwrap_or(0));
+    // the first piece of a resumed stream is the earlier attempt's last
+    // token again (trimmed by the engine): the earlier text stands for it
+    let mut skip = match run.resume {
+        Some(c) => {
+            text.push(&c.text);
+            marks.tokens = c.generated.len();
+            1
+        }
+        None => 0,
     };
     let finish_reason = loop {
         // the engine drops the sender only when its thread dies (mistral.rs
         // reboots it on the next request): a cut-off answer is an error,
         // worth another attempt, never a result
         let Some(resp) = rx.recv().await else {
-            return Err(failed("the mistral.rs engine stopped before the answer was complete".into(), text.emitted));
+            // another attempt goes on from the last checkpoint; chunks carry
+            // their offset and the ingress forwards only what is new
+            return Err(backend_err("the model's engine stopped before the answer was complete"));
         };
         let (piece, fr) = match piece(resp) {
             Ok(p) => p,
             Err(Failure::Invalid(e)) => return Err(e),
-            Err(Failure::Model(message)) => return Err(failed(message, text.emitted)),
+            Err(Failure::Model(detail)) => {
+                // the same request would fail the same way on any instance
+                tracing::warn!(error = %detail, "the model failed on the request");
+                let message = "the model failed while generating; its log has the detail under the request id";
+                return Err(BackendError { retryable: false, ..backend_err(message) });
+            }
         };
-        text.push(&piece);
+        if skip > 0 {
+            skip -= 1;
+        } else {
+            text.push(&piece);
+            if fr.is_none() && !text.stopped {
+                marks.token(&piece, &text.text, &meter);
+            }
+        }
         if let Some(fr) = fr {
             break if text.stopped { "stop".to_string() } else { fr };
         }
     };
     let (prompt_tokens, completion_tokens) = meter.tokens();
-    Ok(Output { text: text.finish(), finish_reason, prompt_tokens, completion_tokens })
+    let computed_tokens = meter.computed();
+    Ok(Output { text: text.finish(), finish_reason, prompt_tokens, completion_tokens, computed_tokens })
+}
+
+/// Checkpoints of a generation: which token the text has reached, and
+/// when the last checkpoint was sent.
+///
+/// The engine sends one streamed piece per token, except that a token
+/// ending inside a multi-byte character sends nothing and the next piece
+/// carries both; such a piece always holds a non-ASCII character. So the
+/// count of pieces is the count of tokens while every piece is ASCII, and
+/// checkpoints stop at the first piece that is not (a later attempt then
+/// resumes from the last exact one).
+struct Marks<'a> {
+    to: Option<Checkpointing>,
+    revision: &'a str,
+    max_tokens: u32,
+    /// Generated tokens whose text is in the text so far.
+    tokens: usize,
+    last: std::time::Instant,
+}
+
+impl<'a> Marks<'a> {
+    fn new(to: Option<Checkpointing>, revision: &'a str, max_tokens: u32) -> Self {
+        Marks { to, revision, max_tokens, tokens: 0, last: std::time::Instant::now() }
+    }
+
+    /// One more token's `piece` reached `text`.
+    fn token(&mut self, piece: &str, text: &str, meter: &Meter) {
+        let Some(to) = &self.to else { return };
+        if !piece.is_ascii() {
+            tracing::debug!("non-ASCII text: no more checkpoints for this generation");
+            self.to = None;
+            return;
+        }
+        self.tokens += 1;
+        if self.last.elapsed() < to.every {
+            return;
+        }
+        if let Some((prompt, generated, rng)) = meter.recorded(self.tokens) {
+            let c = Checkpoint {
+                revision: self.revision.to_string(),
+                prompt,
+                generated,
+                text: text.to_string(),
+                rng,
+                max_tokens: self.max_tokens,
+            };
+            to.tx.send_replace(Some(c));
+            self.last = std::time::Instant::now();
+        }
+    }
 }
 
 /// Why a response ended a request.
 enum Failure {
     /// The request is invalid: final.
     Invalid(BackendError),
-    /// The model failed.
+    /// The model failed on this request (the engine's own words, for the log).
     Model(String),
 }
 
@@ -96,14 +187,19 @@ fn piece(resp: Response) -> Result<(String, Option<String>), Failure> {
             let ch = c.choices.into_iter().next();
             (ch.as_ref().map(|c| c.text.clone()).unwrap_or_default(), ch.and_then(|c| c.finish_reason))
         }
+        // the engine's text (backtraces, file paths) goes to the log, with
+        // the request id of the span; the caller gets a sentence
         Response::ValidationError(e) => {
-            let e = BackendError { code: ErrorCode::InvalidRequest, message: format!("{e}"), retryable: false };
-            return Err(Failure::Invalid(e));
+            tracing::warn!(error = %e, "the model refused the request");
+            let message = "the model refused the request as given; its log has the reason under the request id";
+            return Err(Failure::Invalid(BackendError {
+                code: ErrorCode::InvalidRequest,
+                message: message.into(),
+                retryable: false,
+            }));
         }
-        Response::InternalError(e) => return Err(Failure::Model(format!("mistral.rs: {e}"))),
-        Response::ModelError(m, _) | Response::CompletionModelError(m, _) => {
-            return Err(Failure::Model(format!("mistral.rs model error: {m}")))
-        }
+        Response::InternalError(e) => return Err(Failure::Model(format!("{e}"))),
+        Response::ModelError(m, _) | Response::CompletionModelError(m, _) => return Err(Failure::Model(m)),
         _ => return Err(Failure::Model("unexpected mistral.rs response".into())),
     })
 }

@@ -30,7 +30,7 @@ use std::time::Duration;
 use retro_fleet_schemas::{ErrorCode, InferRequest, Input, SamplingParams};
 use tokio::time::Instant;
 
-use super::{Backend, BackendError, DeltaSender, Generating, Generation};
+use super::{Attempt, Backend, BackendError, Generating, Generation};
 use crate::breaker::Board;
 use budget::Evictable;
 use slot::Slot;
@@ -206,10 +206,10 @@ impl Pool {
     }
 
     /// Runs `req` on slot `i` through the slot's breaker.
-    async fn run(&self, i: usize, req: &InferRequest, deltas: Option<DeltaSender>) -> Result<Generation, BackendError> {
+    async fn run(&self, i: usize, req: &InferRequest, attempt: Attempt) -> Result<Generation, BackendError> {
         match &self.slots[i].breaker {
-            Some(breaker) => breaker.call(|| self.run_on(i, req, deltas)).await,
-            None => self.run_on(i, req, deltas).await,
+            Some(breaker) => breaker.call(|| self.run_on(i, req, attempt)).await,
+            None => self.run_on(i, req, attempt).await,
         }
     }
 
@@ -218,13 +218,13 @@ impl Pool {
         &self,
         i: usize,
         req: &InferRequest,
-        deltas: Option<DeltaSender>,
+        attempt: Attempt,
     ) -> Result<Generation, BackendError> {
         let slot = &self.slots[i];
         let _inflight = slot.enter();
         let (idle_for, current) = slot.start();
         let instance = match current {
-            Some(b) if idle_for >= self.spec.probe_after => match b.generate(&probe(), None).await {
+            Some(b) if idle_for >= self.spec.probe_after => match b.generate(&probe(), Attempt::default()).await {
                 Ok(_) => b,
                 Err(e) => {
                     tracing::warn!(model = %self.name, instance = i, error = %e, "probe failed; reloading the instance");
@@ -235,7 +235,7 @@ impl Pool {
             Some(b) => b,
             None => self.load(i).await?,
         };
-        let out = instance.generate(req, deltas).await;
+        let out = instance.generate(req, attempt).await;
         slot.touch();
         out
     }
@@ -269,9 +269,9 @@ impl Backend for Pool {
         self.slots.iter().any(Slot::available)
     }
 
-    fn generate<'a>(&'a self, req: &'a InferRequest, deltas: Option<DeltaSender>) -> Generating<'a> {
+    fn generate<'a>(&'a self, req: &'a InferRequest, attempt: Attempt) -> Generating<'a> {
         let i = self.pick();
-        Box::pin(self.run(i, req, deltas))
+        Box::pin(self.run(i, req, attempt))
     }
 }
 

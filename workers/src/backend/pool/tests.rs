@@ -37,7 +37,7 @@ async fn burst(p: &Arc<Pool>, n: usize) -> Vec<tokio::task::JoinHandle<Result<Ge
     let mut tasks = Vec::new();
     for k in 0..n {
         let p = p.clone();
-        tasks.push(tokio::spawn(async move { p.generate(&request(&format!("r{k}")), None).await }));
+        tasks.push(tokio::spawn(async move { p.generate(&request(&format!("r{k}")), Attempt::default()).await }));
         tokio::task::yield_now().await;
     }
     for _ in 0..10 {
@@ -92,7 +92,7 @@ async fn idle_instances_are_unloaded_and_come_back_on_demand() {
     tokio::time::sleep(Duration::from_secs(12)).await;
     assert_eq!((p.loaded(), budget.used()), (0, 0));
     let before = loads.load(Ordering::SeqCst);
-    p.generate(&request("x"), None).await.unwrap();
+    p.generate(&request("x"), Attempt::default()).await.unwrap();
     assert_eq!((p.loaded(), loads.load(Ordering::SeqCst)), (1, before + 1));
 }
 
@@ -102,15 +102,15 @@ async fn the_budget_unloads_the_least_recently_used_idle_model() {
     let a = pool("a", spec(1, 1), &budget, &loads).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let b = pool("b", spec(1, 1), &budget, &loads).await;
-    b.generate(&request("b1"), None).await.unwrap();
+    b.generate(&request("b1"), Attempt::default()).await.unwrap();
     let c = pool("c", PoolSpec { revision: Some("r1".into()), ..spec(1, 0) }, &budget, &loads).await;
     assert_eq!((a.loaded(), b.loaded(), c.loaded()), (1, 1, 0));
-    c.generate(&request("c1"), None).await.unwrap();
+    c.generate(&request("c1"), Attempt::default()).await.unwrap();
     assert_eq!((a.loaded(), b.loaded(), c.loaded()), (0, 1, 1), "a was used least recently");
     // nothing idle to unload: a clear, retryable refusal
     let busy = burst(&b, 1).await;
     let busy_c = burst(&c, 1).await;
-    let err = a.generate(&request("a1"), None).await.unwrap_err();
+    let err = a.generate(&request("a1"), Attempt::default()).await.unwrap_err();
     assert_eq!((err.code, err.retryable), (ErrorCode::Overloaded, true));
     assert!(err.message.contains("memory budget"), "{}", err.message);
     for t in busy.into_iter().chain(busy_c) {
@@ -143,7 +143,7 @@ async fn a_failing_probe_reloads_the_instance() {
     let p = Pool::build("m", s, l, LoadOn::Caller, budget.clone(), None).await.unwrap();
     assert_eq!(loads.load(Ordering::SeqCst), 1);
     tokio::time::sleep(Duration::from_secs(6)).await;
-    assert!(p.generate(&request("x"), None).await.is_err());
+    assert!(p.generate(&request("x"), Attempt::default()).await.is_err());
     assert_eq!(loads.load(Ordering::SeqCst), 2, "the instance was reloaded after its probe failed");
 }
 
@@ -164,7 +164,7 @@ async fn an_instance_with_an_open_breaker_gets_no_requests() {
     let p = Pool::build("m", s, l, LoadOn::Caller, Budget::new(0), Some(&board)).await.unwrap();
     let mut failures = 0;
     for k in 0..20 {
-        if p.generate(&request(&format!("q{k}")), None).await.is_err() {
+        if p.generate(&request(&format!("q{k}")), Attempt::default()).await.is_err() {
             failures += 1;
         }
     }

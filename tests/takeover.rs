@@ -1,0 +1,238 @@
+//! A generation survives its worker's death: kill -9 of the worker in the
+//! middle of a generation, a second worker takes the request over from the
+//! last checkpoint (KV `fleet_checkpoints`), and what a streaming caller
+//! read is exactly the stored result. Real processes, a real nats-server,
+//! the tiny model (made larger here so a generation lasts long enough to be
+//! interrupted).
+
+#![cfg(feature = "mistralrs")]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures::StreamExt;
+use retro_fleet_schemas::{subjects, InferResult};
+use retro_fleet_worker::backend::Checkpoint;
+use serde_json::{json, Value};
+
+/// A setup serving `slow`: the tiny Llama with wider layers, a few hundred
+/// tokens a second on a shared core; checkpoints every 200 ms.
+fn slow_setup() -> Setup {
+    let model = tempfile::tempdir().unwrap().keep();
+    let sizes = retro_fleet_worker::tiny_model::Tiny { hidden: 256, inter: 512, layers: 4, ..Default::default() };
+    retro_fleet_worker::tiny_model::write(&model, &sizes).unwrap();
+    setup(&format!(
+        "checkpoint_interval_ms = 200\n[models.slow]\nbackend = \"mistralrs\"\npath = \"{}\"\ndefault_max_tokens = 16\n",
+        model.display()
+    ))
+}
+
+/// The events of an SSE response, as `(event, data)`, read as they come.
+struct Events {
+    body: futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
+    buf: String,
+}
+
+impl Events {
+    async fn open(url: &str, body: &Value) -> Events {
+        let r = reqwest::Client::new().post(url).json(body).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{:?}", r.headers());
+        Events { body: r.bytes_stream().boxed(), buf: String::new() }
+    }
+
+    async fn next(&mut self) -> Option<(String, String)> {
+        loop {
+            if let Some(end) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..end + 2).collect();
+                let event = block.lines().find_map(|l| l.strip_prefix("event: ")).unwrap_or("message").to_string();
+                let data = block.lines().filter_map(|l| l.strip_prefix("data: ")).collect::<Vec<_>>().join("\n");
+                if data.is_empty() {
+                    continue; // keep-alive comment
+                }
+                return Some((event, data));
+            }
+            let bytes = tokio::time::timeout(Duration::from_secs(60), self.body.next()).await.ok()??.ok()?;
+            self.buf.push_str(&String::from_utf8_lossy(&bytes));
+        }
+    }
+}
+
+/// What a native SSE caller read: the chunks' text, their seqs, the result.
+struct Read {
+    text: String,
+    seqs: Vec<u64>,
+    result: Value,
+}
+
+/// Streams `body` from `/v1/infer` on `first`; at the first chunk starts a
+/// second worker, after `kill_at` bytes of text kills `first` (kill -9),
+/// and notes how long until the next text arrives.
+async fn stream_with_kill(
+    s: &Setup,
+    base: &str,
+    body: &Value,
+    kill_at: usize,
+    first: &mut Proc,
+) -> (Read, Duration, Proc) {
+    let mut events = Events::open(&format!("{base}/v1/infer"), body).await;
+    let (mut text, mut seqs) = (String::new(), Vec::new());
+    let (mut killed, mut takeover) = (None::<Instant>, None);
+    let mut second: Option<tokio::task::JoinHandle<Proc>> = None;
+    while let Some((event, data)) = events.next().await {
+        let v: Value = serde_json::from_str(&data).unwrap();
+        if event != "chunk" {
+            let second = second.expect("a second worker").await.unwrap();
+            let read = Read { text, seqs, result: v };
+            return (read, takeover.expect("text after the kill"), second);
+        }
+        let delta = v["delta"].as_str().unwrap();
+        seqs.push(v["seq"].as_u64().unwrap());
+        text.push_str(delta);
+        if second.is_none() {
+            let config = s.config.clone();
+            second = Some(tokio::spawn(async move { worker(&config).await.0 }));
+        }
+        if let (Some(at), None, false) = (killed, takeover, delta.is_empty()) {
+            takeover = Some(at.elapsed());
+        }
+        if killed.is_none() && text.len() >= kill_at {
+            first.kill9();
+            killed = Some(Instant::now());
+        }
+    }
+    panic!("the stream ended without a result; read {} bytes", text.len());
+}
+
+async fn stored(s: &Setup, id: &str) -> InferResult {
+    let js = async_nats::jetstream::new(async_nats::connect(s.nats.url()).await.unwrap());
+    stored_result(&js, subjects::DEFAULT_TENANT, id).await.expect("a stored result")
+}
+
+async fn checkpoints(s: &Setup) -> async_nats::jetstream::kv::Store {
+    let js = async_nats::jetstream::new(async_nats::connect(s.nats.url()).await.unwrap());
+    js.get_key_value(subjects::CHECKPOINTS_BUCKET).await.unwrap()
+}
+
+async fn keys(kv: &async_nats::jetstream::kv::Store) -> Vec<String> {
+    let mut keys: Vec<String> = kv.keys().await.unwrap().filter_map(|k| async { k.ok() }).collect().await;
+    keys.sort();
+    keys
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_survives_kill9_of_its_worker_with_nothing_repeated() {
+    let s = slow_setup();
+    let (_ingress, base) = start_ingress(&s.config).await;
+    let (mut first, _) = worker(&s.config).await;
+    let mut reference = None;
+    for (case, temperature) in [("greedy", 0.0), ("sampled", 1.0)] {
+        let id = format!("kill-{case}");
+        let body = json!({"id": id, "model": "slow", "prompt": "once upon a time", "stream": true,
+            "cache": "bypass", "params": {"max_tokens": 1000, "temperature": temperature}});
+        let (read, takeover, second) = stream_with_kill(&s, &base, &body, 200, &mut first).await;
+        assert_eq!(read.result["status"], "ok", "{}", read.result);
+        let result = stored(&s, &id).await;
+        let stored_text = result.output.as_ref().unwrap().text.clone();
+        assert_eq!(read.text, stored_text, "{case}: the caller read exactly the stored result");
+        assert_eq!(read.result["output"]["text"], stored_text.as_str());
+        assert_eq!(read.seqs, (0..read.seqs.len() as u64).collect::<Vec<_>>(), "{case}: no seq repeated or missing");
+        assert_eq!(result.usage.unwrap().completion_tokens, 1000, "{case}");
+        assert!(second.log().contains("resuming from a checkpoint"), "{case}: the second worker resumed:\n{}", second.log());
+        println!("{case}: kill -9 to the next text the caller read: {takeover:?}");
+        if temperature == 0.0 {
+            reference = Some(stored_text);
+        }
+        first = second; // the next case kills this one
+    }
+    // the greedy answer equals an uninterrupted run of the same request
+    let body = json!({"id": "uninterrupted", "model": "slow", "prompt": "once upon a time", "cache": "bypass",
+        "params": {"max_tokens": 1000, "temperature": 0.0}});
+    let (status, v) = post_json(&format!("{base}/v1/infer"), &body).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["output"]["text"].as_str(), reference.as_deref(), "resumed greedy text = uninterrupted run");
+    assert_eq!(keys(&checkpoints(&s).await).await, Vec::<String>::new(), "no checkpoint left once results are stored");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_generation_is_not_computed_again_and_its_answer_is_the_same() {
+    let s = slow_setup();
+    let (_ingress, base) = start_ingress(&s.config).await;
+    let kv = checkpoints(&s).await;
+    let (mut first, _) = worker(&s.config).await;
+    let body = json!({"id": "long", "model": "slow", "prompt": "a long story", "cache": "bypass",
+        "params": {"max_tokens": 1500, "temperature": 0.0}});
+    let (status, v) = post_json(&format!("{base}/v1/infer/async"), &body).await;
+    assert_eq!(status, 202, "{v}");
+    // kill once a checkpoint holds a fifth of the answer
+    let key = format!("{}.long", subjects::DEFAULT_TENANT);
+    let start = Instant::now();
+    let at_kill = loop {
+        if let Some(b) = kv.get(&key).await.unwrap() {
+            let c: Checkpoint = retro_fleet_schemas::codec::decode(None, &b).unwrap();
+            if c.generated.len() >= 300 {
+                first.kill9();
+                break c.generated.len();
+            }
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "no checkpoint of 300 tokens:\n{}", first.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // the last checkpoint the first worker wrote
+    let last: Checkpoint = retro_fleet_schemas::codec::decode(None, &kv.get(&key).await.unwrap().unwrap()).unwrap();
+    let (second, port) = worker(&s.config).await;
+    let result = loop {
+        let js = async_nats::jetstream::new(async_nats::connect(s.nats.url()).await.unwrap());
+        if let Some(r) = stored_result(&js, subjects::DEFAULT_TENANT, "long").await {
+            break r;
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "no result:\n{}", second.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(result.usage.unwrap().completion_tokens, 1500);
+    let (_, metrics) = get_text(&format!("http://127.0.0.1:{port}/metrics")).await;
+    let after = metric(&metrics, "fleet_worker_generated_tokens_total") as usize;
+    // the first worker computed the checkpoint's tokens and at most one
+    // interval more (it would have written another checkpoint)
+    let n = last.generated.len();
+    assert_eq!(after, 1500 - (n - 1), "the second worker computed only what the checkpoint lacked");
+    let computed = n + after;
+    println!("checkpoint at kill {at_kill}, last {n}; computed {computed} tokens for 1500 (+ the first worker's tokens after its last checkpoint)");
+    assert!((computed as f64) < 1.2 * 1500.0, "{computed}");
+    // the same answer as an uninterrupted run
+    let again = json!({"id": "again", "model": "slow", "prompt": "a long story", "cache": "bypass",
+        "params": {"max_tokens": 1500, "temperature": 0.0}});
+    let (status, v) = post_json(&format!("{base}/v1/infer"), &again).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["output"]["text"].as_str(), Some(result.output.unwrap().text.as_str()));
+    assert_eq!(keys(&kv).await, Vec::<String>::new(), "no checkpoint left");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_generation_leaves_no_checkpoint() {
+    let s = slow_setup();
+    let (_ingress, base) = start_ingress(&s.config).await;
+    let kv = checkpoints(&s).await;
+    let _w = worker(&s.config).await;
+    let body = json!({"id": "gone", "model": "slow", "prompt": "x", "cache": "bypass", "params": {"max_tokens": 1800}});
+    let (status, _) = post_json(&format!("{base}/v1/infer/async"), &body).await;
+    assert_eq!(status, 202);
+    let start = Instant::now();
+    while keys(&kv).await.is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(60), "no checkpoint written");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let client = async_nats::connect(s.nats.url()).await.unwrap();
+    client.publish(subjects::cancel(subjects::DEFAULT_TENANT, "gone"), bytes::Bytes::new()).await.unwrap();
+    client.flush().await.unwrap();
+    let result = loop {
+        if let Some(r) = stored_result(&async_nats::jetstream::new(client.clone()), subjects::DEFAULT_TENANT, "gone").await {
+            break r;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "no result");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(result.error.unwrap().code, retro_fleet_schemas::ErrorCode::Cancelled);
+    assert_eq!(keys(&kv).await, Vec::<String>::new(), "the cancelled request's checkpoint is removed");
+}
