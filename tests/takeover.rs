@@ -236,3 +236,92 @@ async fn a_cancelled_generation_leaves_no_checkpoint() {
     assert_eq!(result.error.unwrap().code, retro_fleet_schemas::ErrorCode::Cancelled);
     assert_eq!(keys(&kv).await, Vec::<String>::new(), "the cancelled request's checkpoint is removed");
 }
+
+/// Benchmark, not a test (`cargo nextest run --workspace --run-ignored only
+/// -E 'test(bench_kill_to_next_text)' --no-capture`): with the default
+/// `ack_wait` and checkpoint interval, the time from kill -9 of the worker
+/// streaming an answer to the next text its caller reads, over 10 kills.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn bench_kill_to_next_text() {
+    let model = tempfile::tempdir().unwrap().keep();
+    let sizes = retro_fleet_worker::tiny_model::Tiny { hidden: 256, inter: 512, layers: 4, ..Default::default() };
+    retro_fleet_worker::tiny_model::write(&model, &sizes).unwrap();
+    let s = setup(&format!("[models.slow]\nbackend = \"mistralrs\"\npath = \"{}\"\n", model.display()));
+    // the defaults: drop the tests' short ack_wait and apply the topology again
+    let text = std::fs::read_to_string(&s.config).unwrap().replace("ack_wait_secs = 2\n", "");
+    std::fs::write(&s.config, text).unwrap();
+    topology_apply(&s.config);
+    let (_ingress, base) = start_ingress(&s.config).await;
+    let (mut first, _) = worker(&s.config).await;
+    let mut took = Vec::new();
+    for k in 0..10 {
+        let body = json!({"id": format!("bench{k}"), "model": "slow", "prompt": "once upon a time", "stream": true,
+            "cache": "bypass", "params": {"max_tokens": 800, "temperature": 0.0}});
+        let (read, takeover, second) = stream_with_kill(&s, &base, &body, 100, &mut first).await;
+        assert_eq!(read.text, read.result["output"]["text"].as_str().unwrap());
+        println!("kill {k}: {takeover:?}");
+        took.push(takeover);
+        first = second;
+    }
+    took.sort();
+    println!("kill -9 to next text, 10 kills: p50 {:?}, max {:?}", took[4], took[9]);
+}
+
+/// CPU seconds (user + system) of process `pid` so far.
+fn cpu_secs(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat(5); 100 ticks a second on Linux
+    (fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap()) / 100.0
+}
+
+/// The pid of the nats-server listening on `port`.
+fn server_pid(port: u16) -> String {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .find(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            cmd.contains("nats-server") && cmd.contains(&format!(" {port} "))
+        })
+        .expect("the nats-server process")
+}
+
+/// Benchmark, not a test (`cargo nextest run --workspace --run-ignored only
+/// -E 'test(bench_progress_ack_cost)' --no-capture`): what one in-progress
+/// ack costs the worker and the server, from 20,000 acks of a held message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn bench_progress_ack_cost() {
+    use async_nats::jetstream::{self, consumer, AckKind};
+    let nats = NatsServer::start();
+    let port: u16 = nats.url().rsplit(':').next().unwrap().parse().unwrap();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = jetstream::new(client.clone());
+    let stream = js
+        .create_stream(jetstream::stream::Config { name: "S".into(), subjects: vec!["s".into()], ..Default::default() })
+        .await
+        .unwrap();
+    js.publish("s", "x".into()).await.unwrap().await.unwrap();
+    let c = stream
+        .create_consumer(consumer::pull::Config { durable_name: Some("c".into()), ..Default::default() })
+        .await
+        .unwrap();
+    let msg = c.fetch().max_messages(1).messages().await.unwrap().next().await.unwrap().unwrap();
+    let (me, server) = ("self".to_string(), server_pid(port));
+    let n = 20_000;
+    let (cpu0, srv0, t0) = (cpu_secs(&me), cpu_secs(&server), Instant::now());
+    for _ in 0..n {
+        msg.ack_with(AckKind::Progress).await.unwrap();
+    }
+    client.flush().await.unwrap();
+    let (cpu, srv, took) = (cpu_secs(&me) - cpu0, cpu_secs(&server) - srv0, t0.elapsed());
+    println!(
+        "{n} progress acks in {took:?}: client {:.1} µs CPU each, nats-server {:.1} µs CPU each",
+        cpu / n as f64 * 1e6,
+        srv / n as f64 * 1e6
+    );
+}
