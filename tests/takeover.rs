@@ -36,8 +36,8 @@ struct Events {
 }
 
 impl Events {
-    async fn open(url: &str, body: &Value) -> Events {
-        let r = reqwest::Client::new().post(url).json(body).send().await.unwrap();
+    async fn open(url: &str, id: &str, body: &Value) -> Events {
+        let r = reqwest::Client::new().post(url).header("x-request-id", id).json(body).send().await.unwrap();
         assert_eq!(r.status(), 200, "{:?}", r.headers());
         Events { body: r.bytes_stream().boxed(), buf: String::new() }
     }
@@ -66,30 +66,40 @@ struct Read {
     result: Value,
 }
 
-/// Streams `body` from `/v1/infer` on `first`; at the first chunk starts a
+/// Streams `body` with request id `id` from `path` (`/v1/infer`, or the
+/// OpenAI `/v1/chat/completions`) on `first`; at the first chunk starts a
 /// second worker, after `kill_at` bytes of text kills `first` (kill -9),
 /// and notes how long until the next text arrives.
 async fn stream_with_kill(
     s: &Setup,
-    base: &str,
+    (base, path): (&str, &str),
+    id: &str,
     body: &Value,
     kill_at: usize,
     first: &mut Proc,
 ) -> (Read, Duration, Proc) {
-    let mut events = Events::open(&format!("{base}/v1/infer"), body).await;
+    let mut events = Events::open(&format!("{base}{path}"), id, body).await;
     let (mut text, mut seqs) = (String::new(), Vec::new());
     let (mut killed, mut takeover) = (None::<Instant>, None);
     let mut second: Option<tokio::task::JoinHandle<Proc>> = None;
     while let Some((event, data)) = events.next().await {
-        let v: Value = serde_json::from_str(&data).unwrap();
-        if event != "chunk" {
-            let second = second.expect("a second worker").await.unwrap();
-            let read = Read { text, seqs, result: v };
-            return (read, takeover.expect("text after the kill"), second);
-        }
-        let delta = v["delta"].as_str().unwrap();
-        seqs.push(v["seq"].as_u64().unwrap());
-        text.push_str(delta);
+        let v: Value = serde_json::from_str(&data).unwrap_or(Value::Null);
+        // native: `chunk` events, then `result` (or `error`); OpenAI: data
+        // events with `choices[0].delta`, then `[DONE]` (an error before it)
+        let delta = match (event.as_str(), v["choices"][0]["delta"]["content"].as_str()) {
+            ("chunk", _) => {
+                seqs.push(v["seq"].as_u64().unwrap());
+                v["delta"].as_str().unwrap().to_string()
+            }
+            ("message", Some(d)) => d.to_string(),
+            ("message", None) if data != "[DONE]" && v["error"].is_null() => continue, // role or finish_reason only
+            _ => {
+                let second = second.expect("a second worker").await.unwrap();
+                let read = Read { text, seqs, result: v };
+                return (read, takeover.expect("text after the kill"), second);
+            }
+        };
+        text.push_str(&delta);
         if second.is_none() {
             let config = s.config.clone();
             second = Some(tokio::spawn(async move { worker(&config).await.0 }));
@@ -127,17 +137,27 @@ async fn a_stream_survives_kill9_of_its_worker_with_nothing_repeated() {
     let (_ingress, base) = start_ingress(&s.config).await;
     let (mut first, _) = worker(&s.config).await;
     let mut reference = None;
+    // greedy over the native API, sampled over the OpenAI API
     for (case, temperature) in [("greedy", 0.0), ("sampled", 1.0)] {
         let id = format!("kill-{case}");
-        let body = json!({"id": id, "model": "slow", "prompt": "once upon a time", "stream": true,
-            "cache": "bypass", "params": {"max_tokens": 1000, "temperature": temperature}});
-        let (read, takeover, second) = stream_with_kill(&s, &base, &body, 200, &mut first).await;
-        assert_eq!(read.result["status"], "ok", "{}", read.result);
+        let (path, body) = match case {
+            "greedy" => ("/v1/infer", json!({"model": "slow", "prompt": "once upon a time", "stream": true,
+                "cache": "bypass", "params": {"max_tokens": 1000, "temperature": temperature}})),
+            _ => ("/v1/chat/completions", json!({"model": "slow", "stream": true, "max_tokens": 1000,
+                "temperature": temperature, "messages": [{"role": "user", "content": "once upon a time"}]})),
+        };
+        let (read, takeover, second) = stream_with_kill(&s, (&base, path), &id, &body, 200, &mut first).await;
         let result = stored(&s, &id).await;
+        assert_eq!(result.status, retro_fleet_schemas::Status::Ok, "{result:?}");
         let stored_text = result.output.as_ref().unwrap().text.clone();
         assert_eq!(read.text, stored_text, "{case}: the caller read exactly the stored result");
-        assert_eq!(read.result["output"]["text"], stored_text.as_str());
-        assert_eq!(read.seqs, (0..read.seqs.len() as u64).collect::<Vec<_>>(), "{case}: no seq repeated or missing");
+        if case == "greedy" {
+            assert_eq!(read.result["output"]["text"], stored_text.as_str());
+            let seqs = (0..read.seqs.len() as u64).collect::<Vec<_>>();
+            assert_eq!(read.seqs, seqs, "{case}: no seq repeated or missing");
+        } else {
+            assert_eq!(read.result, Value::Null, "[DONE] ends the OpenAI stream, with no error before it");
+        }
         assert_eq!(result.usage.unwrap().completion_tokens, 1000, "{case}");
         assert!(second.log().contains("resuming from a checkpoint"), "{case}: the second worker resumed:\n{}", second.log());
         println!("{case}: kill -9 to the next text the caller read: {takeover:?}");
@@ -256,9 +276,10 @@ async fn bench_kill_to_next_text() {
     let (mut first, _) = worker(&s.config).await;
     let mut took = Vec::new();
     for k in 0..10 {
-        let body = json!({"id": format!("bench{k}"), "model": "slow", "prompt": "once upon a time", "stream": true,
+        let body = json!({"model": "slow", "prompt": "once upon a time", "stream": true,
             "cache": "bypass", "params": {"max_tokens": 800, "temperature": 0.0}});
-        let (read, takeover, second) = stream_with_kill(&s, &base, &body, 100, &mut first).await;
+        let id = format!("bench{k}");
+        let (read, takeover, second) = stream_with_kill(&s, (&base, "/v1/infer"), &id, &body, 100, &mut first).await;
         assert_eq!(read.text, read.result["output"]["text"].as_str().unwrap());
         println!("kill {k}: {takeover:?}");
         took.push(takeover);
