@@ -25,8 +25,15 @@ pub struct TopologyConfig {
     pub max_age_secs: u64,
     /// Window in which a re-published request id is dropped as a duplicate, in seconds.
     pub duplicate_window_secs: u64,
-    /// How long results are kept, in seconds.
+    /// How long results are kept, in seconds, unless their request asks for
+    /// less (`Fleet-Result-Ttl`: the ingress's synchronous calls do).
     pub results_max_age_secs: u64,
+    /// Most bytes `FLEET_RESULTS` holds (0: no cap). At the cap the oldest
+    /// results are dropped to make room (a result dropped early can no
+    /// longer be fetched, and a re-sent id is computed again).
+    pub results_max_bytes: i64,
+    /// Most results `FLEET_RESULTS` holds (0: no cap); the oldest go first.
+    pub results_max_msgs: i64,
     /// `file` or `memory` storage for `FLEET_RESULTS`. Memory halves the
     /// server's work per request but loses stored results when a
     /// single server restarts (with 3 replicas they survive one loss).
@@ -58,6 +65,8 @@ impl Default for TopologyConfig {
             max_age_secs: 24 * 3600,
             duplicate_window_secs: 120,
             results_max_age_secs: 24 * 3600,
+            results_max_bytes: 0,
+            results_max_msgs: 0,
             results_storage: Storage::File,
             dlq_max_age_secs: 7 * 24 * 3600,
             ack_wait_secs: 5,
@@ -159,11 +168,15 @@ pub fn results_stream(t: &TopologyConfig) -> stream::Config {
             Storage::Memory => StorageType::Memory,
         },
         max_age: Duration::from_secs(t.results_max_age_secs),
+        max_bytes: limit(t.results_max_bytes),
+        max_messages: limit(t.results_max_msgs),
         duplicate_window: Duration::from_secs(t.duplicate_window_secs),
         max_messages_per_subject: 1,
         discard: DiscardPolicy::Old,
         num_replicas: t.replicas,
         allow_direct: true,
+        // a result kept for less than max_age carries `Nats-TTL`
+        allow_message_ttl: true,
         ..Default::default()
     }
 }
@@ -230,6 +243,7 @@ fn stream_diff(want: &stream::Config, have: &stream::Config) -> Vec<&'static str
     check("discard", want.discard == have.discard);
     check("replicas", want.num_replicas.max(1) == have.num_replicas.max(1));
     check("allow_direct", want.allow_direct == have.allow_direct);
+    check("allow_msg_ttl", want.allow_message_ttl == have.allow_message_ttl);
     check("description", want.description == have.description);
     d
 }

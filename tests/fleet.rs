@@ -309,3 +309,41 @@ async fn a_request_running_longer_than_ack_wait_is_not_redelivered() {
     assert_eq!(info.num_redelivered, 0, "in-progress acks kept the request with its worker");
     assert_eq!(info.delivered.stream_sequence, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_result_expires_after_its_short_retention_while_an_async_one_stays() {
+    let s = setup("[ingress]\nsync_result_ttl_secs = 2\n");
+    let _worker = start_worker(&s.config, &[]).await;
+    let (_ingress, base) = start_ingress(&s.config).await;
+    let http = reqwest::Client::new();
+    let post = |path: &str, id: &str, ttl: Option<&str>| {
+        let mut r = http.post(format!("{base}{path}")).header("x-request-id", id);
+        if let Some(t) = ttl {
+            r = r.header("x-result-ttl", t);
+        }
+        r.json(&serde_json::json!({"model": "echo", "prompt": id})).send()
+    };
+    assert_eq!(post("/v1/infer", "sync", None).await.unwrap().status(), 200);
+    assert_eq!(post("/v1/infer", "sync-kept", Some("600")).await.unwrap().status(), 200);
+    assert_eq!(post("/v1/infer/async", "async", None).await.unwrap().status(), 202);
+    let status = |id: &str| {
+        let url = format!("{base}/v1/results/{id}");
+        async move { reqwest::get(url).await.unwrap().status().as_u16() }
+    };
+    let start = std::time::Instant::now();
+    while status("async").await != 200 {
+        assert!(start.elapsed() < Duration::from_secs(10), "the async result was not stored");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // a retry of the sync call within its retention gets the stored result
+    assert_eq!(status("sync").await, 200, "kept for a retry within the duplicate window");
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    assert_eq!(status("sync").await, 404, "a synchronous call's result expires after sync_result_ttl_secs");
+    assert_eq!(status("sync-kept").await, 200, "X-Result-Ttl keeps it longer");
+    assert_eq!(status("async").await, 200, "an asynchronous result stays for results_max_age_secs");
+    // asking for more than results are ever kept is refused
+    let r = post("/v1/infer", "too-long", Some("99999999")).await.unwrap();
+    assert_eq!(r.status(), 422);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["param"], "headers.x-result-ttl", "{body}");
+}

@@ -23,6 +23,8 @@ pub struct Envelope {
     pub traceparent: Option<String>,
     /// Seconds a cached answer to this request stays valid.
     pub cache_ttl_secs: Option<u64>,
+    /// Seconds its result is kept in `FLEET_RESULTS` (none: the stream's max age).
+    pub result_ttl_secs: Option<u64>,
 }
 
 impl Envelope {
@@ -35,6 +37,7 @@ impl Envelope {
             deadline_ms: None,
             traceparent: None,
             cache_ttl_secs: None,
+            result_ttl_secs: None,
         }
     }
 
@@ -68,6 +71,12 @@ impl Envelope {
         self
     }
 
+    /// Sets how long the result is kept.
+    pub fn result_ttl_secs(mut self, secs: Option<u64>) -> Envelope {
+        self.result_ttl_secs = secs;
+        self
+    }
+
     /// The `Nats-Msg-Id`. Request ids are per tenant (results live at
     /// `fleet.res.<tenant>.<id>`), and so is JetStream's duplicate window:
     /// outside the default tenant the id is prefixed `<tenant>.`, so another
@@ -98,6 +107,9 @@ impl Envelope {
         if let Some(ttl) = self.cache_ttl_secs {
             h.insert(headers::CACHE_TTL, ttl.to_string().as_str());
         }
+        if let Some(ttl) = self.result_ttl_secs {
+            h.insert(headers::RESULT_TTL, ttl.to_string().as_str());
+        }
         h
     }
 }
@@ -119,6 +131,8 @@ pub struct Received<'a> {
     pub traceparent: Option<&'a str>,
     /// Cache lifetime asked for, seconds.
     pub cache_ttl_secs: Option<u64>,
+    /// How long the result is to be kept, seconds (0 reads as absent).
+    pub result_ttl_secs: Option<u64>,
     /// `Content-Type` of the body as sent.
     pub content_type: Option<&'a str>,
 }
@@ -136,6 +150,7 @@ impl<'a> Received<'a> {
             deadline_ms: number(headers::DEADLINE),
             traceparent: get(headers::TRACEPARENT),
             cache_ttl_secs: number(headers::CACHE_TTL),
+            result_ttl_secs: number(headers::RESULT_TTL).filter(|s| *s > 0),
             content_type: get(headers::CONTENT_TYPE),
         }
     }
@@ -206,7 +221,8 @@ mod tests {
             .reply("_INBOX.x.r1")
             .deadline_ms(1_700_000_000_000)
             .traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
-            .cache_ttl_secs(Some(60));
+            .cache_ttl_secs(Some(60))
+            .result_ttl_secs(Some(120));
         let h = e.headers();
         assert_eq!(h.get(headers::MSG_ID).unwrap().as_str(), "acme.r1");
         let r = Received::read(Some(&h));
@@ -216,6 +232,7 @@ mod tests {
         assert_eq!(r.deadline_ms, Some(1_700_000_000_000));
         assert_eq!(r.traceparent, e.traceparent.as_deref());
         assert_eq!(r.cache_ttl_secs, Some(60));
+        assert_eq!(r.result_ttl_secs, Some(120));
         assert_eq!(r.content_type, Some(codec::ContentType::MSGPACK_MIME));
     }
 

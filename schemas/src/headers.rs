@@ -26,6 +26,9 @@ pub const DELIVERY_COUNT: &str = "Fleet-Delivery-Count";
 pub const ORIGINAL_SUBJECT: &str = "Fleet-Original-Subject";
 /// On requests: seconds a cached answer to this request stays valid (overrides the worker's default).
 pub const CACHE_TTL: &str = "Fleet-Cache-Ttl";
+/// Seconds the request's result is kept in `FLEET_RESULTS` (absent: the
+/// stream's max age); set by the ingress on synchronous calls.
+pub const RESULT_TTL: &str = "Fleet-Result-Ttl";
 /// On stored results: the cache key the answer was stored under (32 hex digits), so replays can warm caches.
 pub const CACHE_KEY: &str = "Fleet-Cache-Key";
 /// On stored results: unix milliseconds after which the cached answer must not be served.

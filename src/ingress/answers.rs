@@ -221,6 +221,7 @@ mod tests {
             tenant: tenant.into(),
             timeout: std::time::Duration::from_secs(1),
             cache_ttl: None,
+            result_ttl: None,
             traceparent: String::new(),
             who,
             caller_id: false,

@@ -44,6 +44,13 @@ pub struct IngressConfig {
     /// On SIGTERM, how long calls in flight may still finish, in ms; those
     /// still waiting then are answered 503 (retry: the request id is kept).
     pub drain_timeout_ms: u64,
+    /// How long the result of a synchronous call (streamed or not) is kept
+    /// in `FLEET_RESULTS`, in seconds: its caller has it already, so only
+    /// as long as a retry with the same id may come (the duplicate window)
+    /// or a caller whose wait timed out may fetch it. 0 keeps it as long
+    /// as asynchronous results (`topology.results_max_age_secs`). A caller
+    /// may ask for longer with `X-Result-Ttl`.
+    pub sync_result_ttl_secs: u64,
 }
 
 impl Default for IngressConfig {
@@ -61,6 +68,7 @@ impl Default for IngressConfig {
             batch_timeout_secs: 24 * 3600,
             cache: Default::default(),
             drain_timeout_ms: 30_000,
+            sync_result_ttl_secs: 120,
         }
     }
 }

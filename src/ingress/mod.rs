@@ -110,6 +110,7 @@ impl Ingress {
             batches,
             config_view,
             worker_ttl_secs: plan.topology.worker_ttl_secs,
+            results_max_age_secs: plan.topology.results_max_age_secs,
             openapi,
             answers,
             drain: shutdown::Drain::new(Duration::from_millis(cfg.drain_timeout_ms)),

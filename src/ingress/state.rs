@@ -84,6 +84,9 @@ pub struct Ingress {
     pub config_view: serde_json::Value,
     /// Registry entries older than this are not live (`/v1/admin/workers`).
     pub worker_ttl_secs: u64,
+    /// The longest a result is kept (`topology.results_max_age_secs`): the
+    /// most an `X-Result-Ttl` may ask for.
+    pub results_max_age_secs: u64,
     /// The OpenAPI document (`/openapi.json`).
     pub openapi: serde_json::Value,
     /// Recent cacheable answers, served to identical calls without a queue.

@@ -42,6 +42,13 @@ pub struct ScalerMetrics {
     pub anomalies: IntCounterVec,
     /// `fleet_stream_messages{stream}`: messages stored in each fleet stream.
     pub stream_messages: IntGaugeVec,
+    /// `fleet_stream_bytes{stream}`: bytes stored in `FLEET_RESULTS` and `FLEET_DLQ`.
+    pub stream_bytes: IntGaugeVec,
+    /// `fleet_stream_max_bytes{stream}` and `fleet_stream_max_messages{stream}`:
+    /// their caps (-1: none).
+    pub stream_max_bytes: IntGaugeVec,
+    /// See `stream_max_bytes`.
+    pub stream_max_messages: IntGaugeVec,
     /// `fleet_registry_workers`: live workers in the registry.
     pub registry_workers: IntGauge,
     /// `fleet_scaler_samples_total{result}`: `ok` or `error`.
@@ -77,6 +84,13 @@ impl ScalerMetrics {
                 &["model", "signal"],
             )?,
             stream_messages: ig("fleet_stream_messages", "Messages stored in a fleet stream", &["stream"])?,
+            stream_bytes: ig("fleet_stream_bytes", "Bytes stored in a fleet stream", &["stream"])?,
+            stream_max_bytes: ig("fleet_stream_max_bytes", "Byte cap of a fleet stream (-1: none)", &["stream"])?,
+            stream_max_messages: ig(
+                "fleet_stream_max_messages",
+                "Message cap of a fleet stream (-1: none)",
+                &["stream"],
+            )?,
             registry_workers: registered(
                 registry,
                 IntGauge::new("fleet_registry_workers", "Live workers in the registry")?,

@@ -149,7 +149,11 @@ impl Sampler {
         for name in [subjects::RESULTS_STREAM, subjects::DLQ_STREAM] {
             if let Ok(mut s) = self.js.get_stream(name).await {
                 if let Ok(info) = s.info().await {
-                    self.metrics.stream_messages.with_label_values(&[name]).set(info.state.messages as i64);
+                    let m = &self.metrics;
+                    m.stream_messages.with_label_values(&[name]).set(info.state.messages as i64);
+                    m.stream_bytes.with_label_values(&[name]).set(info.state.bytes as i64);
+                    m.stream_max_bytes.with_label_values(&[name]).set(info.config.max_bytes);
+                    m.stream_max_messages.with_label_values(&[name]).set(info.config.max_messages);
                 }
             }
         }

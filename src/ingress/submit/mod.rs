@@ -39,6 +39,7 @@ pub fn prepare(
         max_prompt_bytes: state.cfg.max_prompt_bytes,
         request_timeout_ms: state.cfg.request_timeout_ms,
         models: &state.models,
+        max_result_ttl_secs: state.results_max_age_secs,
     };
     validate::prepare(&rules, h, who, d)
 }

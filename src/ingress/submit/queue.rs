@@ -18,7 +18,7 @@ use crate::ingress::state::AppState;
 pub async fn send(state: &AppState, p: &Prepared, reply: Option<&str>) -> Result<bool, ApiError> {
     let subject = subjects::request(p.priority, &p.req.model);
     let payload = Bytes::from(codec::encode(&p.req));
-    let ack = match state.js.publish_with_headers(subject, request_headers(p, reply), payload).await {
+    let ack = match state.js.publish_with_headers(subject, request_headers(p, reply, state.cfg.sync_result_ttl_secs), payload).await {
         Ok(f) => f.await,
         Err(e) => Err(e),
     };
@@ -35,14 +35,21 @@ pub async fn send(state: &AppState, p: &Prepared, reply: Option<&str>) -> Result
     }
 }
 
-/// The headers of a published request.
-fn request_headers(p: &Prepared, reply: Option<&str>) -> HeaderMap {
+/// The headers of a published request: a synchronous call (one with a
+/// `reply` subject) has its result kept `sync_ttl` seconds unless the
+/// caller asked otherwise; an asynchronous one as long as results are kept.
+fn request_headers(p: &Prepared, reply: Option<&str>, sync_ttl: u64) -> HeaderMap {
     let deadline = retro_fleet_worker::unix_ms() + p.timeout.as_millis() as u64;
+    let keep = match reply {
+        Some(_) => p.result_ttl.or((sync_ttl > 0).then_some(sync_ttl)),
+        None => p.result_ttl,
+    };
     let mut envelope = Envelope::new(p.req.id.as_str())
         .tenant(p.tenant.as_str())
         .traceparent(p.traceparent.as_str())
         .deadline_ms(deadline)
-        .cache_ttl_secs(p.cache_ttl);
+        .cache_ttl_secs(p.cache_ttl)
+        .result_ttl_secs(keep);
     envelope.reply = reply.map(str::to_string);
     envelope.headers()
 }

@@ -55,6 +55,8 @@ pub struct Prepared {
     pub timeout: Duration,
     /// Seconds a cached answer stays valid (`X-Cache-Ttl`), when the caller sets it.
     pub cache_ttl: Option<u64>,
+    /// Seconds its result is to be kept (`X-Result-Ttl`), when the caller sets it.
+    pub result_ttl: Option<u64>,
     /// W3C trace context: the caller's `traceparent`, or a new one.
     pub traceparent: String,
     /// The caller (for token limits).
@@ -71,6 +73,8 @@ pub struct Rules<'a> {
     pub request_timeout_ms: u64,
     /// Models the fleet serves.
     pub models: &'a BTreeSet<String>,
+    /// The longest a result may be kept, seconds (`X-Result-Ttl`'s cap).
+    pub max_result_ttl_secs: u64,
 }
 
 /// Assigns id, priority and tenant (the caller's), and checks the request
@@ -83,6 +87,7 @@ pub fn prepare(rules: &Rules<'_>, h: &HttpHeaders, who: &Principal, d: Draft) ->
         d.id.or_else(|| h.get(REQUEST_ID).and_then(|v| v.to_str().ok()).map(str::to_string))
             .unwrap_or_else(|| ulid::Ulid::new().to_string());
     let (cache, cache_ttl) = cache_headers(h, d.cache)?;
+    let result_ttl = result_ttl(h, rules.max_result_ttl_secs)?;
     let req = InferRequest {
         v: retro_fleet_schemas::SCHEMA_VERSION,
         id,
@@ -99,7 +104,7 @@ pub fn prepare(rules: &Rules<'_>, h: &HttpHeaders, who: &Principal, d: Draft) ->
     let cap = Duration::from_millis(rules.request_timeout_ms);
     let timeout = d.timeout_ms.map(Duration::from_millis).map_or(cap, |t| t.min(cap));
     let traceparent = traceparent(h);
-    Ok(Prepared { req, priority, tenant, timeout, cache_ttl, traceparent, who: who.clone(), caller_id })
+    Ok(Prepared { req, priority, tenant, timeout, cache_ttl, result_ttl, traceparent, who: who.clone(), caller_id })
 }
 
 /// `X-Priority` (wins over the body), else the body's, else `normal`.
@@ -130,6 +135,20 @@ fn cache_headers(h: &HttpHeaders, body: CacheMode) -> Result<(CacheMode, Option<
         None => None,
     };
     Ok((mode, ttl))
+}
+
+/// `X-Result-Ttl: SECONDS`: how long to keep the result, from 1 to `max`.
+fn result_ttl(h: &HttpHeaders, max: u64) -> Result<Option<u64>, ApiError> {
+    let Some(v) = h.get("x-result-ttl") else { return Ok(None) };
+    let v = v.to_str().unwrap_or_default().trim();
+    match v.parse::<u64>() {
+        Ok(secs) if (1..=max).contains(&secs) => Ok(Some(secs)),
+        _ => Err(ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!("X-Result-Ttl `{v}` must be whole seconds from 1 to {max} (how long results are kept at most)"),
+        )
+        .param("headers.x-result-ttl")),
+    }
 }
 
 /// The wire's own checks, then whether the model is served here.
@@ -207,7 +226,7 @@ mod tests {
     #[test]
     fn assigns_tenant_priority_id_and_a_capped_timeout() {
         let models = models();
-        let rules = Rules { max_prompt_bytes: 100, request_timeout_ms: 5_000, models: &models };
+        let rules = Rules { max_prompt_bytes: 100, request_timeout_ms: 5_000, models: &models, max_result_ttl_secs: 60 };
         let h = headers(&[("x-priority", "high"), (REQUEST_ID, "made-here"), (ID_MADE_HERE, "1")]);
         let mut d = draft("echo", "hi");
         d.priority = Some(Priority::Low);
@@ -228,7 +247,7 @@ mod tests {
     #[test]
     fn refusals_name_their_field() {
         let models = models();
-        let rules = Rules { max_prompt_bytes: 4, request_timeout_ms: 5_000, models: &models };
+        let rules = Rules { max_prompt_bytes: 4, request_timeout_ms: 5_000, models: &models, max_result_ttl_secs: 60 };
         let refuse = |h: &HttpHeaders, d: Draft| prepare(&rules, h, &who(), d).err().expect("refused");
 
         let e = refuse(&HttpHeaders::new(), draft("gpt", "hi"));
@@ -249,7 +268,7 @@ mod tests {
     #[test]
     fn estimates_prompt_bytes_over_four_plus_max_tokens() {
         let mut req = prepare(
-            &Rules { max_prompt_bytes: 100, request_timeout_ms: 1, models: &models() },
+            &Rules { max_prompt_bytes: 100, request_timeout_ms: 1, models: &models(), max_result_ttl_secs: 60 },
             &HttpHeaders::new(),
             &who(),
             draft("echo", "hello"),

@@ -22,6 +22,8 @@ pub struct Ids {
     pub tenant: Option<String>,
     /// Reply subject, when given.
     pub reply: Option<String>,
+    /// Seconds the result is kept (`Fleet-Result-Ttl`; none: the stream's max age).
+    pub keep_secs: Option<u64>,
 }
 
 impl Ids {
@@ -31,6 +33,7 @@ impl Ids {
             id: env.id.map(str::to_string),
             tenant: env.tenant.filter(|t| subjects::is_token(t)).map(str::to_string),
             reply: env.reply.map(str::to_string),
+            keep_secs: env.result_ttl_secs,
         }
     }
 }
@@ -63,12 +66,19 @@ pub struct Job {
     pub deadline_ms: Option<u64>,
     /// The request's own cache lifetime, seconds.
     pub cache_ttl_secs: Option<u64>,
+    /// Seconds its result is kept (none: the stream's max age).
+    pub result_ttl_secs: Option<u64>,
 }
 
 impl Job {
     /// Where this job's error results go.
     pub fn ids(&self) -> Ids {
-        Ids { id: Some(self.req.id.clone()), tenant: Some(self.tenant.clone()), reply: self.reply.clone() }
+        Ids {
+            id: Some(self.req.id.clone()),
+            tenant: Some(self.tenant.clone()),
+            reply: self.reply.clone(),
+            keep_secs: self.result_ttl_secs,
+        }
     }
 }
 
@@ -108,11 +118,11 @@ pub fn decide(d: &Delivery<'_>, served: &Served<'_>) -> Result<Job, Rejection> {
     if !subjects::is_token(&tenant) {
         // not stored: a result subject needs a valid tenant, and storing it
         // under another tenant could take the place of that tenant's result
-        let ids = Ids { id: None, tenant: None, reply: env.reply.map(str::to_string) };
+        let ids = Ids { id: None, tenant: None, ..Ids::of_envelope(env) };
         let message = format!("tenant `{tenant}` must be characters from [A-Za-z0-9_-]");
         return Err(Rejection { ids, code: ErrorCode::InvalidRequest, message });
     }
-    let ids = Ids { id: Some(req.id.clone()), tenant: Some(tenant.clone()), reply: env.reply.map(str::to_string) };
+    let ids = Ids { id: Some(req.id.clone()), tenant: Some(tenant.clone()), ..Ids::of_envelope(env) };
     let Some(backend) = served.backends.get(&req.model) else {
         let message = match served.catalog.contains(&req.model) {
             true => format!("model `{}` is configured but this worker does not serve it", req.model),
@@ -139,6 +149,7 @@ pub fn decide(d: &Delivery<'_>, served: &Served<'_>) -> Result<Job, Rejection> {
         delivered: d.delivered,
         deadline_ms: env.deadline_ms,
         cache_ttl_secs: env.cache_ttl_secs,
+        result_ttl_secs: env.result_ttl_secs,
     })
 }
 
@@ -259,14 +270,14 @@ mod tests {
         // undecodable: only the envelope is known
         let env = Envelope::new("r3").tenant("acme").reply("inbox.3").headers();
         let r = decide_on("fleet.req.normal.echo", &env, b"\xc1").err().unwrap();
-        let ids = Ids { id: Some("r3".into()), tenant: Some("acme".into()), reply: Some("inbox.3".into()) };
+        let ids = Ids { id: Some("r3".into()), tenant: Some("acme".into()), reply: Some("inbox.3".into()), keep_secs: None };
         assert_eq!(r.ids, ids);
         // a tenant that cannot name a result subject: reply only, never stored
         let mut env = async_nats::HeaderMap::new();
         env.insert(retro_fleet_schemas::headers::TENANT, "a b");
         env.insert(retro_fleet_schemas::headers::REPLY, "i");
         let r = decide_on("fleet.req.normal.echo", &env, &codec::encode(&request("r4", "echo"))).err().unwrap();
-        assert_eq!(r.ids, Ids { id: None, tenant: None, reply: Some("i".into()) });
+        assert_eq!(r.ids, Ids { id: None, tenant: None, reply: Some("i".into()), keep_secs: None });
     }
 
     #[test]

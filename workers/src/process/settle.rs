@@ -196,7 +196,7 @@ pub async fn settle(sh: &Shared, m: &Settling<'_>, mut s: Settlement) -> Result<
         match (step, &s) {
             (Step::Store, Settlement::Answer { result, to, cached }) => {
                 let tenant = to.tenant.as_deref().unwrap_or(subjects::DEFAULT_TENANT);
-                publish_result(sh, to.reply.as_deref(), tenant, result, *cached).await?;
+                publish_result(sh, to, tenant, result, *cached).await?;
             }
             (Step::Resend, Settlement::Resend { result, reply, .. }) => {
                 tracing::info!(id = %result.id, delivered = m.delivered, "redelivered request already answered; re-sending the stored result");
@@ -290,9 +290,9 @@ pub async fn answer_error(
     let mut result = InferResult::error(ids.id.as_deref().unwrap_or(""), model, code, message);
     result.worker = sh.worker_id.clone();
     match (&ids.id, &ids.reply) {
-        (Some(_), reply) => {
+        (Some(_), _) => {
             let tenant = ids.tenant.as_deref().unwrap_or(subjects::DEFAULT_TENANT);
-            publish_result(sh, reply.as_deref(), tenant, &result, None).await?
+            publish_result(sh, ids, tenant, &result, None).await?
         }
         (None, Some(reply)) => {
             let payload = Bytes::from(codec::encode(&result));
@@ -311,8 +311,9 @@ fn reply_headers() -> HeaderMap {
     h
 }
 
-/// Stores the result in `FLEET_RESULTS`, then sends the stored result to
-/// the reply subject. The first writer wins: the write expects no earlier
+/// Stores the result in `FLEET_RESULTS` (for `to.keep_secs` when set: a
+/// per-message TTL, else the stream's max age), then sends the stored
+/// result to `to.reply`. The first writer wins: the write expects no earlier
 /// result for the id, so when two deliveries of one request both computed
 /// (a worker stalled past `ack_wait`, or died after storing), the later one
 /// re-sends the result already stored instead of its own. A caller never
@@ -321,7 +322,7 @@ fn reply_headers() -> HeaderMap {
 /// `FLEET_RESULTS` can warm caches and the ingress can keep the answer.
 pub async fn publish_result(
     sh: &Shared,
-    reply: Option<&str>,
+    to: &Ids,
     tenant: &str,
     result: &InferResult,
     cached: Option<(Key, u64)>,
@@ -332,6 +333,9 @@ pub async fn publish_result(
     // the duplicate window.
     let mut first_only = reply_headers();
     first_only.insert(async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, "0");
+    if let Some(secs) = to.keep_secs {
+        first_only.insert(async_nats::header::NATS_MESSAGE_TTL, format!("{secs}s").as_str());
+    }
     let mut h = reply_headers();
     h.insert(headers::MSG_ID, result.id.as_str());
     if let Some((key, expires_ms)) = cached {
@@ -357,8 +361,8 @@ pub async fn publish_result(
         tracing::info!(id = %result.id, "a result for this request was already stored; sending that one");
         stored.ok_or(SettleError::StoredMissing)?.payload
     };
-    if let Some(reply) = reply {
-        sh.client.publish_with_headers(reply.to_string(), h, payload).await?;
+    if let Some(reply) = &to.reply {
+        sh.client.publish_with_headers(reply.clone(), h, payload).await?;
     }
     Ok(())
 }
