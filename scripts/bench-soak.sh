@@ -33,7 +33,10 @@ for _ in $(seq 100); do
     sleep 0.1
 done
 rss() { awk '/^VmRSS/ {printf "%.0f", $2 / 1024}' "/proc/$1/status"; }
-results() { curl -fs http://127.0.0.1:18222/jsz?streams=true | tr ',' '\n' | grep -A30 '"name":"FLEET_RESULTS"' | awk -F: '/"messages"/ {print $2; exit}'; }
+results() {
+    curl -fs 'http://127.0.0.1:18222/jsz?accounts=true&streams=true' | tr ',{' '\n\n' |
+        grep -A12 '"name":"FLEET_RESULTS"' | awk -F: '/"messages"/ {print $NF; exit}'
+}
 N=$(( MINUTES * 60 * RATE ))
 echo "## $MINUTES min of synchronous HTTP echo calls at $RATE/s ($N requests), sampled every ${SAMPLE} s"
 "$BIN/loadtest" --http fleet=http://127.0.0.1:18083 --rate "$RATE" --requests "$N" --rounds 1 >"$WORKDIR/load.out" 2>&1 &

@@ -115,6 +115,7 @@ async fn run_tool(command: Command, config: retro_fleet::config::Config) -> anyh
         Command::Workers { action: Some(action), .. } => tools::ops::workers_action(&config, action).await,
         Command::Queues { action } => tools::ops::queues(&config, action).await,
         Command::Topology { action: TopologyAction::Apply } => tools::ops::topology_apply(&config).await,
+        Command::Topology { action: TopologyAction::Status } => tools::ops::topology_status(&config).await,
         Command::Cache { action: CacheAction::Warm { since, from_seq, timeout } } => {
             let since_ms = since.map(|age| retro_fleet_worker::unix_ms().saturating_sub(age.as_millis() as u64));
             let from = retro_fleet_worker::cache::warm::WarmFrom { since_ms, from_seq };

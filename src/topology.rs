@@ -134,6 +134,26 @@ fn err(what: impl Into<String>) -> impl FnOnce(async_nats::Error) -> TopologyErr
     move |source| TopologyError { what, source }
 }
 
+/// [`err`] for creating or updating a stream or bucket of `replicas`
+/// copies: a deployment that cannot place them (one server, or fewer
+/// JetStream servers than copies) is told apart, with what to do.
+fn placing(what: impl Into<String>, replicas: usize) -> impl FnOnce(async_nats::Error) -> TopologyError {
+    let what = what.into();
+    move |source| {
+        let text = source.to_string().to_ascii_lowercase();
+        let cannot_place = ["replicas", "insufficient resources", "no suitable peers"].iter().any(|t| text.contains(t));
+        let what = match replicas > 1 && cannot_place {
+            true => format!(
+                "{what}: topology.replicas = {replicas} needs a NATS cluster of at least {replicas} JetStream \
+                 servers, and this one cannot place {replicas} copies; run a cluster (docs/OPERATIONS.md) or set \
+                 topology.replicas = 1"
+            ),
+            false => what,
+        };
+        TopologyError { what, source }
+    }
+}
+
 /// Stream configuration of the request stream of `p`.
 pub fn request_stream(p: Priority, t: &TopologyConfig) -> stream::Config {
     stream::Config {
@@ -273,7 +293,8 @@ async fn apply_stream(js: &Context, want: stream::Config) -> Result<Applied, Top
             if diff.is_empty() {
                 Change::Unchanged
             } else {
-                js.update_stream(&want).await.map_err(|e| err(format!("update stream {name}"))(e.into()))?;
+                let replicas = want.num_replicas;
+                js.update_stream(&want).await.map_err(|e| placing(format!("update stream {name}"), replicas)(e.into()))?;
                 Change::Updated(diff)
             }
         }
@@ -281,7 +302,7 @@ async fn apply_stream(js: &Context, want: stream::Config) -> Result<Applied, Top
             Ok(_) => Change::Created,
             // Another process created it between our look and our create.
             Err(_) if js.get_stream(&name).await.is_ok() => Change::Unchanged,
-            Err(e) => return Err(err(format!("create stream {name}"))(e.into())),
+            Err(e) => return Err(placing(format!("create stream {name}"), want.num_replicas)(e.into())),
         },
     };
     Ok(Applied { kind: "stream", name, change })
@@ -346,6 +367,7 @@ pub fn checkpoints_bucket(t: &TopologyConfig) -> kv::Config {
 async fn apply_bucket(js: &Context, want: async_nats::jetstream::kv::Config) -> Result<Applied, TopologyError> {
     let name = want.bucket.clone();
     let stream_name = format!("KV_{name}");
+    let replicas = want.num_replicas;
     let change = match js.get_stream(&stream_name).await {
         Ok(mut s) => {
             let have = s.info().await.map_err(|e| err(format!("bucket {name}"))(e.into()))?.config.clone();
@@ -359,14 +381,14 @@ async fn apply_bucket(js: &Context, want: async_nats::jetstream::kv::Config) -> 
             if diff.is_empty() {
                 Change::Unchanged
             } else {
-                js.update_key_value(want).await.map_err(|e| err(format!("update bucket {name}"))(e.into()))?;
+                js.update_key_value(want).await.map_err(|e| placing(format!("update bucket {name}"), replicas)(e.into()))?;
                 Change::Updated(diff)
             }
         }
         Err(_) => match js.create_key_value(want).await {
             Ok(_) => Change::Created,
             Err(_) if js.get_stream(&stream_name).await.is_ok() => Change::Unchanged,
-            Err(e) => return Err(err(format!("create bucket {name}"))(e.into())),
+            Err(e) => return Err(placing(format!("create bucket {name}"), replicas)(e.into())),
         },
     };
     Ok(Applied { kind: "kv", name, change })
@@ -487,6 +509,58 @@ pub fn cache_buckets(plan: &Plan) -> Vec<kv::Config> {
             ..Default::default()
         },
     ]
+}
+
+/// Where each stream, bucket and worker consumer of the topology lives: its
+/// replicas, its leader and how current the other copies are, one line
+/// each (`retro-fleet topology status`).
+pub async fn status(js: &Context, plan: &Plan) -> Result<Vec<String>, TopologyError> {
+    let t = &plan.topology;
+    let mut streams: Vec<String> = Priority::ALL.map(|p| subjects::request_stream(p).to_string()).to_vec();
+    streams.extend([subjects::RESULTS_STREAM, subjects::DLQ_STREAM].map(str::to_string));
+    let buckets = [workers_bucket(t), checkpoints_bucket(t)].into_iter().chain(cache_buckets(plan)).chain(ingress_buckets(plan));
+    streams.extend(buckets.map(|b| format!("KV_{}", b.bucket)));
+    let mut lines = vec![format!("{:<34} {:>8}  {:<8} copies", "stream / consumer", "replicas", "leader")];
+    for name in &streams {
+        let mut s = match js.get_stream(name).await {
+            Ok(s) => s,
+            Err(e) => {
+                lines.push(format!("{name:<34} missing ({e}): run `retro-fleet topology apply`"));
+                continue;
+            }
+        };
+        let info = s.info().await.map_err(|e| err(format!("stream {name}"))(e.into()))?.clone();
+        lines.push(placement(name, info.config.num_replicas, info.cluster.as_ref()));
+        if !name.starts_with("FLEET_REQ_") {
+            continue;
+        }
+        for model in &plan.models {
+            let durable = subjects::consumer(model);
+            let Ok(mut c) = s.get_consumer::<pull::Config>(&durable).await else { continue };
+            if let Ok(ci) = c.info().await {
+                let label = format!("  {durable}");
+                lines.push(placement(&label, ci.config.num_replicas.max(info.config.num_replicas), ci.cluster.as_ref()));
+            }
+        }
+    }
+    Ok(lines)
+}
+
+/// One line of [`status`].
+fn placement(name: &str, replicas: usize, cluster: Option<&async_nats::jetstream::stream::ClusterInfo>) -> String {
+    let leader = cluster.and_then(|c| c.leader.clone()).unwrap_or_else(|| "none".into());
+    let copies: Vec<String> = cluster
+        .map(|c| c.replicas.iter().collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|p| match (p.offline, p.current, p.lag) {
+            (true, _, _) => format!("{} offline", p.name),
+            (false, true, _) => format!("{} current", p.name),
+            (false, false, lag) => format!("{} lagging {} ops", p.name, lag.unwrap_or(0)),
+        })
+        .collect();
+    let copies = if copies.is_empty() { "-".to_string() } else { copies.join(", ") };
+    format!("{name:<34} {:>8}  {leader:<8} {copies}", replicas.max(1))
 }
 
 /// Whether every stream of the topology exists (readiness).

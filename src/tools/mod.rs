@@ -356,6 +356,9 @@ pub enum CacheAction {
 pub enum TopologyAction {
     /// Create or update every stream and worker consumer (idempotent).
     Apply,
+    /// Each stream's, bucket's and worker consumer's replicas, leader and
+    /// how current the other copies are.
+    Status,
 }
 
 impl Cli {

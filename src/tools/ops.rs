@@ -16,6 +16,16 @@ pub async fn topology_apply(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `retro-fleet topology status`.
+pub async fn topology_status(config: &Config) -> anyhow::Result<()> {
+    let client = crate::nats::connect(&config.nats, "topology").await?;
+    let js = async_nats::jetstream::new(client);
+    for line in crate::topology::status(&js, &config.topology_plan()).await? {
+        println!("{line}");
+    }
+    Ok(())
+}
+
 /// `retro-fleet workers`.
 pub async fn workers(config: &Config, json: bool) -> anyhow::Result<()> {
     let client = crate::nats::connect(&config.nats, "workers").await?;

@@ -271,8 +271,10 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// Connects to `url`, or to any of several comma-separated URLs.
     pub async fn connect(url: &str) -> Caller {
-        let client = async_nats::connect(url).await.unwrap();
+        let servers: Vec<async_nats::ServerAddr> = url.split(',').map(|u| u.parse().unwrap()).collect();
+        let client = async_nats::connect(servers).await.unwrap();
         let js = async_nats::jetstream::new(client.clone());
         let inbox = client.new_inbox();
         let sub = client.subscribe(format!("{inbox}.*")).await.unwrap();

@@ -15,6 +15,7 @@
 //! - [`cancel`]: cancel messages on `fleet.ctl.cancel.<id>` and the tokens of running requests.
 //! - [`checkpoint`]: the tokens of running generations in KV `fleet_checkpoints`, so another attempt resumes.
 //! - [`config`]: worker and model configuration.
+//! - [`failover`]: JetStream writes that ride through a leader election.
 //! - [`hub`]: model ids of the Hugging Face hub, from its local cache or online.
 //! - [`lora`]: merges LoRA adapters (PEFT) into copies of base weights.
 //! - [`tiny_model`]: writes the small random-weights Llama used by the demo and the tests.
@@ -32,6 +33,7 @@ pub mod config;
 pub mod control;
 pub mod heartbeat;
 pub mod hub;
+pub mod failover;
 pub mod lora;
 pub mod metrics;
 pub mod process;

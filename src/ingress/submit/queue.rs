@@ -3,9 +3,12 @@
 
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::ErrorCode as JsCode;
+use std::time::Instant;
+
 use async_nats::HeaderMap;
 use axum::body::Bytes;
 use retro_fleet_schemas::{codec, subjects, Envelope, ErrorCode, Priority};
+use retro_fleet_worker::failover;
 
 use super::validate::Prepared;
 use crate::ingress::error::ApiError;
@@ -15,13 +18,22 @@ use crate::ingress::state::AppState;
 /// A full queue is 503 with `Retry-After`. Returns whether JetStream
 /// dropped it as a duplicate: its request id was sent before, within the
 /// duplicate window.
+///
+/// A publish that gets no answer (the stream's leader is being elected
+/// after a node was lost, or the connection is moving to another server)
+/// is sent again with the same `Nats-Msg-Id`, so JetStream keeps it once,
+/// while the request's deadline and `failover::RIDE_FOR` allow.
 pub async fn send(state: &AppState, p: &Prepared, reply: Option<&str>) -> Result<bool, ApiError> {
     let subject = subjects::request(p.priority, &p.req.model);
     let payload = Bytes::from(codec::encode(&p.req));
-    let ack = match state.js.publish_with_headers(subject, request_headers(p, reply, state.cfg.sync_result_ttl_secs), payload).await {
-        Ok(f) => f.await,
-        Err(e) => Err(e),
+    let headers = request_headers(p, reply, state.cfg.sync_result_ttl_secs);
+    let publish = || async {
+        match state.js.publish_with_headers(subject.clone(), headers.clone(), payload.clone()).await {
+            Ok(f) => f.await,
+            Err(e) => Err(e),
+        }
     };
+    let ack = failover::ride(Instant::now() + p.timeout, failover::unanswered, publish, || async {}).await;
     match ack {
         Ok(ack) => {
             state.metrics.published.with_label_values(&[p.priority.as_str()]).inc();

@@ -20,6 +20,7 @@ use retro_fleet_schemas::{codec, headers, subjects, ErrorCode, InferResult, Prio
 use super::decide::{Ids, Rejection};
 use super::shared::Shared;
 use crate::cache::Key;
+use crate::failover;
 
 /// How a message is settled; made by deciding and running, carried out by [`settle`].
 #[derive(Debug)]
@@ -175,6 +176,17 @@ pub enum SettleError {
     Ack(async_nats::Error),
 }
 
+impl SettleError {
+    /// Whether JetStream did not answer (a leader election), rather than refused.
+    fn unanswered(&self) -> bool {
+        match self {
+            SettleError::Write(e) => failover::unanswered(e),
+            SettleError::Stored(_) => true,
+            _ => false,
+        }
+    }
+}
+
 /// The message being settled: what it was, where it came from.
 pub struct Settling<'a> {
     /// The message.
@@ -192,11 +204,18 @@ pub struct Settling<'a> {
 /// Carries out `s` for the message.
 pub async fn settle(sh: &Shared, m: &Settling<'_>, mut s: Settlement) -> Result<Outcome, SettleError> {
     s.keep_internals_out();
+    // a write to a stream whose leader is being elected is sent again,
+    // the message kept in progress meanwhile (see `crate::failover`)
+    let until = std::time::Instant::now() + failover::RIDE_FOR;
+    let in_progress = || async {
+        let _ = m.msg.ack_with(AckKind::Progress).await;
+    };
     for step in s.steps() {
         match (step, &s) {
             (Step::Store, Settlement::Answer { result, to, cached }) => {
                 let tenant = to.tenant.as_deref().unwrap_or(subjects::DEFAULT_TENANT);
-                publish_result(sh, to, tenant, result, *cached).await?;
+                let store = || publish_result(sh, to, tenant, result, *cached);
+                failover::ride(until, SettleError::unanswered, store, in_progress).await?;
             }
             (Step::Resend, Settlement::Resend { result, reply, .. }) => {
                 tracing::info!(id = %result.id, delivered = m.delivered, "redelivered request already answered; re-sending the stored result");
@@ -207,7 +226,8 @@ pub async fn settle(sh: &Shared, m: &Settling<'_>, mut s: Settlement) -> Result<
             }
             (Step::DeadLetter, Settlement::GiveUp(r)) => {
                 let letter = Letter::of(m.msg, m.delivered);
-                if let Err(e) = dead_letter(sh, m.priority, &letter, r.code, &r.message).await {
+                let write = || dead_letter(sh, m.priority, &letter, r.code, &r.message);
+                if let Err(e) = failover::ride(until, SettleError::unanswered, write, in_progress).await {
                     tracing::error!(error = %e, "cannot write the dead letter; nak so the message is kept");
                     ack(m.msg, AckKind::Nak(Some(Duration::from_secs(5)))).await?;
                     return Ok(Outcome::Retried);
@@ -215,7 +235,8 @@ pub async fn settle(sh: &Shared, m: &Settling<'_>, mut s: Settlement) -> Result<
                 sh.metrics.dead_lettered(m.priority, m.model_label, r.code, r.ids.id.as_deref(), &r.message);
             }
             (Step::ErrorResult, Settlement::GiveUp(r)) => {
-                answer_error(sh, &r.ids, letter_model(&m.msg.subject), r.code, &r.message).await?;
+                let answer = || answer_error(sh, &r.ids, letter_model(&m.msg.subject), r.code, &r.message);
+                failover::ride(until, SettleError::unanswered, answer, in_progress).await?;
             }
             (Step::Forget, s) => {
                 let may_exist = m.delivered > 1 || m.checkpointed.load(std::sync::atomic::Ordering::Relaxed);

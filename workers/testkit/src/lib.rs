@@ -3,7 +3,8 @@
 //!
 //! # Layout
 //! Everything is in this file: [`NatsServer`] (optionally requiring
-//! credentials) and [`free_port`].
+//! credentials), [`NatsCluster`] (N servers with routes, JetStream on
+//! each) and [`free_port`].
 
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -111,6 +112,108 @@ impl Drop for NatsServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A cluster of `nats-server`s on loopback: JetStream on each, one store
+/// each, routes between all, server names `n0`, `n1`, ... Each node also
+/// serves its monitoring endpoint, which says who leads what.
+pub struct NatsCluster {
+    nodes: Vec<NatsServer>,
+    monitor: Vec<u16>,
+}
+
+impl NatsCluster {
+    /// Starts `n` servers and waits until JetStream has a meta leader.
+    pub fn start(n: usize) -> NatsCluster {
+        let routes: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let monitor: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let all = routes.iter().map(|p| format!("nats://127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
+        let nodes = (0..n)
+            .map(|i| {
+                let (name, cluster, m) =
+                    (format!("n{i}"), format!("nats://127.0.0.1:{}", routes[i]), monitor[i].to_string());
+                NatsServer::start_with(&[
+                    "-n", &name, "--cluster_name", "fleet", "--cluster", &cluster, "--routes", &all, "-m", &m,
+                ])
+            })
+            .collect();
+        let cluster = NatsCluster { nodes, monitor };
+        cluster.wait_meta_leader(Duration::from_secs(30));
+        cluster
+    }
+
+    /// Every node's client URL, comma-separated (as `nats.url` takes them).
+    pub fn urls(&self) -> String {
+        self.nodes.iter().map(NatsServer::url).collect::<Vec<_>>().join(",")
+    }
+
+    /// Node `i`, to kill, stop or restart.
+    pub fn node(&mut self, i: usize) -> &mut NatsServer {
+        &mut self.nodes[i]
+    }
+
+    /// How many nodes.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether the cluster has no node.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// `/jsz` of the first node that answers, with every stream and consumer.
+    pub fn jsz(&self) -> Option<serde_json::Value> {
+        self.monitor.iter().find_map(|p| http_json(*p, "/jsz?accounts=true&streams=true&consumers=true"))
+    }
+
+    /// Waits until the nodes that answer agree on a meta leader; its index.
+    pub fn wait_meta_leader(&self, timeout: Duration) -> usize {
+        let start = Instant::now();
+        loop {
+            let leaders: Vec<String> = self
+                .monitor
+                .iter()
+                .filter_map(|p| http_json(*p, "/jsz"))
+                .filter_map(|j| j["meta_cluster"]["leader"].as_str().map(str::to_string))
+                .collect();
+            if let Some(i) = leaders.first().filter(|l| leaders.iter().all(|x| x == *l)).and_then(|l| index(l)) {
+                return i;
+            }
+            assert!(start.elapsed() < timeout, "no JetStream meta leader after {timeout:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The node leading stream `name`, when one does.
+    pub fn stream_leader(&self, name: &str) -> Option<usize> {
+        let jsz = self.jsz()?;
+        let streams = jsz["account_details"].as_array()?.iter().flat_map(|a| a["stream_detail"].as_array().cloned());
+        let s = streams.flatten().find(|s| s["name"] == name)?;
+        index(s["cluster"]["leader"].as_str()?)
+    }
+
+    /// A node that leads no stream and no consumer, when there is one.
+    pub fn idle_node(&self) -> Option<usize> {
+        let jsz = self.jsz()?.to_string();
+        (0..self.nodes.len()).find(|i| !jsz.contains(&format!("\"leader\":\"n{i}\"")))
+    }
+}
+
+/// The node index of server name `n<i>`.
+fn index(name: &str) -> Option<usize> {
+    name.strip_prefix('n')?.parse().ok()
+}
+
+/// `GET path` on 127.0.0.1:`port` as JSON (HTTP/1.0, no client library).
+fn http_json(port: u16, path: &str) -> Option<serde_json::Value> {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    serde_json::from_str(body.split_once("\r\n\r\n")?.1).ok()
 }
 
 /// A TCP port on 127.0.0.1 that was free a moment ago.
