@@ -581,3 +581,51 @@ async fn a_repeated_request_id_gets_the_first_result_and_ids_are_per_tenant() {
     assert_eq!(status, 200, "{other}");
     assert!(other.contains("\"text\":\"globex text\""), "{other}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_limits_are_per_tenant_roles_split_on_ascii_spaces_and_every_prompt_byte_counts() {
+    let limits = "[ingress.rate_limit]\nenabled = true\nalgorithm = \"fixed_window\"\nwindow_secs = 3600\n[ingress.rate_limit.read]\nrequests = 2\n";
+    let s = setup(&(auth_config() + limits));
+    let _worker = start_worker(&s.config, &[]).await;
+    let (_ingress, base) = start_ingress(&s.config).await;
+    let http = Http { client: reqwest::Client::new(), base };
+    let models = |token: String| {
+        let http = &http;
+        async move { http.send("GET", "/v1/models", Some(&token), None).await.status().as_u16() }
+    };
+    // the same `sub` in two tenants: two counters
+    let acme = sign(Algorithm::HS256, None, &claims("acme", &["read"]));
+    let globex = sign(Algorithm::HS256, None, &claims("globex", &["read"]));
+    assert_eq!((models(acme.clone()).await, models(acme.clone()).await, models(acme).await), (200, 200, 429));
+    assert_eq!(models(globex).await, 200, "another tenant's token is not throttled by acme's use");
+
+    // roles: ASCII spaces only; a name that is not a role is refused
+    for roles in ["read\u{3000}admin", "read\u{2028}admin", "read superuser"] {
+        let mut c = claims("initech", &[]);
+        c["roles"] = json!(roles);
+        let token = sign(Algorithm::HS256, None, &c);
+        let r = http.send("GET", "/v1/admin/workers", Some(&token), None).await;
+        assert_eq!(r.status(), 401, "{roles:?}");
+    }
+    let mut c = claims("initech", &[]);
+    c["roles"] = json!(["read", "admin\u{3000}"]);
+    assert_eq!(models(sign(Algorithm::HS256, None, &c)).await, 401, "unknown names in an array too");
+
+    // a chat message's role counts against the prompt limit like its content
+    let submit = sign(Algorithm::HS256, None, &claims("umbrella", &["submit"]));
+    let body = json!({"model": "echo", "messages": [{"role": "u".repeat(900), "content": "x".repeat(200)}]});
+    let r = http.send("POST", "/v1/chat/completions", Some(&submit), Some(body)).await;
+    assert_eq!(r.status(), 413, "900 bytes of role + 200 of content is over max_prompt_bytes = 1000");
+
+    // a cache lifetime past any clock is cut, not overflowed
+    let r = http
+        .client
+        .post(format!("{}/v1/infer", http.base))
+        .bearer_auth(&submit)
+        .header("x-cache-ttl", u64::MAX.to_string())
+        .json(&json!({"model": "echo", "prompt": "forever"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+}

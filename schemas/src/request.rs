@@ -58,10 +58,12 @@ pub enum Input {
 }
 
 impl Input {
-    /// Bytes of text the prompt carries (message contents plus prompt).
+    /// Bytes of text the prompt carries: every message's role and content,
+    /// or the prompt. What the size limit and token estimates count.
     pub fn text_len(&self) -> usize {
         match self {
-            Input::Chat { messages } => messages.iter().map(|m| m.content.len()).sum(),
+            // the role reaches the model too (the chat template writes it)
+            Input::Chat { messages } => messages.iter().map(|m| m.role.len() + m.content.len()).sum(),
             Input::Completion { prompt } => prompt.len(),
         }
     }

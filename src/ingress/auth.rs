@@ -420,13 +420,29 @@ impl Authenticator {
                 self.tenant_claim
             )));
         }
+        // a string of roles is split on ASCII spaces only, as documented:
+        // any other separator (U+3000, U+2028, ...) makes one unknown name
         let names: Vec<&str> = match claims.get(&self.roles_claim) {
             Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
-            Some(Value::String(s)) => s.split_whitespace().collect(),
+            Some(Value::String(s)) => s.split(' ').filter(|n| !n.is_empty()).collect(),
             _ => Vec::new(),
         };
-        let roles = Roles::of(names.into_iter().filter_map(Role::parse));
-        Ok(Principal { id: format!("jwt:{sub}"), tenant: tenant.to_string(), roles })
+        let mut roles = Vec::new();
+        for name in names {
+            let role = Role::parse(name).ok_or_else(|| {
+                unauthenticated(format!(
+                    "the token's `{}` names {:?}, which is not a role (submit, read, admin)",
+                    self.roles_claim, name
+                ))
+            })?;
+            roles.push(role);
+        }
+        // rate limits count per issuer, tenant and subject: two tenants'
+        // tokens never share a counter; tokens without `sub` share their
+        // tenant's (and issuer's) one
+        let iss = claims.get("iss").and_then(Value::as_str).unwrap_or("");
+        let id = format!("jwt:{iss}/{tenant}/{sub}");
+        Ok(Principal { id, tenant: tenant.to_string(), roles: Roles::of(roles) })
     }
 }
 

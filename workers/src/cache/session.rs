@@ -27,6 +27,10 @@ pub struct Found {
     pub similarity: Option<f64>,
 }
 
+/// The longest an answer is kept, whatever a request asks for (a year):
+/// longer lifetimes are cut to it (`Fleet-Cache-Ttl`, `X-Cache-Ttl`).
+pub const MAX_TTL_SECS: u64 = 365 * 24 * 3600;
+
 /// A request's part in the cache.
 pub struct Session {
     cache: Arc<ResultCache>,
@@ -72,7 +76,7 @@ impl Session {
             key: cache_key::exact(&scope, &req.params, &req.input),
             semantic,
             mode: req.cache,
-            ttl_ms: ttl_secs.unwrap_or(cache.config().ttl_secs).saturating_mul(1000),
+            ttl_ms: ttl_secs.unwrap_or(cache.config().ttl_secs).min(MAX_TTL_SECS).saturating_mul(1000),
             leader: None,
             claimed: false,
         })
@@ -161,7 +165,8 @@ impl Session {
     /// Keeps a computed answer (here, for a claim's waiters and for this
     /// worker's followers); returns the key and expiry it is kept under.
     pub async fn keep(mut self, output: &Output, usage: &Usage, now_ms: u64) -> (Key, u64) {
-        let answer = Answer { output: output.clone(), usage: usage.clone(), expires_ms: now_ms + self.ttl_ms };
+        let answer =
+            Answer { output: output.clone(), usage: usage.clone(), expires_ms: now_ms.saturating_add(self.ttl_ms) };
         self.cache.put(&self.model, self.key, &answer, self.semantic_ref());
         if self.claimed {
             if let Some(claims) = self.cache.claims() {
