@@ -294,7 +294,9 @@ async fn apply_stream(js: &Context, want: stream::Config) -> Result<Applied, Top
                 Change::Unchanged
             } else {
                 let replicas = want.num_replicas;
-                js.update_stream(&want).await.map_err(|e| placing(format!("update stream {name}"), replicas)(e.into()))?;
+                js.update_stream(&want)
+                    .await
+                    .map_err(|e| placing(format!("update stream {name}"), replicas)(e.into()))?;
                 Change::Updated(diff)
             }
         }
@@ -381,7 +383,9 @@ async fn apply_bucket(js: &Context, want: async_nats::jetstream::kv::Config) -> 
             if diff.is_empty() {
                 Change::Unchanged
             } else {
-                js.update_key_value(want).await.map_err(|e| placing(format!("update bucket {name}"), replicas)(e.into()))?;
+                js.update_key_value(want)
+                    .await
+                    .map_err(|e| placing(format!("update bucket {name}"), replicas)(e.into()))?;
                 Change::Updated(diff)
             }
         }
@@ -518,7 +522,8 @@ pub async fn status(js: &Context, plan: &Plan) -> Result<Vec<String>, TopologyEr
     let t = &plan.topology;
     let mut streams: Vec<String> = Priority::ALL.map(|p| subjects::request_stream(p).to_string()).to_vec();
     streams.extend([subjects::RESULTS_STREAM, subjects::DLQ_STREAM].map(str::to_string));
-    let buckets = [workers_bucket(t), checkpoints_bucket(t)].into_iter().chain(cache_buckets(plan)).chain(ingress_buckets(plan));
+    let buckets =
+        [workers_bucket(t), checkpoints_bucket(t)].into_iter().chain(cache_buckets(plan)).chain(ingress_buckets(plan));
     streams.extend(buckets.map(|b| format!("KV_{}", b.bucket)));
     let mut lines = vec![format!("{:<34} {:>8}  {:<8} copies", "stream / consumer", "replicas", "leader")];
     for name in &streams {
@@ -539,7 +544,11 @@ pub async fn status(js: &Context, plan: &Plan) -> Result<Vec<String>, TopologyEr
             let Ok(mut c) = s.get_consumer::<pull::Config>(&durable).await else { continue };
             if let Ok(ci) = c.info().await {
                 let label = format!("  {durable}");
-                lines.push(placement(&label, ci.config.num_replicas.max(info.config.num_replicas), ci.cluster.as_ref()));
+                lines.push(placement(
+                    &label,
+                    ci.config.num_replicas.max(info.config.num_replicas),
+                    ci.cluster.as_ref(),
+                ));
             }
         }
     }

@@ -47,7 +47,9 @@ async fn the_fleet_runs_on_three_nodes_with_r3_streams_and_survives_a_node_kill(
         assert!(cols[2].starts_with('n'), "a leader: {line}");
         assert_eq!(line.matches(" current").count(), 2, "two followers, both current: {line}");
     }
-    assert!(status.contains("FLEET_RESULTS") && status.contains("KV_fleet_checkpoints") && status.contains("worker_echo"));
+    assert!(
+        status.contains("FLEET_RESULTS") && status.contains("KV_fleet_checkpoints") && status.contains("worker_echo")
+    );
 
     let _w1 = start_worker(&config, &[]).await;
     let _w2 = start_worker(&config, &[]).await;
@@ -57,7 +59,9 @@ async fn the_fleet_runs_on_three_nodes_with_r3_streams_and_survives_a_node_kill(
     let (results, _) = caller.collect(200, Duration::from_secs(60)).await;
     assert_eq!(results.len(), 200);
     for k in 0..50 {
-        let (status, v) = post_json(&format!("{base}/v1/infer"), &serde_json::json!({"model": "echo", "prompt": format!("h{k}")})).await;
+        let (status, v) =
+            post_json(&format!("{base}/v1/infer"), &serde_json::json!({"model": "echo", "prompt": format!("h{k}")}))
+                .await;
         assert_eq!(status, 200, "{v}");
     }
 
@@ -102,7 +106,8 @@ async fn the_fleet_runs_on_three_nodes_with_r3_streams_and_survives_a_node_kill(
             tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_millis(25 * k)).await;
                 let started = Instant::now();
-                let (status, v) = post_json(&url, &serde_json::json!({"model": "echo", "prompt": format!("k{k}")})).await;
+                let (status, v) =
+                    post_json(&url, &serde_json::json!({"model": "echo", "prompt": format!("k{k}")})).await;
                 (status, v, started.elapsed())
             })
         })

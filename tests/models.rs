@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use common::*;
 use futures::StreamExt;
-use retro_fleet_schemas::{codec, headers, subjects, ChatMessage, Input, Priority, SamplingParams, Status, StreamChunk};
+use retro_fleet_schemas::{
+    codec, headers, subjects, ChatMessage, Input, Priority, SamplingParams, Status, StreamChunk,
+};
 
 fn model_config(dir: &std::path::Path) -> String {
     let model = dir.join("tiny");
@@ -298,7 +300,8 @@ async fn requests_the_model_cannot_serve_are_answered_at_once_and_never_retried(
     let (_ingress, base) = start_ingress(&s.config).await;
 
     // past the context: a 400 with both numbers, nothing computed
-    let body = serde_json::json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5000});
+    let body =
+        serde_json::json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5000});
     let (status, v) = post_json(&format!("{base}/v1/chat/completions"), &body).await;
     assert_eq!(status, 400, "{v}");
     assert_eq!(v["error"]["code"], "context_length_exceeded", "{v}");

@@ -141,10 +141,16 @@ async fn a_stream_survives_kill9_of_its_worker_with_nothing_repeated() {
     for (case, temperature) in [("greedy", 0.0), ("sampled", 1.0)] {
         let id = format!("kill-{case}");
         let (path, body) = match case {
-            "greedy" => ("/v1/infer", json!({"model": "slow", "prompt": "once upon a time", "stream": true,
-                "cache": "bypass", "params": {"max_tokens": 1000, "temperature": temperature}})),
-            _ => ("/v1/chat/completions", json!({"model": "slow", "stream": true, "max_tokens": 1000,
-                "temperature": temperature, "messages": [{"role": "user", "content": "once upon a time"}]})),
+            "greedy" => (
+                "/v1/infer",
+                json!({"model": "slow", "prompt": "once upon a time", "stream": true,
+                "cache": "bypass", "params": {"max_tokens": 1000, "temperature": temperature}}),
+            ),
+            _ => (
+                "/v1/chat/completions",
+                json!({"model": "slow", "stream": true, "max_tokens": 1000,
+                "temperature": temperature, "messages": [{"role": "user", "content": "once upon a time"}]}),
+            ),
         };
         let (read, takeover, second) = stream_with_kill(&s, (&base, path), &id, &body, 200, &mut first).await;
         let result = stored(&s, &id).await;
@@ -159,7 +165,11 @@ async fn a_stream_survives_kill9_of_its_worker_with_nothing_repeated() {
             assert_eq!(read.result, Value::Null, "[DONE] ends the OpenAI stream, with no error before it");
         }
         assert_eq!(result.usage.unwrap().completion_tokens, 1000, "{case}");
-        assert!(second.log().contains("resuming from a checkpoint"), "{case}: the second worker resumed:\n{}", second.log());
+        assert!(
+            second.log().contains("resuming from a checkpoint"),
+            "{case}: the second worker resumed:\n{}",
+            second.log()
+        );
         println!("{case}: kill -9 to the next text the caller read: {takeover:?}");
         if temperature == 0.0 {
             reference = Some(stored_text);
@@ -247,7 +257,9 @@ async fn a_cancelled_generation_leaves_no_checkpoint() {
     client.publish(subjects::cancel(subjects::DEFAULT_TENANT, "gone"), bytes::Bytes::new()).await.unwrap();
     client.flush().await.unwrap();
     let result = loop {
-        if let Some(r) = stored_result(&async_nats::jetstream::new(client.clone()), subjects::DEFAULT_TENANT, "gone").await {
+        if let Some(r) =
+            stored_result(&async_nats::jetstream::new(client.clone()), subjects::DEFAULT_TENANT, "gone").await
+        {
             break r;
         }
         assert!(start.elapsed() < Duration::from_secs(60), "no result");

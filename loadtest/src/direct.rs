@@ -60,7 +60,10 @@ pub async fn run(
                 let t = Instant::now();
                 let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
                 let first = tokio::spawn(async move { rx.recv().await.map(|_| t.elapsed()) });
-                let out = model.generate(&req, retro_fleet_worker::backend::Attempt::streaming(stream.then_some(tx))).await.ok()?;
+                let out = model
+                    .generate(&req, retro_fleet_worker::backend::Attempt::streaming(stream.then_some(tx)))
+                    .await
+                    .ok()?;
                 let _ = hist.lock().unwrap().record(t.elapsed().as_micros().max(1) as u64);
                 if let Ok(Some(d)) = first.await {
                     let _ = ttft.lock().unwrap().record(d.as_micros().max(1) as u64);

@@ -109,7 +109,14 @@ fn golden_error() -> InferResult {
 }
 
 fn golden_chunk() -> StreamChunk {
-    StreamChunk { v: 1, id: "01JDQ3Z6W5XK0B1Q2R3S4T5V6W".into(), seq: 3, offset: 21, delta: " system".into(), done: false }
+    StreamChunk {
+        v: 1,
+        id: "01JDQ3Z6W5XK0B1Q2R3S4T5V6W".into(),
+        seq: 3,
+        offset: 21,
+        delta: " system".into(),
+        done: false,
+    }
 }
 
 fn check<T>(name: &str, value: T)

@@ -160,14 +160,8 @@ fn result() -> impl Strategy<Value = InferResult> {
 }
 
 fn chunk() -> impl Strategy<Value = StreamChunk> {
-    (any::<u32>(), token(), any::<u64>(), any::<u64>(), text(), any::<bool>()).prop_map(|(v, id, seq, offset, delta, done)| StreamChunk {
-        v,
-        id,
-        seq,
-        offset,
-        delta,
-        done,
-    })
+    (any::<u32>(), token(), any::<u64>(), any::<u64>(), text(), any::<bool>())
+        .prop_map(|(v, id, seq, offset, delta, done)| StreamChunk { v, id, seq, offset, delta, done })
 }
 
 /// Decodes `bytes` as `T` in both formats; only `Ok`/`Err` may come out.

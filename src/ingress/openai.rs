@@ -70,7 +70,8 @@ async fn respond(
     let resp = if prepared.req.stream {
         match submit::open_stream(&state, &prepared).await {
             Ok(waiter) => {
-                sse(waiter, prepared.timeout, kind, prepared.req.model.clone(), include_usage, prepared.req.id.clone()).into_response()
+                sse(waiter, prepared.timeout, kind, prepared.req.model.clone(), include_usage, prepared.req.id.clone())
+                    .into_response()
             }
             Err(e) => e.into_response(),
         }
@@ -130,7 +131,9 @@ fn sse(
                         }
                         _ => {
                             let text = r.output.as_ref().map_or("", |o| o.text.as_str());
-                            if let Some(rest) = text.strip_prefix(streamed.text.as_str()).filter(|rest| !rest.is_empty()) {
+                            if let Some(rest) =
+                                text.strip_prefix(streamed.text.as_str()).filter(|rest| !rest.is_empty())
+                            {
                                 let _ = tx.send(send(chunk(kind, &r.id, &model, Some(rest), None, first))).await;
                                 first = false;
                             }

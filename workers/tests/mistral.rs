@@ -175,7 +175,11 @@ async fn a_resumed_generation_goes_on_exactly_where_the_checkpoint_was() {
         let g = b.generate(&req(input.clone(), whole), resumed).await.unwrap();
         assert_eq!(g.text, uninterrupted.text, "temperature {temperature:?}, seed {seed:?}");
         assert_eq!(g.usage, uninterrupted.usage, "usage counts the whole answer");
-        assert_eq!(g.computed_tokens as usize, 300 - (n - 1), "only the tokens after the checkpoint (and its last again)");
+        assert_eq!(
+            g.computed_tokens as usize,
+            300 - (n - 1),
+            "only the tokens after the checkpoint (and its last again)"
+        );
         let mut deltas = String::new();
         while let Ok(d) = rx.try_recv() {
             deltas.push_str(&d);

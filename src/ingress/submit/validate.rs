@@ -226,7 +226,8 @@ mod tests {
     #[test]
     fn assigns_tenant_priority_id_and_a_capped_timeout() {
         let models = models();
-        let rules = Rules { max_prompt_bytes: 100, request_timeout_ms: 5_000, models: &models, max_result_ttl_secs: 60 };
+        let rules =
+            Rules { max_prompt_bytes: 100, request_timeout_ms: 5_000, models: &models, max_result_ttl_secs: 60 };
         let h = headers(&[("x-priority", "high"), (REQUEST_ID, "made-here"), (ID_MADE_HERE, "1")]);
         let mut d = draft("echo", "hi");
         d.priority = Some(Priority::Low);

@@ -270,7 +270,8 @@ mod tests {
         // undecodable: only the envelope is known
         let env = Envelope::new("r3").tenant("acme").reply("inbox.3").headers();
         let r = decide_on("fleet.req.normal.echo", &env, b"\xc1").err().unwrap();
-        let ids = Ids { id: Some("r3".into()), tenant: Some("acme".into()), reply: Some("inbox.3".into()), keep_secs: None };
+        let ids =
+            Ids { id: Some("r3".into()), tenant: Some("acme".into()), reply: Some("inbox.3".into()), keep_secs: None };
         assert_eq!(r.ids, ids);
         // a tenant that cannot name a result subject: reply only, never stored
         let mut env = async_nats::HeaderMap::new();

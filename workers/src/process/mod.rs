@@ -44,7 +44,8 @@ pub async fn handle(sh: Arc<Shared>, prio: Priority, msg: jetstream::Message, _p
         span.record("trace_id", t);
     }
     let delivered = msg.info().map_or(1, |i| i.delivered);
-    let m = Settling { msg: &msg, priority: prio, model_label: &model_label, delivered, checkpointed: Default::default() };
+    let m =
+        Settling { msg: &msg, priority: prio, model_label: &model_label, delivered, checkpointed: Default::default() };
     let outcome = tracing::Instrument::instrument(handle_inner(&sh, &m, envelope), span).await;
     let label = match &outcome {
         Ok(o) => o.as_str(),

@@ -129,7 +129,8 @@ impl Settlement {
 /// A sentence to send instead of `message` when it shows internals.
 pub fn public_message(code: ErrorCode, message: &str) -> Option<String> {
     let lower = message.to_ascii_lowercase();
-    let internal = lower.contains(".rs:") || lower.contains("backtrace") || lower.contains("panicked") || message.contains('\n');
+    let internal =
+        lower.contains(".rs:") || lower.contains("backtrace") || lower.contains("panicked") || message.contains('\n');
     internal.then(|| format!("the request failed ({code}); the worker's log has the detail under the request id"))
 }
 

@@ -133,7 +133,16 @@ impl NatsCluster {
                 let (name, cluster, m) =
                     (format!("n{i}"), format!("nats://127.0.0.1:{}", routes[i]), monitor[i].to_string());
                 NatsServer::start_with(&[
-                    "-n", &name, "--cluster_name", "fleet", "--cluster", &cluster, "--routes", &all, "-m", &m,
+                    "-n",
+                    &name,
+                    "--cluster_name",
+                    "fleet",
+                    "--cluster",
+                    &cluster,
+                    "--routes",
+                    &all,
+                    "-m",
+                    &m,
                 ])
             })
             .collect();

@@ -222,7 +222,11 @@ fn only(pick: usize, logits: &Tensor) -> mistralrs::Result<Tensor> {
 
 impl Meter {
     /// Draws a token from `logits` with this request's RNG.
-    fn sample(&self, logits: &Tensor, (t, top_k, top_p): (f64, Option<usize>, Option<f64>)) -> mistralrs::Result<usize> {
+    fn sample(
+        &self,
+        logits: &Tensor,
+        (t, top_k, top_p): (f64, Option<usize>, Option<f64>),
+    ) -> mistralrs::Result<usize> {
         let v: Vec<f32> = logits.to_vec1::<f32>()?;
         let mut idx: Vec<usize> = (0..v.len()).collect();
         idx.sort_unstable_by(|&a, &b| v[b].total_cmp(&v[a]));

@@ -214,12 +214,7 @@ impl Pool {
     }
 
     /// Runs `req` on slot `i`, loading (or probing) its instance first.
-    async fn run_on(
-        &self,
-        i: usize,
-        req: &InferRequest,
-        attempt: Attempt,
-    ) -> Result<Generation, BackendError> {
+    async fn run_on(&self, i: usize, req: &InferRequest, attempt: Attempt) -> Result<Generation, BackendError> {
         let slot = &self.slots[i];
         let _inflight = slot.enter();
         let (idle_for, current) = slot.start();
