@@ -123,7 +123,10 @@ async fn run_tool(command: Command, config: retro_fleet::config::Config) -> anyh
         }
         Command::Cache { action: CacheAction::Purge { models } } => tools::cache::purge(&config, models).await,
         Command::Keys { action } => match action {
-            KeysAction::Add { id, tenant, roles } => tools::keys::add(&config, id, tenant, roles).await,
+            KeysAction::Add { id, tenant, roles, max_priority, max_batch_priority } => {
+                let ceilings = (max_priority, max_batch_priority);
+                tools::keys::add(&config, id, tenant, roles, ceilings).await
+            }
             KeysAction::List => tools::keys::list(&config).await,
             KeysAction::Revoke { id } => tools::keys::revoke(&config, id).await,
         },

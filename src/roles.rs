@@ -337,6 +337,11 @@ fn ingress_setup(config: &Config) -> ingress::config::Setup {
     ingress::config::Setup {
         ingress: config.ingress.clone(),
         plan: config.topology_plan(),
+        output_defaults: config
+            .models
+            .iter()
+            .filter_map(|(name, m)| Some((name.clone(), u64::from(m.default_max_tokens()?))))
+            .collect(),
         config_view: serde_json::to_value(config.redacted()).unwrap_or(serde_json::Value::Null),
     }
 }

@@ -12,10 +12,12 @@ use retro_fleet_schemas::subjects;
 use serde_json::{json, Value};
 
 fn config() -> String {
-    auth_with_keys(&[
-        ("producer", "acme-batch-key", "acme", &["submit", "read"]),
-        ("other", "globex-batch-key", "globex", &["submit", "read"]),
-    ])
+    // the producer's key may queue batches at high (a key's default is normal)
+    format!(
+        "[ingress.auth]\nenabled = true\n{}max_batch_priority = \"high\"\n{}",
+        api_keys(&[("producer", "acme-batch-key", "acme", &["submit", "read"])]),
+        api_keys(&[("other", "globex-batch-key", "globex", &["submit", "read"])]),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

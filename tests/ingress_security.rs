@@ -613,9 +613,9 @@ async fn jwt_limits_are_per_tenant_roles_split_on_ascii_spaces_and_every_prompt_
 
     // a chat message's role counts against the prompt limit like its content
     let submit = sign(Algorithm::HS256, None, &claims("umbrella", &["submit"]));
-    let body = json!({"model": "echo", "messages": [{"role": "u".repeat(900), "content": "x".repeat(200)}]});
+    let body = json!({"model": "echo", "messages": [{"role": "assistant", "content": "x".repeat(992)}]});
     let r = http.send("POST", "/v1/chat/completions", Some(&submit), Some(body)).await;
-    assert_eq!(r.status(), 413, "900 bytes of role + 200 of content is over max_prompt_bytes = 1000");
+    assert_eq!(r.status(), 413, "9 bytes of role + 992 of content is over max_prompt_bytes = 1000");
 
     // a cache lifetime past any clock is cut, not overflowed
     let r = http

@@ -69,11 +69,17 @@ impl Input {
     }
 }
 
+/// The roles a chat message may have: the ones chat templates know.
+pub const CHAT_ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
+
 /// One chat message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChatMessage {
-    /// `system`, `user`, `assistant` or `tool`.
+    /// `system`, `user`, `assistant` or `tool`: the roles chat templates
+    /// know. Any other is refused (a template would write it into the
+    /// prompt verbatim).
+    #[schemars(extend("enum" = CHAT_ROLES))]
     pub role: String,
     /// Message text.
     pub content: String,
@@ -168,11 +174,17 @@ impl InferRequest {
                 return Err(Invalid::field("tenant", "`tenant` must be characters from [A-Za-z0-9_-]"));
             }
         }
-        match &self.input {
-            Input::Chat { messages } if messages.is_empty() => {
+        if let Input::Chat { messages } = &self.input {
+            if messages.is_empty() {
                 return Err(Invalid::field("input.messages", "`input.messages` must not be empty"));
             }
-            _ => {}
+            if let Some((i, m)) = messages.iter().enumerate().find(|(_, m)| !CHAT_ROLES.contains(&m.role.as_str())) {
+                let shown: String = m.role.chars().take(40).collect();
+                return Err(Invalid::field(
+                    "input.messages.role",
+                    format!("message {i} has role `{shown}`; a role is one of {}", CHAT_ROLES.join(", ")),
+                ));
+            }
         }
         let len = self.input.text_len();
         if len > max_prompt_bytes {
@@ -193,5 +205,38 @@ impl InferRequest {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat(role: &str) -> InferRequest {
+        InferRequest {
+            v: crate::SCHEMA_VERSION,
+            id: "r1".into(),
+            model: "m".into(),
+            adapter: None,
+            input: Input::Chat { messages: vec![ChatMessage { role: role.into(), content: "hi".into() }] },
+            params: Default::default(),
+            stream: false,
+            cache: Default::default(),
+            tenant: None,
+            metadata: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_chat_role_is_one_the_templates_know() {
+        for role in CHAT_ROLES {
+            assert_eq!(chat(role).validate(1000), Ok(()), "{role}");
+        }
+        let long = "u".repeat(300_000);
+        for role in ["", "User", "user ", "admin", "user\u{3000}", "user\u{2028}system", long.as_str()] {
+            let e = chat(role).validate(usize::MAX).unwrap_err();
+            assert_eq!((e.code, e.field), (ErrorCode::InvalidRequest, Some("input.messages.role")), "{role:?}");
+            assert!(e.message.len() < 200, "the message quotes a bounded part of the role: {}", e.message);
+        }
     }
 }

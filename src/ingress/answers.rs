@@ -214,7 +214,7 @@ mod tests {
             tenant: Some(tenant.into()),
             metadata: Default::default(),
         };
-        let who = Principal { id: "anonymous".into(), tenant: tenant.into(), roles: Default::default() };
+        let who = Principal::new("anonymous", tenant, Default::default());
         Prepared {
             req,
             priority: Priority::Normal,

@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
 use axum::http::HeaderMap;
-use retro_fleet_schemas::{headers, subjects, ErrorCode};
+use retro_fleet_schemas::{headers, subjects, ErrorCode, Priority};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -86,15 +86,82 @@ impl Roles {
     }
 }
 
+/// The highest priority classes a credential may use: a property of the
+/// key or token, never the caller's choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ceilings {
+    /// Single requests (`/v1/infer`, chat and completions).
+    pub requests: Priority,
+    /// Batch lines (`POST /v1/batches`).
+    pub batches: Priority,
+}
+
+impl Default for Ceilings {
+    /// Any class for requests; batches at most `normal`, so a batch never
+    /// competes with interactive traffic unless its key says it may.
+    fn default() -> Self {
+        Ceilings { requests: Priority::High, batches: Priority::Normal }
+    }
+}
+
+impl Ceilings {
+    /// No ceiling (authentication off).
+    pub const NONE: Ceilings = Ceilings { requests: Priority::High, batches: Priority::High };
+
+    /// The ceilings of a key or token that names `requests` and `batches`
+    /// (each optional); batches are never above requests.
+    pub fn of(requests: Option<Priority>, batches: Option<Priority>) -> Ceilings {
+        let d = Ceilings::default();
+        let requests = requests.unwrap_or(d.requests);
+        Ceilings { requests, batches: batches.unwrap_or(d.batches).max(requests) }
+    }
+}
+
+/// What a priority is asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Use {
+    /// One request.
+    Request,
+    /// The lines of a batch.
+    Batch,
+}
+
 /// Who is calling, as established from the credential.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
-    /// `key:<id>`, `jwt:<sub>` or `anonymous` (authentication off).
+    /// `key:<id>`, `jwt:<iss>/<tenant>/<sub>` or `anonymous` (authentication off).
     pub id: String,
     /// Tenant: results are stored and read under it.
     pub tenant: String,
     /// Granted roles.
     pub roles: Roles,
+    /// The highest classes it may use.
+    pub ceilings: Ceilings,
+}
+
+impl Principal {
+    /// A caller with the default ceilings.
+    pub fn new(id: impl Into<String>, tenant: impl Into<String>, roles: Roles) -> Principal {
+        Principal { id: id.into(), tenant: tenant.into(), roles, ceilings: Ceilings::default() }
+    }
+
+    /// Whether it may use `priority` for `what`: 403 naming its ceiling otherwise.
+    pub fn may_use(&self, priority: Priority, what: Use) -> Result<(), ApiError> {
+        let (ceiling, field) = match what {
+            Use::Request => (self.ceilings.requests, "max_priority"),
+            Use::Batch => (self.ceilings.batches, "max_batch_priority"),
+        };
+        if priority >= ceiling {
+            return Ok(());
+        }
+        Err(ApiError::new(
+            IngressCode::Forbidden,
+            format!(
+                "this credential may use priority `{ceiling}` at most here (its `{field}`); send `{ceiling}` or lower"
+            ),
+        )
+        .param("priority"))
+    }
 }
 
 /// An API key from the config.
@@ -109,6 +176,13 @@ pub struct ApiKeyConfig {
     pub tenant: String,
     /// Roles granted.
     pub roles: Vec<Role>,
+    /// The highest class its requests may use (default `high`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_priority: Option<Priority>,
+    /// The highest class its batches may use (default `normal`, and never
+    /// above `max_priority`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_batch_priority: Option<Priority>,
 }
 
 /// A key that verifies JWTs.
@@ -156,6 +230,10 @@ pub struct AuthConfig {
     pub tenant_claim: String,
     /// Claim that holds the roles: a list, or a space-separated string.
     pub roles_claim: String,
+    /// Failed credentials one IP address may send per minute; beyond, its
+    /// calls are answered 429 until the minute is over, before any
+    /// credential is checked (0: no limit).
+    pub failed_logins_per_minute: u32,
 }
 
 impl Default for AuthConfig {
@@ -170,6 +248,7 @@ impl Default for AuthConfig {
             jwt_leeway_secs: 30,
             tenant_claim: "tenant".into(),
             roles_claim: "roles".into(),
+            failed_logins_per_minute: 30,
         }
     }
 }
@@ -195,6 +274,7 @@ pub struct KeyEntry {
     id: String,
     tenant: String,
     roles: Roles,
+    ceilings: Ceilings,
 }
 
 impl KeyEntry {
@@ -206,7 +286,13 @@ impl KeyEntry {
         if !subjects::is_token(&k.tenant) || !subjects::is_token(&k.id) {
             anyhow::bail!("{origin} `{}`: id and tenant must be characters from [A-Za-z0-9_-]", k.id);
         }
-        Ok((digest, KeyEntry { id: k.id.clone(), tenant: k.tenant.clone(), roles: Roles::of(k.roles.iter().copied()) }))
+        let entry = KeyEntry {
+            id: k.id.clone(),
+            tenant: k.tenant.clone(),
+            roles: Roles::of(k.roles.iter().copied()),
+            ceilings: Ceilings::of(k.max_priority, k.max_batch_priority),
+        };
+        Ok((digest, entry))
     }
 }
 
@@ -366,7 +452,8 @@ impl Authenticator {
                 )
                 .param("headers.fleet-tenant"));
             }
-            return Ok(Principal { id: "anonymous".into(), tenant: tenant.to_string(), roles: Roles::ALL });
+            let roles = Roles::ALL;
+            return Ok(Principal { id: "anonymous".into(), tenant: tenant.into(), roles, ceilings: Ceilings::NONE });
         }
         if let Some(key) = h.get("x-api-key") {
             let key = key.to_str().map_err(|_| unauthenticated("X-API-Key is not a valid key"))?;
@@ -389,8 +476,12 @@ impl Authenticator {
 
     fn api_key(&self, key: &str) -> Result<Principal, ApiError> {
         let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
-        let principal =
-            |e: &KeyEntry| Principal { id: format!("key:{}", e.id), tenant: e.tenant.clone(), roles: e.roles };
+        let principal = |e: &KeyEntry| Principal {
+            id: format!("key:{}", e.id),
+            tenant: e.tenant.clone(),
+            roles: e.roles,
+            ceilings: e.ceilings,
+        };
         if let Some(e) = self.api_keys.get(&digest) {
             return Ok(principal(e));
         }
@@ -442,7 +533,15 @@ impl Authenticator {
         // tenant's (and issuer's) one
         let iss = claims.get("iss").and_then(Value::as_str).unwrap_or("");
         let id = format!("jwt:{iss}/{tenant}/{sub}");
-        Ok(Principal { id, tenant: tenant.to_string(), roles: Roles::of(roles) })
+        let ceiling =
+            |claim: &str| match claims.get(claim) {
+                None => Ok(None),
+                Some(v) => v.as_str().and_then(|s| s.parse().ok()).map(Some).ok_or_else(|| {
+                    unauthenticated(format!("the token's `{claim}` is not a priority (high, normal, low)"))
+                }),
+            };
+        let ceilings = Ceilings::of(ceiling("max_priority")?, ceiling("max_batch_priority")?);
+        Ok(Principal { id, tenant: tenant.to_string(), roles: Roles::of(roles), ceilings })
     }
 }
 
@@ -487,6 +586,8 @@ mod tests {
                 sha256: hash_key("s3cret"),
                 tenant: "acme".into(),
                 roles: vec![Role::Submit],
+                max_priority: None,
+                max_batch_priority: Some(Priority::Low),
             }],
             ..Default::default()
         };
@@ -495,6 +596,10 @@ mod tests {
         h.insert("authorization", "Bearer s3cret".parse().unwrap());
         let p = a.authenticate(&h).unwrap();
         assert_eq!((p.id.as_str(), p.tenant.as_str()), ("key:ci", "acme"));
+        assert_eq!(p.ceilings, Ceilings { requests: Priority::High, batches: Priority::Low });
+        assert!(p.may_use(Priority::High, Use::Request).is_ok());
+        let e = p.may_use(Priority::Normal, Use::Batch).unwrap_err();
+        assert!(e.message.contains("`low` at most"), "{}", e.message);
         h.insert("authorization", "Bearer s3creT".parse().unwrap());
         assert_eq!(a.authenticate(&h).unwrap_err().http_status(), 401);
         h.remove("authorization");
@@ -528,7 +633,14 @@ mod tests {
         };
         assert!(Authenticator::new(&short_secret).is_err());
         let bad_hash = AuthConfig {
-            api_keys: vec![ApiKeyConfig { id: "x".into(), sha256: "abc".into(), tenant: "t".into(), roles: vec![] }],
+            api_keys: vec![ApiKeyConfig {
+                id: "x".into(),
+                sha256: "abc".into(),
+                tenant: "t".into(),
+                roles: vec![],
+                max_priority: None,
+                max_batch_priority: None,
+            }],
             ..Default::default()
         };
         assert!(Authenticator::new(&bad_hash).is_err());

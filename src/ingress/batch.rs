@@ -5,9 +5,12 @@
 //!   lines for one endpoint (`/v1/chat/completions` or `/v1/completions`).
 //!   Every line is checked before anything is published (422 naming the line
 //!   and field); then each becomes a request `<batch id>-<line>` at the
-//!   priority of `?priority=` or `X-Priority` (default `low`), with a deadline
-//!   of `batch_timeout_secs`. Token limits do not apply to batch lines: the
-//!   low-priority queue and its backpressure pace them.
+//!   priority of `?priority=` or `X-Priority` (default `low`; at most the
+//!   credential's `max_batch_priority`, `normal` unless its key says
+//!   otherwise), with a deadline of `batch_timeout_secs`. The lines' token
+//!   estimates are charged to the caller's token limit together, before
+//!   anything is queued: a batch over what the limit has left is refused
+//!   whole (429), one larger than the limit itself says to split it.
 //! - `GET /v1/batches/{id}` (role `read`): the batch with its request
 //!   counts, counted from the results stored in `FLEET_RESULTS`.
 //! - `GET /v1/batches/{id}/results`: one JSONL line per finished request, in
@@ -36,7 +39,7 @@ use retro_fleet_schemas::{subjects, ErrorCode, InferResult, Priority, Status};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::auth::Principal;
+use super::auth::{Principal, Use};
 use super::error::{parse_json, status_of, ApiError, ApiPath, ApiQuery};
 use super::openai_shapes::{chat_draft, completion_draft, object, Kind};
 use super::state::AppState;
@@ -196,12 +199,21 @@ pub async fn create(
         Err(e) => return ApiError::from_body_rejection(e).into_response(),
     };
     let id = format!("batch_{}", ulid::Ulid::new());
-    let priority = q.priority.unwrap_or(Priority::Low);
+    let priority = match submit::validate::priority(&h, Some(q.priority.unwrap_or(Priority::Low)))
+        .and_then(|p| who.may_use(p, Use::Batch).map(|()| p))
+    {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
     let (endpoint, custom_ids, prepared) = match prepare(&state, &h, &who, &id, priority, &body) {
         Ok(x) => x,
         Err(e) => return e.into_response(),
     };
-    let priority = prepared[0].priority;
+    // every line is charged like a request, all at once: a batch the token
+    // limit cannot take is refused whole, before anything is queued
+    if let Err(e) = submit::charge_batch(&state, &who, &id, &prepared).await {
+        return e.into_response();
+    }
     let key = record_key(&who.tenant, &id);
     for (k, chunk) in custom_ids.chunks(CHUNK).enumerate() {
         let value = Bytes::from(serde_json::to_vec(chunk).expect("ids serialise"));

@@ -1,5 +1,7 @@
 //! The ingress's settings (`[ingress]`).
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 /// What the ingress is built from: its section and what it must know of
@@ -10,6 +12,9 @@ pub struct Setup {
     pub ingress: IngressConfig,
     /// The fleet's layout: models, buckets, the workers' registry TTL.
     pub plan: crate::topology::Plan,
+    /// Each model's own `max_tokens` default, where it has one: what a
+    /// request that sets none is charged for its output.
+    pub output_defaults: BTreeMap<String, u64>,
     /// What `GET /v1/admin/config` shows: the whole configuration, every
     /// secret already redacted.
     pub config_view: serde_json::Value,
@@ -29,6 +34,8 @@ pub struct IngressConfig {
     pub max_prompt_bytes: usize,
     /// Seconds a client is told to wait (`Retry-After`) when a queue is full.
     pub retry_after_secs: u64,
+    /// Connection caps and header/body timeouts (`[ingress.connections]`).
+    pub connections: super::conn::ConnectionLimits,
     /// Authentication: API keys and JWTs (off by default for local use).
     pub auth: super::auth::AuthConfig,
     /// Rate limits per caller and route class.
@@ -61,6 +68,7 @@ impl Default for IngressConfig {
             max_body_bytes: 2 << 20,
             max_prompt_bytes: 256 * 1024,
             retry_after_secs: 1,
+            connections: Default::default(),
             auth: Default::default(),
             rate_limit: Default::default(),
             max_batch_lines: 50_000,

@@ -58,7 +58,7 @@ impl ApiCode {
     pub fn retryable(self) -> bool {
         match self {
             ApiCode::Wire(c) => c.retryable(),
-            ApiCode::Ingress(c) => c == IngressCode::RateLimited,
+            ApiCode::Ingress(c) => matches!(c, IngressCode::RateLimited | IngressCode::BodyTimeout),
         }
     }
 }
@@ -91,6 +91,8 @@ pub enum IngressCode {
     /// as the wire's `invalid_request`, as it always was; only its status
     /// differs (nothing in the body was judged: it never arrived).
     UnreadableBody,
+    /// The request body did not arrive within `ingress.connections.body_timeout_ms` (408).
+    BodyTimeout,
 }
 
 impl IngressCode {
@@ -101,6 +103,7 @@ impl IngressCode {
             IngressCode::Forbidden => "forbidden",
             IngressCode::RateLimited => "rate_limited",
             IngressCode::UnreadableBody => ErrorCode::InvalidRequest.as_str(),
+            IngressCode::BodyTimeout => "body_timeout",
         }
     }
 
@@ -110,6 +113,7 @@ impl IngressCode {
             IngressCode::Forbidden => StatusCode::FORBIDDEN,
             IngressCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             IngressCode::UnreadableBody => StatusCode::BAD_REQUEST,
+            IngressCode::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
         }
     }
 }

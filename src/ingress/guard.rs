@@ -1,12 +1,15 @@
-//! Middleware on API routes: credential (401), role of the route class
-//! (403), request rate limit (429), in that order, before the body is read.
+//! Middleware on API routes: failed-login throttle per peer address (429),
+//! credential (401), role of the route class (403), request rate limit
+//! (429), in that order, before the body is read.
 
-use axum::extract::{Request, State};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::auth::Role;
-use super::error::{ApiError, IngressCode};
+use super::error::{ApiCode, ApiError, IngressCode};
 use super::ratelimit::{self, RouteClass, Unit};
 use super::state::AppState;
 
@@ -25,9 +28,23 @@ impl RouteClass {
 /// request limit; the [`Principal`](super::auth::Principal) goes to the
 /// handler as a request extension.
 pub async fn guard(State((state, class)): State<(AppState, RouteClass)>, mut req: Request, next: Next) -> Response {
+    let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+    let now = retro_fleet_worker::unix_ms();
+    if let Some(secs) = peer.and_then(|p| state.logins.blocked(p, now)) {
+        state.metrics.denied.with_label_values(&[class.as_str(), "login_throttled"]).inc();
+        return ApiError::new(
+            IngressCode::RateLimited,
+            format!("too many failed credentials from this address; retry in {secs} s"),
+        )
+        .retry_after(secs)
+        .into_response();
+    }
     let who = match state.auth.authenticate(req.headers()) {
         Ok(p) => p,
         Err(e) => {
+            if let (Some(p), ApiCode::Ingress(IngressCode::Unauthenticated)) = (peer, e.code) {
+                state.logins.failed(p, now);
+            }
             state.metrics.denied.with_label_values(&[class.as_str(), "unauthenticated"]).inc();
             return e.into_response();
         }

@@ -19,7 +19,9 @@
 //! - [`replies`]: the per-process inbox, demultiplexed by request id.
 //! - [`answers`]: the ingress's memory of recent answers (the first cache level).
 //! - [`error`]: API errors, their one code enum and its one mapping to HTTP status.
-//! - [`guard`]: middleware: credential, role and rate limit per route class.
+//! - [`conn`]: the accept loop: connection caps, header and body timeouts.
+//! - [`guard`]: middleware: failed-login throttle, credential, role and
+//!   rate limit per route class.
 //! - [`request_id`]: middleware: every request's id, echoed on its response.
 //! - [`auth`]: API keys, JWTs, roles and the tenant of a caller.
 //! - [`jwt`]: verifying HS256/RS256/ES256 tokens and their claims.
@@ -36,6 +38,7 @@ pub mod answers;
 pub mod auth;
 pub mod batch;
 pub mod config;
+pub mod conn;
 pub mod error;
 pub mod guard;
 pub mod jwt;
@@ -73,7 +76,7 @@ use replies::Replies;
 impl Ingress {
     /// Builds the state: subscribes the inbox and registers metrics.
     pub async fn new(client: async_nats::Client, setup: Setup, registry: Registry) -> anyhow::Result<AppState> {
-        let Setup { ingress: cfg, plan, config_view } = setup;
+        let Setup { ingress: cfg, plan, output_defaults, config_view } = setup;
         let metrics = IngressMetrics::new(&registry)?;
         let auth = auth::Authenticator::new(&cfg.auth)?;
         if !auth.enabled() {
@@ -103,6 +106,7 @@ impl Ingress {
         }
         let models: BTreeSet<String> = plan.models.iter().cloned().collect();
         let openapi = openapi::spec(&models, auth.enabled(), limits.enabled());
+        let logins = ratelimit::logins::FailedLogins::new(cfg.auth.failed_logins_per_minute);
         Ok(Arc::new(Ingress {
             js,
             auth,
@@ -117,6 +121,8 @@ impl Ingress {
             client,
             cfg,
             models,
+            output_defaults,
+            logins,
             replies,
             metrics,
             registry,
@@ -127,15 +133,21 @@ impl Ingress {
 /// All routes.
 pub fn router(state: AppState) -> Router {
     let limit = state.cfg.max_body_bytes;
-    let guarded = |class: RouteClass, routes: Router<AppState>| {
-        routes.route_layer(axum::middleware::from_fn_with_state((state.clone(), class), guard::guard))
+    let body_timeout = Duration::from_millis(state.cfg.connections.body_timeout_ms.max(1));
+    // the guard runs first (401 before a byte of body is read), then the
+    // body is read whole within its size and time bounds
+    let guarded = |class: RouteClass, routes: Router<AppState>, limit: usize| {
+        routes
+            .route_layer(axum::middleware::from_fn(move |req, next| conn::read_body(limit, body_timeout, req, next)))
+            .layer(DefaultBodyLimit::max(limit))
+            .route_layer(axum::middleware::from_fn_with_state((state.clone(), class), guard::guard))
     };
     let submit = Router::new()
         .route("/v1/infer", post(native::infer))
         .route("/v1/infer/async", post(native::infer_async))
         .route("/v1/chat/completions", post(openai::chat_completions))
-        .route("/v1/completions", post(openai::completions))
-        .route("/v1/batches", post(batch::create).layer(DefaultBodyLimit::max(state.cfg.max_batch_bytes)));
+        .route("/v1/completions", post(openai::completions));
+    let batches = Router::new().route("/v1/batches", post(batch::create));
     let read = Router::new()
         .route("/v1/results/{id}", get(native::get_result))
         .route("/v1/models", get(openai::models))
@@ -153,15 +165,15 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/admin/dlq/replay", post(admin::dlq_replay))
         .route("/v1/admin/cache/purge", post(admin::cache_purge));
     Router::new()
-        .merge(guarded(RouteClass::Submit, submit))
-        .merge(guarded(RouteClass::Admin, admin))
-        .merge(guarded(RouteClass::Read, read))
+        .merge(guarded(RouteClass::Submit, submit, limit))
+        .merge(guarded(RouteClass::Submit, batches, state.cfg.max_batch_bytes))
+        .merge(guarded(RouteClass::Admin, admin, limit))
+        .merge(guarded(RouteClass::Read, read, limit))
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(|State(s): State<AppState>| async move { Json(s.openapi.clone()) }))
         .fallback(not_found)
-        .layer(DefaultBodyLimit::max(limit))
         .layer(axum::middleware::from_fn_with_state(state.clone(), count_requests))
         .layer(axum::middleware::from_fn_with_state(state.drain.clone(), shutdown::bound))
         .layer(axum::middleware::from_fn(request_id::middleware))
@@ -232,7 +244,16 @@ pub async fn serve(
             drain.begin();
         }
     };
-    let server = axum::serve(listener, router(state)).with_graceful_shutdown(begin);
+    let (limits, refused) = (state.cfg.connections.clone(), state.metrics.connections_refused.clone());
+    let server = async move {
+        let stop = CancellationToken::new();
+        let serving = conn::serve(listener, router(state), limits, refused, stop.clone());
+        tokio::join!(serving, async {
+            begin.await;
+            stop.cancel();
+        });
+        anyhow::Ok(())
+    };
     let closing = async {
         drain.expired().await;
         // the 503s of calls cut short are written in this moment

@@ -51,6 +51,7 @@ struct Part {
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
 struct Message {
+    #[schemars(extend("enum" = retro_fleet_schemas::request::CHAT_ROLES))]
     role: String,
     #[serde(default)]
     content: Option<Content>,
@@ -88,6 +89,11 @@ struct Common {
     stream: bool,
     #[serde(default)]
     stream_options: Option<StreamOptions>,
+    /// Not a field of this API: the tenant is the credential's. Present, it
+    /// is refused rather than ignored, so no caller believes it chose one.
+    #[serde(default)]
+    #[schemars(skip)]
+    tenant: Option<serde::de::IgnoredAny>,
 }
 
 /// Body of `POST /v1/chat/completions`.
@@ -136,6 +142,13 @@ impl Kind {
 }
 
 fn draft(common: Common, input: Input) -> Result<(Draft, bool), ApiError> {
+    if common.tenant.is_some() {
+        return Err(ApiError::new(
+            ErrorCode::InvalidRequest,
+            "`tenant` is not a request field: the tenant is the credential's (or `Fleet-Tenant` with authentication off)",
+        )
+        .param("tenant"));
+    }
     if common.n.is_some_and(|n| n != 1) {
         return Err(ApiError::new(ErrorCode::InvalidRequest, "only `n: 1` is supported"));
     }

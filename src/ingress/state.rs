@@ -3,7 +3,7 @@
 //! builds it, so the handler modules import this module and nothing here
 //! imports them back.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use async_nats::jetstream;
@@ -26,8 +26,12 @@ pub struct IngressMetrics {
     /// `fleet_ingress_unclaimed_replies_total`: replies that arrived after their caller left.
     pub unclaimed: IntCounter,
     /// `fleet_ingress_denied_total{class,reason}`: refused by the guard
-    /// (`unauthenticated`, `forbidden`, `rate_limited`, `token_limited`).
+    /// (`login_throttled`, `unauthenticated`, `forbidden`, `rate_limited`,
+    /// `token_limited`).
     pub denied: IntCounterVec,
+    /// `fleet_ingress_connections_refused_total{reason}`: connections
+    /// closed at once at a connection cap (`max_open`, `max_per_peer`).
+    pub connections_refused: IntCounterVec,
 }
 
 impl IngressMetrics {
@@ -54,6 +58,11 @@ impl IngressMetrics {
                 "Requests refused by authentication, roles or rate limits",
                 &["class", "reason"],
             )?,
+            connections_refused: counter(
+                "fleet_ingress_connections_refused_total",
+                "Connections closed at once at a connection cap",
+                &["reason"],
+            )?,
         })
     }
 }
@@ -68,6 +77,10 @@ pub struct Ingress {
     pub cfg: IngressConfig,
     /// Models the fleet serves.
     pub models: BTreeSet<String>,
+    /// Each model's `max_tokens` default, where it has one (token estimates).
+    pub output_defaults: BTreeMap<String, u64>,
+    /// Failed credentials per peer address.
+    pub logins: ratelimit::logins::FailedLogins,
     /// The reply inbox.
     pub replies: Replies,
     /// Metrics handles.
@@ -93,6 +106,16 @@ pub struct Ingress {
     pub answers: Arc<answers::AnswerCache>,
     /// The drain on shutdown (`ingress.drain_timeout_ms`).
     pub drain: shutdown::Drain,
+}
+
+impl Ingress {
+    /// [`estimated_tokens`](super::submit::validate::estimated_tokens)
+    /// with the model's own `max_tokens` default (else
+    /// `rate_limit.default_max_tokens`).
+    pub fn estimated_tokens(&self, req: &retro_fleet_schemas::InferRequest) -> u64 {
+        let default = self.output_defaults.get(&req.model).copied().unwrap_or(self.limits.default_max_tokens());
+        super::submit::validate::estimated_tokens(req, default)
+    }
 }
 
 /// Handle to the shared state.

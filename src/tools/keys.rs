@@ -5,7 +5,7 @@
 use anyhow::Context as _;
 use bytes::Bytes;
 use futures::StreamExt;
-use retro_fleet_schemas::subjects;
+use retro_fleet_schemas::{subjects, Priority};
 
 use crate::config::Config;
 use crate::ingress::auth::{hash_key, ApiKeyConfig, Role};
@@ -31,8 +31,15 @@ fn new_key() -> anyhow::Result<String> {
     Ok(format!("rf_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)))
 }
 
-/// `retro-fleet keys add ID --tenant T --roles R,...`: prints the new key once.
-pub async fn add(config: &Config, id: String, tenant: String, roles: Vec<Role>) -> anyhow::Result<()> {
+/// `retro-fleet keys add ID --tenant T --roles R,... [--max-priority P]
+/// [--max-batch-priority P]`: prints the new key once.
+pub async fn add(
+    config: &Config,
+    id: String,
+    tenant: String,
+    roles: Vec<Role>,
+    (max_priority, max_batch_priority): (Option<Priority>, Option<Priority>),
+) -> anyhow::Result<()> {
     if !subjects::is_token(&id) || !subjects::is_token(&tenant) {
         anyhow::bail!("the key id and tenant must be characters from [A-Za-z0-9_-]");
     }
@@ -41,7 +48,8 @@ pub async fn add(config: &Config, id: String, tenant: String, roles: Vec<Role>) 
     }
     let kv = bucket(config).await?;
     let key = new_key()?;
-    let entry = ApiKeyConfig { id: id.clone(), sha256: hash_key(&key), tenant, roles };
+    let entry =
+        ApiKeyConfig { id: id.clone(), sha256: hash_key(&key), tenant, roles, max_priority, max_batch_priority };
     kv.create(&id, Bytes::from(serde_json::to_vec(&entry)?))
         .await
         .with_context(|| format!("key id `{id}` is taken (revoke it first to replace it)"))?;

@@ -190,6 +190,12 @@ pub enum KeysAction {
         /// Roles: submit, read, admin (comma-separated).
         #[arg(long, value_delimiter = ',', value_parser = keys::parse_role)]
         roles: Vec<crate::ingress::auth::Role>,
+        /// Highest priority class its requests may use [default: high].
+        #[arg(long)]
+        max_priority: Option<Priority>,
+        /// Highest priority class its batches may use [default: normal].
+        #[arg(long)]
+        max_batch_priority: Option<Priority>,
     },
     /// Ids, tenants and roles of the keys.
     List,

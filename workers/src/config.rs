@@ -215,6 +215,16 @@ impl ModelConfig {
         Ok(())
     }
 
+    /// Tokens a request that sets no `max_tokens` may generate, where the
+    /// backend has such a default (echo answers with its input).
+    pub fn default_max_tokens(&self) -> Option<u32> {
+        match self {
+            ModelConfig::Echo { .. } => None,
+            ModelConfig::Synthetic { output_tokens, .. } => Some(*output_tokens),
+            ModelConfig::Mistralrs { default_max_tokens, .. } => Some(*default_max_tokens),
+        }
+    }
+
     /// A mistral.rs model in `path` answering at most `default_max_tokens`
     /// when a request sets none; every other setting at its default.
     pub fn mistralrs(path: std::path::PathBuf, default_max_tokens: u32) -> Self {

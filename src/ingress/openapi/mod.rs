@@ -314,6 +314,10 @@ pub fn spec(models: &std::collections::BTreeSet<String>, auth_on: bool, limits_o
             }
             statuses.push(422); // a malformed X-Request-Id
         }
+        if body.is_some() {
+            // a body over the route's limit, or one that does not arrive in time
+            statuses.extend([408, 413]);
+        }
         if path.contains('{') {
             // a parameter holding `#` or `?` unescaped cuts the path short,
             // and the fallback answers 404 `not_found`

@@ -5,16 +5,18 @@
 //!   functions of a counter and the time.
 //! - [`kv`]: counters in the KV bucket `fleet_ratelimit`, updated with
 //!   compare-and-swap on the entry's revision, so replicas share one limit.
+//! - [`logins`]: failed credentials per peer address (in process).
 //! - this file: settings, the in-process store, and the headers.
 //!
 //! The caller is the credential (`key:<id>`, `jwt:<sub>`) or its tenant
 //! (`key_by`). Request limits are checked before the body is read; token
 //! limits when the request is known, with an estimate of its tokens (prompt
-//! bytes / 4 + `max_tokens`, or `default_max_tokens` when unset), charged
+//! bytes / 4 + `max_tokens`, or the model's default when unset), charged
 //! up front.
 
 pub mod algo;
 pub mod kv;
+pub mod logins;
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -101,7 +103,9 @@ pub struct RateLimitConfig {
     pub key_by: KeyBy,
     /// Window length in seconds (60: the limits are per minute).
     pub window_secs: u64,
-    /// Token estimate for a request that sets no `max_tokens`.
+    /// Token estimate for a request that sets no `max_tokens`, to a model
+    /// without a default of its own (echo); other models' defaults are
+    /// their `default_max_tokens`.
     pub default_max_tokens: u64,
     /// Sending requests.
     pub submit: ClassLimits,
@@ -334,7 +338,7 @@ mod tests {
     use crate::ingress::auth::Roles;
 
     fn who(id: &str, tenant: &str) -> Principal {
-        Principal { id: id.into(), tenant: tenant.into(), roles: Roles::ALL }
+        Principal::new(id, tenant, Roles::ALL)
     }
 
     fn cfg(alg: Algorithm, key_by: KeyBy) -> RateLimitConfig {

@@ -21,8 +21,9 @@ use retro_fleet_schemas::stored::stored_result;
 use retro_fleet_schemas::{ErrorCode, InferResult};
 
 pub use queue::send;
-pub use validate::{estimated_tokens, Draft, Prepared, Rules};
+pub use validate::{Draft, Prepared, Rules};
 
+use super::auth::Principal;
 use super::error::ApiError;
 use super::ratelimit::{self, RouteClass, Unit};
 use super::replies::{Cacheable, Reply, Waiter};
@@ -44,19 +45,43 @@ pub fn prepare(
     validate::prepare(&rules, h, who, d)
 }
 
+/// Takes `cost` tokens from `who`'s token limit, or refuses (429) naming
+/// `id`, the request or batch charged.
+async fn charge(state: &AppState, who: &Principal, id: &str, cost: u64) -> Result<(), ApiError> {
+    match state.limits.check(who, RouteClass::Submit, Unit::Tokens, cost).await {
+        Some(d) if !d.allowed => {
+            state.metrics.denied.with_label_values(&[RouteClass::Submit.as_str(), "token_limited"]).inc();
+            let e = ratelimit::refusal(&d, Unit::Tokens).with_id(id);
+            if cost <= d.limit {
+                return Err(e);
+            }
+            let message = format!(
+                "estimated at {cost} tokens, over the token limit of {} per window itself: split it (or ask for \
+                 a larger limit)",
+                d.limit
+            );
+            Err(ApiError { message, retry_after: None, ..e })
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Takes the request's estimated tokens from the caller's token limit.
 async fn charge_tokens(state: &AppState, p: &Prepared) -> Result<(), ApiError> {
     if !state.limits.enabled() {
         return Ok(());
     }
-    let cost = estimated_tokens(&p.req, state.limits.default_max_tokens());
-    match state.limits.check(&p.who, RouteClass::Submit, Unit::Tokens, cost).await {
-        Some(d) if !d.allowed => {
-            state.metrics.denied.with_label_values(&[RouteClass::Submit.as_str(), "token_limited"]).inc();
-            Err(ratelimit::refusal(&d, Unit::Tokens).with_id(&p.req.id))
-        }
-        _ => Ok(()),
+    charge(state, &p.who, &p.req.id, state.estimated_tokens(&p.req)).await
+}
+
+/// Takes the estimated tokens of every line of batch `id` from `who`'s
+/// token limit at once.
+pub async fn charge_batch(state: &AppState, who: &Principal, id: &str, lines: &[Prepared]) -> Result<(), ApiError> {
+    if !state.limits.enabled() {
+        return Ok(());
     }
+    let cost = lines.iter().fold(0u64, |sum, p| sum.saturating_add(state.estimated_tokens(&p.req)));
+    charge(state, who, id, cost).await
 }
 
 /// Charges the caller's token limit, then [`send`]s without waiting for a

@@ -14,7 +14,7 @@ use std::time::Duration;
 use axum::http::HeaderMap as HttpHeaders;
 use retro_fleet_schemas::{headers, CacheMode, ErrorCode, InferRequest, Input, Priority, SamplingParams};
 
-use crate::ingress::auth::Principal;
+use crate::ingress::auth::{Principal, Use};
 use crate::ingress::error::{ApiError, REQUEST_ID};
 use crate::ingress::request_id::ID_MADE_HERE;
 
@@ -81,6 +81,7 @@ pub struct Rules<'a> {
 /// and its model against `rules`.
 pub fn prepare(rules: &Rules<'_>, h: &HttpHeaders, who: &Principal, d: Draft) -> Result<Prepared, ApiError> {
     let priority = priority(h, d.priority)?;
+    who.may_use(priority, Use::Request)?;
     let tenant = who.tenant.clone();
     let caller_id = d.id.is_some() || !h.contains_key(ID_MADE_HERE);
     let id =
@@ -108,7 +109,7 @@ pub fn prepare(rules: &Rules<'_>, h: &HttpHeaders, who: &Principal, d: Draft) ->
 }
 
 /// `X-Priority` (wins over the body), else the body's, else `normal`.
-fn priority(h: &HttpHeaders, body: Option<Priority>) -> Result<Priority, ApiError> {
+pub fn priority(h: &HttpHeaders, body: Option<Priority>) -> Result<Priority, ApiError> {
     match h.get("x-priority").and_then(|v| v.to_str().ok()) {
         Some(p) => {
             p.parse().map_err(|e: String| ApiError::new(ErrorCode::InvalidRequest, e).param("headers.x-priority"))
@@ -181,9 +182,10 @@ fn traceparent(h: &HttpHeaders) -> String {
 }
 
 /// Tokens a request may use, as token limits count them: prompt bytes / 4
-/// (a common rule of thumb for English text) plus `max_tokens`.
-pub fn estimated_tokens(req: &InferRequest, default_max_tokens: u64) -> u64 {
-    (req.input.text_len() as u64).div_ceil(4) + req.params.max_tokens.map_or(default_max_tokens, u64::from)
+/// (a common rule of thumb for English text) plus `max_tokens`, or
+/// `default_output` when it sets none.
+pub fn estimated_tokens(req: &InferRequest, default_output: u64) -> u64 {
+    (req.input.text_len() as u64).div_ceil(4) + req.params.max_tokens.map_or(default_output, u64::from)
 }
 
 #[cfg(test)]
@@ -212,7 +214,7 @@ mod tests {
     }
 
     fn who() -> Principal {
-        Principal { id: "key:a".into(), tenant: "acme".into(), roles: Default::default() }
+        Principal::new("key:a", "acme", Default::default())
     }
 
     fn headers(pairs: &[(&'static str, &str)]) -> HttpHeaders {
