@@ -10,7 +10,7 @@ use retro_fleet_worker::config::{default_models, Models, WorkerConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::ingress::config::IngressConfig;
-use crate::nats::{redact_url, NatsConfig, REDACTED};
+use crate::nats::NatsConfig;
 use crate::scaler::Policy;
 use crate::telemetry::LogConfig;
 use crate::topology::TopologyConfig;
@@ -102,10 +102,7 @@ impl Config {
     pub fn redacted(&self) -> Config {
         let mut c = self.clone();
         c.ingress.auth = c.ingress.auth.redacted();
-        c.nats.url = redact_url(&c.nats.url);
-        if c.nats.credentials.is_some() {
-            c.nats.credentials = Some(PathBuf::from(REDACTED));
-        }
+        c.nats = c.nats.redacted();
         c
     }
 
@@ -223,6 +220,8 @@ mod tests {
         });
     }
 
+    use crate::nats::redact_url;
+
     #[test]
     fn urls_lose_their_credentials() {
         assert_eq!(redact_url("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
@@ -232,8 +231,11 @@ mod tests {
         let mut c = Config::default();
         c.nats.url = "nats://u:p4ss@h:1".into();
         c.nats.credentials = Some("/etc/nats/secret.creds".into());
+        (c.nats.user, c.nats.password, c.nats.token) = (Some("u".into()), Some("pw-9".into()), Some("tok-7".into()));
         let shown = c.redacted().to_toml();
-        assert!(!shown.contains("p4ss") && !shown.contains("secret.creds"), "{shown}");
+        for secret in ["p4ss", "secret.creds", "pw-9", "tok-7"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
     }
 
     #[test]

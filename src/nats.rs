@@ -20,13 +20,56 @@ pub struct NatsConfig {
     pub name: Option<String>,
     /// Credentials file, if the server requires one.
     pub credentials: Option<PathBuf>,
+    /// User, with `password`, when the server requires them (instead of
+    /// `user:password@` in the URL; these win over the URL's).
+    pub user: Option<String>,
+    /// Password of `user` (`FLEET_NATS__PASSWORD` keeps it out of files).
+    pub password: Option<String>,
+    /// Token, when the server requires one (instead of `token@` in the URL).
+    pub token: Option<String>,
     /// Connect timeout in ms.
     pub connect_timeout_ms: u64,
 }
 
 impl Default for NatsConfig {
     fn default() -> Self {
-        NatsConfig { url: "nats://127.0.0.1:4222".into(), name: None, credentials: None, connect_timeout_ms: 2_000 }
+        NatsConfig {
+            url: "nats://127.0.0.1:4222".into(),
+            name: None,
+            credentials: None,
+            user: None,
+            password: None,
+            token: None,
+            connect_timeout_ms: 2_000,
+        }
+    }
+}
+
+impl NatsConfig {
+    /// The user and password or token to log in with: the configured ones,
+    /// else those of the URL.
+    fn auth(&self, from_url: Option<UrlAuth>) -> anyhow::Result<Option<UrlAuth>> {
+        match (&self.user, &self.password, &self.token) {
+            (Some(_), _, Some(_)) => bail!("set nats.user and nats.password, or nats.token, not both"),
+            (None, Some(_), _) => bail!("nats.password is set without nats.user"),
+            (Some(user), pass, None) => {
+                Ok(Some(UrlAuth::User { user: user.clone(), pass: pass.clone().unwrap_or_default() }))
+            }
+            (None, None, Some(token)) => Ok(Some(UrlAuth::Token(token.clone()))),
+            (None, None, None) => Ok(from_url),
+        }
+    }
+
+    /// A copy with the password, token and credentials path redacted.
+    pub fn redacted(&self) -> NatsConfig {
+        let hide = |s: &Option<String>| s.as_ref().map(|_| REDACTED.to_string());
+        NatsConfig {
+            url: redact_url(&self.url),
+            credentials: self.credentials.as_ref().map(|_| PathBuf::from(REDACTED)),
+            password: hide(&self.password),
+            token: hide(&self.token),
+            ..self.clone()
+        }
     }
 }
 
@@ -114,13 +157,16 @@ fn decode(s: &str) -> String {
 fn refused(auth: &Option<UrlAuth>, creds: bool, at: &str) -> String {
     match auth {
         Some(UrlAuth::User { user, .. }) => format!(
-            "NATS refused the credentials for user {user} at {at}: check the user and password in NATS_URL / nats.url"
+            "NATS refused the credentials for user {user} at {at}: check the user and password (nats.user and \
+             nats.password, or in NATS_URL / nats.url)"
         ),
-        Some(UrlAuth::Token(_)) => format!("NATS refused the token at {at}: check the token in NATS_URL / nats.url"),
+        Some(UrlAuth::Token(_)) => {
+            format!("NATS refused the token at {at}: check the token (nats.token, or in NATS_URL / nats.url)")
+        }
         None if creds => format!("NATS refused the credentials file (nats.credentials) at {at}"),
         None => format!(
-            "NATS at {at} requires credentials: put them in the URL (nats://USER:PASSWORD@{at} or \
-             nats://TOKEN@{at}) or set nats.credentials"
+            "NATS at {at} requires credentials: set nats.user and nats.password, nats.token or \
+             nats.credentials, or put them in the URL (nats://USER:PASSWORD@{at} or nats://TOKEN@{at})"
         ),
     }
 }
@@ -131,6 +177,7 @@ fn refused(auth: &Option<UrlAuth>, creds: bool, at: &str) -> String {
 pub async fn connect(cfg: &NatsConfig, role: &str) -> anyhow::Result<async_nats::Client> {
     let shown = redact_url(&cfg.url);
     let (urls, auth) = parse_urls(&cfg.url).with_context(|| format!("invalid NATS url `{shown}`"))?;
+    let auth = cfg.auth(auth)?;
     let at = urls.first().map(|a| format!("{}:{}", a.host(), a.port())).unwrap_or_default();
     let refusal = Arc::new(AtomicBool::new(false));
     let seen = refusal.clone();

@@ -84,10 +84,36 @@ fn wrong_token_is_named_as_a_refusal_without_the_token() {
     let url = format!("nats://{WRONG_TOKEN}@127.0.0.1:{}", nats.port());
     let refusal = format!("NATS refused the token at 127.0.0.1:{}", nats.port());
     every_command_is_refused(dir.path(), &url, &refusal);
-    // the right token in the URL works
+    // the right token in the URL works, and in the config (or its environment)
     let config = write_config(dir.path(), &format!("nats://{TOKEN}@127.0.0.1:{}", nats.port()), "");
     let out = cli(&config, &["topology", "apply"], &[]);
     assert!(out.status.success(), "{}", output(&out));
+    assert_no_secret("topology apply", &output(&out), &[]);
+    let config = write_config(dir.path(), &nats.url(), "");
+    let out = cli(&config, &["topology", "apply"], &[("FLEET_NATS__TOKEN", TOKEN)]);
+    assert!(out.status.success(), "{}", output(&out));
+    let out = cli(&config, &["topology", "apply"], &[("FLEET_NATS__TOKEN", WRONG_TOKEN)]);
+    assert!(output(&out).contains(&refusal), "{}", output(&out));
+    assert_no_secret("topology apply", &output(&out), &[]);
+}
+
+#[test]
+fn a_user_and_password_from_the_config_log_in_and_stay_hidden() {
+    let nats = NatsServer::start_with(&["--user", USER, "--pass", PASS]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &nats.url(), "");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let with_user = text.replacen("[nats]\n", &format!("[nats]\nuser = {USER:?}\npassword = {PASS:?}\n"), 1);
+    std::fs::write(&config, with_user).unwrap();
+    let out = cli(&config, &["topology", "apply"], &[]);
+    assert!(out.status.success(), "{}", output(&out));
+    let shown = output(&cli(&config, &["config"], &[]));
+    assert!(shown.contains(USER), "the user is not a secret: {shown}");
+    assert_no_secret("config", &shown, &[]);
+    // the password from the environment wins over the file's
+    let out = cli(&config, &["topology", "apply"], &[("FLEET_NATS__PASSWORD", WRONG_PASS)]);
+    let refusal = format!("NATS refused the credentials for user {USER} at 127.0.0.1:{}", nats.port());
+    assert!(output(&out).contains(&refusal), "{}", output(&out));
     assert_no_secret("topology apply", &output(&out), &[]);
 }
 

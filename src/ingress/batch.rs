@@ -12,7 +12,10 @@
 //!   anything is queued: a batch over what the limit has left is refused
 //!   whole (429), one larger than the limit itself says to split it.
 //! - `GET /v1/batches/{id}` (role `read`): the batch with its request
-//!   counts, counted from the results stored in `FLEET_RESULTS`.
+//!   counts, counted from the results stored in `FLEET_RESULTS`. What a
+//!   read finds finished is kept with the record ([`Progress`]), so each
+//!   read looks up only the lines not finished before: none once the
+//!   batch is complete.
 //! - `GET /v1/batches/{id}/results`: one JSONL line per finished request, in
 //!   input order, in OpenAI's batch-output shape.
 //!
@@ -285,47 +288,74 @@ async fn load(state: &AppState, tenant: &str, id: &str) -> Result<Record, ApiErr
     }
 }
 
-/// The stored results of a batch's lines, `None` where not finished yet.
-async fn results(state: &AppState, r: &Record) -> Result<Vec<Option<InferResult>>, ApiError> {
+/// The stored results of `lines` of a batch that have finished, in line
+/// order; rejected lines are skipped (they never ran).
+async fn results(state: &AppState, r: &Record, lines: impl Iterator<Item = usize>) -> Vec<(usize, InferResult)> {
     let rejected: HashSet<usize> = r.rejected.iter().copied().collect();
-    let mut out: Vec<(usize, Option<InferResult>)> = futures::stream::iter(0..r.total)
+    let mut out: Vec<(usize, InferResult)> = futures::stream::iter(lines.filter(|i| !rejected.contains(i)))
         .map(|i| {
-            let (js, id, skip) = (state.js.clone(), format!("{}-{i}", r.id), rejected.contains(&i));
-            async move {
-                if skip {
-                    return (i, None);
-                }
-                (i, stored_result(&js, &r.tenant, &id).await.ok().flatten())
-            }
+            let (js, id) = (state.js.clone(), format!("{}-{i}", r.id));
+            async move { stored_result(&js, &r.tenant, &id).await.ok().flatten().map(|res| (i, res)) }
         })
         .buffer_unordered(64)
+        .filter_map(|x| async move { x })
         .collect()
         .await;
     out.sort_by_key(|(i, _)| *i);
-    Ok(out.into_iter().map(|(_, r)| r).collect())
+    out
 }
 
-/// A tenant's batch and the results of its lines (None: not finished).
-async fn load_with_results(
-    state: &AppState,
-    tenant: &str,
-    id: &str,
-) -> Result<(Record, Vec<Option<InferResult>>), ApiError> {
-    let record = load(state, tenant, id).await?;
-    let rs = results(state, &record).await?;
-    Ok((record, rs))
+/// The lines of a batch known to be finished, and how: kept in KV next to
+/// the record (`<tenant>.<batch id>.progress`) by the reads that found them.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Progress {
+    completed: usize,
+    failed: usize,
+    /// One bit per line: finished (or rejected at submission).
+    done: Vec<u8>,
 }
 
-/// `GET /v1/batches/{id}`.
+impl Progress {
+    fn is_done(&self, i: usize) -> bool {
+        self.done.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0)
+    }
+
+    /// Marks line `i` of `total` finished, counted by its outcome.
+    fn finish(&mut self, i: usize, total: usize, ok: bool) {
+        self.done.resize(total.div_ceil(8), 0);
+        self.done[i / 8] |= 1 << (i % 8);
+        if ok {
+            self.completed += 1;
+        } else {
+            self.failed += 1;
+        }
+    }
+}
+
+/// `GET /v1/batches/{id}`: looks up only the lines not known finished.
 pub async fn get(
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let (record, rs) = load_with_results(&state, &who.tenant, &id).await?;
-    let completed = rs.iter().flatten().filter(|r| r.status == Status::Ok).count();
-    let failed = rs.iter().flatten().filter(|r| r.status != Status::Ok).count();
-    Ok(Json(view(&record, completed, failed)))
+    let record = load(&state, &who.tenant, &id).await?;
+    let key = format!("{}.progress", record_key(&record.tenant, &record.id));
+    let mut progress: Progress = match state.batches.get(&key).await {
+        Ok(Some(v)) => serde_json::from_slice(&v).unwrap_or_default(),
+        _ => Progress::default(),
+    };
+    let pending: Vec<usize> = (0..record.total).filter(|i| !progress.is_done(*i)).collect();
+    let found = results(&state, &record, pending.into_iter()).await;
+    if !found.is_empty() {
+        for (i, r) in found {
+            progress.finish(i, record.total, r.status == Status::Ok);
+        }
+        // a lost write only means those lines are looked up again
+        if let Err(e) = state.batches.put(&key, Bytes::from(serde_json::to_vec(&progress).expect("serialises"))).await {
+            tracing::debug!(batch = %record.id, error = %e, "keeping the batch's progress failed");
+        }
+    }
+    Ok(Json(view(&record, progress.completed, progress.failed)))
 }
 
 /// `GET /v1/batches/{id}/results`: JSONL, one line per finished request.
@@ -334,7 +364,8 @@ pub async fn get_results(
     Extension(who): Extension<Principal>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
-    let (record, rs) = load_with_results(&state, &who.tenant, &id).await?;
+    let record = load(&state, &who.tenant, &id).await?;
+    let rs = results(&state, &record, 0..record.total).await;
     let kind = kind_of(&record.endpoint).unwrap_or(Kind::Completion);
     let key = record_key(&record.tenant, &record.id);
     let mut custom_ids: Vec<String> = Vec::with_capacity(record.total);
@@ -345,9 +376,8 @@ pub async fn get_results(
         }
     }
     let mut out = String::new();
-    for (i, r) in rs.iter().enumerate() {
-        let Some(r) = r else { continue };
-        let custom_id = custom_ids.get(i).map(String::as_str).unwrap_or("");
+    for (i, r) in &rs {
+        let custom_id = custom_ids.get(*i).map(String::as_str).unwrap_or("");
         let (status, body) = match (&r.status, &r.error) {
             (Status::Error, Some(e)) => {
                 let err = ApiError::from(e.clone()).with_id(&r.id);
@@ -363,4 +393,21 @@ pub async fn get_results(
         out.push('\n');
     }
     Ok(([(axum::http::header::CONTENT_TYPE, "application/jsonl")], out).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_counts_each_finished_line_once_by_outcome() {
+        let mut p = Progress::default();
+        assert!(!p.is_done(0) && !p.is_done(9999));
+        p.finish(0, 10, true);
+        p.finish(9, 10, false);
+        assert!(p.is_done(0) && p.is_done(9) && !p.is_done(5));
+        assert_eq!((p.completed, p.failed, p.done.len()), (1, 1, 2));
+        let back: Progress = serde_json::from_slice(&serde_json::to_vec(&p).unwrap()).unwrap();
+        assert!(back.is_done(9) && !back.is_done(8));
+    }
 }

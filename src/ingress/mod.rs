@@ -105,7 +105,9 @@ impl Ingress {
             tokio::spawn(sync::follow_generations(answers.generations().clone(), js.clone(), CONSEQUENCE));
         }
         let models: BTreeSet<String> = plan.models.iter().cloned().collect();
-        let openapi = openapi::spec(&models, auth.enabled(), limits.enabled());
+        // 429: a rate limit, or an address throttled for failed credentials
+        let throttled = limits.enabled() || (auth.enabled() && cfg.auth.failed_logins_per_minute > 0);
+        let openapi = openapi::spec(&models, auth.enabled(), throttled);
         let logins = ratelimit::logins::FailedLogins::new(cfg.auth.failed_logins_per_minute);
         Ok(Arc::new(Ingress {
             js,

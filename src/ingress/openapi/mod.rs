@@ -73,8 +73,9 @@ fn header_param(name: &str, description: &str, schema: Value) -> Value {
 }
 
 /// The document, for an ingress serving `models`, whose authentication is
-/// `auth_on` and whose rate limits are `limits_on`.
-pub fn spec(models: &std::collections::BTreeSet<String>, auth_on: bool, limits_on: bool) -> Value {
+/// `auth_on` and that may answer 429 when `throttled` (rate limits, or the
+/// failed-login throttle).
+pub fn spec(models: &std::collections::BTreeSet<String>, auth_on: bool, throttled: bool) -> Value {
     let mut g = Gen::new();
     let error = g.of::<ErrorBody>();
     let result = g.of::<InferResult>();
@@ -309,7 +310,7 @@ pub fn spec(models: &std::collections::BTreeSet<String>, auth_on: bool, limits_o
             if auth_on {
                 statuses.extend([401, 403]);
             }
-            if limits_on {
+            if throttled {
                 statuses.push(429);
             }
             statuses.push(422); // a malformed X-Request-Id
