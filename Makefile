@@ -8,12 +8,15 @@ CARGO ?= cargo
 up: deps
 	$(CARGO) run --release --bin retro-fleet -- up
 
+# The tests run on the release build, the code that ships; the size check
+# then measures the binary that build made, so CI pays for one build.
 test: deps check-deploy
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
-		$(CARGO) nextest run --workspace --profile ci; \
+		$(CARGO) nextest run --workspace --release --profile ci; \
 	else \
-		$(CARGO) test --workspace -- --test-threads=1; \
+		$(CARGO) test --workspace --release -- --test-threads=1; \
 	fi
+	scripts/check-size.sh --built
 
 deps:
 	@scripts/install-deps.sh

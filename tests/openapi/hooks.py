@@ -9,11 +9,28 @@
   one that set `timeout_ms` (the stateful phase reuses ids it saw) is
   answered that first result, and may be the same 504. Every other 5xx
   fails the run.
+- `ast.parse` is serialised: the run uses two worker threads, and before
+  CPython 3.11.8 the AST validator kept one recursion counter for all
+  threads, so two parses at once could fail with "AST constructor recursion
+  depth mismatch" (hypothesis parses lambdas to describe strategies). That
+  is a fault of the Python running schemathesis, not of the API.
 """
 
+import ast
 import json
+import threading
 
 import schemathesis
+
+_parse, _parsing = ast.parse, threading.Lock()
+
+
+def _serial_parse(*args, **kwargs):
+    with _parsing:
+        return _parse(*args, **kwargs)
+
+
+ast.parse = _serial_parse
 
 
 @schemathesis.serializer("application/jsonl")
