@@ -23,7 +23,8 @@
 //! - [`guard`]: middleware: failed-login throttle, credential, role and
 //!   rate limit per route class.
 //! - [`request_id`]: middleware: every request's id, echoed on its response.
-//! - [`auth`]: API keys, JWTs, roles and the tenant of a caller.
+//! - [`auth`]: API keys and JWTs: the caller a credential establishes.
+//! - [`principal`]: the caller: tenant, roles and priority ceilings.
 //! - [`jwt`]: verifying HS256/RS256/ES256 tokens and their claims.
 //! - [`ratelimit`]: request and token limits, in process or shared via NATS KV.
 //! - [`admin`]: `/v1/admin/*` (role admin): config (redacted), queues and
@@ -46,6 +47,7 @@ pub mod native;
 pub mod openai;
 pub mod openai_shapes;
 pub mod openapi;
+pub mod principal;
 pub mod ratelimit;
 pub mod replies;
 pub mod request_id;

@@ -1,0 +1,142 @@
+//! Who is calling: the roles a credential may hold, the priority classes
+//! it may use, and the [`Principal`] the guard hands to every handler.
+//! [`auth`](super::auth) establishes it from a credential.
+
+use retro_fleet_schemas::Priority;
+use serde::{Deserialize, Serialize};
+
+use super::error::{ApiError, IngressCode};
+
+/// A role a credential may hold. `admin` includes the other two.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Send requests (`/v1/infer`, `/v1/chat/completions`, ...).
+    Submit,
+    /// Read results and the model list.
+    Read,
+    /// Everything, including admin routes.
+    Admin,
+}
+
+impl Role {
+    /// The role as written in config and tokens.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Submit => "submit",
+            Role::Read => "read",
+            Role::Admin => "admin",
+        }
+    }
+
+    /// `submit`, `read` or `admin`.
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "submit" => Some(Role::Submit),
+            "read" => Some(Role::Read),
+            "admin" => Some(Role::Admin),
+            _ => None,
+        }
+    }
+
+    fn bit(self) -> u8 {
+        1 << self as u8
+    }
+}
+
+/// A set of roles.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Roles(u8);
+
+impl Roles {
+    /// Every role.
+    pub const ALL: Roles = Roles(0b111);
+
+    /// The set of `roles`.
+    pub fn of(roles: impl IntoIterator<Item = Role>) -> Roles {
+        Roles(roles.into_iter().fold(0, |acc, r| acc | r.bit()))
+    }
+
+    /// Whether this set grants `role` (`admin` grants everything).
+    pub fn allows(self, role: Role) -> bool {
+        self.0 & (role.bit() | Role::Admin.bit()) != 0
+    }
+}
+
+/// The highest priority classes a credential may use: a property of the
+/// key or token, never the caller's choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ceilings {
+    /// Single requests (`/v1/infer`, chat and completions).
+    pub requests: Priority,
+    /// Batch lines (`POST /v1/batches`).
+    pub batches: Priority,
+}
+
+impl Default for Ceilings {
+    /// Any class for requests; batches at most `normal`, so a batch never
+    /// competes with interactive traffic unless its key says it may.
+    fn default() -> Self {
+        Ceilings { requests: Priority::High, batches: Priority::Normal }
+    }
+}
+
+impl Ceilings {
+    /// No ceiling (authentication off).
+    pub const NONE: Ceilings = Ceilings { requests: Priority::High, batches: Priority::High };
+
+    /// The ceilings of a key or token that names `requests` and `batches`
+    /// (each optional); batches are never above requests.
+    pub fn of(requests: Option<Priority>, batches: Option<Priority>) -> Ceilings {
+        let d = Ceilings::default();
+        let requests = requests.unwrap_or(d.requests);
+        Ceilings { requests, batches: batches.unwrap_or(d.batches).max(requests) }
+    }
+}
+
+/// What a priority is asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Use {
+    /// One request.
+    Request,
+    /// The lines of a batch.
+    Batch,
+}
+
+/// Who is calling, as established from the credential.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// `key:<id>`, `jwt:<iss>/<tenant>/<sub>` or `anonymous` (authentication off).
+    pub id: String,
+    /// Tenant: results are stored and read under it.
+    pub tenant: String,
+    /// Granted roles.
+    pub roles: Roles,
+    /// The highest classes it may use.
+    pub ceilings: Ceilings,
+}
+
+impl Principal {
+    /// A caller with the default ceilings.
+    pub fn new(id: impl Into<String>, tenant: impl Into<String>, roles: Roles) -> Principal {
+        Principal { id: id.into(), tenant: tenant.into(), roles, ceilings: Ceilings::default() }
+    }
+
+    /// Whether it may use `priority` for `what`: 403 naming its ceiling otherwise.
+    pub fn may_use(&self, priority: Priority, what: Use) -> Result<(), ApiError> {
+        let (ceiling, field) = match what {
+            Use::Request => (self.ceilings.requests, "max_priority"),
+            Use::Batch => (self.ceilings.batches, "max_batch_priority"),
+        };
+        if priority >= ceiling {
+            return Ok(());
+        }
+        Err(ApiError::new(
+            IngressCode::Forbidden,
+            format!(
+                "this credential may use priority `{ceiling}` at most here (its `{field}`); send `{ceiling}` or lower"
+            ),
+        )
+        .param("priority"))
+    }
+}
