@@ -344,8 +344,7 @@ pub async fn get(
         Ok(Some(v)) => serde_json::from_slice(&v).unwrap_or_default(),
         _ => Progress::default(),
     };
-    let pending: Vec<usize> = (0..record.total).filter(|i| !progress.is_done(*i)).collect();
-    let found = results(&state, &record, pending.into_iter()).await;
+    let found = results(&state, &record, (0..record.total).filter(|i| !progress.is_done(*i))).await;
     if !found.is_empty() {
         for (i, r) in found {
             progress.finish(i, record.total, r.status == Status::Ok);

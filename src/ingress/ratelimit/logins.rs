@@ -24,9 +24,12 @@ impl FailedLogins {
 
     /// Seconds until `peer` may try again, when it is over its limit.
     pub fn blocked(&self, peer: IpAddr, now_ms: u64) -> Option<u64> {
+        if self.per_minute == 0 {
+            return None;
+        }
         let window = now_ms / MINUTE_MS;
         match self.seen.lock().expect("failed logins lock").get(&peer) {
-            Some(&(w, n)) if self.per_minute > 0 && w == window && n >= self.per_minute => {
+            Some(&(w, n)) if w == window && n >= self.per_minute => {
                 Some(((window + 1) * MINUTE_MS - now_ms).div_ceil(1000))
             }
             _ => None,
