@@ -572,12 +572,21 @@ fn placement(name: &str, replicas: usize, cluster: Option<&async_nats::jetstream
     format!("{name:<34} {:>8}  {leader:<8} {copies}", replicas.max(1))
 }
 
-/// Whether every stream of the topology exists (readiness).
+/// Whether every stream of the topology exists and, on a cluster, has a
+/// leader (readiness): a stream between leaders takes no writes, so an
+/// ingress reports itself not ready rather than accept calls it cannot
+/// queue yet (its publishes would be sent again until a leader is elected).
 pub async fn streams_present(js: &Context) -> Result<(), String> {
     let names =
         Priority::ALL.map(subjects::request_stream).into_iter().chain([subjects::RESULTS_STREAM, subjects::DLQ_STREAM]);
     for name in names {
-        js.get_stream(name).await.map_err(|e| format!("stream {name}: {e}"))?;
+        let stream = js.get_stream(name).await.map_err(|e| format!("stream {name}: {e}"))?;
+        if let Some(c) = &stream.cached_info().cluster {
+            let leaderless = c.leader.as_deref().is_none_or(str::is_empty);
+            if c.raft_group.is_some() && leaderless {
+                return Err(format!("stream {name} has no leader (an election is under way)"));
+            }
+        }
     }
     Ok(())
 }

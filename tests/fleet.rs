@@ -337,8 +337,15 @@ async fn a_sync_result_expires_after_its_short_retention_while_an_async_one_stay
     }
     // a retry of the sync call within its retention gets the stored result
     assert_eq!(status("sync").await, 200, "kept for a retry within the duplicate window");
+    assert_eq!(post("/v1/infer", "sync", None).await.unwrap().status(), 200, "a retry gets the stored result");
     tokio::time::sleep(Duration::from_millis(3_500)).await;
     assert_eq!(status("sync").await, 404, "a synchronous call's result expires after sync_result_ttl_secs");
+    // a retry within the duplicate window cannot run again, nor be answered
+    // from the store: it says so, rather than waiting out its timeout
+    let r = post("/v1/infer", "sync", None).await.unwrap();
+    assert_eq!(r.status(), 409);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "request_id_spent", "{body}");
     assert_eq!(status("sync-kept").await, 200, "X-Result-Ttl keeps it longer");
     assert_eq!(status("async").await, 200, "an asynchronous result stays for results_max_age_secs");
     // asking for more than results are ever kept is refused

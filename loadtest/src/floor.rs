@@ -31,7 +31,8 @@ pub const RESULTS_STREAM: &str = "LOADTEST_FLOOR_RESULTS";
 /// connection. With `store`, the worker also writes each reply to a results
 /// stream (unique subject per request, as retro-fleet does) and acks only
 /// once it is stored: the least work for the "result stored" contract.
-pub async fn start(client: async_nats::Client, store: bool) -> anyhow::Result<FloorWorker> {
+/// Its streams have `replicas` copies (3 on a cluster, as the fleet's).
+pub async fn start(client: async_nats::Client, store: bool, replicas: usize) -> anyhow::Result<FloorWorker> {
     let js = jetstream::new(client.clone());
     let _ = js.delete_stream(STREAM).await;
     let stream = js
@@ -40,6 +41,7 @@ pub async fn start(client: async_nats::Client, store: bool) -> anyhow::Result<Fl
             subjects: vec![SUBJECT.into()],
             retention: stream::RetentionPolicy::WorkQueue,
             storage: stream::StorageType::File,
+            num_replicas: replicas,
             ..Default::default()
         })
         .await?;
@@ -49,6 +51,7 @@ pub async fn start(client: async_nats::Client, store: bool) -> anyhow::Result<Fl
             name: RESULTS_STREAM.into(),
             subjects: vec!["loadtest.floor.res.>".into()],
             storage: stream::StorageType::File,
+            num_replicas: replicas,
             ..Default::default()
         })
         .await?;

@@ -35,7 +35,7 @@ struct Floor {
 
 /// Serves `POST /v1/infer` on `listen` until the process is stopped.
 pub async fn serve(client: async_nats::Client, listen: &str) -> anyhow::Result<()> {
-    let worker = floor::start(client.clone(), false).await?;
+    let worker = floor::start(client.clone(), false, 1).await?;
     let inbox = client.new_inbox();
     let mut replies = client.subscribe(format!("{inbox}.*")).await?;
     let state = Arc::new(Floor {

@@ -97,6 +97,10 @@ struct Args {
     /// fleet's contract requires (one more JetStream write per request).
     #[arg(long)]
     floor_store: bool,
+    /// Copies of the floor's streams (3 against a cluster whose fleet
+    /// streams have 3, so both pay for replication).
+    #[arg(long, default_value_t = 1)]
+    floor_replicas: usize,
     /// Measured rounds per target (the median is reported).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
@@ -156,7 +160,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let floor_measured = args.floor || args.floor_only;
     let floor_worker = if floor_measured {
-        let w = floor::start(client.clone(), args.floor_store).await?;
+        let w = floor::start(client.clone(), args.floor_store, args.floor_replicas).await?;
         targets.push(Target::floor());
         Some(w)
     } else {

@@ -5,7 +5,7 @@
 //! ids with it; `dlq replay` checks it before replaying.
 
 use async_nats::jetstream::message::StreamMessage;
-use async_nats::jetstream::stream::DirectGetErrorKind;
+use async_nats::jetstream::stream::{DirectGetErrorKind, LastRawMessageErrorKind};
 use async_nats::jetstream::Context;
 
 use crate::{codec, headers, subjects, DecodeError, InferResult};
@@ -20,6 +20,9 @@ pub enum StoredError {
     /// The read itself failed.
     #[error("reading the result failed: {0}")]
     Read(#[from] async_nats::jetstream::stream::DirectGetError),
+    /// The read from the stream's leader failed.
+    #[error("reading the result from the stream's leader failed: {0}")]
+    ReadLeader(#[from] async_nats::jetstream::stream::LastRawMessageError),
     /// Something is stored but it is not a result.
     #[error("stored result unreadable: {0}")]
     Decode(#[from] DecodeError),
@@ -38,6 +41,22 @@ pub async fn stored_message(js: &Context, tenant: &str, id: &str) -> Result<Opti
 /// The result stored for request `id` of `tenant`, if any.
 pub async fn stored_result(js: &Context, tenant: &str, id: &str) -> Result<Option<InferResult>, StoredError> {
     let Some(m) = stored_message(js, tenant, id).await? else { return Ok(None) };
+    decode(&m)
+}
+
+/// [`stored_result`] as the results stream's leader has it. A direct get
+/// may be answered by a replica a write has not reached yet; the leader has
+/// every write it acknowledged, so "none" from it is final.
+pub async fn stored_result_at_leader(js: &Context, tenant: &str, id: &str) -> Result<Option<InferResult>, StoredError> {
+    let stream = js.get_stream_no_info(subjects::RESULTS_STREAM).await?;
+    match stream.get_last_raw_message_by_subject(&subjects::result(tenant, id)).await {
+        Ok(m) => decode(&m),
+        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn decode(m: &StreamMessage) -> Result<Option<InferResult>, StoredError> {
     let content_type = m.headers.get(headers::CONTENT_TYPE).map(|v| v.as_str());
     Ok(Some(codec::decode(content_type, &m.payload)?))
 }

@@ -93,6 +93,9 @@ pub enum IngressCode {
     UnreadableBody,
     /// The request body did not arrive within `ingress.connections.body_timeout_ms` (408).
     BodyTimeout,
+    /// The request id ran within the duplicate window and its result is no
+    /// longer kept, so it can neither run again nor be answered (409).
+    IdSpent,
 }
 
 impl IngressCode {
@@ -104,6 +107,7 @@ impl IngressCode {
             IngressCode::RateLimited => "rate_limited",
             IngressCode::UnreadableBody => ErrorCode::InvalidRequest.as_str(),
             IngressCode::BodyTimeout => "body_timeout",
+            IngressCode::IdSpent => "request_id_spent",
         }
     }
 
@@ -114,6 +118,7 @@ impl IngressCode {
             IngressCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             IngressCode::UnreadableBody => StatusCode::BAD_REQUEST,
             IngressCode::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            IngressCode::IdSpent => StatusCode::CONFLICT,
         }
     }
 }

@@ -128,7 +128,8 @@ pub fn spec(models: &std::collections::BTreeSet<String>, auth_on: bool, throttle
 
     // (summary, parameters, request body, success status, success response, error statuses)
     type Doc = (&'static str, Vec<Value>, Option<Value>, u16, Value, &'static [u16]);
-    let infer_errors: &[u16] = &[400, 404, 413, 422, 502, 503, 504];
+    // 409: a request id run within the duplicate window whose result is gone
+    let infer_errors: &[u16] = &[400, 404, 409, 413, 422, 502, 503, 504];
     let doc = |method: &str, path: &str| -> Doc {
         match (method, path) {
             ("post", "/v1/infer") => (

@@ -9,24 +9,25 @@
 //! - this file: token charging, and the three ways to submit: [`call`] (wait
 //!   for the result, answered from the ingress's memory when it can),
 //!   [`open_stream`] (chunks, then the result) and [`publish`] (fire and
-//!   forget); a request id sent again within the duplicate window follows
-//!   the first request's result ([`follow_duplicate`]).
+//!   forget).
+//! - [`duplicate`]: a request id sent again within the duplicate window
+//!   follows the first request's result.
 
+pub mod duplicate;
 pub mod queue;
 pub mod validate;
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use retro_fleet_schemas::stored::stored_result;
 use retro_fleet_schemas::{ErrorCode, InferResult};
 
-pub use queue::send;
+pub use queue::{send, Sent};
 pub use validate::{Draft, Prepared, Rules};
 
 use super::auth::Principal;
 use super::error::ApiError;
 use super::ratelimit::{self, RouteClass, Unit};
-use super::replies::{Cacheable, Reply, Waiter};
+use super::replies::{Cacheable, Waiter};
 use super::state::AppState;
 
 /// [`validate::prepare`] against this ingress's limits and models.
@@ -86,7 +87,7 @@ pub async fn charge_batch(state: &AppState, who: &Principal, id: &str, lines: &[
 
 /// Charges the caller's token limit, then [`send`]s without waiting for a
 /// result (it goes to `FLEET_RESULTS`).
-pub async fn publish(state: &AppState, p: &Prepared) -> Result<bool, ApiError> {
+pub async fn publish(state: &AppState, p: &Prepared) -> Result<Sent, ApiError> {
     charge_tokens(state, p).await?;
     send(state, p, None).await
 }
@@ -158,37 +159,12 @@ pub async fn open_stream(state: &AppState, p: &Prepared) -> Result<Waiter, ApiEr
 async fn register_and_send(state: &AppState, p: &Prepared) -> Result<Waiter, ApiError> {
     let (reply, mut waiter) = state.replies.register(&p.tenant, &p.req.id);
     match send(state, p, Some(&reply)).await {
-        Ok(false) => {}
-        Ok(true) => follow_duplicate(state, p, &mut waiter),
+        Ok(Sent::New) => {}
+        Ok(Sent::Duplicate { seq }) => duplicate::follow(state, p, &mut waiter, seq).await?,
         Err(e) => {
             waiter.disarm();
             return Err(e);
         }
     }
     Ok(waiter)
-}
-
-/// A request id sent again within the duplicate window: JetStream kept the
-/// first request and dropped this one, so this caller gets the first one's
-/// result. It is read back from `FLEET_RESULTS` as soon as it is stored (at
-/// once if it already is), wherever the first call came from; a first call
-/// waiting in this process also shares its reply. This caller leaving does
-/// not cancel the first one's request.
-fn follow_duplicate(state: &AppState, p: &Prepared, waiter: &mut Waiter) {
-    waiter.disarm();
-    let feed = waiter.feeder();
-    let (js, tenant, id) = (state.js.clone(), p.tenant.clone(), p.req.id.clone());
-    let until = tokio::time::Instant::now() + p.timeout;
-    tracing::debug!(id = %p.req.id, "duplicate request id: following the first request's result");
-    tokio::spawn(async move {
-        let mut every = Duration::from_millis(10);
-        while !feed.is_closed() && tokio::time::Instant::now() < until {
-            if let Ok(Some(r)) = stored_result(&js, &tenant, &id).await {
-                let _ = feed.send(Reply::Result(Box::new(r), None));
-                return;
-            }
-            tokio::time::sleep(every).await;
-            every = (every * 2).min(Duration::from_millis(500));
-        }
-    });
 }

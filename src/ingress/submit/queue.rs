@@ -14,16 +14,24 @@ use super::validate::Prepared;
 use crate::ingress::error::ApiError;
 use crate::ingress::state::AppState;
 
+/// What JetStream did with a published request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    /// Stored: a new request.
+    New,
+    /// Dropped: its id was sent before, within the duplicate window; the
+    /// first request is (or was) at `seq` in the same stream.
+    Duplicate { seq: u64 },
+}
+
 /// Publishes to the priority stream and waits for JetStream to store it.
-/// A full queue is 503 with `Retry-After`. Returns whether JetStream
-/// dropped it as a duplicate: its request id was sent before, within the
-/// duplicate window.
+/// A full queue is 503 with `Retry-After`.
 ///
 /// A publish that gets no answer (the stream's leader is being elected
 /// after a node was lost, or the connection is moving to another server)
 /// is sent again with the same `Nats-Msg-Id`, so JetStream keeps it once,
 /// while the request's deadline and `failover::RIDE_FOR` allow.
-pub async fn send(state: &AppState, p: &Prepared, reply: Option<&str>) -> Result<bool, ApiError> {
+pub async fn send(state: &AppState, p: &Prepared, reply: Option<&str>) -> Result<Sent, ApiError> {
     let subject = subjects::request(p.priority, &p.req.model);
     let payload = Bytes::from(codec::encode(&p.req));
     let headers = request_headers(p, reply, state.cfg.sync_result_ttl_secs);
@@ -37,7 +45,7 @@ pub async fn send(state: &AppState, p: &Prepared, reply: Option<&str>) -> Result
     match ack {
         Ok(ack) => {
             state.metrics.published.with_label_values(&[p.priority.as_str()]).inc();
-            Ok(ack.duplicate)
+            Ok(if ack.duplicate { Sent::Duplicate { seq: ack.sequence } } else { Sent::New })
         }
         Err(e) => {
             let (code, message) = refusal(&e, p.priority);

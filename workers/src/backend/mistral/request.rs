@@ -150,16 +150,15 @@ struct Record {
 }
 
 impl Meter {
-    /// Tokens of the prompt and of the completion so far (an earlier
-    /// attempt's tokens counted as completion).
-    pub(super) fn tokens(&self) -> (usize, usize) {
+    /// Tokens of the prompt, of the completion (an earlier attempt's tokens
+    /// counted), and those this attempt computed, at most `max_tokens` of
+    /// them: the engine may step a sequence once more after it reached its
+    /// `max_len`, and that token never reaches the answer.
+    pub(super) fn tokens(&self, max_tokens: Option<u32>) -> (usize, usize, usize) {
         let prompt = self.prompt_len.load(Ordering::SeqCst).saturating_sub(self.before);
-        (prompt, self.sampled.load(Ordering::SeqCst) + self.before)
-    }
-
-    /// Tokens this attempt computed.
-    pub(super) fn computed(&self) -> usize {
-        self.sampled.load(Ordering::SeqCst)
+        let sampled = self.sampled.load(Ordering::SeqCst);
+        let computed = max_tokens.map_or(sampled, |m| sampled.min(m as usize));
+        (prompt, computed + self.before, computed)
     }
 
     /// The prompt, the first `n` generated tokens and the sampler's state

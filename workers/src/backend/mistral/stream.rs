@@ -111,8 +111,7 @@ pub(super) async fn generate(
             break if text.stopped { "stop".to_string() } else { fr };
         }
     };
-    let (prompt_tokens, completion_tokens) = meter.tokens();
-    let computed_tokens = meter.computed();
+    let (prompt_tokens, completion_tokens, computed_tokens) = meter.tokens(p.max_tokens);
     Ok(Output { text: text.finish(), finish_reason, prompt_tokens, completion_tokens, computed_tokens })
 }
 
