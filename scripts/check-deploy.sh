@@ -83,7 +83,16 @@ worker = by[("Deployment", "retro-fleet-worker")]["spec"]["template"]["spec"]
 assert worker["terminationGracePeriodSeconds"] > drain_s, "grace period must exceed the worker drain"
 for pdb in ["retro-fleet-ingress", "retro-fleet-worker"]:
     assert ("PodDisruptionBudget", pdb) in by, pdb
-assert by[("StatefulSet", "nats")]["spec"]["volumeClaimTemplates"]
+nats = by[("StatefulSet", "nats")]["spec"]
+assert nats["volumeClaimTemplates"]
+assert nats["replicas"] == 3, "NATS runs as a 3-node cluster"
+assert nats["template"]["spec"]["affinity"]["podAntiAffinity"], "one NATS pod per node"
+conf = by[("ConfigMap", "nats-config")]["data"]["nats.conf"]
+for i in range(3):
+    assert f"nats://nats-{i}.nats-headless:6222" in conf, f"route to nats-{i}"
+assert by[("Service", "nats-headless")]["spec"]["publishNotReadyAddresses"] is True
+assert ("PodDisruptionBudget", "nats") in by
+assert tomllib.loads(cm)["topology"]["replicas"] == 3, "streams and buckets on all three NATS nodes"
 keda = [d for d in yaml.safe_load_all(open(f"{work}/keda.yaml")) if d]
 so = next(d for d in keda if d["kind"] == "ScaledObject")
 assert so["apiVersion"] == "keda.sh/v1alpha1"

@@ -29,6 +29,11 @@ pub struct NatsConfig {
     pub token: Option<String>,
     /// Connect timeout in ms.
     pub connect_timeout_ms: u64,
+    /// The JetStream domain holding the fleet's streams, when the server
+    /// an ingress connects to is not in it: an edge site's leaf node with
+    /// a JetStream of its own, in front of the hub's (docs/OPERATIONS.md).
+    /// Workers and the scaler run at the hub and ignore it.
+    pub jetstream_domain: Option<String>,
 }
 
 impl Default for NatsConfig {
@@ -41,11 +46,21 @@ impl Default for NatsConfig {
             password: None,
             token: None,
             connect_timeout_ms: 2_000,
+            jetstream_domain: None,
         }
     }
 }
 
 impl NatsConfig {
+    /// The JetStream context of the fleet's streams over `client`: the
+    /// local one, or that of `jetstream_domain`.
+    pub fn jetstream(&self, client: async_nats::Client) -> async_nats::jetstream::Context {
+        match &self.jetstream_domain {
+            Some(domain) => async_nats::jetstream::with_domain(client, domain),
+            None => async_nats::jetstream::new(client),
+        }
+    }
+
     /// The user and password or token to log in with: the configured ones,
     /// else those of the URL.
     fn auth(&self, from_url: Option<UrlAuth>) -> anyhow::Result<Option<UrlAuth>> {

@@ -188,6 +188,7 @@ pub async fn build_worker(
     // a one-thread runtime (`retro-fleet worker`) loads weights on a thread of its own
     let load_on = backend::pool::LoadOn::for_current_runtime();
     let mut backends: HashMap<String, Arc<dyn Backend>> = HashMap::new();
+    let mut load_ms = std::collections::BTreeMap::new();
     for name in &served {
         let Some(model) = config.models.get(name) else {
             bail!(
@@ -195,8 +196,12 @@ pub async fn build_worker(
                 config.models.keys().collect::<Vec<_>>()
             );
         };
+        let started = std::time::Instant::now();
         let loaded = match backend::build_on(name, model, &breakers, &budget, &load_on).await {
-            Ok(b) => b,
+            Ok(b) => {
+                load_ms.insert(name.clone(), started.elapsed().as_millis() as u64);
+                b
+            }
             Err(e) => {
                 // the other models still serve; this one answers why it cannot
                 tracing::error!(model = %name, error = %e, "model failed to load; its requests get an error result");
@@ -231,7 +236,8 @@ pub async fn build_worker(
         cache,
         registry,
     )?
-    .with_breakers(breakers);
+    .with_breakers(breakers)
+    .with_load_times(load_ms);
     Ok(match config.worker.checkpoint_interval_ms {
         0 => worker,
         ms => {
@@ -350,7 +356,8 @@ fn ingress_setup(config: &Config) -> ingress::config::Setup {
 pub async fn ingress(config: Config, shutdown: CancellationToken) -> anyhow::Result<Exit> {
     let start = async {
         let client = nats::connect(&config.nats, "ingress").await?;
-        let state = ingress::Ingress::new(client.clone(), ingress_setup(&config), telemetry::registry()).await?;
+        let js = config.nats.jetstream(client.clone());
+        let state = ingress::Ingress::new(client.clone(), js, ingress_setup(&config), telemetry::registry()).await?;
         let listener = bind(&config.ingress.listen).await?;
         anyhow::Ok((client, state, listener))
     };
@@ -375,7 +382,8 @@ pub async fn up(config: Config, shutdown: CancellationToken) -> anyhow::Result<E
         let client = nats::connect(&config.nats, "up").await?;
         let registry = telemetry::registry();
         let worker = build_worker(&config, &client, &registry).await?;
-        let state = ingress::Ingress::new(client.clone(), ingress_setup(&config), registry.clone()).await?;
+        let js = config.nats.jetstream(client.clone());
+        let state = ingress::Ingress::new(client.clone(), js, ingress_setup(&config), registry.clone()).await?;
         anyhow::Ok((client, registry, worker, state))
     };
     let Some(started) = unless_stopped(&shutdown, start).await else {

@@ -50,6 +50,9 @@ async fn a_drained_worker_takes_nothing_until_resumed_and_a_paused_priority_wait
     assert_eq!(http.send("POST", "/v1/admin/queues/low/pause", None, None).await.status(), 401);
 
     wait_json(&http, "/v1/admin/workers", |v| v["workers"][0]["id"] == "w-1").await;
+    // each model's measured load time is in the registry (the scaler's cold-start input)
+    let (_, workers) = http.json("GET", "/v1/admin/workers", Some(ADMIN), None).await;
+    assert!(workers["workers"][0]["per_model"]["echo"]["load_ms"].is_u64(), "{workers}");
     let (status, state) = http.json("POST", "/v1/admin/workers/w-1/drain", Some(ADMIN), None).await;
     assert_eq!((status, &state["draining"]), (200, &json!(true)), "{state}");
     wait_json(&http, "/v1/admin/workers", |v| v["workers"][0]["draining"] == true).await;

@@ -50,6 +50,10 @@ pub struct ModelLoad {
     pub throughput: f64,
     /// Mean backend time over the last interval, in ms.
     pub latency_ms: Option<f64>,
+    /// How long this worker took to load the model, in ms (the scaler
+    /// counts workers it recommended as coming for this long).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_ms: Option<u64>,
 }
 
 /// Requests per priority class.

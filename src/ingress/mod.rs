@@ -76,15 +76,21 @@ use ratelimit::RouteClass;
 use replies::Replies;
 
 impl Ingress {
-    /// Builds the state: subscribes the inbox and registers metrics.
-    pub async fn new(client: async_nats::Client, setup: Setup, registry: Registry) -> anyhow::Result<AppState> {
+    /// Builds the state: subscribes the inbox and registers metrics. `js`
+    /// is the JetStream of the fleet's streams (another domain's, at an
+    /// edge site).
+    pub async fn new(
+        client: async_nats::Client,
+        js: jetstream::Context,
+        setup: Setup,
+        registry: Registry,
+    ) -> anyhow::Result<AppState> {
         let Setup { ingress: cfg, plan, output_defaults, config_view } = setup;
         let metrics = IngressMetrics::new(&registry)?;
         let auth = auth::Authenticator::new(&cfg.auth)?;
         if !auth.enabled() {
             tracing::warn!("ingress authentication is off: every caller may submit and read (ingress.auth.enabled)");
         }
-        let js = jetstream::new(client.clone());
         let bucket = |name| crate::topology::ingress_bucket(&plan, name);
         let limits = ratelimit::Limiter::new(cfg.rate_limit.clone(), &js, bucket(ratelimit::kv::BUCKET)).await?;
         let batches = crate::topology::open_bucket(&js, bucket(batch::BUCKET)).await?;

@@ -14,6 +14,15 @@
 //! a noisy signal cannot make the count flap. After `idle_to_zero_secs` with
 //! no backlog and no arrivals the recommendation is zero; any backlog brings
 //! it back to at least `min_replicas` on the next sample.
+//!
+//! Cold starts: a model that takes time to load (as workers measured it)
+//! keeps queueing at the current deficit (arrivals over what the serving
+//! workers do) until new workers serve. That growth is counted in the
+//! backlog to drain, so the count asked for at a step is the one needed
+//! when the workers arrive, rather than one more each sample as the queue
+//! builds. Replicas recommended but not yet serving (recommended minus live
+//! workers, within the load time of the last scale-up) are coming capacity:
+//! the count is not lowered while they load.
 
 use std::collections::VecDeque;
 
@@ -103,6 +112,9 @@ pub struct Sample {
     /// Measured service rate of one worker (requests/s), when the workers
     /// were saturated long enough to measure it.
     pub service_rate: Option<f64>,
+    /// How long a worker takes to load the model, in seconds, as workers
+    /// measured it (`None`: not known yet, taken as instant).
+    pub load_secs: Option<f64>,
 }
 
 impl Sample {
@@ -123,6 +135,8 @@ pub struct State {
     idle_since: Option<f64>,
     /// Last measured service rate of one worker, smoothed.
     service_rate: Option<f64>,
+    /// When the recommendation was last raised.
+    raised_at: Option<f64>,
 }
 
 /// Why the recommendation is what it is.
@@ -139,6 +153,8 @@ pub enum Reason {
     Idle,
     /// Clamped by `max_replicas`.
     AtMax,
+    /// Held while recommended workers are still loading the model.
+    Loading,
 }
 
 /// One recommendation.
@@ -176,7 +192,17 @@ pub fn recommend(policy: &Policy, state: &mut State, sample: &Sample) -> Recomme
         sample.backlog.iter().zip(policy.priority_weights()).map(|(&b, w)| b as f64 * w.max(0.0)).sum::<f64>();
     let backlog = sample.total_backlog();
 
-    let needed = arrival * policy.headroom.max(1.0) / mu + weighted / policy.drain_target_secs.max(1e-3) / mu;
+    // recommended replicas still within the model's load time are coming;
+    // until they (or any asked for now) serve, the queue grows at the deficit
+    let loading_for = match (state.raised_at, sample.load_secs) {
+        (Some(at), Some(load)) if sample.workers < state.replicas => (at + load - sample.t).max(0.0),
+        _ => 0.0,
+    };
+    let until_served = if loading_for > 0.0 { loading_for } else { sample.load_secs.unwrap_or(0.0).max(0.0) };
+    let deficit = (arrival - sample.workers as f64 * mu).max(0.0);
+    let mean_weight = if backlog > 0 { weighted / backlog as f64 } else { policy.weight_normal.max(0.0) };
+    let to_drain = weighted + deficit * until_served * mean_weight;
+    let needed = arrival * policy.headroom.max(1.0) / mu + to_drain / policy.drain_target_secs.max(1e-3) / mu;
     // A few thousandths over an integer is float noise, not a replica.
     let raw = (needed - 1e-6).ceil().max(0.0);
     let max = policy.max_replicas.max(policy.min_replicas);
@@ -216,7 +242,12 @@ pub fn recommend(policy: &Policy, state: &mut State, sample: &Sample) -> Recomme
     let (replicas, reason) = if policy.idle_to_zero_secs > 0.0 && !busy && idle_for >= policy.idle_to_zero_secs {
         (0, if prev == 0 { Reason::Stable } else { Reason::Idle })
     } else if desired > prev {
+        if loading_for == 0.0 {
+            state.raised_at = Some(sample.t);
+        }
         (desired, if at_max { Reason::AtMax } else { Reason::ScaleUp })
+    } else if loading_for > 0.0 {
+        (prev, Reason::Loading)
     } else if down_to < prev {
         (down_to, Reason::ScaleDown)
     } else if at_max {
@@ -273,6 +304,7 @@ mod tests {
             completion_rate: arrival,
             workers: 1,
             service_rate: Some(10.0),
+            load_secs: None,
         }
     }
 
@@ -457,5 +489,87 @@ mod tests {
         assert_eq!(recommend(&p, &mut st, &s).service_rate, 40.0);
         s.service_rate = Some(0.0);
         assert_eq!(recommend(&p, &mut st, &s).service_rate, 40.0);
+    }
+
+    /// A model whose workers take 40 s to load, under a step from 10 to 60
+    /// req/s at t = 50 s, with the scaler told the load time (`known`) or
+    /// not. Returns each sample's recommendation and backlog.
+    fn cold_start(known: bool) -> Vec<(u32, u64)> {
+        let p = policy();
+        let mut st = State::default();
+        let mut coming: Vec<(f64, u32)> = Vec::new(); // (serving from, count)
+        let (mut workers, mut backlog, mut last) = (2u32, 0f64, 0u32);
+        let mut out = Vec::new();
+        for i in 0..60 {
+            let t = i as f64 * 5.0;
+            let arrival = if t < 50.0 { 10.0 } else { 60.0 };
+            coming.retain(|&(at, n)| {
+                if at <= t {
+                    workers = workers.max(n);
+                }
+                at > t
+            });
+            backlog = (backlog + 5.0 * (arrival - workers as f64 * 10.0)).max(0.0);
+            let s = Sample {
+                t,
+                backlog: [0, backlog as u64, 0],
+                arrival_rate: arrival,
+                completion_rate: arrival.min(workers as f64 * 10.0),
+                workers,
+                service_rate: Some(10.0),
+                load_secs: known.then_some(40.0),
+            };
+            let r = recommend(&p, &mut st, &s);
+            if r.replicas > last {
+                coming.push((t + 40.0, r.replicas));
+            }
+            last = r.replicas;
+            out.push((r.replicas, backlog as u64));
+        }
+        out
+    }
+
+    #[test]
+    fn a_slow_loading_model_gets_the_count_it_needs_at_once() {
+        let (blind, aware) = (cold_start(false), cold_start(true));
+        let replicas = |r: &[(u32, u64)]| r.iter().map(|r| r.0).collect::<Vec<_>>();
+        // at the step (sample 10) it asks for what it needs once the new
+        // workers serve: 60 req/s with 25 % headroom is 7.5 workers, plus
+        // the queue that builds over the 40 s load (2 workers serve 20 of
+        // the 60 req/s) drained within the 60 s target: 11
+        assert_eq!(aware[10].0, 11, "{:?}", replicas(&aware));
+        // and holds it while they load, instead of one more each sample
+        assert!(aware[10..18].iter().all(|r| r.0 == 11), "{:?}", replicas(&aware));
+        assert!(blind[10].0 < 9 && blind[17].0 > blind[10].0, "{:?}", replicas(&blind));
+        // not over-scaled: no more than the blind scaler reaches late
+        let peak = |r: &[(u32, u64)]| r.iter().map(|r| r.0).max().unwrap();
+        assert!(peak(&aware) <= peak(&blind) + 1, "{:?}\n{:?}", replicas(&aware), replicas(&blind));
+        // so the queue is gone sooner
+        let drained = |r: &[(u32, u64)]| (11..r.len()).find(|&i| r[i].1 == 0).unwrap();
+        assert!(drained(&aware) < drained(&blind), "aware {aware:?}\nblind {blind:?}");
+    }
+
+    #[test]
+    fn workers_still_loading_are_not_scaled_down() {
+        let p = Policy { scale_down_cooldown_secs: 0.0, ..policy() };
+        let mut st = State::default();
+        let s = |t: f64, arrival: f64, backlog: u64, workers: u32| Sample {
+            t,
+            backlog: [0, backlog, 0],
+            arrival_rate: arrival,
+            completion_rate: 0.0,
+            workers,
+            service_rate: Some(10.0),
+            load_secs: Some(40.0),
+        };
+        // 80 req/s with headroom is 10 workers, plus 40 s of queueing at
+        // 70 req/s over the one serving, drained within 60 s: 15
+        assert_eq!(recommend(&p, &mut st, &s(0.0, 80.0, 0, 1)).replicas, 15);
+        // the burst stopped, the 15 are still loading: held, not lowered
+        let r = recommend(&p, &mut st, &s(5.0, 5.0, 0, 1));
+        assert_eq!((r.replicas, r.reason), (15, Reason::Loading));
+        // loaded (or their load time is over): lowered as usual
+        let r = recommend(&p, &mut st, &s(45.0, 5.0, 0, 15));
+        assert_eq!((r.replicas, r.reason), (1, Reason::ScaleDown));
     }
 }

@@ -248,6 +248,7 @@ impl Sampler {
                 completion_rate: acc.completions,
                 workers: n,
                 service_rate,
+                load_secs: live.iter().filter_map(|w| w.per_model.get(&model)?.load_ms).max().map(|ms| ms as f64 / 1e3),
             };
             let track = inner.models.entry(model.clone()).or_default();
             let rec = recommend(&self.cfg, &mut track.rec, &sample);

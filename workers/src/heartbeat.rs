@@ -53,6 +53,7 @@ impl Beat {
                     completed: cur.0,
                     throughput: d_done as f64 / dt,
                     latency_ms: (d_count > 0).then(|| d_secs / d_count as f64 * 1e3),
+                    load_ms: sh.load_ms.get(model).copied(),
                 },
             );
         }

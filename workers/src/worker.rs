@@ -178,6 +178,7 @@ impl Worker {
             checkpoints: None,
             cancels: Default::default(),
             quiet: tokio::sync::watch::Sender::new(false),
+            load_ms: Default::default(),
         };
         Ok(Worker { shared: Arc::new(shared), sources, breakers: None })
     }
@@ -187,6 +188,13 @@ impl Worker {
     pub fn with_checkpoints(mut self, checkpoints: crate::checkpoint::Checkpoints) -> Self {
         let shared = Arc::get_mut(&mut self.shared).expect("checkpoints are attached before the worker runs");
         shared.checkpoints = Some(checkpoints);
+        self
+    }
+
+    /// Records how long each model took to load (for the registry).
+    pub fn with_load_times(mut self, load_ms: std::collections::BTreeMap<String, u64>) -> Self {
+        let shared = Arc::get_mut(&mut self.shared).expect("load times are attached before the worker runs");
+        shared.load_ms = load_ms;
         self
     }
 
