@@ -44,6 +44,8 @@ struct Tally {
     stall: Duration,
     /// Slowest answer.
     slowest: Duration,
+    /// 99th percentile of the time to an answer.
+    p99: Duration,
 }
 
 /// A fleet on a 3-node cluster: two workers and an ingress given every URL.
@@ -179,9 +181,10 @@ async fn run(mut f: Fleet, fault: impl FnOnce(&mut NatsCluster) + Send + 'static
     let cluster = fault.await.unwrap();
 
     let mut arrivals: Vec<Instant> = Vec::new();
+    let mut latencies: Vec<Duration> = Vec::new();
     for c in calls {
         let (id, at, outcome) = c.await.unwrap();
-        tally.slowest = tally.slowest.max(at - sent_at[&id]);
+        latencies.push(at - sent_at[&id]);
         arrivals.push(at);
         match outcome {
             Ok(()) => tally.answered += 1,
@@ -200,7 +203,7 @@ async fn run(mut f: Fleet, fault: impl FnOnce(&mut NatsCluster) + Send + 'static
     for id in &nats_ids {
         let result = match answers.get(id) {
             Some((at, r)) => {
-                tally.slowest = tally.slowest.max(*at - sent_at[id]);
+                latencies.push(*at - sent_at[id]);
                 arrivals.push(*at);
                 Some(r.clone())
             }
@@ -220,6 +223,9 @@ async fn run(mut f: Fleet, fault: impl FnOnce(&mut NatsCluster) + Send + 'static
     }
     tally.lost += REQUESTS - tally.answered - tally.errors.len() - tally.lost;
     (tally.repeated, tally.duplicated) = *repeated.lock().unwrap();
+    latencies.sort();
+    tally.slowest = latencies.last().copied().unwrap_or_default();
+    tally.p99 = latencies.get(latencies.len() * 99 / 100).copied().unwrap_or_default();
     arrivals.sort();
     let window_end = started + sending;
     tally.stall = arrivals
@@ -238,7 +244,7 @@ async fn run(mut f: Fleet, fault: impl FnOnce(&mut NatsCluster) + Send + 'static
 /// error returned.
 fn check(what: &str, t: &Tally) {
     println!(
-        "{what}: sent {} / answered {} / lost {} / duplicated {} / errors {} / longest stall {:.2?} / slowest {:.2?} \
+        "{what}: sent {} / answered {} / lost {} / duplicated {} / errors {} / longest stall {:.2?} / p99 {:.2?} / slowest {:.2?} \
          ({} repeated NATS replies of the same result, {} NATS replies lost in transit and read from the store)",
         t.sent,
         t.answered,
@@ -246,6 +252,7 @@ fn check(what: &str, t: &Tally) {
         t.duplicated,
         t.errors.len(),
         t.stall,
+        t.p99,
         t.slowest,
         t.repeated,
         t.from_store
