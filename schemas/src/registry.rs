@@ -82,7 +82,8 @@ pub struct ModelScaling {
     pub replicas: u32,
     /// What this sample alone asks for (before the scale-down cool-down).
     pub desired: u32,
-    /// Why: `stable`, `scale_up`, `scale_down`, `idle` or `at_max`.
+    /// Why: `stable`, `scale_up`, `scale_down`, `idle`, `at_max` or
+    /// `loading` (held while recommended workers load the model).
     pub reason: String,
     /// Live workers serving the model (from the registry).
     pub workers: u32,
