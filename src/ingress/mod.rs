@@ -104,7 +104,7 @@ impl Ingress {
             let kv = crate::topology::open_bucket(&js, bucket(retro_fleet_schemas::subjects::API_KEYS_BUCKET)).await?;
             tokio::spawn(auth::follow_kv_keys(kv, keys));
         }
-        let replies = Replies::start(&client, metrics.unclaimed.clone()).await?;
+        let replies = Replies::start(&client, &js, metrics.unclaimed.clone()).await?;
         let answers = Arc::new(answers::AnswerCache::new(cfg.cache.clone(), &registry)?);
         if cfg.cache.enabled {
             use retro_fleet_worker::cache::sync;

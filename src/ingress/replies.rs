@@ -108,8 +108,14 @@ pub struct Replies {
 }
 
 impl Replies {
-    /// Subscribes to `<inbox>.*` and starts demultiplexing.
-    pub async fn start(client: &async_nats::Client, unclaimed: prometheus::IntCounter) -> anyhow::Result<Replies> {
+    /// Subscribes to `<inbox>.*` and starts demultiplexing; after each
+    /// reconnection, looks for the results of the calls still waiting in
+    /// `FLEET_RESULTS` over `js` ([`recover_lost_replies`]).
+    pub async fn start(
+        client: &async_nats::Client,
+        js: &async_nats::jetstream::Context,
+        unclaimed: prometheus::IntCounter,
+    ) -> anyhow::Result<Replies> {
         let prefix = client.new_inbox();
         let mut sub = client.subscribe(format!("{prefix}.*.*")).await?;
         let table: Table = Default::default();
@@ -120,6 +126,7 @@ impl Replies {
             next_key: Default::default(),
             keep_requests: Default::default(),
         };
+        tokio::spawn(recover_lost_replies(client.clone(), js.clone(), Arc::downgrade(&table)));
         tokio::spawn(async move {
             while let Some(msg) = sub.next().await {
                 let mut tail = msg.subject.rsplitn(3, '.');
@@ -185,6 +192,49 @@ impl Replies {
     }
 }
 
+/// Replies are core NATS, at most once: one published while this
+/// process's connection is moving to another server (a node restarted or
+/// lost) is gone. A worker stores each result before it replies, so after
+/// every reconnection each call still waiting looks its result up in
+/// `FLEET_RESULTS`: at once, and again a moment later (until the server's
+/// interest in this inbox has reached the others, a reply can still miss).
+async fn recover_lost_replies(
+    client: async_nats::Client,
+    js: async_nats::jetstream::Context,
+    table: std::sync::Weak<Mutex<HashMap<String, Vec<(u64, mpsc::UnboundedSender<Reply>)>>>>,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let stats = client.statistics();
+    let mut seen = stats.connects.load(Relaxed);
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+    let mut recheck_at: Option<tokio::time::Instant> = None;
+    loop {
+        tick.tick().await;
+        let Some(table) = table.upgrade() else { return };
+        let now = stats.connects.load(Relaxed);
+        let recheck = recheck_at.is_some_and(|at| tokio::time::Instant::now() >= at);
+        if now == seen && !recheck {
+            continue;
+        }
+        recheck_at = (now != seen).then(|| tokio::time::Instant::now() + std::time::Duration::from_secs(2));
+        seen = now;
+        let waiting: Vec<(String, Vec<mpsc::UnboundedSender<Reply>>)> = {
+            let t = table.lock().expect("reply table lock");
+            t.iter().map(|(k, v)| (k.clone(), v.iter().map(|(_, tx)| tx.clone()).collect())).collect()
+        };
+        drop(table);
+        tracing::debug!(calls = waiting.len(), "reconnected to NATS: looking up results of waiting calls");
+        for (key, txs) in waiting {
+            let Some((tenant, id)) = key.split_once('.') else { continue };
+            if let Ok(Some(r)) = retro_fleet_schemas::stored::stored_result(&js, tenant, id).await {
+                for tx in txs {
+                    let _ = tx.send(Reply::Result(Box::new(r.clone()), None));
+                }
+            }
+        }
+    }
+}
+
 /// Receives the replies of one request; unregisters on drop.
 pub struct Waiter {
     /// `<tenant>.<id>`: the table key.
@@ -226,6 +276,11 @@ impl Waiter {
             }
         }
         None
+    }
+
+    /// Whether a reply (a chunk or the result) is waiting to be read.
+    pub fn pending(&self) -> bool {
+        !self.rx.is_empty()
     }
 
     /// Never cancel: the request was not queued, or belongs to someone else now.

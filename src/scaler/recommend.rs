@@ -65,6 +65,9 @@ pub struct Policy {
     pub default_service_rate: f64,
     /// Robust z-score above which lag growth or latency is an anomaly.
     pub anomaly_z: f64,
+    /// Seconds a new worker takes before it loads its models (scheduling,
+    /// image pull, connecting), added to the load time workers measure.
+    pub startup_secs: f64,
 }
 
 impl Default for Policy {
@@ -85,6 +88,7 @@ impl Default for Policy {
             weight_low: 0.5,
             default_service_rate: 10.0,
             anomaly_z: super::stats::ANOMALY_Z,
+            startup_secs: 30.0,
         }
     }
 }
@@ -137,6 +141,10 @@ pub struct State {
     service_rate: Option<f64>,
     /// When the recommendation was last raised.
     raised_at: Option<f64>,
+    /// The model's load time, last reported (kept while no worker runs it).
+    load_secs: Option<f64>,
+    /// The previous sample's arrival rate.
+    last_arrival: f64,
 }
 
 /// Why the recommendation is what it is.
@@ -192,14 +200,22 @@ pub fn recommend(policy: &Policy, state: &mut State, sample: &Sample) -> Recomme
         sample.backlog.iter().zip(policy.priority_weights()).map(|(&b, w)| b as f64 * w.max(0.0)).sum::<f64>();
     let backlog = sample.total_backlog();
 
-    // recommended replicas still within the model's load time are coming;
-    // until they (or any asked for now) serve, the queue grows at the deficit
-    let loading_for = match (state.raised_at, sample.load_secs) {
-        (Some(at), Some(load)) if sample.workers < state.replicas => (at + load - sample.t).max(0.0),
+    // recommended replicas still within the time a new worker takes to
+    // serve (start-up plus the model's load time) are coming; until they
+    // (or any asked for now) serve, the queue grows at the deficit, at the
+    // arrival rate two samples in a row have seen (a one-off burst is
+    // backlog, not a rate to project)
+    if let Some(load) = sample.load_secs.filter(|l| l.is_finite() && *l >= 0.0) {
+        state.load_secs = Some(load);
+    }
+    let to_serve = state.load_secs.map(|l| l + policy.startup_secs.max(0.0));
+    let loading_for = match (state.raised_at, to_serve) {
+        (Some(at), Some(wait)) if sample.workers < state.replicas => (at + wait - sample.t).max(0.0),
         _ => 0.0,
     };
-    let until_served = if loading_for > 0.0 { loading_for } else { sample.load_secs.unwrap_or(0.0).max(0.0) };
-    let deficit = (arrival - sample.workers as f64 * mu).max(0.0);
+    let until_served = if loading_for > 0.0 { loading_for } else { to_serve.unwrap_or(0.0) };
+    let steady_arrival = arrival.min(std::mem::replace(&mut state.last_arrival, arrival));
+    let deficit = (steady_arrival - sample.workers as f64 * mu).max(0.0);
     let mean_weight = if backlog > 0 { weighted / backlog as f64 } else { policy.weight_normal.max(0.0) };
     let to_drain = weighted + deficit * until_served * mean_weight;
     let needed = arrival * policy.headroom.max(1.0) / mu + to_drain / policy.drain_target_secs.max(1e-3) / mu;
@@ -495,7 +511,7 @@ mod tests {
     /// req/s at t = 50 s, with the scaler told the load time (`known`) or
     /// not. Returns each sample's recommendation and backlog.
     fn cold_start(known: bool) -> Vec<(u32, u64)> {
-        let p = policy();
+        let p = Policy { startup_secs: 0.0, ..policy() };
         let mut st = State::default();
         let mut coming: Vec<(f64, u32)> = Vec::new(); // (serving from, count)
         let (mut workers, mut backlog, mut last) = (2u32, 0f64, 0u32);
@@ -533,14 +549,15 @@ mod tests {
     fn a_slow_loading_model_gets_the_count_it_needs_at_once() {
         let (blind, aware) = (cold_start(false), cold_start(true));
         let replicas = |r: &[(u32, u64)]| r.iter().map(|r| r.0).collect::<Vec<_>>();
-        // at the step (sample 10) it asks for what it needs once the new
-        // workers serve: 60 req/s with 25 % headroom is 7.5 workers, plus
-        // the queue that builds over the 40 s load (2 workers serve 20 of
-        // the 60 req/s) drained within the 60 s target: 11
-        assert_eq!(aware[10].0, 11, "{:?}", replicas(&aware));
+        // once the step is seen twice (sample 11) it asks for what it needs
+        // when the new workers serve: 60 req/s with 25 % headroom is 7.5
+        // workers, plus the queue that builds over the load (2 workers
+        // serve 20 of the 60 req/s) drained within the 60 s target: 11
+        assert_eq!(aware[11].0, 11, "{:?}", replicas(&aware));
         // and holds it while they load, instead of one more each sample
-        assert!(aware[10..18].iter().all(|r| r.0 == 11), "{:?}", replicas(&aware));
-        assert!(blind[10].0 < 9 && blind[17].0 > blind[10].0, "{:?}", replicas(&blind));
+        assert!(aware[11..18].iter().all(|r| r.0 == 11), "{:?}", replicas(&aware));
+        // blind to the load time, it asks for less and climbs as the queue builds
+        assert!(blind[11].0 < aware[11].0 && blind[17].0 > blind[11].0, "{:?}", replicas(&blind));
         // not over-scaled: no more than the blind scaler reaches late
         let peak = |r: &[(u32, u64)]| r.iter().map(|r| r.0).max().unwrap();
         assert!(peak(&aware) <= peak(&blind) + 1, "{:?}\n{:?}", replicas(&aware), replicas(&blind));
@@ -550,8 +567,38 @@ mod tests {
     }
 
     #[test]
+    fn a_burst_is_not_projected_and_a_load_time_outlives_the_workers() {
+        let p = Policy { startup_secs: 0.0, max_replicas: 500, ..policy() };
+        let s = |t: f64, arrival: f64, backlog: u64, workers: u32, load: Option<f64>| Sample {
+            t,
+            backlog: [0, backlog, 0],
+            arrival_rate: arrival,
+            completion_rate: 0.0,
+            workers,
+            service_rate: Some(10.0),
+            load_secs: load,
+        };
+        // a batch of 2,000 lands in one interval: 400 req/s for one sample;
+        // draining it takes 2000 / 60 / 10 = 3.3 workers, plus the rate
+        // with headroom (50), not 390 req/s over capacity projected over a
+        // 40 s load (26 more)
+        let mut st = State::default();
+        recommend(&p, &mut st, &s(0.0, 0.0, 0, 1, Some(40.0)));
+        let r = recommend(&p, &mut st, &s(5.0, 400.0, 2000, 1, Some(40.0)));
+        assert_eq!(r.replicas, 54, "{r:?}");
+        // scaled to zero, the model's load time is still known from before
+        let mut st = State::default();
+        recommend(&p, &mut st, &s(0.0, 10.0, 0, 2, Some(40.0)));
+        recommend(&p, &mut st, &s(5.0, 60.0, 100, 0, None));
+        let r = recommend(&p, &mut st, &s(10.0, 60.0, 400, 0, None));
+        // 7.5 + (400 + 60 req/s x the 30 s left of the load) / 60 / 10 =
+        // 11.2; with the load time forgotten it would stay at 9
+        assert_eq!(r.replicas, 12, "{r:?}");
+    }
+
+    #[test]
     fn workers_still_loading_are_not_scaled_down() {
-        let p = Policy { scale_down_cooldown_secs: 0.0, ..policy() };
+        let p = Policy { scale_down_cooldown_secs: 0.0, startup_secs: 0.0, ..policy() };
         let mut st = State::default();
         let s = |t: f64, arrival: f64, backlog: u64, workers: u32| Sample {
             t,
@@ -562,14 +609,13 @@ mod tests {
             service_rate: Some(10.0),
             load_secs: Some(40.0),
         };
-        // 80 req/s with headroom is 10 workers, plus 40 s of queueing at
-        // 70 req/s over the one serving, drained within 60 s: 15
-        assert_eq!(recommend(&p, &mut st, &s(0.0, 80.0, 0, 1)).replicas, 15);
-        // the burst stopped, the 15 are still loading: held, not lowered
+        // 80 req/s with headroom is 10 workers
+        assert_eq!(recommend(&p, &mut st, &s(0.0, 80.0, 0, 1)).replicas, 10);
+        // the burst stopped, the 10 are still loading: held, not lowered
         let r = recommend(&p, &mut st, &s(5.0, 5.0, 0, 1));
-        assert_eq!((r.replicas, r.reason), (15, Reason::Loading));
+        assert_eq!((r.replicas, r.reason), (10, Reason::Loading));
         // loaded (or their load time is over): lowered as usual
-        let r = recommend(&p, &mut st, &s(45.0, 5.0, 0, 15));
+        let r = recommend(&p, &mut st, &s(45.0, 5.0, 0, 10));
         assert_eq!((r.replicas, r.reason), (1, Reason::ScaleDown));
     }
 }

@@ -8,10 +8,12 @@
 //! the ack removes the message):
 //! - answered: its result is stored, and this caller gets it at once;
 //! - running: its message is still in the stream; the result is awaited;
-//! - spent: its message is gone and no result is kept (it asked for an
-//!   `X-Result-Ttl` shorter than the duplicate window, or was settled
-//!   without one): the id cannot run again until the window has passed,
-//!   and the caller is told so (409) instead of waiting out its timeout.
+//! - spent: its message is gone and no result is kept (a retention shorter
+//!   than the duplicate window — `X-Result-Ttl`, `sync_result_ttl_secs` —
+//!   or the results stream's own limits): the id cannot run again until
+//!   the window has passed, and the caller is told so (409) instead of
+//!   waiting out its timeout. Found spent while waiting (its result expired
+//!   between two looks), the wait ends with a `not_found` result.
 
 use std::time::Duration;
 
@@ -45,6 +47,9 @@ pub async fn follow(state: &AppState, p: &Prepared, waiter: &mut Waiter, seq: u6
             let _ = feed.send(Reply::Result(r, None));
             return Ok(());
         }
+        // the first request may be this caller's own (a publish sent again
+        // after its ack was lost): then its replies are already here
+        State::Spent if waiter.pending() => return Ok(()),
         State::Spent => return Err(ApiError::new(IngressCode::IdSpent, spent(&p.req.id)).with_id(&p.req.id)),
         State::Running => {}
     }
@@ -70,8 +75,8 @@ pub async fn follow(state: &AppState, p: &Prepared, waiter: &mut Waiter, seq: u6
 /// What a caller sending a spent id is told.
 fn spent(id: &str) -> String {
     format!(
-        "request id `{id}` already ran within the duplicate window and its result is no longer kept (it asked for \
-         a shorter X-Result-Ttl); send the request with a new id"
+        "request id `{id}` already ran within the duplicate window and its result is no longer kept; send the \
+         request with a new id"
     )
 }
 
