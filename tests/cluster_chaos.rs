@@ -60,7 +60,10 @@ struct Fleet {
 async fn fleet() -> Fleet {
     let cluster = NatsCluster::start(3);
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &cluster.urls(), "");
+    // every HTTP caller here shares one address: during a stall of several
+    // seconds at 50 calls a second, more than the default 512 connections
+    // per peer (a guard against one hostile address) are open at once
+    let config = write_config(dir.path(), &cluster.urls(), "[ingress.connections]\nmax_per_peer = 4096\n");
     let text = std::fs::read_to_string(&config).unwrap().replace("[topology]\n", "[topology]\nreplicas = 3\n");
     std::fs::write(&config, text).unwrap();
     topology_apply(&config);
