@@ -3,7 +3,9 @@
 //! publishes the body to a work-queue stream with a reply header and waits
 //! for the publish ack, then for the reply on one wildcard inbox
 //! subscription shared by every call (demultiplexed by a counter); the bare
-//! puller of [`crate::floor`] replies with the body and acks.
+//! puller of [`crate::floor`] replies with the body and acks (with
+//! `--floor-store`, after storing it in a results stream, as the fleet's
+//! contract requires).
 //!
 //! `loadtest --serve-http-floor ADDR` runs it as a process of its own, so a
 //! benchmark loads it with `--http floor=http://ADDR` beside an ingress and
@@ -33,9 +35,10 @@ struct Floor {
     next: AtomicU64,
 }
 
-/// Serves `POST /v1/infer` on `listen` until the process is stopped.
-pub async fn serve(client: async_nats::Client, listen: &str) -> anyhow::Result<()> {
-    let worker = floor::start(client.clone(), false, 1).await?;
+/// Serves `POST /v1/infer` on `listen` until the process is stopped; the
+/// puller stores each reply first with `store`.
+pub async fn serve(client: async_nats::Client, listen: &str, store: bool) -> anyhow::Result<()> {
+    let worker = floor::start(client.clone(), store, 1).await?;
     let inbox = client.new_inbox();
     let mut replies = client.subscribe(format!("{inbox}.*")).await?;
     let state = Arc::new(Floor {

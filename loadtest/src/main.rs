@@ -8,7 +8,8 @@
 //! the ratio fleet/floor.
 //!
 //! `--http NAME=URL` (repeatable) loads ingresses over HTTP instead
-//! (`POST /v1/infer`), alternating rounds between them; the first is the
+//! (`POST /v1/infer`, or `/v1/chat/completions` with `--api openai`, which
+//! any OpenAI-compatible server answers), alternating rounds between them; the first is the
 //! reference the others are compared with. `--serve-http-floor ADDR` runs
 //! the bare HTTP floor for them to be compared with (see [`http_floor`]).
 //!
@@ -113,13 +114,18 @@ struct Args {
     /// HTTP mode: an ingress as NAME=http://HOST:PORT (repeat to compare).
     #[arg(long = "http")]
     http: Vec<http::HttpTarget>,
+    /// HTTP mode: the API to call (`openai` streams with --stream and
+    /// reports the time to the first visible text).
+    #[arg(long, value_enum, default_value = "native")]
+    api: http::Api,
     /// HTTP mode: send `Authorization: Bearer TOKEN`.
     #[arg(long)]
     bearer: Option<String>,
     /// Serve the bare HTTP floor on ADDR (e.g. 127.0.0.1:18090) until
     /// stopped, instead of generating load: an axum handler that publishes
     /// to a work-queue stream and waits for a bare puller's reply on one
-    /// muxed inbox. Load it with `--http floor=http://ADDR`.
+    /// muxed inbox. Load it with `--http floor=http://ADDR`. With
+    /// --floor-store the puller stores each reply before it answers.
     #[arg(long, value_name = "ADDR")]
     serve_http_floor: Option<String>,
 }
@@ -142,7 +148,7 @@ async fn main() -> anyhow::Result<()> {
         anyhow::anyhow!("cannot connect to NATS at {}: {e} (start the fleet with `make up`)", args.nats)
     })?;
     if let Some(listen) = &args.serve_http_floor {
-        return http_floor::serve(client, listen).await;
+        return http_floor::serve(client, listen, args.floor_store).await;
     }
     let mode = match args.rate {
         Some(r) => Mode::Rate(r),
@@ -244,12 +250,12 @@ async fn http_main(args: &Args, workload: &workload::Workload) -> anyhow::Result
     let warmup = (args.requests / 10).clamp(100, 2_000);
     let bearer = args.bearer.as_deref();
     for t in &args.http {
-        http::run(&client, t, warmup, mode, workload, model, bearer).await?;
+        http::run(&client, t, args.api, warmup, mode, workload, model, bearer).await?;
     }
     let mut reports: Vec<Vec<Report>> = vec![Vec::new(); args.http.len()];
     for round in 0..args.rounds.max(1) {
         for (i, t) in args.http.iter().enumerate() {
-            let r = http::run(&client, t, args.requests, mode, workload, model, bearer).await?;
+            let r = http::run(&client, t, args.api, args.requests, mode, workload, model, bearer).await?;
             eprintln!("round {}: {}", round + 1, r.line());
             reports[i].push(r);
         }
@@ -260,12 +266,18 @@ async fn http_main(args: &Args, workload: &workload::Workload) -> anyhow::Result
         println!("{}", r.line());
     }
     for r in medians.iter().skip(1) {
+        let base = &medians[0];
+        let first_text = match (r.ttft_p50_ms, base.ttft_p50_ms) {
+            (Some(a), Some(b)) => format!(", first text p50 {:+.3} ms", a - b),
+            _ => String::new(),
+        };
         println!(
-            "{}/{}: {:.3} (throughput), p50 {:+.3} ms",
+            "{}/{}: {:.3} (throughput), p50 {:+.3} ms, p99 {:.2}x{first_text}",
             r.target,
-            medians[0].target,
-            r.throughput / medians[0].throughput,
-            r.p50_ms - medians[0].p50_ms
+            base.target,
+            r.throughput / base.throughput,
+            r.p50_ms - base.p50_ms,
+            r.p99_ms / base.p99_ms.max(f64::MIN_POSITIVE),
         );
     }
     if let Some(path) = &args.json {

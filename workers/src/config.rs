@@ -46,10 +46,15 @@ pub struct WorkerConfig {
     /// a third less CPU per message than a multi-threaded runtime.
     pub threads: usize,
     /// Streamed text: at most one chunk per this many ms after the first
-    /// (which goes out at once); pieces generated meanwhile travel together.
-    /// 0 sends every piece as it comes (one NATS message per token); at
-    /// most 10,000.
+    /// visible text (which goes out at once); pieces generated meanwhile
+    /// travel together. 0 sends every piece as it comes (one NATS message
+    /// per token); at most 10,000.
     pub stream_interval_ms: u64,
+    /// About how many chunks a second this worker's streams send together:
+    /// each stream's interval is its share (16 ms each for 16 streams at
+    /// 1,000), at most `stream_interval_ms`. A lone stream's text flows;
+    /// many streams coalesce. 0: every stream waits `stream_interval_ms`.
+    pub stream_chunks_per_sec: u32,
     /// How often a generation writes its tokens so far to KV
     /// `fleet_checkpoints`, in ms (0 = never): when its worker dies, the
     /// next attempt goes on from the last checkpoint instead of starting
@@ -110,6 +115,7 @@ impl Default for WorkerConfig {
             heartbeat_ms: 2_000,
             threads: 1,
             stream_interval_ms: 20,
+            stream_chunks_per_sec: 1_000,
             checkpoint_interval_ms: 1_000,
         }
     }
@@ -164,7 +170,8 @@ pub enum ModelConfig {
         #[serde(default)]
         admission: Admission,
         /// With `cohort`: how long a request that finds the engine idle waits
-        /// for companions, in milliseconds (at most 10,000).
+        /// for companions, in milliseconds (at most 10,000). Only when the
+        /// last cohort had some: a lone caller never waits.
         #[serde(default = "default_gather_ms")]
         gather_ms: u64,
         /// `max_tokens` of requests that set none.

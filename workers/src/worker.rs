@@ -164,7 +164,12 @@ impl Worker {
             sources[priority.index()].push(Source { priority, model, consumer });
         }
         let js = async_nats::jetstream::new(client.clone());
+        let pace = crate::process::chunks::Pace::new(
+            Duration::from_millis(cfg.stream_interval_ms.min(crate::config::MAX_INTERVAL_MS)),
+            cfg.stream_chunks_per_sec,
+        );
         let shared = Shared {
+            pace,
             client,
             js,
             backends,

@@ -18,6 +18,13 @@
 //! within microseconds); requests that arrive while a cohort runs queue
 //! here, first in first out, and the next cohort is the first `max` of them.
 //!
+//! Gathering is adaptive: a request waits for companions only when the last
+//! cohort had some. A lone caller's cohorts have one member, so it starts
+//! at once and pays nothing for the gate; under load the last cohort was
+//! full and the next one gathers as before. The first cohort of a burst
+//! after a quiet spell starts with its first request alone (the rest start
+//! together when it ends); a gate that has seen no cohort yet gathers.
+//!
 //! The price: a cohort lasts as long as its longest member, so a request
 //! arriving during a long generation waits for it. `continuous` admission
 //! (no gate) is the engine's own behaviour, for workloads where that costs
@@ -49,6 +56,11 @@ struct State {
     /// While gathering, the time the current cohort starts: newcomers
     /// before it join.
     gather_until: Option<Instant>,
+    /// Requests admitted into the current cohort so far.
+    members: usize,
+    /// Members of the last cohort that ended (`None` before the first):
+    /// gathering is worth it only when it had companions.
+    last_members: Option<usize>,
     /// Requests waiting for the next cohort, oldest first; each is sent its
     /// place and the time to start.
     queue: VecDeque<oneshot::Sender<(Permit, Instant)>>,
@@ -68,6 +80,18 @@ impl State {
     fn gathering(&self, now: Instant) -> bool {
         self.gather_until.is_some_and(|until| now < until)
     }
+
+    /// Whether a request finding the engine idle should wait for companions.
+    fn companions_expected(&self) -> bool {
+        self.last_members.is_none_or(|n| n > 1)
+    }
+
+    /// The current cohort ended.
+    fn ended(&mut self) {
+        self.gather_until = None;
+        self.last_members = Some(self.members);
+        self.members = 0;
+    }
 }
 
 /// A place in the current cohort; dropping it leaves the cohort.
@@ -80,7 +104,8 @@ const MAX_GATHER: Duration = Duration::from_millis(crate::config::MAX_INTERVAL_M
 
 impl Gate {
     /// A gate for an engine that batches `max` sequences, waiting `gather`
-    /// (at most 10 s) for companions when a request finds the engine idle;
+    /// (at most 10 s) for companions when a request finds the engine idle
+    /// and the last cohort had companions;
     /// `waiting` counts the requests queued at it.
     pub fn new(max: usize, gather: Duration, waiting: Option<prometheus::IntGauge>) -> Arc<Gate> {
         let gather = gather.min(MAX_GATHER);
@@ -116,9 +141,11 @@ impl Gate {
         s.queue.retain(|tx| !tx.is_closed());
         if s.running == 0 && s.queue.is_empty() {
             s.running = 1;
-            s.gather_until = Some(now + self.gather);
+            s.members = 1;
+            s.gather_until = s.companions_expected().then_some(now + self.gather);
         } else if s.gathering(now) && s.running < self.max && s.queue.is_empty() {
             s.running += 1;
+            s.members += 1;
         } else {
             let (tx, rx) = oneshot::channel();
             s.queue.push_back(tx);
@@ -144,7 +171,7 @@ impl Gate {
                 let now = Instant::now();
                 s.running -= k;
                 let (free, start) = if s.running == 0 {
-                    s.gather_until = None;
+                    s.ended();
                     (self.max, now)
                 } else if s.gathering(now) {
                     (self.max - s.running, s.gather_until.unwrap_or(now))
@@ -159,6 +186,7 @@ impl Gate {
                     }
                 }
                 s.running += next.len();
+                s.members += next.len();
                 (next, start)
             };
             // outside the lock; a waiter gone since is handed no place
@@ -315,6 +343,45 @@ mod tests {
         assert_eq!((gate.load(), waiting.get()), ((2, 0), 0), "both live waiters form the next cohort");
         drop((a, b));
         assert_eq!(gate.load(), (0, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lone_caller_waits_for_companions_only_after_a_cohort_that_had_some() {
+        let gather = Duration::from_millis(10);
+        let gate = Gate::new(4, gather, None);
+        let entered_after = |gate: &Arc<Gate>| {
+            let g = gate.clone();
+            async move {
+                let t = Instant::now();
+                let p = g.enter().await;
+                (p, t.elapsed())
+            }
+        };
+        // no cohort seen yet: gathers
+        let (p, waited) = entered_after(&gate).await;
+        assert_eq!(waited, gather);
+        drop(p);
+        // the last cohort was alone: no wait, again and again
+        for _ in 0..3 {
+            let (p, waited) = entered_after(&gate).await;
+            assert_eq!(waited, Duration::ZERO);
+            drop(p);
+        }
+        // two arrive together: the first starts alone, the second queues and
+        // forms the next cohort with the one behind it
+        let (first, _) = entered_after(&gate).await;
+        let (second, third) = (spawn_enter(&gate), spawn_enter(&gate));
+        tokio::task::yield_now().await;
+        assert_eq!(gate.load(), (1, 2));
+        drop(first);
+        drop((second.await.unwrap(), third.await.unwrap()));
+        // that cohort had companions: the next lone request gathers
+        let (p, waited) = entered_after(&gate).await;
+        assert_eq!(waited, gather);
+        drop(p);
+        let (p, waited) = entered_after(&gate).await;
+        assert_eq!(waited, Duration::ZERO);
+        drop(p);
     }
 
     #[tokio::test(start_paused = true)]

@@ -6,9 +6,11 @@
 //! # Layout
 //! - [`decide`]: a delivered message → a job or a rejection; a job → run, re-send, expire or give up.
 //! - [`run`]: the cache session, the backend, chunks, in-progress acks, cancellation.
+//! - [`chunks`]: streamed text to the reply subject, paced by the worker's load.
 //! - [`settle`]: the settlement table and the NATS writes: results, replies, dead letters, acks.
 //! - `shared`: [`Shared`], what every message's task needs.
 
+pub mod chunks;
 pub mod decide;
 pub mod run;
 pub mod settle;

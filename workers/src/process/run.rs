@@ -8,11 +8,10 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind};
-use async_nats::HeaderMap;
-use bytes::Bytes;
-use retro_fleet_schemas::{codec, headers, CacheTier, ErrorBody, ErrorCode, InferResult, Output, Status, StreamChunk};
+use retro_fleet_schemas::{CacheTier, ErrorBody, ErrorCode, InferResult, Output, Status};
 use tokio_util::sync::CancellationToken;
 
+use super::chunks;
 use super::decide::{Job, Rejection};
 use super::settle::{Settlement, Settling};
 use super::shared::Shared;
@@ -141,8 +140,13 @@ async fn generate(
     let (deltas, forwarder) = match (job.req.stream, &job.reply) {
         (true, Some(reply)) => {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            let every = Duration::from_millis(sh.cfg.stream_interval_ms.min(crate::config::MAX_INTERVAL_MS));
-            let task = tokio::spawn(forward_chunks(sh.client.clone(), reply.clone(), job.req.id.clone(), every, rx));
+            let task = tokio::spawn(chunks::forward(
+                sh.client.clone(),
+                reply.clone(),
+                job.req.id.clone(),
+                sh.pace.clone(),
+                rx,
+            ));
             (Some(tx), Some(task))
         }
         _ => (None, None),
@@ -223,8 +227,7 @@ async fn answer_found(
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let _ = tx.send(found.answer.output.text.clone());
         drop(tx);
-        // one piece: sent at once whatever the interval
-        forward_chunks(sh.client.clone(), reply.clone(), job.req.id.clone(), Duration::ZERO, rx).await;
+        chunks::forward(sh.client.clone(), reply.clone(), job.req.id.clone(), chunks::Pace::at_once(), rx).await;
     }
     let cached = s.recorded(&found);
     let mut result = blank(sh, job, Status::Ok, queued_ms);
@@ -234,47 +237,6 @@ async fn answer_found(
     result.usage = Some(found.answer.usage);
     result.timings.total_ms = queued_ms + picked.elapsed().as_secs_f64() * 1e3;
     Settlement::Answer { result: Box::new(result), to: job.ids(), cached }
-}
-
-/// Publishes streamed text to `reply` as chunks: the first piece at once,
-/// then at most one chunk per `every` holding what was generated meanwhile
-/// (a message per token would cost about as much CPU as a small model's
-/// token), then the `done` chunk.
-async fn forward_chunks(
-    client: async_nats::Client,
-    reply: String,
-    id: String,
-    every: Duration,
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<String>,
-) {
-    let (mut seq, mut offset) = (0, 0);
-    let mut h = HeaderMap::new();
-    h.insert(headers::CONTENT_TYPE, codec::ContentType::MSGPACK_MIME);
-    h.insert(headers::KIND, headers::KIND_CHUNK);
-    let mut send = |delta: String, done: bool| {
-        let at = offset;
-        offset += delta.len() as u64;
-        let chunk =
-            StreamChunk { v: retro_fleet_schemas::SCHEMA_VERSION, id: id.clone(), seq, offset: at, delta, done };
-        seq += 1;
-        let client = client.clone();
-        let (reply, h) = (reply.clone(), h.clone());
-        async move { client.publish_with_headers(reply, h, Bytes::from(codec::encode(&chunk))).await }
-    };
-    let mut last: Option<tokio::time::Instant> = None;
-    while let Some(mut delta) = rx.recv().await {
-        if let Some(at) = last.filter(|_| !every.is_zero()) {
-            tokio::time::sleep_until(at + every).await;
-            while let Ok(more) = rx.try_recv() {
-                delta.push_str(&more);
-            }
-        }
-        if send(delta, false).await.is_err() {
-            return;
-        }
-        last = Some(tokio::time::Instant::now());
-    }
-    let _ = send(String::new(), true).await;
 }
 
 /// Runs `fut`, re-arming the message's ack timer every `every` while it runs,
@@ -291,34 +253,5 @@ async fn with_progress<F: Future>(msg: &jetstream::Message, every: Duration, id:
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use futures::StreamExt;
-
-    #[tokio::test]
-    async fn pieces_generated_within_the_interval_travel_in_one_chunk() {
-        let nats = retro_fleet_testkit::NatsServer::start();
-        let client = async_nats::connect(nats.url()).await.unwrap();
-        let mut sub = client.subscribe("reply.chunks").await.unwrap();
-        client.flush().await.unwrap();
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        for piece in ["a", "b", "c"] {
-            tx.send(piece.to_string()).unwrap();
-        }
-        drop(tx);
-        forward_chunks(client.clone(), "reply.chunks".into(), "r1".into(), Duration::from_millis(50), rx).await;
-        client.flush().await.unwrap();
-        let mut chunks = Vec::new();
-        while chunks.last().is_none_or(|c: &StreamChunk| !c.done) {
-            let m = tokio::time::timeout(Duration::from_secs(5), sub.next()).await.unwrap().unwrap();
-            chunks.push(codec::decode(Some(codec::ContentType::MSGPACK_MIME), &m.payload).unwrap());
-        }
-        let got: Vec<_> = chunks.iter().map(|c| (c.seq, c.offset, c.delta.as_str(), c.done)).collect();
-        // the first piece at once, the rest together, then `done`
-        assert_eq!(got, vec![(0, 0, "a", false), (1, 1, "bc", false), (2, 3, "", true)]);
     }
 }

@@ -40,6 +40,8 @@ pub struct Shared {
     pub cancels: Arc<crate::cancel::Cancels>,
     /// Drained by an operator: take no new requests (see [`crate::control`]).
     pub quiet: tokio::sync::watch::Sender<bool>,
+    /// How often streams send chunks (shared: it counts the running streams).
+    pub pace: super::chunks::Pace,
     /// How long each model took to load here, in ms (reported in heartbeats).
     pub load_ms: std::collections::BTreeMap<String, u64>,
 }
