@@ -4,16 +4,21 @@
 #           work-queue stream, waits for the publish ack and for the reply
 #           on one muxed inbox; a bare puller replies and acks. No
 #           retro-fleet code.
+#   floor-store  the same floor whose puller also stores each reply in a
+#           results stream before acking (the fleet's contract stores every
+#           result), on a nats-server of its own.
 #   fleet   `retro-fleet ingress` (auth and limits off, as a local `up`) in
 #           front of `retro-fleet worker` (echo model).
-# Both against one nats-server. `loadtest --http` alternates rounds between
+# The floor and the fleet share one nats-server. `loadtest --http` alternates rounds between
 # them (floor first: the reference). Then each is loaded alone for REQUESTS
 # (default 30,000) at window 64 while each process's user+system time is
 # read from /proc: CPU per request by process says where the difference goes.
 #
 # Usage: scripts/bench-http.sh [WINDOW...]   (default: 64 16 1)
 #   PROFILE=debug uses a dev build (dependencies optimised, this project's
-#   code not).
+#   code not). BEFORE=/path/to/older/retro-fleet adds `before`: an ingress
+#   served by that binary in front of the same worker, to measure a change
+#   in the same run. INGRESS_THREADS=N sets the ingress's `ingress.threads`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/bench-lib.sh
@@ -31,11 +36,27 @@ sleep 0.5
 "$BIN/retro-fleet" --config "$WORKDIR/bench.toml" topology apply >/dev/null
 "$BIN/retro-fleet" --config "$WORKDIR/bench.toml" worker >"$WORKDIR/worker.log" 2>&1 &
 WORKER_PID=$!
-"$BIN/retro-fleet" --config "$WORKDIR/bench.toml" ingress --listen 127.0.0.1:18081 >"$WORKDIR/ingress.log" 2>&1 &
+cp "$WORKDIR/bench.toml" "$WORKDIR/ingress.toml"
+[ -z "${INGRESS_THREADS:-}" ] || printf '[ingress]\nthreads = %s\n' "$INGRESS_THREADS" >>"$WORKDIR/ingress.toml"
+"$BIN/retro-fleet" --config "$WORKDIR/ingress.toml" ingress --listen 127.0.0.1:18081 >"$WORKDIR/ingress.log" 2>&1 &
 INGRESS_PID=$!
 "$BIN/loadtest" --serve-http-floor 127.0.0.1:18090 >"$WORKDIR/floor.log" 2>&1 &
 FLOOR_PID=$!
-for port in 18081 18090; do
+STORE_PORT=$((PORT + 1))
+nats-server -js -a 127.0.0.1 -p "$STORE_PORT" -sd "$WORKDIR/store2" >/dev/null 2>&1 &
+STORE_NATS_PID=$!
+sleep 0.5
+"$BIN/loadtest" --nats "nats://127.0.0.1:$STORE_PORT" --serve-http-floor 127.0.0.1:18091 --floor-store >"$WORKDIR/floor-store.log" 2>&1 &
+STORE_FLOOR_PID=$!
+targets=(--http floor=http://127.0.0.1:18090 --http floor-store=http://127.0.0.1:18091 --http fleet=http://127.0.0.1:18081)
+ports=(18081 18090 18091)
+if [ -n "${BEFORE:-}" ]; then
+    "$BEFORE" --config "$WORKDIR/bench.toml" ingress --listen 127.0.0.1:18082 >"$WORKDIR/before.log" 2>&1 &
+    BEFORE_PID=$!
+    targets+=(--http before=http://127.0.0.1:18082)
+    ports+=(18082)
+fi
+for port in "${ports[@]}"; do
     for _ in $(seq 100); do
         curl -fs -o /dev/null -X POST "http://127.0.0.1:$port/v1/infer" -d '{"model":"echo","prompt":"up?"}' && break
         sleep 0.1
@@ -44,8 +65,7 @@ done
 for w in "${WINDOWS[@]}"; do
     n=$(( w > 1 ? 20000 : 3000 ))
     echo "## HTTP window $w, $n requests x 3 rounds, 256-byte prompts"
-    "$BIN/loadtest" --http floor=http://127.0.0.1:18090 --http fleet=http://127.0.0.1:18081 \
-        --window "$w" --requests "$n" --rounds 3 || echo "(some requests failed: see above)"
+    "$BIN/loadtest" "${targets[@]}" --window "$w" --requests "$n" --rounds 3 || echo "(some requests failed: see above)"
 done
 
 TICK_US=$((1000000 / $(getconf CLK_TCK)))
@@ -76,5 +96,7 @@ echo "| path | req/s | nats-server µs | ingress or floor µs | worker µs | cli
 echo "|---|---|---|---|---|---|---|"
 for _ in 1 2; do
     cpu floor http://127.0.0.1:18090 "$NATS_PID" "$FLOOR_PID"
+    cpu floor-store http://127.0.0.1:18091 "$STORE_NATS_PID" "$STORE_FLOOR_PID"
     cpu fleet http://127.0.0.1:18081 "$NATS_PID" "$INGRESS_PID" "$WORKER_PID"
+    [ -z "${BEFORE:-}" ] || cpu before http://127.0.0.1:18082 "$NATS_PID" "$BEFORE_PID" "$WORKER_PID"
 done

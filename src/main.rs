@@ -39,7 +39,7 @@ fn main() -> std::process::ExitCode {
         }
     }
     telemetry::init_logs(&log);
-    let runtime = runtime_for(&cli.command, config.worker.threads);
+    let runtime = runtime_for(&cli.command, config.worker.threads, config.ingress.threads);
     let serving = runtime.block_on(async move {
         let shutdown = CancellationToken::new();
         let role = match cli.command {
@@ -96,14 +96,18 @@ fn model_tool(action: &ModelAction) -> anyhow::Result<()> {
 }
 
 /// A worker's messaging batches its socket writes on one thread (unless
-/// `worker.threads` asks for more); everything else runs multi-threaded.
-fn runtime_for(command: &Command, worker_threads: usize) -> tokio::runtime::Runtime {
-    match (command, worker_threads) {
-        (Command::Worker { .. }, 0 | 1) => tokio::runtime::Builder::new_current_thread().enable_all().build(),
-        (Command::Worker { .. }, n) => {
-            tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build()
-        }
-        _ => tokio::runtime::Runtime::new(),
+/// `worker.threads` asks for more); an ingress runs `ingress.threads`
+/// (default one per core); everything else one thread per core.
+fn runtime_for(command: &Command, worker_threads: usize, ingress_threads: usize) -> tokio::runtime::Runtime {
+    let threads = match command {
+        Command::Worker { .. } => worker_threads.max(1),
+        Command::Ingress { .. } => ingress_threads,
+        _ => 0,
+    };
+    match threads {
+        0 => tokio::runtime::Runtime::new(),
+        1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        n => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build(),
     }
     .expect("tokio runtime")
 }

@@ -58,6 +58,8 @@ pub struct IngressConfig {
     /// as asynchronous results (`topology.results_max_age_secs`). A caller
     /// may ask for longer with `X-Result-Ttl`.
     pub sync_result_ttl_secs: u64,
+    /// Threads of `retro-fleet ingress`'s async runtime (0: one per core).
+    pub threads: usize,
 }
 
 impl Default for IngressConfig {
@@ -77,6 +79,7 @@ impl Default for IngressConfig {
             cache: Default::default(),
             drain_timeout_ms: 30_000,
             sync_result_ttl_secs: 120,
+            threads: 0,
         }
     }
 }

@@ -196,9 +196,9 @@ async fn count_requests(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
-    let route = matched.map(|m| m.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
     let resp = next.run(req).await;
-    state.metrics.http.with_label_values(&[&route, resp.status().as_str()]).inc();
+    let route = matched.as_ref().map_or("unmatched", |m| m.as_str());
+    state.metrics.http.with_label_values(&[route, resp.status().as_str()]).inc();
     resp
 }
 

@@ -94,7 +94,8 @@ impl Cacheable {
     }
 }
 
-type Table = Arc<Mutex<HashMap<String, Vec<(u64, mpsc::UnboundedSender<Reply>)>>>>;
+type Sender = mpsc::UnboundedSender<Reply>;
+type Table = Arc<Mutex<HashMap<String, Vec<(u64, Sender)>>>>;
 
 /// The inbox of this ingress process.
 #[derive(Clone)]
@@ -127,11 +128,11 @@ impl Replies {
             keep_requests: Default::default(),
         };
         tokio::spawn(recover_lost_replies(client.clone(), js.clone(), Arc::downgrade(&table)));
+        // the table key `<tenant>.<id>` is the subject's tail
+        let tail_at = replies.prefix.len() + 1;
         tokio::spawn(async move {
             while let Some(msg) = sub.next().await {
-                let mut tail = msg.subject.rsplitn(3, '.');
-                let (Some(id), Some(tenant)) = (tail.next(), tail.next()) else { continue };
-                let key = format!("{tenant}.{id}");
+                let Some(key) = msg.subject.get(tail_at..) else { continue };
                 let hdrs = msg.headers.as_ref();
                 let ct = hdrs.and_then(|h| h.get(headers::CONTENT_TYPE)).map(|v| v.as_str());
                 let is_chunk =
@@ -149,13 +150,20 @@ impl Replies {
                         continue;
                     }
                 };
-                let txs: Vec<_> = match table.lock().expect("reply table lock").get(&key) {
-                    Some(v) => v.iter().map(|(_, tx)| tx.clone()).collect(),
-                    None => Vec::new(),
-                };
+                // most replies have one waiter: it gets the reply itself
+                let (first, more): (Option<Sender>, Vec<Sender>) =
+                    match table.lock().expect("reply table lock").get(key) {
+                        Some(v) => {
+                            (v.first().map(|(_, tx)| tx.clone()), v.iter().skip(1).map(|(_, tx)| tx.clone()).collect())
+                        }
+                        None => (None, Vec::new()),
+                    };
                 let mut delivered = false;
-                for tx in txs {
+                for tx in more {
                     delivered |= tx.send(reply.clone()).is_ok();
+                }
+                if let Some(tx) = first {
+                    delivered |= tx.send(reply).is_ok();
                 }
                 if !delivered {
                     unclaimed.inc();
@@ -177,9 +185,10 @@ impl Replies {
         let (tx, rx) = mpsc::unbounded_channel();
         let slot = self.next_key.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.table.lock().expect("reply table lock").entry(key.clone()).or_default().push((slot, tx.clone()));
+        let reply = format!("{}.{key}", self.prefix);
         let waiter = Waiter {
-            id: key.clone(),
-            cancel: subjects::cancel(tenant, id),
+            id: key,
+            id_at: tenant.len() + 1,
             key: slot,
             tx,
             rx,
@@ -188,7 +197,7 @@ impl Replies {
             armed: true,
             keep_requests: self.keep_requests.clone(),
         };
-        (format!("{}.{key}", self.prefix), waiter)
+        (reply, waiter)
     }
 }
 
@@ -201,7 +210,7 @@ impl Replies {
 async fn recover_lost_replies(
     client: async_nats::Client,
     js: async_nats::jetstream::Context,
-    table: std::sync::Weak<Mutex<HashMap<String, Vec<(u64, mpsc::UnboundedSender<Reply>)>>>>,
+    table: std::sync::Weak<Mutex<HashMap<String, Vec<(u64, Sender)>>>>,
 ) {
     use std::sync::atomic::Ordering::Relaxed;
     let stats = client.statistics();
@@ -239,8 +248,8 @@ async fn recover_lost_replies(
 pub struct Waiter {
     /// `<tenant>.<id>`: the table key.
     id: String,
-    /// The request's cancel subject.
-    cancel: String,
+    /// Where `<id>` starts in `id`.
+    id_at: usize,
     key: u64,
     tx: mpsc::UnboundedSender<Reply>,
     rx: mpsc::UnboundedReceiver<Reply>,
@@ -308,7 +317,8 @@ impl Drop for Waiter {
         }
         if self.armed && !self.keep_requests.load(std::sync::atomic::Ordering::Relaxed) {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                let (client, subject) = (self.client.clone(), self.cancel.clone());
+                let (tenant, id) = (&self.id[..self.id_at - 1], &self.id[self.id_at..]);
+                let (client, subject) = (self.client.clone(), subjects::cancel(tenant, id));
                 tracing::debug!(id = %self.id, "caller gone before its result; cancelling");
                 rt.spawn(async move {
                     if let Err(e) = client.publish(subject, bytes::Bytes::new()).await {

@@ -23,7 +23,7 @@ pub async fn middleware(mut req: Request, next: Next) -> Response {
     req.headers_mut().remove(ID_MADE_HERE);
     let id = match req.headers().get(REQUEST_ID) {
         Some(v) => match v.to_str().ok().filter(|s| s.len() <= MAX_ID_LEN && subjects::is_token(s)) {
-            Some(s) => s.to_string(),
+            Some(_) => v.clone(),
             None => {
                 return ApiError::new(
                     ErrorCode::InvalidRequest,
@@ -34,15 +34,15 @@ pub async fn middleware(mut req: Request, next: Next) -> Response {
             }
         },
         None => {
-            let id = ulid::Ulid::new().to_string();
-            req.headers_mut().insert(REQUEST_ID, HeaderValue::from_str(&id).expect("a ULID is a header value"));
+            let id = HeaderValue::from_str(&ulid::Ulid::new().to_string()).expect("a ULID is a header value");
+            req.headers_mut().insert(REQUEST_ID, id.clone());
             req.headers_mut().insert(ID_MADE_HERE, HeaderValue::from_static("1"));
             id
         }
     };
     let mut resp = next.run(req).await;
     if !resp.headers().contains_key(REQUEST_ID) {
-        resp.headers_mut().insert(REQUEST_ID, HeaderValue::from_str(&id).expect("checked above"));
+        resp.headers_mut().insert(REQUEST_ID, id);
     }
     resp
 }

@@ -66,7 +66,8 @@ impl Drain {
 
 /// Middleware: runs the call, or answers 503 when the drain ends first.
 pub async fn bound(State(drain): State<Drain>, req: Request, next: Next) -> Response {
-    let id = req.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()).map(str::to_string);
+    // a header value is shared, not copied
+    let id = req.headers().get(REQUEST_ID).cloned();
     tokio::select! {
         biased;
         resp = next.run(req) => resp,
@@ -78,7 +79,7 @@ pub async fn bound(State(drain): State<Drain>, req: Request, next: Next) -> Resp
                  retry (another ingress answers; with the same X-Request-Id the request is not run twice)",
             )
             .retry_after(1);
-            if let Some(id) = id {
+            if let Some(id) = id.as_ref().and_then(|v| v.to_str().ok()) {
                 e = e.with_id(id);
             }
             e.into_response()
