@@ -16,6 +16,8 @@
 #   BEFORE=/path/to/older/retro-fleet adds `before`: the same fleet served
 #   by that binary on a nats-server of its own, to measure a change in the
 #   same run.
+#   NO_PEER=1 leaves mistralrs out (with BEFORE: a change alone, before
+#   and after). ROUNDS=N rounds per target (3).
 #   REQUESTS=N per round at 16 and 64 connections (default 640; a quarter
 #   of it at 1 connection); PEER_ROOT (default ~/.cache/retro-fleet/peer).
 set -euo pipefail
@@ -58,12 +60,13 @@ TOML
 }
 unset NATS_URL
 fleet fleet "$BIN/retro-fleet" "$PORT" 18084
-targets=(--http mistralrs@default=http://127.0.0.1:18094 --http fleet=http://127.0.0.1:18084)
+targets=(--http fleet=http://127.0.0.1:18084)
+[ -n "${NO_PEER:-}" ] || targets=(--http mistralrs@default=http://127.0.0.1:18094 "${targets[@]}")
 if [ -n "${BEFORE:-}" ]; then
     fleet before "$BEFORE" $((PORT + 1)) 18085
     targets+=(--http before=http://127.0.0.1:18085)
 fi
-"$MISTRALRS" serve -p 18094 --host 127.0.0.1 -m "$WORKDIR/tiny" >"$WORKDIR/mistralrs.log" 2>&1 &
+[ -n "${NO_PEER:-}" ] || "$MISTRALRS" serve -p 18094 --host 127.0.0.1 -m "$WORKDIR/tiny" >"$WORKDIR/mistralrs.log" 2>&1 &
 # up PORT MODEL: waits until a chat completion is answered
 up() {
     for _ in $(seq 300); do
@@ -75,7 +78,7 @@ up() {
     tail -n 20 "$WORKDIR"/*.log >&2
     exit 1
 }
-up 18094 default
+[ -n "${NO_PEER:-}" ] || up 18094 default
 up 18084 tiny
 [ -z "${BEFORE:-}" ] || up 18085 tiny
 echo "# $(date -u +%F) $(nproc) cores, $(nats-server --version), $("$MISTRALRS" --version), $PROFILE build"

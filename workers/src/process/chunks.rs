@@ -7,8 +7,7 @@
 //! share of that, at most `stream_interval_ms`. A lone stream thus sends
 //! text as it comes (a chat UI sees it flow), while 64 streams send one
 //! chunk each per 20 ms, as before. Text goes out at once until visible
-//! text has (whitespace is not text to a reader), and the last piece goes
-//! out when the generation ends, not an interval later.
+//! text has (whitespace is not text to a reader).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -17,6 +16,7 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use retro_fleet_schemas::{codec, headers, StreamChunk};
+use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::time::Instant;
 
@@ -70,13 +70,6 @@ impl Drop for Running<'_> {
     }
 }
 
-/// What woke the forwarder.
-enum Step {
-    Piece(String),
-    Due,
-    Ended,
-}
-
 /// Publishes the pieces of text from `rx` to `reply` as chunks of request
 /// `id`, paced by `pace`, then the `done` chunk once `rx` ends.
 pub async fn forward(
@@ -105,18 +98,25 @@ pub async fn forward(
     // the earliest time the next chunk may go: none until visible text went out
     let mut due: Option<Instant> = None;
     loop {
-        let step = match due.filter(|_| !pending.is_empty()) {
-            Some(at) => tokio::select! {
-                biased;
-                piece = rx.recv() => piece.map_or(Step::Ended, Step::Piece),
-                _ = tokio::time::sleep_until(at) => Step::Due,
+        // While a chunk waits for its time, the forwarder sleeps: pieces
+        // queue without waking it (a wake-up per token costs more than
+        // the chunks save).
+        match due.filter(|_| !pending.is_empty()) {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => match rx.recv().await {
+                Some(piece) => pending.push_str(&piece),
+                None => break,
             },
-            None => rx.recv().await.map_or(Step::Ended, Step::Piece),
+        }
+        let ended = loop {
+            match rx.try_recv() {
+                Ok(piece) => pending.push_str(&piece),
+                Err(TryRecvError::Empty) => break false,
+                Err(TryRecvError::Disconnected) => break true,
+            }
         };
-        match step {
-            Step::Piece(piece) => pending.push_str(&piece),
-            Step::Due => {}
-            Step::Ended => break,
+        if ended {
+            break;
         }
         let now = Instant::now();
         if pending.is_empty() || due.is_some_and(|at| now < at) {
@@ -141,18 +141,18 @@ mod tests {
     use super::*;
     use futures::StreamExt;
 
-    /// Forwards `pieces` (sent `gap` apart) with `pace` and returns the
-    /// chunks published, as (seq, offset, delta, done).
-    async fn chunks_of(pieces: &[&str], gap: Duration, pace: Pace) -> Vec<(u64, u64, String, bool)> {
+    /// Forwards `pieces` (each followed by its pause) with `pace` and
+    /// returns the chunks published, as (seq, offset, delta, done).
+    async fn chunks_of(pieces: &[(&str, u64)], pace: Pace) -> Vec<(u64, u64, String, bool)> {
         let nats = retro_fleet_testkit::NatsServer::start();
         let client = async_nats::connect(nats.url()).await.unwrap();
         let mut sub = client.subscribe("reply.chunks").await.unwrap();
         client.flush().await.unwrap();
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let fwd = tokio::spawn(forward(client.clone(), "reply.chunks".into(), "r1".into(), pace, rx));
-        for piece in pieces {
+        for (piece, pause_ms) in pieces {
             tx.send(piece.to_string()).unwrap();
-            tokio::time::sleep(gap).await;
+            tokio::time::sleep(Duration::from_millis(*pause_ms)).await;
         }
         drop(tx);
         fwd.await.unwrap();
@@ -173,16 +173,14 @@ mod tests {
     #[tokio::test]
     async fn pieces_generated_within_the_interval_travel_in_one_chunk() {
         // one stream, a budget that gives it the whole 200 ms
-        let got = chunks_of(&["a", "b", "c"], Duration::ZERO, Pace::new(Duration::from_millis(200), 1)).await;
-        // the first piece at once, the rest together as soon as the
-        // generation ends, then `done`
+        let got = chunks_of(&[("a", 20), ("b", 0), ("c", 0)], Pace::new(Duration::from_millis(200), 1)).await;
+        // the first piece at once, the rest together, then `done`
         assert_eq!(got, owned(vec![(0, 0, "a", false), (1, 1, "bc", false), (2, 3, "", true)]));
     }
 
     #[tokio::test]
     async fn whitespace_goes_at_once_and_does_not_start_the_interval() {
-        let got =
-            chunks_of(&[" ", "\n", "a", "b"], Duration::from_millis(5), Pace::new(Duration::from_millis(200), 1)).await;
+        let got = chunks_of(&[(" ", 5), ("\n", 5), ("a", 5), ("b", 5)], Pace::new(Duration::from_millis(200), 1)).await;
         assert_eq!(
             got,
             owned(vec![
@@ -198,8 +196,8 @@ mod tests {
     #[tokio::test]
     async fn a_lone_stream_sends_pieces_as_they_come() {
         // a budget of 1,000 chunks a second leaves one stream 1 ms
-        let pieces = ["a", "b", "c", "d"];
-        let got = chunks_of(&pieces, Duration::from_millis(10), Pace::new(Duration::from_millis(200), 1_000)).await;
+        let pieces = [("a", 10), ("b", 10), ("c", 10), ("d", 10)];
+        let got = chunks_of(&pieces, Pace::new(Duration::from_millis(200), 1_000)).await;
         let deltas: Vec<&str> = got.iter().map(|c| c.2.as_str()).collect();
         assert_eq!(deltas, ["a", "b", "c", "d", ""]);
     }
