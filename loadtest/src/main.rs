@@ -236,7 +236,8 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// HTTP mode: alternating rounds over the `--http` targets.
+/// HTTP mode: alternating rounds over the `--http` targets, each round
+/// starting with the next one.
 async fn http_main(args: &Args, workload: &workload::Workload) -> anyhow::Result<()> {
     // open loop: keep enough connections for the bursts of a 1 ms timer
     // (new connections under load fail and skew the tail)
@@ -254,7 +255,11 @@ async fn http_main(args: &Args, workload: &workload::Workload) -> anyhow::Result
     }
     let mut reports: Vec<Vec<Report>> = vec![Vec::new(); args.http.len()];
     for round in 0..args.rounds.max(1) {
-        for (i, t) in args.http.iter().enumerate() {
+        // each round starts with the next target, so none always follows
+        // the same one (a server may still be busy when its round ends)
+        let n = args.http.len();
+        for i in (0..n).map(|k| (k + round) % n) {
+            let t = &args.http[i];
             let r = http::run(&client, t, args.api, args.requests, mode, workload, model, bearer).await?;
             eprintln!("round {}: {}", round + 1, r.line());
             reports[i].push(r);
