@@ -25,7 +25,7 @@ cd "$(dirname "$0")/.."
 . scripts/bench-lib.sh
 PEER_ROOT="${PEER_ROOT:-$HOME/.cache/retro-fleet/peer}"
 MISTRALRS="$PEER_ROOT/bin/mistralrs"
-if [ ! -x "$MISTRALRS" ]; then
+if [ -z "${NO_PEER:-}" ] && [ ! -x "$MISTRALRS" ]; then
     echo "installing mistralrs-cli 0.8.1 into $PEER_ROOT (once; about 25 minutes on 2 cores)" >&2
     CARGO_TARGET_DIR="$PEER_ROOT/target" cargo install mistralrs-cli --version 0.8.1 --locked --root "$PEER_ROOT" >&2
 fi
@@ -81,11 +81,12 @@ up() {
 [ -n "${NO_PEER:-}" ] || up 18094 default
 up 18084 tiny
 [ -z "${BEFORE:-}" ] || up 18085 tiny
-echo "# $(date -u +%F) $(nproc) cores, $(nats-server --version), $("$MISTRALRS" --version), $PROFILE build"
+PEER_VERSION="$([ -n "${NO_PEER:-}" ] || "$MISTRALRS" --version)"
+echo "# $(date -u +%F) $(nproc) cores, $(nats-server --version), ${PEER_VERSION:-no peer}, $PROFILE build"
 for stream in "" --stream; do
     for c in "${CONNS[@]}"; do
         n=$(( c > 1 ? N : N / 4 ))
-        echo "## ${stream:+streamed, }$c connections, $n requests x 3 rounds: 32 tokens, greedy, 64-byte prompts"
+        echo "## ${stream:+streamed, }$c connections, $n requests x ${ROUNDS:-3} rounds: 32 tokens, greedy, 64-byte prompts"
         "$BIN/loadtest" "${targets[@]}" --api openai --model tiny $stream --greedy --max-tokens 32 \
             --prompt-bytes 64 --window "$c" --requests "$n" --rounds "${ROUNDS:-3}" || echo "(some requests failed: see above)"
     done

@@ -165,13 +165,24 @@ impl Gate {
     /// the free places. Loops rather than recursing when a waiter turns out
     /// to be gone after all.
     fn release(self: &Arc<Gate>, mut k: usize) {
+        // the first pass: members left; later ones: waiters handed a place
+        // were gone, and were never members
+        let mut left = true;
         while k > 0 {
             let (next, start) = {
                 let mut s = self.state.lock().unwrap();
                 let now = Instant::now();
                 s.running -= k;
+                if !left {
+                    s.members -= k;
+                }
                 let (free, start) = if s.running == 0 {
-                    s.ended();
+                    if left {
+                        s.ended();
+                    } else {
+                        // the cohort that ended is recorded already
+                        s.gather_until = None;
+                    }
                     (self.max, now)
                 } else if s.gathering(now) {
                     (self.max - s.running, s.gather_until.unwrap_or(now))
@@ -190,7 +201,7 @@ impl Gate {
                 (next, start)
             };
             // outside the lock; a waiter gone since is handed no place
-            k = 0;
+            (k, left) = (0, false);
             for tx in next {
                 if let Err((mut unused, _)) = tx.send((self.permit(), start)) {
                     unused.gate = None;
