@@ -302,10 +302,21 @@ fn kill_for_5s(c: &mut NatsCluster, i: usize) {
     c.node(i).start_again();
 }
 
-/// Whether node `i` leads no stream, consumer or the meta group (as the
-/// monitoring endpoint reports the replicated ones).
+/// Whether node `i` leads no replicated stream or consumer, nor the meta
+/// group, as the monitoring endpoint reports them. An ephemeral consumer
+/// (a KV watcher's) has no raft group and no leader to move: it lives on
+/// the server that made it, and its client makes it again elsewhere when
+/// that server dies, so it does not count.
 fn leads_nothing(c: &NatsCluster, i: usize) -> bool {
-    c.jsz().is_some_and(|j| !j.to_string().contains(&format!("\"leader\":\"n{i}\"")))
+    let Some(j) = c.jsz() else { return false };
+    let me = serde_json::json!(format!("n{i}"));
+    let leads =
+        |asset: &serde_json::Value| asset["cluster"]["leader"] == me && asset["cluster"].get("raft_group").is_some();
+    let streams =
+        j["account_details"].as_array().into_iter().flatten().flat_map(|a| a["stream_detail"].as_array()).flatten();
+    j["meta_cluster"]["leader"] != me
+        && streams.clone().all(|s| !leads(s))
+        && streams.flat_map(|s| s["consumer_detail"].as_array()).flatten().all(|c| !leads(c))
 }
 
 /// Moves the leadership of every stream and consumer off node `i` (not
