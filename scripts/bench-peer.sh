@@ -20,6 +20,9 @@
 #   and after). ROUNDS=N rounds per target (3).
 #   REQUESTS=N per round at 16 and 64 connections (default 640; a quarter
 #   of it at 1 connection); PEER_ROOT (default ~/.cache/retro-fleet/peer).
+#   SCHEMA=FILE adds, after each load, the same load asking for JSON that
+#   fits that JSON Schema (`response_format`): the cost of constrained
+#   decoding, on both servers. STREAMED=0 skips the streamed loads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/bench-lib.sh
@@ -83,11 +86,24 @@ up 18084 tiny
 [ -z "${BEFORE:-}" ] || up 18085 tiny
 PEER_VERSION="$([ -n "${NO_PEER:-}" ] || "$MISTRALRS" --version)"
 echo "# $(date -u +%F) $(nproc) cores, $(nats-server --version), ${PEER_VERSION:-no peer}, $PROFILE build"
-for stream in "" --stream; do
+STREAMS=("" --stream)
+[ "${STREAMED:-1}" != 0 ] || STREAMS=("")
+# with SCHEMA, free and constrained loads alternate round by round
+SHAPES=("")
+LOADS=("${ROUNDS:-3}")
+if [ -n "${SCHEMA:-}" ]; then
+    SHAPES+=("--json-schema=$SCHEMA")
+    LOADS=($(seq "${ROUNDS:-3}" | sed 's/.*/1/'))
+fi
+for stream in "${STREAMS[@]}"; do
     for c in "${CONNS[@]}"; do
         n=$(( c > 1 ? N : N / 4 ))
-        echo "## ${stream:+streamed, }$c connections, $n requests x ${ROUNDS:-3} rounds: 32 tokens, greedy, 64-byte prompts"
-        "$BIN/loadtest" "${targets[@]}" --api openai --model tiny $stream --greedy --max-tokens 32 \
-            --prompt-bytes 64 --window "$c" --requests "$n" --rounds "${ROUNDS:-3}" || echo "(some requests failed: see above)"
+        for rounds in "${LOADS[@]}"; do
+            for shape in "${SHAPES[@]}"; do
+                echo "## ${stream:+streamed, }$c connections, $n requests x $rounds rounds: 32 tokens, greedy, 64-byte prompts${shape:+, JSON fitting $SCHEMA}"
+                "$BIN/loadtest" "${targets[@]}" --api openai --model tiny $stream $shape --greedy --max-tokens 32 \
+                    --prompt-bytes 64 --window "$c" --requests "$n" --rounds "$rounds" || echo "(some requests failed: see above)"
+            done
+        done
     done
 done

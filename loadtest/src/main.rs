@@ -71,6 +71,11 @@ struct Args {
     /// Ask for streamed tokens and report the time to the first one.
     #[arg(long)]
     stream: bool,
+    /// Every answer must be JSON fitting the JSON Schema in this file
+    /// (`params.constraint`, or `response_format` with --api openai): the
+    /// cost of constrained decoding.
+    #[arg(long, value_name = "FILE")]
+    json_schema: Option<std::path::PathBuf>,
     /// Also call the mistral.rs model in this directory directly in-process
     /// (no fleet) with the same requests and window, in alternating rounds,
     /// and print fleet/direct in tokens per second.
@@ -133,6 +138,13 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let json_schema = match &args.json_schema {
+        Some(path) => {
+            let text = std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+            Some(serde_json::from_slice(&text).map_err(|e| anyhow::anyhow!("{} is not JSON: {e}", path.display()))?)
+        }
+        None => None,
+    };
     let workload = workload::Workload {
         prompt_bytes: args.prompt_bytes,
         greedy: args.greedy,
@@ -140,6 +152,7 @@ async fn main() -> anyhow::Result<()> {
         distinct: args.distinct.max(1),
         max_tokens: args.max_tokens,
         stream: args.stream,
+        json_schema,
     };
     if !args.http.is_empty() {
         return http_main(&args, &workload).await;

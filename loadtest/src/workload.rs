@@ -5,7 +5,7 @@
 //! with probability r (chosen by a hash of i, so every round and every target
 //! gets the same sequence), and a prompt never asked before otherwise.
 
-use retro_fleet_schemas::SamplingParams;
+use retro_fleet_schemas::{Constraint, SamplingParams};
 
 /// The request mix.
 #[derive(Debug, Clone)]
@@ -22,6 +22,8 @@ pub struct Workload {
     pub max_tokens: Option<u32>,
     /// Ask for streamed tokens (time to first token is measured).
     pub stream: bool,
+    /// A JSON Schema every answer must fit (constrained decoding).
+    pub json_schema: Option<serde_json::Value>,
 }
 
 fn mix(mut x: u64) -> u64 {
@@ -51,7 +53,12 @@ impl Workload {
 
     /// Sampling parameters of every request.
     pub fn params(&self) -> SamplingParams {
-        SamplingParams { temperature: self.greedy.then_some(0.0), max_tokens: self.max_tokens, ..Default::default() }
+        SamplingParams {
+            temperature: self.greedy.then_some(0.0),
+            max_tokens: self.max_tokens,
+            constraint: self.json_schema.clone().map(|schema| Constraint::JsonSchema { schema }),
+            ..Default::default()
+        }
     }
 
     /// Whether request `i` asks a popular (repeated) prompt.
@@ -67,7 +74,15 @@ mod tests {
 
     #[test]
     fn the_mix_has_the_asked_share_of_repeats() {
-        let w = Workload { prompt_bytes: 64, greedy: true, repeat: 0.7, distinct: 50, max_tokens: None, stream: false };
+        let w = Workload {
+            prompt_bytes: 64,
+            greedy: true,
+            repeat: 0.7,
+            distinct: 50,
+            max_tokens: None,
+            stream: false,
+            json_schema: None,
+        };
         let n = 20_000;
         let repeats = (0..n).filter(|i| w.repeats(*i)).count() as f64 / n as f64;
         assert!((repeats - 0.7).abs() < 0.02, "{repeats}");

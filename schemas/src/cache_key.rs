@@ -97,10 +97,71 @@ impl Hasher {
         for s in stop {
             self.bytes(s.as_bytes());
         }
+        // What changes even a greedy answer, each tagged and written only
+        // when set: a request that sets none keeps the key it always had.
+        let mut tagged = |tag: &str, value: &[u8]| {
+            self.bytes(tag.as_bytes());
+            self.bytes(value);
+        };
+        if let Some(v) = p.frequency_penalty.filter(|v| *v != 0.0) {
+            tagged("frequency_penalty", &v.to_bits().to_le_bytes());
+        }
+        if let Some(v) = p.presence_penalty.filter(|v| *v != 0.0) {
+            tagged("presence_penalty", &v.to_bits().to_le_bytes());
+        }
+        if !p.logit_bias.is_empty() {
+            let bias: Vec<u8> = p
+                .logit_bias
+                .iter()
+                .flat_map(|(t, b)| t.to_le_bytes().into_iter().chain(b.to_bits().to_le_bytes()))
+                .collect();
+            tagged("logit_bias", &bias);
+        }
+        if let Some(v) = p.min_p.filter(|v| *v != 0.0 && p.temperature != Some(0.0)) {
+            tagged("min_p", &v.to_bits().to_le_bytes());
+        }
+        if let Some(c) = &p.constraint {
+            let mut out = Vec::new();
+            canonical(&serde_json::to_value(c).expect("a constraint is JSON"), &mut out);
+            tagged("constraint", &out);
+        }
     }
     fn finish(self) -> u128 {
         let d = self.0.finalize();
         u128::from_be_bytes(d[..16].try_into().expect("sha256 has 32 bytes"))
+    }
+}
+
+/// `v` as JSON with every object's keys sorted, so that equal schemas
+/// written in different key orders make one key.
+fn canonical(v: &serde_json::Value, out: &mut Vec<u8>) {
+    use serde_json::Value;
+    match v {
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                canonical(item, out);
+            }
+            out.push(b']');
+        }
+        Value::Object(map) => {
+            let mut entries: Vec<_> = map.iter().collect();
+            entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            out.push(b'{');
+            for (i, (k, item)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                serde_json::to_writer(&mut *out, k).expect("a string is JSON");
+                out.push(b':');
+                canonical(item, out);
+            }
+            out.push(b'}');
+        }
+        scalar => serde_json::to_writer(&mut *out, scalar).expect("a scalar is JSON"),
     }
 }
 
@@ -240,6 +301,44 @@ mod tests {
         let t1 = SamplingParams { temperature: Some(0.7), seed: Some(1), ..Default::default() };
         let t2 = SamplingParams { temperature: Some(0.7), seed: Some(2), ..Default::default() };
         assert_ne!(exact(&scope("a"), &t1, &prompt("x")), exact(&scope("a"), &t2, &prompt("x")));
+    }
+
+    #[test]
+    fn what_changes_the_answer_changes_the_key_and_unset_keeps_the_old_one() {
+        use crate::Constraint;
+        let base = exact(&scope("a"), &greedy(), &prompt("x"));
+        // the key of a request without the newer fields is what it was
+        let zeroed = SamplingParams { frequency_penalty: Some(0.0), presence_penalty: Some(0.0), ..greedy() };
+        assert_eq!(base, exact(&scope("a"), &zeroed, &prompt("x")));
+        let schema = |s: serde_json::Value| Constraint::JsonSchema { schema: s };
+        let variants = [
+            SamplingParams { frequency_penalty: Some(0.5), ..greedy() },
+            SamplingParams { presence_penalty: Some(0.5), ..greedy() },
+            SamplingParams { logit_bias: [(7, -100.0)].into(), ..greedy() },
+            SamplingParams { logit_bias: [(8, -100.0)].into(), ..greedy() },
+            SamplingParams { constraint: Some(schema(serde_json::json!({"type": "object"}))), ..greedy() },
+            SamplingParams { constraint: Some(schema(serde_json::json!({"type": "array"}))), ..greedy() },
+            SamplingParams { constraint: Some(Constraint::Regex { pattern: "a+".into() }), ..greedy() },
+            SamplingParams { constraint: Some(Constraint::Lark { grammar: "a+".into() }), ..greedy() },
+        ];
+        let keys: std::collections::HashSet<Key> =
+            variants.iter().map(|p| exact(&scope("a"), p, &prompt("x"))).chain([base]).collect();
+        assert_eq!(keys.len(), variants.len() + 1, "each changes the key, and differently");
+        // min_p only matters when sampling
+        let min_p = SamplingParams { min_p: Some(0.1), ..greedy() };
+        assert_eq!(base, exact(&scope("a"), &min_p, &prompt("x")));
+        let t = SamplingParams { temperature: Some(0.7), seed: Some(1), ..Default::default() };
+        let t_min_p = SamplingParams { min_p: Some(0.1), ..t.clone() };
+        assert_ne!(exact(&scope("a"), &t, &prompt("x")), exact(&scope("a"), &t_min_p, &prompt("x")));
+        // a schema's key order does not matter
+        let ab = serde_json::json!({"type": "object", "properties": {"a": {}, "b": {}}});
+        let ba: serde_json::Value =
+            serde_json::from_str(r#"{"properties": {"b": {}, "a": {}}, "type": "object"}"#).unwrap();
+        let (pa, pb) = (
+            SamplingParams { constraint: Some(schema(ab)), ..greedy() },
+            SamplingParams { constraint: Some(schema(ba)), ..greedy() },
+        );
+        assert_eq!(exact(&scope("a"), &pa, &prompt("x")), exact(&scope("a"), &pb, &prompt("x")));
     }
 
     #[test]

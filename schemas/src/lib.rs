@@ -38,6 +38,6 @@ pub use codec::{decode, encode, ContentType, DecodeError};
 pub use envelope::{Envelope, Received};
 pub use priority::Priority;
 pub use registry::{ModelLoad, ModelScaling, PerPriority, WorkerInfo};
-pub use request::{CacheMode, ChatMessage, InferRequest, Input, SamplingParams};
+pub use request::{CacheMode, ChatMessage, Constraint, Field, InferRequest, Input, SamplingParams};
 pub use result::{CacheTier, ErrorBody, ErrorCode, InferResult, Output, Status, Timings, Usage};
 pub use version::SCHEMA_VERSION;

@@ -57,6 +57,14 @@ pub enum Input {
     },
 }
 
+impl InferRequest {
+    /// Bytes of caller text the limits count: the prompt's (see
+    /// [`Input::text_len`]) and the constraint's.
+    pub fn counted_len(&self) -> usize {
+        self.input.text_len() + self.params.constraint.as_ref().map_or(0, Constraint::len)
+    }
+}
+
 impl Input {
     /// Bytes of text the prompt carries: every message's role and content,
     /// or the prompt. What the size limit and token estimates count.
@@ -109,6 +117,104 @@ pub struct SamplingParams {
     /// Stop sequences.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stop: Vec<String>,
+    /// Subtracted from a token's logit once per time it already appears in
+    /// the completion, within -2..=2 (OpenAI's `frequency_penalty`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = -2.0, max = 2.0))]
+    pub frequency_penalty: Option<f64>,
+    /// Subtracted once from the logit of every token already in the
+    /// completion, within -2..=2 (OpenAI's `presence_penalty`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = -2.0, max = 2.0))]
+    pub presence_penalty: Option<f64>,
+    /// Added to the logits of these token ids before sampling, each within
+    /// -100..=100; -100 bans a token, 100 all but forces it (OpenAI's
+    /// `logit_bias`; JSON keys are the ids as strings).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub logit_bias: BTreeMap<u32, f64>,
+    /// When sampling, drops tokens less likely than `min_p` times the
+    /// likeliest one, within [0, 1].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub min_p: Option<f64>,
+    /// What the output must match: a JSON Schema, a regular expression or a
+    /// Lark grammar, enforced token by token while decoding (OpenAI's
+    /// `response_format` maps onto it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub constraint: Option<Constraint>,
+}
+
+/// A grammar the output is decoded under: every token the model may pick
+/// keeps the output a prefix of a match, and it ends when the match is
+/// complete.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Constraint {
+    /// JSON that validates against `schema` (`{"type": "object"}` for any
+    /// object). Written compactly unless the schema's `x-guidance` says
+    /// otherwise.
+    JsonSchema {
+        /// The JSON Schema.
+        schema: serde_json::Value,
+    },
+    /// Text that matches a regular expression, whole.
+    Regex {
+        /// The expression (Rust `regex` syntax).
+        pattern: String,
+    },
+    /// Text in the language of a Lark grammar (llguidance's dialect).
+    Lark {
+        /// The grammar, starting at `start`.
+        grammar: String,
+    },
+}
+
+impl Constraint {
+    /// Bytes the constraint's text takes (counted like prompt text).
+    pub fn len(&self) -> usize {
+        match self {
+            Constraint::JsonSchema { schema } => schema.to_string().len(),
+            Constraint::Regex { pattern } => pattern.len(),
+            Constraint::Lark { grammar } => grammar.len(),
+        }
+    }
+
+    /// Whether the constraint has no text (never true of a usable one).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A request field a backend may be unable to honour, by its name in the
+/// native API and in the OpenAI API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Field {
+    /// Dotted path in a native request (`params.constraint`).
+    pub native: &'static str,
+    /// The OpenAI request field that sets it (`response_format`).
+    pub openai: &'static str,
+}
+
+impl SamplingParams {
+    /// The first field set here that changes how tokens are picked beyond
+    /// temperature, top-p, top-k, seed, stops and length: what a backend
+    /// without a real sampler (echo, synthetic) cannot honour.
+    pub fn beyond_basic(&self) -> Option<Field> {
+        let field = |native, openai| Some(Field { native, openai });
+        if self.constraint.is_some() {
+            field("params.constraint", "response_format")
+        } else if self.frequency_penalty.is_some_and(|v| v != 0.0) {
+            field("params.frequency_penalty", "frequency_penalty")
+        } else if self.presence_penalty.is_some_and(|v| v != 0.0) {
+            field("params.presence_penalty", "presence_penalty")
+        } else if !self.logit_bias.is_empty() {
+            field("params.logit_bias", "logit_bias")
+        } else if self.min_p.is_some_and(|v| v != 0.0) {
+            field("params.min_p", "min_p")
+        } else {
+            None
+        }
+    }
 }
 
 /// Cache policy of one request.
@@ -186,7 +292,7 @@ impl InferRequest {
                 ));
             }
         }
-        let len = self.input.text_len();
+        let len = self.counted_len();
         if len > max_prompt_bytes {
             return Err(Invalid::new(
                 ErrorCode::PromptTooLarge,
@@ -204,7 +310,46 @@ impl InferRequest {
                 return Err(Invalid::field("params.top_p", "`params.top_p` must be within (0, 1]"));
             }
         }
-        Ok(())
+        self.params.validate_extras()
+    }
+}
+
+/// Most entries of `params.logit_bias` (OpenAI's limit).
+pub const MAX_LOGIT_BIAS: usize = 300;
+
+impl SamplingParams {
+    fn validate_extras(&self) -> Result<(), Invalid> {
+        let within = |v: Option<f64>, lo: f64, hi: f64| v.is_none_or(|v| (lo..=hi).contains(&v));
+        if !within(self.frequency_penalty, -2.0, 2.0) {
+            return Err(Invalid::field("params.frequency_penalty", "`params.frequency_penalty` must be within -2..=2"));
+        }
+        if !within(self.presence_penalty, -2.0, 2.0) {
+            return Err(Invalid::field("params.presence_penalty", "`params.presence_penalty` must be within -2..=2"));
+        }
+        if !within(self.min_p, 0.0, 1.0) {
+            return Err(Invalid::field("params.min_p", "`params.min_p` must be within 0..=1"));
+        }
+        if self.logit_bias.len() > MAX_LOGIT_BIAS {
+            return Err(Invalid::field(
+                "params.logit_bias",
+                format!("`params.logit_bias` has {} entries; at most {MAX_LOGIT_BIAS}", self.logit_bias.len()),
+            ));
+        }
+        if let Some((t, _)) = self.logit_bias.iter().find(|(_, b)| !(-100.0..=100.0).contains(*b)) {
+            return Err(Invalid::field(
+                "params.logit_bias",
+                format!("`params.logit_bias` of token {t} must be within -100..=100"),
+            ));
+        }
+        match &self.constraint {
+            Some(Constraint::JsonSchema { schema }) if !schema.is_object() => {
+                Err(Invalid::field("params.constraint", "`params.constraint.schema` must be a JSON Schema object"))
+            }
+            Some(c @ (Constraint::Regex { .. } | Constraint::Lark { .. })) if c.is_empty() => {
+                Err(Invalid::field("params.constraint", "`params.constraint` must not be empty"))
+            }
+            _ => Ok(()),
+        }
     }
 }
 

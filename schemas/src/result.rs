@@ -148,6 +148,10 @@ pub enum ErrorCode {
     DecodeError,
     /// A field value is not acceptable.
     InvalidRequest,
+    /// The request asks for something its model's backend cannot do
+    /// (constrained decoding from the echo model, say); the message names
+    /// the field. Not retryable: send it to another model or without it.
+    Unsupported,
     /// The input is over the configured size limit.
     PromptTooLarge,
     /// Prompt tokens plus `max_tokens` do not fit in the model's context.
@@ -176,6 +180,7 @@ impl ErrorCode {
         match self {
             ErrorCode::DecodeError => "decode_error",
             ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::Unsupported => "unsupported",
             ErrorCode::PromptTooLarge => "prompt_too_large",
             ErrorCode::ContextLengthExceeded => "context_length_exceeded",
             ErrorCode::UnknownModel => "unknown_model",

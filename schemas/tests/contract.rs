@@ -71,6 +71,17 @@ fn golden_request() -> InferRequest {
             top_k: Some(40),
             seed: Some(7),
             stop: vec!["\n\n".into()],
+            frequency_penalty: Some(0.5),
+            presence_penalty: Some(-0.25),
+            logit_bias: BTreeMap::from([(50, -100.0), (51, 2.5)]),
+            min_p: Some(0.05),
+            // keys in sorted order: the encoding is the same whether or not
+            // serde_json keeps insertion order (a feature another crate of a
+            // build may turn on)
+            constraint: Some(Constraint::JsonSchema {
+                schema: serde_json::json!({"properties": {"answer": {"maxLength": 64, "type": "string"}},
+                    "required": ["answer"], "type": "object"}),
+            }),
         },
         stream: true,
         cache: CacheMode::Refresh,

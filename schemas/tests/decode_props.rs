@@ -31,23 +31,48 @@ fn input() -> impl Strategy<Value = Input> {
     ]
 }
 
+fn constraint() -> impl Strategy<Value = Constraint> {
+    prop_oneof![
+        text().prop_map(|pattern| Constraint::Regex { pattern }),
+        text().prop_map(|grammar| Constraint::Lark { grammar }),
+        (text(), finite()).prop_map(|(k, v)| Constraint::JsonSchema { schema: serde_json::json!({ k: v }) }),
+    ]
+}
+
 fn params() -> impl Strategy<Value = SamplingParams> {
-    (
+    let basic = (
         any::<Option<u32>>(),
         prop::option::of(finite()),
         prop::option::of(finite()),
         any::<Option<u32>>(),
         any::<Option<u64>>(),
         prop::collection::vec(text(), 0..3),
-    )
-        .prop_map(|(max_tokens, temperature, top_p, top_k, seed, stop)| SamplingParams {
+    );
+    let shaping = (
+        prop::option::of(finite()),
+        prop::option::of(finite()),
+        prop::collection::btree_map(any::<u32>(), finite(), 0..4),
+        prop::option::of(finite()),
+        prop::option::of(constraint()),
+    );
+    (basic, shaping).prop_map(
+        |(
+            (max_tokens, temperature, top_p, top_k, seed, stop),
+            (frequency_penalty, presence_penalty, logit_bias, min_p, constraint),
+        )| SamplingParams {
             max_tokens,
             temperature,
             top_p,
             top_k,
             seed,
             stop,
-        })
+            frequency_penalty,
+            presence_penalty,
+            logit_bias,
+            min_p,
+            constraint,
+        },
+    )
 }
 
 fn cache_mode() -> impl Strategy<Value = CacheMode> {

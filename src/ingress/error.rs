@@ -174,7 +174,7 @@ impl ApiError {
 /// The one mapping from error code to HTTP status.
 pub fn status_of(code: ErrorCode) -> StatusCode {
     match code {
-        ErrorCode::DecodeError | ErrorCode::ContextLengthExceeded => StatusCode::BAD_REQUEST,
+        ErrorCode::DecodeError | ErrorCode::ContextLengthExceeded | ErrorCode::Unsupported => StatusCode::BAD_REQUEST,
         ErrorCode::InvalidRequest => StatusCode::UNPROCESSABLE_ENTITY,
         ErrorCode::PromptTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorCode::UnknownModel | ErrorCode::NotFound => StatusCode::NOT_FOUND,

@@ -7,9 +7,10 @@
 //! it is not the submit service's either, whose input is the shape-free
 //! [`Draft`].
 
+use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use retro_fleet_schemas::{ChatMessage, ErrorCode, InferResult, Input, SamplingParams};
+use retro_fleet_schemas::{ChatMessage, Constraint, ErrorCode, InferResult, Input, SamplingParams};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -63,9 +64,50 @@ struct StreamOptions {
     include_usage: bool,
 }
 
-/// Fields shared by both endpoints. Fields OpenAI defines that have no
-/// meaning here (`user`, `logprobs`, penalties, ...) are accepted and ignored,
-/// as OpenAI clients send them; `n` other than 1 is refused.
+/// `response_format`: free text, any JSON object, or JSON that validates
+/// against a schema.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum ResponseFormat {
+    Text,
+    JsonObject,
+    JsonSchema { json_schema: JsonSchemaFormat },
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+struct JsonSchemaFormat {
+    /// The schema's name (for the caller; not used in decoding).
+    #[allow(dead_code)]
+    name: String,
+    #[serde(default)]
+    #[allow(dead_code)]
+    description: Option<String>,
+    /// The JSON Schema; absent, any JSON object.
+    #[serde(default)]
+    schema: Option<Value>,
+    /// Accepted either way: the schema is always enforced while decoding.
+    #[serde(default)]
+    #[allow(dead_code)]
+    strict: Option<bool>,
+}
+
+impl ResponseFormat {
+    fn into_constraint(self) -> Option<Constraint> {
+        let any_object = || serde_json::json!({"type": "object"});
+        match self {
+            ResponseFormat::Text => None,
+            ResponseFormat::JsonObject => Some(Constraint::JsonSchema { schema: any_object() }),
+            ResponseFormat::JsonSchema { json_schema } => {
+                Some(Constraint::JsonSchema { schema: json_schema.schema.unwrap_or_else(any_object) })
+            }
+        }
+    }
+}
+
+/// Fields shared by both endpoints. What each OpenAI field does here, and
+/// the fields accepted without effect (`user`, `store`, ...), is the table
+/// in docs/INGRESS.md; a field that would change the answer and that is not
+/// honoured is refused by [`refuse_unhonoured`], never ignored.
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
 struct Common {
     model: String,
@@ -85,6 +127,38 @@ struct Common {
     stop: Option<Stop>,
     #[serde(default)]
     n: Option<u32>,
+    #[serde(default)]
+    #[schemars(range(min = -2.0, max = 2.0))]
+    frequency_penalty: Option<f64>,
+    #[serde(default)]
+    #[schemars(range(min = -2.0, max = 2.0))]
+    presence_penalty: Option<f64>,
+    /// Token id (as a string) to a bias within -100..=100.
+    #[serde(default)]
+    logit_bias: Option<BTreeMap<String, f64>>,
+    /// Not OpenAI's, but common among OpenAI-compatible servers.
+    #[serde(default)]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    min_p: Option<f64>,
+    #[serde(default)]
+    response_format: Option<ResponseFormat>,
+    /// Refused when set (see [`refuse_unhonoured`]).
+    #[serde(default)]
+    logprobs: Option<Value>,
+    #[serde(default)]
+    top_logprobs: Option<u32>,
+    #[serde(default)]
+    tools: Option<Vec<Value>>,
+    #[serde(default)]
+    tool_choice: Option<Value>,
+    #[serde(default)]
+    functions: Option<Vec<Value>>,
+    #[serde(default)]
+    best_of: Option<u32>,
+    #[serde(default)]
+    echo: Option<bool>,
+    #[serde(default)]
+    suffix: Option<String>,
     #[serde(default)]
     stream: bool,
     #[serde(default)]
@@ -149,10 +223,19 @@ fn draft(common: Common, input: Input) -> Result<(Draft, bool), ApiError> {
         )
         .param("tenant"));
     }
-    if common.n.is_some_and(|n| n != 1) {
-        return Err(ApiError::new(ErrorCode::InvalidRequest, "only `n: 1` is supported"));
-    }
+    refuse_unhonoured(&common)?;
     let include_usage = common.stream_options.map(|o| o.include_usage).unwrap_or(false);
+    let mut logit_bias = BTreeMap::new();
+    for (token, bias) in common.logit_bias.unwrap_or_default() {
+        let Ok(id) = token.parse::<u32>() else {
+            return Err(ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!("`logit_bias` keys are token ids; `{}` is not one", token.chars().take(40).collect::<String>()),
+            )
+            .param("logit_bias"));
+        };
+        logit_bias.insert(id, bias);
+    }
     let params = SamplingParams {
         max_tokens: common.max_completion_tokens.or(common.max_tokens),
         temperature: common.temperature,
@@ -160,6 +243,11 @@ fn draft(common: Common, input: Input) -> Result<(Draft, bool), ApiError> {
         top_k: common.top_k,
         seed: common.seed,
         stop: common.stop.map(Stop::into_vec).unwrap_or_default(),
+        frequency_penalty: common.frequency_penalty,
+        presence_penalty: common.presence_penalty,
+        logit_bias,
+        min_p: common.min_p,
+        constraint: common.response_format.and_then(ResponseFormat::into_constraint),
     };
     let draft = Draft {
         model: common.model,
@@ -174,6 +262,39 @@ fn draft(common: Common, input: Input) -> Result<(Draft, bool), ApiError> {
         priority: None,
     };
     Ok((draft, include_usage))
+}
+
+/// Refuses, naming it, each field that would change the answer and that
+/// this fleet does not honour yet; unset or neutral values pass.
+fn refuse_unhonoured(c: &Common) -> Result<(), ApiError> {
+    let refused = |field: &'static str, what: &str| {
+        Err(ApiError::new(ErrorCode::Unsupported, format!("`{field}` is not supported: {what}")).param(field))
+    };
+    if c.n.is_some_and(|n| n != 1) {
+        return refused("n", "send one request per choice (`n: 1`)");
+    }
+    if c.logprobs.as_ref().is_some_and(|l| l != &Value::Bool(false) && !l.is_null() && l != &json!(0)) {
+        return refused("logprobs", "results carry no log probabilities");
+    }
+    if c.top_logprobs.is_some_and(|n| n > 0) {
+        return refused("top_logprobs", "results carry no log probabilities");
+    }
+    if c.tools.as_ref().is_some_and(|t| !t.is_empty()) || c.functions.as_ref().is_some_and(|f| !f.is_empty()) {
+        return refused(if c.functions.is_some() { "functions" } else { "tools" }, "models here do not call tools");
+    }
+    if c.tool_choice.as_ref().is_some_and(|t| !t.is_null() && t != &json!("none") && t != &json!("auto")) {
+        return refused("tool_choice", "models here do not call tools");
+    }
+    if c.best_of.is_some_and(|n| n > 1) {
+        return refused("best_of", "send `best_of: 1`");
+    }
+    if c.echo == Some(true) {
+        return refused("echo", "the answer never repeats the prompt");
+    }
+    if c.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
+        return refused("suffix", "models here do not fill in the middle");
+    }
+    Ok(())
 }
 
 /// Reads a chat completion body (also a line of a batch).

@@ -181,11 +181,11 @@ fn traceparent(h: &HttpHeaders) -> String {
         .unwrap_or_else(|| headers::new_traceparent(ulid::Ulid::new().0, ulid::Ulid::new().0 as u64))
 }
 
-/// Tokens a request may use, as token limits count them: prompt bytes / 4
-/// (a common rule of thumb for English text) plus `max_tokens`, or
-/// `default_output` when it sets none.
+/// Tokens a request may use, as token limits count them: prompt and
+/// constraint bytes / 4 (a common rule of thumb for English text) plus
+/// `max_tokens`, or `default_output` when it sets none.
 pub fn estimated_tokens(req: &InferRequest, default_output: u64) -> u64 {
-    (req.input.text_len() as u64).div_ceil(4) + req.params.max_tokens.map_or(default_output, u64::from)
+    (req.counted_len() as u64).div_ceil(4) + req.params.max_tokens.map_or(default_output, u64::from)
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 
 use retro_fleet_schemas::{InferRequest, Input};
 
-use super::{words, Attempt, Backend, Generating};
+use super::{words, Attempt, Backend, BackendError, Generating};
 
 /// Returns the prompt (or the last chat message), word-limited by
 /// `max_tokens` and cut at stop sequences.
@@ -23,7 +23,10 @@ impl Backend for Echo {
     }
 
     fn generate<'a>(&'a self, req: &'a InferRequest, attempt: Attempt) -> Generating<'a> {
-        Box::pin(async move { Ok(words::answer(req, last_text(&req.input).split_whitespace(), None, attempt.deltas)) })
+        Box::pin(async move {
+            BackendError::refuses_beyond_basic(req, "echo")?;
+            Ok(words::answer(req, last_text(&req.input).split_whitespace(), None, attempt.deltas))
+        })
     }
 }
 

@@ -33,6 +33,26 @@ pub struct BackendError {
     pub retryable: bool,
 }
 
+impl BackendError {
+    /// The final answer of a backend without a real sampler (`kind`: echo,
+    /// synthetic) to a request that sets a field only a sampler honours
+    /// (see [`retro_fleet_schemas::SamplingParams::beyond_basic`]): an
+    /// `unsupported` error naming the field, rather than an answer that
+    /// silently ignores it.
+    pub fn refuses_beyond_basic(req: &InferRequest, kind: &str) -> Result<(), BackendError> {
+        let Some(f) = req.params.beyond_basic() else { return Ok(()) };
+        Err(BackendError {
+            code: ErrorCode::Unsupported,
+            message: format!(
+                "model `{}` cannot honour `{}` (OpenAI `{}`): its {kind} backend has no sampler; \
+                 send the request without it, or to a mistralrs model",
+                req.model, f.native, f.openai
+            ),
+            retryable: false,
+        })
+    }
+}
+
 /// Sends streamed text deltas, in order, while a backend generates.
 pub type DeltaSender = mpsc::UnboundedSender<String>;
 

@@ -31,15 +31,13 @@ impl Backend for Mistral {
     fn generate<'a>(&'a self, req: &'a InferRequest, attempt: Attempt) -> Generating<'a> {
         Box::pin(async move {
             let p = &req.params;
-            let mut params = Params {
-                max_tokens: None,
-                temperature: p.temperature,
-                top_p: p.top_p,
-                top_k: p.top_k,
-                seed: Some(p.seed.unwrap_or_else(|| request::seed_of(&req.id))),
-                stop: p.stop.clone(),
-            };
-            let resume = attempt.resume.filter(|c| self.resumes(c, &req.id));
+            let mut params =
+                Params { asked: p, max_tokens: None, seed: p.seed.unwrap_or_else(|| request::seed_of(&req.id)) };
+            // A grammar's state is not in a checkpoint: a constrained
+            // generation is neither checkpointed nor resumed. Run again, it
+            // draws the same tokens (the same seed), so a stream goes on.
+            let constrained = p.constraint.is_some();
+            let resume = attempt.resume.filter(|c| !constrained && self.resumes(c, &req.id));
             let (chat, joined): (Vec<(String, String)>, Vec<u32>);
             let prompt = match (&resume, &req.input) {
                 // the earlier prompt and tokens, but the last token: it is
@@ -66,7 +64,7 @@ impl Backend for Mistral {
             let run = Run {
                 deltas: attempt.deltas,
                 resume: resume.as_ref(),
-                checkpoints: attempt.checkpoints,
+                checkpoints: attempt.checkpoints.filter(|_| !constrained),
                 revision: &self.revision,
             };
             let out = stream::generate(&self.model, prompt, &params, run).await?;

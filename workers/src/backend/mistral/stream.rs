@@ -43,7 +43,7 @@ pub(super) struct Run<'a> {
 pub(super) async fn generate(
     model: &Model,
     prompt: Prompt<'_>,
-    p: &Params,
+    p: &Params<'_>,
     run: Run<'_>,
 ) -> Result<Output, BackendError> {
     if p.max_tokens == Some(0) {
@@ -56,7 +56,7 @@ pub(super) async fn generate(
             computed_tokens: 0,
         });
     }
-    let stops: Vec<String> = p.stop.iter().filter(|s| !s.is_empty()).cloned().collect();
+    let stops: Vec<String> = p.asked.stop.iter().filter(|s| !s.is_empty()).cloned().collect();
     let (tx, mut rx) = mpsc::channel::<Response>(1);
     let runner = model.inner();
     let from = run.resume.map(|c| request::From { prompt: &c.prompt, generated: &c.generated, rng: c.rng });
@@ -190,12 +190,16 @@ fn piece(resp: Response) -> Result<(String, Option<String>), Failure> {
         // the request id of the span; the caller gets a sentence
         Response::ValidationError(e) => {
             tracing::warn!(error = %e, "the model refused the request");
-            let message = "the model refused the request as given; its log has the reason under the request id";
-            return Err(Failure::Invalid(BackendError {
-                code: ErrorCode::InvalidRequest,
-                message: message.into(),
-                retryable: false,
-            }));
+            // the grammar library's reason is about the caller's constraint
+            let e = e.to_string();
+            let message = match e.strip_prefix("Invalid grammar. ") {
+                Some(why) => format!(
+                    "`params.constraint` (OpenAI `response_format`) cannot be used: {}",
+                    why.lines().next().unwrap_or_default().chars().take(300).collect::<String>()
+                ),
+                None => "the model refused the request as given; its log has the reason under the request id".into(),
+            };
+            return Err(Failure::Invalid(BackendError { code: ErrorCode::InvalidRequest, message, retryable: false }));
         }
         Response::InternalError(e) => return Err(Failure::Model(format!("{e}"))),
         Response::ModelError(m, _) | Response::CompletionModelError(m, _) => return Err(Failure::Model(m)),

@@ -1,0 +1,162 @@
+//! The request fields that change an answer beyond temperature and top-p:
+//! structured outputs (`response_format`, `params.constraint`), logit bias,
+//! penalties and min-p. Honoured on the tiny generated model run by
+//! mistral.rs, through the unmodified `openai` Python client and the native
+//! API; refused, naming the field, by a backend that cannot honour them and
+//! for the OpenAI fields not honoured yet; and never mixed up in the cache.
+
+#![cfg(feature = "mistralrs")]
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+
+fn config(dir: &std::path::Path) -> String {
+    let model = dir.join("tiny");
+    retro_fleet_worker::tiny_model::write(&model, &Default::default()).unwrap();
+    format!(
+        "[models.tiny]\nbackend = \"mistralrs\"\npath = \"{}\"\ndefault_max_tokens = 16\n[models.echo]\nbackend = \"echo\"\n",
+        model.display()
+    )
+}
+
+/// The official client asks for JSON fitting a schema (an object with
+/// required fields, an enum, an array, a bounded integer): every answer, greedy or
+/// sampled, streamed or not, parses and validates; a JSON-mode answer is an
+/// object. The echo model, and the fields not honoured, are 400s that name
+/// the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_client_gets_json_that_fits_its_schema() {
+    let models = tempfile::tempdir().unwrap();
+    let s = setup(&config(models.path()));
+    let _worker = start_worker(&s.config, &[]).await;
+    let (_ingress, base) = start_ingress(&s.config).await;
+    let script = r#"
+import json, sys, jsonschema, openai
+c = openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key="unused", max_retries=0)
+schema = {"type": "object", "additionalProperties": False,
+          "required": ["name", "mood", "tags", "n"],
+          "properties": {"name": {"type": "string", "maxLength": 8},
+                         "mood": {"enum": ["calm", "busy", "away"]},
+                         "tags": {"type": "array", "items": {"type": "boolean"}, "maxItems": 3},
+                         "n": {"type": "integer", "minimum": 0, "maximum": 99}}}
+rf = {"type": "json_schema", "json_schema": {"name": "card", "schema": schema, "strict": True}}
+def ask(prompt, **kw):
+    return c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompt}],
+                                     max_tokens=200, response_format=rf, **kw)
+answers = []
+for prompt, kw in [("a", {"temperature": 0}), ("who are you?", {"temperature": 0}),
+                   ("b", {"temperature": 0.9, "seed": 7}), ("c", {"temperature": 1.5, "seed": 8, "top_p": 0.9})]:
+    r = ask(prompt, **kw)
+    text = r.choices[0].message.content
+    assert r.choices[0].finish_reason == "stop", (r.choices[0].finish_reason, text)
+    jsonschema.validate(json.loads(text), schema)
+    answers.append(text)
+assert len(set(answers)) > 1, answers  # the grammar shapes the answer, the model still picks
+parts = [ch.choices[0].delta.content for ch in ask("streamed", temperature=0, stream=True)
+         if ch.choices and ch.choices[0].delta.content]
+jsonschema.validate(json.loads("".join(parts)), schema)
+r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=200,
+                              temperature=0, response_format={"type": "json_object"})
+assert r.choices[0].finish_reason == "stop", r
+assert isinstance(json.loads(r.choices[0].message.content), dict)
+def refused(field, **kw):
+    try:
+        c.chat.completions.create(messages=[{"role": "user", "content": "x"}], max_tokens=4, **kw)
+    except openai.BadRequestError as e:
+        assert field in str(e), (field, e)
+        return
+    raise SystemExit(f"expected a 400 naming {field}")
+refused("response_format", model="echo", response_format=rf)
+refused("logit_bias", model="echo", logit_bias={"50": -100})
+refused("tools", model="tiny", tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])
+refused("logprobs", model="tiny", logprobs=True, top_logprobs=3)
+refused("n", model="tiny", n=3)
+print("structured ok")
+"#;
+    let out = std::process::Command::new("python3").arg("-c").arg(script).arg(&base).output().expect("python3");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "the openai client script failed (`make test` installs openai and jsonschema):\n{stderr}"
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("structured ok"));
+}
+
+async fn infer(base: &str, params: Value) -> Value {
+    let body = json!({"model": "tiny", "prompt": "once upon a time", "params": params});
+    let (status, r) = post_json(&format!("{base}/v1/infer"), &body).await;
+    assert_eq!(status, 200, "{r}");
+    r
+}
+
+fn text(r: &Value) -> &str {
+    r["output"]["text"].as_str().unwrap()
+}
+
+/// Over the native API: a logit bias of -100 on a token the greedy answer
+/// holds removes it; a frequency penalty and min-p reach the sampler; a
+/// constrained answer matches its regex, and neither it nor the
+/// unconstrained one is ever served for the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bias_penalties_and_constraints_reach_the_model_and_the_cache_keeps_them_apart() {
+    let models = tempfile::tempdir().unwrap();
+    let s = setup(&config(models.path()));
+    let _worker = start_worker(&s.config, &[]).await;
+    let (_ingress, base) = start_ingress(&s.config).await;
+
+    let greedy = json!({"max_tokens": 24, "temperature": 0});
+    let plain = infer(&base, greedy.clone()).await;
+    let again = infer(&base, greedy.clone()).await;
+    assert_eq!(text(&plain), text(&again));
+    assert_ne!(again["cache"], "none", "the same question is answered from the cache: {again}");
+
+    // the tiny model's token of byte b is b + 2
+    let banned = text(&plain).bytes().next().unwrap();
+    let biased = infer(
+        &base,
+        json!({"max_tokens": 24, "temperature": 0, "logit_bias": {(banned as u32 + 2).to_string(): -100}}),
+    )
+    .await;
+    assert_eq!(biased["cache"], "none", "not the unbiased answer: {biased}");
+    assert!(!text(&biased).as_bytes().contains(&banned), "{:?} still in {:?}", banned as char, text(&biased));
+
+    let penalised = infer(&base, json!({"max_tokens": 24, "temperature": 0, "frequency_penalty": 2.0})).await;
+    assert_eq!(penalised["cache"], "none");
+    assert_ne!(text(&penalised), text(&plain), "a penalty changes a greedy answer that repeats itself");
+
+    // min-p 1 keeps only the likeliest token: sampling becomes greedy
+    let min_p = infer(&base, json!({"max_tokens": 24, "temperature": 1.5, "seed": 3, "min_p": 1.0})).await;
+    let sampled = infer(&base, json!({"max_tokens": 24, "temperature": 1.5, "seed": 3})).await;
+    assert_eq!(text(&min_p), text(&plain));
+    assert_ne!(text(&sampled), text(&plain));
+
+    let regex = json!({"max_tokens": 24, "temperature": 0, "constraint": {"type": "regex", "pattern": "[a-z]{3,6}"}});
+    let constrained = infer(&base, regex.clone()).await;
+    assert_eq!(constrained["cache"], "none", "not the unconstrained answer: {constrained}");
+    let t = text(&constrained);
+    assert!((3..=6).contains(&t.len()) && t.bytes().all(|b| b.is_ascii_lowercase()), "{t:?}");
+    assert_eq!(constrained["output"]["finish_reason"], "stop");
+    let constrained_again = infer(&base, regex).await;
+    assert_eq!(text(&constrained_again), t);
+    assert_ne!(constrained_again["cache"], "none");
+    let unconstrained = infer(&base, greedy).await;
+    assert_eq!(text(&unconstrained), text(&plain), "the constrained answer never answers the plain question");
+
+    // a constraint the grammar library cannot use, and one the echo model cannot honour
+    let bad =
+        json!({"model": "tiny", "prompt": "x", "params": {"constraint": {"type": "regex", "pattern": "(unclosed"}}});
+    let (status, r) = post_json(&format!("{base}/v1/infer"), &bad).await;
+    assert_eq!(status, 422, "{r}");
+    assert!(r["error"]["message"].as_str().unwrap().contains("params.constraint"), "{r}");
+    let echo = json!({"model": "echo", "prompt": "x", "params": {"constraint": {"type": "regex", "pattern": "a"}}});
+    let (status, r) = post_json(&format!("{base}/v1/infer"), &echo).await;
+    assert_eq!((status, r["error"]["code"].as_str()), (400, Some("unsupported")), "{r}");
+    assert!(r["error"]["message"].as_str().unwrap().contains("params.constraint"), "{r}");
+    // out of range: refused at the door
+    let (status, r) =
+        post_json(&format!("{base}/v1/infer"), &json!({"model": "tiny", "prompt": "x", "params": {"min_p": 2.0}}))
+            .await;
+    assert_eq!((status, r["error"]["param"].as_str()), (422, Some("params.min_p")), "{r}");
+}
