@@ -121,47 +121,14 @@ impl Hasher {
             tagged("min_p", &v.to_bits().to_le_bytes());
         }
         if let Some(c) = &p.constraint {
-            let mut out = Vec::new();
-            canonical(&serde_json::to_value(c).expect("a constraint is JSON"), &mut out);
-            tagged("constraint", &out);
+            // as received: the order of a schema's properties is the order
+            // the answer writes them in, so it is part of the question
+            tagged("constraint", &serde_json::to_vec(c).expect("a constraint is JSON"));
         }
     }
     fn finish(self) -> u128 {
         let d = self.0.finalize();
         u128::from_be_bytes(d[..16].try_into().expect("sha256 has 32 bytes"))
-    }
-}
-
-/// `v` as JSON with every object's keys sorted, so that equal schemas
-/// written in different key orders make one key.
-fn canonical(v: &serde_json::Value, out: &mut Vec<u8>) {
-    use serde_json::Value;
-    match v {
-        Value::Array(items) => {
-            out.push(b'[');
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                canonical(item, out);
-            }
-            out.push(b']');
-        }
-        Value::Object(map) => {
-            let mut entries: Vec<_> = map.iter().collect();
-            entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
-            out.push(b'{');
-            for (i, (k, item)) in entries.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                serde_json::to_writer(&mut *out, k).expect("a string is JSON");
-                out.push(b':');
-                canonical(item, out);
-            }
-            out.push(b'}');
-        }
-        scalar => serde_json::to_writer(&mut *out, scalar).expect("a scalar is JSON"),
     }
 }
 
@@ -330,15 +297,16 @@ mod tests {
         let t = SamplingParams { temperature: Some(0.7), seed: Some(1), ..Default::default() };
         let t_min_p = SamplingParams { min_p: Some(0.1), ..t.clone() };
         assert_ne!(exact(&scope("a"), &t, &prompt("x")), exact(&scope("a"), &t_min_p, &prompt("x")));
-        // a schema's key order does not matter
+        // a schema's property order is the answer's: it changes the key
         let ab = serde_json::json!({"type": "object", "properties": {"a": {}, "b": {}}});
-        let ba: serde_json::Value =
-            serde_json::from_str(r#"{"properties": {"b": {}, "a": {}}, "type": "object"}"#).unwrap();
+        let ba = serde_json::json!({"type": "object", "properties": {"b": {}, "a": {}}});
         let (pa, pb) = (
-            SamplingParams { constraint: Some(schema(ab)), ..greedy() },
+            SamplingParams { constraint: Some(schema(ab.clone())), ..greedy() },
             SamplingParams { constraint: Some(schema(ba)), ..greedy() },
         );
-        assert_eq!(exact(&scope("a"), &pa, &prompt("x")), exact(&scope("a"), &pb, &prompt("x")));
+        assert_ne!(exact(&scope("a"), &pa, &prompt("x")), exact(&scope("a"), &pb, &prompt("x")));
+        let same = SamplingParams { constraint: Some(schema(ab)), ..greedy() };
+        assert_eq!(exact(&scope("a"), &pa, &prompt("x")), exact(&scope("a"), &same, &prompt("x")));
     }
 
     #[test]

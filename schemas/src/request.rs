@@ -294,10 +294,17 @@ impl InferRequest {
         }
         let len = self.counted_len();
         if len > max_prompt_bytes {
+            // the constraint's bytes count too: name it when it tips the scale
+            let text = self.input.text_len();
+            let field = if text > max_prompt_bytes { "input" } else { "params.constraint" };
+            let of = match len - text {
+                0 => String::new(),
+                n => format!(" ({n} of them the constraint's)"),
+            };
             return Err(Invalid::new(
                 ErrorCode::PromptTooLarge,
-                Some("input"),
-                format!("prompt is {len} bytes; the limit is {max_prompt_bytes}"),
+                Some(field),
+                format!("prompt is {len} bytes{of}; the limit is {max_prompt_bytes}"),
             ));
         }
         if let Some(t) = self.params.temperature {

@@ -273,14 +273,18 @@ fn refuse_unhonoured(c: &Common) -> Result<(), ApiError> {
     if c.n.is_some_and(|n| n != 1) {
         return refused("n", "send one request per choice (`n: 1`)");
     }
-    if c.logprobs.as_ref().is_some_and(|l| l != &Value::Bool(false) && !l.is_null() && l != &json!(0)) {
+    // a count, even 0 (completions), asks for the chosen tokens' logprobs
+    if c.logprobs.as_ref().is_some_and(|l| l != &Value::Bool(false) && !l.is_null()) {
         return refused("logprobs", "results carry no log probabilities");
     }
     if c.top_logprobs.is_some_and(|n| n > 0) {
         return refused("top_logprobs", "results carry no log probabilities");
     }
-    if c.tools.as_ref().is_some_and(|t| !t.is_empty()) || c.functions.as_ref().is_some_and(|f| !f.is_empty()) {
-        return refused(if c.functions.is_some() { "functions" } else { "tools" }, "models here do not call tools");
+    if c.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+        return refused("tools", "models here do not call tools");
+    }
+    if c.functions.as_ref().is_some_and(|f| !f.is_empty()) {
+        return refused("functions", "models here do not call tools");
     }
     if c.tool_choice.as_ref().is_some_and(|t| !t.is_null() && t != &json!("none") && t != &json!("auto")) {
         return refused("tool_choice", "models here do not call tools");

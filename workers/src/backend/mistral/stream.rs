@@ -95,6 +95,19 @@ pub(super) async fn generate(
             Err(Failure::Model(detail)) => {
                 // the same request would fail the same way on any instance
                 tracing::warn!(error = %detail, "the model failed on the request");
+                if p.asked.constraint.is_some() {
+                    // most likely the grammar library's limits: the caller's
+                    // constraint, not the model's health (the breaker does
+                    // not count it)
+                    return Err(BackendError {
+                        code: ErrorCode::InvalidRequest,
+                        message:
+                            "decoding under `params.constraint` (OpenAI `response_format`) failed part way; \
+                                  a simpler grammar or schema may work, and the log has the detail under the request id"
+                                .into(),
+                        retryable: false,
+                    });
+                }
                 let message = "the model failed while generating; its log has the detail under the request id";
                 return Err(BackendError { retryable: false, ..backend_err(message) });
             }
