@@ -146,13 +146,12 @@ except openai.NotFoundError as e:
     assert "missing" in str(e), e
 print("openai client ok")
 "#;
-    let out = std::process::Command::new("python3").arg("-c").arg(script).arg(&base).output().expect("python3");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "openai client failed (install it with `pip install openai`, which `make test` does):\n{stderr}"
+    python(
+        script,
+        &base,
+        "openai client ok",
+        "openai client failed (install it with `pip install openai`, which `make test` does)",
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("openai client ok"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,6 +12,22 @@ mod common;
 use common::*;
 use serde_json::{json, Value};
 
+/// A nats-server, a worker serving `tiny` and `echo`, and an ingress at `base`.
+struct Fleet {
+    base: String,
+    _processes: (Proc, Proc),
+    _setup: Setup,
+    _models: tempfile::TempDir,
+}
+
+async fn fleet() -> Fleet {
+    let models = tempfile::tempdir().unwrap();
+    let s = setup(&config(models.path()));
+    let worker = start_worker(&s.config, &[]).await;
+    let (ingress, base) = start_ingress(&s.config).await;
+    Fleet { base, _processes: (worker, ingress), _setup: s, _models: models }
+}
+
 fn config(dir: &std::path::Path) -> String {
     let model = dir.join("tiny");
     retro_fleet_worker::tiny_model::write(&model, &Default::default()).unwrap();
@@ -28,10 +44,7 @@ fn config(dir: &std::path::Path) -> String {
 /// the field.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openai_client_gets_json_that_fits_its_schema() {
-    let models = tempfile::tempdir().unwrap();
-    let s = setup(&config(models.path()));
-    let _worker = start_worker(&s.config, &[]).await;
-    let (_ingress, base) = start_ingress(&s.config).await;
+    let f = fleet().await;
     let script = r#"
 import json, sys, jsonschema, openai
 c = openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key="unused", max_retries=0)
@@ -81,13 +94,12 @@ except openai.BadRequestError as e:
     assert "logprobs" in str(e), e
 print("structured ok")
 "#;
-    let out = std::process::Command::new("python3").arg("-c").arg(script).arg(&base).output().expect("python3");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "the openai client script failed (`make test` installs openai and jsonschema):\n{stderr}"
+    python(
+        script,
+        &f.base,
+        "structured ok",
+        "the openai client script failed (`make test` installs openai and jsonschema)",
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("structured ok"));
 }
 
 async fn infer(base: &str, params: Value) -> Value {
@@ -107,44 +119,40 @@ fn text(r: &Value) -> &str {
 /// unconstrained one is ever served for the other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bias_penalties_and_constraints_reach_the_model_and_the_cache_keeps_them_apart() {
-    let models = tempfile::tempdir().unwrap();
-    let s = setup(&config(models.path()));
-    let _worker = start_worker(&s.config, &[]).await;
-    let (_ingress, base) = start_ingress(&s.config).await;
+    let f = fleet().await;
+    let base = f.base.as_str();
 
     let greedy = json!({"max_tokens": 24, "temperature": 0});
-    let plain = infer(&base, greedy.clone()).await;
-    let again = infer(&base, greedy.clone()).await;
+    let plain = infer(base, greedy.clone()).await;
+    let again = infer(base, greedy.clone()).await;
     assert_eq!(text(&plain), text(&again));
     assert_ne!(again["cache"], "none", "the same question is answered from the cache: {again}");
 
     // the tiny model's token of byte b is b + 2
     let banned = text(&plain).bytes().next().unwrap();
-    let biased = infer(
-        &base,
-        json!({"max_tokens": 24, "temperature": 0, "logit_bias": {(banned as u32 + 2).to_string(): -100}}),
-    )
-    .await;
+    let biased =
+        infer(base, json!({"max_tokens": 24, "temperature": 0, "logit_bias": {(banned as u32 + 2).to_string(): -100}}))
+            .await;
     assert_eq!(biased["cache"], "none", "not the unbiased answer: {biased}");
     assert!(!text(&biased).as_bytes().contains(&banned), "{:?} still in {:?}", banned as char, text(&biased));
 
-    let penalised = infer(&base, json!({"max_tokens": 24, "temperature": 0, "frequency_penalty": 2.0})).await;
+    let penalised = infer(base, json!({"max_tokens": 24, "temperature": 0, "frequency_penalty": 2.0})).await;
     assert_eq!(penalised["cache"], "none");
     assert_ne!(text(&penalised), text(&plain), "a penalty changes a greedy answer that repeats itself");
 
     // min-p 1 keeps only the likeliest token: sampling becomes greedy
-    let min_p = infer(&base, json!({"max_tokens": 24, "temperature": 1.5, "seed": 3, "min_p": 1.0})).await;
-    let sampled = infer(&base, json!({"max_tokens": 24, "temperature": 1.5, "seed": 3})).await;
+    let min_p = infer(base, json!({"max_tokens": 24, "temperature": 1.5, "seed": 3, "min_p": 1.0})).await;
+    let sampled = infer(base, json!({"max_tokens": 24, "temperature": 1.5, "seed": 3})).await;
     assert_eq!(text(&min_p), text(&plain));
     assert_ne!(text(&sampled), text(&plain));
 
     let regex = json!({"max_tokens": 24, "temperature": 0, "constraint": {"type": "regex", "pattern": "[a-z]{3,6}"}});
-    let constrained = infer(&base, regex.clone()).await;
+    let constrained = infer(base, regex.clone()).await;
     assert_eq!(constrained["cache"], "none", "not the unconstrained answer: {constrained}");
     let t = text(&constrained);
     assert!((3..=6).contains(&t.len()) && t.bytes().all(|b| b.is_ascii_lowercase()), "{t:?}");
     assert_eq!(constrained["output"]["finish_reason"], "stop");
-    let constrained_again = infer(&base, regex.clone()).await;
+    let constrained_again = infer(base, regex.clone()).await;
     assert_eq!(text(&constrained_again), t);
     assert_ne!(constrained_again["cache"], "none");
     // the other way round: constrained first, then the free question is

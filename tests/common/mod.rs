@@ -409,3 +409,12 @@ impl Http {
         (status, r.json().await.unwrap_or_default())
     }
 }
+
+/// Runs the Python `script` with `arg` as its `sys.argv[1]`; the test fails,
+/// showing its stderr and `hint`, unless it exits 0 and prints `done`.
+pub fn python(script: &str, arg: &str, done: &str, hint: &str) {
+    let out = Command::new("python3").arg("-c").arg(script).arg(arg).output().expect("python3");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{hint}:\n{stderr}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains(done));
+}
