@@ -250,10 +250,7 @@ async fn warming_replays_stored_results_into_a_cold_worker() {
 fn chat(id: &str, prompt: &str, mode: CacheMode) -> InferRequest {
     let mut r = greedy(id, "echo", "");
     r.input = Input::Chat {
-        messages: vec![
-            ChatMessage { role: "system".into(), content: "answer briefly".into() },
-            ChatMessage { role: "user".into(), content: prompt.into() },
-        ],
+        messages: vec![ChatMessage::text("system", "answer briefly"), ChatMessage::text("user", prompt)],
     };
     r.cache = mode;
     r

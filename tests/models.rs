@@ -34,7 +34,7 @@ async fn chat_and_completion_over_nats_and_http() {
     completion.params = SamplingParams { max_tokens: Some(7), temperature: Some(0.0), ..Default::default() };
     caller.publish(Priority::High, &completion).await;
     let mut chat = request("c2", "tiny", "");
-    chat.input = Input::Chat { messages: vec![ChatMessage { role: "user".into(), content: "hello".into() }] };
+    chat.input = Input::Chat { messages: vec![ChatMessage::text("user", "hello")] };
     chat.params = SamplingParams { max_tokens: Some(5), temperature: Some(0.0), ..Default::default() };
     caller.publish(Priority::Normal, &chat).await;
     let (results, _) = caller.collect(2, Duration::from_secs(60)).await;

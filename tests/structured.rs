@@ -28,13 +28,17 @@ async fn fleet() -> Fleet {
     Fleet { base, _processes: (worker, ingress), _setup: s, _models: models }
 }
 
+/// `tiny` (its chat template shows tools), `plain` (the same model, its
+/// template does not) and `echo`.
 fn config(dir: &std::path::Path) -> String {
-    let model = dir.join("tiny");
+    let (model, plain) = (dir.join("tiny"), dir.join("plain"));
     retro_fleet_worker::tiny_model::write(&model, &Default::default()).unwrap();
-    format!(
-        "[models.tiny]\nbackend = \"mistralrs\"\npath = \"{}\"\ndefault_max_tokens = 16\n[models.echo]\nbackend = \"echo\"\n",
-        model.display()
-    )
+    let no_tools = retro_fleet_worker::tiny_model::Tiny { tools: false, ..Default::default() };
+    retro_fleet_worker::tiny_model::write(&plain, &no_tools).unwrap();
+    let mistral = |name: &str, path: &std::path::Path| {
+        format!("[models.{name}]\nbackend = \"mistralrs\"\npath = \"{}\"\ndefault_max_tokens = 16\n", path.display())
+    };
+    format!("{}{}[models.echo]\nbackend = \"echo\"\n", mistral("tiny", &model), mistral("plain", &plain))
 }
 
 /// The official client asks for JSON fitting a schema (an object with
@@ -84,7 +88,6 @@ def refused(field, **kw):
     raise SystemExit(f"expected a 400 naming {field}")
 refused("response_format", model="echo", response_format=rf)
 refused("logit_bias", model="echo", logit_bias={"50": -100})
-refused("tools", model="tiny", tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])
 refused("logprobs", model="tiny", logprobs=True, top_logprobs=3)
 refused("n", model="tiny", n=3)
 try:
@@ -178,4 +181,117 @@ async fn bias_penalties_and_constraints_reach_the_model_and_the_cache_keeps_them
         post_json(&format!("{base}/v1/infer"), &json!({"model": "tiny", "prompt": "x", "params": {"min_p": 2.0}}))
             .await;
     assert_eq!((status, r["error"]["param"].as_str()), (422, Some("params.min_p")), "{r}");
+}
+
+/// Function calling through the official client: a named tool choice gets
+/// one call whose arguments fit the function's schema, streamed as they
+/// are decoded and assembling to the same call; `required` gets calls to
+/// the offered tools only (one, without parallel calls); a conversation
+/// carrying a call and its result goes on; the native API gives the same
+/// calls. A model whose template cannot show tools, the echo model, and a
+/// tool choice naming no offered tool are 400s naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_client_gets_tool_calls_that_fit_the_functions() {
+    let f = fleet().await;
+    let script = r#"
+import json, sys, jsonschema, openai
+c = openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key="unused", max_retries=0)
+weather = {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
+           "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["c", "f"]}}}
+add = {"type": "object", "additionalProperties": False, "required": ["a", "b"],
+       "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 999},
+                      "b": {"type": "integer", "minimum": 0, "maximum": 999}}}
+schemas = {"get_weather": weather, "add": add}
+tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": weather}},
+         {"type": "function", "function": {"name": "add", "description": "Adds two numbers", "parameters": add}}]
+named = {"type": "function", "function": {"name": "get_weather"}}
+def ask(prompt, **kw):
+    kw = {"temperature": 0, **kw}
+    return c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompt}],
+                                     max_tokens=120, tools=tools, **kw)
+def streamed(prompt, **kw):
+    calls, pieces = {}, 0
+    for ch in ask(prompt, stream=True, **kw):
+        for tc in (ch.choices[0].delta.tool_calls or []) if ch.choices else []:
+            call = calls.setdefault(tc.index, {"id": None, "name": None, "arguments": ""})
+            call["id"] = tc.id or call["id"]
+            call["name"] = (tc.function.name if tc.function else None) or call["name"]
+            if tc.function and tc.function.arguments:
+                call["arguments"] += tc.function.arguments
+                pieces += 1
+    return [calls[i] for i in sorted(calls)], pieces
+def same(calls, message):
+    # each answer names its calls after its own request
+    assert all(x["id"].startswith("call_") for x in calls) and len({x["id"] for x in calls}) == len(calls), calls
+    assert not {x["id"] for x in calls} & {t.id for t in message.tool_calls}, (calls, message)
+    assert [(x["name"], x["arguments"]) for x in calls] == \
+        [(t.function.name, t.function.arguments) for t in message.tool_calls], (calls, message)
+
+# a named function: one call, its arguments decoded under its schema
+r = ask("weather in Paris?", tool_choice=named)
+m = r.choices[0].message
+assert m.content is None and len(m.tool_calls) == 1 and r.choices[0].finish_reason == "stop", r
+assert m.tool_calls[0].type == "function" and m.tool_calls[0].function.name == "get_weather", m
+jsonschema.validate(json.loads(m.tool_calls[0].function.arguments), weather)
+# streamed: the arguments arrive piece by piece and assemble to the same call
+calls, pieces = streamed("and in Oslo?", tool_choice=named)
+assert pieces > 1, f"the arguments came in {pieces} piece(s)"
+same(calls, ask("and in Oslo?", tool_choice=named).choices[0].message)
+
+# required: calls to the offered tools only, each fitting its function (the
+# random model may list calls until max_tokens: then the complete ones come)
+for prompt, kw in [("add 2 and 3", {}), ("sampled", {"temperature": 0.9, "seed": 5})]:
+    r = ask(prompt, tool_choice="required", **kw)
+    assert r.choices[0].finish_reason in ("tool_calls", "length") and r.choices[0].message.tool_calls, r
+    for t in r.choices[0].message.tool_calls:
+        jsonschema.validate(json.loads(t.function.arguments), schemas[t.function.name])
+r = ask("just one", tool_choice="required", parallel_tool_calls=False)
+assert len(r.choices[0].message.tool_calls) == 1 and r.choices[0].finish_reason == "tool_calls", r
+calls, _ = streamed("streamed list", tool_choice="required")
+same(calls, ask("streamed list", tool_choice="required").choices[0].message)
+
+# the model decides, or is told not to call: a text answer here
+for choice in ["auto", "none"]:
+    r = ask("hello", tool_choice=choice)
+    assert isinstance(r.choices[0].message.content, str) or r.choices[0].message.tool_calls, r
+# the conversation goes on with the call and its result
+call = m.tool_calls[0]
+r = c.chat.completions.create(model="tiny", max_tokens=8, temperature=0, tools=tools, tool_choice="none", messages=[
+    {"role": "user", "content": "weather in Paris?"},
+    {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+    {"role": "tool", "tool_call_id": call.id, "content": "18 degrees"}])
+assert r.choices[0].message.tool_calls is None and r.choices[0].message.content, r
+
+def refused(field, error=openai.BadRequestError, **kw):
+    try:
+        c.chat.completions.create(messages=[{"role": "user", "content": "x"}], max_tokens=4, **kw)
+    except error as e:
+        assert field in str(e), (field, e)
+        return
+    raise SystemExit(f"expected a {error.__name__} naming {field}")
+refused("tools", model="plain", tools=tools)
+refused("tools", model="echo", tools=tools)
+refused("functions", model="tiny", functions=[{"name": "f"}])
+# invalid, like any out-of-range field: 422
+invalid = openai.UnprocessableEntityError
+refused("tool_choice", invalid, model="tiny", tools=tools, tool_choice={"type": "function", "function": {"name": "nope"}})
+refused("tool_choice", invalid, model="tiny", tool_choice="required")
+refused("tool_choice", invalid, model="tiny", tools=tools, tool_choice="required", response_format={"type": "json_object"})
+print("tools ok")
+"#;
+    python(script, &f.base, "tools ok", "the openai client script failed (`make test` installs openai and jsonschema)");
+
+    // the native API: the same fields under `params`, calls in `output.tool_calls`
+    let tools = json!([{"type": "function", "function": {"name": "add",
+        "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}}]);
+    let body = json!({"model": "tiny", "messages": [{"role": "user", "content": "add"}],
+        "params": {"max_tokens": 40, "temperature": 0, "tools": tools,
+                   "tool_choice": {"type": "function", "function": {"name": "add"}}}});
+    let (status, r) = post_json(&format!("{}/v1/infer", f.base), &body).await;
+    assert_eq!(status, 200, "{r}");
+    let call = &r["output"]["tool_calls"][0];
+    assert_eq!((call["type"].as_str(), call["function"]["name"].as_str()), (Some("function"), Some("add")), "{r}");
+    let args: Value = serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert!(args["a"].is_i64(), "{r}");
+    assert_eq!(r["output"]["text"], "", "{r}");
 }

@@ -12,7 +12,7 @@ use std::sync::RwLock;
 
 use sha2::{Digest, Sha256};
 
-use crate::{Input, SamplingParams};
+use crate::{ChatMessage, Input, SamplingParams};
 
 /// A 128-bit cache key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -125,6 +125,30 @@ impl Hasher {
             // the answer writes them in, so it is part of the question
             tagged("constraint", &serde_json::to_vec(c).expect("a constraint is JSON"));
         }
+        if !p.tools.is_empty() {
+            // in order and as received: the template shows them so
+            tagged("tools", &serde_json::to_vec(&p.tools).expect("tools are JSON"));
+        }
+        if let Some(c) = &p.tool_choice {
+            tagged("tool_choice", &serde_json::to_vec(c).expect("a tool choice is JSON"));
+        }
+        if let Some(v) = p.parallel_tool_calls {
+            tagged("parallel_tool_calls", &[v as u8]);
+        }
+    }
+    /// One chat message: its role and text, and the tool fields only when
+    /// set (a message without them keeps the key it always had).
+    fn message(&mut self, m: &ChatMessage) {
+        self.bytes(m.role.as_bytes());
+        self.bytes(m.content.as_bytes());
+        if !m.tool_calls.is_empty() {
+            self.bytes(b"tool_calls");
+            self.bytes(&serde_json::to_vec(&m.tool_calls).expect("tool calls are JSON"));
+        }
+        if let Some(id) = &m.tool_call_id {
+            self.bytes(b"tool_call_id");
+            self.bytes(id.as_bytes());
+        }
     }
     fn finish(self) -> u128 {
         let d = self.0.finalize();
@@ -146,8 +170,7 @@ pub fn exact(scope: &Scope<'_>, params: &SamplingParams, input: &Input) -> Key {
             h.bytes(b"chat");
             h.bytes(&(messages.len() as u64).to_le_bytes());
             for m in messages {
-                h.bytes(m.role.as_bytes());
-                h.bytes(m.content.as_bytes());
+                h.message(m);
             }
         }
     }
@@ -177,8 +200,7 @@ pub fn semantic(scope: &Scope<'_>, params: &SamplingParams, input: &Input) -> Op
             h.bytes(b"chat");
             h.bytes(&(earlier.len() as u64).to_le_bytes());
             for m in earlier {
-                h.bytes(m.role.as_bytes());
-                h.bytes(m.content.as_bytes());
+                h.message(m);
             }
             last.content.clone()
         }
@@ -220,7 +242,6 @@ impl Generations {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ChatMessage;
 
     fn scope(tenant: &str) -> Scope<'_> {
         Scope { tenant, model: "m", revision: "r1", generation: "", adapter: None }
@@ -251,7 +272,7 @@ mod tests {
         assert_ne!(base, exact(&s, &greedy(), &prompt("hi")), "adapter");
         let p = SamplingParams { max_tokens: Some(9), ..greedy() };
         assert_ne!(base, exact(&scope("a"), &p, &prompt("hi")), "max_tokens");
-        let chat = Input::Chat { messages: vec![ChatMessage { role: "user".into(), content: "hi".into() }] };
+        let chat = Input::Chat { messages: vec![ChatMessage::text("user", "hi")] };
         assert_ne!(base, exact(&scope("a"), &greedy(), &chat), "chat vs completion");
     }
 
@@ -278,6 +299,9 @@ mod tests {
         let zeroed = SamplingParams { frequency_penalty: Some(0.0), presence_penalty: Some(0.0), ..greedy() };
         assert_eq!(base, exact(&scope("a"), &zeroed, &prompt("x")));
         let schema = |s: serde_json::Value| Constraint::JsonSchema { schema: s };
+        let tools: Vec<crate::tools::Tool> =
+            serde_json::from_value(serde_json::json!([{"type": "function", "function": {"name": "f"}}])).unwrap();
+        let choice = |c: &str| serde_json::from_value(serde_json::json!(c)).unwrap();
         let variants = [
             SamplingParams { frequency_penalty: Some(0.5), ..greedy() },
             SamplingParams { presence_penalty: Some(0.5), ..greedy() },
@@ -287,6 +311,14 @@ mod tests {
             SamplingParams { constraint: Some(schema(serde_json::json!({"type": "array"}))), ..greedy() },
             SamplingParams { constraint: Some(Constraint::Regex { pattern: "a+".into() }), ..greedy() },
             SamplingParams { constraint: Some(Constraint::Lark { grammar: "a+".into() }), ..greedy() },
+            SamplingParams { tools: tools.clone(), ..greedy() },
+            SamplingParams { tools: tools.clone(), tool_choice: Some(choice("required")), ..greedy() },
+            SamplingParams {
+                tools,
+                tool_choice: Some(choice("required")),
+                parallel_tool_calls: Some(false),
+                ..greedy()
+            },
         ];
         let keys: std::collections::HashSet<Key> =
             variants.iter().map(|p| exact(&scope("a"), p, &prompt("x"))).chain([base]).collect();
@@ -319,7 +351,7 @@ mod tests {
 
     #[test]
     fn semantic_buckets_need_the_same_earlier_turns() {
-        let msg = |role: &str, c: &str| ChatMessage { role: role.into(), content: c.into() };
+        let msg = |role: &str, c: &str| ChatMessage::text(role, c);
         let a = Input::Chat { messages: vec![msg("system", "be brief"), msg("user", "capital of France?")] };
         let b = Input::Chat { messages: vec![msg("system", "be brief"), msg("user", "France's capital?")] };
         let c = Input::Chat { messages: vec![msg("system", "be verbose"), msg("user", "capital of France?")] };

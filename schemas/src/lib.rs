@@ -14,6 +14,7 @@
 //! - [`envelope`]: the request header envelope, written by every publisher and read by workers.
 //! - [`cache_key`]: cache keys and the purge generations they are made under.
 //! - [`stored`]: reading a request's stored result from `FLEET_RESULTS`.
+//! - [`tools`]: function calling: tools offered, the tool choice, calls made.
 //! - [`version`]: [`SCHEMA_VERSION`], the `v` every message carries.
 //!
 //! Messages are MessagePack maps with named fields (so fields can be added)
@@ -31,6 +32,7 @@ pub mod request;
 pub mod result;
 pub mod stored;
 pub mod subjects;
+pub mod tools;
 pub mod version;
 
 pub use chunk::{Splice, StreamChunk};
@@ -40,4 +42,5 @@ pub use priority::Priority;
 pub use registry::{ModelLoad, ModelScaling, PerPriority, WorkerInfo};
 pub use request::{CacheMode, ChatMessage, Constraint, Field, InferRequest, Input, SamplingParams};
 pub use result::{CacheTier, ErrorBody, ErrorCode, InferResult, Output, Status, Timings, Usage};
+pub use tools::{ToolCall, ToolPlan};
 pub use version::SCHEMA_VERSION;

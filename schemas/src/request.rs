@@ -1,11 +1,13 @@
 //! The inference request.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::result::ErrorCode;
+use crate::tools::{self, Tool, ToolCall, ToolChoice, ToolMode, ToolPlan, MAX_TOOLS};
 
 /// An inference request, published to `fleet.req.<priority>.<model>`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -59,9 +61,9 @@ pub enum Input {
 
 impl InferRequest {
     /// Bytes of caller text the limits count: the prompt's (see
-    /// [`Input::text_len`]) and the constraint's.
+    /// [`Input::text_len`]), the constraint's and the tools'.
     pub fn counted_len(&self) -> usize {
-        self.input.text_len() + self.params.constraint.as_ref().map_or(0, Constraint::len)
+        self.input.text_len() + self.params.shaping_len()
     }
 }
 
@@ -71,7 +73,7 @@ impl Input {
     pub fn text_len(&self) -> usize {
         match self {
             // the role reaches the model too (the chat template writes it)
-            Input::Chat { messages } => messages.iter().map(|m| m.role.len() + m.content.len()).sum(),
+            Input::Chat { messages } => messages.iter().map(ChatMessage::text_len).sum(),
             Input::Completion { prompt } => prompt.len(),
         }
     }
@@ -89,8 +91,30 @@ pub struct ChatMessage {
     /// prompt verbatim).
     #[schemars(extend("enum" = CHAT_ROLES))]
     pub role: String,
-    /// Message text.
+    /// Message text (empty for an assistant turn that only called tools).
+    #[serde(default)]
     pub content: String,
+    /// The calls an `assistant` turn made.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// The call a `tool` message answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+}
+
+impl ChatMessage {
+    /// A message with text only.
+    pub fn text(role: impl Into<String>, content: impl Into<String>) -> Self {
+        ChatMessage { role: role.into(), content: content.into(), tool_calls: Vec::new(), tool_call_id: None }
+    }
+
+    /// Bytes of caller text the message carries (what limits count).
+    pub fn text_len(&self) -> usize {
+        self.role.len()
+            + self.content.len()
+            + self.tool_calls.iter().map(ToolCall::len).sum::<usize>()
+            + self.tool_call_id.as_ref().map_or(0, String::len)
+    }
 }
 
 /// Sampling parameters; absent fields take the model's defaults.
@@ -142,6 +166,19 @@ pub struct SamplingParams {
     /// `response_format` maps onto it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub constraint: Option<Constraint>,
+    /// Functions the model may call (OpenAI's `tools`); chat requests only.
+    /// The model's chat template shows them to it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tools: Vec<Tool>,
+    /// `none`, `auto` (the default with tools), `required`, or
+    /// `{"type": "function", "function": {"name": ...}}`. A required or
+    /// named call is decoded under the functions' parameter schemas, and
+    /// the result carries `output.tool_calls`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_choice: Option<ToolChoice>,
+    /// With `tool_choice: required`, `false` allows one call only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallel_tool_calls: Option<bool>,
 }
 
 /// A grammar the output is decoded under: every token the model may pick
@@ -201,7 +238,9 @@ impl SamplingParams {
     /// without a real sampler (echo, synthetic) cannot honour.
     pub fn beyond_basic(&self) -> Option<Field> {
         let field = |native, openai| Some(Field { native, openai });
-        if self.constraint.is_some() {
+        if !self.tools.is_empty() {
+            field("params.tools", "tools")
+        } else if self.constraint.is_some() {
             field("params.constraint", "response_format")
         } else if self.frequency_penalty.is_some_and(|v| v != 0.0) {
             field("params.frequency_penalty", "frequency_penalty")
@@ -291,15 +330,34 @@ impl InferRequest {
                     format!("message {i} has role `{shown}`; a role is one of {}", CHAT_ROLES.join(", ")),
                 ));
             }
+            if let Some(i) = messages.iter().position(|m| !m.tool_calls.is_empty() && m.role != "assistant") {
+                return Err(Invalid::field(
+                    "input.messages.tool_calls",
+                    format!("message {i} has `tool_calls`; only an `assistant` message calls tools"),
+                ));
+            }
+            if let Some(i) = messages.iter().position(|m| m.tool_call_id.is_some() && m.role != "tool") {
+                return Err(Invalid::field(
+                    "input.messages.tool_call_id",
+                    format!("message {i} has `tool_call_id`; only a `tool` message answers a call"),
+                ));
+            }
+        } else if !self.params.tools.is_empty() {
+            return Err(Invalid::field("params.tools", "`params.tools` needs chat input (`input.messages`)"));
         }
         let len = self.counted_len();
         if len > max_prompt_bytes {
-            // the constraint's bytes count too: name it when it tips the scale
+            // the constraint's and tools' bytes count too: name them when
+            // they tip the scale
             let text = self.input.text_len();
-            let field = if text > max_prompt_bytes { "input" } else { "params.constraint" };
+            let field = match (text > max_prompt_bytes, self.params.tools.is_empty()) {
+                (true, _) => "input",
+                (false, true) => "params.constraint",
+                (false, false) => "params.tools",
+            };
             let of = match len - text {
                 0 => String::new(),
-                n => format!(" ({n} of them the constraint's)"),
+                n => format!(" ({n} of them the constraint's and tools')"),
             };
             return Err(Invalid::new(
                 ErrorCode::PromptTooLarge,
@@ -318,6 +376,79 @@ impl InferRequest {
             }
         }
         self.params.validate_extras()
+    }
+}
+
+impl SamplingParams {
+    /// How the answer is decoded, given the tools and the tool choice
+    /// (see [`crate::tools`]).
+    pub fn tool_plan(&self) -> ToolPlan<'_> {
+        tools::plan(&self.tools, self.tool_choice.as_ref())
+    }
+
+    /// The grammar the answer is decoded under: the request's constraint,
+    /// or the one a forced or required tool call makes.
+    pub fn answer_constraint(&self) -> Option<Cow<'_, Constraint>> {
+        if let Some(c) = &self.constraint {
+            return Some(Cow::Borrowed(c));
+        }
+        let schema = tools::schema(self.tool_plan(), &self.tools, self.parallel_tool_calls)?;
+        Some(Cow::Owned(Constraint::JsonSchema { schema }))
+    }
+
+    /// The calls a decoded answer `text` to request `id` makes, when its
+    /// tool choice forced them (see [`tools::calls`]).
+    pub fn tool_calls(&self, id: &str, text: &str) -> Option<Vec<ToolCall>> {
+        tools::calls(self.tool_plan(), id, text)
+    }
+
+    /// Bytes of caller text beyond the prompt: the constraint's and the
+    /// tools' (each as JSON).
+    pub fn shaping_len(&self) -> usize {
+        self.constraint.as_ref().map_or(0, Constraint::len)
+            + self.tools.iter().map(|t| serde_json::to_vec(t).map_or(0, |v| v.len())).sum::<usize>()
+    }
+
+    fn validate_tools(&self) -> Result<(), Invalid> {
+        let field = "params.tools";
+        if self.tools.len() > MAX_TOOLS {
+            return Err(Invalid::field(field, format!("{} tools; at most {MAX_TOOLS}", self.tools.len())));
+        }
+        for (i, t) in self.tools.iter().enumerate() {
+            let f = &t.function;
+            if f.name.is_empty() || f.name.len() > 64 || !crate::subjects::is_token(&f.name) {
+                let shown: String = f.name.chars().take(40).collect();
+                return Err(Invalid::field(
+                    field,
+                    format!("tool {i} is named `{shown}`; a name is 1-64 characters from [A-Za-z0-9_-]"),
+                ));
+            }
+            if self.tools[..i].iter().any(|o| o.function.name == f.name) {
+                return Err(Invalid::field(field, format!("two tools are named `{}`", f.name)));
+            }
+            if f.parameters.as_ref().is_some_and(|p| !p.is_object()) {
+                return Err(Invalid::field(
+                    field,
+                    format!("`parameters` of tool `{}` must be a JSON Schema object", f.name),
+                ));
+            }
+        }
+        let choice = "params.tool_choice";
+        match (&self.tool_choice, self.tool_plan()) {
+            (Some(ToolChoice::Named(n)), ToolPlan::Text) => {
+                let shown: String = n.function.name.chars().take(40).collect();
+                Err(Invalid::field(choice, format!("`tool_choice` names `{shown}`, which is not among `tools`")))
+            }
+            (Some(ToolChoice::Mode(ToolMode::Required)), ToolPlan::Text) => {
+                Err(Invalid::field(choice, "`tool_choice: required` needs `tools`"))
+            }
+            (_, ToolPlan::Forced(_) | ToolPlan::Required) if self.constraint.is_some() => Err(Invalid::field(
+                choice,
+                "a required or named `tool_choice` decodes the answer under the tools' schemas; \
+                 it cannot be combined with `params.constraint` (OpenAI `response_format`)",
+            )),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -348,6 +479,7 @@ impl SamplingParams {
                 format!("`params.logit_bias` of token {t} must be within -100..=100"),
             ));
         }
+        self.validate_tools()?;
         match &self.constraint {
             Some(Constraint::JsonSchema { schema }) if !schema.is_object() => {
                 Err(Invalid::field("params.constraint", "`params.constraint.schema` must be a JSON Schema object"))
@@ -370,7 +502,7 @@ mod tests {
             id: "r1".into(),
             model: "m".into(),
             adapter: None,
-            input: Input::Chat { messages: vec![ChatMessage { role: role.into(), content: "hi".into() }] },
+            input: Input::Chat { messages: vec![ChatMessage::text(role, "hi")] },
             params: Default::default(),
             stream: false,
             cache: Default::default(),
@@ -390,5 +522,44 @@ mod tests {
             assert_eq!((e.code, e.field), (ErrorCode::InvalidRequest, Some("input.messages.role")), "{role:?}");
             assert!(e.message.len() < 200, "the message quotes a bounded part of the role: {}", e.message);
         }
+    }
+
+    #[test]
+    fn tools_are_checked_where_they_are_read() {
+        let tools = |names: &[&str]| -> Vec<Tool> {
+            names
+                .iter()
+                .map(|n| serde_json::from_value(serde_json::json!({"function": {"name": n}})).unwrap())
+                .collect()
+        };
+        let field = |r: &InferRequest| r.validate(usize::MAX).err().and_then(|e| e.field);
+        let mut r = chat("user");
+        r.params.tools = tools(&["add", "get_weather"]);
+        assert_eq!(field(&r), None);
+        r.params.tool_choice = serde_json::from_value(serde_json::json!("required")).unwrap();
+        assert_eq!(field(&r), None);
+        r.params.constraint = Some(Constraint::Regex { pattern: "a".into() });
+        assert_eq!(field(&r), Some("params.tool_choice"), "two grammars for one answer");
+        r.params.constraint = None;
+        r.params.tool_choice = serde_json::from_value(serde_json::json!({"function": {"name": "nope"}})).unwrap();
+        assert_eq!(field(&r), Some("params.tool_choice"));
+        for bad in [&["add", "add"][..], &["a b"], &[""]] {
+            r.params.tools = tools(bad);
+            assert_eq!(field(&r), Some("params.tools"), "{bad:?}");
+        }
+        let mut completion = chat("user");
+        completion.input = Input::Completion { prompt: "x".into() };
+        completion.params.tools = tools(&["add"]);
+        assert_eq!(field(&completion), Some("params.tools"));
+        let mut call = chat("user");
+        if let Input::Chat { messages } = &mut call.input {
+            messages[0].tool_calls = vec![crate::tools::call_of("r", 0, "add", "{}".into())];
+        }
+        assert_eq!(field(&call), Some("input.messages.tool_calls"), "only an assistant calls");
+        // the tools' bytes count against the size limit
+        let mut big = chat("user");
+        big.params.tools = tools(&["add"]);
+        let e = big.validate(big.input.text_len() + 5).unwrap_err();
+        assert_eq!((e.code, e.field), (ErrorCode::PromptTooLarge, Some("params.tools")));
     }
 }

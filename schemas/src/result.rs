@@ -76,13 +76,43 @@ pub enum Status {
     Error,
 }
 
-/// Generated text.
+/// Generated text, and the tool calls the model made.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Output {
-    /// The text.
+    /// The text: empty when the whole answer is tool calls.
     pub text: String,
-    /// `stop`, `length`, ...
+    /// `stop`, `length` or `tool_calls`.
     pub finish_reason: String,
+    /// The calls the model made (see `params.tools`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<crate::tools::ToolCall>,
+}
+
+impl Output {
+    /// A text answer.
+    pub fn text(text: impl Into<String>, finish_reason: impl Into<String>) -> Self {
+        Output { text: text.into(), finish_reason: finish_reason.into(), tool_calls: Vec::new() }
+    }
+
+    /// This answer given to request `id` (a cached one, made for another
+    /// request): its calls named after `id`, so two answers from one cache
+    /// entry never share a call id.
+    pub fn for_request(mut self, id: &str) -> Output {
+        for (i, c) in self.tool_calls.iter_mut().enumerate() {
+            c.id = crate::tools::call_of(id, i, "", String::new()).id;
+        }
+        self
+    }
+
+    /// Bytes of text the answer holds, its calls' included.
+    pub fn len(&self) -> usize {
+        self.text.len() + self.tool_calls.iter().map(crate::ToolCall::len).sum::<usize>()
+    }
+
+    /// Whether the answer holds no text and no calls.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// Token counts.

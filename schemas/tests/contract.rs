@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use retro_fleet_schemas::tools::{call_of, ToolChoice, ToolMode};
 use retro_fleet_schemas::*;
 
 fn dir(sub: &str) -> PathBuf {
@@ -60,8 +61,16 @@ fn golden_request() -> InferRequest {
         adapter: Some("support-bot".into()),
         input: Input::Chat {
             messages: vec![
-                ChatMessage { role: "system".into(), content: "Be brief.".into() },
-                ChatMessage { role: "user".into(), content: "What is NATS?".into() },
+                ChatMessage::text("system", "Be brief."),
+                ChatMessage::text("user", "What is NATS?"),
+                ChatMessage {
+                    tool_calls: vec![call_of("01JDQ3Z6W5XK0B1Q2R3S4T5V6V", 0, "search", r#"{"q":"NATS"}"#.into())],
+                    ..ChatMessage::text("assistant", "")
+                },
+                ChatMessage {
+                    tool_call_id: Some("call_01JDQ3Z6W5XK0B1Q2R3S4T5V6V_0".into()),
+                    ..ChatMessage::text("tool", "A connective technology.")
+                },
             ],
         },
         params: SamplingParams {
@@ -82,6 +91,12 @@ fn golden_request() -> InferRequest {
                 schema: serde_json::json!({"properties": {"answer": {"maxLength": 64, "type": "string"}},
                     "required": ["answer"], "type": "object"}),
             }),
+            tools: serde_json::from_value(serde_json::json!([{"type": "function", "function": {
+                "name": "search", "description": "Searches the docs.",
+                "parameters": {"properties": {"q": {"type": "string"}}, "required": ["q"], "type": "object"}}}]))
+            .unwrap(),
+            tool_choice: Some(ToolChoice::Mode(ToolMode::Auto)),
+            parallel_tool_calls: Some(true),
         },
         stream: true,
         cache: CacheMode::Refresh,
@@ -98,7 +113,10 @@ fn golden_result() -> InferResult {
         model_revision: Some("sha256:2c1f0e".into()),
         adapter: Some("support-bot".into()),
         status: Status::Ok,
-        output: Some(Output { text: "A messaging system.".into(), finish_reason: "stop".into() }),
+        output: Some(Output {
+            tool_calls: vec![call_of("01JDQ3Z6W5XK0B1Q2R3S4T5V6W", 0, "search", r#"{"q":"JetStream"}"#.into())],
+            ..Output::text("A messaging system.", "tool_calls")
+        }),
         usage: Some(Usage { prompt_tokens: 12, completion_tokens: 5, total_tokens: 17 }),
         cache: CacheTier::Memory,
         cache_similarity: None,

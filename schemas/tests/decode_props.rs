@@ -4,6 +4,9 @@
 //! encode/decode round trip. `PROPTEST_CASES=100000` runs longer.
 
 use proptest::prelude::*;
+use retro_fleet_schemas::tools::{
+    call_of, Function, FunctionName, NamedTool, Tool, ToolCall, ToolChoice, ToolKind, ToolMode,
+};
 use retro_fleet_schemas::*;
 use serde::de::DeserializeOwned;
 
@@ -25,8 +28,19 @@ fn finite() -> impl Strategy<Value = f64> {
 fn input() -> impl Strategy<Value = Input> {
     prop_oneof![
         text().prop_map(|prompt| Input::Completion { prompt }),
-        prop::collection::vec((text(), text()), 0..4).prop_map(|m| Input::Chat {
-            messages: m.into_iter().map(|(role, content)| ChatMessage { role, content }).collect()
+        prop::collection::vec(
+            (text(), text(), prop::collection::vec(tool_call(), 0..2), prop::option::of(text())),
+            0..4
+        )
+        .prop_map(|m| Input::Chat {
+            messages: m
+                .into_iter()
+                .map(|(role, content, tool_calls, tool_call_id)| ChatMessage {
+                    tool_calls,
+                    tool_call_id,
+                    ..ChatMessage::text(role, content)
+                })
+                .collect()
         }),
     ]
 }
@@ -55,10 +69,12 @@ fn params() -> impl Strategy<Value = SamplingParams> {
         prop::option::of(finite()),
         prop::option::of(constraint()),
     );
-    (basic, shaping).prop_map(
+    let tools = (prop::collection::vec(tool(), 0..3), prop::option::of(tool_choice()), any::<Option<bool>>());
+    (basic, shaping, tools).prop_map(
         |(
             (max_tokens, temperature, top_p, top_k, seed, stop),
             (frequency_penalty, presence_penalty, logit_bias, min_p, constraint),
+            (tools, tool_choice, parallel_tool_calls),
         )| SamplingParams {
             max_tokens,
             temperature,
@@ -71,8 +87,41 @@ fn params() -> impl Strategy<Value = SamplingParams> {
             logit_bias,
             min_p,
             constraint,
+            tools,
+            tool_choice,
+            parallel_tool_calls,
         },
     )
+}
+
+fn tool() -> impl Strategy<Value = Tool> {
+    (token(), prop::option::of(text()), prop::option::of((text(), finite())), any::<Option<bool>>()).prop_map(
+        |(name, description, parameters, strict)| Tool {
+            kind: ToolKind::Function,
+            function: Function {
+                name,
+                description,
+                parameters: parameters.map(|(k, v)| serde_json::json!({ k: v })),
+                strict,
+            },
+        },
+    )
+}
+
+fn tool_choice() -> impl Strategy<Value = ToolChoice> {
+    prop_oneof![
+        Just(ToolChoice::Mode(ToolMode::None)),
+        Just(ToolChoice::Mode(ToolMode::Auto)),
+        Just(ToolChoice::Mode(ToolMode::Required)),
+        token().prop_map(|name| ToolChoice::Named(NamedTool {
+            kind: ToolKind::Function,
+            function: FunctionName { name }
+        })),
+    ]
+}
+
+fn tool_call() -> impl Strategy<Value = ToolCall> {
+    (token(), any::<u8>(), token(), text()).prop_map(|(id, i, name, args)| call_of(&id, i as usize, &name, args))
 }
 
 fn cache_mode() -> impl Strategy<Value = CacheMode> {
@@ -124,7 +173,10 @@ fn code() -> impl Strategy<Value = ErrorCode> {
 }
 
 fn result() -> impl Strategy<Value = InferResult> {
-    let output = prop::option::of((text(), token()).prop_map(|(text, finish_reason)| Output { text, finish_reason }));
+    let output = prop::option::of(
+        (text(), token(), prop::collection::vec(tool_call(), 0..2))
+            .prop_map(|(text, finish_reason, tool_calls)| Output { tool_calls, ..Output::text(text, finish_reason) }),
+    );
     let usage = prop::option::of((any::<u32>(), any::<u32>(), any::<u32>()).prop_map(|(p, c, t)| Usage {
         prompt_tokens: p,
         completion_tokens: c,

@@ -95,7 +95,7 @@ impl AnswerCache {
         )?;
         let entries = foyer::CacheBuilder::new(cfg.memory_bytes.max(1 << 16))
             .with_weighter(|_: &u128, e: &Arc<Entry>| {
-                256 + e.output.text.len() + e.model_revision.as_ref().map_or(0, String::len) + e.worker.len()
+                256 + e.output.len() + e.model_revision.as_ref().map_or(0, String::len) + e.worker.len()
             })
             .build();
         Ok(AnswerCache { cfg, entries, generations: Default::default(), revisions: Default::default(), counts, bytes })
@@ -141,7 +141,7 @@ impl AnswerCache {
             model_revision: e.model_revision.clone(),
             adapter: p.req.adapter.clone(),
             status: Status::Ok,
-            output: Some(e.output.clone()),
+            output: Some(e.output.clone().for_request(&p.req.id)),
             usage: Some(e.usage.clone()),
             cache: CacheTier::Ingress,
             cache_similarity: None,
@@ -233,7 +233,7 @@ mod tests {
         r.status = Status::Ok;
         r.error = None;
         r.model_revision = Some(revision.into());
-        r.output = Some(Output { text: "hi".into(), finish_reason: "stop".into() });
+        r.output = Some(Output::text("hi", "stop"));
         r.usage = Some(Usage { prompt_tokens: 1, completion_tokens: 1, total_tokens: 2 });
         r
     }

@@ -18,12 +18,13 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::Stream;
-use retro_fleet_schemas::{ErrorCode, Status};
+use retro_fleet_schemas::tools::call_of;
+use retro_fleet_schemas::{ErrorCode, InferRequest, InferResult, Status, ToolCall, ToolPlan};
 use serde_json::{json, Value};
 
 use super::auth::Principal;
 use super::error::ApiError;
-use super::openai_shapes::{chat_draft, chunk, completion_draft, object, usage, Kind};
+use super::openai_shapes::{chat_draft, chunk, completion_draft, object, tool_chunk, usage, Kind};
 use super::replies::{Next, Reply, Streamed, Waiter};
 use super::request_id::with_request_id;
 use super::sse::task_stream;
@@ -70,7 +71,9 @@ async fn respond(
     let resp = if prepared.req.stream {
         match submit::open_stream(&state, &prepared).await {
             Ok(waiter) => {
-                sse(waiter, prepared.timeout, kind, prepared.req.model.clone(), include_usage, prepared.req.id.clone())
+                let streams = Streams::of(&prepared.req);
+                let model = prepared.req.model.clone();
+                sse(waiter, prepared.timeout, kind, model, include_usage, prepared.req.id.clone(), streams)
                     .into_response()
             }
             Err(e) => e.into_response(),
@@ -87,6 +90,69 @@ async fn respond(
     with_request_id(resp, &prepared.req.id)
 }
 
+/// What a worker's streamed text is to an OpenAI chat stream, as the
+/// request's tool choice decides.
+enum Streams {
+    /// The answer's content.
+    Content,
+    /// The arguments of the one call the tool choice named: streamed as
+    /// they are decoded, under that call's id and name.
+    Arguments(ToolCall),
+    /// A list of calls being decoded: held, and sent as calls with the result.
+    Held,
+}
+
+impl Streams {
+    fn of(req: &InferRequest) -> Streams {
+        match req.params.tool_plan() {
+            ToolPlan::Forced(f) => Streams::Arguments(call_of(&req.id, 0, &f.name, String::new())),
+            ToolPlan::Required => Streams::Held,
+            ToolPlan::Text | ToolPlan::Auto => Streams::Content,
+        }
+    }
+
+    /// The chunk forwarding `delta`, if it is forwarded.
+    fn forward(&self, kind: Kind, id: &str, model: &str, delta: &str, first: bool) -> Option<Value> {
+        match self {
+            Streams::Content => Some(chunk(kind, id, model, Some(delta), None, first)),
+            Streams::Arguments(call) => {
+                let head = first.then_some((call.id.as_str(), call.function.name.as_str()));
+                Some(tool_chunk(id, model, &[(0, head, delta)], first))
+            }
+            Streams::Held => None,
+        }
+    }
+
+    /// The chunks that send what `r` holds beyond what was `streamed`.
+    fn rest(&self, kind: Kind, r: &InferResult, model: &str, streamed: &str, first: bool) -> Vec<Value> {
+        let text = r.output.as_ref().map_or("", |o| o.text.as_str());
+        let calls = r.output.as_ref().map_or(&[][..], |o| o.tool_calls.as_slice());
+        let mut out = Vec::new();
+        if let (Streams::Arguments(_), [call]) = (self, calls) {
+            let rest = call.function.arguments.strip_prefix(streamed).unwrap_or_default();
+            if first || !rest.is_empty() {
+                let head = first.then_some((call.id.as_str(), call.function.name.as_str()));
+                out.push(tool_chunk(&r.id, model, &[(0, head, rest)], first));
+            }
+            return out;
+        }
+        // held text was never sent: all of it is the rest
+        let sent = if matches!(self, Streams::Held) { "" } else { streamed };
+        if let Some(rest) = text.strip_prefix(sent).filter(|rest| !rest.is_empty()) {
+            out.push(chunk(kind, &r.id, model, Some(rest), None, first));
+        }
+        if !calls.is_empty() {
+            let parts: Vec<_> = calls
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (i, Some((c.id.as_str(), c.function.name.as_str())), c.function.arguments.as_str()))
+                .collect();
+            out.push(tool_chunk(&r.id, model, &parts, first && out.is_empty()));
+        }
+        out
+    }
+}
+
 /// Chunks in OpenAI's shape, the final chunk with `finish_reason`, an
 /// optional usage chunk, then `data: [DONE]`. An error mid-stream is sent as
 /// a `data: {"error": ...}` event before `[DONE]`, as OpenAI does.
@@ -97,6 +163,7 @@ fn sse(
     model: String,
     include_usage: bool,
     id: String,
+    streams: Streams,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let stream = task_stream(move |tx| async move {
         let deadline = tokio::time::Instant::now() + timeout;
@@ -111,10 +178,12 @@ fn sse(
                     // `done` is said by the chunk with `finish_reason`, after the result
                     Next::Forward(c) if c.done => {}
                     Next::Forward(c) => {
-                        if tx.send(send(chunk(kind, &c.id, &model, Some(&c.delta), None, first))).await.is_err() {
-                            return;
+                        if let Some(v) = streams.forward(kind, &c.id, &model, &c.delta, first) {
+                            if tx.send(send(v)).await.is_err() {
+                                return;
+                            }
+                            first = false;
                         }
-                        first = false;
                     }
                     Next::Skip => {}
                     Next::Diverged => {
@@ -130,11 +199,8 @@ fn sse(
                             let _ = tx.send(send(body)).await;
                         }
                         _ => {
-                            let text = r.output.as_ref().map_or("", |o| o.text.as_str());
-                            if let Some(rest) =
-                                text.strip_prefix(streamed.text.as_str()).filter(|rest| !rest.is_empty())
-                            {
-                                let _ = tx.send(send(chunk(kind, &r.id, &model, Some(rest), None, first))).await;
+                            for v in streams.rest(kind, &r, &model, &streamed.text, first) {
+                                let _ = tx.send(send(v)).await;
                                 first = false;
                             }
                             let finish =

@@ -10,7 +10,8 @@
 use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use retro_fleet_schemas::{ChatMessage, Constraint, ErrorCode, InferResult, Input, SamplingParams};
+use retro_fleet_schemas::tools::{Tool, ToolChoice};
+use retro_fleet_schemas::{ChatMessage, Constraint, ErrorCode, InferResult, Input, SamplingParams, ToolCall};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -56,6 +57,16 @@ struct Message {
     role: String,
     #[serde(default)]
     content: Option<Content>,
+    /// The calls an assistant turn made.
+    #[serde(default)]
+    tool_calls: Option<Vec<ToolCall>>,
+    /// The call a tool message answers.
+    #[serde(default)]
+    tool_call_id: Option<String>,
+    /// A participant's name: accepted without effect.
+    #[serde(default)]
+    #[allow(dead_code)]
+    name: Option<String>,
 }
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
@@ -148,9 +159,12 @@ struct Common {
     #[serde(default)]
     top_logprobs: Option<u32>,
     #[serde(default)]
-    tools: Option<Vec<Value>>,
+    tools: Option<Vec<Tool>>,
     #[serde(default)]
-    tool_choice: Option<Value>,
+    tool_choice: Option<ToolChoice>,
+    #[serde(default)]
+    parallel_tool_calls: Option<bool>,
+    /// The deprecated form of `tools`: refused, naming `tools`.
     #[serde(default)]
     functions: Option<Vec<Value>>,
     #[serde(default)]
@@ -248,6 +262,9 @@ fn draft(common: Common, input: Input) -> Result<(Draft, bool), ApiError> {
         logit_bias,
         min_p: common.min_p,
         constraint: common.response_format.and_then(ResponseFormat::into_constraint),
+        tools: common.tools.unwrap_or_default(),
+        tool_choice: common.tool_choice,
+        parallel_tool_calls: common.parallel_tool_calls,
     };
     let draft = Draft {
         model: common.model,
@@ -280,14 +297,8 @@ fn refuse_unhonoured(c: &Common) -> Result<(), ApiError> {
     if c.top_logprobs.is_some_and(|n| n > 0) {
         return refused("top_logprobs", "results carry no log probabilities");
     }
-    if c.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-        return refused("tools", "models here do not call tools");
-    }
     if c.functions.as_ref().is_some_and(|f| !f.is_empty()) {
-        return refused("functions", "models here do not call tools");
-    }
-    if c.tool_choice.as_ref().is_some_and(|t| !t.is_null() && t != &json!("none") && t != &json!("auto")) {
-        return refused("tool_choice", "models here do not call tools");
+        return refused("functions", "send them as `tools` (each `{\"type\": \"function\", \"function\": ...}`)");
     }
     if c.best_of.is_some_and(|n| n > 1) {
         return refused("best_of", "send `best_of: 1`");
@@ -319,7 +330,11 @@ pub fn chat_draft(body: &[u8]) -> Result<(Draft, bool), ApiError> {
                     parts.into_iter().filter_map(|p| p.text).collect::<Vec<_>>().join("")
                 }
             };
-            messages.push(ChatMessage { role: m.role, content });
+            messages.push(ChatMessage {
+                tool_calls: m.tool_calls.unwrap_or_default(),
+                tool_call_id: m.tool_call_id,
+                ..ChatMessage::text(m.role, content)
+            });
         }
         draft(r.common, Input::Chat { messages })
     })
@@ -352,12 +367,23 @@ pub fn usage(r: &InferResult) -> Value {
 pub fn object(kind: Kind, r: &InferResult) -> Value {
     let (text, finish) = r.output.as_ref().map(|o| (o.text.as_str(), o.finish_reason.as_str())).unwrap_or(("", "stop"));
     match kind {
-        Kind::Chat => json!({
-            "id": kind.id(&r.id), "object": "chat.completion", "created": now(), "model": r.model,
-            "system_fingerprint": r.model_revision,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": finish}],
-            "usage": usage(r),
-        }),
+        Kind::Chat => {
+            let calls = r.output.as_ref().map_or(&[][..], |o| o.tool_calls.as_slice());
+            let mut message = json!({"role": "assistant", "content": text});
+            if !calls.is_empty() {
+                // OpenAI's: no content beside calls unless the model wrote some
+                if text.is_empty() {
+                    message["content"] = Value::Null;
+                }
+                message["tool_calls"] = json!(calls);
+            }
+            json!({
+                "id": kind.id(&r.id), "object": "chat.completion", "created": now(), "model": r.model,
+                "system_fingerprint": r.model_revision,
+                "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": finish}],
+                "usage": usage(r),
+            })
+        }
         Kind::Completion => json!({
             "id": kind.id(&r.id), "object": "text_completion", "created": now(), "model": r.model,
             "system_fingerprint": r.model_revision,
@@ -372,16 +398,43 @@ pub fn chunk(kind: Kind, id: &str, model: &str, delta: Option<&str>, finish: Opt
     match kind {
         Kind::Chat => {
             let mut d = serde_json::Map::new();
-            if first {
-                d.insert("role".into(), json!("assistant"));
-            }
             if let Some(t) = delta {
                 d.insert("content".into(), json!(t));
             }
-            json!({"id": kind.id(id), "object": "chat.completion.chunk", "created": now(), "model": model,
-                   "choices": [{"index": 0, "delta": d, "logprobs": null, "finish_reason": finish}]})
+            chat_chunk(id, model, d, finish, first)
         }
         Kind::Completion => json!({"id": kind.id(id), "object": "text_completion", "created": now(), "model": model,
                    "choices": [{"index": 0, "text": delta.unwrap_or(""), "logprobs": null, "finish_reason": finish}]}),
     }
+}
+
+/// A `chat.completion.chunk` with `delta` (its role added to the first).
+fn chat_chunk(
+    id: &str,
+    model: &str,
+    mut delta: serde_json::Map<String, Value>,
+    finish: Option<&str>,
+    first: bool,
+) -> Value {
+    if first {
+        delta.insert("role".into(), json!("assistant"));
+    }
+    json!({"id": Kind::Chat.id(id), "object": "chat.completion.chunk", "created": now(), "model": model,
+           "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]})
+}
+
+/// A chat chunk carrying tool calls, whole or in part: `calls` as
+/// `(index, id and name when first seen, arguments text)`.
+pub fn tool_chunk(id: &str, model: &str, calls: &[(usize, Option<(&str, &str)>, &str)], first: bool) -> Value {
+    let calls: Vec<Value> = calls
+        .iter()
+        .map(|(index, head, arguments)| match head {
+            Some((call_id, name)) => json!({"index": index, "id": call_id, "type": "function",
+                                            "function": {"name": name, "arguments": arguments}}),
+            None => json!({"index": index, "function": {"arguments": arguments}}),
+        })
+        .collect();
+    let mut d = serde_json::Map::new();
+    d.insert("tool_calls".into(), Value::Array(calls));
+    chat_chunk(id, model, d, None, first)
 }

@@ -11,7 +11,8 @@
 //!   ByteLevel (the grammar library refuses others): a byte-level BPE with
 //!   the 256 byte tokens plus `<s>` and `</s>`.
 //! - `tokenizer_config.json` whose `eos_token` is in the vocabulary, with a
-//!   `chat_template` for chat requests.
+//!   `chat_template` for chat requests (showing tools, unless `tools` is
+//!   off).
 //!
 //! Only the printable-ASCII rows of `lm_head` are non-zero, so output is
 //! always printable text and the end token is practically never chosen:
@@ -37,11 +38,19 @@ pub struct Tiny {
     pub kv_heads: usize,
     /// Longest sequence (prompt + output) in tokens.
     pub max_pos: usize,
+    /// Whether the chat template shows tools and tool calls to the model.
+    pub tools: bool,
 }
+
+/// A chat template that writes each message as `role: content`.
+const TEMPLATE: &str = "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}";
+
+/// [`TEMPLATE`] with the tools first, and each message's tool calls.
+const TOOLS_TEMPLATE: &str = "{{ bos_token }}{% if tools %}tools: {{ tools | tojson }}\n{% endif %}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% if m['tool_calls'] %} calls {{ m['tool_calls'] | tojson }}{% endif %}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}";
 
 impl Default for Tiny {
     fn default() -> Self {
-        Tiny { hidden: 64, inter: 128, layers: 2, heads: 4, kv_heads: 2, max_pos: 2048 }
+        Tiny { hidden: 64, inter: 128, layers: 2, heads: 4, kv_heads: 2, max_pos: 2048, tools: true }
     }
 }
 
@@ -96,11 +105,15 @@ pub fn write(dir: &Path, t: &Tiny) -> std::io::Result<()> {
                   "ignore_merges": false, "vocab": vocab, "merges": []}
     });
     std::fs::write(dir.join("tokenizer.json"), serde_json::to_vec_pretty(&tok).map_err(io_err)?)?;
-    std::fs::write(dir.join("tokenizer_config.json"), serde_json::to_vec_pretty(&json!({
-        "bos_token": "<s>", "eos_token": "</s>", "model_max_length": t.max_pos,
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "chat_template": "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
-    })).map_err(io_err)?)?;
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        serde_json::to_vec_pretty(&json!({
+            "bos_token": "<s>", "eos_token": "</s>", "model_max_length": t.max_pos,
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "chat_template": if t.tools { TOOLS_TEMPLATE } else { TEMPLATE }
+        }))
+        .map_err(io_err)?,
+    )?;
     std::fs::write(dir.join("generation_config.json"), r#"{"bos_token_id": 0, "eos_token_id": 1}"#)?;
     std::fs::write(
         dir.join("config.json"),

@@ -111,12 +111,8 @@ async fn stop_sequences_cut_the_text() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_uses_the_template_and_streams_the_same_text() {
     let (_dir, b) = tiny().await;
-    let input = Input::Chat {
-        messages: vec![
-            ChatMessage { role: "system".into(), content: "be brief".into() },
-            ChatMessage { role: "user".into(), content: "hi".into() },
-        ],
-    };
+    let input =
+        Input::Chat { messages: vec![ChatMessage::text("system", "be brief"), ChatMessage::text("user", "hi")] };
     let params = SamplingParams { max_tokens: Some(10), temperature: Some(0.0), ..Default::default() };
     let plain = b.generate(&req(input.clone(), params.clone()), Attempt::default()).await.unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -157,7 +153,7 @@ async fn last_checkpoint(b: &Arc<dyn Backend>, r: &InferRequest) -> backend::Che
 async fn a_resumed_generation_goes_on_exactly_where_the_checkpoint_was() {
     let (_dir, b) = tiny().await;
     for (temperature, seed) in [(Some(0.0), None), (Some(1.0), Some(7)), (Some(1.0), None)] {
-        let input = Input::Chat { messages: vec![ChatMessage { role: "user".into(), content: "tell me".into() }] };
+        let input = Input::Chat { messages: vec![ChatMessage::text("user", "tell me")] };
         let whole = SamplingParams { max_tokens: Some(300), temperature, seed, ..Default::default() };
         let uninterrupted = b.generate(&req(input.clone(), whole.clone()), Attempt::default()).await.unwrap();
         // an attempt that got 120 tokens in, as if its worker died there

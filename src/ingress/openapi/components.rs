@@ -101,12 +101,22 @@ pub(super) fn views() -> Map<String, Value> {
         },
     });
     let finish = json!({"type": "string"});
+    let tool_call = json!({
+        "type": "object", "required": ["id", "type", "function"],
+        "properties": {
+            "id": {"type": "string"}, "type": {"const": "function"},
+            "function": {"type": "object", "required": ["name", "arguments"],
+                         "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}}},
+        },
+    });
     let chat_choice = json!({
         "type": "object", "required": ["index", "message", "finish_reason"],
         "properties": {
             "index": {"type": "integer"},
+            // content is null when the answer is only tool calls
             "message": {"type": "object", "required": ["role", "content"],
-                        "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}}},
+                        "properties": {"role": {"const": "assistant"}, "content": {"type": ["string", "null"]},
+                                       "tool_calls": {"type": "array", "items": tool_call}}},
             "logprobs": {"type": "null"},
             "finish_reason": finish,
         },

@@ -3,7 +3,7 @@
 //! the backends, pools and breakers depend on it and not on each other.
 
 use futures::future::BoxFuture;
-use retro_fleet_schemas::{ErrorCode, InferRequest, Usage};
+use retro_fleet_schemas::{ErrorCode, InferRequest, ToolCall, Usage};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -12,8 +12,10 @@ use tokio::sync::mpsc;
 pub struct Generation {
     /// Output text.
     pub text: String,
-    /// `stop` or `length`.
+    /// `stop`, `length` or `tool_calls`.
     pub finish_reason: String,
+    /// The tool calls the model made.
+    pub tool_calls: Vec<ToolCall>,
     /// Token counts.
     pub usage: Usage,
     /// Tokens this attempt computed: fewer than the completion's when it

@@ -24,6 +24,7 @@ pub(crate) fn answer<'w>(
     Generation {
         text,
         finish_reason,
+        tool_calls: Vec::new(),
         usage: Usage { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens },
         computed_tokens: completion_tokens,
     }

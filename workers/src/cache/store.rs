@@ -383,11 +383,7 @@ mod tests {
     use retro_fleet_schemas::{Output, Usage};
 
     fn answer(text: &str, expires_ms: u64) -> Answer {
-        Answer {
-            output: Output { text: text.into(), finish_reason: "stop".into() },
-            usage: Usage::default(),
-            expires_ms,
-        }
+        Answer { output: Output::text(text, "stop"), usage: Usage::default(), expires_ms }
     }
 
     fn cfg() -> CacheConfig {

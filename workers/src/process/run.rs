@@ -114,7 +114,7 @@ pub async fn run(sh: &Shared, m: &Settling<'_>, job: Job, queued_ms: f64, picked
             return cancelled("while it ran", compute_ms);
         }
     };
-    let output = Output { text: g.text, finish_reason: g.finish_reason };
+    let output = Output { text: g.text, finish_reason: g.finish_reason, tool_calls: g.tool_calls };
     let cached = match session {
         Some(s) => Some(s.keep(&output, &g.usage, unix_ms()).await),
         None => None,
@@ -233,7 +233,7 @@ async fn answer_found(
     let mut result = blank(sh, job, Status::Ok, queued_ms);
     result.cache = found.tier;
     result.cache_similarity = found.similarity;
-    result.output = Some(found.answer.output);
+    result.output = Some(found.answer.output.for_request(&job.req.id));
     result.usage = Some(found.answer.usage);
     result.timings.total_ms = queued_ms + picked.elapsed().as_secs_f64() * 1e3;
     Settlement::Answer { result: Box::new(result), to: job.ids(), cached }

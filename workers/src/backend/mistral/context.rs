@@ -10,10 +10,11 @@
 //! [`MESSAGE_TOKENS`] per message.
 
 use either::Either;
-use mistralrs::{Model, TextMessageRole, TextMessages};
-use retro_fleet_schemas::ErrorCode;
+use mistralrs::{Model, Request};
+use mistralrs_core::TokenizationRequest;
+use retro_fleet_schemas::{ChatMessage, ErrorCode};
 
-use super::request::Prompt;
+use super::request::{self, Prompt};
 use crate::backend::BackendError;
 
 /// Tokens a chat template may add around the messages.
@@ -70,36 +71,65 @@ fn exceeded(message: String) -> BackendError {
 /// At least as many tokens as `prompt` makes.
 fn upper_bound(prompt: &Prompt<'_>) -> usize {
     match prompt {
-        Prompt::Chat(messages) => {
-            let bytes: usize = messages.iter().map(|(role, content)| role.len() + content.len()).sum();
-            bytes + TEMPLATE_TOKENS + MESSAGE_TOKENS * messages.len()
+        Prompt::Chat(messages, tools) => {
+            let bytes: usize = messages.iter().map(ChatMessage::text_len).sum();
+            // a template writes each tool as JSON, about as long as ours
+            let tools: usize = tools.iter().map(|t| serde_json::to_vec(t).map_or(0, |v| v.len())).sum();
+            bytes + tools + TEMPLATE_TOKENS + MESSAGE_TOKENS * (messages.len() + tools.min(1) * 8)
         }
         Prompt::Completion(text) => text.len() + TEMPLATE_TOKENS,
         Prompt::Tokens(tokens) => tokens.len(),
     }
 }
 
-/// The tokens `prompt` makes, as the engine will see it.
-async fn count(model: &Model, prompt: &Prompt<'_>) -> Result<usize, BackendError> {
-    let text = match prompt {
-        Prompt::Chat(messages) => {
-            let mut tm = TextMessages::new();
-            for (role, content) in messages.iter() {
-                tm = tm.add_message(TextMessageRole::Custom(role.clone()), content);
-            }
-            Either::Left(tm)
-        }
-        Prompt::Completion(text) => Either::Right(text.to_string()),
+/// The tokens `prompt` makes, as the engine will see it: the same
+/// messages (tool fields included) and tools it will render.
+pub(super) async fn count(model: &Model, prompt: &Prompt<'_>) -> Result<usize, BackendError> {
+    let (text, tools) = match prompt {
+        Prompt::Chat(messages, tools) => (Either::Left(request::chat(messages)), request::engine_tools(tools)),
+        Prompt::Completion(text) => (Either::Right(text.to_string()), None),
         Prompt::Tokens(tokens) => return Ok(tokens.len()),
     };
-    let chat = text.is_left();
-    let tokens = model.tokenize(text, None, true, chat, None).await.map_err(|e| {
+    let failed = |e: String| {
         tracing::warn!(error = %e, "counting the prompt's tokens failed");
         BackendError {
             code: ErrorCode::BackendError,
             message: "the model's tokenizer could not count the prompt's tokens".into(),
             retryable: true,
         }
-    })?;
-    Ok(tokens.len())
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+    let add_generation_prompt = text.is_left();
+    let req = Request::Tokenize(TokenizationRequest {
+        text,
+        tools,
+        add_generation_prompt,
+        add_special_tokens: true,
+        enable_thinking: None,
+        reasoning_effort: None,
+        response: tx,
+    });
+    let sender = model.inner().get_sender(None).map_err(|e| failed(e.to_string()))?;
+    sender.send(req).await.map_err(|e| failed(e.to_string()))?;
+    match rx.recv().await {
+        Some(Ok(tokens)) => Ok(tokens.len()),
+        Some(Err(e)) => Err(failed(e.to_string())),
+        None => Err(failed("the engine stopped".into())),
+    }
+}
+
+/// Whether the model's chat template shows tools to the model: a
+/// conversation with a tool makes more tokens than without.
+pub(super) async fn shows_tools(model: &Model) -> bool {
+    let messages = [ChatMessage::text("user", "hi")];
+    let tool: retro_fleet_schemas::tools::Tool = serde_json::from_value(serde_json::json!(
+        {"type": "function", "function": {"name": "probe", "parameters": {"type": "object"}}}
+    ))
+    .expect("a tool");
+    let without = count(model, &Prompt::Chat(&messages, &[])).await;
+    let with = count(model, &Prompt::Chat(&messages, std::slice::from_ref(&tool))).await;
+    match (without, with) {
+        (Ok(a), Ok(b)) => b > a,
+        _ => false,
+    }
 }

@@ -4,13 +4,14 @@
 use std::sync::Arc;
 
 use mistralrs::Model;
-use retro_fleet_schemas::{InferRequest, Input, Usage};
+use retro_fleet_schemas::tools::finish_with_calls;
+use retro_fleet_schemas::{ErrorCode, InferRequest, Input, Usage};
 
 use super::context::Context;
 use super::request::{self, Params, Prompt};
 use super::stream::{self, Run};
 use crate::backend::cohort::Gate;
-use crate::backend::{Attempt, Backend, Checkpoint, Generating, Generation};
+use crate::backend::{Attempt, Backend, BackendError, Checkpoint, Generating, Generation};
 
 /// A loaded mistral.rs model.
 pub struct Mistral {
@@ -21,6 +22,8 @@ pub struct Mistral {
     pub(super) default_max_tokens: u32,
     /// The model's context length in tokens, when known.
     pub(super) context: Option<usize>,
+    /// Whether its chat template shows tools to the model.
+    pub(super) tools: bool,
 }
 
 impl Backend for Mistral {
@@ -33,12 +36,24 @@ impl Backend for Mistral {
             let p = &req.params;
             let mut params =
                 Params { asked: p, max_tokens: None, seed: p.seed.unwrap_or_else(|| request::seed_of(&req.id)) };
-            // A grammar's state is not in a checkpoint: a constrained
-            // generation is neither checkpointed nor resumed. Run again, it
-            // draws the same tokens (the same seed), so a stream goes on.
-            let constrained = p.constraint.is_some();
+            if !p.tools.is_empty() && !self.tools {
+                return Err(BackendError {
+                    code: ErrorCode::Unsupported,
+                    message: format!(
+                        "model `{}` cannot honour `params.tools` (OpenAI `tools`): its chat template does not show \
+                         tools to the model; send the request without them, or to a model whose template does",
+                        req.model
+                    ),
+                    retryable: false,
+                });
+            }
+            // A grammar's state is not in a checkpoint, nor the engine's
+            // tool-call parsing: such a generation is neither checkpointed
+            // nor resumed. Run again, it draws the same tokens (the same
+            // seed), so a stream goes on.
+            let constrained = p.answer_constraint().is_some() || !p.tools.is_empty();
             let resume = attempt.resume.filter(|c| !constrained && self.resumes(c, &req.id));
-            let (chat, joined): (Vec<(String, String)>, Vec<u32>);
+            let joined: Vec<u32>;
             let prompt = match (&resume, &req.input) {
                 // the earlier prompt and tokens, but the last token: it is
                 // produced again first (see `request::From`)
@@ -47,10 +62,7 @@ impl Backend for Mistral {
                     params.max_tokens = Some(c.max_tokens - (c.generated.len() as u32 - 1));
                     Prompt::Tokens(&joined)
                 }
-                (None, Input::Chat { messages }) => {
-                    chat = messages.iter().map(|m| (m.role.clone(), m.content.clone())).collect();
-                    Prompt::Chat(&chat)
-                }
+                (None, Input::Chat { messages }) => Prompt::Chat(messages, &p.tools),
                 (None, Input::Completion { prompt }) => Prompt::Completion(prompt),
             };
             if resume.is_none() {
@@ -68,9 +80,19 @@ impl Backend for Mistral {
                 revision: &self.revision,
             };
             let out = stream::generate(&self.model, prompt, &params, run).await?;
+            // calls the tool choice forced, else those the engine read
+            let (text, finish_reason, tool_calls) = match p.tool_calls(&req.id, &out.text) {
+                Some(calls) => (String::new(), finish_with_calls(p.tool_plan(), &out.finish_reason).to_string(), calls),
+                None if !out.calls.is_empty() => {
+                    let calls = out.calls.into_iter().enumerate().map(|(i, c)| request::tool_call(&req.id, c, i));
+                    (out.text, finish_with_calls(p.tool_plan(), &out.finish_reason).to_string(), calls.collect())
+                }
+                None => (out.text, out.finish_reason, Vec::new()),
+            };
             Ok(Generation {
-                text: out.text,
-                finish_reason: out.finish_reason,
+                text,
+                finish_reason,
+                tool_calls,
                 usage: Usage {
                     prompt_tokens: out.prompt_tokens as u32,
                     completion_tokens: out.completion_tokens as u32,

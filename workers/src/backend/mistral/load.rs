@@ -86,7 +86,8 @@ impl Mistral {
             .then(|| Gate::new(*max_num_seqs, Duration::from_millis(*gather_ms), waiting));
         // a model without a known context is left to the engine's own checks
         let context = model.max_sequence_length().ok().flatten();
-        Ok(Mistral { model, gate, revision, default_max_tokens: *default_max_tokens, context })
+        let tools = super::context::shows_tools(&model).await;
+        Ok(Mistral { model, gate, revision, default_max_tokens: *default_max_tokens, context, tools })
     }
 }
 

@@ -5,15 +5,18 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use either::Either;
 use mistralrs::{
-    Constraint, CustomLogitsProcessor, NormalRequest, Request, RequestLike, RequestMessage, Response, SamplingParams,
-    StopTokens, Tensor, TextMessageRole, TextMessages,
+    CalledFunction, Constraint, CustomLogitsProcessor, Function, NormalRequest, Request, RequestMessage, Response,
+    SamplingParams, StopTokens, Tensor, TextMessageRole, TextMessages, Tool, ToolChoice, ToolType,
 };
+use retro_fleet_schemas::{ChatMessage, ToolPlan};
 use tokio::sync::mpsc;
 
 /// The input of a request, borrowed.
 pub(super) enum Prompt<'a> {
-    Chat(&'a [(String, String)]),
+    /// Messages, and the tools the chat template shows the model.
+    Chat(&'a [ChatMessage], &'a [retro_fleet_schemas::tools::Tool]),
     Completion(&'a str),
     /// Token ids, used as they are (a resumed generation).
     Tokens(&'a [u32]),
@@ -88,14 +91,13 @@ pub(super) fn build(
             })
         }),
     });
+    let tools = match &prompt {
+        Prompt::Chat(_, tools) => engine_tools(tools),
+        _ => None,
+    };
     let messages = match prompt {
-        Prompt::Chat(msgs) => {
-            let mut tm = TextMessages::new();
-            for (role, content) in msgs {
-                // Custom(role) renders the role verbatim in the template
-                tm = tm.add_message(TextMessageRole::Custom(role.clone()), content);
-            }
-            tm.take_messages()
+        Prompt::Chat(msgs, _) => {
+            RequestMessage::Chat { messages: chat(msgs), enable_thinking: None, reasoning_effort: None }
         }
         Prompt::Completion(text) => {
             RequestMessage::Completion { text: text.to_string(), echo_prompt: false, best_of: None }
@@ -121,10 +123,16 @@ pub(super) fn build(
         return_logprobs: false,
         is_streaming: true,
         id,
-        constraint: a.constraint.as_ref().map_or(Constraint::None, constraint),
+        constraint: a.answer_constraint().map_or(Constraint::None, |c| constraint(&c)),
         suffix: None,
-        tools: None,
-        tool_choice: None,
+        // the engine parses calls from the model's own format only when the
+        // model decides (`auto`); a forced call is decoded under its schema
+        // and read by the fleet (`SamplingParams::tool_calls`)
+        tool_choice: tools.as_ref().map(|_| match a.tool_plan() {
+            ToolPlan::Auto => ToolChoice::Auto,
+            _ => ToolChoice::None,
+        }),
+        tools,
         logits_processors: Some(vec![meter.clone() as Arc<dyn CustomLogitsProcessor>]),
         return_raw_logits: false,
         web_search_options: None,
@@ -354,6 +362,63 @@ impl Meter {
         }
         Ok(pick)
     }
+}
+
+/// A conversation as the engine's chat template reads it: role and
+/// content, and the tool calls of an assistant turn and the call a tool
+/// message answers, under the keys templates use.
+pub(super) fn chat(msgs: &[ChatMessage]) -> Vec<indexmap::IndexMap<String, mistralrs::MessageContent>> {
+    let mut tm = TextMessages::new();
+    for m in msgs {
+        // Custom(role) renders the role verbatim in the template
+        tm = tm.add_message(TextMessageRole::Custom(m.role.clone()), &m.content);
+    }
+    let mut messages: Vec<_> = tm.into();
+    for (map, m) in messages.iter_mut().zip(msgs) {
+        if !m.tool_calls.is_empty() {
+            let calls = m
+                .tool_calls
+                .iter()
+                .map(|c| {
+                    let f = serde_json::json!({"name": c.function.name, "arguments": c.function.arguments});
+                    [
+                        ("id".to_string(), c.id.clone().into()),
+                        ("type".into(), "function".into()),
+                        ("function".into(), f),
+                    ]
+                    .into_iter()
+                    .collect()
+                })
+                .collect();
+            map.insert("tool_calls".into(), Either::Right(calls));
+        }
+        if let Some(id) = &m.tool_call_id {
+            map.insert("tool_call_id".into(), Either::Left(id.clone()));
+        }
+    }
+    messages
+}
+
+/// The engine's tools for a request's (none when it offers none).
+pub(super) fn engine_tools(tools: &[retro_fleet_schemas::tools::Tool]) -> Option<Vec<Tool>> {
+    (!tools.is_empty()).then(|| {
+        tools
+            .iter()
+            .map(|t| Tool {
+                tp: ToolType::Function,
+                function: Function {
+                    name: t.function.name.clone(),
+                    description: t.function.description.clone(),
+                    parameters: t.function.parameters.as_ref().and_then(|p| serde_json::from_value(p.clone()).ok()),
+                },
+            })
+            .collect()
+    })
+}
+
+/// The engine's tool call, as the fleet names it.
+pub(super) fn tool_call(id: &str, c: CalledFunction, i: usize) -> retro_fleet_schemas::ToolCall {
+    retro_fleet_schemas::tools::call_of(id, i, &c.name, c.arguments)
 }
 
 /// The engine's constraint for a fleet one. A JSON schema without its own

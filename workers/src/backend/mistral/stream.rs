@@ -2,7 +2,7 @@
 //! one: dropping the receiver cancels the sequence), forwarding text as it
 //! arrives and cutting it at stop strings.
 
-use mistralrs::{Model, Response};
+use mistralrs::{CalledFunction, Model, Response};
 use retro_fleet_schemas::ErrorCode;
 use tokio::sync::mpsc;
 
@@ -18,6 +18,9 @@ pub(super) fn backend_err(message: impl Into<String>) -> BackendError {
 pub(super) struct Output {
     pub text: String,
     pub finish_reason: String,
+    /// Calls the engine read in the model's own tool-call format (a
+    /// request whose tool choice is `auto`).
+    pub calls: Vec<CalledFunction>,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     /// Tokens this attempt computed (fewer than `completion_tokens` when it
@@ -51,6 +54,7 @@ pub(super) async fn generate(
         return Ok(Output {
             text: String::new(),
             finish_reason: "length".into(),
+            calls: Vec::new(),
             prompt_tokens: 0,
             completion_tokens: 0,
             computed_tokens: 0,
@@ -80,6 +84,7 @@ pub(super) async fn generate(
         }
         None => 0,
     };
+    let mut calls = Vec::new();
     let finish_reason = loop {
         // the engine drops the sender only when its thread dies (mistral.rs
         // reboots it on the next request): a cut-off answer is an error,
@@ -89,13 +94,13 @@ pub(super) async fn generate(
             // their offset and the ingress forwards only what is new
             return Err(backend_err("the model's engine stopped before the answer was complete"));
         };
-        let (piece, fr) = match piece(resp) {
+        let (piece, fr, mut called) = match piece(resp) {
             Ok(p) => p,
             Err(Failure::Invalid(e)) => return Err(e),
             Err(Failure::Model(detail)) => {
                 // the same request would fail the same way on any instance
                 tracing::warn!(error = %detail, "the model failed on the request");
-                if p.asked.constraint.is_some() {
+                if p.asked.answer_constraint().is_some() {
                     // most likely the grammar library's limits: the caller's
                     // constraint, not the model's health (the breaker does
                     // not count it)
@@ -112,6 +117,7 @@ pub(super) async fn generate(
                 return Err(BackendError { retryable: false, ..backend_err(message) });
             }
         };
+        calls.append(&mut called);
         if skip > 0 {
             skip -= 1;
         } else {
@@ -125,7 +131,7 @@ pub(super) async fn generate(
         }
     };
     let (prompt_tokens, completion_tokens, computed_tokens) = meter.tokens(p.max_tokens);
-    Ok(Output { text: text.finish(), finish_reason, prompt_tokens, completion_tokens, computed_tokens })
+    Ok(Output { text: text.finish(), finish_reason, calls, prompt_tokens, completion_tokens, computed_tokens })
 }
 
 /// Checkpoints of a generation: which token the text has reached, and
@@ -186,18 +192,22 @@ enum Failure {
     Model(String),
 }
 
-/// The text of one streamed response and its finish reason, if last.
-fn piece(resp: Response) -> Result<(String, Option<String>), Failure> {
+/// The text of one streamed response, its finish reason if last, and the
+/// tool calls the engine read.
+fn piece(resp: Response) -> Result<(String, Option<String>, Vec<CalledFunction>), Failure> {
     Ok(match resp {
         // chat streaming chunk
-        Response::Chunk(c) => {
-            let ch = c.choices.into_iter().next();
-            (ch.as_ref().and_then(|c| c.delta.content.clone()).unwrap_or_default(), ch.and_then(|c| c.finish_reason))
-        }
+        Response::Chunk(c) => match c.choices.into_iter().next() {
+            Some(ch) => {
+                let calls = ch.delta.tool_calls.unwrap_or_default().into_iter().map(|c| c.function).collect();
+                (ch.delta.content.unwrap_or_default(), ch.finish_reason, calls)
+            }
+            None => (String::new(), None, Vec::new()),
+        },
         // completion streaming chunk
         Response::CompletionChunk(c) => {
             let ch = c.choices.into_iter().next();
-            (ch.as_ref().map(|c| c.text.clone()).unwrap_or_default(), ch.and_then(|c| c.finish_reason))
+            (ch.as_ref().map(|c| c.text.clone()).unwrap_or_default(), ch.and_then(|c| c.finish_reason), Vec::new())
         }
         // the engine's text (backtraces, file paths) goes to the log, with
         // the request id of the span; the caller gets a sentence
