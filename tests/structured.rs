@@ -88,10 +88,10 @@ def refused(field, **kw):
     raise SystemExit(f"expected a 400 naming {field}")
 refused("response_format", model="echo", response_format=rf)
 refused("logit_bias", model="echo", logit_bias={"50": -100})
-refused("logprobs", model="tiny", logprobs=True, top_logprobs=3)
+refused("logprobs", model="echo", logprobs=True, top_logprobs=3)
 refused("n", model="tiny", n=3)
 try:
-    c.completions.create(model="tiny", prompt="x", max_tokens=4, logprobs=0)
+    c.completions.create(model="echo", prompt="x", max_tokens=4, logprobs=0)
     raise SystemExit("expected a 400 naming logprobs")
 except openai.BadRequestError as e:
     assert "logprobs" in str(e), e
@@ -294,4 +294,58 @@ print("tools ok")
     let args: Value = serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
     assert!(args["a"].is_i64(), "{r}");
     assert_eq!(r["output"]["text"], "", "{r}");
+}
+
+/// Log probabilities through the official client: one entry per generated
+/// token whose texts make the answer, each with the asked number of
+/// alternatives, likeliest first; greedy, the pick is the likeliest. The
+/// same over a stream (with the last chunk) and on the completions
+/// endpoint in its own shape.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_client_gets_log_probabilities() {
+    let f = fleet().await;
+    let script = r#"
+import math, sys, openai
+c = openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key="unused", max_retries=0)
+msgs = [{"role": "user", "content": "count"}]
+r = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=12, temperature=0, logprobs=True, top_logprobs=3)
+content, greedy = r.choices[0].logprobs.content, r.choices[0].message.content
+assert len(content) == r.usage.completion_tokens == 12, (len(content), r.usage)
+assert "".join(t.token for t in content) == r.choices[0].message.content, r
+for t in content:
+    top = t.top_logprobs
+    assert len(top) == 3 and t.logprob <= 0, t
+    assert top[0].token == t.token and abs(top[0].logprob - t.logprob) < 1e-6, t  # greedy
+    assert top[0].logprob >= top[1].logprob >= top[2].logprob, t
+    assert sum(math.exp(x.logprob) for x in top) <= 1 + 1e-6, t
+    assert bytes(t.bytes).decode() == t.token, t
+# sampled, without alternatives: still one entry per token
+r = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=10, temperature=1.2, seed=4, logprobs=True)
+content = r.choices[0].logprobs.content
+assert len(content) == 10 and all(t.top_logprobs == [] for t in content), r
+assert "".join(t.token for t in content) == r.choices[0].message.content, r
+# a stop string cuts the entries with the text
+r = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=12, temperature=0, logprobs=True,
+                              stop=[greedy[3:5]])
+assert len(r.choices[0].message.content) < len(greedy), r
+assert "".join(t.token for t in r.choices[0].logprobs.content) == r.choices[0].message.content, r
+# streamed: the entries come with the last chunk
+chunks = list(c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "stream"}], max_tokens=9,
+              temperature=0, logprobs=True, top_logprobs=2, stream=True, stream_options={"include_usage": True}))
+entries = [t for ch in chunks if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.content]
+text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+assert len(entries) == chunks[-1].usage.completion_tokens == 9 and "".join(t.token for t in entries) == text, chunks
+# completions: parallel lists, alternatives as a map
+r = c.completions.create(model="tiny", prompt="once", max_tokens=8, temperature=0, logprobs=2)
+lp = r.choices[0].logprobs
+assert "".join(lp.tokens) == r.choices[0].text and len(lp.token_logprobs) == 8, lp
+assert all(len(d) == 2 for d in lp.top_logprobs) and lp.text_offset[:2] == [0, len(lp.tokens[0])], lp
+print("logprobs ok")
+"#;
+    python(
+        script,
+        &f.base,
+        "logprobs ok",
+        "the openai client script failed (`make test` installs openai and jsonschema)",
+    );
 }

@@ -135,6 +135,9 @@ impl Hasher {
         if let Some(v) = p.parallel_tool_calls {
             tagged("parallel_tool_calls", &[v as u8]);
         }
+        if p.logprobs {
+            tagged("logprobs", &p.top_logprobs.unwrap_or(0).to_le_bytes());
+        }
     }
     /// One chat message: its role and text, and the tool fields only when
     /// set (a message without them keeps the key it always had).
@@ -319,6 +322,8 @@ mod tests {
                 parallel_tool_calls: Some(false),
                 ..greedy()
             },
+            SamplingParams { logprobs: true, ..greedy() },
+            SamplingParams { logprobs: true, top_logprobs: Some(3), ..greedy() },
         ];
         let keys: std::collections::HashSet<Key> =
             variants.iter().map(|p| exact(&scope("a"), p, &prompt("x"))).chain([base]).collect();

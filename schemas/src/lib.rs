@@ -41,6 +41,8 @@ pub use envelope::{Envelope, Received};
 pub use priority::Priority;
 pub use registry::{ModelLoad, ModelScaling, PerPriority, WorkerInfo};
 pub use request::{CacheMode, ChatMessage, Constraint, Field, InferRequest, Input, SamplingParams};
-pub use result::{CacheTier, ErrorBody, ErrorCode, InferResult, Output, Status, Timings, Usage};
+pub use result::{
+    CacheTier, ErrorBody, ErrorCode, InferResult, Output, Status, Timings, TokenLogprob, TopLogprob, Usage,
+};
 pub use tools::{ToolCall, ToolPlan};
 pub use version::SCHEMA_VERSION;

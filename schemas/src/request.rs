@@ -91,8 +91,7 @@ pub struct ChatMessage {
     /// prompt verbatim).
     #[schemars(extend("enum" = CHAT_ROLES))]
     pub role: String,
-    /// Message text (empty for an assistant turn that only called tools).
-    #[serde(default)]
+    /// Message text (`""` for an assistant turn that only called tools).
     pub content: String,
     /// The calls an `assistant` turn made.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -179,6 +178,15 @@ pub struct SamplingParams {
     /// With `tool_choice: required`, `false` allows one call only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parallel_tool_calls: Option<bool>,
+    /// Return each generated token's log probability (OpenAI's
+    /// `logprobs`), in `output.logprobs`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub logprobs: bool,
+    /// With `logprobs`, also the likeliest tokens at each position, 0..=20
+    /// of them (OpenAI's `top_logprobs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 20))]
+    pub top_logprobs: Option<u32>,
 }
 
 /// A grammar the output is decoded under: every token the model may pick
@@ -250,6 +258,8 @@ impl SamplingParams {
             field("params.logit_bias", "logit_bias")
         } else if self.min_p.is_some_and(|v| v != 0.0) {
             field("params.min_p", "min_p")
+        } else if self.logprobs {
+            field("params.logprobs", "logprobs")
         } else {
             None
         }
@@ -452,6 +462,9 @@ impl SamplingParams {
     }
 }
 
+/// Most alternatives `params.top_logprobs` may ask for (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: u32 = 20;
+
 /// Most entries of `params.logit_bias` (OpenAI's limit).
 pub const MAX_LOGIT_BIAS: usize = 300;
 
@@ -466,6 +479,15 @@ impl SamplingParams {
         }
         if !within(self.min_p, 0.0, 1.0) {
             return Err(Invalid::field("params.min_p", "`params.min_p` must be within 0..=1"));
+        }
+        if self.top_logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
+            return Err(Invalid::field(
+                "params.top_logprobs",
+                format!("`params.top_logprobs` must be within 0..={MAX_TOP_LOGPROBS}"),
+            ));
+        }
+        if self.top_logprobs.is_some_and(|n| n > 0) && !self.logprobs {
+            return Err(Invalid::field("params.top_logprobs", "`params.top_logprobs` needs `params.logprobs: true`"));
         }
         if self.logit_bias.len() > MAX_LOGIT_BIAS {
             return Err(Invalid::field(

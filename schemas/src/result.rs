@@ -86,12 +86,43 @@ pub struct Output {
     /// The calls the model made (see `params.tools`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tool_calls: Vec<crate::tools::ToolCall>,
+    /// Each generated token with its log probability, when the request
+    /// asked for them (`params.logprobs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<Vec<TokenLogprob>>,
+}
+
+/// A generated token and how likely it was.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct TokenLogprob {
+    /// The token's text (a lone token may hold part of a character: see `bytes`).
+    pub token: String,
+    /// Natural log of its probability, after penalties and logit bias, at
+    /// temperature 1; -9999 for a token with none.
+    pub logprob: f64,
+    /// The token's bytes.
+    pub bytes: Vec<u8>,
+    /// The likeliest tokens at its position, likeliest first
+    /// (`params.top_logprobs` of them).
+    #[serde(default)]
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+/// One of the likeliest tokens at a position.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct TopLogprob {
+    /// The token's text.
+    pub token: String,
+    /// Natural log of its probability.
+    pub logprob: f64,
+    /// The token's bytes.
+    pub bytes: Vec<u8>,
 }
 
 impl Output {
     /// A text answer.
     pub fn text(text: impl Into<String>, finish_reason: impl Into<String>) -> Self {
-        Output { text: text.into(), finish_reason: finish_reason.into(), tool_calls: Vec::new() }
+        Output { text: text.into(), finish_reason: finish_reason.into(), tool_calls: Vec::new(), logprobs: None }
     }
 
     /// This answer given to request `id` (a cached one, made for another

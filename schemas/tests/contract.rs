@@ -97,6 +97,8 @@ fn golden_request() -> InferRequest {
             .unwrap(),
             tool_choice: Some(ToolChoice::Mode(ToolMode::Auto)),
             parallel_tool_calls: Some(true),
+            logprobs: true,
+            top_logprobs: Some(2),
         },
         stream: true,
         cache: CacheMode::Refresh,
@@ -115,6 +117,15 @@ fn golden_result() -> InferResult {
         status: Status::Ok,
         output: Some(Output {
             tool_calls: vec![call_of("01JDQ3Z6W5XK0B1Q2R3S4T5V6W", 0, "search", r#"{"q":"JetStream"}"#.into())],
+            logprobs: Some(vec![TokenLogprob {
+                token: "A".into(),
+                logprob: -0.25,
+                bytes: vec![65],
+                top_logprobs: vec![
+                    TopLogprob { token: "A".into(), logprob: -0.25, bytes: vec![65] },
+                    TopLogprob { token: "The".into(), logprob: -1.5, bytes: vec![84, 104, 101] },
+                ],
+            }]),
             ..Output::text("A messaging system.", "tool_calls")
         }),
         usage: Some(Usage { prompt_tokens: 12, completion_tokens: 5, total_tokens: 17 }),

@@ -69,12 +69,18 @@ fn params() -> impl Strategy<Value = SamplingParams> {
         prop::option::of(finite()),
         prop::option::of(constraint()),
     );
-    let tools = (prop::collection::vec(tool(), 0..3), prop::option::of(tool_choice()), any::<Option<bool>>());
+    let tools = (
+        prop::collection::vec(tool(), 0..3),
+        prop::option::of(tool_choice()),
+        any::<Option<bool>>(),
+        any::<bool>(),
+        any::<Option<u32>>(),
+    );
     (basic, shaping, tools).prop_map(
         |(
             (max_tokens, temperature, top_p, top_k, seed, stop),
             (frequency_penalty, presence_penalty, logit_bias, min_p, constraint),
-            (tools, tool_choice, parallel_tool_calls),
+            (tools, tool_choice, parallel_tool_calls, logprobs, top_logprobs),
         )| SamplingParams {
             max_tokens,
             temperature,
@@ -90,6 +96,8 @@ fn params() -> impl Strategy<Value = SamplingParams> {
             tools,
             tool_choice,
             parallel_tool_calls,
+            logprobs,
+            top_logprobs,
         },
     )
 }
@@ -173,9 +181,26 @@ fn code() -> impl Strategy<Value = ErrorCode> {
 }
 
 fn result() -> impl Strategy<Value = InferResult> {
+    let logprob = || (text(), finite(), prop::collection::vec(any::<u8>(), 0..4));
+    let token_logprob =
+        (logprob(), prop::collection::vec(logprob(), 0..3)).prop_map(|((token, logprob, bytes), top)| TokenLogprob {
+            token,
+            logprob,
+            bytes,
+            top_logprobs: top.into_iter().map(|(token, logprob, bytes)| TopLogprob { token, logprob, bytes }).collect(),
+        });
     let output = prop::option::of(
-        (text(), token(), prop::collection::vec(tool_call(), 0..2))
-            .prop_map(|(text, finish_reason, tool_calls)| Output { tool_calls, ..Output::text(text, finish_reason) }),
+        (
+            text(),
+            token(),
+            prop::collection::vec(tool_call(), 0..2),
+            prop::option::of(prop::collection::vec(token_logprob, 0..3)),
+        )
+            .prop_map(|(text, finish_reason, tool_calls, logprobs)| Output {
+                tool_calls,
+                logprobs,
+                ..Output::text(text, finish_reason)
+            }),
     );
     let usage = prop::option::of((any::<u32>(), any::<u32>(), any::<u32>()).prop_map(|(p, c, t)| Usage {
         prompt_tokens: p,

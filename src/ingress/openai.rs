@@ -24,7 +24,7 @@ use serde_json::{json, Value};
 
 use super::auth::Principal;
 use super::error::ApiError;
-use super::openai_shapes::{chat_draft, chunk, completion_draft, object, tool_chunk, usage, Kind};
+use super::openai_shapes::{chat_draft, chunk, completion_draft, logprobs, object, tool_chunk, usage, Kind};
 use super::replies::{Next, Reply, Streamed, Waiter};
 use super::request_id::with_request_id;
 use super::sse::task_stream;
@@ -205,7 +205,10 @@ fn sse(
                             }
                             let finish =
                                 r.output.as_ref().map(|o| o.finish_reason.clone()).unwrap_or_else(|| "stop".into());
-                            let _ = tx.send(send(chunk(kind, &r.id, &model, None, Some(&finish), first))).await;
+                            // the tokens' log probabilities come whole, with the finish
+                            let mut last = chunk(kind, &r.id, &model, None, Some(&finish), first);
+                            last["choices"][0]["logprobs"] = logprobs(kind, &r);
+                            let _ = tx.send(send(last)).await;
                             if include_usage {
                                 let mut u = chunk(kind, &r.id, &model, None, None, false);
                                 u["choices"] = json!([]);

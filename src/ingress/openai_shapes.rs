@@ -153,7 +153,7 @@ struct Common {
     min_p: Option<f64>,
     #[serde(default)]
     response_format: Option<ResponseFormat>,
-    /// Refused when set (see [`refuse_unhonoured`]).
+    /// `true` (chat), or a count of alternatives (completions).
     #[serde(default)]
     logprobs: Option<Value>,
     #[serde(default)]
@@ -238,6 +238,21 @@ fn draft(common: Common, input: Input) -> Result<(Draft, bool), ApiError> {
         .param("tenant"));
     }
     refuse_unhonoured(&common)?;
+    // a count, even 0 (completions), asks for the chosen tokens' logprobs
+    let (logprobs, top_logprobs) = match &common.logprobs {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => (false, common.top_logprobs),
+        Some(Value::Bool(true)) => (true, common.top_logprobs),
+        Some(Value::Number(n)) if n.as_u64().is_some_and(|n| n <= u32::MAX as u64) => {
+            (true, n.as_u64().map(|n| n as u32).filter(|n| *n > 0))
+        }
+        Some(_) => {
+            return Err(ApiError::new(
+                ErrorCode::InvalidRequest,
+                "`logprobs` is `true` or `false` (chat), or a count of alternatives (completions)",
+            )
+            .param("logprobs"))
+        }
+    };
     let include_usage = common.stream_options.map(|o| o.include_usage).unwrap_or(false);
     let mut logit_bias = BTreeMap::new();
     for (token, bias) in common.logit_bias.unwrap_or_default() {
@@ -265,6 +280,8 @@ fn draft(common: Common, input: Input) -> Result<(Draft, bool), ApiError> {
         tools: common.tools.unwrap_or_default(),
         tool_choice: common.tool_choice,
         parallel_tool_calls: common.parallel_tool_calls,
+        logprobs,
+        top_logprobs,
     };
     let draft = Draft {
         model: common.model,
@@ -289,13 +306,6 @@ fn refuse_unhonoured(c: &Common) -> Result<(), ApiError> {
     };
     if c.n.is_some_and(|n| n != 1) {
         return refused("n", "send one request per choice (`n: 1`)");
-    }
-    // a count, even 0 (completions), asks for the chosen tokens' logprobs
-    if c.logprobs.as_ref().is_some_and(|l| l != &Value::Bool(false) && !l.is_null()) {
-        return refused("logprobs", "results carry no log probabilities");
-    }
-    if c.top_logprobs.is_some_and(|n| n > 0) {
-        return refused("top_logprobs", "results carry no log probabilities");
     }
     if c.functions.as_ref().is_some_and(|f| !f.is_empty()) {
         return refused("functions", "send them as `tools` (each `{\"type\": \"function\", \"function\": ...}`)");
@@ -380,14 +390,14 @@ pub fn object(kind: Kind, r: &InferResult) -> Value {
             json!({
                 "id": kind.id(&r.id), "object": "chat.completion", "created": now(), "model": r.model,
                 "system_fingerprint": r.model_revision,
-                "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": finish}],
+                "choices": [{"index": 0, "message": message, "logprobs": logprobs(kind, r), "finish_reason": finish}],
                 "usage": usage(r),
             })
         }
         Kind::Completion => json!({
             "id": kind.id(&r.id), "object": "text_completion", "created": now(), "model": r.model,
             "system_fingerprint": r.model_revision,
-            "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}],
+            "choices": [{"index": 0, "text": text, "logprobs": logprobs(kind, r), "finish_reason": finish}],
             "usage": usage(r),
         }),
     }
@@ -437,4 +447,35 @@ pub fn tool_chunk(id: &str, model: &str, calls: &[(usize, Option<(&str, &str)>, 
     let mut d = serde_json::Map::new();
     d.insert("tool_calls".into(), Value::Array(calls));
     chat_chunk(id, model, d, None, first)
+}
+
+/// A result's log probabilities in OpenAI's shape for `kind` (`null` when
+/// the request asked for none): chat's `{"content": [...]}`, or the
+/// completions' parallel lists.
+pub fn logprobs(kind: Kind, r: &InferResult) -> Value {
+    let Some(lps) = r.output.as_ref().and_then(|o| o.logprobs.as_ref()) else { return Value::Null };
+    match kind {
+        Kind::Chat => json!({"content": lps, "refusal": null}),
+        Kind::Completion => {
+            let mut offset = 0;
+            let offsets: Vec<usize> = lps
+                .iter()
+                .map(|l| {
+                    let at = offset;
+                    offset += l.token.len();
+                    at
+                })
+                .collect();
+            let top: Vec<Value> = lps
+                .iter()
+                .map(|l| Value::Object(l.top_logprobs.iter().map(|t| (t.token.clone(), json!(t.logprob))).collect()))
+                .collect();
+            json!({
+                "tokens": lps.iter().map(|l| l.token.as_str()).collect::<Vec<_>>(),
+                "token_logprobs": lps.iter().map(|l| l.logprob).collect::<Vec<_>>(),
+                "top_logprobs": top,
+                "text_offset": offsets,
+            })
+        }
+    }
 }

@@ -117,14 +117,14 @@ pub(super) fn views() -> Map<String, Value> {
             "message": {"type": "object", "required": ["role", "content"],
                         "properties": {"role": {"const": "assistant"}, "content": {"type": ["string", "null"]},
                                        "tool_calls": {"type": "array", "items": tool_call}}},
-            "logprobs": {"type": "null"},
+            "logprobs": {"type": ["object", "null"]},
             "finish_reason": finish,
         },
     });
     let text_choice = json!({
         "type": "object", "required": ["index", "text", "finish_reason"],
         "properties": {
-            "index": {"type": "integer"}, "text": {"type": "string"}, "logprobs": {"type": "null"},
+            "index": {"type": "integer"}, "text": {"type": "string"}, "logprobs": {"type": ["object", "null"]},
             "finish_reason": finish,
         },
     });

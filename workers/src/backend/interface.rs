@@ -3,7 +3,7 @@
 //! the backends, pools and breakers depend on it and not on each other.
 
 use futures::future::BoxFuture;
-use retro_fleet_schemas::{ErrorCode, InferRequest, ToolCall, Usage};
+use retro_fleet_schemas::{ErrorCode, InferRequest, TokenLogprob, ToolCall, Usage};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -16,6 +16,8 @@ pub struct Generation {
     pub finish_reason: String,
     /// The tool calls the model made.
     pub tool_calls: Vec<ToolCall>,
+    /// Each token's log probability, when the request asked.
+    pub logprobs: Option<Vec<TokenLogprob>>,
     /// Token counts.
     pub usage: Usage,
     /// Tokens this attempt computed: fewer than the completion's when it

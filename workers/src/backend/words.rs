@@ -25,6 +25,7 @@ pub(crate) fn answer<'w>(
         text,
         finish_reason,
         tool_calls: Vec::new(),
+        logprobs: None,
         usage: Usage { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens },
         computed_tokens: completion_tokens,
     }

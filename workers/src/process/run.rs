@@ -114,7 +114,8 @@ pub async fn run(sh: &Shared, m: &Settling<'_>, job: Job, queued_ms: f64, picked
             return cancelled("while it ran", compute_ms);
         }
     };
-    let output = Output { text: g.text, finish_reason: g.finish_reason, tool_calls: g.tool_calls };
+    let output =
+        Output { text: g.text, finish_reason: g.finish_reason, tool_calls: g.tool_calls, logprobs: g.logprobs };
     let cached = match session {
         Some(s) => Some(s.keep(&output, &g.usage, unix_ms()).await),
         None => None,

@@ -48,10 +48,10 @@ impl Backend for Mistral {
                 });
             }
             // A grammar's state is not in a checkpoint, nor the engine's
-            // tool-call parsing: such a generation is neither checkpointed
-            // nor resumed. Run again, it draws the same tokens (the same
-            // seed), so a stream goes on.
-            let constrained = p.answer_constraint().is_some() || !p.tools.is_empty();
+            // tool-call parsing, nor earlier tokens' log probabilities: such
+            // a generation is neither checkpointed nor resumed. Run again,
+            // it draws the same tokens (the same seed), so a stream goes on.
+            let constrained = p.answer_constraint().is_some() || !p.tools.is_empty() || p.logprobs;
             let resume = attempt.resume.filter(|c| !constrained && self.resumes(c, &req.id));
             let joined: Vec<u32>;
             let prompt = match (&resume, &req.input) {
@@ -93,6 +93,7 @@ impl Backend for Mistral {
                 text,
                 finish_reason,
                 tool_calls,
+                logprobs: out.logprobs,
                 usage: Usage {
                     prompt_tokens: out.prompt_tokens as u32,
                     completion_tokens: out.completion_tokens as u32,

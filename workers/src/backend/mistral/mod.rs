@@ -30,11 +30,13 @@
 //! - `request`: a mistral.rs request from a fleet request (prompt,
 //!   sampling, the token meter and seeded sampler).
 //! - `stream`: one request run in streaming mode, cut at stop strings.
+//! - `logprobs`: each picked token's log probability, with its text.
 
 mod adapters;
 mod context;
 mod engine;
 mod load;
+mod logprobs;
 mod request;
 mod stream;
 

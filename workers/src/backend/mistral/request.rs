@@ -90,6 +90,7 @@ pub(super) fn build(
                 generated: before.iter().map(|t| (*t, 0)).collect(),
             })
         }),
+        likelihoods: a.logprobs.then(|| (a.top_logprobs.unwrap_or(0) as usize, Mutex::new(Vec::new()))),
     });
     let tools = match &prompt {
         Prompt::Chat(_, tools) => engine_tools(tools),
@@ -164,6 +165,17 @@ pub(super) struct Meter {
     /// The token to pick first (a resumed generation's last token).
     forced: Mutex<Option<u32>>,
     record: Option<Mutex<Record>>,
+    /// When the request asked for log probabilities: how many of the
+    /// likeliest tokens to keep per position, and each pick's.
+    likelihoods: Option<(usize, Mutex<Vec<Likelihood>>)>,
+}
+
+/// How likely a picked token was, and the likeliest at its position.
+#[derive(Debug, Clone)]
+pub(super) struct Likelihood {
+    pub token: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
 }
 
 /// What a recording meter saw.
@@ -193,6 +205,41 @@ impl Meter {
         let prompt = r.prompt.clone()?;
         let (_, rng) = *r.generated.get(n.checked_sub(1)?)?;
         Some((prompt, r.generated[..n].iter().map(|(t, _)| *t).collect(), rng))
+    }
+
+    /// The likelihoods of the first `n` picks, when the request asked.
+    pub(super) fn likelihoods(&self, n: usize) -> Option<Vec<Likelihood>> {
+        let (_, all) = self.likelihoods.as_ref()?;
+        let all = all.lock().unwrap();
+        Some(all[..n.min(all.len())].to_vec())
+    }
+
+    /// Notes how likely the pick was under `logits` (in place of the last
+    /// note when picked `again` for the same context).
+    fn weigh(&self, logits: &Tensor, token: usize, again: bool) -> mistralrs::Result<()> {
+        let Some((top, all)) = &self.likelihoods else { return Ok(()) };
+        let v: Vec<f32> = logits.to_vec1::<f32>()?;
+        let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let lse = max + v.iter().map(|x| (x - max).exp()).sum::<f32>().ln();
+        let lp = |i: usize| (v[i] - lse).max(-9999.0);
+        let mut idx: Vec<usize> = (0..v.len()).collect();
+        let k = (*top).min(v.len());
+        if k > 0 {
+            idx.select_nth_unstable_by(k - 1, |&a, &b| v[b].total_cmp(&v[a]));
+        }
+        idx.truncate(k);
+        idx.sort_unstable_by(|&a, &b| v[b].total_cmp(&v[a]));
+        let l = Likelihood {
+            token: token as u32,
+            logprob: lp(token),
+            top: idx.iter().map(|&i| (i as u32, lp(i))).collect(),
+        };
+        let mut all = all.lock().unwrap();
+        if again {
+            all.pop();
+        }
+        all.push(l);
+        Ok(())
     }
 
     /// Notes the token picked, with the sampler's state after it (in place
@@ -244,10 +291,11 @@ impl CustomLogitsProcessor for Meter {
         };
         let pick = match (self.forced.lock().unwrap().take(), &self.sampling) {
             (Some(token), _) => token as usize,
-            (None, None) if self.record.is_none() => return Ok(logits.clone()),
+            (None, None) if self.record.is_none() && self.likelihoods.is_none() => return Ok(logits.clone()),
             (None, None) => logits.argmax(0)?.to_scalar::<u32>()? as usize,
             (None, Some(sampling)) => self.sample(logits, sampling)?,
         };
+        self.weigh(logits, pick, again)?;
         self.picked(pick, again);
         only(pick, logits)
     }

@@ -3,7 +3,7 @@
 //! arrives and cutting it at stop strings.
 
 use mistralrs::{CalledFunction, Model, Response};
-use retro_fleet_schemas::ErrorCode;
+use retro_fleet_schemas::{ErrorCode, TokenLogprob};
 use tokio::sync::mpsc;
 
 use super::request::{self, Meter, Params, Prompt};
@@ -21,6 +21,8 @@ pub(super) struct Output {
     /// Calls the engine read in the model's own tool-call format (a
     /// request whose tool choice is `auto`).
     pub calls: Vec<CalledFunction>,
+    /// Each token's log probability, when the request asked.
+    pub logprobs: Option<Vec<TokenLogprob>>,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     /// Tokens this attempt computed (fewer than `completion_tokens` when it
@@ -55,6 +57,7 @@ pub(super) async fn generate(
             text: String::new(),
             finish_reason: "length".into(),
             calls: Vec::new(),
+            logprobs: p.asked.logprobs.then(Vec::new),
             prompt_tokens: 0,
             completion_tokens: 0,
             computed_tokens: 0,
@@ -131,7 +134,12 @@ pub(super) async fn generate(
         }
     };
     let (prompt_tokens, completion_tokens, computed_tokens) = meter.tokens(p.max_tokens);
-    Ok(Output { text: text.finish(), finish_reason, calls, prompt_tokens, completion_tokens, computed_tokens })
+    let text = text.finish();
+    let logprobs = match meter.likelihoods(computed_tokens) {
+        Some(picks) => Some(super::logprobs::of(model, picks, text.len()).await?),
+        None => None,
+    };
+    Ok(Output { text, finish_reason, calls, logprobs, prompt_tokens, completion_tokens, computed_tokens })
 }
 
 /// Checkpoints of a generation: which token the text has reached, and
