@@ -340,6 +340,12 @@ r = c.completions.create(model="tiny", prompt="once", max_tokens=8, temperature=
 lp = r.choices[0].logprobs
 assert "".join(lp.tokens) == r.choices[0].text and len(lp.token_logprobs) == 8, lp
 assert all(len(d) == 2 for d in lp.top_logprobs) and lp.text_offset[:2] == [0, len(lp.tokens[0])], lp
+# more entries than one result carries: refused before any work, naming the field
+try:
+    c.chat.completions.create(model="tiny", messages=msgs, max_tokens=2000, logprobs=True, top_logprobs=20)
+    raise SystemExit("expected a 422 naming top_logprobs")
+except openai.UnprocessableEntityError as e:
+    assert "top_logprobs" in str(e), e
 print("logprobs ok")
 "#;
     python(

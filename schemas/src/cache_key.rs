@@ -12,7 +12,7 @@ use std::sync::RwLock;
 
 use sha2::{Digest, Sha256};
 
-use crate::{ChatMessage, Input, SamplingParams};
+use crate::{ChatMessage, Input, SamplingParams, ToolPlan};
 
 /// A 128-bit cache key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -128,12 +128,16 @@ impl Hasher {
         if !p.tools.is_empty() {
             // in order and as received: the template shows them so
             tagged("tools", &serde_json::to_vec(&p.tools).expect("tools are JSON"));
-        }
-        if let Some(c) = &p.tool_choice {
-            tagged("tool_choice", &serde_json::to_vec(c).expect("a tool choice is JSON"));
-        }
-        if let Some(v) = p.parallel_tool_calls {
-            tagged("parallel_tool_calls", &[v as u8]);
+            // what the choice does, not how it was written: an unset
+            // choice is `auto`, and one parallel call only bounds `required`
+            let plan = match p.tool_plan() {
+                ToolPlan::Text => "text".to_string(),
+                ToolPlan::Auto => "auto".to_string(),
+                ToolPlan::Forced(f) => format!("forced:{}", f.name),
+                ToolPlan::Required if p.parallel_tool_calls == Some(false) => "required:one".to_string(),
+                ToolPlan::Required => "required".to_string(),
+            };
+            tagged("tool_plan", plan.as_bytes());
         }
         if p.logprobs {
             tagged("logprobs", &p.top_logprobs.unwrap_or(0).to_le_bytes());
@@ -328,6 +332,14 @@ mod tests {
         let keys: std::collections::HashSet<Key> =
             variants.iter().map(|p| exact(&scope("a"), p, &prompt("x"))).chain([base]).collect();
         assert_eq!(keys.len(), variants.len() + 1, "each changes the key, and differently");
+        // a tool choice is keyed by what it does: without tools it does
+        // nothing, unset is `auto`, one parallel call bounds only `required`
+        let key = |p: &SamplingParams| exact(&scope("a"), p, &prompt("x"));
+        assert_eq!(base, key(&SamplingParams { tool_choice: Some(choice("auto")), ..greedy() }));
+        let with_tools = SamplingParams { tools: variants[8].tools.clone(), ..greedy() };
+        assert_eq!(key(&with_tools), key(&SamplingParams { tool_choice: Some(choice("auto")), ..with_tools.clone() }));
+        let one = SamplingParams { parallel_tool_calls: Some(false), ..with_tools.clone() };
+        assert_eq!(key(&with_tools), key(&one));
         // min_p only matters when sampling
         let min_p = SamplingParams { min_p: Some(0.1), ..greedy() };
         assert_eq!(base, exact(&scope("a"), &min_p, &prompt("x")));

@@ -465,6 +465,31 @@ impl SamplingParams {
 /// Most alternatives `params.top_logprobs` may ask for (OpenAI's limit).
 pub const MAX_TOP_LOGPROBS: u32 = 20;
 
+/// Most log-probability entries one answer may carry, picks and their
+/// alternatives together: about 50 bytes each, so a result stays well
+/// inside NATS's smallest default message size (1 MiB).
+pub const MAX_LOGPROB_ENTRIES: u32 = 8192;
+
+impl SamplingParams {
+    /// Whether the log probabilities of `max_tokens` tokens fit in one
+    /// result ([`MAX_LOGPROB_ENTRIES`]).
+    pub fn check_logprob_entries(&self, max_tokens: u32) -> Result<(), Invalid> {
+        let per_token = 1 + self.top_logprobs.unwrap_or(0);
+        if !self.logprobs || max_tokens.saturating_mul(per_token) <= MAX_LOGPROB_ENTRIES {
+            return Ok(());
+        }
+        Err(Invalid::field(
+            "params.top_logprobs",
+            format!(
+                "`params.top_logprobs`: {max_tokens} tokens with {} alternatives each make {} log-probability \
+                 entries; one answer carries at most {MAX_LOGPROB_ENTRIES}: ask for fewer tokens or alternatives",
+                per_token - 1,
+                max_tokens.saturating_mul(per_token)
+            ),
+        ))
+    }
+}
+
 /// Most entries of `params.logit_bias` (OpenAI's limit).
 pub const MAX_LOGIT_BIAS: usize = 300;
 
@@ -485,6 +510,9 @@ impl SamplingParams {
                 "params.top_logprobs",
                 format!("`params.top_logprobs` must be within 0..={MAX_TOP_LOGPROBS}"),
             ));
+        }
+        if let Some(max_tokens) = self.max_tokens {
+            self.check_logprob_entries(max_tokens)?;
         }
         if self.top_logprobs.is_some_and(|n| n > 0) && !self.logprobs {
             return Err(Invalid::field("params.top_logprobs", "`params.top_logprobs` needs `params.logprobs: true`"));

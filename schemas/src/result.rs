@@ -135,9 +135,19 @@ impl Output {
         self
     }
 
-    /// Bytes of text the answer holds, its calls' included.
+    /// Bytes the answer holds: its text, its calls' and its log
+    /// probabilities' (each entry's texts and bytes, plus 16 for the number).
     pub fn len(&self) -> usize {
-        self.text.len() + self.tool_calls.iter().map(crate::ToolCall::len).sum::<usize>()
+        let entry = |token: &str, bytes: &[u8]| token.len() + bytes.len() + 16;
+        let logprobs: usize = self
+            .logprobs
+            .iter()
+            .flatten()
+            .map(|l| {
+                entry(&l.token, &l.bytes) + l.top_logprobs.iter().map(|t| entry(&t.token, &t.bytes)).sum::<usize>()
+            })
+            .sum();
+        self.text.len() + self.tool_calls.iter().map(crate::ToolCall::len).sum::<usize>() + logprobs
     }
 
     /// Whether the answer holds no text and no calls.

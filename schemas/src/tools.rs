@@ -194,10 +194,11 @@ pub fn calls(plan: ToolPlan<'_>, id: &str, text: &str) -> Option<Vec<ToolCall>> 
                 arguments: Value,
             }
             let decoded: Vec<Decoded> = serde_json::from_str(text).ok().or_else(|| {
-                // the grammar writes the list compactly: a cut one ends
-                // its complete calls at one of the last `},{"name":`
-                text.rmatch_indices(r#"},{"name":"#)
-                    .take(4)
+                // a cut list: its complete calls end at a `}` (the last
+                // one the list can close after); a call's own arguments
+                // hold at most a few hundred of them
+                text.rmatch_indices('}')
+                    .take(512)
                     .find_map(|(at, _)| serde_json::from_str(&format!("{}]", &text[..=at])).ok())
             })?;
             Some(
@@ -283,8 +284,14 @@ mod tests {
         assert_eq!(c.len(), 2);
         assert_eq!((c[1].id.as_str(), c[1].function.arguments.as_str()), ("call_r1_1", "{}"));
         assert_eq!(calls(ToolPlan::Required, "r1", r#"[{"name":"add","argu"#), None);
-        let cut = calls(ToolPlan::Required, "r1", r#"[{"name":"add","arguments":{}},{"name":"add","arguments":{"a":2"#);
-        assert_eq!(cut.unwrap().len(), 1, "a cut list gives the calls it completed");
+        for cut in [
+            r#"[{"name":"add","arguments":{}},{"name":"add","arguments":{"a":2"#,
+            r#"[{"name":"add","arguments":{}},{"na"#,
+            r#"[{"name":"add","arguments":{}},"#,
+            r#"[{"name":"add","arguments":{"x":[{"name":"y"}]}},{"name":"add","arguments":{"a":[{"name":"#,
+        ] {
+            assert_eq!(calls(ToolPlan::Required, "r1", cut).map(|c| c.len()), Some(1), "the completed calls of {cut}");
+        }
         assert_eq!(calls(ToolPlan::Auto, "r1", "{}"), None);
     }
 }

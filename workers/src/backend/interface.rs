@@ -48,7 +48,7 @@ impl BackendError {
         Err(BackendError {
             code: ErrorCode::Unsupported,
             message: format!(
-                "model `{}` cannot honour `{}` (OpenAI `{}`): its {kind} backend has no sampler; \
+                "model `{}` cannot honour `{}` (OpenAI `{}`): its {kind} backend runs no model; \
                  send the request without it, or to a mistralrs model",
                 req.model, f.native, f.openai
             ),

@@ -24,6 +24,8 @@ pub struct Mistral {
     pub(super) context: Option<usize>,
     /// Whether its chat template shows tools to the model.
     pub(super) tools: bool,
+    /// Each token's bytes, when the model's directory has a `tokenizer.json`.
+    pub(super) vocab: Option<Arc<Vec<Vec<u8>>>>,
 }
 
 impl Backend for Mistral {
@@ -67,7 +69,15 @@ impl Backend for Mistral {
             };
             if resume.is_none() {
                 let context = Context { tokens: self.context, default_max_tokens: self.default_max_tokens };
-                params.max_tokens = Some(context.budget(&self.model, &prompt, p.max_tokens).await?);
+                let budget = context.budget(&self.model, &prompt, p.max_tokens).await?;
+                // a default budget may be more than one answer's log
+                // probabilities can carry
+                p.check_logprob_entries(budget).map_err(|e| BackendError {
+                    code: e.code,
+                    message: e.message,
+                    retryable: false,
+                })?;
+                params.max_tokens = Some(budget);
             }
             let _place = match &self.gate {
                 Some(gate) => Some(gate.enter().await),
@@ -78,13 +88,17 @@ impl Backend for Mistral {
                 resume: resume.as_ref(),
                 checkpoints: attempt.checkpoints.filter(|_| !constrained),
                 revision: &self.revision,
+                vocab: self.vocab.as_deref().map(Vec::as_slice),
             };
             let out = stream::generate(&self.model, prompt, &params, run).await?;
             // calls the tool choice forced, else those the engine read
             let (text, finish_reason, tool_calls) = match p.tool_calls(&req.id, &out.text) {
                 Some(calls) => (String::new(), finish_with_calls(p.tool_plan(), &out.finish_reason).to_string(), calls),
                 None if !out.calls.is_empty() => {
-                    let calls = out.calls.into_iter().enumerate().map(|(i, c)| request::tool_call(&req.id, c, i));
+                    // without parallel calls, the model's first call only
+                    let most = if p.parallel_tool_calls == Some(false) { 1 } else { usize::MAX };
+                    let calls =
+                        out.calls.into_iter().take(most).enumerate().map(|(i, c)| request::tool_call(&req.id, c, i));
                     (out.text, finish_with_calls(p.tool_plan(), &out.finish_reason).to_string(), calls.collect())
                 }
                 None => (out.text, out.finish_reason, Vec::new()),

@@ -87,7 +87,8 @@ impl Mistral {
         // a model without a known context is left to the engine's own checks
         let context = model.max_sequence_length().ok().flatten();
         let tools = super::context::shows_tools(&model).await;
-        Ok(Mistral { model, gate, revision, default_max_tokens: *default_max_tokens, context, tools })
+        let vocab = super::logprobs::vocab(Path::new(&dir));
+        Ok(Mistral { model, gate, revision, default_max_tokens: *default_max_tokens, context, tools, vocab })
     }
 }
 

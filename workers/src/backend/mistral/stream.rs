@@ -40,6 +40,8 @@ pub(super) struct Run<'a> {
     pub checkpoints: Option<Checkpointing>,
     /// The model's revision (recorded in checkpoints).
     pub revision: &'a str,
+    /// Each token's bytes, when known (for log probabilities).
+    pub vocab: Option<&'a [Vec<u8>]>,
 }
 
 /// Runs one request, forwarding text to `deltas` as it arrives and cutting
@@ -64,6 +66,7 @@ pub(super) async fn generate(
         });
     }
     let stops: Vec<String> = p.asked.stop.iter().filter(|s| !s.is_empty()).cloned().collect();
+    let run_vocab = run.vocab;
     let (tx, mut rx) = mpsc::channel::<Response>(1);
     let runner = model.inner();
     let from = run.resume.map(|c| request::From { prompt: &c.prompt, generated: &c.generated, rng: c.rng });
@@ -136,7 +139,7 @@ pub(super) async fn generate(
     let (prompt_tokens, completion_tokens, computed_tokens) = meter.tokens(p.max_tokens);
     let text = text.finish();
     let logprobs = match meter.likelihoods(computed_tokens) {
-        Some(picks) => Some(super::logprobs::of(model, picks, text.len()).await?),
+        Some(picks) => Some(super::logprobs::of(model, run_vocab, picks, text.len()).await?),
         None => None,
     };
     Ok(Output { text, finish_reason, calls, logprobs, prompt_tokens, completion_tokens, computed_tokens })
