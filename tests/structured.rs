@@ -30,6 +30,9 @@ async fn fleet() -> Fleet {
 
 /// `tiny` (its chat template shows tools), `plain` (the same model, its
 /// template does not) and `echo`.
+/// What to check when a client script fails.
+const SDK_HINT: &str = "the openai client script failed (`make test` installs openai and jsonschema)";
+
 fn config(dir: &std::path::Path) -> String {
     let (model, plain) = (dir.join("tiny"), dir.join("plain"));
     retro_fleet_worker::tiny_model::write(&model, &Default::default()).unwrap();
@@ -97,12 +100,7 @@ except openai.BadRequestError as e:
     assert "logprobs" in str(e), e
 print("structured ok")
 "#;
-    python(
-        script,
-        &f.base,
-        "structured ok",
-        "the openai client script failed (`make test` installs openai and jsonschema)",
-    );
+    python(script, &f.base, "structured ok", SDK_HINT);
 }
 
 async fn infer(base: &str, params: Value) -> Value {
@@ -279,7 +277,7 @@ refused("tool_choice", invalid, model="tiny", tool_choice="required")
 refused("tool_choice", invalid, model="tiny", tools=tools, tool_choice="required", response_format={"type": "json_object"})
 print("tools ok")
 "#;
-    python(script, &f.base, "tools ok", "the openai client script failed (`make test` installs openai and jsonschema)");
+    python(script, &f.base, "tools ok", SDK_HINT);
 
     // the native API: the same fields under `params`, calls in `output.tool_calls`
     let tools = json!([{"type": "function", "function": {"name": "add",
@@ -348,10 +346,5 @@ except openai.UnprocessableEntityError as e:
     assert "top_logprobs" in str(e), e
 print("logprobs ok")
 "#;
-    python(
-        script,
-        &f.base,
-        "logprobs ok",
-        "the openai client script failed (`make test` installs openai and jsonschema)",
-    );
+    python(script, &f.base, "logprobs ok", SDK_HINT);
 }
