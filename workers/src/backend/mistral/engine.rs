@@ -53,7 +53,8 @@ impl Backend for Mistral {
             // tool-call parsing, nor earlier tokens' log probabilities: such
             // a generation is neither checkpointed nor resumed. Run again,
             // it draws the same tokens (the same seed), so a stream goes on.
-            let constrained = p.answer_constraint().is_some() || !p.tools.is_empty() || p.logprobs;
+            // (a grammar comes from `constraint`, or from tools that force a call)
+            let constrained = p.constraint.is_some() || !p.tools.is_empty() || p.logprobs;
             let resume = attempt.resume.filter(|c| !constrained && self.resumes(c, &req.id));
             let joined: Vec<u32>;
             let prompt = match (&resume, &req.input) {
