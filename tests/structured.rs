@@ -92,7 +92,6 @@ def refused(field, **kw):
 refused("response_format", model="echo", response_format=rf)
 refused("logit_bias", model="echo", logit_bias={"50": -100})
 refused("logprobs", model="echo", logprobs=True, top_logprobs=3)
-refused("n", model="tiny", n=3)
 try:
     c.completions.create(model="echo", prompt="x", max_tokens=4, logprobs=0)
     raise SystemExit("expected a 400 naming logprobs")
@@ -347,4 +346,94 @@ except openai.UnprocessableEntityError as e:
 print("logprobs ok")
 "#;
     python(script, &f.base, "logprobs ok", SDK_HINT);
+}
+
+/// `n` choices: over the native API, one request gives every choice's
+/// result (ids `<id>-c<i>`, seeds `seed + i`), streamed too; the official
+/// client gets the same choices with their indexes, the prompt counted once
+/// and the completions summed, streamed or not; greedy choices agree; too
+/// many is a 422 naming `n`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn n_choices_are_one_request_with_every_answer() {
+    let f = fleet().await;
+    let messages = json!([{"role": "user", "content": "tell me a story"}]);
+    let params = json!({"temperature": 0.9, "seed": 5, "max_tokens": 12});
+    let body = json!({"model": "tiny", "messages": messages, "params": params, "n": 3, "id": "three"});
+    let (status, r) = post_json(&format!("{}/v1/infer", f.base), &body).await;
+    assert_eq!(status, 200, "{r}");
+    let choices = r["choices"].as_array().expect("choices");
+    let ids: Vec<&str> = choices.iter().map(|c| c["id"].as_str().unwrap()).collect();
+    assert_eq!((r["id"].as_str(), ids), (Some("three"), vec!["three", "three-c1", "three-c2"]));
+    let texts: Vec<&str> = choices.iter().map(text).collect();
+    let distinct: std::collections::BTreeSet<_> = texts.iter().collect();
+    assert!(distinct.len() > 1, "three seeds, one answer: {texts:?}");
+    // choice 1 is the request with seed 6
+    let one =
+        json!({"model": "tiny", "messages": messages, "params": {"temperature": 0.9, "seed": 6, "max_tokens": 12}});
+    let (_, alone) = post_json(&format!("{}/v1/infer", f.base), &one).await;
+    assert_eq!(text(&alone), texts[1]);
+    let completion: u64 = choices.iter().map(|c| c["usage"]["completion_tokens"].as_u64().unwrap()).sum();
+    let prompt = choices[0]["usage"]["prompt_tokens"].as_u64().unwrap();
+
+    // streamed: every choice's chunks and result, each naming its id
+    let streamed = json!({"model": "tiny", "messages": messages, "params": params, "n": 3, "stream": true});
+    let body = reqwest::Client::new()
+        .post(format!("{}/v1/infer", f.base))
+        .json(&streamed)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let mut results = std::collections::BTreeMap::new();
+    for event in body.split("\n\n").filter(|e| e.contains("event: result")) {
+        let data = event.lines().find_map(|l| l.strip_prefix("data: ")).expect("data");
+        let r: Value = serde_json::from_str(data).unwrap();
+        results.insert(r["id"].as_str().unwrap().to_string(), text(&r).to_string());
+    }
+    assert_eq!(results.len(), 3, "{body}");
+    assert!(!body.contains("event: error"), "{body}");
+    assert!(body.matches("event: chunk").count() >= 3, "{body}");
+    let mut in_order: Vec<String> = results.into_values().collect();
+    in_order.sort();
+    let mut want: Vec<String> = texts.iter().map(|t| t.to_string()).collect();
+    want.sort();
+    assert_eq!(in_order, want, "the same seeds give the same choices");
+
+    let script = format!(
+        r#"
+import json, sys, openai
+c = openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key="unused", max_retries=0)
+texts, prompt, completion = {texts}, {prompt}, {completion}
+msgs = [{{"role": "user", "content": "tell me a story"}}]
+kw = dict(model="tiny", messages=msgs, temperature=0.9, seed=5, max_tokens=12, n=3)
+r = c.chat.completions.create(**kw)
+assert [ch.index for ch in r.choices] == [0, 1, 2], r
+assert [ch.message.content for ch in r.choices] == texts, (r, texts)
+assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (prompt, completion), r.usage
+assert r.usage.total_tokens == prompt + completion, r.usage
+parts, finishes, usage = {{}}, {{}}, None
+for ch in c.chat.completions.create(stream=True, stream_options={{"include_usage": True}}, **kw):
+    if ch.usage:
+        usage = ch.usage
+    for choice in ch.choices:
+        parts[choice.index] = parts.get(choice.index, "") + (choice.delta.content or "")
+        if choice.finish_reason:
+            finishes[choice.index] = choice.finish_reason
+assert [parts[i] for i in range(3)] == texts, (parts, texts)
+assert sorted(finishes) == [0, 1, 2], finishes
+assert (usage.prompt_tokens, usage.completion_tokens) == (prompt, completion), usage
+g = c.completions.create(model="tiny", prompt="once upon a time", temperature=0, max_tokens=8, n=2)
+assert [ch.index for ch in g.choices] == [0, 1] and g.choices[0].text == g.choices[1].text, g
+try:
+    c.chat.completions.create(model="tiny", messages=msgs, max_tokens=4, n=17)
+    raise SystemExit("expected a 422 naming n")
+except openai.UnprocessableEntityError as e:
+    assert "`n`" in str(e), e
+print("choices ok")
+"#,
+        texts = serde_json::to_string(&texts).unwrap(),
+    );
+    python(&script, &f.base, "choices ok", SDK_HINT);
 }

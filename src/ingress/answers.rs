@@ -225,6 +225,7 @@ mod tests {
             traceparent: String::new(),
             who,
             caller_id: false,
+            choices: 1,
         }
     }
 

@@ -182,6 +182,9 @@ fn prepare(
         draft.id = Some(format!("{batch}-{i}"));
         draft.priority = Some(priority);
         let mut p = submit::prepare(state, h, who, draft).map_err(|e| at_line(i, "body", e))?;
+        if p.choices > 1 {
+            return Err(fail("body.n", "a batch line is one choice: write one line per choice (`n: 1`)".into()));
+        }
         p.timeout = timeout;
         ids.push(line.custom_id);
         prepared.push(p);
@@ -382,7 +385,7 @@ pub async fn get_results(
                 let err = ApiError::from(e.clone()).with_id(&r.id);
                 (status_of(e.code).as_u16(), err.body())
             }
-            _ => (200, object(kind, r)),
+            _ => (200, object(kind, std::slice::from_ref(r))),
         };
         let line = json!({
             "id": format!("batch_req_{}", r.id), "custom_id": custom_id,

@@ -14,7 +14,7 @@ use axum::http::{HeaderMap as HttpHeaders, StatusCode};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use retro_fleet_schemas::stored::stored_result;
 use retro_fleet_schemas::{
     subjects, CacheMode, ChatMessage, ErrorCode, InferResult, Input, Priority, SamplingParams, Status,
@@ -23,10 +23,11 @@ use serde::{Deserialize, Serialize};
 
 use super::auth::Principal;
 use super::error::{parse_json, ApiError, ApiPath};
-use super::replies::{Next, Reply, Streamed, Waiter};
+use super::replies::{merge, Next, Reply, Streamed, Waiter};
 use super::request_id::with_request_id;
 use super::sse::task_stream;
 use super::state::AppState;
+use super::submit::validate::choice_id;
 use super::submit::{self, Draft, Prepared};
 
 /// Body of `POST /v1/infer` and `/v1/infer/async`. Give the prompt as
@@ -69,6 +70,20 @@ pub struct NativeRequest {
     /// Wait at most this long (ms), capped by the ingress timeout; also the deadline.
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// Choices (1-16, default 1): each is a request of its own, with the id
+    /// `<id>-c<i>` after the first and, when seeded, the seed `seed + i`.
+    /// With more than one the answer is [`Choices`].
+    #[serde(default)]
+    pub n: Option<u32>,
+}
+
+/// Answer of `POST /v1/infer` with `n` > 1: every choice's result, in order.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct Choices {
+    /// Request id (the first choice's).
+    pub id: String,
+    /// One result per choice.
+    pub choices: Vec<InferResult>,
 }
 
 /// Answer of `POST /v1/infer/async`.
@@ -78,6 +93,9 @@ pub struct Accepted {
     pub id: String,
     /// Where the result will be.
     pub result_url: String,
+    /// With `n` > 1, where each choice's result will be (the first is `result_url`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub choice_urls: Vec<String>,
 }
 
 /// Reads a native body into a [`Draft`] and has [`submit`] prepare it.
@@ -108,14 +126,20 @@ fn prepare(
         id: n.id,
         timeout_ms: n.timeout_ms,
         priority: n.priority,
+        n: n.n,
     };
     submit::prepare(state, h, who, draft)
 }
 
-fn result_response(result: InferResult) -> Response {
-    match (&result.status, &result.error) {
-        (Status::Ok, _) | (_, None) => (StatusCode::OK, Json(result)).into_response(),
-        (Status::Error, Some(e)) => ApiError::from(e.clone()).with_id(&result.id).into_response(),
+/// The result, or [`Choices`] with more than one; the first failed
+/// choice's error when one failed.
+fn result_response(id: &str, mut results: Vec<InferResult>) -> Response {
+    if let Some(e) = submit::failed(&results) {
+        return e.into_response();
+    }
+    match results.len() {
+        1 => (StatusCode::OK, Json(results.remove(0))).into_response(),
+        _ => (StatusCode::OK, Json(Choices { id: id.to_string(), choices: results })).into_response(),
     }
 }
 
@@ -132,26 +156,31 @@ pub async fn infer(
     };
     let resp = if p.req.stream {
         match submit::open_stream(&state, &p).await {
-            Ok(waiter) => sse(waiter, p.timeout, p.req.id.clone()).into_response(),
+            Ok(waiters) => sse(waiters, p.timeout, p.req.id.clone()).into_response(),
             Err(e) => e.into_response(),
         }
     } else {
         match submit::call(&state, &p).await {
-            Ok(result) => result_response(result),
+            Ok(results) => result_response(&p.req.id, results),
             Err(e) => e.into_response(),
         }
     };
     with_request_id(resp, &p.req.id)
 }
 
-/// Chunks as `event: chunk`, then the result as `event: result` (or `event: error`).
-fn sse(mut waiter: Waiter, timeout: Duration, id: String) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+/// Chunks as `event: chunk`, then the result as `event: result` (or
+/// `event: error`). With several choices their events interleave, each
+/// naming its choice's request id, and the stream ends after every result
+/// (or the first error).
+fn sse(waiters: Vec<Waiter>, timeout: Duration, id: String) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let stream = task_stream(move |tx| async move {
         let deadline = tokio::time::Instant::now() + timeout;
-        let mut streamed = Streamed::default();
-        loop {
-            match tokio::time::timeout_at(deadline, waiter.next()).await {
-                Ok(Some(Reply::Chunk(c))) => match streamed.read(c) {
+        let mut streamed: Vec<Streamed> = waiters.iter().map(|_| Streamed::default()).collect();
+        let mut left = waiters.len();
+        let mut replies = merge(waiters);
+        while left > 0 {
+            match tokio::time::timeout_at(deadline, replies.next()).await {
+                Ok(Some((i, Reply::Chunk(c)))) => match streamed[i].read(c) {
                     Next::Forward(c) => {
                         let event = Event::default().event("chunk").json_data(&c).expect("chunk is JSON");
                         if tx.send(event).await.is_err() {
@@ -160,15 +189,19 @@ fn sse(mut waiter: Waiter, timeout: Duration, id: String) -> Sse<impl Stream<Ite
                     }
                     Next::Skip => {}
                     Next::Diverged => {
-                        let body = super::sse::diverged(&id).body().to_string();
+                        let body = super::sse::diverged(&choice_id(&id, i as u32)).body().to_string();
                         let _ = tx.send(Event::default().event("error").data(body)).await;
                         return;
                     }
                 },
-                Ok(Some(Reply::Result(r, _))) => {
-                    let kind = if r.status == Status::Ok { "result" } else { "error" };
+                Ok(Some((_, Reply::Result(r, _)))) => {
+                    let ok = r.status == Status::Ok;
+                    let kind = if ok { "result" } else { "error" };
                     let _ = tx.send(Event::default().event(kind).json_data(&r).expect("result is JSON")).await;
-                    return;
+                    if !ok {
+                        return;
+                    }
+                    left -= 1;
                 }
                 _ => {
                     let body = serde_json::json!({"error": {"code": "timeout", "message": "no result in time", "retryable": true}});
@@ -200,7 +233,9 @@ pub async fn infer_async(
         return e.into_response();
     }
     let id = p.req.id.clone();
-    let body = Accepted { result_url: format!("/v1/results/{id}"), id: id.clone() };
+    let url = |i| format!("/v1/results/{}", choice_id(&id, i));
+    let choice_urls = if p.choices > 1 { (0..p.choices).map(url).collect() } else { Vec::new() };
+    let body = Accepted { result_url: url(0), id: id.clone(), choice_urls };
     with_request_id((StatusCode::ACCEPTED, Json(body)).into_response(), &id)
 }
 

@@ -17,7 +17,7 @@ use axum::http::HeaderMap as HttpHeaders;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use retro_fleet_schemas::tools::call_of;
 use retro_fleet_schemas::{ErrorCode, InferRequest, InferResult, Status, ToolCall, ToolPlan};
 use serde_json::{json, Value};
@@ -25,10 +25,11 @@ use serde_json::{json, Value};
 use super::auth::Principal;
 use super::error::ApiError;
 use super::openai_shapes::{chat_draft, chunk, completion_draft, logprobs, object, tool_chunk, usage, Kind};
-use super::replies::{Next, Reply, Streamed, Waiter};
+use super::replies::{merge, Next, Reply, Streamed, Waiter};
 use super::request_id::with_request_id;
 use super::sse::task_stream;
 use super::state::AppState;
+use super::submit::validate::choice_id;
 use super::submit::{self, Draft};
 
 /// `POST /v1/chat/completions`.
@@ -70,19 +71,19 @@ async fn respond(
     };
     let resp = if prepared.req.stream {
         match submit::open_stream(&state, &prepared).await {
-            Ok(waiter) => {
-                let streams = Streams::of(&prepared.req);
+            Ok(waiters) => {
+                let streams = prepared.each_choice().iter().map(|c| Streams::of(&c.req)).collect();
                 let model = prepared.req.model.clone();
-                sse(waiter, prepared.timeout, kind, model, include_usage, prepared.req.id.clone(), streams)
+                sse(waiters, prepared.timeout, kind, model, include_usage, prepared.req.id.clone(), streams)
                     .into_response()
             }
             Err(e) => e.into_response(),
         }
     } else {
         match submit::call(&state, &prepared).await {
-            Ok(result) => match (&result.status, &result.error) {
-                (Status::Error, Some(e)) => ApiError::from(e.clone()).with_id(&result.id).into_response(),
-                _ => Json(object(kind, &result)).into_response(),
+            Ok(results) => match submit::failed(&results) {
+                Some(e) => e.into_response(),
+                None => Json(object(kind, &results)).into_response(),
             },
             Err(e) => e.into_response(),
         }
@@ -123,8 +124,9 @@ impl Streams {
         }
     }
 
-    /// The chunks that send what `r` holds beyond what was `streamed`.
-    fn rest(&self, kind: Kind, r: &InferResult, model: &str, streamed: &str, first: bool) -> Vec<Value> {
+    /// The chunks (of response `id`) that send what `r` holds beyond what
+    /// was `streamed`.
+    fn rest(&self, kind: Kind, id: &str, r: &InferResult, model: &str, streamed: &str, first: bool) -> Vec<Value> {
         let text = r.output.as_ref().map_or("", |o| o.text.as_str());
         let calls = r.output.as_ref().map_or(&[][..], |o| o.tool_calls.as_slice());
         let mut out = Vec::new();
@@ -132,14 +134,14 @@ impl Streams {
             let rest = call.function.arguments.strip_prefix(streamed).unwrap_or_default();
             if first || !rest.is_empty() {
                 let head = first.then_some((call.id.as_str(), call.function.name.as_str()));
-                out.push(tool_chunk(&r.id, model, &[(0, head, rest)], first));
+                out.push(tool_chunk(id, model, &[(0, head, rest)], first));
             }
             return out;
         }
         // held text was never sent: all of it is the rest
         let sent = if matches!(self, Streams::Held) { "" } else { streamed };
         if let Some(rest) = text.strip_prefix(sent).filter(|rest| !rest.is_empty()) {
-            out.push(chunk(kind, &r.id, model, Some(rest), None, first));
+            out.push(chunk(kind, id, model, Some(rest), None, first));
         }
         if !calls.is_empty() {
             let parts: Vec<_> = calls
@@ -147,87 +149,98 @@ impl Streams {
                 .enumerate()
                 .map(|(i, c)| (i, Some((c.id.as_str(), c.function.name.as_str())), c.function.arguments.as_str()))
                 .collect();
-            out.push(tool_chunk(&r.id, model, &parts, first && out.is_empty()));
+            out.push(tool_chunk(id, model, &parts, first && out.is_empty()));
         }
         out
     }
 }
 
-/// Chunks in OpenAI's shape, the final chunk with `finish_reason`, an
-/// optional usage chunk, then `data: [DONE]`. An error mid-stream is sent as
-/// a `data: {"error": ...}` event before `[DONE]`, as OpenAI does.
+/// One choice of a stream: how its text is sent, and what was sent.
+struct Choice {
+    streams: Streams,
+    /// What the caller has been sent, to send the rest with the result
+    /// (all of it when following a repeated request id's stored result).
+    streamed: Streamed,
+    first: bool,
+}
+
+/// Chunks in OpenAI's shape, each choice's (as `choices[0].index`) as they
+/// come, each ending with its chunk with `finish_reason`; then an optional
+/// usage chunk, then `data: [DONE]`. An error mid-stream is sent as a
+/// `data: {"error": ...}` event before `[DONE]`, as OpenAI does.
 fn sse(
-    mut waiter: Waiter,
+    waiters: Vec<Waiter>,
     timeout: std::time::Duration,
     kind: Kind,
     model: String,
     include_usage: bool,
     id: String,
-    streams: Streams,
+    streams: Vec<Streams>,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let stream = task_stream(move |tx| async move {
         let deadline = tokio::time::Instant::now() + timeout;
-        let mut first = true;
-        // what the caller has been sent, to send the rest with the result
-        // (all of it when following a repeated request id's stored result)
-        let mut streamed = Streamed::default();
+        let mut choices: Vec<Choice> =
+            streams.into_iter().map(|streams| Choice { streams, streamed: Streamed::default(), first: true }).collect();
+        let mut replies = merge(waiters);
+        let mut results = Vec::with_capacity(choices.len());
         let send = |v: Value| Event::default().data(v.to_string());
-        loop {
-            match tokio::time::timeout_at(deadline, waiter.next()).await {
-                Ok(Some(Reply::Chunk(c))) => match streamed.read(c) {
-                    // `done` is said by the chunk with `finish_reason`, after the result
-                    Next::Forward(c) if c.done => {}
-                    Next::Forward(c) => {
-                        if let Some(v) = streams.forward(kind, &c.id, &model, &c.delta, first) {
-                            if tx.send(send(v)).await.is_err() {
-                                return;
-                            }
-                            first = false;
-                        }
-                    }
-                    Next::Skip => {}
-                    Next::Diverged => {
-                        let _ = tx.send(send(super::sse::diverged(&id).body())).await;
-                        let _ = tx.send(Event::default().data("[DONE]")).await;
-                        return;
-                    }
-                },
-                Ok(Some(Reply::Result(r, _))) => {
-                    match (&r.status, &r.error) {
-                        (Status::Error, Some(e)) => {
-                            let body = ApiError::from(e.clone()).with_id(&r.id).body();
-                            let _ = tx.send(send(body)).await;
-                        }
-                        _ => {
-                            for v in streams.rest(kind, &r, &model, &streamed.text, first) {
-                                let _ = tx.send(send(v)).await;
-                                first = false;
-                            }
-                            let finish =
-                                r.output.as_ref().map(|o| o.finish_reason.clone()).unwrap_or_else(|| "stop".into());
-                            // the tokens' log probabilities come whole, with the finish
-                            let mut last = chunk(kind, &r.id, &model, None, Some(&finish), first);
-                            last["choices"][0]["logprobs"] = logprobs(kind, &r);
-                            let _ = tx.send(send(last)).await;
-                            if include_usage {
-                                let mut u = chunk(kind, &r.id, &model, None, None, false);
-                                u["choices"] = json!([]);
-                                u["usage"] = usage(&r);
-                                let _ = tx.send(send(u)).await;
+        let at = |mut v: Value, i: usize| {
+            v["choices"][0]["index"] = json!(i);
+            send(v)
+        };
+        while results.len() < choices.len() {
+            match tokio::time::timeout_at(deadline, replies.next()).await {
+                Ok(Some((i, Reply::Chunk(c)))) => {
+                    let ch = &mut choices[i];
+                    match ch.streamed.read(c) {
+                        // `done` is said by the chunk with `finish_reason`, after the result
+                        Next::Forward(c) if c.done => {}
+                        Next::Forward(c) => {
+                            if let Some(v) = ch.streams.forward(kind, &id, &model, &c.delta, ch.first) {
+                                if tx.send(at(v, i)).await.is_err() {
+                                    return;
+                                }
+                                ch.first = false;
                             }
                         }
+                        Next::Skip => {}
+                        Next::Diverged => {
+                            let _ = tx.send(send(super::sse::diverged(&choice_id(&id, i as u32)).body())).await;
+                            break;
+                        }
                     }
-                    let _ = tx.send(Event::default().data("[DONE]")).await;
-                    return;
+                }
+                Ok(Some((i, Reply::Result(r, _)))) => {
+                    if let (Status::Error, Some(e)) = (&r.status, &r.error) {
+                        let _ = tx.send(send(ApiError::from(e.clone()).with_id(&r.id).body())).await;
+                        break;
+                    }
+                    let ch = &mut choices[i];
+                    for v in ch.streams.rest(kind, &id, &r, &model, &ch.streamed.text, ch.first) {
+                        let _ = tx.send(at(v, i)).await;
+                        ch.first = false;
+                    }
+                    let finish = r.output.as_ref().map(|o| o.finish_reason.clone()).unwrap_or_else(|| "stop".into());
+                    // the tokens' log probabilities come whole, with the finish
+                    let mut last = chunk(kind, &id, &model, None, Some(&finish), ch.first);
+                    last["choices"][0]["logprobs"] = logprobs(kind, &r);
+                    let _ = tx.send(at(last, i)).await;
+                    results.push(*r);
+                    if results.len() == choices.len() && include_usage {
+                        let mut u = chunk(kind, &id, &model, None, None, false);
+                        u["choices"] = json!([]);
+                        u["usage"] = usage(&results);
+                        let _ = tx.send(send(u)).await;
+                    }
                 }
                 _ => {
                     let body = ApiError::new(ErrorCode::Timeout, "no result in time").body();
                     let _ = tx.send(send(body)).await;
-                    let _ = tx.send(Event::default().data("[DONE]")).await;
-                    return;
+                    break;
                 }
             }
         }
+        let _ = tx.send(Event::default().data("[DONE]")).await;
     });
     Sse::new(stream).keep_alive(KeepAlive::default())
 }

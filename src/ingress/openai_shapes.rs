@@ -294,6 +294,7 @@ fn draft(common: Common, input: Input) -> Result<(Draft, bool), ApiError> {
         id: None,
         timeout_ms: None,
         priority: None,
+        n: common.n,
     };
     Ok((draft, include_usage))
 }
@@ -304,9 +305,6 @@ fn refuse_unhonoured(c: &Common) -> Result<(), ApiError> {
     let refused = |field: &'static str, what: &str| {
         Err(ApiError::new(ErrorCode::Unsupported, format!("`{field}` is not supported: {what}")).param(field))
     };
-    if c.n.is_some_and(|n| n != 1) {
-        return refused("n", "send one request per choice (`n: 1`)");
-    }
     if c.functions.as_ref().is_some_and(|f| !f.is_empty()) {
         return refused("functions", "send them as `tools` (each `{\"type\": \"function\", \"function\": ...}`)");
     }
@@ -367,14 +365,32 @@ pub fn completion_draft(body: &[u8]) -> Result<(Draft, bool), ApiError> {
     })
 }
 
-/// The `usage` object of a result.
-pub fn usage(r: &InferResult) -> Value {
-    let u = r.usage.clone().unwrap_or_default();
-    json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens})
+/// The `usage` object of a request's results (one per choice), as OpenAI
+/// counts it: the prompt once, the completions' tokens summed.
+pub fn usage(rs: &[InferResult]) -> Value {
+    let of = |r: &InferResult| r.usage.clone().unwrap_or_default();
+    let prompt = rs.first().map_or(0, |r| of(r).prompt_tokens);
+    let completion: u32 = rs.iter().map(|r| of(r).completion_tokens).sum();
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
 
-/// The non-streaming response object.
-pub fn object(kind: Kind, r: &InferResult) -> Value {
+/// The non-streaming response object of a request's results, one choice
+/// each, in order.
+pub fn object(kind: Kind, rs: &[InferResult]) -> Value {
+    let first = rs.first().expect("a request has a choice");
+    let choices: Vec<Value> = rs.iter().enumerate().map(|(i, r)| choice(kind, i, r)).collect();
+    let object = match kind {
+        Kind::Chat => "chat.completion",
+        Kind::Completion => "text_completion",
+    };
+    json!({
+        "id": kind.id(&first.id), "object": object, "created": now(), "model": first.model,
+        "system_fingerprint": first.model_revision, "choices": choices, "usage": usage(rs),
+    })
+}
+
+/// Choice `index` of a response object: result `r`'s answer.
+fn choice(kind: Kind, index: usize, r: &InferResult) -> Value {
     let (text, finish) = r.output.as_ref().map(|o| (o.text.as_str(), o.finish_reason.as_str())).unwrap_or(("", "stop"));
     match kind {
         Kind::Chat => {
@@ -387,19 +403,11 @@ pub fn object(kind: Kind, r: &InferResult) -> Value {
                 }
                 message["tool_calls"] = json!(calls);
             }
-            json!({
-                "id": kind.id(&r.id), "object": "chat.completion", "created": now(), "model": r.model,
-                "system_fingerprint": r.model_revision,
-                "choices": [{"index": 0, "message": message, "logprobs": logprobs(kind, r), "finish_reason": finish}],
-                "usage": usage(r),
-            })
+            json!({"index": index, "message": message, "logprobs": logprobs(kind, r), "finish_reason": finish})
         }
-        Kind::Completion => json!({
-            "id": kind.id(&r.id), "object": "text_completion", "created": now(), "model": r.model,
-            "system_fingerprint": r.model_revision,
-            "choices": [{"index": 0, "text": text, "logprobs": logprobs(kind, r), "finish_reason": finish}],
-            "usage": usage(r),
-        }),
+        Kind::Completion => {
+            json!({"index": index, "text": text, "logprobs": logprobs(kind, r), "finish_reason": finish})
+        }
     }
 }
 

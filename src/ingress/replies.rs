@@ -304,6 +304,19 @@ impl Waiter {
     }
 }
 
+/// The replies of several waiters (a request's choices) as they come, each
+/// with its waiter's index; a waiter's replies end with its result.
+pub fn merge(waiters: Vec<Waiter>) -> impl futures::Stream<Item = (usize, Reply)> + Send + Unpin {
+    futures::stream::select_all(waiters.into_iter().enumerate().map(|(i, w)| {
+        Box::pin(futures::stream::unfold(Some(w), move |w| async move {
+            let mut w = w?;
+            let reply = w.next().await?;
+            let more = !matches!(reply, Reply::Result(..));
+            Some(((i, reply), more.then_some(w)))
+        }))
+    }))
+}
+
 impl Drop for Waiter {
     fn drop(&mut self) {
         {

@@ -19,7 +19,7 @@ use serde_json::{json, Map, Value};
 use super::admin::{DlqQuery, PauseQuery, PurgeBody, ReplayBody};
 use super::batch::CreateQuery;
 use super::error::Body as ErrorBody;
-use super::native::{Accepted, NativeRequest};
+use super::native::{Accepted, Choices, NativeRequest};
 use super::openai_shapes::{ChatRequest, CompletionRequest};
 use super::ratelimit::RouteClass;
 use components::{narrow, views, Gen};
@@ -81,6 +81,7 @@ pub fn spec(models: &std::collections::BTreeSet<String>, auth_on: bool, throttle
     let result = g.of::<InferResult>();
     let native = g.of::<NativeRequest>();
     let accepted = g.of::<Accepted>();
+    let choices = g.of::<Choices>();
     let chat = g.of::<ChatRequest>();
     let completion = g.of::<CompletionRequest>();
     let replay = g.of::<ReplayBody>();
@@ -116,8 +117,9 @@ pub fn spec(models: &std::collections::BTreeSet<String>, auth_on: bool, throttle
     );
     let submit_headers = vec![request_id.clone(), priority.clone(), cache, cache_ttl];
     let sse = "Server-Sent Events when the body asks for `stream: true`";
-    let infer_ok = json!({"description": "The result (or, streaming, its chunks)", "content": {
-        "application/json": {"schema": result}, "text/event-stream": {"schema": r("ServerSentEvent")}}});
+    let infer_ok = json!({"description": "The result, or every choice's with `n` > 1 (or, streaming, their chunks)",
+        "content": {"application/json": {"schema": {"oneOf": [result, choices]}},
+                    "text/event-stream": {"schema": r("ServerSentEvent")}}});
     let openai_ok = |schema: Value| {
         json!({"description": format!("The completion; {sse}"), "content": {
             "application/json": {"schema": schema}, "text/event-stream": {"schema": r("ServerSentEvent")}}})

@@ -7,9 +7,10 @@
 //! - [`queue`]: publishing to the priority stream ([`send`]) and telling
 //!   JetStream's refusals apart by their API error code.
 //! - this file: token charging, and the three ways to submit: [`call`] (wait
-//!   for the result, answered from the ingress's memory when it can),
-//!   [`open_stream`] (chunks, then the result) and [`publish`] (fire and
-//!   forget).
+//!   for the results, answered from the ingress's memory when it can),
+//!   [`open_stream`] (chunks, then the results) and [`publish`] (fire and
+//!   forget). A request asking for `n` choices is `n` requests
+//!   ([`Prepared::choice`]), charged together and run side by side.
 //! - [`duplicate`]: a request id sent again within the duplicate window
 //!   follows the first request's result.
 
@@ -67,12 +68,13 @@ async fn charge(state: &AppState, who: &Principal, id: &str, cost: u64) -> Resul
     }
 }
 
-/// Takes the request's estimated tokens from the caller's token limit.
+/// Takes the request's estimated tokens, once per choice, from the
+/// caller's token limit.
 async fn charge_tokens(state: &AppState, p: &Prepared) -> Result<(), ApiError> {
     if !state.limits.enabled() {
         return Ok(());
     }
-    charge(state, &p.who, &p.req.id, state.estimated_tokens(&p.req)).await
+    charge(state, &p.who, &p.req.id, state.estimated_tokens(&p.req).saturating_mul(p.choices.into())).await
 }
 
 /// Takes the estimated tokens of every line of batch `id` from `who`'s
@@ -85,20 +87,32 @@ pub async fn charge_batch(state: &AppState, who: &Principal, id: &str, lines: &[
     charge(state, who, id, cost).await
 }
 
-/// Charges the caller's token limit, then [`send`]s without waiting for a
-/// result (it goes to `FLEET_RESULTS`).
+/// Charges the caller's token limit, then [`send`]s every choice without
+/// waiting for a result (they go to `FLEET_RESULTS`, under
+/// [`choice_id`](validate::choice_id)s); what the first choice's send was.
 pub async fn publish(state: &AppState, p: &Prepared) -> Result<Sent, ApiError> {
     charge_tokens(state, p).await?;
-    send(state, p, None).await
+    let mut first = None;
+    for c in p.each_choice() {
+        let sent = send(state, &c, None).await?;
+        first.get_or_insert(sent);
+    }
+    Ok(first.expect("at least one choice"))
 }
 
-/// Answers `p` from the ingress's cache, or publishes it and waits for its
-/// result (kept for the next identical call when the worker allows); a
-/// timeout is 504 with the id.
-pub async fn call(state: &AppState, p: &Prepared) -> Result<InferResult, ApiError> {
-    let started = Instant::now();
+/// The results of every choice of `p`, in order: see [`answer`].
+pub async fn call(state: &AppState, p: &Prepared) -> Result<Vec<InferResult>, ApiError> {
     // an answer from memory costs the caller's token limit like any other
     charge_tokens(state, p).await?;
+    let choices = p.each_choice();
+    futures::future::try_join_all(choices.iter().map(|c| answer(state, c))).await
+}
+
+/// Answers `p` (charged) from the ingress's cache, or publishes it and waits
+/// for its result (kept for the next identical call when the worker allows);
+/// a timeout is 504 with the id.
+async fn answer(state: &AppState, p: &Prepared) -> Result<InferResult, ApiError> {
+    let started = Instant::now();
     if state.answers.serves(p) {
         if let Some(result) = state.answers.get(p, retro_fleet_worker::unix_ms()) {
             observe(state, p, "ok", started);
@@ -111,6 +125,14 @@ pub async fn call(state: &AppState, p: &Prepared) -> Result<InferResult, ApiErro
         state.answers.put(p, &result, c, retro_fleet_worker::unix_ms());
     }
     Ok(result)
+}
+
+/// The first failed choice's error, as its caller is answered.
+pub fn failed(results: &[InferResult]) -> Option<ApiError> {
+    results.iter().find_map(|r| match (&r.status, &r.error) {
+        (retro_fleet_schemas::Status::Error, Some(e)) => Some(ApiError::from(e.clone()).with_id(&r.id)),
+        _ => None,
+    })
 }
 
 fn observe(state: &AppState, p: &Prepared, outcome: &str, started: Instant) {
@@ -148,11 +170,16 @@ async fn wait_result(
     result
 }
 
-/// Charges the caller's token limit, publishes `p` and returns the waiter
-/// of its chunks and result.
-pub async fn open_stream(state: &AppState, p: &Prepared) -> Result<Waiter, ApiError> {
+/// Charges the caller's token limit, publishes every choice of `p` and
+/// returns the waiters of their chunks and results, in order.
+pub async fn open_stream(state: &AppState, p: &Prepared) -> Result<Vec<Waiter>, ApiError> {
     charge_tokens(state, p).await?;
-    register_and_send(state, p).await
+    let mut waiters = Vec::with_capacity(p.choices as usize);
+    for c in p.each_choice() {
+        // a refusal drops the waiters before it, which cancels their choices
+        waiters.push(register_and_send(state, &c).await?);
+    }
+    Ok(waiters)
 }
 
 /// [`open_stream`] of a request already charged.

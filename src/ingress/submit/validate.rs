@@ -41,6 +41,8 @@ pub struct Draft {
     pub timeout_ms: Option<u64>,
     /// Priority from the body (the `X-Priority` header wins).
     pub priority: Option<Priority>,
+    /// Choices asked for (OpenAI's `n`; 1 when unset).
+    pub n: Option<u32>,
 }
 
 /// A request ready to publish.
@@ -63,6 +65,50 @@ pub struct Prepared {
     pub who: Principal,
     /// The caller chose the request id (body or `X-Request-Id`).
     pub caller_id: bool,
+    /// Choices asked for, 1..=[`MAX_CHOICES`]: each is a request of its own
+    /// ([`Prepared::choice`]).
+    pub choices: u32,
+}
+
+/// The most choices (`n`) one call may ask for.
+pub const MAX_CHOICES: u32 = 16;
+
+/// The request id of choice `i` of request `id`: the id itself for the
+/// first, `<id>-c<i>` for the others.
+pub fn choice_id(id: &str, i: u32) -> String {
+    match i {
+        0 => id.to_string(),
+        _ => format!("{id}-c{i}"),
+    }
+}
+
+impl Prepared {
+    /// Choice `i` of this request, a request of its own: it has
+    /// [`choice_id`] as its id and, when seeded, the seed `seed + i` (a
+    /// greedy or seeded request's choices are reproducible one by one;
+    /// unseeded ones are drawn apart by the worker).
+    pub fn choice(&self, i: u32) -> Prepared {
+        let mut req = self.req.clone();
+        req.id = choice_id(&self.req.id, i);
+        req.params.seed = req.params.seed.map(|s| s.wrapping_add(i as u64));
+        Prepared {
+            req,
+            priority: self.priority,
+            tenant: self.tenant.clone(),
+            timeout: self.timeout,
+            cache_ttl: self.cache_ttl,
+            result_ttl: self.result_ttl,
+            traceparent: self.traceparent.clone(),
+            who: self.who.clone(),
+            caller_id: self.caller_id,
+            choices: 1,
+        }
+    }
+
+    /// Every choice of this request, in order.
+    pub fn each_choice(&self) -> Vec<Prepared> {
+        (0..self.choices).map(|i| self.choice(i)).collect()
+    }
 }
 
 /// What a request is checked against: the ingress's limits and models.
@@ -102,10 +148,45 @@ pub fn prepare(rules: &Rules<'_>, h: &HttpHeaders, who: &Principal, d: Draft) ->
         metadata: d.metadata,
     };
     check(rules, &req)?;
+    let choices = choices(d.n, &req.id)?;
     let cap = Duration::from_millis(rules.request_timeout_ms);
     let timeout = d.timeout_ms.map(Duration::from_millis).map_or(cap, |t| t.min(cap));
     let traceparent = traceparent(h);
-    Ok(Prepared { req, priority, tenant, timeout, cache_ttl, result_ttl, traceparent, who: who.clone(), caller_id })
+    Ok(Prepared {
+        req,
+        priority,
+        tenant,
+        timeout,
+        cache_ttl,
+        result_ttl,
+        traceparent,
+        who: who.clone(),
+        caller_id,
+        choices,
+    })
+}
+
+/// `n`, checked: 1..=[`MAX_CHOICES`], and room in the request id for
+/// the last choice's suffix.
+fn choices(n: Option<u32>, id: &str) -> Result<u32, ApiError> {
+    let n = n.unwrap_or(1);
+    if !(1..=MAX_CHOICES).contains(&n) {
+        return Err(ApiError::new(ErrorCode::InvalidRequest, format!("`n` must be from 1 to {MAX_CHOICES}, not {n}"))
+            .with_id(id)
+            .param("n"));
+    }
+    if choice_id(id, n - 1).len() > 128 {
+        return Err(ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!(
+                "with `n` = {n} the request id may be at most {} characters (choices add `-c<i>`)",
+                128 - (choice_id(id, n - 1).len() - id.len())
+            ),
+        )
+        .with_id(id)
+        .param("id"));
+    }
+    Ok(n)
 }
 
 /// `X-Priority` (wins over the body), else the body's, else `normal`.
@@ -210,6 +291,7 @@ mod tests {
             id: None,
             timeout_ms: None,
             priority: None,
+            n: None,
         }
     }
 
@@ -266,6 +348,37 @@ mod tests {
         assert_eq!(e.param.as_deref(), Some("headers.x-priority"));
         let e = refuse(&headers(&[("x-cache", "sometimes")]), draft("echo", "hi"));
         assert_eq!(e.code, ApiCode::Wire(ErrorCode::InvalidRequest));
+    }
+
+    #[test]
+    fn choices_are_requests_of_their_own() {
+        let models = models();
+        let rules =
+            Rules { max_prompt_bytes: 100, request_timeout_ms: 5_000, models: &models, max_result_ttl_secs: 60 };
+        let mut d = draft("echo", "hi");
+        (d.id, d.n, d.params.seed) = (Some("job".into()), Some(3), Some(u64::MAX));
+        let p = prepare(&rules, &HttpHeaders::new(), &who(), d).unwrap();
+        let each: Vec<_> = p.each_choice().into_iter().map(|c| (c.req.id, c.req.params.seed, c.choices)).collect();
+        assert_eq!(
+            each,
+            [("job".into(), Some(u64::MAX), 1), ("job-c1".into(), Some(0), 1), ("job-c2".into(), Some(1), 1)]
+        );
+        let mut d = draft("echo", "hi");
+        d.n = Some(2);
+        let unseeded = prepare(&rules, &HttpHeaders::new(), &who(), d).unwrap();
+        assert!(unseeded.each_choice().iter().all(|c| c.req.params.seed.is_none()), "the worker draws them apart");
+
+        let refuse = |d: Draft| prepare(&rules, &HttpHeaders::new(), &who(), d).err().expect("refused");
+        for n in [0, MAX_CHOICES + 1] {
+            let mut d = draft("echo", "hi");
+            d.n = Some(n);
+            assert_eq!(refuse(d).param.as_deref(), Some("n"));
+        }
+        let mut d = draft("echo", "hi");
+        (d.id, d.n) = (Some("x".repeat(126)), Some(MAX_CHOICES));
+        let e = refuse(d);
+        assert_eq!(e.param.as_deref(), Some("id"), "{}", e.message);
+        assert!(e.message.contains("at most 124"), "{}", e.message);
     }
 
     #[test]
