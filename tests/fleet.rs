@@ -219,15 +219,8 @@ async fn stream_flag_sends_ordered_chunks_before_the_result() {
     let config = &s.config;
     let _worker = start_worker(config, &[]).await;
     let (_ingress, base) = start_ingress(config).await;
-    let text = reqwest::Client::new()
-        .post(format!("{base}/v1/infer"))
-        .json(&serde_json::json!({"model": "echo", "prompt": "one two three four", "stream": true}))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let body = serde_json::json!({"model": "echo", "prompt": "one two three four", "stream": true});
+    let text = post_text(&format!("{base}/v1/infer"), &body).await;
     let mut deltas = String::new();
     let mut seqs = Vec::new();
     let mut events = Vec::new();

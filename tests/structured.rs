@@ -377,15 +377,7 @@ async fn n_choices_are_one_request_with_every_answer() {
 
     // streamed: every choice's chunks and result, each naming its id
     let streamed = json!({"model": "tiny", "messages": messages, "params": params, "n": 3, "stream": true});
-    let body = reqwest::Client::new()
-        .post(format!("{}/v1/infer", f.base))
-        .json(&streamed)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let body = post_text(&format!("{}/v1/infer", f.base), &streamed).await;
     let mut results = std::collections::BTreeMap::new();
     for event in body.split("\n\n").filter(|e| e.contains("event: result")) {
         let data = event.lines().find_map(|l| l.strip_prefix("data: ")).expect("data");

@@ -72,7 +72,7 @@ async fn respond(
     let resp = if prepared.req.stream {
         match submit::open_stream(&state, &prepared).await {
             Ok(waiters) => {
-                let streams = prepared.each_choice().iter().map(|c| Streams::of(&c.req)).collect();
+                let streams = (0..prepared.choices).map(|i| Streams::of(&prepared.req, i)).collect();
                 let model = prepared.req.model.clone();
                 sse(waiters, prepared.timeout, kind, model, include_usage, prepared.req.id.clone(), streams)
                     .into_response()
@@ -104,9 +104,10 @@ enum Streams {
 }
 
 impl Streams {
-    fn of(req: &InferRequest) -> Streams {
+    /// How choice `i` of `req` streams.
+    fn of(req: &InferRequest, i: u32) -> Streams {
         match req.params.tool_plan() {
-            ToolPlan::Forced(f) => Streams::Arguments(call_of(&req.id, 0, &f.name, String::new())),
+            ToolPlan::Forced(f) => Streams::Arguments(call_of(&choice_id(&req.id, i), 0, &f.name, String::new())),
             ToolPlan::Required => Streams::Held,
             ToolPlan::Text | ToolPlan::Auto => Streams::Content,
         }

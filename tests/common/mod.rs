@@ -83,6 +83,11 @@ pub async fn post_json(url: &str, body: &serde_json::Value) -> (u16, serde_json:
     (status, r.json().await.unwrap_or_default())
 }
 
+/// POSTs `body` as JSON to `url` and returns the answer's text (an SSE stream read whole).
+pub async fn post_text(url: &str, body: &serde_json::Value) -> String {
+    reqwest::Client::new().post(url).json(body).send().await.unwrap().text().await.unwrap()
+}
+
 /// A retro-fleet child process, killed on drop.
 pub struct Proc {
     pub child: Child,
