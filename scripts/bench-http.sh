@@ -5,8 +5,13 @@
 #           on one muxed inbox; a bare puller replies and acks. No
 #           retro-fleet code.
 #   floor-store  the same floor whose puller also stores each reply in a
-#           results stream before acking (the fleet's contract stores every
-#           result), on a nats-server of its own.
+#           results stream before acking, replying while the write is in
+#           flight, on a nats-server of its own.
+#   floor-contract  the floor doing what the fleet's contract asks of NATS:
+#           each request with a `Nats-Msg-Id`, each result stored
+#           first-writer-wins with a TTL before the reply, each message in a
+#           task of its own; on a nats-server of its own. The fleet against
+#           it is the cost of the fleet's own work.
 #   fleet   `retro-fleet ingress` (auth and limits off, as a local `up`) in
 #           front of `retro-fleet worker` (echo model).
 # The floor and the fleet share one nats-server. `loadtest --http` alternates rounds between
@@ -42,14 +47,20 @@ cp "$WORKDIR/bench.toml" "$WORKDIR/ingress.toml"
 INGRESS_PID=$!
 "$BIN/loadtest" --serve-http-floor 127.0.0.1:18090 >"$WORKDIR/floor.log" 2>&1 &
 FLOOR_PID=$!
-STORE_PORT=$((PORT + 1))
-nats-server -js -a 127.0.0.1 -p "$STORE_PORT" -sd "$WORKDIR/store2" >/dev/null 2>&1 &
-STORE_NATS_PID=$!
-sleep 0.5
-"$BIN/loadtest" --nats "nats://127.0.0.1:$STORE_PORT" --serve-http-floor 127.0.0.1:18091 --floor-store >"$WORKDIR/floor-store.log" 2>&1 &
-STORE_FLOOR_PID=$!
-targets=(--http floor=http://127.0.0.1:18090 --http floor-store=http://127.0.0.1:18091 --http fleet=http://127.0.0.1:18081)
-ports=(18081 18090 18091)
+# floor_alone NAME NATS_PORT LISTEN FLAG: a floor storing as FLAG says, on a
+# nats-server of its own; sets NAME_NATS_PID and NAME_FLOOR_PID
+floor_alone() {
+    nats-server -js -a 127.0.0.1 -p "$2" -sd "$WORKDIR/store-$1" >/dev/null 2>&1 &
+    printf -v "${1}_NATS_PID" %s $!
+    sleep 0.5
+    "$BIN/loadtest" --nats "nats://127.0.0.1:$2" --serve-http-floor "$3" "$4" >"$WORKDIR/floor-$1.log" 2>&1 &
+    printf -v "${1}_FLOOR_PID" %s $!
+}
+floor_alone STORE $((PORT + 1)) 127.0.0.1:18091 --floor-store
+floor_alone CONTRACT $((PORT + 2)) 127.0.0.1:18092 --floor-contract
+targets=(--http floor=http://127.0.0.1:18090 --http floor-store=http://127.0.0.1:18091
+    --http floor-contract=http://127.0.0.1:18092 --http fleet=http://127.0.0.1:18081)
+ports=(18081 18090 18091 18092)
 if [ -n "${BEFORE:-}" ]; then
     "$BEFORE" --config "$WORKDIR/bench.toml" ingress --listen 127.0.0.1:18082 >"$WORKDIR/before.log" 2>&1 &
     BEFORE_PID=$!
@@ -97,6 +108,7 @@ echo "|---|---|---|---|---|---|---|"
 for _ in 1 2; do
     cpu floor http://127.0.0.1:18090 "$NATS_PID" "$FLOOR_PID"
     cpu floor-store http://127.0.0.1:18091 "$STORE_NATS_PID" "$STORE_FLOOR_PID"
+    cpu floor-contract http://127.0.0.1:18092 "$CONTRACT_NATS_PID" "$CONTRACT_FLOOR_PID"
     cpu fleet http://127.0.0.1:18081 "$NATS_PID" "$INGRESS_PID" "$WORKER_PID"
     [ -z "${BEFORE:-}" ] || cpu before http://127.0.0.1:18082 "$NATS_PID" "$BEFORE_PID" "$WORKER_PID"
 done

@@ -1,6 +1,7 @@
 //! The bare JetStream round trip: the least work any fleet on NATS must do.
 //! A work-queue stream, one pull consumer pulling batches of 256, a reply
-//! on core NATS, an ack. No decoding, no results stream.
+//! on core NATS, an ack. No decoding; a results stream only as [`Store`]
+//! says.
 
 use async_nats::jetstream::{self, consumer::pull, stream};
 use futures::StreamExt;
@@ -27,12 +28,31 @@ impl FloorWorker {
 /// Stream a storing floor writes its results to.
 pub const RESULTS_STREAM: &str = "LOADTEST_FLOOR_RESULTS";
 
+/// What the floor's puller does with a result besides replying.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Store {
+    /// Nothing: reply and ack.
+    None,
+    /// Writes it to a results stream (unique subject per request) while it
+    /// replies, and acks once it is stored: one more JetStream write per
+    /// request, but the caller may hear of a result not yet stored.
+    Pipelined,
+    /// Does what retro-fleet's contract asks of NATS and no more: each
+    /// message in a task of its own writes the result first-writer-wins
+    /// (expected subject sequence 0) with a per-message TTL to a stream of
+    /// one message per subject, waits until it is stored, then replies and
+    /// acks. The HTTP floor also gives each request a `Nats-Msg-Id`.
+    Contract,
+}
+
+/// How long a contract floor's results are kept (the ingress's default for
+/// a synchronous call's result).
+const RESULT_TTL: &str = "120s";
+
 /// (Re)creates the floor stream and starts its worker on a separate
-/// connection. With `store`, the worker also writes each reply to a results
-/// stream (unique subject per request, as retro-fleet does) and acks only
-/// once it is stored: the least work for the "result stored" contract.
-/// Its streams have `replicas` copies (3 on a cluster, as the fleet's).
-pub async fn start(client: async_nats::Client, store: bool, replicas: usize) -> anyhow::Result<FloorWorker> {
+/// connection, storing results as `store` says. Its streams have
+/// `replicas` copies (3 on a cluster, as the fleet's).
+pub async fn start(client: async_nats::Client, store: Store, replicas: usize) -> anyhow::Result<FloorWorker> {
     let js = jetstream::new(client.clone());
     let _ = js.delete_stream(STREAM).await;
     let stream = js
@@ -46,12 +66,15 @@ pub async fn start(client: async_nats::Client, store: bool, replicas: usize) -> 
         })
         .await?;
     let _ = js.delete_stream(RESULTS_STREAM).await;
-    if store {
+    if store != Store::None {
+        let contract = store == Store::Contract;
         js.create_stream(stream::Config {
             name: RESULTS_STREAM.into(),
             subjects: vec!["loadtest.floor.res.>".into()],
             storage: stream::StorageType::File,
             num_replicas: replicas,
+            max_messages_per_subject: if contract { 1 } else { 0 },
+            allow_message_ttl: contract,
             ..Default::default()
         })
         .await?;
@@ -73,7 +96,11 @@ pub async fn start(client: async_nats::Client, store: bool, replicas: usize) -> 
         let mut n = 0u64;
         while let Some(Ok(msg)) = messages.next().await {
             n += 1;
-            let stored = if store {
+            if store == Store::Contract {
+                tokio::spawn(store_then_reply(wjs.clone(), wclient.clone(), msg, n));
+                continue;
+            }
+            let stored = if store == Store::Pipelined {
                 wjs.publish(format!("loadtest.floor.res.{n}"), msg.payload.clone()).await.ok()
             } else {
                 None
@@ -98,4 +125,22 @@ pub async fn start(client: async_nats::Client, store: bool, replicas: usize) -> 
         let _ = client;
     });
     Ok(FloorWorker { task })
+}
+
+/// [`Store::Contract`]'s handling of one message.
+async fn store_then_reply(js: jetstream::Context, client: async_nats::Client, msg: jetstream::Message, n: u64) {
+    let mut h = async_nats::HeaderMap::new();
+    h.insert(async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, "0");
+    h.insert(async_nats::header::NATS_MESSAGE_TTL, RESULT_TTL);
+    let stored = match js.publish_with_headers(format!("loadtest.floor.res.{n}"), h, msg.payload.clone()).await {
+        Ok(ack) => ack.await.is_ok(),
+        Err(_) => false,
+    };
+    if !stored {
+        return;
+    }
+    if let Some(reply) = msg.headers.as_ref().and_then(|h| h.get("Fleet-Reply")) {
+        let _ = client.publish(reply.as_str().to_string(), msg.payload.clone()).await;
+    }
+    let _ = msg.ack().await;
 }

@@ -4,8 +4,9 @@
 //! for the publish ack, then for the reply on one wildcard inbox
 //! subscription shared by every call (demultiplexed by a counter); the bare
 //! puller of [`crate::floor`] replies with the body and acks (with
-//! `--floor-store`, after storing it in a results stream, as the fleet's
-//! contract requires).
+//! `--floor-store`, while storing it in a results stream; with
+//! `--floor-contract`, after storing it as the fleet's contract requires,
+//! each request carrying a `Nats-Msg-Id`).
 //!
 //! `loadtest --serve-http-floor ADDR` runs it as a process of its own, so a
 //! benchmark loads it with `--http floor=http://ADDR` beside an ingress and
@@ -33,11 +34,13 @@ struct Floor {
     inbox: String,
     waiting: Mutex<HashMap<u64, oneshot::Sender<Bytes>>>,
     next: AtomicU64,
+    /// Requests carry a `Nats-Msg-Id` (one per call, as the ingress's).
+    msg_ids: bool,
 }
 
 /// Serves `POST /v1/infer` on `listen` until the process is stopped; the
-/// puller stores each reply first with `store`.
-pub async fn serve(client: async_nats::Client, listen: &str, store: bool) -> anyhow::Result<()> {
+/// puller stores each reply as `store` says.
+pub async fn serve(client: async_nats::Client, listen: &str, store: floor::Store) -> anyhow::Result<()> {
     let worker = floor::start(client.clone(), store, 1).await?;
     let inbox = client.new_inbox();
     let mut replies = client.subscribe(format!("{inbox}.*")).await?;
@@ -46,6 +49,7 @@ pub async fn serve(client: async_nats::Client, listen: &str, store: bool) -> any
         inbox,
         waiting: Mutex::new(HashMap::new()),
         next: AtomicU64::new(0),
+        msg_ids: store == floor::Store::Contract,
     });
     let demux = state.clone();
     tokio::spawn(async move {
@@ -70,6 +74,9 @@ async fn infer(State(f): State<Arc<Floor>>, body: Bytes) -> Result<Bytes, Status
     f.waiting.lock().expect("waiting").insert(n, tx);
     let mut h = HeaderMap::new();
     h.insert("Fleet-Reply", format!("{}.{n}", f.inbox).as_str());
+    if f.msg_ids {
+        h.insert(async_nats::header::NATS_MESSAGE_ID, format!("{}.{n}", f.inbox).as_str());
+    }
     let published = match f.js.publish_with_headers(floor::SUBJECT, h, body).await {
         Ok(ack) => ack.await.is_ok(),
         Err(_) => false,

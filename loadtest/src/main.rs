@@ -99,10 +99,17 @@ struct Args {
     /// Only the floor (no fleet needed).
     #[arg(long)]
     floor_only: bool,
-    /// The floor also stores each result in a stream before acking, as the
-    /// fleet's contract requires (one more JetStream write per request).
+    /// The floor also stores each result in a stream before acking (one
+    /// more JetStream write per request), replying while the write is in
+    /// flight: less than the fleet's contract (see --floor-contract).
     #[arg(long)]
     floor_store: bool,
+    /// The floor does what retro-fleet's contract asks of NATS: the result
+    /// stored first-writer-wins with a TTL before the reply is sent, each
+    /// message handled in a task of its own (and, HTTP, a `Nats-Msg-Id` on
+    /// each request).
+    #[arg(long, conflicts_with = "floor_store")]
+    floor_contract: bool,
     /// Copies of the floor's streams (3 against a cluster whose fleet
     /// streams have 3, so both pay for replication).
     #[arg(long, default_value_t = 1)]
@@ -130,7 +137,8 @@ struct Args {
     /// stopped, instead of generating load: an axum handler that publishes
     /// to a work-queue stream and waits for a bare puller's reply on one
     /// muxed inbox. Load it with `--http floor=http://ADDR`. With
-    /// --floor-store the puller stores each reply before it answers.
+    /// --floor-store the puller stores each reply while it answers; with
+    /// --floor-contract, before.
     #[arg(long, value_name = "ADDR")]
     serve_http_floor: Option<String>,
 }
@@ -160,8 +168,13 @@ async fn main() -> anyhow::Result<()> {
     let client = async_nats::connect(&args.nats).await.map_err(|e| {
         anyhow::anyhow!("cannot connect to NATS at {}: {e} (start the fleet with `make up`)", args.nats)
     })?;
+    let store = match (args.floor_store, args.floor_contract) {
+        (_, true) => floor::Store::Contract,
+        (true, _) => floor::Store::Pipelined,
+        _ => floor::Store::None,
+    };
     if let Some(listen) = &args.serve_http_floor {
-        return http_floor::serve(client, listen, args.floor_store).await;
+        return http_floor::serve(client, listen, store).await;
     }
     let mode = match args.rate {
         Some(r) => Mode::Rate(r),
@@ -179,7 +192,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let floor_measured = args.floor || args.floor_only;
     let floor_worker = if floor_measured {
-        let w = floor::start(client.clone(), args.floor_store, args.floor_replicas).await?;
+        let w = floor::start(client.clone(), store, args.floor_replicas).await?;
         targets.push(Target::floor());
         Some(w)
     } else {
