@@ -251,3 +251,48 @@ async fn a_chat_role_outside_the_templates_and_a_tenant_field_are_refused() {
     let (status, body) = http.json("POST", "/v1/chat/completions", Some(KEY), Some(chat)).await;
     assert_eq!((status, body["error"]["param"].as_str()), (422, Some("tenant")), "{body}");
 }
+
+/// OpenAI's `service_tier` chooses the class, through the official
+/// `openai` client: a key may not ask above its ceiling (403 naming the
+/// field), and a key that asks for nothing runs at its ceiling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_tier_chooses_the_class_up_to_the_keys_ceiling() {
+    let s = setup(&config());
+    let _worker = start_worker(&s.config, &[]).await;
+    let (_ingress, base) = start_ingress(&s.config).await;
+    let script = format!(
+        r#"
+import sys, openai
+def client(key):
+    return openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key=key, max_retries=0)
+def chat(c, **kw):
+    return c.chat.completions.create(model="echo", messages=[{{"role": "user", "content": "hi"}}], max_tokens=1, **kw)
+app, low = client("{KEY}"), client("{LOW_KEY}")
+for tier in ["flex", "default", "auto", "priority"]:
+    assert chat(app, service_tier=tier).choices[0].message.content, tier
+# the low key: asking for nothing, or `auto`, runs at its ceiling
+chat(low)
+chat(low, service_tier="auto")
+try:
+    chat(low, service_tier="priority")
+    raise SystemExit("expected PermissionDeniedError")
+except openai.PermissionDeniedError as e:
+    assert e.body["param"] == "service_tier" and "`low` at most" in e.body["message"], e.body
+try:
+    chat(app, service_tier="scale")
+    raise SystemExit("expected UnprocessableEntityError")
+except openai.UnprocessableEntityError as e:
+    assert e.body["param"] == "service_tier" and "flex" in e.body["message"], e.body
+print("service tiers ok")
+"#
+    );
+    python(&script, &base, "service tiers ok", "the service tier script failed (`pip install openai`)");
+    let js = async_nats::jetstream::new(async_nats::connect(s.nats.url()).await.unwrap());
+    let mut published = Vec::new();
+    for p in Priority::ALL {
+        let mut stream = js.get_stream(subjects::request_stream(p)).await.unwrap();
+        published.push(stream.info().await.unwrap().state.last_sequence);
+    }
+    // high: `priority`; normal: `default` and `auto`; low: `flex` and the low key's two
+    assert_eq!(published, [1, 2, 3]);
+}

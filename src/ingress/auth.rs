@@ -29,7 +29,7 @@ use sha2::{Digest, Sha256};
 use super::error::{ApiError, IngressCode};
 pub use super::jwt::JwtAlgorithm;
 use super::jwt::{Rules, VerifyingKey};
-pub use super::principal::{Ceilings, Principal, Role, Roles, Use};
+pub use super::principal::{Asked, Ceilings, Principal, Role, Roles, Use};
 
 /// An API key from the config.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -464,9 +464,13 @@ mod tests {
         let p = a.authenticate(&h).unwrap();
         assert_eq!((p.id.as_str(), p.tenant.as_str()), ("key:ci", "acme"));
         assert_eq!(p.ceilings, Ceilings { requests: Priority::High, batches: Priority::Low });
-        assert!(p.may_use(Priority::High, Use::Request).is_ok());
-        let e = p.may_use(Priority::Normal, Use::Batch).unwrap_err();
+        assert_eq!(p.class(Some((Priority::High, "priority")), Use::Request).unwrap(), Priority::High);
+        let e = p.class(Some((Priority::Normal, "priority")), Use::Batch).unwrap_err();
         assert!(e.message.contains("`low` at most"), "{}", e.message);
+        assert_eq!(e.param.as_deref(), Some("priority"));
+        // not asking is never refused: the default, capped at the ceiling
+        assert_eq!(p.class(None, Use::Batch).unwrap(), Priority::Low);
+        assert_eq!(p.class(None, Use::Request).unwrap(), Priority::Normal);
         h.insert("authorization", "Bearer s3creT".parse().unwrap());
         assert_eq!(a.authenticate(&h).unwrap_err().http_status(), 401);
         h.remove("authorization");

@@ -180,7 +180,7 @@ fn prepare(
             return Err(fail("body.stream", "batch lines cannot stream".into()));
         }
         draft.id = Some(format!("{batch}-{i}"));
-        draft.priority = Some(priority);
+        draft.priority = Some((priority, "priority"));
         let mut p = submit::prepare(state, h, who, draft).map_err(|e| at_line(i, "body", e))?;
         if p.choices > 1 {
             return Err(fail("body.n", "a batch line is one choice: write one line per choice (`n: 1`)".into()));
@@ -205,9 +205,8 @@ pub async fn create(
         Err(e) => return ApiError::from_body_rejection(e).into_response(),
     };
     let id = format!("batch_{}", ulid::Ulid::new());
-    let priority = match submit::validate::priority(&h, Some(q.priority.unwrap_or(Priority::Low)))
-        .and_then(|p| who.may_use(p, Use::Batch).map(|()| p))
-    {
+    let asked = q.priority.map(|p| (p, "priority"));
+    let priority = match submit::validate::asked_priority(&h, asked).and_then(|a| who.class(a, Use::Batch)) {
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };

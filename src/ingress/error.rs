@@ -304,8 +304,13 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiE
     Err(match e.classify() {
         Category::Data => {
             let message = e.to_string();
+            // at the top (or under a flattened struct, which loses the
+            // path) only these name a field; `unknown variant `x``
+            // names a value
+            let names_field =
+                ["missing field", "unknown field", "duplicate field"].iter().any(|p| message.starts_with(p));
             let param = match (path.as_str(), field_of(&message)) {
-                ("" | ".", field) => field.map(str::to_string),
+                ("" | ".", field) => field.filter(|_| names_field).map(str::to_string),
                 (_, Some(field)) if message.starts_with("missing field") => Some(format!("{path}.{field}")),
                 _ => Some(path),
             };

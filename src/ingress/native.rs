@@ -125,7 +125,7 @@ fn prepare(
         metadata: n.metadata,
         id: n.id,
         timeout_ms: n.timeout_ms,
-        priority: n.priority,
+        priority: n.priority.map(|p| (p, "priority")),
         n: n.n,
     };
     submit::prepare(state, h, who, draft)

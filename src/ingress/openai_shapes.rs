@@ -11,10 +11,11 @@ use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use retro_fleet_schemas::tools::{Tool, ToolChoice};
-use retro_fleet_schemas::{ChatMessage, Constraint, ErrorCode, InferResult, Input, SamplingParams, ToolCall};
+use retro_fleet_schemas::{ChatMessage, Constraint, ErrorCode, InferResult, Input, Priority, SamplingParams, ToolCall};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::auth::Asked;
 use super::error::{parse_json, ApiError};
 use super::submit::Draft;
 
@@ -177,11 +178,55 @@ struct Common {
     stream: bool,
     #[serde(default)]
     stream_options: Option<StreamOptions>,
+    /// The priority class the call runs in (`X-Priority` wins). Read as a
+    /// string so a refusal names the field (a flattened struct loses
+    /// serde's path).
+    #[serde(default)]
+    #[schemars(with = "Option<ServiceTier>")]
+    service_tier: Option<String>,
     /// Not a field of this API: the tenant is the credential's. Present, it
     /// is refused rather than ignored, so no caller believes it chose one.
     #[serde(default)]
     #[schemars(skip)]
     tenant: Option<serde::de::IgnoredAny>,
+}
+
+/// OpenAI's `service_tier`, mapped to this fleet's priority classes.
+#[derive(Debug, Clone, Copy, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+enum ServiceTier {
+    /// The credential's default: `normal`, or its ceiling when lower.
+    Auto,
+    /// `normal`.
+    Default,
+    /// `low`: cheaper, slower, and first to wait when the fleet is busy.
+    Flex,
+    /// `high`.
+    Priority,
+}
+
+impl ServiceTier {
+    /// The class `tier` asks for (`auto` asks for none); 422 naming
+    /// `service_tier` for another value.
+    fn asked(tier: &str) -> Result<Option<Asked>, ApiError> {
+        let tier: ServiceTier = serde_json::from_value(Value::String(tier.to_string())).map_err(|_| {
+            ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "`service_tier` is one of auto, default, flex, priority; not `{}`",
+                    tier.chars().take(40).collect::<String>()
+                ),
+            )
+            .param("service_tier")
+        })?;
+        let class = match tier {
+            ServiceTier::Auto => return Ok(None),
+            ServiceTier::Default => Priority::Normal,
+            ServiceTier::Flex => Priority::Low,
+            ServiceTier::Priority => Priority::High,
+        };
+        Ok(Some((class, "service_tier")))
+    }
 }
 
 /// Body of `POST /v1/chat/completions`.
@@ -254,6 +299,10 @@ fn draft(common: Common, input: Input) -> Result<(Draft, bool), ApiError> {
         }
     };
     let include_usage = common.stream_options.map(|o| o.include_usage).unwrap_or(false);
+    let priority = match &common.service_tier {
+        Some(tier) => ServiceTier::asked(tier)?,
+        None => None,
+    };
     let mut logit_bias = BTreeMap::new();
     for (token, bias) in common.logit_bias.unwrap_or_default() {
         let Ok(id) = token.parse::<u32>() else {
@@ -293,7 +342,7 @@ fn draft(common: Common, input: Input) -> Result<(Draft, bool), ApiError> {
         metadata: Default::default(),
         id: None,
         timeout_ms: None,
-        priority: None,
+        priority,
         n: common.n,
     };
     Ok((draft, include_usage))

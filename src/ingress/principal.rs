@@ -94,6 +94,10 @@ impl Ceilings {
     }
 }
 
+/// A priority class a caller asked for, and the field that asked (which a
+/// refusal names): `priority`, `headers.x-priority`, `service_tier`.
+pub type Asked = (Priority, &'static str);
+
 /// What a priority is asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Use {
@@ -122,21 +126,47 @@ impl Principal {
         Principal { id: id.into(), tenant: tenant.into(), roles, ceilings: Ceilings::default() }
     }
 
-    /// Whether it may use `priority` for `what`: 403 naming its ceiling otherwise.
-    pub fn may_use(&self, priority: Priority, what: Use) -> Result<(), ApiError> {
-        let (ceiling, field) = match what {
-            Use::Request => (self.ceilings.requests, "max_priority"),
-            Use::Batch => (self.ceilings.batches, "max_batch_priority"),
+    /// The class a request (or a batch's lines) runs in: the class asked
+    /// for, when this credential may use it (else 403 naming the field that
+    /// asked); without one, the default (`normal` for a request, `low` for
+    /// a batch's lines) capped at the credential's ceiling, so not asking
+    /// is never refused.
+    pub fn class(&self, asked: Option<Asked>, what: Use) -> Result<Priority, ApiError> {
+        let (ceiling, ceiling_field, default) = match what {
+            Use::Request => (self.ceilings.requests, "max_priority", Priority::Normal),
+            Use::Batch => (self.ceilings.batches, "max_batch_priority", Priority::Low),
         };
-        if priority >= ceiling {
-            return Ok(());
+        // classes order highest first: "at most the ceiling" is `>=`
+        match asked {
+            None => Ok(default.max(ceiling)),
+            Some((class, _)) if class >= ceiling => Ok(class),
+            Some((class, field)) => Err(ApiError::new(
+                IngressCode::Forbidden,
+                format!(
+                    "`{field}` asks for priority `{class}`, but this credential may use `{ceiling}` at most here \
+                     (its `{ceiling_field}`); ask for `{ceiling}` or lower"
+                ),
+            )
+            .param(field)),
         }
-        Err(ApiError::new(
-            IngressCode::Forbidden,
-            format!(
-                "this credential may use priority `{ceiling}` at most here (its `{field}`); send `{ceiling}` or lower"
-            ),
-        )
-        .param("priority"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_class_above_the_ceiling_is_refused_naming_the_field_and_none_asked_is_capped() {
+        let mut low = Principal::new("key:k", "acme", Roles::ALL);
+        low.ceilings = Ceilings::of(Some(Priority::Low), None);
+        assert_eq!(low.class(None, Use::Request).unwrap(), Priority::Low);
+        assert_eq!(low.class(Some((Priority::Low, "service_tier")), Use::Request).unwrap(), Priority::Low);
+        let e = low.class(Some((Priority::High, "service_tier")), Use::Request).unwrap_err();
+        assert_eq!((e.http_status().as_u16(), e.param.as_deref()), (403, Some("service_tier")));
+        assert!(e.message.starts_with("`service_tier` asks for priority `high`"), "{}", e.message);
+        let open = Principal::new("anonymous", "default", Roles::ALL);
+        assert_eq!(open.class(None, Use::Request).unwrap(), Priority::Normal);
+        assert_eq!(open.class(Some((Priority::High, "priority")), Use::Request).unwrap(), Priority::High);
     }
 }

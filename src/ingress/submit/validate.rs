@@ -14,7 +14,7 @@ use std::time::Duration;
 use axum::http::HeaderMap as HttpHeaders;
 use retro_fleet_schemas::{headers, CacheMode, ErrorCode, InferRequest, Input, Priority, SamplingParams};
 
-use crate::ingress::auth::{Principal, Use};
+use crate::ingress::auth::{Asked, Principal, Use};
 use crate::ingress::error::{ApiError, REQUEST_ID};
 use crate::ingress::request_id::ID_MADE_HERE;
 
@@ -39,13 +39,15 @@ pub struct Draft {
     pub id: Option<String>,
     /// Caller's timeout.
     pub timeout_ms: Option<u64>,
-    /// Priority from the body (the `X-Priority` header wins).
-    pub priority: Option<Priority>,
+    /// Priority asked for by the body, and the field that asked (the
+    /// `X-Priority` header wins).
+    pub priority: Option<Asked>,
     /// Choices asked for (OpenAI's `n`; 1 when unset).
     pub n: Option<u32>,
 }
 
 /// A request ready to publish.
+#[derive(Clone)]
 pub struct Prepared {
     /// The wire request.
     pub req: InferRequest,
@@ -105,9 +107,13 @@ impl Prepared {
         }
     }
 
-    /// Every choice of this request, in order.
-    pub fn each_choice(&self) -> Vec<Prepared> {
-        (0..self.choices).map(|i| self.choice(i)).collect()
+    /// Every choice of this request, in order: the request itself when it
+    /// asks for one (no copy on the common path).
+    pub fn each_choice(&self) -> Vec<std::borrow::Cow<'_, Prepared>> {
+        match self.choices {
+            1 => vec![std::borrow::Cow::Borrowed(self)],
+            n => (0..n).map(|i| std::borrow::Cow::Owned(self.choice(i))).collect(),
+        }
     }
 }
 
@@ -126,8 +132,7 @@ pub struct Rules<'a> {
 /// Assigns id, priority and tenant (the caller's), and checks the request
 /// and its model against `rules`.
 pub fn prepare(rules: &Rules<'_>, h: &HttpHeaders, who: &Principal, d: Draft) -> Result<Prepared, ApiError> {
-    let priority = priority(h, d.priority)?;
-    who.may_use(priority, Use::Request)?;
+    let priority = who.class(asked_priority(h, d.priority)?, Use::Request)?;
     let tenant = who.tenant.clone();
     let caller_id = d.id.is_some() || !h.contains_key(ID_MADE_HERE);
     let id =
@@ -189,13 +194,15 @@ fn choices(n: Option<u32>, id: &str) -> Result<u32, ApiError> {
     Ok(n)
 }
 
-/// `X-Priority` (wins over the body), else the body's, else `normal`.
-pub fn priority(h: &HttpHeaders, body: Option<Priority>) -> Result<Priority, ApiError> {
+/// The class asked for: `X-Priority` (wins over the body), else the
+/// body's; `None` when neither asks ([`Principal::class`] decides then).
+pub fn asked_priority(h: &HttpHeaders, body: Option<Asked>) -> Result<Option<Asked>, ApiError> {
     match h.get("x-priority").and_then(|v| v.to_str().ok()) {
-        Some(p) => {
-            p.parse().map_err(|e: String| ApiError::new(ErrorCode::InvalidRequest, e).param("headers.x-priority"))
-        }
-        None => Ok(body.unwrap_or_default()),
+        Some(p) => match p.parse() {
+            Ok(class) => Ok(Some((class, "headers.x-priority"))),
+            Err(e) => Err(ApiError::new(ErrorCode::InvalidRequest, e).param("headers.x-priority")),
+        },
+        None => Ok(body),
     }
 }
 
@@ -314,7 +321,7 @@ mod tests {
             Rules { max_prompt_bytes: 100, request_timeout_ms: 5_000, models: &models, max_result_ttl_secs: 60 };
         let h = headers(&[("x-priority", "high"), (REQUEST_ID, "made-here"), (ID_MADE_HERE, "1")]);
         let mut d = draft("echo", "hi");
-        d.priority = Some(Priority::Low);
+        d.priority = Some((Priority::Low, "priority"));
         d.timeout_ms = Some(60_000);
         let p = prepare(&rules, &h, &who(), d).unwrap();
         assert_eq!((p.priority, p.tenant.as_str(), p.req.tenant.as_deref()), (Priority::High, "acme", Some("acme")));
@@ -358,7 +365,7 @@ mod tests {
         let mut d = draft("echo", "hi");
         (d.id, d.n, d.params.seed) = (Some("job".into()), Some(3), Some(u64::MAX));
         let p = prepare(&rules, &HttpHeaders::new(), &who(), d).unwrap();
-        let each: Vec<_> = p.each_choice().into_iter().map(|c| (c.req.id, c.req.params.seed, c.choices)).collect();
+        let each: Vec<_> = p.each_choice().iter().map(|c| (c.req.id.clone(), c.req.params.seed, c.choices)).collect();
         assert_eq!(
             each,
             [("job".into(), Some(u64::MAX), 1), ("job-c1".into(), Some(0), 1), ("job-c2".into(), Some(1), 1)]
