@@ -17,6 +17,7 @@
 //! - [`nats`]: connecting, and the local nats-server that `up` starts.
 //! - [`registry`]: reading the worker registry (the scaler, the admin API, `retro-fleet workers`).
 //! - [`telemetry`]: logs and the per-process metrics registry.
+//! - [`usage`]: reading metered usage (`GET /v1/usage`, `retro-fleet usage`).
 //!
 //! Wire types live in the `retro-fleet-schemas` crate, the pull loop and
 //! backends in `retro-fleet-worker`.
@@ -31,3 +32,4 @@ pub mod scaler;
 pub mod telemetry;
 pub mod tools;
 pub mod topology;
+pub mod usage;

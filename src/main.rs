@@ -118,6 +118,11 @@ async fn run_tool(command: Command, config: retro_fleet::config::Config) -> anyh
         Command::Workers { json, action: None } => tools::ops::workers(&config, json).await,
         Command::Workers { action: Some(action), .. } => tools::ops::workers_action(&config, action).await,
         Command::Queues { action } => tools::ops::queues(&config, action).await,
+        Command::Usage { tenant, key, model, from, to, group_by, json } => {
+            let group_by = retro_fleet::usage::Dim::parse_list(&group_by).map_err(anyhow::Error::msg)?;
+            let q = retro_fleet::usage::Query { tenant, key, model, from, to, group_by };
+            tools::ops::usage(&config, &q, json).await
+        }
         Command::Topology { action: TopologyAction::Apply } => tools::ops::topology_apply(&config).await,
         Command::Topology { action: TopologyAction::Status } => tools::ops::topology_status(&config).await,
         Command::Cache { action: CacheAction::Warm { since, from_seq, timeout } } => {

@@ -10,6 +10,7 @@ use async_nats::jetstream::consumer::PullConsumer;
 use retro_fleet_schemas::{subjects, Priority};
 use retro_fleet_worker::cache::ResultCache;
 use retro_fleet_worker::checkpoint::Checkpoints;
+use retro_fleet_worker::usage::Meter;
 use retro_fleet_worker::{backend, Backend, Worker};
 use tokio_util::sync::CancellationToken;
 
@@ -170,11 +171,26 @@ async fn open_cache(
     Ok(Some(Arc::new(cache)))
 }
 
-/// Builds a worker for the configured models (topology applied first).
+/// The meter of this process, when metering is on: one per process, shared
+/// by its worker and ingress, writing through `js` (the fleet's streams).
+fn meter(
+    config: &Config,
+    js: async_nats::jetstream::Context,
+    registry: &prometheus::Registry,
+) -> anyhow::Result<Option<Arc<Meter>>> {
+    if !config.topology.metering {
+        return Ok(None);
+    }
+    Ok(Some(Arc::new(Meter::new(js, registry, config.topology.usage_tenant_labels)?)))
+}
+
+/// Builds a worker for the configured models (topology applied first),
+/// metering with `meter`.
 pub async fn build_worker(
     config: &Config,
     client: &async_nats::Client,
     registry: &prometheus::Registry,
+    meter: Option<Arc<Meter>>,
 ) -> anyhow::Result<Worker> {
     let js = async_nats::jetstream::new(client.clone());
     topology::apply(&js, &config.topology_plan()).await?;
@@ -236,6 +252,7 @@ pub async fn build_worker(
         cache,
         registry,
     )?
+    .with_meter(meter)
     .with_breakers(breakers)
     .with_load_times(load_ms);
     Ok(match config.worker.checkpoint_interval_ms {
@@ -314,7 +331,8 @@ pub async fn worker(config: Config, shutdown: CancellationToken) -> anyhow::Resu
     let start = async {
         let client = nats::connect(&config.nats, "worker").await?;
         let registry = telemetry::registry();
-        let worker = build_worker(&config, &client, &registry).await?;
+        let meter = meter(&config, async_nats::jetstream::new(client.clone()), &registry)?;
+        let worker = build_worker(&config, &client, &registry, meter).await?;
         anyhow::Ok((client, registry, worker))
     };
     let Some(started) = unless_stopped(&shutdown, start).await else { return Ok(Exit::Clean) };
@@ -339,7 +357,7 @@ pub async fn scaler(config: Config, shutdown: CancellationToken) -> anyhow::Resu
 }
 
 /// What the ingress takes from the whole configuration.
-fn ingress_setup(config: &Config) -> ingress::config::Setup {
+fn ingress_setup(config: &Config, meter: Option<Arc<Meter>>) -> ingress::config::Setup {
     ingress::config::Setup {
         ingress: config.ingress.clone(),
         plan: config.topology_plan(),
@@ -349,6 +367,7 @@ fn ingress_setup(config: &Config) -> ingress::config::Setup {
             .filter_map(|(name, m)| Some((name.clone(), u64::from(m.default_max_tokens()?))))
             .collect(),
         config_view: serde_json::to_value(config.redacted()).unwrap_or(serde_json::Value::Null),
+        meter,
     }
 }
 
@@ -357,7 +376,9 @@ pub async fn ingress(config: Config, shutdown: CancellationToken) -> anyhow::Res
     let start = async {
         let client = nats::connect(&config.nats, "ingress").await?;
         let js = config.nats.jetstream(client.clone());
-        let state = ingress::Ingress::new(client.clone(), js, ingress_setup(&config), telemetry::registry()).await?;
+        let registry = telemetry::registry();
+        let meter = meter(&config, js.clone(), &registry)?;
+        let state = ingress::Ingress::new(client.clone(), js, ingress_setup(&config, meter), registry).await?;
         let listener = bind(&config.ingress.listen).await?;
         anyhow::Ok((client, state, listener))
     };
@@ -381,9 +402,10 @@ pub async fn up(config: Config, shutdown: CancellationToken) -> anyhow::Result<E
     let start = async {
         let client = nats::connect(&config.nats, "up").await?;
         let registry = telemetry::registry();
-        let worker = build_worker(&config, &client, &registry).await?;
         let js = config.nats.jetstream(client.clone());
-        let state = ingress::Ingress::new(client.clone(), js, ingress_setup(&config), registry.clone()).await?;
+        let meter = meter(&config, js.clone(), &registry)?;
+        let worker = build_worker(&config, &client, &registry, meter.clone()).await?;
+        let state = ingress::Ingress::new(client.clone(), js, ingress_setup(&config, meter), registry.clone()).await?;
         anyhow::Ok((client, registry, worker, state))
     };
     let Some(started) = unless_stopped(&shutdown, start).await else {

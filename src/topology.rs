@@ -54,6 +54,15 @@ pub struct TopologyConfig {
     /// How long a worker stays in the registry (KV `fleet_workers`) after
     /// its last heartbeat, in seconds.
     pub worker_ttl_secs: u64,
+    /// Meter usage: workers and ingresses write one record per answered
+    /// request to `FLEET_USAGE` (`GET /v1/usage` reads it).
+    pub metering: bool,
+    /// How long usage records are kept, in seconds (default 35 days: a
+    /// month, and the days a monthly report is read in).
+    pub usage_max_age_secs: u64,
+    /// Tenants with a `tenant` label of their own on `fleet_tokens_total`,
+    /// per process (the first seen); the others are counted as `other`.
+    pub usage_tenant_labels: usize,
 }
 
 impl Default for TopologyConfig {
@@ -74,6 +83,9 @@ impl Default for TopologyConfig {
             max_ack_pending: 10_000,
             replicas: 1,
             worker_ttl_secs: 10,
+            metering: true,
+            usage_max_age_secs: 35 * 24 * 3600,
+            usage_tenant_labels: 100,
         }
     }
 }
@@ -214,6 +226,24 @@ pub fn dlq_stream(t: &TopologyConfig) -> stream::Config {
         discard: DiscardPolicy::Old,
         num_replicas: t.replicas,
         allow_direct: true,
+        ..Default::default()
+    }
+}
+
+/// Stream configuration of `FLEET_USAGE`: one record per answered request,
+/// kept `usage_max_age_secs`; its duplicate window drops a request's second
+/// record.
+pub fn usage_stream(t: &TopologyConfig) -> stream::Config {
+    stream::Config {
+        name: subjects::USAGE_STREAM.to_string(),
+        description: Some("retro-fleet usage: one record per answered request".into()),
+        subjects: vec![subjects::USAGE_WILDCARD.to_string()],
+        retention: RetentionPolicy::Limits,
+        storage: StorageType::File,
+        max_age: Duration::from_secs(t.usage_max_age_secs),
+        duplicate_window: Duration::from_secs(t.duplicate_window_secs),
+        discard: DiscardPolicy::Old,
+        num_replicas: t.replicas,
         ..Default::default()
     }
 }
@@ -423,6 +453,9 @@ pub async fn apply(js: &Context, plan: &Plan) -> Result<Vec<Applied>, TopologyEr
     }
     report.push(apply_stream(js, results_stream(t)).await?);
     report.push(apply_stream(js, dlq_stream(t)).await?);
+    if t.metering {
+        report.push(apply_stream(js, usage_stream(t)).await?);
+    }
     report.push(apply_bucket(js, workers_bucket(t)).await?);
     report.push(apply_bucket(js, checkpoints_bucket(t)).await?);
     for p in Priority::ALL {

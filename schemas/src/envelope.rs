@@ -25,6 +25,8 @@ pub struct Envelope {
     pub cache_ttl_secs: Option<u64>,
     /// Seconds its result is kept in `FLEET_RESULTS` (none: the stream's max age).
     pub result_ttl_secs: Option<u64>,
+    /// The credential that sent it (usage is metered by it).
+    pub caller: Option<String>,
 }
 
 impl Envelope {
@@ -38,6 +40,7 @@ impl Envelope {
             traceparent: None,
             cache_ttl_secs: None,
             result_ttl_secs: None,
+            caller: None,
         }
     }
 
@@ -68,6 +71,12 @@ impl Envelope {
     /// Sets how long a cached answer stays valid.
     pub fn cache_ttl_secs(mut self, secs: Option<u64>) -> Envelope {
         self.cache_ttl_secs = secs;
+        self
+    }
+
+    /// Sets the credential that sent it.
+    pub fn caller(mut self, caller: impl Into<String>) -> Envelope {
+        self.caller = Some(caller.into());
         self
     }
 
@@ -110,6 +119,9 @@ impl Envelope {
         if let Some(ttl) = self.result_ttl_secs {
             h.insert(headers::RESULT_TTL, ttl.to_string().as_str());
         }
+        if let Some(caller) = &self.caller {
+            h.insert(headers::CALLER, header_safe(caller).as_str());
+        }
         h
     }
 }
@@ -135,6 +147,8 @@ pub struct Received<'a> {
     pub result_ttl_secs: Option<u64>,
     /// `Content-Type` of the body as sent.
     pub content_type: Option<&'a str>,
+    /// `Fleet-Caller` as sent.
+    pub caller: Option<&'a str>,
 }
 
 impl<'a> Received<'a> {
@@ -152,6 +166,7 @@ impl<'a> Received<'a> {
             cache_ttl_secs: number(headers::CACHE_TTL),
             result_ttl_secs: number(headers::RESULT_TTL).filter(|s| *s > 0),
             content_type: get(headers::CONTENT_TYPE),
+            caller: get(headers::CALLER).filter(|c| !c.is_empty()),
         }
     }
 }
@@ -222,7 +237,8 @@ mod tests {
             .deadline_ms(1_700_000_000_000)
             .traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
             .cache_ttl_secs(Some(60))
-            .result_ttl_secs(Some(120));
+            .result_ttl_secs(Some(120))
+            .caller("key:app");
         let h = e.headers();
         assert_eq!(h.get(headers::MSG_ID).unwrap().as_str(), "acme.r1");
         let r = Received::read(Some(&h));
@@ -234,6 +250,7 @@ mod tests {
         assert_eq!(r.cache_ttl_secs, Some(60));
         assert_eq!(r.result_ttl_secs, Some(120));
         assert_eq!(r.content_type, Some(codec::ContentType::MSGPACK_MIME));
+        assert_eq!(r.caller, Some("key:app"));
     }
 
     #[test]

@@ -8,6 +8,9 @@ pub const REPLY: &str = "Fleet-Reply";
 pub const DEADLINE: &str = "Fleet-Deadline";
 /// Tenant of the request.
 pub const TENANT: &str = "Fleet-Tenant";
+/// The credential that sent a request (`key:<id>`, `jwt:...`), set by the
+/// ingress: usage is metered by it.
+pub const CALLER: &str = "Fleet-Caller";
 /// `application/msgpack` (default) or `application/json`.
 pub const CONTENT_TYPE: &str = "Content-Type";
 /// W3C trace context.

@@ -8,6 +8,7 @@
 use schemars::schema_for;
 use serde_json::Value;
 
+use crate::usage::UsageRecord;
 use crate::{InferRequest, InferResult, ModelScaling, StreamChunk, WorkerInfo};
 
 /// `(file stem, schema)` for every wire type.
@@ -18,5 +19,6 @@ pub fn all() -> Vec<(&'static str, Value)> {
         ("chunk", serde_json::to_value(schema_for!(StreamChunk)).expect("schema is JSON")),
         ("worker_info", serde_json::to_value(schema_for!(WorkerInfo)).expect("schema is JSON")),
         ("model_scaling", serde_json::to_value(schema_for!(ModelScaling)).expect("schema is JSON")),
+        ("usage", serde_json::to_value(schema_for!(UsageRecord)).expect("schema is JSON")),
     ]
 }

@@ -15,6 +15,7 @@
 //! - [`cache_key`]: cache keys and the purge generations they are made under.
 //! - [`stored`]: reading a request's stored result from `FLEET_RESULTS`.
 //! - [`tools`]: function calling: tools offered, the tool choice, calls made.
+//! - [`usage`]: metered usage, one record per answered request (`FLEET_USAGE`).
 //! - [`version`]: [`SCHEMA_VERSION`], the `v` every message carries.
 //!
 //! Messages are MessagePack maps with named fields (so fields can be added)
@@ -33,6 +34,7 @@ pub mod result;
 pub mod stored;
 pub mod subjects;
 pub mod tools;
+pub mod usage;
 pub mod version;
 
 pub use chunk::{Splice, StreamChunk};

@@ -56,7 +56,8 @@ pub async fn stored_result_at_leader(js: &Context, tenant: &str, id: &str) -> Re
     }
 }
 
-fn decode(m: &StreamMessage) -> Result<Option<InferResult>, StoredError> {
+/// The result a stored message holds.
+pub fn decode(m: &StreamMessage) -> Result<Option<InferResult>, StoredError> {
     let content_type = m.headers.get(headers::CONTENT_TYPE).map(|v| v.as_str());
     Ok(Some(codec::decode(content_type, &m.payload)?))
 }

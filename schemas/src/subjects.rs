@@ -93,6 +93,22 @@ pub fn result(tenant: &str, id: &str) -> String {
 /// Wildcard of the results stream.
 pub const RESULTS_WILDCARD: &str = "fleet.res.>";
 
+/// Stream of usage records.
+pub const USAGE_STREAM: &str = "FLEET_USAGE";
+
+/// Wildcard of the usage stream.
+pub const USAGE_WILDCARD: &str = "fleet.usage.>";
+
+/// Subject of a usage record of `tenant` for `model`.
+pub fn usage(tenant: &str, model: &str) -> String {
+    format!("fleet.usage.{tenant}.{model}")
+}
+
+/// `Nats-Msg-Id` of request `id`'s usage record: one per request id and tenant.
+pub fn usage_msg_id(tenant: &str, id: &str) -> String {
+    format!("{tenant}.{id}")
+}
+
 /// Subject of a dead letter.
 pub fn dlq(p: Priority, model: &str) -> String {
     format!("fleet.dlq.{}.{model}", p.as_str())

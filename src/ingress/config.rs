@@ -18,6 +18,8 @@ pub struct Setup {
     /// What `GET /v1/admin/config` shows: the whole configuration, every
     /// secret already redacted.
     pub config_view: serde_json::Value,
+    /// Meters the answers this ingress gives from its memory (metering on).
+    pub meter: Option<std::sync::Arc<retro_fleet_worker::usage::Meter>>,
 }
 
 /// HTTP ingress settings.

@@ -55,6 +55,7 @@ pub mod shutdown;
 pub mod sse;
 pub mod state;
 pub mod submit;
+pub mod usage;
 
 pub use state::{AppState, Ingress, IngressMetrics};
 
@@ -85,7 +86,7 @@ impl Ingress {
         setup: Setup,
         registry: Registry,
     ) -> anyhow::Result<AppState> {
-        let Setup { ingress: cfg, plan, output_defaults, config_view } = setup;
+        let Setup { ingress: cfg, plan, output_defaults, config_view, meter } = setup;
         let metrics = IngressMetrics::new(&registry)?;
         let auth = auth::Authenticator::new(&cfg.auth)?;
         if !auth.enabled() {
@@ -125,6 +126,7 @@ impl Ingress {
             config_view,
             worker_ttl_secs: plan.topology.worker_ttl_secs,
             results_max_age_secs: plan.topology.results_max_age_secs,
+            meter,
             openapi,
             answers,
             drain: shutdown::Drain::new(Duration::from_millis(cfg.drain_timeout_ms)),
@@ -161,6 +163,7 @@ pub fn router(state: AppState) -> Router {
     let read = Router::new()
         .route("/v1/results/{id}", get(native::get_result))
         .route("/v1/models", get(openai::models))
+        .route("/v1/usage", get(usage::get))
         .route("/v1/batches/{id}", get(batch::get))
         .route("/v1/batches/{id}/results", get(batch::get_results));
     let admin = Router::new()

@@ -100,6 +100,9 @@ pub struct Ingress {
     /// The longest a result is kept (`topology.results_max_age_secs`): the
     /// most an `X-Result-Ttl` may ask for.
     pub results_max_age_secs: u64,
+    /// Metering (`topology.metering`): an answer from this ingress's memory
+    /// is metered here, as a worker meters the results it stores.
+    pub meter: Option<Arc<retro_fleet_worker::usage::Meter>>,
     /// The OpenAPI document (`/openapi.json`).
     pub openapi: serde_json::Value,
     /// Recent cacheable answers, served to identical calls without a queue.

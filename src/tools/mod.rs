@@ -101,6 +101,30 @@ pub enum Command {
         #[command(subcommand)]
         action: Option<WorkersAction>,
     },
+    /// Metered usage (FLEET_USAGE) added up, as a table or JSON.
+    Usage {
+        /// Only this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Only this credential (`key:<id>`, `jwt:<iss>/<tenant>/<sub>`).
+        #[arg(long)]
+        key: Option<String>,
+        /// Only this model.
+        #[arg(long)]
+        model: Option<String>,
+        /// First UTC day, YYYY-MM-DD (inclusive).
+        #[arg(long, value_parser = parse_day)]
+        from: Option<time::Date>,
+        /// Last UTC day, YYYY-MM-DD (inclusive).
+        #[arg(long, value_parser = parse_day)]
+        to: Option<time::Date>,
+        /// Dimensions to group by: tenant, key, model, day (comma-separated).
+        #[arg(long, default_value = "tenant,model,day")]
+        group_by: String,
+        /// Print JSON (one array) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Depth of every request queue, or pause and resume a priority class.
     Queues {
         #[command(subcommand)]
@@ -402,4 +426,8 @@ impl Cli {
         }
         Config::load(self.config.as_deref(), flags)
     }
+}
+
+fn parse_day(s: &str) -> Result<time::Date, String> {
+    crate::usage::parse_day(s).ok_or_else(|| format!("`{s}` is not a day: write YYYY-MM-DD"))
 }

@@ -77,6 +77,36 @@ pub async fn queues(config: &Config, action: Option<QueuesAction>) -> anyhow::Re
     Ok(())
 }
 
+/// `retro-fleet usage`: metered usage added up, as a table or JSON.
+pub async fn usage(config: &Config, q: &crate::usage::Query, json: bool) -> anyhow::Result<()> {
+    let client = crate::nats::connect(&config.nats, "usage").await?;
+    let rows = crate::usage::read(&async_nats::jetstream::new(client), q).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    let dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    println!(
+        "{:<16} {:<24} {:<16} {:<10} {:>9} {:>7} {:>7} {:>12} {:>12}",
+        "TENANT", "KEY", "MODEL", "DAY", "REQUESTS", "FAILED", "CACHED", "PROMPT", "COMPLETION"
+    );
+    for r in &rows {
+        println!(
+            "{:<16} {:<24} {:<16} {:<10} {:>9} {:>7} {:>7} {:>12} {:>12}",
+            dash(&r.tenant),
+            dash(&r.key),
+            dash(&r.model),
+            dash(&r.day),
+            r.requests,
+            r.failed,
+            r.cached,
+            r.prompt_tokens,
+            r.completion_tokens
+        );
+    }
+    Ok(())
+}
+
 /// A table of `workers`, one line each, for people.
 pub fn table(workers: &[WorkerInfo], now_ms: u64) -> String {
     let mut s = format!(

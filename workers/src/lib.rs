@@ -20,6 +20,7 @@
 //! - [`lora`]: merges LoRA adapters (PEFT) into copies of base weights.
 //! - [`tiny_model`]: writes the small random-weights Llama used by the demo and the tests.
 //! - [`metrics`]: the worker's Prometheus metrics and the fleet's latency buckets.
+//! - [`usage`]: metering: usage records in `FLEET_USAGE` and `fleet_tokens_total`.
 //! - [`shutdown`]: the bounded NATS operations after a drain ([`final_op`]).
 //! - [`clock`]: [`unix_ms`], the wall clock every message and KV entry carries.
 
@@ -41,6 +42,7 @@ pub mod scheduler;
 pub mod shutdown;
 pub mod sweeper;
 pub mod tiny_model;
+pub mod usage;
 pub mod worker;
 
 pub use backend::{Backend, BackendError, Generation};

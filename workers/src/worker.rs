@@ -184,6 +184,7 @@ impl Worker {
             cancels: Default::default(),
             quiet: tokio::sync::watch::Sender::new(false),
             load_ms: Default::default(),
+            meter: None,
         };
         Ok(Worker { shared: Arc::new(shared), sources, breakers: None })
     }
@@ -193,6 +194,14 @@ impl Worker {
     pub fn with_checkpoints(mut self, checkpoints: crate::checkpoint::Checkpoints) -> Self {
         let shared = Arc::get_mut(&mut self.shared).expect("checkpoints are attached before the worker runs");
         shared.checkpoints = Some(checkpoints);
+        self
+    }
+
+    /// Meters each answered request with `meter` (`FLEET_USAGE`, which
+    /// `topology apply` creates).
+    pub fn with_meter(mut self, meter: Option<Arc<crate::usage::Meter>>) -> Self {
+        let shared = Arc::get_mut(&mut self.shared).expect("metering is set before the worker runs");
+        shared.meter = meter;
         self
     }
 

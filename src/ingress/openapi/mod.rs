@@ -33,6 +33,7 @@ pub const OPERATIONS: &[(&str, &str, Option<RouteClass>)] = &[
     ("post", "/v1/chat/completions", Some(RouteClass::Submit)),
     ("post", "/v1/completions", Some(RouteClass::Submit)),
     ("get", "/v1/models", Some(RouteClass::Read)),
+    ("get", "/v1/usage", Some(RouteClass::Read)),
     ("post", "/v1/batches", Some(RouteClass::Submit)),
     ("get", "/v1/batches/{id}", Some(RouteClass::Read)),
     ("get", "/v1/batches/{id}/results", Some(RouteClass::Read)),
@@ -93,6 +94,8 @@ pub fn spec(models: &std::collections::BTreeSet<String>, auth_on: bool, throttle
     let batch_query = g.query::<CreateQuery>();
     let dlq_query = g.query::<DlqQuery>();
     let pause_query = g.query::<PauseQuery>();
+    let usage_query = g.query::<super::usage::UsageParams>();
+    let usage_row = g.of::<crate::usage::Row>();
     let r = |name: &str| json!({"$ref": format!("#/components/schemas/{name}")});
 
     let request_id = header_param(
@@ -181,6 +184,18 @@ pub fn spec(models: &std::collections::BTreeSet<String>, auth_on: bool, throttle
                 200,
                 ok_json("Models", r("ModelList")),
                 &[422],
+            ),
+            ("get", "/v1/usage") => (
+                "Metered usage added up by tenant, key, model and day (a tenant reads its own; an admin any)",
+                [usage_query.clone(), vec![request_id.clone()]].concat(),
+                None,
+                200,
+                ok_json(
+                    "Usage",
+                    json!({"type": "object", "required": ["object", "data"], "properties": {
+                        "object": {"const": "list"}, "data": {"type": "array", "items": usage_row.clone()}}}),
+                ),
+                &[403, 422],
             ),
             ("post", "/v1/batches") => (
                 "Submit a batch: JSONL in OpenAI's batch-file shape",

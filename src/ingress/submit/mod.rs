@@ -115,6 +115,7 @@ async fn answer(state: &AppState, p: &Prepared) -> Result<InferResult, ApiError>
     let started = Instant::now();
     if state.answers.serves(p) {
         if let Some(result) = state.answers.get(p, retro_fleet_worker::unix_ms()) {
+            meter(state, p, &result).await?;
             observe(state, p, "ok", started);
             return Ok(result);
         }
@@ -125,6 +126,18 @@ async fn answer(state: &AppState, p: &Prepared) -> Result<InferResult, ApiError>
         state.answers.put(p, &result, c, retro_fleet_worker::unix_ms());
     }
     Ok(result)
+}
+
+/// Writes the usage record of an answer from this ingress's memory (a
+/// worker writes the others'): the caller is answered only once it is
+/// counted, as a worker acks only then.
+async fn meter(state: &AppState, p: &Prepared, result: &InferResult) -> Result<(), ApiError> {
+    let Some(m) = &state.meter else { return Ok(()) };
+    m.record(result, &p.tenant, Some(&p.who.id)).await.map_err(|e| {
+        ApiError::new(ErrorCode::Overloaded, format!("NATS did not confirm the usage record ({e}); retry"))
+            .with_id(&p.req.id)
+            .retry_after(state.cfg.retry_after_secs)
+    })
 }
 
 /// The first failed choice's error, as its caller is answered.

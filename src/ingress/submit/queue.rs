@@ -66,6 +66,7 @@ fn request_headers(p: &Prepared, reply: Option<&str>, sync_ttl: u64) -> HeaderMa
     };
     let mut envelope = Envelope::new(p.req.id.as_str())
         .tenant(p.tenant.as_str())
+        .caller(p.who.id.as_str())
         .traceparent(p.traceparent.as_str())
         .deadline_ms(deadline)
         .cache_ttl_secs(p.cache_ttl)

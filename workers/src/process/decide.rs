@@ -24,6 +24,8 @@ pub struct Ids {
     pub reply: Option<String>,
     /// Seconds the result is kept (`Fleet-Result-Ttl`; none: the stream's max age).
     pub keep_secs: Option<u64>,
+    /// The credential that sent it (`Fleet-Caller`), for the usage record.
+    pub caller: Option<String>,
 }
 
 impl Ids {
@@ -34,6 +36,7 @@ impl Ids {
             tenant: env.tenant.filter(|t| subjects::is_token(t)).map(str::to_string),
             reply: env.reply.map(str::to_string),
             keep_secs: env.result_ttl_secs,
+            caller: env.caller.map(str::to_string),
         }
     }
 }
@@ -68,6 +71,8 @@ pub struct Job {
     pub cache_ttl_secs: Option<u64>,
     /// Seconds its result is kept (none: the stream's max age).
     pub result_ttl_secs: Option<u64>,
+    /// The credential that sent it, for the usage record.
+    pub caller: Option<String>,
 }
 
 impl Job {
@@ -78,6 +83,7 @@ impl Job {
             tenant: Some(self.tenant.clone()),
             reply: self.reply.clone(),
             keep_secs: self.result_ttl_secs,
+            caller: self.caller.clone(),
         }
     }
 }
@@ -150,6 +156,7 @@ pub fn decide(d: &Delivery<'_>, served: &Served<'_>) -> Result<Job, Rejection> {
         deadline_ms: env.deadline_ms,
         cache_ttl_secs: env.cache_ttl_secs,
         result_ttl_secs: env.result_ttl_secs,
+        caller: ids.caller,
     })
 }
 
@@ -271,14 +278,14 @@ mod tests {
         let env = Envelope::new("r3").tenant("acme").reply("inbox.3").headers();
         let r = decide_on("fleet.req.normal.echo", &env, b"\xc1").err().unwrap();
         let ids =
-            Ids { id: Some("r3".into()), tenant: Some("acme".into()), reply: Some("inbox.3".into()), keep_secs: None };
+            Ids { id: Some("r3".into()), tenant: Some("acme".into()), reply: Some("inbox.3".into()), ..Ids::default() };
         assert_eq!(r.ids, ids);
         // a tenant that cannot name a result subject: reply only, never stored
         let mut env = async_nats::HeaderMap::new();
         env.insert(retro_fleet_schemas::headers::TENANT, "a b");
         env.insert(retro_fleet_schemas::headers::REPLY, "i");
         let r = decide_on("fleet.req.normal.echo", &env, &codec::encode(&request("r4", "echo"))).err().unwrap();
-        assert_eq!(r.ids, Ids { id: None, tenant: None, reply: Some("i".into()), keep_secs: None });
+        assert_eq!(r.ids, Ids { reply: Some("i".into()), ..Ids::default() });
     }
 
     #[test]

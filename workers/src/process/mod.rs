@@ -88,7 +88,7 @@ async fn handle_inner(sh: &Shared, m: &Settling<'_>, envelope: Received<'_>) -> 
     };
     let settlement = match decide::admit(&job, stored, now_ms, sh.max_deliver) {
         Admission::Answered(result) => {
-            Settlement::Resend { result: Box::new(result), reply: job.reply, tenant: job.tenant }
+            Settlement::Resend { result: Box::new(result), reply: job.reply, tenant: job.tenant, caller: job.caller }
         }
         Admission::GiveUp(rejection) => Settlement::GiveUp(rejection),
         Admission::Expired { late_ms } => {

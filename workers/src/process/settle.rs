@@ -14,7 +14,7 @@ use async_nats::jetstream::{self, AckKind};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use retro_fleet_schemas::envelope::{dead_letter_headers, GivenUp};
-use retro_fleet_schemas::stored::{stored_message, StoredError};
+use retro_fleet_schemas::stored::{decode as decode_stored, stored_message, StoredError};
 use retro_fleet_schemas::{codec, headers, subjects, ErrorCode, InferResult, Priority};
 
 use super::decide::{Ids, Rejection};
@@ -42,6 +42,8 @@ pub enum Settlement {
         reply: Option<String>,
         /// The request's tenant.
         tenant: String,
+        /// The credential that sent it, for the usage record.
+        caller: Option<String>,
     },
     /// Nak with a delay: another attempt (maybe elsewhere) may succeed.
     Retry {
@@ -218,12 +220,14 @@ pub async fn settle(sh: &Shared, m: &Settling<'_>, mut s: Settlement) -> Result<
                 let store = || publish_result(sh, to, tenant, result, *cached);
                 failover::ride(until, SettleError::unanswered, store, in_progress).await?;
             }
-            (Step::Resend, Settlement::Resend { result, reply, .. }) => {
+            (Step::Resend, Settlement::Resend { result, reply, tenant, caller }) => {
                 tracing::info!(id = %result.id, delivered = m.delivered, "redelivered request already answered; re-sending the stored result");
                 if let Some(reply) = reply {
                     let payload = Bytes::from(codec::encode(result));
                     sh.client.publish_with_headers(reply.clone(), reply_headers(), payload).await?;
                 }
+                // the delivery that stored it may have died before metering it
+                meter(sh, tenant, caller.as_deref(), result).await?;
             }
             (Step::DeadLetter, Settlement::GiveUp(r)) => {
                 let letter = Letter::of(m.msg, m.delivered);
@@ -370,21 +374,33 @@ pub async fn publish_result(
         Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => false,
         Err(e) => return Err(e.into()),
     };
-    let payload = if first {
+    let (payload, theirs) = if first {
         if let Some((key, expires_ms)) = cached {
             // the caller may keep this answer until then (the ingress's
             // cache), under this key (which says the generation it used)
             h.insert(headers::CACHE_KEY, key.hex().as_str());
             h.insert(headers::CACHE_EXPIRES, expires_ms.to_string().as_str());
         }
-        payload
+        (payload, None)
     } else {
         let stored = Box::pin(stored_message(&sh.js, tenant, &result.id)).await?;
         tracing::info!(id = %result.id, "a result for this request was already stored; sending that one");
-        stored.ok_or(SettleError::StoredMissing)?.payload
+        let stored = stored.ok_or(SettleError::StoredMissing)?;
+        let theirs = decode_stored(&stored)?.ok_or(SettleError::StoredMissing)?;
+        (stored.payload, Some(theirs))
     };
     if let Some(reply) = &to.reply {
         sh.client.publish_with_headers(reply.clone(), h, payload).await?;
+    }
+    // metered after the reply, before the ack: what the caller was answered
+    meter(sh, tenant, to.caller.as_deref(), theirs.as_ref().unwrap_or(result)).await
+}
+
+/// Meters `result`, the result stored for its request, when metering is on
+/// (one record per request: see [`crate::usage`]).
+async fn meter(sh: &Shared, tenant: &str, caller: Option<&str>, result: &InferResult) -> Result<(), SettleError> {
+    if let Some(m) = &sh.meter {
+        m.record(result, tenant, caller).await?;
     }
     Ok(())
 }
@@ -397,7 +413,7 @@ mod tests {
         let result = Box::new(InferResult::error("r", "m", ErrorCode::Cancelled, "x"));
         vec![
             Settlement::Answer { result: result.clone(), to: Ids::default(), cached: None },
-            Settlement::Resend { result, reply: None, tenant: "default".into() },
+            Settlement::Resend { result, reply: None, tenant: "default".into(), caller: None },
             Settlement::Retry { delay: Duration::from_secs(1) },
             Settlement::GiveUp(Rejection { ids: Ids::default(), code: ErrorCode::DecodeError, message: "m".into() }),
         ]
