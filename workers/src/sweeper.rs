@@ -15,7 +15,7 @@ use retro_fleet_schemas::{subjects, ErrorCode, Priority, Received};
 use tokio_util::sync::CancellationToken;
 
 use crate::process::decide::Ids;
-use crate::process::settle::{answer_error, dead_letter, Letter};
+use crate::process::settle::{answer_error, dead_letter, meter, Letter};
 use crate::process::Shared;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -62,7 +62,10 @@ pub async fn sweep(sh: &Shared, p: Priority) -> Result<usize, Error> {
             if !stream.delete_message(m.sequence).await.unwrap_or(false) {
                 continue;
             }
-            answer_error(sh, &ids, model, ErrorCode::UnknownModel, &message).await?;
+            if let Some(result) = answer_error(sh, &ids, model, ErrorCode::UnknownModel, &message).await? {
+                let tenant = ids.tenant.as_deref().unwrap_or(subjects::DEFAULT_TENANT);
+                meter(sh, tenant, ids.caller.as_deref(), &result).await?;
+            }
             sh.metrics.dead_lettered(p, "unknown", ErrorCode::UnknownModel, ids.id.as_deref(), &message);
             answered += 1;
         }

@@ -2,12 +2,13 @@
 //! the worker happens here, in the order one table gives ([`Settlement::steps`]).
 //!
 //! Ack discipline: a result is written to `FLEET_RESULTS` first (the first
-//! writer wins), then the stored result goes to the reply subject, then the
-//! message is acked. A message given up is dead-lettered with its original
+//! writer wins), then the stored result goes to the reply subject, then its
+//! usage record is written (when metering), then the message is acked. A message given up is dead-lettered with its original
 //! payload before it is terminated; if the dead letter cannot be written it
 //! is nak'ed instead, so nothing is lost. Retryable failures are nak'ed with
 //! a delay.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
@@ -65,6 +66,9 @@ pub enum Step {
     DeadLetter,
     /// Store (when the id is known) and reply the error result.
     ErrorResult,
+    /// Write the usage record of the result the caller got, when one was
+    /// stored or re-sent and metering is on (see [`crate::usage`]).
+    Meter,
     /// Remove the request's checkpoint, when it may have one (the request
     /// is settled: no attempt will resume it).
     Forget,
@@ -80,10 +84,10 @@ impl Settlement {
     /// The effects of this settlement, in order.
     pub fn steps(&self) -> &'static [Step] {
         match self {
-            Settlement::Answer { .. } => &[Step::Store, Step::Forget, Step::Ack],
-            Settlement::Resend { .. } => &[Step::Resend, Step::Forget, Step::Ack],
+            Settlement::Answer { .. } => &[Step::Store, Step::Meter, Step::Forget, Step::Ack],
+            Settlement::Resend { .. } => &[Step::Resend, Step::Meter, Step::Forget, Step::Ack],
             Settlement::Retry { .. } => &[Step::Nak],
-            Settlement::GiveUp(_) => &[Step::DeadLetter, Step::ErrorResult, Step::Forget, Step::Term],
+            Settlement::GiveUp(_) => &[Step::DeadLetter, Step::ErrorResult, Step::Meter, Step::Forget, Step::Term],
         }
     }
 
@@ -99,6 +103,17 @@ impl Settlement {
 }
 
 impl Settlement {
+    /// The tenant and caller a usage record of this settlement names.
+    fn metered_as(&self) -> (&str, Option<&str>) {
+        let (tenant, caller) = match self {
+            Settlement::Answer { to, .. } => (to.tenant.as_deref(), to.caller.as_deref()),
+            Settlement::Resend { tenant, caller, .. } => (Some(tenant.as_str()), caller.as_deref()),
+            Settlement::GiveUp(r) => (r.ids.tenant.as_deref(), r.ids.caller.as_deref()),
+            Settlement::Retry { .. } => (None, None),
+        };
+        (tenant.unwrap_or(subjects::DEFAULT_TENANT), caller)
+    }
+
     /// The tenant and id of the request settled, when known.
     fn request(&self) -> Option<(&str, &str)> {
         let (tenant, id) = match self {
@@ -213,21 +228,24 @@ pub async fn settle(sh: &Shared, m: &Settling<'_>, mut s: Settlement) -> Result<
     let in_progress = || async {
         let _ = m.msg.ack_with(AckKind::Progress).await;
     };
+    // the result the caller got, once stored or re-sent: what is metered
+    let mut answered: Option<Cow<'_, InferResult>> = None;
     for step in s.steps() {
         match (step, &s) {
             (Step::Store, Settlement::Answer { result, to, cached }) => {
                 let tenant = to.tenant.as_deref().unwrap_or(subjects::DEFAULT_TENANT);
                 let store = || publish_result(sh, to, tenant, result, *cached);
-                failover::ride(until, SettleError::unanswered, store, in_progress).await?;
+                let theirs = failover::ride(until, SettleError::unanswered, store, in_progress).await?;
+                answered = Some(theirs.map_or(Cow::Borrowed(&**result), Cow::Owned));
             }
-            (Step::Resend, Settlement::Resend { result, reply, tenant, caller }) => {
+            (Step::Resend, Settlement::Resend { result, reply, .. }) => {
                 tracing::info!(id = %result.id, delivered = m.delivered, "redelivered request already answered; re-sending the stored result");
                 if let Some(reply) = reply {
                     let payload = Bytes::from(codec::encode(result));
                     sh.client.publish_with_headers(reply.clone(), reply_headers(), payload).await?;
                 }
                 // the delivery that stored it may have died before metering it
-                meter(sh, tenant, caller.as_deref(), result).await?;
+                answered = Some(Cow::Borrowed(&**result));
             }
             (Step::DeadLetter, Settlement::GiveUp(r)) => {
                 let letter = Letter::of(m.msg, m.delivered);
@@ -241,7 +259,14 @@ pub async fn settle(sh: &Shared, m: &Settling<'_>, mut s: Settlement) -> Result<
             }
             (Step::ErrorResult, Settlement::GiveUp(r)) => {
                 let answer = || answer_error(sh, &r.ids, letter_model(&m.msg.subject), r.code, &r.message);
-                failover::ride(until, SettleError::unanswered, answer, in_progress).await?;
+                answered = failover::ride(until, SettleError::unanswered, answer, in_progress).await?.map(Cow::Owned);
+            }
+            (Step::Meter, s) => {
+                if let Some(result) = &answered {
+                    let (tenant, caller) = s.metered_as();
+                    let write = || meter(sh, tenant, caller, result);
+                    failover::ride(until, SettleError::unanswered, write, in_progress).await?;
+                }
             }
             (Step::Forget, s) => {
                 let may_exist = m.delivered > 1 || m.checkpointed.load(std::sync::atomic::Ordering::Relaxed);
@@ -306,27 +331,29 @@ pub async fn dead_letter(
 
 /// Sends the error result to whoever can see it: stored and replied when
 /// the request id is known, replied only when just the reply subject is.
+/// The result stored for the request, when one was (to meter).
 pub async fn answer_error(
     sh: &Shared,
     ids: &Ids,
     model: &str,
     code: ErrorCode,
     message: &str,
-) -> Result<(), SettleError> {
+) -> Result<Option<InferResult>, SettleError> {
     let mut result = InferResult::error(ids.id.as_deref().unwrap_or(""), model, code, message);
     result.worker = sh.worker_id.clone();
     match (&ids.id, &ids.reply) {
         (Some(_), _) => {
             let tenant = ids.tenant.as_deref().unwrap_or(subjects::DEFAULT_TENANT);
-            publish_result(sh, ids, tenant, &result, None).await?
+            let theirs = publish_result(sh, ids, tenant, &result, None).await?;
+            Ok(Some(theirs.unwrap_or(result)))
         }
         (None, Some(reply)) => {
             let payload = Bytes::from(codec::encode(&result));
-            sh.client.publish_with_headers(reply.clone(), reply_headers(), payload).await?
+            sh.client.publish_with_headers(reply.clone(), reply_headers(), payload).await?;
+            Ok(None)
         }
-        (None, None) => {}
+        (None, None) => Ok(None),
     }
-    Ok(())
 }
 
 /// Headers of a result sent to a reply subject.
@@ -346,13 +373,14 @@ fn reply_headers() -> HeaderMap {
 /// sees two different answers, nor one that is not stored. `cached` is the
 /// key and expiry of a cacheable answer, recorded in headers so replays of
 /// `FLEET_RESULTS` can warm caches and the ingress can keep the answer.
+/// Returns the result stored by another delivery when there was one.
 pub async fn publish_result(
     sh: &Shared,
     to: &Ids,
     tenant: &str,
     result: &InferResult,
     cached: Option<(Key, u64)>,
-) -> Result<(), SettleError> {
+) -> Result<Option<InferResult>, SettleError> {
     let payload = Bytes::from(codec::encode(result));
     // No `Nats-Msg-Id` on the write: the expected sequence alone decides, so
     // a result removed on purpose (`dlq replay`) can be written again within
@@ -392,13 +420,12 @@ pub async fn publish_result(
     if let Some(reply) = &to.reply {
         sh.client.publish_with_headers(reply.clone(), h, payload).await?;
     }
-    // metered after the reply, before the ack: what the caller was answered
-    meter(sh, tenant, to.caller.as_deref(), theirs.as_ref().unwrap_or(result)).await
+    Ok(theirs)
 }
 
 /// Meters `result`, the result stored for its request, when metering is on
 /// (one record per request: see [`crate::usage`]).
-async fn meter(sh: &Shared, tenant: &str, caller: Option<&str>, result: &InferResult) -> Result<(), SettleError> {
+pub async fn meter(sh: &Shared, tenant: &str, caller: Option<&str>, result: &InferResult) -> Result<(), SettleError> {
     if let Some(m) = &sh.meter {
         m.record(result, tenant, caller).await?;
     }
@@ -432,13 +459,14 @@ mod tests {
     #[test]
     fn results_are_stored_before_the_ack_and_dead_letters_before_the_term() {
         let table: Vec<_> = every_settlement().iter().map(|s| (s.steps(), s.outcome())).collect();
-        assert_eq!(table[0], (&[Step::Store, Step::Forget, Step::Ack][..], Outcome::Failed(ErrorCode::Cancelled)));
-        assert_eq!(table[1], (&[Step::Resend, Step::Forget, Step::Ack][..], Outcome::Ok));
+        let answer = [Step::Store, Step::Meter, Step::Forget, Step::Ack];
+        assert_eq!(table[0], (&answer[..], Outcome::Failed(ErrorCode::Cancelled)));
+        assert_eq!(table[1], (&[Step::Resend, Step::Meter, Step::Forget, Step::Ack][..], Outcome::Ok));
         assert_eq!(table[2], (&[Step::Nak][..], Outcome::Retried));
         assert_eq!(
             table[3],
             (
-                &[Step::DeadLetter, Step::ErrorResult, Step::Forget, Step::Term][..],
+                &[Step::DeadLetter, Step::ErrorResult, Step::Meter, Step::Forget, Step::Term][..],
                 Outcome::Failed(ErrorCode::DecodeError)
             )
         );
