@@ -68,8 +68,10 @@ struct Read {
 
 /// Streams `body` with request id `id` from `path` (`/v1/infer`, or the
 /// OpenAI `/v1/chat/completions`) on `first`; at the first chunk starts a
-/// second worker, after `kill_at` bytes of text kills `first` (kill -9),
-/// and notes how long until the next text arrives.
+/// second worker, after `kill_at` bytes of text and the request's first
+/// checkpoint kills `first` (kill -9), and notes how long until the next
+/// text arrives. (Waiting for the checkpoint: on a fast machine `kill_at`
+/// bytes come before the first checkpoint interval has passed.)
 async fn stream_with_kill(
     s: &Setup,
     (base, path): (&str, &str),
@@ -78,6 +80,8 @@ async fn stream_with_kill(
     kill_at: usize,
     first: &mut Proc,
 ) -> (Read, Duration, Proc) {
+    let kv = checkpoints(s).await;
+    let key = format!("{}.{id}", subjects::DEFAULT_TENANT);
     let mut events = Events::open(&format!("{base}{path}"), id, body).await;
     let (mut text, mut seqs) = (String::new(), Vec::new());
     let (mut killed, mut takeover) = (None::<Instant>, None);
@@ -107,7 +111,7 @@ async fn stream_with_kill(
         if let (Some(at), None, false) = (killed, takeover, delta.is_empty()) {
             takeover = Some(at.elapsed());
         }
-        if killed.is_none() && text.len() >= kill_at {
+        if killed.is_none() && text.len() >= kill_at && kv.get(&key).await.ok().flatten().is_some() {
             first.kill9();
             killed = Some(Instant::now());
         }
@@ -129,6 +133,21 @@ async fn keys(kv: &async_nats::jetstream::kv::Store) -> Vec<String> {
     let mut keys: Vec<String> = kv.keys().await.unwrap().filter_map(|k| async { k.ok() }).collect().await;
     keys.sort();
     keys
+}
+
+/// Waits until `kv` holds no checkpoint: a request's is removed as it is
+/// settled, after its result is stored, replied and metered, so a caller
+/// may see the result a moment before.
+async fn until_no_checkpoints(kv: &async_nats::jetstream::kv::Store, what: &str) {
+    let start = Instant::now();
+    loop {
+        let left = keys(kv).await;
+        if left.is_empty() {
+            return;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "{what}: {left:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -236,7 +255,7 @@ async fn a_killed_generation_is_not_computed_again_and_its_answer_is_the_same() 
     let (status, v) = post_json(&format!("{base}/v1/infer"), &again).await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["output"]["text"].as_str(), Some(result.output.unwrap().text.as_str()));
-    assert_eq!(keys(&kv).await, Vec::<String>::new(), "no checkpoint left");
+    until_no_checkpoints(&kv, "no checkpoint left").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -266,7 +285,7 @@ async fn a_cancelled_generation_leaves_no_checkpoint() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(result.error.unwrap().code, retro_fleet_schemas::ErrorCode::Cancelled);
-    assert_eq!(keys(&kv).await, Vec::<String>::new(), "the cancelled request's checkpoint is removed");
+    until_no_checkpoints(&kv, "the cancelled request's checkpoint is removed").await;
 }
 
 /// Benchmark, not a test (`cargo nextest run --workspace --run-ignored only
