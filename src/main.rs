@@ -1,6 +1,8 @@
 use clap::Parser;
 use futures::FutureExt as _;
-use retro_fleet::tools::{self, CacheAction, Cli, Command, DlqAction, KeysAction, ModelAction, TopologyAction};
+use retro_fleet::tools::{
+    self, CacheAction, Cli, Command, DlqAction, KeysAction, ModelAction, TenantsAction, TopologyAction,
+};
 use retro_fleet::{roles, telemetry};
 use tokio_util::sync::CancellationToken;
 
@@ -138,6 +140,10 @@ async fn run_tool(command: Command, config: retro_fleet::config::Config) -> anyh
             }
             KeysAction::List => tools::keys::list(&config).await,
             KeysAction::Revoke { id } => tools::keys::revoke(&config, id).await,
+        },
+        Command::Tenants { action } => match action {
+            TenantsAction::List => tools::tenants::list(&config).await,
+            TenantsAction::Set { tenant, weight } => tools::tenants::set(&config, tenant, weight).await,
         },
         Command::Submit { model, priority, max_tokens, timeout, prompt } => {
             tools::submit::submit(&config, model, priority, max_tokens, timeout, prompt).await

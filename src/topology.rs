@@ -396,6 +396,19 @@ pub fn checkpoints_bucket(t: &TopologyConfig) -> kv::Config {
     }
 }
 
+/// Configuration of the tenants bucket `fleet_tenants`: operators'
+/// settings per tenant, kept until changed (a few revisions of history).
+pub fn tenants_bucket(t: &TopologyConfig) -> kv::Config {
+    kv::Config {
+        bucket: subjects::TENANTS_BUCKET.to_string(),
+        description: "retro-fleet settings per tenant (weights)".into(),
+        history: 5,
+        storage: StorageType::File,
+        num_replicas: t.replicas,
+        ..Default::default()
+    }
+}
+
 async fn apply_bucket(js: &Context, want: async_nats::jetstream::kv::Config) -> Result<Applied, TopologyError> {
     let name = want.bucket.clone();
     let stream_name = format!("KV_{name}");
@@ -458,6 +471,7 @@ pub async fn apply(js: &Context, plan: &Plan) -> Result<Vec<Applied>, TopologyEr
     }
     report.push(apply_bucket(js, workers_bucket(t)).await?);
     report.push(apply_bucket(js, checkpoints_bucket(t)).await?);
+    report.push(apply_bucket(js, tenants_bucket(t)).await?);
     for p in Priority::ALL {
         for model in &plan.models {
             report.push(apply_consumer(js, p, worker_consumer(p, model, t)).await?);
@@ -555,8 +569,10 @@ pub async fn status(js: &Context, plan: &Plan) -> Result<Vec<String>, TopologyEr
     let t = &plan.topology;
     let mut streams: Vec<String> = Priority::ALL.map(|p| subjects::request_stream(p).to_string()).to_vec();
     streams.extend([subjects::RESULTS_STREAM, subjects::DLQ_STREAM].map(str::to_string));
-    let buckets =
-        [workers_bucket(t), checkpoints_bucket(t)].into_iter().chain(cache_buckets(plan)).chain(ingress_buckets(plan));
+    let buckets = [workers_bucket(t), checkpoints_bucket(t), tenants_bucket(t)]
+        .into_iter()
+        .chain(cache_buckets(plan))
+        .chain(ingress_buckets(plan));
     streams.extend(buckets.map(|b| format!("KV_{}", b.bucket)));
     let mut lines = vec![format!("{:<34} {:>8}  {:<8} copies", "stream / consumer", "replicas", "leader")];
     for name in &streams {

@@ -156,3 +156,41 @@ async fn dead_letters_are_listed_and_replayed_and_caches_purged_through_the_admi
     assert_eq!(http.send("POST", "/v1/admin/cache/purge", Some(APP), Some(json!({}))).await.status(), 403);
     assert!(ingress.alive());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_weights_are_set_by_admins_and_a_paused_class_holds_a_new_tenants_lane() {
+    let s = setup(&auth(""));
+    let _worker = start_worker(&s.config, &[]).await;
+    let (_ingress, base) = start_ingress(&s.config).await;
+    let http = Http::new(&base);
+    let weight = |w: f64| Some(json!({ "weight": w }));
+
+    assert_eq!(http.send("PUT", "/v1/admin/tenants/acme", Some(APP), weight(2.0)).await.status(), 403);
+    let (status, v) = http.json("PUT", "/v1/admin/tenants/acme", Some(ADMIN), weight(2.5)).await;
+    assert_eq!((status, &v["weight"]), (200, &json!(2.5)), "{v}");
+    let (status, v) = http.json("PUT", "/v1/admin/tenants/acme", Some(ADMIN), weight(-1.0)).await;
+    assert_eq!(status, 422, "{v}");
+    let (status, v) = http.json("PUT", "/v1/admin/tenants/acme", Some(ADMIN), Some(json!({"wieght": 2}))).await;
+    assert_eq!(status, 422, "a misspelt setting is named, not ignored: {v}");
+    let (_, list) = http.json("GET", "/v1/admin/tenants", Some(ADMIN), None).await;
+    assert_eq!(list["data"], json!([{"tenant": "acme", "weight": 2.5}]));
+    let out = cli(&s.config, &["tenants", "list"], &[]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("acme"), "{out:?}");
+
+    // a lane made while its class is paused is paused too
+    let (status, _) = http.json("POST", "/v1/admin/queues/normal/pause", Some(ADMIN), None).await;
+    assert_eq!(status, 200);
+    let mut caller = Caller::connect(&s.nats.url()).await;
+    for i in 0..3 {
+        let id = format!("z{i}");
+        let h = retro_fleet_schemas::Envelope::new(id.as_str()).tenant("zeta").headers();
+        let body = bytes::Bytes::from(retro_fleet_schemas::codec::encode(&request(&id, "echo", "x")));
+        caller.publish_raw(&subjects::tenant_request(Priority::Normal, "echo", "zeta"), &id, h, body).await;
+    }
+    let (early, _) = caller.collect(3, Duration::from_millis(1500)).await;
+    assert!(early.is_empty(), "a paused class delivered from a new lane: {early:?}");
+    let (status, _) = http.json("POST", "/v1/admin/queues/normal/resume", Some(ADMIN), None).await;
+    assert_eq!(status, 200);
+    let (late, dups) = caller.collect(3, Duration::from_secs(10)).await;
+    assert_eq!((late.len(), dups), (3, 0));
+}

@@ -9,7 +9,7 @@ use schemars::schema_for;
 use serde_json::Value;
 
 use crate::usage::UsageRecord;
-use crate::{InferRequest, InferResult, ModelScaling, StreamChunk, WorkerInfo};
+use crate::{InferRequest, InferResult, ModelScaling, StreamChunk, TenantPolicy, WorkerInfo};
 
 /// `(file stem, schema)` for every wire type.
 pub fn all() -> Vec<(&'static str, Value)> {
@@ -20,5 +20,6 @@ pub fn all() -> Vec<(&'static str, Value)> {
         ("worker_info", serde_json::to_value(schema_for!(WorkerInfo)).expect("schema is JSON")),
         ("model_scaling", serde_json::to_value(schema_for!(ModelScaling)).expect("schema is JSON")),
         ("usage", serde_json::to_value(schema_for!(UsageRecord)).expect("schema is JSON")),
+        ("tenant_policy", serde_json::to_value(schema_for!(TenantPolicy)).expect("schema is JSON")),
     ]
 }

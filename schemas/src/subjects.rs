@@ -25,6 +25,8 @@ pub const CACHE_CLAIMS_BUCKET: &str = "fleet_cache_claims";
 pub const BATCHES_BUCKET: &str = "fleet_batches";
 /// API keys managed at run time (`retro-fleet keys`), one per key id.
 pub const API_KEYS_BUCKET: &str = "fleet_api_keys";
+/// Operators' settings per tenant (weights), one JSON entry per tenant.
+pub const TENANTS_BUCKET: &str = "fleet_tenants";
 /// Rate-limit counters shared by ingress replicas.
 pub const RATELIMIT_BUCKET: &str = "fleet_ratelimit";
 /// Generated token ids of running requests, per tenant and id, so that a
@@ -68,9 +70,27 @@ pub fn resume(key: &str) -> String {
     format!("fleet.ctl.resume.{key}")
 }
 
-/// Subject a request for `model` at priority `p` is published to.
+/// Subject a request for `model` at priority `p` is published to: the
+/// model's shared lane, which serves requests in arrival order whatever
+/// their tenant.
 pub fn request(p: Priority, model: &str) -> String {
     format!("fleet.req.{}.{model}", p.as_str())
+}
+
+/// Subject of `tenant`'s lane for `model` at `p`: workers share their slots
+/// fairly between lanes, so a tenant flooding its lane does not delay
+/// another's. The default tenant's lane is the shared one.
+pub fn tenant_request(p: Priority, model: &str, tenant: &str) -> String {
+    match tenant {
+        DEFAULT_TENANT => request(p, model),
+        t => lane(p, model, t),
+    }
+}
+
+/// Subject of `tenant`'s own lane for `model` at `p` (the default tenant
+/// may have one too, beside the shared lane it is served from by default).
+pub fn lane(p: Priority, model: &str, tenant: &str) -> String {
+    format!("fleet.req.{}.{model}.{tenant}", p.as_str())
 }
 
 /// Wildcard of a request stream.
@@ -78,11 +98,17 @@ pub fn request_wildcard(p: Priority) -> String {
     format!("fleet.req.{}.>", p.as_str())
 }
 
-/// Parses `fleet.req.<priority>.<model>`.
-pub fn parse_request(subject: &str) -> Option<(Priority, &str)> {
-    let rest = subject.strip_prefix("fleet.req.")?;
-    let (p, model) = rest.split_once('.')?;
-    Some((p.parse().ok()?, model))
+/// Parses `fleet.req.<priority>.<model>` and `fleet.req.<priority>.<model>.<tenant>`:
+/// the class, the model and the tenant of the lane (none for the shared lane).
+pub fn parse_request(subject: &str) -> Option<(Priority, &str, Option<&str>)> {
+    let mut tokens = subject.strip_prefix("fleet.req.")?.split('.');
+    let p = tokens.next()?.parse().ok()?;
+    let model = tokens.next().filter(|m| !m.is_empty())?;
+    let tenant = tokens.next();
+    if tokens.next().is_some() || tenant == Some("") {
+        return None;
+    }
+    Some((p, model, tenant))
 }
 
 /// Subject of a stored result.
@@ -117,9 +143,26 @@ pub fn dlq(p: Priority, model: &str) -> String {
 /// Wildcard of the DLQ stream.
 pub const DLQ_WILDCARD: &str = "fleet.dlq.>";
 
-/// Durable name of the worker consumer for `model` (one per request stream).
+/// Durable name of the worker consumer of `model`'s shared lane (one per
+/// request stream; `topology apply` creates it).
 pub fn consumer(model: &str) -> String {
     format!("worker_{model}")
+}
+
+/// Durable name of the worker consumer of `tenant`'s lane for `model`.
+/// Workers create it when the lane has requests, from the shared lane's
+/// configuration, and the server removes it after a while without workers.
+pub fn tenant_consumer(model: &str, tenant: &str) -> String {
+    format!("worker_{model}@{tenant}")
+}
+
+/// The model and lane tenant of a worker consumer's name.
+pub fn parse_consumer(name: &str) -> Option<(&str, Option<&str>)> {
+    let rest = name.strip_prefix("worker_")?;
+    match rest.split_once('@') {
+        Some((model, tenant)) => (is_token(model) && is_token(tenant)).then_some((model, Some(tenant))),
+        None => is_token(rest).then_some((rest, None)),
+    }
 }
 
 /// Subject the scaler publishes `model`'s recommendation on (core NATS).
@@ -144,10 +187,24 @@ mod tests {
     fn request_subject_round_trips() {
         for p in Priority::ALL {
             let s = request(p, "tiny-llama");
-            assert_eq!(parse_request(&s), Some((p, "tiny-llama")));
+            assert_eq!(parse_request(&s), Some((p, "tiny-llama", None)));
+            let s = tenant_request(p, "tiny-llama", "acme");
+            assert_eq!(parse_request(&s), Some((p, "tiny-llama", Some("acme"))));
+            assert_eq!(tenant_request(p, "m", DEFAULT_TENANT), request(p, "m"));
         }
         assert_eq!(parse_request("fleet.req.urgent.x"), None);
         assert_eq!(parse_request("fleet.res.a.b"), None);
+        assert_eq!(parse_request("fleet.req.low.m.t.extra"), None);
+        assert_eq!(parse_request("fleet.req.low.m."), None);
+        assert_eq!(parse_request("fleet.req.low."), None);
+    }
+
+    #[test]
+    fn consumer_names_round_trip() {
+        assert_eq!(parse_consumer(&consumer("a_b")), Some(("a_b", None)));
+        assert_eq!(parse_consumer(&tenant_consumer("a_b", "c-d")), Some(("a_b", Some("c-d"))));
+        assert_eq!(parse_consumer("scaler"), None);
+        assert_eq!(parse_consumer("worker_a@b@c"), None);
     }
 
     #[test]

@@ -11,6 +11,8 @@
 //! - `GET /v1/admin/dlq?model=&priority=&code=&id=&tenant=&limit=`: dead letters.
 //! - `POST /v1/admin/dlq/replay`: replay the letters a filter selects.
 //! - `POST /v1/admin/cache/purge`: new cache generation for models.
+//! - `GET /v1/admin/tenants` and `PUT /v1/admin/tenants/{tenant}`: tenants'
+//!   settings (weights for fair sharing).
 //!
 //! Each action is the same code the CLI runs ([`crate::ops`] and its
 //! [`dlq`](crate::ops::dlq) and [`cache`](crate::ops::cache)).
@@ -244,4 +246,39 @@ pub async fn cache_purge(
         crate::ops::cache::purge(&state.js, &state.models, b.models).await.map_err(internal)?.into_iter().collect();
     tracing::info!(models = ?purged.keys().collect::<Vec<_>>(), "admin: cache purged");
     Ok(Json(json!({ "generations": purged })))
+}
+
+/// Body of `PUT /v1/admin/tenants/{tenant}`: the tenant's whole settings
+/// (a field left out gets its default).
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TenantBody {
+    /// Share of each worker's slots against other tenants with work in the
+    /// same class (positive, at most 1000; default 1).
+    pub weight: Option<f64>,
+}
+
+/// `GET /v1/admin/tenants`.
+pub async fn tenants(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let list = crate::ops::tenants::list(&state.js).await.map_err(internal)?;
+    let data: Vec<Value> = list.into_iter().map(|(tenant, p)| json!({"tenant": tenant, "weight": p.weight})).collect();
+    Ok(Json(json!({ "object": "list", "data": data })))
+}
+
+/// `PUT /v1/admin/tenants/{tenant}`.
+pub async fn set_tenant(
+    State(state): State<AppState>,
+    ApiPath(tenant): ApiPath<String>,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    if !retro_fleet_schemas::subjects::is_token(&tenant) {
+        let message = format!("tenant `{tenant}` must be characters from [A-Za-z0-9_-]");
+        return Err(ApiError::new(ErrorCode::InvalidRequest, message).param("tenant"));
+    }
+    let b: TenantBody = body(raw)?;
+    let policy = retro_fleet_schemas::TenantPolicy { weight: b.weight.unwrap_or(1.0) };
+    policy.check().map_err(|m| ApiError::new(ErrorCode::InvalidRequest, m).param("weight"))?;
+    crate::ops::tenants::set(&state.js, &tenant, &policy).await.map_err(internal)?;
+    tracing::info!(tenant = %tenant, weight = policy.weight, "admin: tenant settings stored");
+    Ok(Json(json!({"tenant": tenant, "weight": policy.weight})))
 }

@@ -67,7 +67,7 @@ use async_nats::jetstream;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use prometheus::Registry;
 use tokio_util::sync::CancellationToken;
@@ -176,7 +176,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/admin/workers/{id}/resume", post(admin::resume_worker))
         .route("/v1/admin/dlq", get(admin::dlq_list))
         .route("/v1/admin/dlq/replay", post(admin::dlq_replay))
-        .route("/v1/admin/cache/purge", post(admin::cache_purge));
+        .route("/v1/admin/cache/purge", post(admin::cache_purge))
+        .route("/v1/admin/tenants", get(admin::tenants))
+        .route("/v1/admin/tenants/{tenant}", put(admin::set_tenant));
     Router::new()
         .merge(guarded(RouteClass::Submit, submit, limit))
         .merge(guarded(RouteClass::Submit, batches, state.cfg.max_batch_bytes))

@@ -239,7 +239,7 @@ pub async fn replay(
             done.skip(&l, "no original request subject");
             continue;
         };
-        if subjects::parse_request(&subject).map(|(p, _)| p) != l.priority.parse::<Priority>().ok() {
+        if subjects::parse_request(&subject).map(|(p, _, _)| p) != l.priority.parse::<Priority>().ok() {
             done.skip(&l, format!("original subject {subject} does not match its class"));
             continue;
         }

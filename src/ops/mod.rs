@@ -1,7 +1,8 @@
 //! Operator actions shared by the tools (`retro-fleet workers | queues |
 //! dlq | cache`) and the admin API: draining and resuming one worker,
 //! pausing and resuming a priority class, and the depth of every queue
-//! (here); dead letters ([`dlq`]); cache purges ([`cache`]). They act and
+//! (here); dead letters ([`dlq`]); cache purges ([`cache`]); tenants'
+//! settings ([`tenants`]). They act and
 //! return what they did; printing it is the tools' part.
 //!
 //! - A **drain** asks one worker (by its registry id) over core NATS to stop
@@ -15,6 +16,7 @@
 
 pub mod cache;
 pub mod dlq;
+pub mod tenants;
 
 use std::time::Duration;
 

@@ -47,7 +47,7 @@ struct Track {
 
 #[derive(Debug, Default)]
 struct Inner {
-    seen: HashMap<(Priority, String), Seen>,
+    seen: HashMap<(Priority, String), Seen>, // by class and consumer name
     models: BTreeMap<String, Track>,
     /// Consumers seen by the last sample (stream, consumer), to drop the
     /// series of ones that are gone.
@@ -139,7 +139,9 @@ impl Sampler {
             let mut consumers = stream.consumers();
             while let Some(info) = consumers.next().await {
                 let info = info?;
-                let Some(model) = info.name.strip_prefix("worker_").map(str::to_string) else { continue };
+                // a model's shared lane and its tenants' lanes all count for it
+                let Some((model, _)) = subjects::parse_consumer(&info.name) else { continue };
+                let model = model.to_string();
                 if !self.cfg.models.is_empty() && !self.cfg.models.contains(&model) {
                     continue;
                 }
@@ -178,6 +180,7 @@ impl Sampler {
                 let _ = g.remove_label_values(&labels);
             }
         }
+        inner.seen.retain(|(p, c), _| present.iter().any(|(s, n)| s == subjects::request_stream(*p) && n == c));
         inner.consumers = present;
         for (p, model, info) in consumers {
             let stream = subjects::request_stream(p);
@@ -192,13 +195,13 @@ impl Sampler {
             if info.paused {
                 // an operator paused this class: its queue is nobody's work
                 // until resumed, and its rates restart from then
-                inner.seen.remove(&(p, model));
+                inner.seen.remove(&(p, info.name.clone()));
                 continue;
             }
             let now =
                 Seen { t, delivered: info.delivered.consumer_sequence, ack_pending, lag, pending: info.num_pending };
             acc.backlog[p.index()] += lag;
-            if let Some(prev) = inner.seen.insert((p, model), now) {
+            if let Some(prev) = inner.seen.insert((p, info.name.clone()), now) {
                 let dt = t - prev.t;
                 // a recreated consumer restarts its sequence: no rate this time
                 if dt > 0.0 && now.delivered >= prev.delivered {
@@ -216,7 +219,7 @@ impl Sampler {
         let gone: Vec<String> = inner.models.keys().filter(|k| !accs.contains_key(*k)).cloned().collect();
         for model in gone {
             inner.models.remove(&model);
-            inner.seen.retain(|(_, m), _| *m != model);
+            inner.seen.retain(|(_, c), _| subjects::parse_consumer(c).is_none_or(|(m, _)| m != model));
             for g in [&m.recommended, &m.desired, &m.workers] {
                 let _ = g.remove_label_values(&[&model]);
             }

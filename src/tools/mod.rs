@@ -8,6 +8,7 @@
 //! - [`dlq`]: `dlq`: list, show and replay dead letters.
 //! - [`cache`]: `cache warm | purge`: fleet-wide cache tools.
 //! - [`keys`]: `keys`: API keys in NATS KV, followed live by ingresses.
+//! - [`tenants`]: `tenants`: tenants' settings (weights) in NATS KV, followed live by workers.
 //! - [`model`]: `model tiny | tiny-lora`: the small demo model and a LoRA adapter for it.
 //!
 //! The serving roles (`up`, `ingress`, `worker`, `scaler`) are run by
@@ -21,6 +22,7 @@ pub mod keys;
 pub mod model;
 pub mod ops;
 pub mod submit;
+pub mod tenants;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -151,6 +153,11 @@ pub enum Command {
         #[command(subcommand)]
         action: KeysAction,
     },
+    /// Tenants' settings kept in NATS KV (`fleet_tenants`), followed live by workers.
+    Tenants {
+        #[command(subcommand)]
+        action: TenantsAction,
+    },
     /// Result cache tools (every worker at once).
     Cache {
         #[command(subcommand)]
@@ -227,6 +234,22 @@ pub enum KeysAction {
     Revoke {
         /// Key id.
         id: String,
+    },
+}
+
+/// `tenants` actions.
+#[derive(Debug, Subcommand)]
+pub enum TenantsAction {
+    /// Every tenant with settings.
+    List,
+    /// Set a tenant's settings (a setting left out gets its default).
+    Set {
+        /// Tenant.
+        tenant: String,
+        /// Share of each worker's slots against other tenants with work in
+        /// the same class (positive, at most 1000).
+        #[arg(long, default_value_t = 1.0)]
+        weight: f64,
     },
 }
 

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod chaos;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -29,6 +31,7 @@ ack_wait_secs = 2
 max_deliver = 3
 [worker]
 unrouted_sweep_ms = 300
+lane_scan_ms = 100
 idle_wait_ms = 200
 drain_timeout_ms = 5000
 {extra}
@@ -390,6 +393,7 @@ impl Http {
         let url = format!("{}{path}", self.base);
         let mut r = match method {
             "GET" => self.client.get(url),
+            "PUT" => self.client.put(url),
             _ => self.client.post(url),
         };
         if let Some(b) = bearer {

@@ -28,6 +28,14 @@ pub struct WorkerConfig {
     pub max_prompt_bytes: usize,
     /// How often to look for requests to models no one serves, in ms (0 = never).
     pub unrouted_sweep_ms: u64,
+    /// How often to look for tenants' lanes (`fleet.req.<class>.<model>.<tenant>`)
+    /// holding requests, in ms (10 to 10,000). A tenant quiet for a minute
+    /// waits up to this long on its next first request.
+    pub lane_scan_ms: u64,
+    /// Slots beyond `max_inflight` that tenants running less than their
+    /// share may take, so their requests start at once instead of waiting
+    /// behind another tenant's flood (0 = they wait for a slot to free).
+    pub fair_burst: usize,
     /// Memory budget of loaded model instances in bytes, estimated from
     /// their weight files (0: no limit). Loading past it first unloads idle
     /// instances of the least recently used models.
@@ -80,6 +88,13 @@ impl WorkerConfig {
                 ));
             }
         }
+        if !(10..=MAX_INTERVAL_MS).contains(&self.lane_scan_ms) {
+            return Err(format!(
+                "`worker.lane_scan_ms` is {}; it is from 10 to {MAX_INTERVAL_MS} (ms between looks for tenants' \
+                 lanes; requests in a lane no worker looks for are never served)",
+                self.lane_scan_ms
+            ));
+        }
         if self.stream_interval_ms > MAX_INTERVAL_MS {
             return Err(format!(
                 "`worker.stream_interval_ms` is {}; at most {MAX_INTERVAL_MS} (ms between streamed chunks)",
@@ -109,6 +124,8 @@ impl Default for WorkerConfig {
             drain_timeout_ms: 30_000,
             max_prompt_bytes: 256 * 1024,
             unrouted_sweep_ms: 5_000,
+            lane_scan_ms: 250,
+            fair_burst: 16,
             model_memory_bytes: 0,
             cache: Default::default(),
             breaker: Default::default(),

@@ -4,6 +4,9 @@
 //! # Layout
 //! - [`worker`]: the pull loop (free slots → priority plan → fetch → dispatch) and drain.
 //! - [`scheduler`]: pure priority planning with guaranteed shares for lower classes.
+//! - [`lanes`]: the consumers pulled: each model's shared lane and tenants' own lanes, found by a survey.
+//! - [`tenants`]: tenants' settings (weights) from KV `fleet_tenants`, followed live.
+//! - [`fair`]: fair sharing of slots between tenants in a class (start-time fair queueing, burst slots).
 //! - [`process`]: one message: decide (pure), run (cache and model), settle (store, reply, ack).
 //! - [`heartbeat`]: registry heartbeats to the KV bucket `fleet_workers`.
 //! - [`control`]: operator drain and resume of this worker over core NATS.
@@ -15,6 +18,7 @@
 //! - [`cancel`]: cancel messages on `fleet.ctl.cancel.<id>` and the tokens of running requests.
 //! - [`checkpoint`]: the tokens of running generations in KV `fleet_checkpoints`, so another attempt resumes.
 //! - [`config`]: worker and model configuration.
+//! - [`follow`]: following a KV bucket (entries, then changes) for what a process keeps in memory.
 //! - [`failover`]: JetStream writes that ride through a leader election.
 //! - [`hub`]: model ids of the Hugging Face hub, from its local cache or online.
 //! - [`lora`]: merges LoRA adapters (PEFT) into copies of base weights.
@@ -33,14 +37,18 @@ pub mod clock;
 pub mod config;
 pub mod control;
 pub mod failover;
+pub mod fair;
+pub mod follow;
 pub mod heartbeat;
 pub mod hub;
+pub mod lanes;
 pub mod lora;
 pub mod metrics;
 pub mod process;
 pub mod scheduler;
 pub mod shutdown;
 pub mod sweeper;
+pub mod tenants;
 pub mod tiny_model;
 pub mod usage;
 pub mod worker;

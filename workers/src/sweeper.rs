@@ -42,7 +42,7 @@ pub async fn sweep(sh: &Shared, p: Priority) -> Result<usize, Error> {
     let mut unrouted = Vec::new();
     while let Some(entry) = listed.next().await {
         let (subject, _count) = entry?;
-        let known = subjects::parse_request(&subject).is_some_and(|(_, m)| sh.catalog.contains(m));
+        let known = subjects::parse_request(&subject).is_some_and(|(_, m, _)| sh.catalog.contains(m));
         if !known {
             unrouted.push(subject);
         }
@@ -52,7 +52,7 @@ pub async fn sweep(sh: &Shared, p: Priority) -> Result<usize, Error> {
         // Bounded per pass so one flood cannot hold the sweeper.
         for _ in 0..1_000 {
             let Ok(m) = stream.get_next_raw_message_by_subject(&subject).await else { break };
-            let model = subjects::parse_request(&subject).map(|(_, m)| m).unwrap_or("unknown");
+            let model = subjects::parse_request(&subject).map(|(_, m, _)| m).unwrap_or("unknown");
             let message = format!("model `{model}` is not configured in this fleet");
             let letter = Letter { subject: &subject, headers: Some(&m.headers), payload: &m.payload, delivered: 1 };
             let ids = Ids::of_envelope(&Received::read(Some(&m.headers)));

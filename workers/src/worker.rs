@@ -1,14 +1,16 @@
 //! The pull loop.
 //!
-//! Every consumer the worker serves has a continuous pull stream with a
-//! small prefetch (the server pushes messages as they arrive, as the bare
-//! JetStream floor does); the loop takes one free slot at a time (bounded by
-//! `max_inflight`), asks the [`Scheduler`] which class goes first, and takes
-//! the next message already waiting in that class's streams; if none is
-//! waiting anywhere it waits for the first arrival. Each message is processed
-//! in its own task holding its slot. Prefetch bounds priority inversion: at
-//! most `prefetch` lower-class messages wait in the worker while higher ones
-//! arrive, and lower classes keep their guaranteed share.
+//! Every lane the worker serves ([`crate::lanes`]: each model's shared lane
+//! and the tenants' lanes the survey finds) has a continuous pull stream
+//! with a small prefetch (the server pushes messages as they arrive, as the
+//! bare JetStream floor does); the loop takes one free slot at a time
+//! (bounded by `max_inflight`), asks the [`Scheduler`] which class goes
+//! first, and among that class's lanes with a message here lets
+//! [`Fair`] choose the tenant; if none is waiting anywhere it waits for the
+//! first arrival. Each message is processed in its own task holding its
+//! slot. Prefetch bounds priority inversion: at most `prefetch` lower-class
+//! messages per lane wait in the worker while higher ones arrive, and lower
+//! classes keep their guaranteed share.
 //!
 //! Shutdown is an argument: when it fires the loop stops taking messages,
 //! hands prefetched ones back (nak, so other workers get them at once),
@@ -18,18 +20,20 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use async_nats::jetstream::consumer::{pull, PullConsumer};
+use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::AckKind;
-use futures::{FutureExt, StreamExt};
+use futures::FutureExt;
 use retro_fleet_schemas::Priority;
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backend::Backend;
 use crate::config::WorkerConfig;
+use crate::fair::{self, Fair, Slot};
+use crate::lanes::{self, Lane};
 use crate::metrics::Metrics;
 use crate::process::{self, Shared};
 use crate::scheduler::Scheduler;
@@ -46,71 +50,66 @@ pub enum WorkerError {
     Metrics(#[from] prometheus::Error),
 }
 
-/// One consumer the worker pulls from.
+/// One shared lane the worker pulls from.
 struct Source {
     priority: Priority,
     model: String,
     consumer: PullConsumer,
 }
 
-/// A source's open pull stream (reopened when it ends).
-struct Pulling {
-    priority: Priority,
-    model: String,
-    consumer: PullConsumer,
-    prefetch: usize,
-    expires: Duration,
-    stream: Option<pull::Stream>,
-}
-
-impl Pulling {
-    async fn open(&mut self) {
-        if self.stream.is_none() {
-            match self.consumer.stream().max_messages_per_batch(self.prefetch).expires(self.expires).messages().await {
-                Ok(s) => self.stream = Some(s),
-                Err(e) => {
-                    tracing::warn!(priority = %self.priority, model = %self.model, error = %e, "opening the pull stream failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                }
-            }
-        }
-    }
-
-    /// The next message if one is already here.
-    fn ready(&mut self) -> Option<async_nats::jetstream::Message> {
-        let stream = self.stream.as_mut()?;
-        match stream.next().now_or_never()? {
-            Some(Ok(m)) => Some(m),
-            Some(Err(e)) => {
-                tracing::debug!(priority = %self.priority, error = %e, "pull stream error");
-                None
-            }
-            None => {
-                self.stream = None;
-                None
-            }
-        }
-    }
-}
-
-/// Hands prefetched messages back (so other workers take them now instead
-/// of after ack_wait) and closes the pull streams. Returns how many were
-/// handed back and how many could not be (NATS gone or not answering: those
-/// come back after ack_wait).
-async fn hand_back(pulling: &mut [Vec<Pulling>; 3], client: &async_nats::Client) -> (usize, usize) {
+/// Hands back every lane's prefetched messages and closes the pull streams.
+async fn hand_back(lanes: &mut [Lane], client: &async_nats::Client) -> (usize, usize) {
     let (mut handed_back, mut kept) = (0, 0);
-    for p in pulling.iter_mut().flatten() {
-        while let Some(msg) = p.ready() {
-            match crate::shutdown::final_op(client, "hand back a prefetched message", msg.ack_with(AckKind::Nak(None)))
-                .await
-            {
-                Some(Ok(())) => handed_back += 1,
-                _ => kept += 1,
-            }
-        }
-        p.stream = None;
+    for lane in lanes.iter_mut() {
+        let (h, k) = lane.hand_back(client).await;
+        handed_back += h;
+        kept += k;
     }
     (handed_back, kept)
+}
+
+/// A tenant lane with no message for this long is closed.
+const LANE_IDLE: Duration = Duration::from_secs(60);
+
+/// Closes the tenant lanes quiet for [`LANE_IDLE`] and forgets their tenants.
+fn close_quiet_lanes(lanes: &mut Vec<Lane>, open: &lanes::Open, fair: &mut Fair) {
+    let mut open = open.lock().expect("lanes lock");
+    lanes.retain_mut(|lane| {
+        // a message that arrived since the last look keeps the lane
+        let quiet = !lane.peek() && lane.quiet_for(LANE_IDLE);
+        if quiet {
+            tracing::debug!(priority = %lane.priority, model = %lane.model, tenant = %lane.tenant, "closing a quiet tenant lane");
+            open.remove(&lane.key());
+        }
+        !quiet
+    });
+    fair.forget_idle(|tenant| lanes.iter().any(|l| l.tenant == tenant));
+}
+
+/// What woke the pull loop while nothing could start.
+// a local of one turn of the loop, never stored or moved around
+#[allow(clippy::large_enum_variant)]
+enum Woke {
+    /// A lane's pull stream brought a message, failed, or ended.
+    Arrival(usize, Option<Result<async_nats::jetstream::Message, String>>),
+    /// The survey found a tenant lane.
+    Lane(Box<lanes::Found>),
+    /// A slot freed or a request finished: look again.
+    Nothing,
+}
+
+/// A running request's hold on its slot: reports its tenant to the pull
+/// loop when the request ends, however it ends.
+struct Held {
+    _permit: OwnedSemaphorePermit,
+    tenant: String,
+    done: mpsc::UnboundedSender<String>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let _ = self.done.send(std::mem::take(&mut self.tenant));
+    }
 }
 
 /// What a worker's shutdown left behind.
@@ -269,39 +268,68 @@ impl Worker {
         });
         // High prefetches a full batch; lower classes a quarter of one, which
         // bounds how many of them wait in the worker while high work arrives.
-        let mut pulling: [Vec<Pulling>; 3] = Default::default();
-        for (i, group) in self.sources.iter().enumerate() {
-            for s in group {
-                let prefetch = if i == 0 { cfg.batch_size } else { (cfg.batch_size / 4).max(4) };
-                pulling[i].push(Pulling {
-                    priority: s.priority,
-                    model: s.model.clone(),
-                    consumer: s.consumer.clone(),
-                    prefetch,
-                    expires: Duration::from_millis(cfg.idle_wait_ms.max(100)),
-                    stream: None,
-                });
-            }
-        }
+        let prefetch = |p: Priority| if p == Priority::High { cfg.batch_size } else { (cfg.batch_size / 4).max(4) };
+        let expires = Duration::from_millis(cfg.idle_wait_ms.max(100));
+        let mut lanes: Vec<Lane> = self
+            .sources
+            .iter()
+            .flatten()
+            .map(|s| Lane::shared(s.priority, s.model.clone(), s.consumer.clone(), prefetch(s.priority), expires))
+            .collect();
+        let open: lanes::Open = Default::default();
+        let (found_tx, mut found) = mpsc::channel::<lanes::Found>(64);
+        let shared = self.sources.iter().flatten().map(|s| (s.priority, s.model.clone(), s.consumer.clone()));
+        tokio::spawn(lanes::survey(
+            self.shared.js.clone(),
+            shared.collect(),
+            open.clone(),
+            found_tx,
+            Duration::from_millis(cfg.lane_scan_ms),
+            stop_sweeper.clone(),
+        ));
+        let burst = Arc::new(Semaphore::new(cfg.fair_burst));
+        let mut fair = Fair::new(cfg.max_inflight);
+        let (policy_tx, mut policies) = mpsc::unbounded_channel();
+        tokio::spawn(crate::tenants::follow(self.shared.js.clone(), policy_tx, stop_sweeper.clone()));
+        let (done_tx, mut done) = mpsc::unbounded_channel::<String>();
+        // slots taken ahead of a message to start
+        let (mut regular, mut extra): (Option<OwnedSemaphorePermit>, Option<OwnedSemaphorePermit>) = (None, None);
+        let mut tidy_at = Instant::now() + LANE_IDLE;
         let mut rotation = 0usize;
 
         'pull: loop {
             if *quiet.borrow_and_update() {
-                let (handed_back, _) = hand_back(&mut pulling, &self.shared.client).await;
+                (regular, extra) = (None, None);
+                let (handed_back, _) = hand_back(&mut lanes, &self.shared.client).await;
                 tracing::info!(handed_back, "drained by an operator: taking no new requests until resumed");
                 tokio::select! {
                     _ = quiet.wait_for(|q| !q) => continue 'pull,
                     _ = shutdown.cancelled() => break 'pull,
                 }
             }
-            let slot = tokio::select! {
-                p = slots.clone().acquire_owned() => p.expect("semaphore never closed"),
-                _ = quiet.changed() => continue 'pull,
-                _ = shutdown.cancelled() => break,
-            };
+            while let Ok(tenant) = done.try_recv() {
+                fair.finished(&tenant);
+            }
+            while let Ok((tenant, policy)) = policies.try_recv() {
+                tracing::info!(tenant = %tenant, weight = policy.weight, "tenant weight");
+                fair.set_weight(&tenant, policy.weight);
+            }
+            while let Ok(f) = found.try_recv() {
+                self.add_lane(&mut lanes, &open, f, prefetch, expires);
+            }
+            if Instant::now() >= tidy_at {
+                tidy_at = Instant::now() + LANE_IDLE;
+                close_quiet_lanes(&mut lanes, &open, &mut fair);
+            }
+            if regular.is_none() {
+                regular = slots.clone().try_acquire_owned().ok();
+            }
+            if regular.is_none() && extra.is_none() {
+                extra = burst.clone().try_acquire_owned().ok();
+            }
             let open_all = async {
-                for p in pulling.iter_mut().flatten() {
-                    p.open().await;
+                for lane in lanes.iter_mut() {
+                    lane.open().await;
                 }
             };
             tokio::select! {
@@ -309,56 +337,106 @@ impl Worker {
                 _ = shutdown.cancelled() => break,
             }
             rotation = rotation.wrapping_add(1);
-            // A message already here, in the scheduler's order of classes.
+            // A message already here: the scheduler's order of classes, then
+            // the fair order of tenants in the class.
             let mut taken = None;
-            'plan: for (priority, _) in scheduler.plan(1) {
-                let group = &mut pulling[priority.index()];
-                let n = group.len();
-                for k in 0..n {
-                    if let Some(msg) = group[(rotation + k) % n].ready() {
-                        taken = Some((priority, msg));
-                        break 'plan;
+            if regular.is_some() || extra.is_some() {
+                let n = lanes.len();
+                for (priority, _) in scheduler.plan(1) {
+                    let candidates: Vec<usize> = (0..n)
+                        .map(|k| (rotation + k) % n)
+                        .filter(|&i| lanes[i].priority == priority && lanes[i].peek())
+                        .collect();
+                    let ready: Vec<_> =
+                        candidates.iter().map(|&i| fair::Ready { tenant: &lanes[i].tenant, priority }).collect();
+                    if let Some((k, slot)) = fair.pick(&ready, regular.is_some(), extra.is_some()) {
+                        taken = Some((candidates[k], slot));
+                        break;
                     }
                 }
             }
-            // Nothing here: wait for the first arrival of any class.
-            let (priority, msg) = match taken {
-                Some(t) => t,
-                None => {
-                    let waits = pulling.iter_mut().flatten().filter_map(|p| {
-                        let priority = p.priority;
-                        p.stream.as_mut().map(|s| s.next().map(move |m| (priority, m)).boxed())
-                    });
-                    let waits: Vec<_> = waits.collect();
-                    if waits.is_empty() {
-                        tokio::time::sleep(Duration::from_millis(250)).await;
-                        continue;
-                    }
+            let Some((i, slot)) = taken else {
+                // Nothing may start: wait for a slot, an arrival, a finished
+                // request (shares change) or a new lane.
+                let woke = {
+                    let arrivals: Vec<_> = lanes
+                        .iter_mut()
+                        .enumerate()
+                        .filter_map(|(i, lane)| lane.arrival().map(|f| f.map(move |m| (i, m)).boxed()))
+                        .collect();
+                    let any_arrival = async {
+                        if arrivals.is_empty() {
+                            // every pull stream is closed: open them again soon
+                            tokio::time::sleep(Duration::from_millis(250)).await;
+                            return None;
+                        }
+                        Some(futures::future::select_all(arrivals).await.0)
+                    };
                     tokio::select! {
-                        ((priority, next), _, _) = futures::future::select_all(waits) => match next {
-                            Some(Ok(msg)) => (priority, msg),
-                            Some(Err(e)) => {
-                                tracing::debug!(priority = %priority, error = %e, "pull stream error");
-                                continue 'pull;
-                            }
-                            None => continue 'pull,
-                        },
+                        p = slots.clone().acquire_owned(), if regular.is_none() => { regular = p.ok(); Woke::Nothing }
+                        p = burst.clone().acquire_owned(), if regular.is_none() && extra.is_none() => { extra = p.ok(); Woke::Nothing }
+                        arrival = any_arrival => arrival.map_or(Woke::Nothing, |(i, next)| Woke::Arrival(i, next)),
+                        Some(tenant) = done.recv() => { fair.finished(&tenant); Woke::Nothing }
+                        Some(f) = found.recv() => Woke::Lane(Box::new(f)),
                         _ = quiet.changed() => continue 'pull,
                         _ = shutdown.cancelled() => break 'pull,
                     }
+                };
+                match woke {
+                    Woke::Arrival(i, next) => match next {
+                        Some(Ok(msg)) => lanes[i].park(msg),
+                        Some(Err(e)) => tracing::debug!(error = %e, "pull stream error"),
+                        None => lanes[i].ended(),
+                    },
+                    Woke::Lane(f) => self.add_lane(&mut lanes, &open, *f, prefetch, expires),
+                    Woke::Nothing => {}
                 }
+                continue;
             };
+            let permit = match slot {
+                Slot::Regular => regular.take(),
+                Slot::Burst => extra.take(),
+            }
+            .expect("a slot was held to pick with");
+            let lane = &mut lanes[i];
+            let msg = lane.take().expect("a picked lane has a message");
             if *quiet.borrow() {
                 // drained while this message was being taken: hand it back
                 let _ = msg.ack_with(AckKind::Nak(None)).await;
                 continue;
             }
+            let priority = lane.priority;
             scheduler.took(priority, 1);
+            fair.started(&lane.tenant, priority, slot);
             self.shared.metrics.pulled(priority);
-            tasks.spawn(process::handle(self.shared.clone(), priority, msg, slot));
+            let held = Held { _permit: permit, tenant: lane.tenant.clone(), done: done_tx.clone() };
+            let sh = self.shared.clone();
+            tasks.spawn(async move {
+                let _held = held;
+                process::handle(sh, priority, msg).await
+            });
         }
 
-        self.finish(pulling, &slots, tasks, [stop_cancels, stop_heartbeat], heartbeat).await
+        drop((regular, extra));
+        self.finish(lanes, &slots, &burst, tasks, [stop_cancels, stop_heartbeat], heartbeat).await
+    }
+
+    /// Adds a lane the survey found, unless it is open already.
+    fn add_lane(
+        &self,
+        lanes: &mut Vec<Lane>,
+        open: &lanes::Open,
+        found: lanes::Found,
+        prefetch: impl Fn(Priority) -> usize,
+        expires: Duration,
+    ) {
+        let key = (found.priority, found.model.clone(), found.tenant.clone());
+        if !open.lock().expect("lanes lock").insert(key) {
+            return;
+        }
+        let p = found.priority;
+        tracing::debug!(priority = %p, model = %found.model, tenant = %found.tenant, "pulling a tenant's lane");
+        lanes.push(Lane::tenant(found, prefetch(p), expires));
     }
 
     /// The end of [`Worker::run`]: hands prefetched messages back, waits for
@@ -366,20 +444,22 @@ impl Worker {
     /// heartbeat (bounded), closes the cache.
     async fn finish(
         &self,
-        mut pulling: [Vec<Pulling>; 3],
+        mut lanes: Vec<Lane>,
         slots: &Semaphore,
+        burst: &Semaphore,
         tasks: TaskTracker,
         stops: [CancellationToken; 2],
         heartbeat: Option<tokio::task::JoinHandle<()>>,
     ) -> Drained {
         let cfg = &self.shared.cfg;
-        let (handed_back, kept) = hand_back(&mut pulling, &self.shared.client).await;
+        let (handed_back, kept) = hand_back(&mut lanes, &self.shared.client).await;
         let drain = Duration::from_millis(cfg.drain_timeout_ms);
-        let inflight = cfg.max_inflight - slots.available_permits();
+        let running = || cfg.max_inflight - slots.available_permits() + cfg.fair_burst - burst.available_permits();
+        let inflight = running();
         tracing::info!(inflight, handed_back, ?drain, "shutdown: stopped pulling, draining in-flight work");
         tasks.close();
         let unfinished = if tokio::time::timeout(drain, tasks.wait()).await.is_err() {
-            cfg.max_inflight - slots.available_permits()
+            running()
         } else {
             tracing::info!("drained");
             0

@@ -223,6 +223,14 @@ pub(super) fn views() -> Map<String, Value> {
         json!({"type": "object", "required": ["generations"],
         "properties": {"generations": {"type": "object", "additionalProperties": {"type": "string"}}}}),
     );
+    let tenant = json!({"type": "object", "required": ["tenant", "weight"],
+        "properties": {"tenant": {"type": "string"}, "weight": {"type": "number"}}});
+    m.insert(
+        "Tenants".into(),
+        json!({"type": "object", "required": ["object", "data"],
+        "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": tenant.clone()}}}),
+    );
+    m.insert("Tenant".into(), tenant);
     // one event of a stream: `event: chunk|result|error` (native) or bare
     // `data:` lines ending with `[DONE]` (OpenAI)
     m.insert(

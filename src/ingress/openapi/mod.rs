@@ -16,7 +16,7 @@ mod components;
 use retro_fleet_schemas::{InferResult, WorkerInfo};
 use serde_json::{json, Map, Value};
 
-use super::admin::{DlqQuery, PauseQuery, PurgeBody, ReplayBody};
+use super::admin::{DlqQuery, PauseQuery, PurgeBody, ReplayBody, TenantBody};
 use super::batch::CreateQuery;
 use super::error::Body as ErrorBody;
 use super::native::{Accepted, Choices, NativeRequest};
@@ -47,6 +47,8 @@ pub const OPERATIONS: &[(&str, &str, Option<RouteClass>)] = &[
     ("get", "/v1/admin/dlq", Some(RouteClass::Admin)),
     ("post", "/v1/admin/dlq/replay", Some(RouteClass::Admin)),
     ("post", "/v1/admin/cache/purge", Some(RouteClass::Admin)),
+    ("get", "/v1/admin/tenants", Some(RouteClass::Admin)),
+    ("put", "/v1/admin/tenants/{tenant}", Some(RouteClass::Admin)),
     ("get", "/health/live", None),
     ("get", "/health/ready", None),
     ("get", "/metrics", None),
@@ -88,6 +90,7 @@ pub fn spec(models: &std::collections::BTreeSet<String>, auth_on: bool, throttle
     let replay = g.of::<ReplayBody>();
     let replayed = g.of::<crate::ops::dlq::Replayed>();
     let purge = g.of::<PurgeBody>();
+    let tenant_body = g.of::<TenantBody>();
     let control = g.of::<retro_fleet_worker::control::ControlState>();
     let _ = g.of::<WorkerInfo>();
     let _ = g.of::<retro_fleet_schemas::Priority>();
@@ -300,6 +303,22 @@ pub fn spec(models: &std::collections::BTreeSet<String>, auth_on: bool, throttle
                 200,
                 ok_json("New generation per model", r("Purged")),
                 &[400, 404, 413, 422],
+            ),
+            ("get", "/v1/admin/tenants") => (
+                "Tenants' settings (weights for fair sharing)",
+                vec![request_id.clone()],
+                None,
+                200,
+                ok_json("Every tenant with settings", r("Tenants")),
+                &[],
+            ),
+            ("put", "/v1/admin/tenants/{tenant}") => (
+                "Set a tenant's settings",
+                vec![path_param("tenant", "Tenant"), request_id.clone()],
+                Some(json_body(tenant_body.clone())),
+                200,
+                ok_json("The stored settings", r("Tenant")),
+                &[400, 413, 422],
             ),
             ("get", "/health/live") => ("Liveness", vec![], None, 200, text("ok", "text/plain"), &[]),
             ("get", "/health/ready") => (

@@ -32,7 +32,7 @@ pub enum Sent {
 /// is sent again with the same `Nats-Msg-Id`, so JetStream keeps it once,
 /// while the request's deadline and `failover::RIDE_FOR` allow.
 pub async fn send(state: &AppState, p: &Prepared, reply: Option<&str>) -> Result<Sent, ApiError> {
-    let subject = subjects::request(p.priority, &p.req.model);
+    let subject = subjects::tenant_request(p.priority, &p.req.model, &p.tenant);
     let payload = Bytes::from(codec::encode(&p.req));
     let headers = request_headers(p, reply, state.cfg.sync_result_ttl_secs);
     let publish = || async {

@@ -26,39 +26,15 @@ fn set(table: &Generations, model: &str, generation: &str, consequence: &str) {
 /// (topology not applied) it says so and looks again every few seconds.
 /// `consequence` says in the log what a change means for this process.
 pub async fn follow_generations(table: Arc<Generations>, js: jetstream::Context, consequence: &'static str) {
-    let mut warned = false;
-    let store = loop {
-        match js.get_key_value(subjects::MODELS_BUCKET).await {
-            Ok(s) => break s,
-            Err(e) => {
-                if !std::mem::replace(&mut warned, true) {
-                    tracing::warn!(bucket = subjects::MODELS_BUCKET, error = %e,
-                        "no model generations bucket: `cache purge` cannot reach this process until it exists (run `retro-fleet topology apply`)");
-                }
-                tokio::time::sleep(Duration::from_secs(5)).await;
-            }
+    let missing = "`cache purge` cannot reach this process until it exists";
+    crate::follow::bucket(&js, subjects::MODELS_BUCKET, missing, |e| {
+        match e.operation {
+            kv::Operation::Put => set(&table, &e.key, &String::from_utf8_lossy(&e.value), consequence),
+            kv::Operation::Delete | kv::Operation::Purge => set(&table, &e.key, "", consequence),
         }
-    };
-    loop {
-        let mut watch = match store.watch_with_history(">").await {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::warn!(error = %e, "watching model generations failed; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        };
-        while let Some(entry) = watch.next().await {
-            match entry {
-                Ok(e) => match e.operation {
-                    kv::Operation::Put => set(&table, &e.key, &String::from_utf8_lossy(&e.value), consequence),
-                    kv::Operation::Delete | kv::Operation::Purge => set(&table, &e.key, "", consequence),
-                },
-                Err(e) => tracing::warn!(error = %e, "model generation watch error"),
-            }
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
+        true
+    })
+    .await
 }
 
 /// Reads the current generations once (so the first requests already use them).

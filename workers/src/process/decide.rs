@@ -120,7 +120,21 @@ pub fn decide(d: &Delivery<'_>, served: &Served<'_>) -> Result<Job, Rejection> {
         code,
         message,
     })?;
-    let tenant = env.tenant.or(req.tenant.as_deref()).unwrap_or(subjects::DEFAULT_TENANT).to_string();
+    let named = env.tenant.or(req.tenant.as_deref());
+    let lane = subjects::parse_request(d.subject).and_then(|(_, _, t)| t);
+    if let (Some(lane), Some(named)) = (lane, named) {
+        if lane != named {
+            // not stored: NATS permissions can hold a publisher to its
+            // tenant's subjects but not to a header, so neither is trusted
+            let ids = Ids { id: None, tenant: None, ..Ids::of_envelope(env) };
+            let message = format!(
+                "request names tenant `{named}` but was published to tenant `{lane}`'s subject `{}`",
+                d.subject
+            );
+            return Err(Rejection { ids, code: ErrorCode::InvalidRequest, message });
+        }
+    }
+    let tenant = named.or(lane).unwrap_or(subjects::DEFAULT_TENANT).to_string();
     if !subjects::is_token(&tenant) {
         // not stored: a result subject needs a valid tenant, and storing it
         // under another tenant could take the place of that tenant's result
@@ -165,13 +179,14 @@ fn parse(d: &Delivery<'_>, max_prompt_bytes: usize) -> Result<InferRequest, (Err
     let req: InferRequest =
         codec::decode(d.envelope.content_type, d.payload).map_err(|e| (ErrorCode::DecodeError, e.0))?;
     req.validate(max_prompt_bytes).map_err(|e| (e.code, e.message))?;
-    let subject_model = subjects::parse_request(d.subject).map(|(_, m)| m);
-    if subject_model != Some(req.model.as_str()) {
+    let lane = subjects::parse_request(d.subject);
+    if lane.map(|(_, m, _)| m) != Some(req.model.as_str()) {
+        let tenant = lane.and_then(|(_, _, t)| t).unwrap_or(subjects::DEFAULT_TENANT);
         let message = format!(
             "request for model `{}` was published to `{}`; publish to `{}`",
             req.model,
             d.subject,
-            subjects::request(d.priority, &req.model)
+            subjects::tenant_request(d.priority, &req.model, tenant)
         );
         return Err((ErrorCode::InvalidRequest, message));
     }

@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use retro_fleet_schemas::stored::stored_result;
 use retro_fleet_schemas::{headers, subjects, ErrorCode, Priority, Received};
-use tokio::sync::OwnedSemaphorePermit;
 
 use crate::clock::unix_ms;
 use decide::{Admission, Delivery, Served};
@@ -32,10 +31,10 @@ pub use shared::Shared;
 
 /// Processes one message and settles it (ack, nak or term). Never panics on
 /// input; a NATS failure while settling leaves the message for redelivery.
-pub async fn handle(sh: Arc<Shared>, prio: Priority, msg: jetstream::Message, _permit: OwnedSemaphorePermit) {
+pub async fn handle(sh: Arc<Shared>, prio: Priority, msg: jetstream::Message) {
     sh.metrics.inflight.inc();
     let model_label = subjects::parse_request(&msg.subject)
-        .map(|(_, m)| m)
+        .map(|(_, m, _)| m)
         .filter(|m| sh.catalog.contains(*m))
         .unwrap_or("unknown")
         .to_string();

@@ -310,7 +310,7 @@ impl<'a> Letter<'a> {
 
 /// The model named by a request subject, for dead-letter subjects and error results.
 fn letter_model(subject: &str) -> &str {
-    subjects::parse_request(subject).map(|(_, m)| m).filter(|m| subjects::is_token(m)).unwrap_or("unknown")
+    subjects::parse_request(subject).map(|(_, m, _)| m).filter(|m| subjects::is_token(m)).unwrap_or("unknown")
 }
 
 /// Writes `letter` to `FLEET_DLQ` with its original payload and headers plus
