@@ -296,6 +296,10 @@ impl Worker {
         let (mut regular, mut extra): (Option<OwnedSemaphorePermit>, Option<OwnedSemaphorePermit>) = (None, None);
         let mut tidy_at = Instant::now() + LANE_IDLE;
         let mut rotation = 0usize;
+        // the scheduler's order of classes for the next start: planned once
+        // per start, however many times the loop looks before it (planning
+        // earns the lower classes their shares)
+        let mut order: Option<Vec<(Priority, usize)>> = None;
 
         'pull: loop {
             if *quiet.borrow_and_update() {
@@ -342,7 +346,7 @@ impl Worker {
             let mut taken = None;
             if regular.is_some() || extra.is_some() {
                 let n = lanes.len();
-                for (priority, _) in scheduler.plan(1) {
+                for &(priority, _) in order.get_or_insert_with(|| scheduler.plan(1)).iter() {
                     let candidates: Vec<usize> = (0..n)
                         .map(|k| (rotation + k) % n)
                         .filter(|&i| lanes[i].priority == priority && lanes[i].peek())
@@ -406,6 +410,7 @@ impl Worker {
                 continue;
             }
             let priority = lane.priority;
+            order = None;
             scheduler.took(priority, 1);
             fair.started(&lane.tenant, priority, slot);
             self.shared.metrics.pulled(priority);
