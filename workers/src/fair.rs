@@ -54,6 +54,8 @@ struct Tenant {
 #[derive(Debug)]
 pub struct Fair {
     max_inflight: usize,
+    /// Requests running here, all tenants.
+    running: usize,
     clock: [f64; 3],
     tenants: HashMap<String, Tenant>,
 }
@@ -61,7 +63,7 @@ pub struct Fair {
 impl Fair {
     /// State for a worker of `max_inflight` slots.
     pub fn new(max_inflight: usize) -> Self {
-        Fair { max_inflight, clock: [0.0; 3], tenants: HashMap::new() }
+        Fair { max_inflight, running: 0, clock: [0.0; 3], tenants: HashMap::new() }
     }
 
     /// Sets `tenant`'s weight (positive; others count 1).
@@ -127,9 +129,8 @@ impl Fair {
         // above its share, a tenant waits while burst slots are in use, so
         // a flood shrinks back to its share instead of keeping every
         // regular slot beside the burst ones
-        let running: usize = self.tenants.values().map(|t| t.inflight).sum();
         if regular {
-            let allowed = |r: &Ready<'_>| running < self.max_inflight || self.under_share(r.tenant, ready);
+            let allowed = |r: &Ready<'_>| self.running < self.max_inflight || self.under_share(r.tenant, ready);
             return earliest(&allowed).map(|i| (i, Slot::Regular));
         }
         if burst {
@@ -149,6 +150,7 @@ impl Fair {
         let start = t.finish[i].max(clock);
         t.finish[i] = start + 1.0 / t.weight;
         t.inflight += 1;
+        self.running += 1;
         if slot == Slot::Regular {
             self.clock[i] = start;
         }
@@ -156,8 +158,9 @@ impl Fair {
 
     /// Records that one of `tenant`'s requests finished.
     pub fn finished(&mut self, tenant: &str) {
-        if let Some(t) = self.tenants.get_mut(tenant) {
-            t.inflight = t.inflight.saturating_sub(1);
+        if let Some(t) = self.tenants.get_mut(tenant).filter(|t| t.inflight > 0) {
+            t.inflight -= 1;
+            self.running -= 1;
         }
     }
 
