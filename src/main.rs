@@ -134,16 +134,19 @@ async fn run_tool(command: Command, config: retro_fleet::config::Config) -> anyh
         }
         Command::Cache { action: CacheAction::Purge { models } } => tools::cache::purge(&config, models).await,
         Command::Keys { action } => match action {
-            KeysAction::Add { id, tenant, roles, max_priority, max_batch_priority } => {
+            KeysAction::Add { id, tenant, roles, max_priority, max_batch_priority, budget } => {
                 let ceilings = (max_priority, max_batch_priority);
-                tools::keys::add(&config, id, tenant, roles, ceilings).await
+                tools::keys::add(&config, id, tenant, roles, ceilings, budget.budget()).await
             }
+            KeysAction::Budget { id, budget } => tools::keys::set_budget(&config, id, budget.budget()).await,
             KeysAction::List => tools::keys::list(&config).await,
             KeysAction::Revoke { id } => tools::keys::revoke(&config, id).await,
         },
         Command::Tenants { action } => match action {
             TenantsAction::List => tools::tenants::list(&config).await,
-            TenantsAction::Set { tenant, weight } => tools::tenants::set(&config, tenant, weight).await,
+            TenantsAction::Set { tenant, weight, budget } => {
+                tools::tenants::set(&config, tenant, weight, budget.budget()).await
+            }
         },
         Command::Submit { model, priority, max_tokens, timeout, prompt } => {
             tools::submit::submit(&config, model, priority, max_tokens, timeout, prompt).await

@@ -6,7 +6,7 @@
 mod common;
 
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use common::*;
@@ -329,16 +329,29 @@ requests = 3
     assert_eq!(body["error"]["code"], "rate_limited");
     assert_eq!(body["error"]["retryable"], true);
 
-    // 40 prompt bytes = 10 tokens, + 50 max_tokens: 60 of 100
+    // 40 prompt bytes = 10 tokens, + 50 max_tokens: 60 of 100, charged up front
     let req = json!({"model": "echo", "prompt": "x".repeat(40), "params": {"max_tokens": 50}});
-    assert_eq!(http.send("POST", "/v1/infer", None, Some(req.clone())).await.status(), 200);
-    let r = http.send("POST", "/v1/infer", None, Some(req)).await;
-    assert_eq!(r.status(), 429);
-    assert_eq!(r.headers()["x-ratelimit-remaining-tokens"], "40");
-    assert!(r.headers().contains_key("retry-after"));
-    // 10 + default 10 = 20 still fits
-    let r = http.send("POST", "/v1/infer", None, Some(json!({"model": "echo", "prompt": "x".repeat(40)}))).await;
+    let r = http.send("POST", "/v1/infer", None, Some(req.clone())).await;
     assert_eq!(r.status(), 200);
+    let used = r.json::<Value>().await.unwrap()["usage"]["total_tokens"].as_u64().unwrap();
+    assert!(used < 60, "echo used {used}");
+    // its usage record settles the charge to what it used: 100 - used left,
+    // so a request estimated at one more is refused, and one at exactly that passes
+    let asking = |tokens: u64| json!({"model": "echo", "prompt": "xxxx", "params": {"max_tokens": tokens - 1}});
+    let mut settled = false;
+    for _ in 0..50 {
+        let r = http.send("POST", "/v1/infer", None, Some(asking(100 - used + 1))).await;
+        assert_eq!(r.status(), 429);
+        assert!(r.headers().contains_key("retry-after"));
+        if r.headers()["x-ratelimit-remaining-tokens"] == (100 - used).to_string().as_str() {
+            settled = true;
+            break;
+        }
+        assert_eq!(r.headers()["x-ratelimit-remaining-tokens"], "40", "before it settles");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(settled, "the charge of 60 was settled to the {used} tokens used");
+    assert_eq!(http.send("POST", "/v1/infer", None, Some(asking(100 - used))).await.status(), 200);
 }
 
 /// Fires `n` GETs of `/v1/models`, alternating between `bases`, all at

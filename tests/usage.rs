@@ -6,57 +6,18 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
 use bytes::Bytes;
+use common::usage::*;
 use common::*;
-use futures::StreamExt;
-use retro_fleet_schemas::{codec, headers, subjects, InferResult, Priority};
+use retro_fleet_schemas::{headers, subjects, Priority};
 use serde_json::{json, Value};
 
 const ADMIN: &str = "usage-admin-1";
 const APP: &str = "usage-app-1";
 const OTHER: &str = "usage-other-1";
-
-/// `(requests, tokens)` per tenant.
-type Tally = BTreeMap<String, (u64, u64)>;
-
-fn tally(t: &mut Tally, tenant: &str, tokens: u64) {
-    let e = t.entry(tenant.to_string()).or_default();
-    e.0 += 1;
-    e.1 += tokens;
-}
-
-/// Every distinct result in `FLEET_RESULTS`, added up per tenant.
-async fn stored(js: &async_nats::jetstream::Context) -> Tally {
-    let stream = js.get_stream(subjects::RESULTS_STREAM).await.unwrap();
-    let consumer =
-        stream.create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default()).await.unwrap();
-    let mut left = stream.get_info().await.unwrap().state.messages;
-    let mut messages = consumer.messages().await.unwrap();
-    let mut t = Tally::new();
-    while left > 0 {
-        let m = tokio::time::timeout(Duration::from_secs(5), messages.next()).await.unwrap().unwrap().unwrap();
-        left -= 1;
-        let tenant = m.subject.split('.').nth(2).unwrap().to_string();
-        let r: InferResult = codec::decode(None, &m.payload).unwrap();
-        tally(&mut t, &tenant, r.usage.map_or(0, |u| u64::from(u.total_tokens)));
-    }
-    t
-}
-
-/// `GET /v1/usage?group_by=tenant` as `(requests, tokens)` per tenant.
-fn rows(v: &Value) -> Tally {
-    let rows = v["data"].as_array().unwrap_or_else(|| panic!("{v}"));
-    rows.iter()
-        .map(|r| {
-            let n = |f: &str| r[f].as_u64().unwrap();
-            (r["tenant"].as_str().unwrap().to_string(), (n("requests"), n("total_tokens")))
-        })
-        .collect()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_answer_is_metered_once_and_a_tenant_reads_its_own() {
@@ -160,4 +121,170 @@ async fn every_answer_is_metered_once_and_a_tenant_reads_its_own() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let cli_rows: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(rows(&json!({"data": cli_rows})), want);
+}
+
+const LIMITED: &str = "usage-limited-1";
+
+/// The tokens `GET /v1/usage` reports for `tenant`, once `requests` of its
+/// requests are metered.
+async fn metered_tokens(http: &Http, tenant: &str, requests: u64) -> u64 {
+    for _ in 0..100 {
+        let (_, v) = http.json("GET", &format!("/v1/usage?tenant={tenant}&group_by=tenant"), Some(ADMIN), None).await;
+        if let Some((n, tokens)) = rows(&v).get(tenant) {
+            if *n == requests {
+                // the ingress's ledger follows the same stream: let it catch up
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                return *tokens;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{requests} requests of {tenant} were not metered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_refuses_the_request_that_would_cross_it_and_outlives_the_ingress() {
+    let keys = auth_with_keys(&[
+        ("admin", ADMIN, "acme", &["admin"]),
+        ("app", APP, "acme", &["submit", "read"]),
+        ("other", OTHER, "globex", &["submit", "read"]),
+        ("limited", LIMITED, "globex", &["submit"]),
+    ]) + "budget = { requests = 2 }\n";
+    let s = setup(&keys);
+    let mut worker = Proc::start(&s.config, &["worker"], &[]);
+    wait_log(&mut worker, "worker pulling").await;
+    let (mut ingress, base) = start_ingress(&s.config).await;
+    let http = Http::new(&base);
+
+    // a budget with nothing to limit is refused, naming the field
+    let (status, v) = http.json("PUT", "/v1/admin/tenants/acme", Some(ADMIN), Some(json!({"budget": {}}))).await;
+    assert_eq!((status, v["error"]["param"].as_str()), (422, Some("budget")), "{v}");
+    const BUDGET: u64 = 120;
+    let body = json!({"weight": 1, "budget": {"tokens": BUDGET, "per": "day"}});
+    let (status, v) = http.json("PUT", "/v1/admin/tenants/acme", Some(ADMIN), Some(body)).await;
+    assert_eq!((status, &v["budget"]), (200, &json!({"tokens": BUDGET, "per": "day"})), "{v}");
+    // ingresses follow fleet_tenants live: wait until the budget is seen
+    // (a request far over it is refused)
+    let huge = json!({"model": "echo", "prompt": "x", "params": {"max_tokens": 4000}});
+    let (mut seen, mut answered) = (false, 0);
+    for _ in 0..50 {
+        let (status, _) = http.json("POST", "/v1/infer", Some(APP), Some(huge.clone())).await;
+        if status == 429 {
+            seen = true;
+            break;
+        }
+        answered += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(seen, "the tenant's budget reached the ingress");
+    let mut served = if answered > 0 { metered_tokens(&http, "acme", answered).await } else { 0 };
+    let mut before = 0;
+
+    // same-sized distinct prompts: the same estimate each time
+    let refused = loop {
+        assert!(answered < 40, "{BUDGET} tokens were never used up");
+        let body = json!({"model": "echo", "prompt": format!("budget probe number {answered:03}"),
+                          "params": {"max_tokens": 8, "temperature": 0}});
+        let r = http.send("POST", "/v1/infer", Some(APP), Some(body)).await;
+        if r.status() == 429 {
+            break r;
+        }
+        assert_eq!(r.status(), 200);
+        answered += 1;
+        before = served;
+        served = metered_tokens(&http, "acme", answered).await;
+    };
+    assert!(answered >= 2, "some requests fit in {BUDGET} tokens");
+    let retry: u64 = refused.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    let reset = refused.headers()["x-budget-reset"].to_str().unwrap().to_string();
+    let v: Value = refused.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "budget_exceeded", "{v}");
+    // the refusal counts the real usage metered, and the estimate passes the budget
+    let message = v["error"]["message"].as_str().unwrap();
+    let needs: u64 = message.split("needs ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    assert!(
+        message.contains(&format!("tenant `acme` has used {served} of its budget of {BUDGET} tokens per day")),
+        "{v}"
+    );
+    assert!(served + needs > BUDGET && before + needs <= BUDGET, "{before} + {needs} fit, {served} + {needs} do not");
+    let tomorrow = time::OffsetDateTime::now_utc().date().next_day().unwrap();
+    assert_eq!(reset, format!("{tomorrow}T00:00:00Z"));
+    assert!(retry > 0 && retry <= 86_400, "{retry}");
+    // another tenant is not held back
+    let (status, v) = http.json("POST", "/v1/infer", Some(OTHER), Some(json!({"model": "echo", "prompt": "hi"}))).await;
+    assert_eq!(status, 200, "{v}");
+
+    // a key's own budget: two requests a month
+    for i in 0..2 {
+        let (status, v) = http
+            .json("POST", "/v1/infer", Some(LIMITED), Some(json!({"model": "echo", "prompt": format!("k{i}")})))
+            .await;
+        assert_eq!(status, 200, "{v}");
+    }
+    let (status, v) =
+        http.json("POST", "/v1/infer", Some(LIMITED), Some(json!({"model": "echo", "prompt": "k2"}))).await;
+    assert_eq!((status, v["error"]["code"].as_str()), (429, Some("budget_exceeded")), "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("credential `key:limited` has used 2 of its budget of 2 requests per month"),
+        "{v}"
+    );
+
+    // a new ingress counts the month from the stream: still refused
+    ingress.terminate();
+    let (_ingress, base) = start_ingress(&s.config).await;
+    let http = Http::new(&base);
+    let body = json!({"model": "echo", "prompt": "budget probe number 999", "params": {"max_tokens": 8}});
+    let (status, v) = http.json("POST", "/v1/infer", Some(APP), Some(body.clone())).await;
+    assert_eq!((status, v["error"]["code"].as_str()), (429, Some("budget_exceeded")), "{v}");
+    // the command line raises it: requests pass again
+    let out = cli(&s.config, &["tenants", "set", "acme", "--budget-tokens", "100000", "--budget-per", "day"], &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("100000 tokens per day"));
+    let mut status = 0;
+    for _ in 0..50 {
+        status = http.json("POST", "/v1/infer", Some(APP), Some(body.clone())).await.0;
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, 200, "the raised budget reached the ingress");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_limit_charges_the_estimate_and_settles_to_the_real_usage() {
+    // 300 tokens a minute, shared by every ingress (KV): a request estimated
+    // at 100+ tokens uses far fewer, and its record gives the rest back
+    let config = auth_with_keys(&[("admin", ADMIN, "acme", &["admin"]), ("app", APP, "acme", &["submit", "read"])])
+        + "[ingress.rate_limit]\nenabled = true\nbackend = \"nats\"\nalgorithm = \"fixed_window\"\n\
+           window_secs = 60\nsubmit = { tokens = 300 }\n";
+    let s = setup(&config);
+    let mut worker = Proc::start(&s.config, &["worker"], &[]);
+    wait_log(&mut worker, "worker pulling").await;
+    let (_ingress, base) = start_ingress(&s.config).await;
+    let http = Http::new(&base);
+    let ask =
+        |i: usize| json!({"model": "echo", "prompt": format!("settle probe {i:02}"), "params": {"max_tokens": 100}});
+    // unsettled, three estimates of 104 do not fit in 300
+    for i in 0..6 {
+        let r = http.send("POST", "/v1/infer", Some(APP), Some(ask(i))).await;
+        assert_eq!(r.status(), 200, "request {i}: {}", r.text().await.unwrap());
+        metered_tokens(&http, "acme", i as u64 + 1).await;
+    }
+    let used = metered_tokens(&http, "acme", 6).await;
+    assert!(used < 300, "six requests used {used} tokens");
+    // the limit still holds: what is left is what was not used
+    let r = http
+        .send(
+            "POST",
+            "/v1/infer",
+            Some(APP),
+            Some(json!({"model": "echo", "prompt": "x",
+        "params": {"max_tokens": 300 - used + 1}})),
+        )
+        .await;
+    assert_eq!(r.status(), 429, "{}", r.text().await.unwrap());
 }

@@ -14,7 +14,7 @@
 //! - [`envelope`]: the request header envelope, written by every publisher and read by workers.
 //! - [`cache_key`]: cache keys and the purge generations they are made under.
 //! - [`stored`]: reading a request's stored result from `FLEET_RESULTS`.
-//! - [`tenants`]: what an operator sets per tenant (KV `fleet_tenants`): weights.
+//! - [`tenants`]: what an operator sets per tenant (KV `fleet_tenants`): weights and budgets.
 //! - [`tools`]: function calling: tools offered, the tool choice, calls made.
 //! - [`usage`]: metered usage, one record per answered request (`FLEET_USAGE`).
 //! - [`version`]: [`SCHEMA_VERSION`], the `v` every message carries.
@@ -48,6 +48,6 @@ pub use request::{CacheMode, ChatMessage, Constraint, Field, InferRequest, Input
 pub use result::{
     CacheTier, ErrorBody, ErrorCode, InferResult, Output, Status, Timings, TokenLogprob, TopLogprob, Usage,
 };
-pub use tenants::TenantPolicy;
+pub use tenants::{Budget, Period, TenantPolicy};
 pub use tools::{ToolCall, ToolPlan};
 pub use version::SCHEMA_VERSION;

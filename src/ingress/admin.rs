@@ -256,12 +256,14 @@ pub struct TenantBody {
     /// Share of each worker's slots against other tenants with work in the
     /// same class (positive, at most 1000; default 1).
     pub weight: Option<f64>,
+    /// What the tenant may use per UTC day or month (none: no limit).
+    pub budget: Option<retro_fleet_schemas::Budget>,
 }
 
 /// `GET /v1/admin/tenants`.
 pub async fn tenants(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let list = crate::ops::tenants::list(&state.js).await.map_err(internal)?;
-    let data: Vec<Value> = list.into_iter().map(|(tenant, p)| json!({"tenant": tenant, "weight": p.weight})).collect();
+    let data: Vec<Value> = list.into_iter().map(|(tenant, p)| tenant_json(&tenant, &p)).collect();
     Ok(Json(json!({ "object": "list", "data": data })))
 }
 
@@ -276,9 +278,18 @@ pub async fn set_tenant(
         return Err(ApiError::new(ErrorCode::InvalidRequest, message).param("tenant"));
     }
     let b: TenantBody = body(raw)?;
-    let policy = retro_fleet_schemas::TenantPolicy { weight: b.weight.unwrap_or(1.0) };
-    policy.check().map_err(|m| ApiError::new(ErrorCode::InvalidRequest, m).param("weight"))?;
+    let policy = retro_fleet_schemas::TenantPolicy { weight: b.weight.unwrap_or(1.0), budget: b.budget };
+    let invalid = |field: &'static str| move |m: String| ApiError::new(ErrorCode::InvalidRequest, m).param(field);
+    policy.budget.as_ref().map_or(Ok(()), |b| b.check()).map_err(invalid("budget"))?;
+    policy.check().map_err(invalid("weight"))?;
     crate::ops::tenants::set(&state.js, &tenant, &policy).await.map_err(internal)?;
-    tracing::info!(tenant = %tenant, weight = policy.weight, "admin: tenant settings stored");
-    Ok(Json(json!({"tenant": tenant, "weight": policy.weight})))
+    tracing::info!(tenant = %tenant, weight = policy.weight, budget = ?policy.budget, "admin: tenant settings stored");
+    Ok(Json(tenant_json(&tenant, &policy)))
+}
+
+/// A tenant's settings as stored, with its name.
+fn tenant_json(tenant: &str, p: &retro_fleet_schemas::TenantPolicy) -> Value {
+    let mut v = serde_json::to_value(p).unwrap_or_default();
+    v["tenant"] = json!(tenant);
+    v
 }

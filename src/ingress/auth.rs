@@ -50,6 +50,10 @@ pub struct ApiKeyConfig {
     /// above `max_priority`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_batch_priority: Option<Priority>,
+    /// What requests made with this key may use per day or month (besides
+    /// its tenant's budget); none: no limit of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<retro_fleet_schemas::Budget>,
 }
 
 /// A key that verifies JWTs.
@@ -142,6 +146,7 @@ pub struct KeyEntry {
     tenant: String,
     roles: Roles,
     ceilings: Ceilings,
+    budget: Option<retro_fleet_schemas::Budget>,
 }
 
 impl KeyEntry {
@@ -158,6 +163,7 @@ impl KeyEntry {
             tenant: k.tenant.clone(),
             roles: Roles::of(k.roles.iter().copied()),
             ceilings: Ceilings::of(k.max_priority, k.max_batch_priority),
+            budget: k.budget,
         };
         Ok((digest, entry))
     }
@@ -320,7 +326,13 @@ impl Authenticator {
                 .param("headers.fleet-tenant"));
             }
             let roles = Roles::ALL;
-            return Ok(Principal { id: "anonymous".into(), tenant: tenant.into(), roles, ceilings: Ceilings::NONE });
+            return Ok(Principal {
+                id: "anonymous".into(),
+                tenant: tenant.into(),
+                roles,
+                ceilings: Ceilings::NONE,
+                budget: None,
+            });
         }
         if let Some(key) = h.get("x-api-key") {
             let key = key.to_str().map_err(|_| unauthenticated("X-API-Key is not a valid key"))?;
@@ -348,6 +360,7 @@ impl Authenticator {
             tenant: e.tenant.clone(),
             roles: e.roles,
             ceilings: e.ceilings,
+            budget: e.budget,
         };
         if let Some(e) = self.api_keys.get(&digest) {
             return Ok(principal(e));
@@ -408,7 +421,7 @@ impl Authenticator {
                 }),
             };
         let ceilings = Ceilings::of(ceiling("max_priority")?, ceiling("max_batch_priority")?);
-        Ok(Principal { id, tenant: tenant.to_string(), roles: Roles::of(roles), ceilings })
+        Ok(Principal { id, tenant: tenant.to_string(), roles: Roles::of(roles), ceilings, budget: None })
     }
 }
 
@@ -455,6 +468,7 @@ mod tests {
                 roles: vec![Role::Submit],
                 max_priority: None,
                 max_batch_priority: Some(Priority::Low),
+                budget: None,
             }],
             ..Default::default()
         };
@@ -511,6 +525,7 @@ mod tests {
                 roles: vec![],
                 max_priority: None,
                 max_batch_priority: None,
+                budget: None,
             }],
             ..Default::default()
         };

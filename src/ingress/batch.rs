@@ -239,7 +239,10 @@ pub async fn create(
     let outcomes: Vec<(usize, bool)> = futures::stream::iter(0..prepared.len())
         .map(|i| {
             let (state, prepared) = (state.clone(), prepared.clone());
-            async move { (i, submit::send(&state, &prepared[i], None).await.is_ok()) }
+            async move {
+                let sent = submit::send(&state, &prepared[i], None).await;
+                (i, sent.inspect_err(|_| submit::unsent(&state, &prepared[i])).is_ok())
+            }
         })
         .buffer_unordered(64)
         .collect()

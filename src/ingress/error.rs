@@ -87,6 +87,9 @@ pub enum IngressCode {
     Forbidden,
     /// Over a rate limit (429, with `Retry-After`).
     RateLimited,
+    /// The request would pass its tenant's or credential's budget for the
+    /// day or month (429, with `Retry-After` at the reset).
+    BudgetExceeded,
     /// The request body broke off before it was read whole (400). Written
     /// as the wire's `invalid_request`, as it always was; only its status
     /// differs (nothing in the body was judged: it never arrived).
@@ -105,6 +108,7 @@ impl IngressCode {
             IngressCode::Unauthenticated => "unauthenticated",
             IngressCode::Forbidden => "forbidden",
             IngressCode::RateLimited => "rate_limited",
+            IngressCode::BudgetExceeded => "budget_exceeded",
             IngressCode::UnreadableBody => ErrorCode::InvalidRequest.as_str(),
             IngressCode::BodyTimeout => "body_timeout",
             IngressCode::IdSpent => "request_id_spent",
@@ -115,7 +119,7 @@ impl IngressCode {
         match self {
             IngressCode::Unauthenticated => StatusCode::UNAUTHORIZED,
             IngressCode::Forbidden => StatusCode::FORBIDDEN,
-            IngressCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            IngressCode::RateLimited | IngressCode::BudgetExceeded => StatusCode::TOO_MANY_REQUESTS,
             IngressCode::UnreadableBody => StatusCode::BAD_REQUEST,
             IngressCode::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             IngressCode::IdSpent => StatusCode::CONFLICT,

@@ -27,6 +27,8 @@
 //! - [`principal`]: the caller: tenant, roles and priority ceilings.
 //! - [`jwt`]: verifying HS256/RS256/ES256 tokens and their claims.
 //! - [`ratelimit`]: request and token limits, in process or shared via NATS KV.
+//! - [`budgets`]: tenants' and keys' budgets per day or month, counted from
+//!   the usage stream.
 //! - [`admin`]: `/v1/admin/*` (role admin): config (redacted), queues and
 //!   pausing them, workers and draining them, dead letters, cache purge.
 //! - [`openapi`]: `GET /openapi.json`, generated from the handlers' types.
@@ -38,6 +40,7 @@ pub mod admin;
 pub mod answers;
 pub mod auth;
 pub mod batch;
+pub mod budgets;
 pub mod config;
 pub mod conn;
 pub mod error;
@@ -116,9 +119,23 @@ impl Ingress {
         let models: BTreeSet<String> = plan.models.iter().cloned().collect();
         // 429: a rate limit, or an address throttled for failed credentials
         let throttled = limits.enabled() || (auth.enabled() && cfg.auth.failed_logins_per_minute > 0);
-        let openapi = openapi::spec(&models, auth.enabled(), throttled);
         let logins = ratelimit::logins::FailedLogins::new(cfg.auth.failed_logins_per_minute);
-        Ok(Arc::new(Ingress {
+        let (settle, mut settled) = tokio::sync::mpsc::unbounded_channel();
+        let budgets = match meter {
+            Some(_) => {
+                let b = Arc::new(budgets::Budgets::new());
+                budgets::start(js.clone(), b.clone(), settle, tokio_util::sync::CancellationToken::new()).await?;
+                Some(b)
+            }
+            None => {
+                tracing::info!(
+                    "metering is off (topology.metering): budgets are not enforced, token charges not settled"
+                );
+                None
+            }
+        };
+        let openapi = openapi::spec(&models, auth.enabled(), throttled, budgets.is_some());
+        let state = Arc::new(Ingress {
             js,
             auth,
             limits,
@@ -127,6 +144,7 @@ impl Ingress {
             worker_ttl_secs: plan.topology.worker_ttl_secs,
             results_max_age_secs: plan.topology.results_max_age_secs,
             meter,
+            budgets,
             openapi,
             answers,
             drain: shutdown::Drain::new(Duration::from_millis(cfg.drain_timeout_ms)),
@@ -138,7 +156,16 @@ impl Ingress {
             replies,
             metrics,
             registry,
-        }))
+        });
+        // each request's real tokens settle its up-front charge
+        let weak = Arc::downgrade(&state);
+        tokio::spawn(async move {
+            while let Some(s) = settled.recv().await {
+                let Some(state) = weak.upgrade() else { return };
+                state.limits.settle(&s.caller, &s.tenant, s.charged_at_ms, s.estimate, s.actual).await;
+            }
+        });
+        Ok(state)
     }
 }
 

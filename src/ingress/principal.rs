@@ -118,12 +118,15 @@ pub struct Principal {
     pub roles: Roles,
     /// The highest classes it may use.
     pub ceilings: Ceilings,
+    /// The credential's own budget (an API key's; its tenant's is in KV
+    /// `fleet_tenants`).
+    pub budget: Option<retro_fleet_schemas::Budget>,
 }
 
 impl Principal {
     /// A caller with the default ceilings.
     pub fn new(id: impl Into<String>, tenant: impl Into<String>, roles: Roles) -> Principal {
-        Principal { id: id.into(), tenant: tenant.into(), roles, ceilings: Ceilings::default() }
+        Principal { id: id.into(), tenant: tenant.into(), roles, ceilings: Ceilings::default(), budget: None }
     }
 
     /// The class a request (or a batch's lines) runs in: the class asked

@@ -103,6 +103,9 @@ pub struct Ingress {
     /// Metering (`topology.metering`): an answer from this ingress's memory
     /// is metered here, as a worker meters the results it stores.
     pub meter: Option<Arc<retro_fleet_worker::usage::Meter>>,
+    /// Tenants' and keys' budgets, counted from the metered usage (with
+    /// metering on).
+    pub budgets: Option<Arc<super::budgets::Budgets>>,
     /// The OpenAPI document (`/openapi.json`).
     pub openapi: serde_json::Value,
     /// Recent cacheable answers, served to identical calls without a queue.

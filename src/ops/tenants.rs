@@ -1,6 +1,6 @@
 //! Tenants' settings in KV `fleet_tenants` ([`TenantPolicy`]): read and
 //! written by `retro-fleet tenants` and the admin API, followed by every
-//! worker (weights).
+//! worker (weights) and ingress (budgets).
 
 use anyhow::Context as _;
 use async_nats::jetstream::{self, kv};

@@ -5,7 +5,7 @@
 use anyhow::Context as _;
 use bytes::Bytes;
 use futures::StreamExt;
-use retro_fleet_schemas::{subjects, Priority};
+use retro_fleet_schemas::{subjects, Budget, Priority};
 
 use crate::config::Config;
 use crate::ingress::auth::{hash_key, ApiKeyConfig, Role};
@@ -32,13 +32,14 @@ fn new_key() -> anyhow::Result<String> {
 }
 
 /// `retro-fleet keys add ID --tenant T --roles R,... [--max-priority P]
-/// [--max-batch-priority P]`: prints the new key once.
+/// [--max-batch-priority P] [--budget-tokens N ...]`: prints the new key once.
 pub async fn add(
     config: &Config,
     id: String,
     tenant: String,
     roles: Vec<Role>,
     (max_priority, max_batch_priority): (Option<Priority>, Option<Priority>),
+    budget: Option<Budget>,
 ) -> anyhow::Result<()> {
     if !subjects::is_token(&id) || !subjects::is_token(&tenant) {
         anyhow::bail!("the key id and tenant must be characters from [A-Za-z0-9_-]");
@@ -48,8 +49,15 @@ pub async fn add(
     }
     let kv = bucket(config).await?;
     let key = new_key()?;
-    let entry =
-        ApiKeyConfig { id: id.clone(), sha256: hash_key(&key), tenant, roles, max_priority, max_batch_priority };
+    let entry = ApiKeyConfig {
+        id: id.clone(),
+        sha256: hash_key(&key),
+        tenant,
+        roles,
+        max_priority,
+        max_batch_priority,
+        budget,
+    };
     kv.create(&id, Bytes::from(serde_json::to_vec(&entry)?))
         .await
         .with_context(|| format!("key id `{id}` is taken (revoke it first to replace it)"))?;
@@ -58,7 +66,35 @@ pub async fn add(
     Ok(())
 }
 
-/// `retro-fleet keys list`: ids, tenants and roles (never hashes).
+/// `retro-fleet keys budget ID [--budget-tokens N] [--budget-requests N]
+/// [--budget-per day|month]`: replaces the key's own budget (none given:
+/// removes it), keeping the rest of its entry.
+pub async fn set_budget(config: &Config, id: String, budget: Option<Budget>) -> anyhow::Result<()> {
+    let kv = bucket(config).await?;
+    let Some(entry) = kv.entry(&id).await?.filter(|e| e.operation == async_nats::jetstream::kv::Operation::Put) else {
+        anyhow::bail!("no key `{id}` in {} (see `retro-fleet keys list`)", subjects::API_KEYS_BUCKET);
+    };
+    let mut key: ApiKeyConfig =
+        serde_json::from_slice(&entry.value).with_context(|| format!("key `{id}` is unreadable; revoke and add it"))?;
+    key.budget = budget;
+    kv.update(&id, Bytes::from(serde_json::to_vec(&key)?), entry.revision)
+        .await
+        .with_context(|| format!("key `{id}` changed meanwhile; run the command again"))?;
+    println!("API key `{id}`: {} (ingresses apply it within moments)", describe(budget.as_ref()));
+    Ok(())
+}
+
+/// A budget as people read it: `1000 tokens, 50 requests per day`.
+pub fn describe(budget: Option<&Budget>) -> String {
+    let Some(b) = budget else { return "no budget".into() };
+    let limits: Vec<String> = [(b.tokens, "tokens"), (b.requests, "requests")]
+        .into_iter()
+        .filter_map(|(n, what)| n.map(|n| format!("{n} {what}")))
+        .collect();
+    format!("{} per {}", limits.join(", "), b.per.as_str())
+}
+
+/// `retro-fleet keys list`: ids, tenants, roles and budgets (never hashes).
 pub async fn list(config: &Config) -> anyhow::Result<()> {
     let kv = bucket(config).await?;
     let mut keys = kv.keys().await?;
@@ -67,15 +103,20 @@ pub async fn list(config: &Config) -> anyhow::Result<()> {
         let id = id?;
         if let Some(v) = kv.get(&id).await? {
             match serde_json::from_slice::<ApiKeyConfig>(&v) {
-                Ok(k) => rows.push((k.id, k.tenant, k.roles.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(","))),
-                Err(e) => rows.push((id, "?".into(), format!("unreadable: {e}"))),
+                Ok(k) => rows.push((
+                    k.id,
+                    k.tenant,
+                    k.roles.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(","),
+                    describe(k.budget.as_ref()),
+                )),
+                Err(e) => rows.push((id, "?".into(), format!("unreadable: {e}"), String::new())),
             }
         }
     }
     rows.sort();
-    println!("{:<24} {:<16} roles", "id", "tenant");
-    for (id, tenant, roles) in &rows {
-        println!("{id:<24} {tenant:<16} {roles}");
+    println!("{:<24} {:<16} {:<20} budget", "id", "tenant", "roles");
+    for (id, tenant, roles, budget) in &rows {
+        println!("{id:<24} {tenant:<16} {roles:<20} {budget}");
     }
     println!("{} key(s) in {}", rows.len(), subjects::API_KEYS_BUCKET);
     Ok(())

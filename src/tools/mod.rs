@@ -227,8 +227,17 @@ pub enum KeysAction {
         /// Highest priority class its batches may use [default: normal].
         #[arg(long)]
         max_batch_priority: Option<Priority>,
+        #[command(flatten)]
+        budget: BudgetArgs,
     },
-    /// Ids, tenants and roles of the keys.
+    /// Set (or, with no limit given, remove) a key's own budget.
+    Budget {
+        /// Key id.
+        id: String,
+        #[command(flatten)]
+        budget: BudgetArgs,
+    },
+    /// Ids, tenants, roles and budgets of the keys.
     List,
     /// Delete a key: ingresses refuse it within moments.
     Revoke {
@@ -250,7 +259,38 @@ pub enum TenantsAction {
         /// the same class (positive, at most 1000).
         #[arg(long, default_value_t = 1.0)]
         weight: f64,
+        #[command(flatten)]
+        budget: BudgetArgs,
     },
+}
+
+/// A budget on the command line: what may be used per UTC day or month.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BudgetArgs {
+    /// Prompt and completion tokens per period (none: no token budget).
+    #[arg(long, value_name = "TOKENS")]
+    pub budget_tokens: Option<u64>,
+    /// Requests per period (none: no request budget).
+    #[arg(long, value_name = "REQUESTS")]
+    pub budget_requests: Option<u64>,
+    /// The budget's period: day or month (UTC).
+    #[arg(long, value_name = "PERIOD", default_value = "month", value_parser = parse_period)]
+    pub budget_per: retro_fleet_schemas::Period,
+}
+
+impl BudgetArgs {
+    /// The budget asked for; none when neither limit is given.
+    pub fn budget(&self) -> Option<retro_fleet_schemas::Budget> {
+        (self.budget_tokens.is_some() || self.budget_requests.is_some()).then_some(retro_fleet_schemas::Budget {
+            tokens: self.budget_tokens,
+            requests: self.budget_requests,
+            per: self.budget_per,
+        })
+    }
+}
+
+fn parse_period(s: &str) -> Result<retro_fleet_schemas::Period, String> {
+    retro_fleet_schemas::Period::parse(s).ok_or_else(|| format!("`{s}` is not a period: use day or month"))
 }
 
 /// `queues` actions.

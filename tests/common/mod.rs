@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod chaos;
+pub mod usage;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -77,8 +77,8 @@ fn header_param(name: &str, description: &str, schema: Value) -> Value {
 
 /// The document, for an ingress serving `models`, whose authentication is
 /// `auth_on` and that may answer 429 when `throttled` (rate limits, or the
-/// failed-login throttle).
-pub fn spec(models: &std::collections::BTreeSet<String>, auth_on: bool, throttled: bool) -> Value {
+/// failed-login throttle), and on submit routes when `budgets` are kept.
+pub fn spec(models: &std::collections::BTreeSet<String>, auth_on: bool, throttled: bool, budgets: bool) -> Value {
     let mut g = Gen::new();
     let error = g.of::<ErrorBody>();
     let result = g.of::<InferResult>();
@@ -347,7 +347,7 @@ pub fn spec(models: &std::collections::BTreeSet<String>, auth_on: bool, throttle
             if auth_on {
                 statuses.extend([401, 403]);
             }
-            if throttled {
+            if throttled || (budgets && class == Some(RouteClass::Submit)) {
                 statuses.push(429);
             }
             statuses.push(422); // a malformed X-Request-Id

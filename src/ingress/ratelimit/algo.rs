@@ -169,6 +169,37 @@ pub fn check(alg: Algorithm, rule: Rule, state: Option<Counter>, now_ms: u64, co
     }
 }
 
+/// Corrects a charge made at `charged_ms` by `delta` units (negative: give
+/// back what an estimate took beyond the real cost; positive: take what it
+/// fell short), at `now_ms`. A bucket takes and gives within 0..=capacity;
+/// a window corrects only the count of the window the charge was made in
+/// (a window since ended has nothing left to correct).
+pub fn settle(alg: Algorithm, rule: Rule, state: Counter, now_ms: u64, charged_ms: u64, delta: i64) -> Counter {
+    let w = rule.window_ms.max(1);
+    let moved = |n: u64, units: u64| if delta >= 0 { n.saturating_add(units) } else { n.saturating_sub(units) };
+    match alg {
+        Algorithm::TokenBucket => {
+            let cap = rule.capacity(alg) as u128 * w as u128;
+            let elapsed = now_ms.saturating_sub(state.t) as u128;
+            let n = (state.n as u128 + elapsed * rule.limit as u128).min(cap);
+            let units = delta.unsigned_abs() as u128 * w as u128;
+            // a bucket holds tokens: a give-back adds, a shortfall takes
+            let n = if delta >= 0 { n.saturating_sub(units) } else { (n + units).min(cap) };
+            Counter { t: now_ms.max(state.t), n: n as u64, p: 0 }
+        }
+        Algorithm::FixedWindow | Algorithm::SlidingWindow => {
+            let charged = charged_ms - charged_ms % w;
+            if charged == state.t {
+                Counter { n: moved(state.n, delta.unsigned_abs()), ..state }
+            } else if alg == Algorithm::SlidingWindow && charged + w == state.t {
+                Counter { p: moved(state.p, delta.unsigned_abs()), ..state }
+            } else {
+                state
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -265,5 +296,33 @@ mod tests {
             let (_, d) = check(alg, Rule { limit: 0, burst: 0, window_ms: 1000 }, None, 10, 1);
             assert!(!d.allowed, "{alg:?}");
         }
+    }
+
+    #[test]
+    fn settling_gives_back_an_overestimate_and_takes_a_shortfall() {
+        let rule = Rule { limit: 100, burst: 0, window_ms: 1000 };
+        for alg in [Algorithm::TokenBucket, Algorithm::FixedWindow, Algorithm::SlidingWindow] {
+            // an estimate of 90 leaves 10; the request used 20: 70 come back
+            let (c, d) = check(alg, rule, None, 0, 90);
+            assert_eq!(d.remaining, 10, "{alg:?}");
+            let c = settle(alg, rule, c, 0, 0, 20 - 90);
+            let (_, d) = check(alg, rule, Some(c), 0, 80);
+            assert!(d.allowed && d.remaining == 0, "{alg:?}: 80 pass after the give-back");
+            // a shortfall is taken: 10 estimated, 40 used, 60 left
+            let (c, _) = check(alg, rule, None, 0, 10);
+            let c = settle(alg, rule, c, 0, 0, 30);
+            assert!(!check(alg, rule, Some(c), 0, 61).1.allowed, "{alg:?}");
+            assert!(check(alg, rule, Some(c), 0, 60).1.allowed, "{alg:?}");
+        }
+        // a bucket never holds more than its capacity
+        let (c, _) = check(Algorithm::TokenBucket, rule, None, 0, 10);
+        let c = settle(Algorithm::TokenBucket, rule, c, 0, 0, -1000);
+        assert_eq!(check(Algorithm::TokenBucket, rule, Some(c), 0, 0).1.remaining, 100);
+        // a fixed window already over has nothing to give back
+        let (c, _) = check(Algorithm::FixedWindow, rule, None, 1500, 50);
+        assert_eq!(settle(Algorithm::FixedWindow, rule, c, 1500, 500, -50), c);
+        // a sliding window corrects the previous window's count once it rolled
+        let rolled = Counter { t: 1000, n: 5, p: 50 };
+        assert_eq!(settle(Algorithm::SlidingWindow, rule, rolled, 1200, 900, -40).p, 10);
     }
 }

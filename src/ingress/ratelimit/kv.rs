@@ -80,7 +80,7 @@ pub struct KvStore {
     leases: std::sync::Mutex<HashMap<String, Lease>>,
 }
 
-fn unix_ms() -> u64 {
+pub(super) fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
@@ -158,45 +158,78 @@ impl KvStore {
 
     /// Takes `cost` units from the shared counter `key` (compare-and-swap).
     async fn take(&self, alg: Algorithm, rule: Rule, key: &str, cost: u64) -> anyhow::Result<Decision> {
-        let key = key.to_string();
+        let mut refused = None;
+        let written = self
+            .swap(key, |state, now| {
+                let (counter, decision) = algo::check(alg, rule, state, now, cost);
+                refused = (!decision.allowed).then_some(decision);
+                decision.allowed.then_some((counter, decision))
+            })
+            .await?;
+        // Could not get a turn: refuse rather than let an unbounded crowd through.
+        let busy =
+            Decision { allowed: false, limit: rule.capacity(alg), remaining: 0, reset_ms: 1000, retry_after_ms: 1000 };
+        Ok(written.or(refused).unwrap_or(busy))
+    }
+
+    /// Corrects a charge of `key` made at `charged_ms` by `delta` units
+    /// ([`algo::settle`]); a counter no longer stored has nothing to correct.
+    pub async fn settle(
+        &self,
+        alg: Algorithm,
+        rule: Rule,
+        key: &str,
+        charged_ms: u64,
+        delta: i64,
+    ) -> anyhow::Result<()> {
+        let key = kv_key(key);
+        self.swap(&key, |state, now| state.map(|c| (algo::settle(alg, rule, c, now, charged_ms, delta), ()))).await?;
+        Ok(())
+    }
+
+    /// Replaces counter `key` by what `next` makes of it (None: leaves it),
+    /// by compare-and-swap, trying again while other replicas write first
+    /// (for up to [`MAX_WAIT`]). What `next` returned with the value
+    /// written; None when it left the counter or every try lost.
+    async fn swap<T>(
+        &self,
+        key: &str,
+        mut next: impl FnMut(Option<Counter>, u64) -> Option<(Counter, T)>,
+    ) -> anyhow::Result<Option<T>> {
         let give_up = tokio::time::Instant::now() + MAX_WAIT;
         let mut attempt: u64 = 0;
         while tokio::time::Instant::now() < give_up {
             attempt += 1;
-            let entry = self.kv.entry(key.as_str()).await?;
+            let entry = self.kv.entry(key).await?;
             let (state, revision) = match entry {
                 Some(e) if e.operation == Operation::Put => {
                     (serde_json::from_slice::<Counter>(&e.value).ok(), Some(e.revision))
                 }
                 _ => (None, None),
             };
-            let (counter, decision) = algo::check(alg, rule, state, unix_ms(), cost);
-            if !decision.allowed {
-                return Ok(decision);
-            }
+            let Some((counter, out)) = next(state, unix_ms()) else { return Ok(None) };
             let value = Bytes::from(serde_json::to_vec(&counter)?);
             let lost = match revision {
-                Some(rev) => match self.kv.update(key.as_str(), value, rev).await {
+                Some(rev) => match self.kv.update(key, value, rev).await {
                     Ok(_) => false,
                     Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => true,
                     Err(e) => return Err(e.into()),
                 },
-                None => match self.kv.create(key.as_str(), value).await {
+                None => match self.kv.create(key, value).await {
                     Ok(_) => false,
                     Err(e) if e.kind() == CreateErrorKind::AlreadyExists => true,
                     Err(e) => return Err(e.into()),
                 },
             };
             if !lost {
-                return Ok(decision);
+                return Ok(Some(out));
             }
             // another replica wrote first: back off a little, by a varying amount
             let jitter =
                 (SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0) % 500) as u64;
             tokio::time::sleep(Duration::from_micros(jitter * attempt.min(16))).await;
         }
-        // Could not get a turn: refuse rather than let an unbounded crowd through.
-        Ok(Decision { allowed: false, limit: rule.capacity(alg), remaining: 0, reset_ms: 1000, retry_after_ms: 1000 })
+        Ok(None)
     }
 }
 

@@ -205,6 +205,19 @@ impl LocalStore {
     }
 }
 
+impl LocalStore {
+    /// Corrects the charge of `key` made at `charged_unix_ms` by `delta`.
+    fn settle(&self, alg: Algorithm, rule: Rule, key: &str, charged_unix_ms: u64, delta: i64) {
+        let now = self.now_ms();
+        // this store's clock starts at its creation: place the charge on it
+        let ago = kv::unix_ms().saturating_sub(charged_unix_ms);
+        let mut map = self.counters.lock().expect("rate-limit counters");
+        if let Some(c) = map.get_mut(key) {
+            *c = algo::settle(alg, rule, *c, now, now.saturating_sub(ago), delta);
+        }
+    }
+}
+
 impl Default for LocalStore {
     fn default() -> Self {
         LocalStore::new()
@@ -272,11 +285,7 @@ impl Limiter {
             return None;
         }
         let rule = self.rule(class, unit)?;
-        let owner = match self.cfg.key_by {
-            KeyBy::Credential => who.id.as_str(),
-            KeyBy::Tenant => who.tenant.as_str(),
-        };
-        let key = format!("{}.{}.{owner}", class.as_str(), unit.as_str());
+        let key = self.key(class, unit, &who.id, &who.tenant);
         match &self.store {
             Store::Local(s) => Some(s.check(self.cfg.algorithm, rule, &key, cost)),
             Store::Nats(s) => match s.check(self.cfg.algorithm, rule, &key, cost).await {
@@ -288,6 +297,37 @@ impl Limiter {
                     None
                 }
             },
+        }
+    }
+}
+
+impl Limiter {
+    /// The counter of `class` and `unit` for a caller: by credential or by
+    /// tenant (`key_by`).
+    fn key(&self, class: RouteClass, unit: Unit, caller: &str, tenant: &str) -> String {
+        let owner = match self.cfg.key_by {
+            KeyBy::Credential => caller,
+            KeyBy::Tenant => tenant,
+        };
+        format!("{}.{}.{owner}", class.as_str(), unit.as_str())
+    }
+
+    /// Settles a request's up-front token charge, made at `charged_at_ms`
+    /// (unix), to what it really used: gives back an overestimate, takes a
+    /// shortfall (as far as the counter allows).
+    pub async fn settle(&self, caller: &str, tenant: &str, charged_at_ms: u64, estimate: u64, actual: u64) {
+        let delta = actual as i64 - estimate as i64;
+        let Some(rule) = self.rule(RouteClass::Submit, Unit::Tokens).filter(|_| self.cfg.enabled && delta != 0) else {
+            return;
+        };
+        let key = self.key(RouteClass::Submit, Unit::Tokens, caller, tenant);
+        match &self.store {
+            Store::Local(s) => s.settle(self.cfg.algorithm, rule, &key, charged_at_ms, delta),
+            Store::Nats(s) => {
+                if let Err(e) = s.settle(self.cfg.algorithm, rule, &key, charged_at_ms, delta).await {
+                    tracing::warn!(error = %e, "settling a token charge failed; the estimate stands");
+                }
+            }
         }
     }
 }

@@ -47,11 +47,32 @@ pub fn prepare(
     validate::prepare(&rules, h, who, d)
 }
 
-/// Takes `cost` tokens from `who`'s token limit, or refuses (429) naming
-/// `id`, the request or batch charged.
-async fn charge(state: &AppState, who: &Principal, id: &str, cost: u64) -> Result<(), ApiError> {
+/// Admits `items` (`(request id, estimated tokens)`, each a request of
+/// `tenant` sent by `who`) against their budgets, then takes their tokens
+/// from `who`'s token limit; refuses (429) naming `id`, the request or
+/// batch charged. Each request's usage record later settles both.
+async fn charge(
+    state: &AppState,
+    who: &Principal,
+    tenant: &str,
+    id: &str,
+    items: &[(String, u64)],
+) -> Result<(), ApiError> {
+    if let Some(b) = &state.budgets {
+        b.admit(who, tenant, items, retro_fleet_worker::unix_ms()).map_err(|e| {
+            state.metrics.denied.with_label_values(&[RouteClass::Submit.as_str(), "budget_exceeded"]).inc();
+            e.refusal().with_id(id)
+        })?;
+    }
+    if !state.limits.enabled() {
+        return Ok(());
+    }
+    let cost = items.iter().fold(0u64, |sum, (_, t)| sum.saturating_add(*t));
     match state.limits.check(who, RouteClass::Submit, Unit::Tokens, cost).await {
         Some(d) if !d.allowed => {
+            if let Some(b) = &state.budgets {
+                b.release(tenant, &items.iter().map(|(i, _)| i.as_str()).collect::<Vec<_>>());
+            }
             state.metrics.denied.with_label_values(&[RouteClass::Submit.as_str(), "token_limited"]).inc();
             let e = ratelimit::refusal(&d, Unit::Tokens).with_id(id);
             if cost <= d.limit {
@@ -68,23 +89,25 @@ async fn charge(state: &AppState, who: &Principal, id: &str, cost: u64) -> Resul
     }
 }
 
-/// Takes the request's estimated tokens, once per choice, from the
-/// caller's token limit.
+/// Charges every choice of `p` (see [`charge`]).
 async fn charge_tokens(state: &AppState, p: &Prepared) -> Result<(), ApiError> {
-    if !state.limits.enabled() {
-        return Ok(());
-    }
-    charge(state, &p.who, &p.req.id, state.estimated_tokens(&p.req).saturating_mul(p.choices.into())).await
+    let estimate = state.estimated_tokens(&p.req);
+    let items: Vec<(String, u64)> = p.each_choice().iter().map(|c| (c.req.id.clone(), estimate)).collect();
+    charge(state, &p.who, &p.tenant, &p.req.id, &items).await
 }
 
-/// Takes the estimated tokens of every line of batch `id` from `who`'s
-/// token limit at once.
+/// Charges every line of batch `id` at once (see [`charge`]).
 pub async fn charge_batch(state: &AppState, who: &Principal, id: &str, lines: &[Prepared]) -> Result<(), ApiError> {
-    if !state.limits.enabled() {
-        return Ok(());
+    let items: Vec<(String, u64)> = lines.iter().map(|p| (p.req.id.clone(), state.estimated_tokens(&p.req))).collect();
+    let tenant = lines.first().map_or(who.tenant.as_str(), |p| p.tenant.as_str());
+    charge(state, who, tenant, id, &items).await
+}
+
+/// A request admitted but not sent: its estimate is no longer held.
+pub fn unsent(state: &AppState, p: &Prepared) {
+    if let Some(b) = &state.budgets {
+        b.release(&p.tenant, &[p.req.id.as_str()]);
     }
-    let cost = lines.iter().fold(0u64, |sum, p| sum.saturating_add(state.estimated_tokens(&p.req)));
-    charge(state, who, id, cost).await
 }
 
 /// Charges the caller's token limit, then [`send`]s every choice without
@@ -94,7 +117,7 @@ pub async fn publish(state: &AppState, p: &Prepared) -> Result<Sent, ApiError> {
     charge_tokens(state, p).await?;
     let mut first = None;
     for c in p.each_choice() {
-        let sent = send(state, &c, None).await?;
+        let sent = send(state, &c, None).await.inspect_err(|_| unsent(state, &c))?;
         first.get_or_insert(sent);
     }
     Ok(first.expect("at least one choice"))
@@ -203,6 +226,7 @@ async fn register_and_send(state: &AppState, p: &Prepared) -> Result<Waiter, Api
         Ok(Sent::Duplicate { seq }) => duplicate::follow(state, p, &mut waiter, seq).await?,
         Err(e) => {
             waiter.disarm();
+            unsent(state, p);
             return Err(e);
         }
     }
