@@ -10,6 +10,8 @@
 //!   last sequence exceeds its message count).
 //!
 //! These are the slow tests (a few minutes in all); `make test` runs them.
+//! One of them checks metering instead: 10,000 mixed requests through a
+//! kill and a restart of every process, counted exactly once each.
 //! One alone: `cargo nextest run --workspace --no-capture -E 'binary(chaos) & test(NAME)'`.
 
 mod common;
@@ -24,6 +26,7 @@ use common::chaos::*;
 use common::*;
 use futures::StreamExt;
 use retro_fleet_schemas::{codec, headers, subjects, ErrorCode, InferRequest, Priority, Status};
+use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_kill9_a_worker_ten_times_during_5000_requests() {
@@ -550,4 +553,150 @@ async fn chaos_a_request_whose_workers_keep_dying_is_answered_not_stranded() {
     assert!(e.message.contains("delivered 4 times"), "{e:?}");
     drop(seen);
     assert_eq!(stream_len(&caller.js, subjects::DLQ_STREAM).await, 1, "and a dead letter");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_10000_mixed_requests_metered_exactly_through_a_kill_and_a_restart_of_every_process() {
+    use common::usage::{rows, stored, tally, Tally};
+    const ADMIN: &str = "meter-admin-1";
+    const APP: &str = "meter-app-1";
+    const TENANTS: usize = 1_000;
+    let extra = "max_inflight = 16\n[models.slow]\nbackend = \"synthetic\"\nlatency_ms = 20\n".to_string()
+        + &auth_with_keys(&[("admin", ADMIN, "acme", &["admin"]), ("app", APP, "acme", &["submit", "read"])]);
+    let mut s = setup(&extra);
+    let caller = Arc::new(Chaos::connect(&s.nats.url()).await);
+    let (ingress, base) = start_ingress(&s.config).await;
+    let start = Instant::now();
+    // NATS: 9,000 requests of 1,000 tenants, nine each over three prompts
+    // (the repeats coalesce with the first or hit the cache), in all classes;
+    // the first 3,000 queue before any worker runs
+    let publish = |t: usize| {
+        let caller = caller.clone();
+        async move {
+            let tenant = format!("t{t:03}");
+            for j in 0..9 {
+                let mut req = request(&format!("{tenant}-{j}"), "slow", &format!("question {}", j % 3));
+                req.params.temperature = Some(0.0);
+                req.params.max_tokens = Some(1 + (t % 7) as u32);
+                caller.publish_request(Priority::ALL[j % 3], &req, &[(headers::TENANT, tenant.clone())]).await;
+            }
+        }
+    };
+    for t in 0..TENANTS / 3 {
+        publish(t).await;
+    }
+    let mut workers = [worker(&s.config).await, worker(&s.config).await];
+
+    // HTTP: 900 calls of acme, a third repeats (answered from the ingress's
+    // memory, metered there), every tenth streamed
+    let http_task = {
+        let base = base.clone();
+        tokio::spawn(async move {
+            let http = Http::new(&base);
+            let mut from_memory = Tally::new();
+            for i in 0..900 {
+                let prompt = match i {
+                    _ if i % 10 == 0 => format!("http stream {i}"),
+                    _ if i % 3 == 2 => format!("http question {}", i - 1),
+                    _ => format!("http question {i}"),
+                };
+                let body = json!({"model": "slow", "prompt": prompt, "stream": i % 10 == 0,
+                                  "params": {"temperature": 0, "max_tokens": 6}});
+                let r = http.send("POST", "/v1/infer", Some(APP), Some(body)).await;
+                assert_eq!(r.status(), 200);
+                let text = r.text().await.unwrap();
+                if i % 10 != 0 {
+                    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+                    if v["cache"] == "ingress" {
+                        tally(&mut from_memory, "acme", v["usage"]["total_tokens"].as_u64().unwrap());
+                    }
+                }
+            }
+            from_memory
+        })
+    };
+    // a worker dies with requests in flight and prefetched: they are delivered again
+    while caller.replied() < 1_000 {
+        assert!(start.elapsed() < Duration::from_secs(60), "stalled at {} answers", caller.replied());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    workers[0].0.kill9();
+    workers[0] = worker(&s.config).await;
+    for t in TENANTS / 3..TENANTS {
+        publish(t).await;
+    }
+    // 100 that cannot be read: answered as failed, metered as failed
+    for i in 0..100 {
+        let mut h = HeaderMap::new();
+        let id = format!("broken-{i}");
+        h.insert(headers::MSG_ID, id.as_str());
+        h.insert(headers::TENANT, format!("t{i:03}").as_str());
+        caller.publish(&subjects::request(Priority::Normal, "slow"), &id, h, Bytes::from_static(b"\xc1")).await;
+    }
+    let mut from_memory = http_task.await.unwrap();
+    let total = 9_000 + 100 + 900;
+
+    // every request gets one record: wait for all of them
+    let http = Http::new(&base);
+    let sum = |v: &serde_json::Value, field: &str| {
+        v["data"].as_array().map_or(0, |rows| rows.iter().map(|r| r[field].as_u64().unwrap_or(0)).sum::<u64>())
+    };
+    let mut v = serde_json::Value::Null;
+    while sum(&v, "requests") < total && start.elapsed() < Duration::from_secs(240) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        v = http.json("GET", "/v1/usage?group_by=tenant", Some(ADMIN), None).await.1;
+    }
+    assert_eq!(sum(&v, "requests"), total, "one record per request");
+    let js = caller.js.clone();
+    let mut want = stored(&js).await;
+    for (tenant, (n, tokens)) in std::mem::take(&mut from_memory) {
+        let e = want.entry(tenant).or_default();
+        e.0 += n;
+        e.1 += tokens;
+    }
+    assert_eq!(want.values().map(|v| v.0).sum::<u64>(), total, "one stored result per request");
+    let by_tenant = |http: Http| async move {
+        let (status, v) = http.json("GET", "/v1/usage?group_by=tenant", Some(ADMIN), None).await;
+        assert_eq!(status, 200, "{v}");
+        rows(&v)
+    };
+    let got = by_tenant(Http::new(&base)).await;
+    assert_eq!(got.len(), TENANTS + 1, "1,000 NATS tenants and acme");
+    assert_eq!(got, want, "metered = distinct stored results + answers from memory, per tenant");
+    assert_eq!(sum(&v, "failed"), 100);
+    let cached = sum(&v, "cached");
+    // the label cap: a worker that served 1,000 tenants names 100 and `other`
+    let (_, text) = get_text(&format!("http://127.0.0.1:{}/metrics", workers[1].1)).await;
+    let labels: std::collections::BTreeSet<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("fleet_tokens_total{"))
+        .filter_map(|l| l.split("tenant=\"").nth(1)?.split('"').next())
+        .collect();
+    assert!(labels.len() <= 101 && labels.contains("other"), "{} tenant labels: {labels:?}", labels.len());
+    // deliveries beyond one per NATS request: what the kill took down in flight
+    let mut deliveries = 0;
+    for p in Priority::ALL {
+        let stream = js.get_stream(subjects::request_stream(p)).await.unwrap();
+        let mut c = stream.get_consumer::<async_nats::jetstream::consumer::pull::Config>("worker_slow").await.unwrap();
+        deliveries += c.info().await.unwrap().delivered.consumer_sequence;
+    }
+    let redelivered = deliveries - 9_100;
+    println!(
+        "  {total} requests ({cached} cached, 100 failed, {redelivered} redelivered) of {} tenants metered exactly in \
+         {:.1} s; {} tenant labels",
+        TENANTS + 1,
+        start.elapsed().as_secs_f64(),
+        labels.len()
+    );
+    assert!(redelivered > 0, "the kill hit requests in flight");
+
+    // every process stops, nats-server included; the figures are the same after
+    for (w, _) in &mut workers {
+        w.terminate();
+    }
+    drop(ingress);
+    s.nats.stop();
+    s.nats.start_again();
+    let (_ingress, base) = start_ingress(&s.config).await;
+    assert_eq!(by_tenant(Http::new(&base)).await, want, "after a restart of every process");
 }
