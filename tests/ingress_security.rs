@@ -533,6 +533,19 @@ async fn keys_added_in_kv_work_without_a_restart_and_revoked_ones_stop() {
     assert!(!listed.contains(&hash_key(&key)), "hashes are not listed: {listed}");
     let (ok, _, err) = keys_cmd(&s.config, &["add", "late-app", "--tenant", "initech", "--roles", "read"]);
     assert!(!ok && err.contains("taken"), "{err}");
+    // a key's own budget, set and removed from the command line: one
+    // request a day, already used by the answer above
+    let (ok, out, err) = keys_cmd(&s.config, &["budget", "late-app", "--budget-requests", "1", "--budget-per", "day"]);
+    assert!(ok && out.contains("1 request per day"), "{out} {err}");
+    let refused = until_status(&http, &key, 429).await;
+    assert_eq!(refused["error"]["code"], "budget_exceeded", "{refused}");
+    let (_, listed, _) = keys_cmd(&s.config, &["list"]);
+    assert!(listed.contains("1 request per day"), "{listed}");
+    let (ok, out, err) = keys_cmd(&s.config, &["budget", "late-app"]);
+    assert!(ok && out.contains("no budget"), "{out} {err}");
+    until_status(&http, &key, 200).await;
+    let (ok, _, err) = keys_cmd(&s.config, &["budget", "nobody", "--budget-tokens", "5"]);
+    assert!(!ok && err.contains("no key `nobody`"), "{err}");
     let (ok, _, err) = keys_cmd(&s.config, &["add", "x", "--tenant", "initech", "--roles", "root"]);
     assert!(!ok && err.contains("unknown role `root`"), "{err}");
 

@@ -151,8 +151,7 @@ async fn a_budget_refuses_the_request_that_would_cross_it_and_outlives_the_ingre
         ("limited", LIMITED, "globex", &["submit"]),
     ]) + "budget = { requests = 2 }\n";
     let s = setup(&keys);
-    let mut worker = Proc::start(&s.config, &["worker"], &[]);
-    wait_log(&mut worker, "worker pulling").await;
+    let _worker = worker(&s.config).await;
     let (mut ingress, base) = start_ingress(&s.config).await;
     let http = Http::new(&base);
 
@@ -262,8 +261,7 @@ async fn the_token_limit_charges_the_estimate_and_settles_to_the_real_usage() {
         + "[ingress.rate_limit]\nenabled = true\nbackend = \"nats\"\nalgorithm = \"fixed_window\"\n\
            window_secs = 60\nsubmit = { tokens = 300 }\n";
     let s = setup(&config);
-    let mut worker = Proc::start(&s.config, &["worker"], &[]);
-    wait_log(&mut worker, "worker pulling").await;
+    let _worker = worker(&s.config).await;
     let (_ingress, base) = start_ingress(&s.config).await;
     let http = Http::new(&base);
     let ask =

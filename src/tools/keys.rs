@@ -87,9 +87,9 @@ pub async fn set_budget(config: &Config, id: String, budget: Option<Budget>) -> 
 /// A budget as people read it: `1000 tokens, 50 requests per day`.
 pub fn describe(budget: Option<&Budget>) -> String {
     let Some(b) = budget else { return "no budget".into() };
-    let limits: Vec<String> = [(b.tokens, "tokens"), (b.requests, "requests")]
+    let limits: Vec<String> = [(b.tokens, "token"), (b.requests, "request")]
         .into_iter()
-        .filter_map(|(n, what)| n.map(|n| format!("{n} {what}")))
+        .filter_map(|(n, what)| n.map(|n| format!("{n} {what}{}", if n == 1 { "" } else { "s" })))
         .collect();
     format!("{} per {}", limits.join(", "), b.per.as_str())
 }
