@@ -157,14 +157,18 @@ impl Ingress {
             metrics,
             registry,
         });
-        // each request's real tokens settle its up-front charge
+        // each request's real tokens settle its up-front charge, several at
+        // once (a shared counter takes a NATS round trip per settlement)
         let weak = Arc::downgrade(&state);
-        tokio::spawn(async move {
-            while let Some(s) = settled.recv().await {
-                let Some(state) = weak.upgrade() else { return };
-                state.limits.settle(&s.caller, &s.tenant, s.charged_at_ms, s.estimate, s.actual).await;
+        let settlements = futures::stream::poll_fn(move |cx| settled.poll_recv(cx));
+        tokio::spawn(futures::StreamExt::for_each_concurrent(settlements, 32, move |s| {
+            let weak = weak.clone();
+            async move {
+                if let Some(state) = weak.upgrade() {
+                    state.limits.settle(&s.caller, &s.tenant, s.charged_at_ms, s.estimate, s.actual).await;
+                }
             }
-        });
+        }));
         Ok(state)
     }
 }

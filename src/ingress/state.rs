@@ -27,7 +27,7 @@ pub struct IngressMetrics {
     pub unclaimed: IntCounter,
     /// `fleet_ingress_denied_total{class,reason}`: refused by the guard
     /// (`login_throttled`, `unauthenticated`, `forbidden`, `rate_limited`,
-    /// `token_limited`).
+    /// `token_limited`, `budget_exceeded`).
     pub denied: IntCounterVec,
     /// `fleet_ingress_connections_refused_total{reason}`: connections
     /// closed at once at a connection cap (`max_open`, `max_per_peer`).

@@ -223,7 +223,11 @@ async fn register_and_send(state: &AppState, p: &Prepared) -> Result<Waiter, Api
     let (reply, mut waiter) = state.replies.register(&p.tenant, &p.req.id);
     match send(state, p, Some(&reply)).await {
         Ok(Sent::New) => {}
-        Ok(Sent::Duplicate { seq }) => duplicate::follow(state, p, &mut waiter, seq).await?,
+        Ok(Sent::Duplicate { seq }) => {
+            // the first request is metered (or held) once: this one holds nothing
+            unsent(state, p);
+            duplicate::follow(state, p, &mut waiter, seq).await?
+        }
         Err(e) => {
             waiter.disarm();
             unsent(state, p);
