@@ -71,6 +71,14 @@ PANELS = [
         (f"fleet_scaler_warning{{{M}}} > 0", "{{model}} {{kind}}"),
         (f"fleet_model_lag_slope{{{M}}}", "lag slope {{model}} (req/s)"),
     ]),
+    ("Time to first token p95 / time per output token p50", "s", [
+        (f"fleet:time_to_first_token_seconds:p95{{{M}}}", "first token p95 {{model}} {{priority}}"),
+        (f"fleet:time_per_output_token_seconds:p50{{{M}}}", "per token p50 {{model}}"),
+    ]),
+    ("Tokens per second / oldest waiting request (s)", "short", [
+        (f"fleet:generated_tokens_per_second:rate1m{{{M}}}", "tokens/s {{model}}"),
+        (f"fleet_queue_oldest_wait_seconds{{{M}}}", "oldest wait {{model}} {{priority}}"),
+    ]),
 ]
 
 

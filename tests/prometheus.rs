@@ -108,6 +108,14 @@ scrape_configs:
     let finished = query(&base, r#"sum(fleet_worker_requests_total{outcome="ok"})"#).await;
     let n: f64 = finished[0]["value"][1].as_str().unwrap().parse().unwrap();
     assert_eq!(n, 301.0);
+    // every computed answer had a first token, timed from its publish
+    let sum = |q: &'static str| {
+        let base = base.clone();
+        async move { query(&base, q).await.first().and_then(|r| r["value"][1].as_str()?.parse::<f64>().ok()) }
+    };
+    let first_tokens = sum("sum(fleet_time_to_first_token_seconds_count)").await;
+    let computed = sum("sum(fleet_compute_seconds_count)").await;
+    assert!(computed.is_some_and(|n| n >= 1.0) && first_tokens == computed, "{first_tokens:?} {computed:?}");
     let rules: serde_json::Value = reqwest::get(format!("{base}/api/v1/rules")).await.unwrap().json().await.unwrap();
     let names: Vec<String> = rules["data"]["groups"]
         .as_array()
@@ -115,7 +123,9 @@ scrape_configs:
         .iter()
         .flat_map(|g| g["rules"].as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap().to_string()))
         .collect();
-    assert!(names.iter().any(|n| n == "FleetNoWorkersForBacklog"), "{names:?} {rules}\n{log}");
+    for rule in ["FleetNoWorkersForBacklog", "FleetRequestsWaitingLong", "fleet:generated_tokens_per_second:rate1m"] {
+        assert!(names.iter().any(|n| n == rule), "{rule} missing: {names:?} {rules}\n{log}");
+    }
     let broken: Vec<&serde_json::Value> = rules["data"]["groups"]
         .as_array()
         .unwrap()

@@ -87,6 +87,12 @@ async fn backlog_without_workers_raises_the_recommendation_and_draining_lowers_i
     assert_eq!(metric(&text, r#"fleet_recommended_replicas{model="echo"}"#), Some(5.0), "{text}");
     assert_eq!(metric(&text, r#"fleet_consumer_lag{consumer="worker_echo",stream="FLEET_REQ_NORMAL"}"#), Some(400.0));
     assert_eq!(metric(&text, r#"fleet_model_workers{model="echo"}"#), Some(0.0));
+    // nobody takes them: the oldest waiting request ages with the clock
+    let aged = wait_for(&base, "the oldest request has waited a second", |m| m.oldest_wait_ms.normal >= 1000).await;
+    assert!(aged.oldest_wait_ms.high >= 1000 && aged.oldest_wait_ms.low == 0, "{aged:?}");
+    let text = reqwest::get(format!("{base}/metrics")).await.unwrap().text().await.unwrap();
+    let oldest = metric(&text, r#"fleet_queue_oldest_wait_seconds{model="echo",priority="normal"}"#).unwrap();
+    assert!(oldest >= 1.0, "{text}");
     // and the same reports go out on fleet.scaling.echo
     let start = Instant::now();
     loop {
@@ -107,6 +113,7 @@ async fn backlog_without_workers_raises_the_recommendation_and_draining_lowers_i
     })
     .await;
     assert!(drained.warnings.iter().all(|w| w != "no_workers_with_backlog"), "{drained:?}");
+    assert_eq!(drained.oldest_wait_ms, Default::default(), "nothing waits once drained");
     let listed = workers(&s.config);
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert_eq!(listed[0].id, "w-scaling-1");

@@ -56,7 +56,7 @@ pub struct ModelLoad {
     pub load_ms: Option<u64>,
 }
 
-/// Requests per priority class.
+/// A count per priority class (requests, or milliseconds).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct PerPriority {
     /// High priority.
@@ -89,6 +89,10 @@ pub struct ModelScaling {
     pub workers: u32,
     /// Waiting plus unacknowledged requests, per priority.
     pub backlog: PerPriority,
+    /// Age of the oldest request no worker has taken yet, ms, per priority
+    /// (0: none waiting; a paused class is not counted).
+    #[serde(default)]
+    pub oldest_wait_ms: PerPriority,
     /// Backlog weighted by priority.
     pub weighted_backlog: f64,
     /// Requests arriving per second.

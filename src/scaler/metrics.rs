@@ -22,6 +22,9 @@ pub struct ScalerMetrics {
     pub redelivered: IntGaugeVec,
     /// `fleet_model_backlog{model,priority}`.
     pub backlog: IntGaugeVec,
+    /// `fleet_queue_oldest_wait_seconds{model,priority}`: age of the oldest
+    /// request no worker has taken yet (0: none waiting).
+    pub oldest_wait: GaugeVec,
     /// `fleet_model_arrival_rate{model}`, requests/s.
     pub arrival: GaugeVec,
     /// `fleet_model_completion_rate{model}`, requests/s.
@@ -70,6 +73,11 @@ impl ScalerMetrics {
             ack_pending: ig("fleet_consumer_ack_pending", "Messages delivered and not yet acknowledged", sc)?,
             redelivered: ig("fleet_consumer_redelivered", "Unacknowledged messages delivered more than once", sc)?,
             backlog: ig("fleet_model_backlog", "Waiting plus unacknowledged requests", &["model", "priority"])?,
+            oldest_wait: g(
+                "fleet_queue_oldest_wait_seconds",
+                "Age of the oldest request no worker has taken yet (0: none waiting)",
+                &["model", "priority"],
+            )?,
             arrival: g("fleet_model_arrival_rate", "Requests arriving per second", &["model"])?,
             completion: g("fleet_model_completion_rate", "Requests completed per second", &["model"])?,
             service: g("fleet_model_service_rate", "One worker's service rate in requests per second", &["model"])?,

@@ -54,10 +54,32 @@ struct Inner {
     consumers: Vec<(String, String)>,
 }
 
+/// One worker consumer as a sample reads it.
+struct Consumer {
+    p: Priority,
+    model: String,
+    info: async_nats::jetstream::consumer::Info,
+    /// When its oldest undelivered request was published, unix ms.
+    oldest_ms: Option<u64>,
+}
+
+/// When the oldest request `consumer` has not delivered yet was published,
+/// unix ms: the next message on its subject after the last it delivered.
+async fn oldest_undelivered(
+    stream: &async_nats::jetstream::stream::Stream,
+    consumer: &async_nats::jetstream::consumer::Info,
+) -> Option<u64> {
+    let next = consumer.delivered.stream_sequence + 1;
+    let msg = stream.direct_get_next_for_subject(consumer.config.filter_subject.clone(), Some(next)).await.ok()?;
+    Some((msg.time.unix_timestamp_nanos() / 1_000_000) as u64)
+}
+
 /// Per-model sums over its consumers in one sample.
 #[derive(Debug, Default)]
 struct Acc {
     backlog: [u64; 3],
+    /// Publish time of the oldest undelivered request per class, unix ms.
+    oldest_ms: [Option<u64>; 3],
     arrivals: f64,
     completions: f64,
     saturated: bool,
@@ -129,7 +151,7 @@ impl Sampler {
         r
     }
 
-    async fn read_consumers(&self) -> anyhow::Result<Vec<(Priority, String, async_nats::jetstream::consumer::Info)>> {
+    async fn read_consumers(&self) -> anyhow::Result<Vec<Consumer>> {
         let mut out = Vec::new();
         for p in Priority::ALL {
             let name = subjects::request_stream(p);
@@ -145,7 +167,16 @@ impl Sampler {
                 if !self.cfg.models.is_empty() && !self.cfg.models.contains(&model) {
                     continue;
                 }
-                out.push((p, model, info));
+                out.push(Consumer { p, model, info, oldest_ms: None });
+            }
+            // the oldest request no worker has taken yet, in each lane that has one
+            let mut waiting: Vec<&mut Consumer> =
+                out.iter_mut().filter(|c| c.p == p && c.info.num_pending > 0 && !c.info.paused).collect();
+            for lanes in waiting.chunks_mut(64) {
+                let found = futures::future::join_all(lanes.iter().map(|c| oldest_undelivered(&stream, &c.info))).await;
+                for (c, oldest) in lanes.iter_mut().zip(found) {
+                    c.oldest_ms = oldest;
+                }
             }
         }
         for name in [subjects::RESULTS_STREAM, subjects::DLQ_STREAM] {
@@ -173,7 +204,7 @@ impl Sampler {
         let mut inner = self.inner.lock().expect("sampler lock");
         let mut accs: BTreeMap<String, Acc> = BTreeMap::new();
         let present: Vec<(String, String)> =
-            consumers.iter().map(|(p, _, i)| (subjects::request_stream(*p).to_string(), i.name.clone())).collect();
+            consumers.iter().map(|c| (subjects::request_stream(c.p).to_string(), c.info.name.clone())).collect();
         for gone in inner.consumers.iter().filter(|c| !present.contains(c)) {
             let labels = [gone.0.as_str(), gone.1.as_str()];
             for g in [&m.lag, &m.pending, &m.ack_pending, &m.redelivered] {
@@ -182,7 +213,7 @@ impl Sampler {
         }
         inner.seen.retain(|(p, c), _| present.iter().any(|(s, n)| s == subjects::request_stream(*p) && n == c));
         inner.consumers = present;
-        for (p, model, info) in consumers {
+        for Consumer { p, model, info, oldest_ms } in consumers {
             let stream = subjects::request_stream(p);
             let labels = [stream, info.name.as_str()];
             let ack_pending = info.num_ack_pending as u64;
@@ -201,6 +232,8 @@ impl Sampler {
             let now =
                 Seen { t, delivered: info.delivered.consumer_sequence, ack_pending, lag, pending: info.num_pending };
             acc.backlog[p.index()] += lag;
+            let o = &mut acc.oldest_ms[p.index()];
+            *o = (*o).into_iter().chain(oldest_ms).min();
             if let Some(prev) = inner.seen.insert((p, info.name.clone()), now) {
                 let dt = t - prev.t;
                 // a recreated consumer restarts its sequence: no rate this time
@@ -228,6 +261,7 @@ impl Sampler {
             }
             for p in Priority::ALL {
                 let _ = m.backlog.remove_label_values(&[&model, p.as_str()]);
+                let _ = m.oldest_wait.remove_label_values(&[&model, p.as_str()]);
             }
             for kind in WARNINGS {
                 let _ = m.warning.remove_label_values(&[&model, kind]);
@@ -308,8 +342,10 @@ impl Sampler {
 
             m.recommended.with_label_values(&[&model]).set(rec.replicas as i64);
             m.desired.with_label_values(&[&model]).set(rec.desired as i64);
+            let oldest_wait_ms = acc.oldest_ms.map(|o| o.map_or(0, |o| at_ms.saturating_sub(o)));
             for p in Priority::ALL {
                 m.backlog.with_label_values(&[&model, p.as_str()]).set(acc.backlog[p.index()] as i64);
+                m.oldest_wait.with_label_values(&[&model, p.as_str()]).set(oldest_wait_ms[p.index()] as f64 / 1e3);
             }
             m.arrival.with_label_values(&[&model]).set(acc.arrivals);
             m.completion.with_label_values(&[&model]).set(acc.completions);
@@ -333,6 +369,11 @@ impl Sampler {
                 reason: reason.unwrap_or_default(),
                 workers: n,
                 backlog: PerPriority { high: acc.backlog[0], normal: acc.backlog[1], low: acc.backlog[2] },
+                oldest_wait_ms: PerPriority {
+                    high: oldest_wait_ms[0],
+                    normal: oldest_wait_ms[1],
+                    low: oldest_wait_ms[2],
+                },
                 weighted_backlog: rec.weighted_backlog,
                 arrival_rate: acc.arrivals,
                 completion_rate: acc.completions,

@@ -50,6 +50,10 @@ pub struct Metrics {
     pulled: IntCounterVec,
     /// `fleet_worker_generated_tokens_total{model}`: tokens the backend computed.
     generated: IntCounterVec,
+    /// `fleet_time_to_first_token_seconds{priority,model}`: publish → the model's first token.
+    ttft: HistogramVec,
+    /// `fleet_time_per_output_token_seconds{priority,model}`: first → last token, per token after the first.
+    tpot: HistogramVec,
 }
 
 impl Metrics {
@@ -87,6 +91,14 @@ impl Metrics {
                 "Tokens computed by the backend (a resumed generation counts only those after its checkpoint)",
                 &["model"],
             )?,
+            ttft: latency(
+                "fleet_time_to_first_token_seconds",
+                "Time from publish to the model's first token (queue wait included; computed answers only)",
+            )?,
+            tpot: latency(
+                "fleet_time_per_output_token_seconds",
+                "Time per output token after the first, per computed answer of two tokens or more",
+            )?,
         })
     }
 
@@ -105,9 +117,16 @@ impl Metrics {
         self.compute.with_label_values(&[p.as_str(), model]).observe(took.as_secs_f64());
     }
 
-    /// The backend computed `tokens` tokens of a completion.
-    pub fn generated(&self, model: &str, tokens: u32) {
+    /// The backend computed `tokens` tokens of a completion, the first
+    /// `ttft` after the request was published, then one every `tpot`.
+    pub fn generated(&self, p: Priority, model: &str, tokens: u32, ttft: Option<Duration>, tpot: Option<Duration>) {
         self.generated.with_label_values(&[model]).inc_by(tokens as u64);
+        if let Some(t) = ttft {
+            self.ttft.with_label_values(&[p.as_str(), model]).observe(t.as_secs_f64());
+        }
+        if let Some(t) = tpot {
+            self.tpot.with_label_values(&[p.as_str(), model]).observe(t.as_secs_f64());
+        }
     }
 
     /// A request left the worker with `outcome` (`ok`, an error code, ...).

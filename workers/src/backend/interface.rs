@@ -23,6 +23,8 @@ pub struct Generation {
     /// Tokens this attempt computed: fewer than the completion's when it
     /// resumed an earlier attempt's checkpoint.
     pub computed_tokens: u32,
+    /// When this attempt's first token was there (none: it computed none).
+    pub first_token: Option<std::time::Instant>,
 }
 
 /// A backend failure.

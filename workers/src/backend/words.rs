@@ -28,6 +28,8 @@ pub(crate) fn answer<'w>(
         logprobs: None,
         usage: Usage { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens },
         computed_tokens: completion_tokens,
+        // a test backend has the whole text at once
+        first_token: (completion_tokens > 0).then(std::time::Instant::now),
     }
 }
 

@@ -102,7 +102,8 @@ pub async fn run(sh: &Shared, m: &Settling<'_>, job: Job, queued_ms: f64, picked
     let compute_ms = compute.as_secs_f64() * 1e3;
     let g = match generated {
         Some(Ok(g)) => {
-            sh.metrics.generated(m.model_label, g.computed_tokens);
+            let (ttft, tpot) = token_times(&g, queued_ms, picked, started + compute);
+            sh.metrics.generated(m.priority, m.model_label, g.computed_tokens, ttft, tpot);
             g
         }
         Some(Err(e)) => {
@@ -167,6 +168,15 @@ async fn generate(
         let _ = task.await;
     }
     generated
+}
+
+/// Time to the first token (from publish: `queued_ms` before `picked`) and
+/// per output token after it (the generation ended at `done`).
+fn token_times(g: &Generation, queued_ms: f64, picked: Instant, done: Instant) -> (Option<Duration>, Option<Duration>) {
+    let Some(first) = g.first_token else { return (None, None) };
+    let ttft = Duration::from_secs_f64(queued_ms / 1e3) + first.saturating_duration_since(picked);
+    let tpot = (g.computed_tokens > 1).then(|| done.saturating_duration_since(first) / (g.computed_tokens - 1));
+    (Some(ttft), tpot)
 }
 
 /// A failed generation: retried while deliveries remain and another
@@ -254,5 +264,35 @@ async fn with_progress<F: Future>(msg: &jetstream::Message, every: Duration, id:
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn generation(tokens: u32, first_token: Option<Instant>) -> Generation {
+        Generation {
+            text: String::new(),
+            finish_reason: "stop".into(),
+            tool_calls: Vec::new(),
+            logprobs: None,
+            usage: Default::default(),
+            computed_tokens: tokens,
+            first_token,
+        }
+    }
+
+    #[test]
+    fn first_token_counts_from_publish_and_per_token_time_from_the_first() {
+        let picked = Instant::now();
+        let first = picked + Duration::from_millis(40);
+        let done = first + Duration::from_millis(90);
+        let (ttft, tpot) = token_times(&generation(10, Some(first)), 25.0, picked, done);
+        assert_eq!(ttft, Some(Duration::from_millis(65)));
+        assert_eq!(tpot, Some(Duration::from_millis(10)));
+        // one token has no time between tokens; no token, no first token
+        assert_eq!(token_times(&generation(1, Some(first)), 0.0, picked, done).1, None);
+        assert_eq!(token_times(&generation(0, None), 5.0, picked, done), (None, None));
     }
 }

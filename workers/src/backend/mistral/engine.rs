@@ -115,6 +115,7 @@ impl Backend for Mistral {
                     total_tokens: (out.prompt_tokens + out.completion_tokens) as u32,
                 },
                 computed_tokens: out.computed_tokens as u32,
+                first_token: out.first_token,
             })
         })
     }

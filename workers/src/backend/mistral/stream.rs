@@ -28,6 +28,8 @@ pub(super) struct Output {
     /// Tokens this attempt computed (fewer than `completion_tokens` when it
     /// resumed an earlier attempt).
     pub computed_tokens: usize,
+    /// When the engine sent this attempt's first new token.
+    pub first_token: Option<std::time::Instant>,
 }
 
 /// One attempt at a request, beyond its prompt and parameters.
@@ -63,6 +65,7 @@ pub(super) async fn generate(
             prompt_tokens: 0,
             completion_tokens: 0,
             computed_tokens: 0,
+            first_token: None,
         });
     }
     let stops: Vec<String> = p.asked.stop.iter().filter(|s| !s.is_empty()).cloned().collect();
@@ -91,6 +94,7 @@ pub(super) async fn generate(
         None => 0,
     };
     let mut calls = Vec::new();
+    let mut first_token = None;
     let finish_reason = loop {
         // the engine drops the sender only when its thread dies (mistral.rs
         // reboots it on the next request): a cut-off answer is an error,
@@ -127,6 +131,7 @@ pub(super) async fn generate(
         if skip > 0 {
             skip -= 1;
         } else {
+            first_token.get_or_insert_with(std::time::Instant::now);
             text.push(&piece);
             if fr.is_none() && !text.stopped {
                 marks.token(&piece, &text.text, &meter);
@@ -142,7 +147,7 @@ pub(super) async fn generate(
         Some(picks) => Some(super::logprobs::of(model, run_vocab, picks, text.len()).await?),
         None => None,
     };
-    Ok(Output { text, finish_reason, calls, logprobs, prompt_tokens, completion_tokens, computed_tokens })
+    Ok(Output { text, finish_reason, calls, logprobs, prompt_tokens, completion_tokens, computed_tokens, first_token })
 }
 
 /// Checkpoints of a generation: which token the text has reached, and
