@@ -24,6 +24,9 @@
 #   code not). BEFORE=/path/to/older/retro-fleet adds `before`: an ingress
 #   served by that binary in front of the same worker, to measure a change
 #   in the same run. INGRESS_THREADS=N sets the ingress's `ingress.threads`.
+#   TRACED="1.0 0.01" adds `traced-R` for each R: the fleet exporting its
+#   traces over OTLP at sampling ratio R to scripts/otlp-sink.py, on a
+#   nats-server of its own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/bench-lib.sh
@@ -66,6 +69,30 @@ if [ -n "${BEFORE:-}" ]; then
     BEFORE_PID=$!
     targets+=(--http before=http://127.0.0.1:18082)
     ports+=(18082)
+fi
+TRACED_ROWS=()
+if [ -n "${TRACED:-}" ]; then
+    python3 scripts/otlp-sink.py 14318 >"$WORKDIR/sink.log" 2>&1 &
+    SINK_PID=$!
+    i=0
+    for r in $TRACED; do
+        i=$((i + 1))
+        np=$((PORT + 10 + i))
+        hp=$((18100 + i))
+        nats-server -js -a 127.0.0.1 -p "$np" -sd "$WORKDIR/store-traced-$i" >/dev/null 2>&1 &
+        nats_pid=$!
+        sleep 0.5
+        traced_env=(env NATS_URL="nats://127.0.0.1:$np" FLEET_TELEMETRY__OTLP__ENDPOINT=http://127.0.0.1:14318
+            FLEET_TELEMETRY__OTLP__SAMPLING_RATIO="$r")
+        "${traced_env[@]}" "$BIN/retro-fleet" --config "$WORKDIR/bench.toml" topology apply >/dev/null
+        "${traced_env[@]}" "$BIN/retro-fleet" --config "$WORKDIR/bench.toml" worker >"$WORKDIR/worker-traced-$i.log" 2>&1 &
+        worker_pid=$!
+        "${traced_env[@]}" "$BIN/retro-fleet" --config "$WORKDIR/ingress.toml" ingress --listen "127.0.0.1:$hp" \
+            >"$WORKDIR/ingress-traced-$i.log" 2>&1 &
+        targets+=(--http "traced-$r=http://127.0.0.1:$hp")
+        ports+=("$hp")
+        TRACED_ROWS+=("traced-$r http://127.0.0.1:$hp $nats_pid $! $worker_pid")
+    done
 fi
 for port in "${ports[@]}"; do
     for _ in $(seq 100); do
@@ -111,4 +138,9 @@ for _ in 1 2; do
     cpu floor-contract http://127.0.0.1:18092 "$CONTRACT_NATS_PID" "$CONTRACT_FLOOR_PID"
     cpu fleet http://127.0.0.1:18081 "$NATS_PID" "$INGRESS_PID" "$WORKER_PID"
     [ -z "${BEFORE:-}" ] || cpu before http://127.0.0.1:18082 "$NATS_PID" "$BEFORE_PID" "$WORKER_PID"
+    for row in "${TRACED_ROWS[@]}"; do
+        # shellcheck disable=SC2086 # label, URL and three pids
+        cpu $row
+    done
 done
+[ -z "${TRACED:-}" ] || { kill -TERM "$SINK_PID" 2>/dev/null || true; sleep 0.5; cat "$WORKDIR/sink.log"; }

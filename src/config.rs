@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::ingress::config::IngressConfig;
 use crate::nats::NatsConfig;
 use crate::scaler::Policy;
-use crate::telemetry::LogConfig;
+use crate::telemetry::{LogConfig, TelemetryConfig};
 use crate::topology::TopologyConfig;
 
 /// The whole configuration of a retro-fleet process.
@@ -25,6 +25,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Logging.
     pub log: LogConfig,
+    /// Trace export.
+    pub telemetry: TelemetryConfig,
     /// Where `worker` and `scaler` serve `/metrics` and `/health/*` (the
     /// ingress serves them on its own port). Unset: not served.
     pub metrics_listen: Option<String>,
@@ -46,6 +48,7 @@ impl Default for Config {
             nats: NatsConfig::default(),
             data_dir: PathBuf::from("data"),
             log: LogConfig::default(),
+            telemetry: TelemetryConfig::default(),
             metrics_listen: Some("127.0.0.1:9091".into()),
             topology: TopologyConfig::default(),
             ingress: IngressConfig::default(),
@@ -93,16 +96,18 @@ impl Config {
     /// the range instead of hanging a worker or being quietly capped.
     fn check(&self) -> Result<(), String> {
         self.worker.check()?;
+        self.telemetry.otlp.check()?;
         self.models.iter().try_for_each(|(name, model)| model.check(name))
     }
 
     /// This configuration with every secret replaced by `<redacted>`: API
     /// key hashes, JWT secrets, the user and password (or token) of NATS
-    /// URLs and the path of the NATS credentials file.
+    /// URLs, the path of the NATS credentials file and OTLP export headers.
     pub fn redacted(&self) -> Config {
         let mut c = self.clone();
         c.ingress.auth = c.ingress.auth.redacted();
         c.nats = c.nats.redacted();
+        c.telemetry.otlp = c.telemetry.otlp.redacted();
         c
     }
 

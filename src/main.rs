@@ -11,10 +11,15 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let serves = matches!(
-        cli.command,
-        Command::Up { .. } | Command::Ingress { .. } | Command::Worker { .. } | Command::Scaler { .. }
-    );
+    // the role a serving command runs (its traces' service name)
+    let role = match cli.command {
+        Command::Up { .. } => Some("up"),
+        Command::Ingress { .. } => Some("ingress"),
+        Command::Worker { .. } => Some("worker"),
+        Command::Scaler { .. } => Some("scaler"),
+        _ => None,
+    };
+    let serves = role.is_some();
     if !serves {
         quiet_broken_pipe();
     }
@@ -41,6 +46,10 @@ fn main() -> std::process::ExitCode {
         }
     }
     telemetry::init_logs(&log);
+    let traces = match role.map(|r| telemetry::init_traces(&config.telemetry.otlp, r)).transpose() {
+        Ok(t) => t.flatten(),
+        Err(e) => return exit_code(Err(e)),
+    };
     let runtime = runtime_for(&cli.command, config.worker.threads, config.ingress.threads);
     let serving = runtime.block_on(async move {
         let shutdown = CancellationToken::new();
@@ -57,6 +66,9 @@ fn main() -> std::process::ExitCode {
     // Tasks still waiting on NATS (a lost connection) or a model thread
     // must not keep a stopped process alive.
     runtime.shutdown_timeout(retro_fleet_worker::FINAL_OP_TIMEOUT);
+    if let Some(t) = traces {
+        t.shutdown();
+    }
     match serving {
         Ok(exit) => std::process::ExitCode::from(exit.code()),
         Err(e) => exit_code(Err(e)),

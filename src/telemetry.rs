@@ -1,5 +1,6 @@
-//! Logs and metrics setup: one Prometheus registry per process, JSON logs in
-//! production and pretty logs on a terminal.
+//! Logs, metrics and traces setup: one Prometheus registry per process,
+//! JSON logs in production and pretty logs on a terminal, and OTLP export
+//! of the request spans (`retro_fleet_worker::trace`) when configured.
 
 use std::io::IsTerminal;
 
@@ -84,6 +85,119 @@ pub fn init_logs(cfg: &LogConfig) {
     let _ = if json { builder.json().flatten_event(true).try_init() } else { builder.compact().try_init() };
 }
 
+/// Trace export settings (`[telemetry]`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// OTLP export of traces.
+    pub otlp: OtlpConfig,
+}
+
+/// OTLP export of traces, over HTTP/protobuf (`[telemetry.otlp]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OtlpConfig {
+    /// The collector: its base URL (`http://otel-collector:4318`; spans go
+    /// to `/v1/traces` under it) or the whole traces URL. Empty: no export
+    /// (and no exporter: the `OTEL_*` environment is not read).
+    pub endpoint: String,
+    /// Headers sent with every export, such as a vendor's API key (secret:
+    /// shown redacted).
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// Fraction of new traces kept, 0 to 1. A request that arrives with a
+    /// `traceparent` follows its sampled flag instead.
+    pub sampling_ratio: f64,
+    /// `service.name` of the spans; unset: `retro-fleet-<role>`. Set it per
+    /// role with `FLEET_TELEMETRY__OTLP__SERVICE_NAME`.
+    pub service_name: Option<String>,
+    /// Most time one export may take, ms.
+    pub timeout_ms: u64,
+}
+
+impl Default for OtlpConfig {
+    fn default() -> Self {
+        OtlpConfig {
+            endpoint: String::new(),
+            headers: Default::default(),
+            sampling_ratio: 1.0,
+            service_name: None,
+            timeout_ms: 5000,
+        }
+    }
+}
+
+impl OtlpConfig {
+    /// Values that cannot work, named with their key.
+    pub fn check(&self) -> Result<(), String> {
+        if !(0.0..=1.0).contains(&self.sampling_ratio) {
+            return Err(format!("telemetry.otlp.sampling_ratio = {}: must be within 0..=1", self.sampling_ratio));
+        }
+        let e = &self.endpoint;
+        if !e.is_empty() && !(e.starts_with("http://") || e.starts_with("https://")) {
+            return Err(format!(
+                "telemetry.otlp.endpoint = {e:?}: an http:// or https:// URL of an OTLP/HTTP collector \
+                 (such as http://localhost:4318)"
+            ));
+        }
+        Ok(())
+    }
+
+    /// This configuration with header values replaced by `<redacted>`.
+    pub fn redacted(&self) -> OtlpConfig {
+        let headers = self.headers.keys().map(|k| (k.clone(), "<redacted>".to_string())).collect();
+        OtlpConfig { headers, ..self.clone() }
+    }
+
+    /// Where spans are sent.
+    fn traces_url(&self) -> String {
+        match self.endpoint.trim_end_matches('/') {
+            e if e.ends_with("/v1/traces") => e.to_string(),
+            e => format!("{e}/v1/traces"),
+        }
+    }
+}
+
+/// Spans export until [`Traces::shutdown`], which sends what is left.
+pub struct Traces(opentelemetry_sdk::trace::SdkTracerProvider);
+
+impl Traces {
+    /// Sends the spans not yet exported (waiting at most two seconds: a
+    /// collector that is gone does not hold the process).
+    pub fn shutdown(self) {
+        if let Err(e) = self.0.shutdown_with_timeout(std::time::Duration::from_secs(2)) {
+            tracing::warn!(error = %e, "the last spans were not exported");
+        }
+    }
+}
+
+/// Installs the trace exporter of `role` when `cfg` names a collector, as
+/// the provider every span of the process goes to. Call it outside the
+/// async runtime (the exporter's HTTP client has its own thread).
+pub fn init_traces(cfg: &OtlpConfig, role: &str) -> anyhow::Result<Option<Traces>> {
+    use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
+    use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+    if cfg.endpoint.is_empty() {
+        return Ok(None);
+    }
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+        .with_endpoint(cfg.traces_url())
+        .with_timeout(std::time::Duration::from_millis(cfg.timeout_ms.max(1)))
+        .with_headers(cfg.headers.clone().into_iter().collect())
+        .build()
+        .map_err(|e| anyhow::anyhow!("telemetry.otlp: cannot build the exporter: {e}"))?;
+    let service = cfg.service_name.clone().unwrap_or_else(|| format!("retro-fleet-{role}"));
+    let provider = SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(cfg.sampling_ratio))))
+        .with_resource(opentelemetry_sdk::Resource::builder().with_service_name(service.clone()).build())
+        .build();
+    opentelemetry::global::set_tracer_provider(provider.clone());
+    tracing::info!(endpoint = %cfg.traces_url(), service = %service, ratio = cfg.sampling_ratio, "exporting traces over OTLP");
+    Ok(Some(Traces(provider)))
+}
+
 /// The process's registry, with the `fleet_` prefix on every metric.
 pub fn registry() -> Registry {
     Registry::new()
@@ -98,7 +212,20 @@ pub fn render(registry: &Registry) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::directives;
+    use super::{directives, OtlpConfig};
+
+    #[test]
+    fn an_otlp_endpoint_is_a_base_url_or_the_traces_url() {
+        let at = |endpoint: &str| OtlpConfig { endpoint: endpoint.into(), ..Default::default() };
+        assert_eq!(at("http://c:4318").traces_url(), "http://c:4318/v1/traces");
+        assert_eq!(at("http://c:4318/").traces_url(), "http://c:4318/v1/traces");
+        assert_eq!(at("https://c/otlp/v1/traces").traces_url(), "https://c/otlp/v1/traces");
+        assert!(at("c:4317").check().unwrap_err().contains("telemetry.otlp.endpoint"));
+        let ratio = OtlpConfig { sampling_ratio: 1.5, ..Default::default() };
+        assert!(ratio.check().unwrap_err().contains("sampling_ratio"));
+        let keyed = OtlpConfig { headers: [("x-key".into(), "s3cret".into())].into(), ..Default::default() };
+        assert!(!format!("{:?}", keyed.redacted()).contains("s3cret"));
+    }
 
     #[test]
     fn engine_internals_stay_at_warn_unless_asked_for() {

@@ -4,7 +4,7 @@
 //! `--nats-url`) fail with an authorization refusal that names no secret,
 //! and with right ones they work while their logs, `/metrics`, HTTP replies
 //! and `config` output show none of the NATS password, the API keys, the
-//! JWT or its HS256 secret.
+//! JWT or its HS256 secret, nor the API key sent to the trace collector.
 
 mod common;
 
@@ -22,9 +22,10 @@ const WRONG_TOKEN: &str = "Wrong-NATS-token-3";
 const API_KEY: &str = "api-key-right-4c1d";
 const WRONG_API_KEY: &str = "api-key-wrong-77aa";
 const HS_SECRET: &str = "an HS256 secret of at least thirty-two bytes";
+const OTLP_KEY: &str = "otlp-collector-key-5e2b";
 
 /// Every secret of these tests: none may appear in any output.
-const SECRETS: &[&str] = &[PASS, WRONG_PASS, TOKEN, WRONG_TOKEN, API_KEY, WRONG_API_KEY, HS_SECRET];
+const SECRETS: &[&str] = &[PASS, WRONG_PASS, TOKEN, WRONG_TOKEN, API_KEY, WRONG_API_KEY, HS_SECRET, OTLP_KEY];
 
 fn assert_no_secret(what: &str, text: &str, extra: &[&str]) {
     for s in SECRETS.iter().chain(extra) {
@@ -134,7 +135,8 @@ fn jwt() -> String {
 fn auth_config() -> String {
     format!(
         "[ingress.auth]\nenabled = true\njwt_issuers = [\"https://issuer.test\"]\njwt_audiences = [\"retro-fleet\"]\n\
-         {}[[ingress.auth.jwt_keys]]\nalgorithm = \"HS256\"\nsecret = \"{HS_SECRET}\"\n",
+         {}[[ingress.auth.jwt_keys]]\nalgorithm = \"HS256\"\nsecret = \"{HS_SECRET}\"\n\
+         [telemetry.otlp]\nendpoint = \"http://127.0.0.1:9\"\nheaders = {{ \"x-api-key\" = \"{OTLP_KEY}\" }}\n",
         api_keys(&[("app", API_KEY, "acme", &["submit", "read", "admin"])])
     )
 }
@@ -149,6 +151,7 @@ async fn right_credentials_in_the_url_work_and_no_output_shows_a_secret() {
     assert!(applied.status.success(), "credentials in the URL are used:\n{}", output(&applied));
     let shown = output(&cli(&config, &["config"], &[]));
     assert!(shown.contains("<redacted>@127.0.0.1"), "{shown}");
+    assert!(shown.contains(r#"x-api-key = "<redacted>""#), "the collector's key is shown redacted: {shown}");
 
     let mut worker = start_worker(&config, &[]).await;
     let (mut ingress, base) = start_ingress(&config).await;

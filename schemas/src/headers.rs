@@ -58,9 +58,26 @@ pub fn trace_id(traceparent: &str) -> Option<&str> {
     is_traceparent(traceparent).then(|| traceparent.split('-').nth(1)).flatten()
 }
 
+/// The trace id, parent span id and flags of a valid `traceparent`.
+pub fn parse_traceparent(traceparent: &str) -> Option<(u128, u64, u8)> {
+    if !is_traceparent(traceparent) {
+        return None;
+    }
+    let mut parts = traceparent.split('-').skip(1);
+    let trace = u128::from_str_radix(parts.next()?, 16).ok()?;
+    let span = u64::from_str_radix(parts.next()?, 16).ok()?;
+    let flags = u8::from_str_radix(parts.next()?, 16).ok()?;
+    Some((trace, span, flags))
+}
+
+/// The version 00 `traceparent` of a span (ids not zero).
+pub fn format_traceparent(trace: u128, span: u64, flags: u8) -> String {
+    format!("00-{:032x}-{:016x}-{flags:02x}", trace.max(1), span.max(1))
+}
+
 /// A new sampled `traceparent` from 128 + 64 random bits.
 pub fn new_traceparent(trace: u128, span: u64) -> String {
-    format!("00-{:032x}-{:016x}-01", trace.max(1), span.max(1))
+    format_traceparent(trace, span, 1)
 }
 
 /// Value of [`KIND`] on a final result.
@@ -71,6 +88,15 @@ pub const KIND_CHUNK: &str = "chunk";
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_traceparent_reads_back_what_was_written() {
+        let t = format_traceparent(0x4bf92f3577b34da6a3ce929d0e0e4736, 0x00f067aa0ba902b7, 1);
+        assert_eq!(t, "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        assert_eq!(parse_traceparent(&t), Some((0x4bf92f3577b34da6a3ce929d0e0e4736, 0x00f067aa0ba902b7, 1)));
+        assert_eq!(parse_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00").map(|p| p.2), Some(0));
+        assert_eq!(parse_traceparent("00-00000000000000000000000000000000-00f067aa0ba902b7-01"), None);
+    }
 
     #[test]
     fn traceparents() {

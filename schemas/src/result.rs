@@ -187,6 +187,20 @@ pub enum CacheTier {
     Ingress,
 }
 
+impl CacheTier {
+    /// The tier as written on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheTier::None => "none",
+            CacheTier::Memory => "memory",
+            CacheTier::Disk => "disk",
+            CacheTier::Semantic => "semantic",
+            CacheTier::Coalesced => "coalesced",
+            CacheTier::Ingress => "ingress",
+        }
+    }
+}
+
 /// Milliseconds spent in each phase.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Timings {
@@ -274,5 +288,18 @@ impl ErrorCode {
 impl std::fmt::Display for ErrorCode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cache_tier_reads_as_it_is_written() {
+        use CacheTier::*;
+        for t in [None, Memory, Disk, Semantic, Coalesced, Ingress] {
+            assert_eq!(serde_json::to_value(t).unwrap(), t.as_str());
+        }
     }
 }

@@ -73,6 +73,7 @@ use axum::response::IntoResponse;
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use prometheus::Registry;
+use retro_fleet_worker::trace;
 use tokio_util::sync::CancellationToken;
 
 use config::Setup;
@@ -220,20 +221,39 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(|State(s): State<AppState>| async move { Json(s.openapi.clone()) }))
         .fallback(not_found)
-        .layer(axum::middleware::from_fn_with_state(state.clone(), count_requests))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
         .layer(axum::middleware::from_fn_with_state(state.drain.clone(), shutdown::bound))
         .layer(axum::middleware::from_fn(request_id::middleware))
         .with_state(state)
 }
 
-async fn count_requests(
+/// Counts every HTTP request by route and status, and traces the API's.
+async fn observe(
     State(state): State<AppState>,
     matched: Option<axum::extract::MatchedPath>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
-    let resp = next.run(req).await;
     let route = matched.as_ref().map_or("unmatched", |m| m.as_str());
+    // the API's routes are traced (a span per call, under the caller's
+    // `traceparent`); probes and scrapes are not
+    let resp = if route.starts_with("/v1/") {
+        let caller = req.headers().get(retro_fleet_schemas::headers::TRACEPARENT).and_then(|v| v.to_str().ok());
+        let method = req.method().as_str().to_string();
+        let attrs = vec![
+            opentelemetry::KeyValue::new("http.request.method", method.clone()),
+            opentelemetry::KeyValue::new("http.route", route.to_string()),
+        ];
+        let kind = opentelemetry::trace::SpanKind::Server;
+        let cx = trace::start(format!("{method} {route}"), kind, &trace::remote(caller), None, attrs);
+        let resp = trace::within(cx.clone(), next.run(req)).await;
+        let status = resp.status();
+        let code = opentelemetry::KeyValue::new("http.response.status_code", status.as_u16() as i64);
+        trace::end(&cx, vec![code], status.is_server_error().then(|| status.as_str()));
+        resp
+    } else {
+        next.run(req).await
+    };
     state.metrics.http.with_label_values(&[route, resp.status().as_str()]).inc();
     resp
 }

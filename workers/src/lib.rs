@@ -23,6 +23,7 @@
 //! - [`hub`]: model ids of the Hugging Face hub, from its local cache or online.
 //! - [`lora`]: merges LoRA adapters (PEFT) into copies of base weights.
 //! - [`tiny_model`]: writes the small random-weights Llama used by the demo and the tests.
+//! - [`trace`]: a request's spans across the NATS hops (OpenTelemetry), their context in `traceparent`.
 //! - [`metrics`]: the worker's Prometheus metrics and the fleet's latency buckets.
 //! - [`usage`]: metering: usage records in `FLEET_USAGE` and `fleet_tokens_total`.
 //! - [`shutdown`]: the bounded NATS operations after a drain ([`final_op`]).
@@ -50,6 +51,7 @@ pub mod shutdown;
 pub mod sweeper;
 pub mod tenants;
 pub mod tiny_model;
+pub mod trace;
 pub mod usage;
 pub mod worker;
 

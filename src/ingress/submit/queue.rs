@@ -7,8 +7,10 @@ use std::time::Instant;
 
 use async_nats::HeaderMap;
 use axum::body::Bytes;
+use opentelemetry::trace::SpanKind;
+use opentelemetry::KeyValue;
 use retro_fleet_schemas::{codec, subjects, Envelope, ErrorCode, Priority};
-use retro_fleet_worker::failover;
+use retro_fleet_worker::{failover, trace};
 
 use super::validate::Prepared;
 use crate::ingress::error::ApiError;
@@ -34,7 +36,16 @@ pub enum Sent {
 pub async fn send(state: &AppState, p: &Prepared, reply: Option<&str>) -> Result<Sent, ApiError> {
     let subject = subjects::tenant_request(p.priority, &p.req.model, &p.tenant);
     let payload = Bytes::from(codec::encode(&p.req));
-    let headers = request_headers(p, reply, state.cfg.sync_result_ttl_secs);
+    // the request carries the publish span's context: the worker's spans
+    // are its children
+    let attrs = vec![
+        KeyValue::new("messaging.system", "nats"),
+        KeyValue::new("messaging.destination.name", subject.clone()),
+        KeyValue::new("fleet.request_id", p.req.id.clone()),
+    ];
+    let span = trace::start("publish", SpanKind::Producer, &trace::remote(Some(&p.traceparent)), None, attrs);
+    let traceparent = trace::traceparent(&span).unwrap_or_else(|| p.traceparent.clone());
+    let headers = request_headers(p, reply, state.cfg.sync_result_ttl_secs, &traceparent);
     let publish = || async {
         match state.js.publish_with_headers(subject.clone(), headers.clone(), payload.clone()).await {
             Ok(f) => f.await,
@@ -42,6 +53,7 @@ pub async fn send(state: &AppState, p: &Prepared, reply: Option<&str>) -> Result
         }
     };
     let ack = failover::ride(Instant::now() + p.timeout, failover::unanswered, publish, || async {}).await;
+    trace::end(&span, Vec::new(), ack.as_ref().err().map(|_| "publish refused"));
     match ack {
         Ok(ack) => {
             state.metrics.published.with_label_values(&[p.priority.as_str()]).inc();
@@ -58,7 +70,7 @@ pub async fn send(state: &AppState, p: &Prepared, reply: Option<&str>) -> Result
 /// The headers of a published request: a synchronous call (one with a
 /// `reply` subject) has its result kept `sync_ttl` seconds unless the
 /// caller asked otherwise; an asynchronous one as long as results are kept.
-fn request_headers(p: &Prepared, reply: Option<&str>, sync_ttl: u64) -> HeaderMap {
+fn request_headers(p: &Prepared, reply: Option<&str>, sync_ttl: u64, traceparent: &str) -> HeaderMap {
     let deadline = retro_fleet_worker::unix_ms() + p.timeout.as_millis() as u64;
     let keep = match reply {
         Some(_) => p.result_ttl.or((sync_ttl > 0).then_some(sync_ttl)),
@@ -67,7 +79,7 @@ fn request_headers(p: &Prepared, reply: Option<&str>, sync_ttl: u64) -> HeaderMa
     let mut envelope = Envelope::new(p.req.id.as_str())
         .tenant(p.tenant.as_str())
         .caller(p.who.id.as_str())
-        .traceparent(p.traceparent.as_str())
+        .traceparent(traceparent)
         .deadline_ms(deadline)
         .cache_ttl_secs(p.cache_ttl)
         .result_ttl_secs(keep);

@@ -260,12 +260,17 @@ fn check(rules: &Rules<'_>, req: &InferRequest) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// The caller's W3C `traceparent` when well formed, else a new one.
+/// The trace context of the request: the ingress's span of the call when
+/// traces are exported, else the caller's W3C `traceparent` when well
+/// formed (a span that is not exported carries it), else a new one.
 fn traceparent(h: &HttpHeaders) -> String {
-    h.get(headers::TRACEPARENT)
-        .and_then(|v| v.to_str().ok())
-        .filter(|t| headers::is_traceparent(t))
-        .map(str::to_string)
+    retro_fleet_worker::trace::current_traceparent()
+        .or_else(|| {
+            h.get(headers::TRACEPARENT)
+                .and_then(|v| v.to_str().ok())
+                .filter(|t| headers::is_traceparent(t))
+                .map(str::to_string)
+        })
         .unwrap_or_else(|| headers::new_traceparent(ulid::Ulid::new().0, ulid::Ulid::new().0 as u64))
 }
 

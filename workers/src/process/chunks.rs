@@ -84,6 +84,9 @@ pub async fn forward(
     let mut h = HeaderMap::new();
     h.insert(headers::CONTENT_TYPE, codec::ContentType::MSGPACK_MIME);
     h.insert(headers::KIND, headers::KIND_CHUNK);
+    if let Some(t) = crate::trace::current_traceparent() {
+        h.insert(headers::TRACEPARENT, t.as_str());
+    }
     let mut send = |delta: String, done: bool| {
         let at = offset;
         offset += delta.len() as u64;

@@ -24,15 +24,44 @@ use retro_fleet_schemas::stored::stored_result;
 use retro_fleet_schemas::{headers, subjects, ErrorCode, Priority, Received};
 
 use crate::clock::unix_ms;
+use crate::trace;
 use decide::{Admission, Delivery, Served};
+use opentelemetry::trace::SpanKind;
+use opentelemetry::KeyValue;
 pub use settle::{Outcome, SettleError};
 use settle::{Settlement, Settling};
 pub use shared::Shared;
+
+/// When a message was picked up, and how long it waited.
+#[derive(Debug, Clone, Copy)]
+pub struct Picked {
+    /// When this worker took it.
+    pub at: Instant,
+    /// The same instant, unix ms.
+    pub at_ms: u64,
+    /// When it was published, unix ms.
+    pub published_ms: u64,
+}
+
+impl Picked {
+    /// `msg` taken now.
+    fn now(msg: &jetstream::Message) -> Picked {
+        let at_ms = unix_ms();
+        let published_ms = msg.info().map_or(at_ms, |i| (i.published.unix_timestamp_nanos() / 1_000_000) as u64);
+        Picked { at: Instant::now(), at_ms, published_ms }
+    }
+
+    /// Time in the queue.
+    fn queued(&self) -> Duration {
+        Duration::from_millis(self.at_ms.saturating_sub(self.published_ms))
+    }
+}
 
 /// Processes one message and settles it (ack, nak or term). Never panics on
 /// input; a NATS failure while settling leaves the message for redelivery.
 pub async fn handle(sh: Arc<Shared>, prio: Priority, msg: jetstream::Message) {
     sh.metrics.inflight.inc();
+    let picked = Picked::now(&msg);
     let model_label = subjects::parse_request(&msg.subject)
         .map(|(_, m, _)| m)
         .filter(|m| sh.catalog.contains(*m))
@@ -45,9 +74,23 @@ pub async fn handle(sh: Arc<Shared>, prio: Priority, msg: jetstream::Message) {
         span.record("trace_id", t);
     }
     let delivered = msg.info().map_or(1, |i| i.delivered);
+    // its trace: the wait in the queue, then its handling here, both under
+    // the span that published it
+    let parent = trace::remote(envelope.traceparent);
+    let class = KeyValue::new("fleet.priority", prio.as_str());
+    trace::record("queue wait", &parent, picked.published_ms, picked.at_ms, vec![class.clone()]);
+    let attrs = vec![
+        KeyValue::new("messaging.system", "nats"),
+        KeyValue::new("messaging.destination.name", msg.subject.to_string()),
+        KeyValue::new("fleet.worker", sh.worker_id.clone()),
+        KeyValue::new("fleet.delivered", delivered),
+        class,
+    ];
+    let cx = trace::start("handle", SpanKind::Consumer, &parent, None, attrs);
     let m =
         Settling { msg: &msg, priority: prio, model_label: &model_label, delivered, checkpointed: Default::default() };
-    let outcome = tracing::Instrument::instrument(handle_inner(&sh, &m, envelope), span).await;
+    let handling = tracing::Instrument::instrument(handle_inner(&sh, &m, envelope, picked), span);
+    let outcome = trace::within(cx.clone(), handling).await;
     let label = match &outcome {
         Ok(o) => o.as_str(),
         Err(e) => {
@@ -55,16 +98,19 @@ pub async fn handle(sh: Arc<Shared>, prio: Priority, msg: jetstream::Message) {
             "nats_error"
         }
     };
+    trace::end(&cx, vec![KeyValue::new("fleet.outcome", label)], (label != "ok").then_some(label));
     sh.metrics.finished(prio, &model_label, label);
     sh.metrics.inflight.dec();
 }
 
 /// Decides, runs and settles one message.
-async fn handle_inner(sh: &Shared, m: &Settling<'_>, envelope: Received<'_>) -> Result<Outcome, SettleError> {
-    let picked = Instant::now();
-    let now_ms = unix_ms();
-    let published_ms = m.msg.info().map_or(now_ms, |i| (i.published.unix_timestamp_nanos() / 1_000_000) as u64);
-    let queued = Duration::from_millis(now_ms.saturating_sub(published_ms));
+async fn handle_inner(
+    sh: &Shared,
+    m: &Settling<'_>,
+    envelope: Received<'_>,
+    picked: Picked,
+) -> Result<Outcome, SettleError> {
+    let queued = picked.queued();
     sh.metrics.picked_up(m.priority, m.model_label, queued);
     let queued_ms = queued.as_secs_f64() * 1e3;
     let delivery = Delivery {
@@ -80,12 +126,14 @@ async fn handle_inner(sh: &Shared, m: &Settling<'_>, envelope: Received<'_>) -> 
         Err(rejection) => return settle::settle(sh, m, Settlement::GiveUp(rejection)).await,
     };
     tracing::Span::current().record("id", job.req.id.as_str());
+    trace::set(KeyValue::new("fleet.request_id", job.req.id.clone()));
+    trace::set(KeyValue::new("gen_ai.request.model", job.req.model.clone()));
     // A previous delivery may have stored its result before its worker died.
     let stored = match job.delivered > 1 {
         true => Box::pin(stored_result(&sh.js, &job.tenant, &job.req.id)).await.ok().flatten(),
         false => None,
     };
-    let settlement = match decide::admit(&job, stored, now_ms, sh.max_deliver) {
+    let settlement = match decide::admit(&job, stored, picked.at_ms, sh.max_deliver) {
         Admission::Answered(result) => {
             Settlement::Resend { result: Box::new(result), reply: job.reply, tenant: job.tenant, caller: job.caller }
         }
@@ -94,7 +142,7 @@ async fn handle_inner(sh: &Shared, m: &Settling<'_>, envelope: Received<'_>) -> 
             let message = format!("deadline passed {late_ms} ms before a worker picked the request up");
             run::final_error(sh, &job, queued_ms, ErrorCode::DeadlineExceeded, message)
         }
-        Admission::Run => run::run(sh, m, job, queued_ms, picked).await,
+        Admission::Run => run::run(sh, m, job, queued_ms, picked.at).await,
     };
     settle::settle(sh, m, settlement).await
 }

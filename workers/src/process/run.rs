@@ -5,7 +5,7 @@
 
 use std::future::Future;
 use std::sync::atomic::AtomicBool;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_nats::jetstream::{self, AckKind};
 use retro_fleet_schemas::{CacheTier, ErrorBody, ErrorCode, InferResult, Output, Status};
@@ -18,6 +18,8 @@ use super::shared::Shared;
 use crate::backend::{Attempt, BackendError, Checkpoint, Generation};
 use crate::cache::{self, Found, Session};
 use crate::clock::unix_ms;
+use crate::trace;
+use opentelemetry::KeyValue;
 
 /// The job's result with `status` and nothing computed yet.
 fn blank(sh: &Shared, job: &Job, status: Status, queued_ms: f64) -> InferResult {
@@ -84,7 +86,7 @@ pub async fn run(sh: &Shared, m: &Settling<'_>, job: Job, queued_ms: f64, picked
     let mut session =
         sh.cache.as_ref().and_then(|c| Session::open(c, &job.req, &job.tenant, &revision, job.cache_ttl_secs));
     if let Some(s) = session.as_mut() {
-        match Box::pin(from_cache(s, &guard)).await {
+        match trace::in_span("cache lookup", Vec::new(), Box::pin(from_cache(s, &guard))).await {
             Err(Cancelled(when)) => return cancelled(when, 0.0),
             Ok(Some(found)) => return Box::pin(answer_found(sh, &job, s, found, queued_ms, picked)).await,
             Ok(None) => {}
@@ -96,7 +98,19 @@ pub async fn run(sh: &Shared, m: &Settling<'_>, job: Job, queued_ms: f64, picked
         _ => None,
     };
     let started = Instant::now();
-    let generated = generate(sh, &job, &guard, resume, &m.checkpointed).await;
+    let generating = async {
+        let generated = generate(sh, &job, &guard, resume, &m.checkpointed).await;
+        if let Some(Ok(g)) = &generated {
+            if let Some(first) = g.first_token {
+                trace::event_at("first token", SystemTime::now() - first.elapsed());
+            }
+            trace::set(KeyValue::new("gen_ai.usage.input_tokens", g.usage.prompt_tokens as i64));
+            trace::set(KeyValue::new("gen_ai.usage.output_tokens", g.usage.completion_tokens as i64));
+        }
+        generated
+    };
+    let attrs = vec![KeyValue::new("gen_ai.request.model", job.req.model.clone())];
+    let generated = trace::in_span("generate", attrs, generating).await;
     let compute = started.elapsed();
     sh.metrics.computed(m.priority, m.model_label, compute);
     let compute_ms = compute.as_secs_f64() * 1e3;
@@ -142,12 +156,9 @@ async fn generate(
     let (deltas, forwarder) = match (job.req.stream, &job.reply) {
         (true, Some(reply)) => {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            let task = tokio::spawn(chunks::forward(
-                sh.client.clone(),
-                reply.clone(),
-                job.req.id.clone(),
-                sh.pace.clone(),
-                rx,
+            let task = tokio::spawn(trace::within(
+                trace::current(),
+                chunks::forward(sh.client.clone(), reply.clone(), job.req.id.clone(), sh.pace.clone(), rx),
             ));
             (Some(tx), Some(task))
         }
@@ -241,6 +252,7 @@ async fn answer_found(
         chunks::forward(sh.client.clone(), reply.clone(), job.req.id.clone(), chunks::Pace::at_once(), rx).await;
     }
     let cached = s.recorded(&found);
+    trace::set(KeyValue::new("fleet.cache", found.tier.as_str()));
     let mut result = blank(sh, job, Status::Ok, queued_ms);
     result.cache = found.tier;
     result.cache_similarity = found.similarity;

@@ -21,7 +21,7 @@ use retro_fleet_schemas::{codec, headers, subjects, ErrorCode, InferResult, Prio
 use super::decide::{Ids, Rejection};
 use super::shared::Shared;
 use crate::cache::Key;
-use crate::failover;
+use crate::{failover, trace};
 
 /// How a message is settled; made by deciding and running, carried out by [`settle`].
 #[derive(Debug)]
@@ -356,11 +356,15 @@ pub async fn answer_error(
     }
 }
 
-/// Headers of a result sent to a reply subject.
+/// Headers of a result sent to a reply subject, or stored: the trace
+/// context is the current span's (the request's handling here).
 fn reply_headers() -> HeaderMap {
     let mut h = HeaderMap::new();
     h.insert(headers::CONTENT_TYPE, codec::ContentType::MSGPACK_MIME);
     h.insert(headers::KIND, headers::KIND_RESULT);
+    if let Some(t) = trace::current_traceparent() {
+        h.insert(headers::TRACEPARENT, t.as_str());
+    }
     h
 }
 
@@ -397,7 +401,8 @@ pub async fn publish_result(
         first_only.insert(headers::CACHE_EXPIRES, expires_ms.to_string().as_str());
     }
     let subject = subjects::result(tenant, &result.id);
-    let first = match sh.js.publish_with_headers(subject, first_only, payload.clone()).await?.await {
+    let store = async { sh.js.publish_with_headers(subject, first_only, payload.clone()).await?.await };
+    let first = match trace::in_span("store result", Vec::new(), store).await {
         Ok(ack) => !ack.duplicate,
         Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => false,
         Err(e) => return Err(e.into()),
@@ -418,7 +423,7 @@ pub async fn publish_result(
         (stored.payload, Some(theirs))
     };
     if let Some(reply) = &to.reply {
-        sh.client.publish_with_headers(reply.clone(), h, payload).await?;
+        trace::in_span("reply", Vec::new(), sh.client.publish_with_headers(reply.clone(), h, payload)).await?;
     }
     Ok(theirs)
 }
