@@ -24,9 +24,9 @@
 #   code not). BEFORE=/path/to/older/retro-fleet adds `before`: an ingress
 #   served by that binary in front of the same worker, to measure a change
 #   in the same run. INGRESS_THREADS=N sets the ingress's `ingress.threads`.
-#   TRACED="1.0 0.01" adds `traced-R` for each R: the fleet exporting its
-#   traces over OTLP at sampling ratio R to scripts/otlp-sink.py, on a
-#   nats-server of its own.
+#   TRACED="off 1.0 0.01" adds `traced-R` for each R: the fleet exporting
+#   its traces over OTLP at sampling ratio R to scripts/otlp-sink.py (`off`:
+#   not exporting, the reference), each on a nats-server of its own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/bench-lib.sh
@@ -82,7 +82,8 @@ if [ -n "${TRACED:-}" ]; then
         nats-server -js -a 127.0.0.1 -p "$np" -sd "$WORKDIR/store-traced-$i" >/dev/null 2>&1 &
         nats_pid=$!
         sleep 0.5
-        traced_env=(env NATS_URL="nats://127.0.0.1:$np" FLEET_TELEMETRY__OTLP__ENDPOINT=http://127.0.0.1:14318
+        traced_env=(env NATS_URL="nats://127.0.0.1:$np")
+        [ "$r" = off ] || traced_env+=(FLEET_TELEMETRY__OTLP__ENDPOINT=http://127.0.0.1:14318
             FLEET_TELEMETRY__OTLP__SAMPLING_RATIO="$r")
         "${traced_env[@]}" "$BIN/retro-fleet" --config "$WORKDIR/bench.toml" topology apply >/dev/null
         "${traced_env[@]}" "$BIN/retro-fleet" --config "$WORKDIR/bench.toml" worker >"$WORKDIR/worker-traced-$i.log" 2>&1 &

@@ -133,6 +133,13 @@ impl OtlpConfig {
             return Err(format!("telemetry.otlp.sampling_ratio = {}: must be within 0..=1", self.sampling_ratio));
         }
         let e = &self.endpoint;
+        for (name, value) in &self.headers {
+            let valid = axum::http::HeaderName::try_from(name.as_str()).is_ok()
+                && axum::http::HeaderValue::try_from(value.as_str()).is_ok();
+            if !valid {
+                return Err(format!("telemetry.otlp.headers: `{name}` is not a valid HTTP header name and value"));
+            }
+        }
         if !e.is_empty() && !(e.starts_with("http://") || e.starts_with("https://")) {
             return Err(format!(
                 "telemetry.otlp.endpoint = {e:?}: an http:// or https:// URL of an OTLP/HTTP collector \
@@ -142,10 +149,11 @@ impl OtlpConfig {
         Ok(())
     }
 
-    /// This configuration with header values replaced by `<redacted>`.
+    /// This configuration with header values, and credentials in the
+    /// endpoint (`user:password@`), replaced by `<redacted>`.
     pub fn redacted(&self) -> OtlpConfig {
-        let headers = self.headers.keys().map(|k| (k.clone(), "<redacted>".to_string())).collect();
-        OtlpConfig { headers, ..self.clone() }
+        let headers = self.headers.keys().map(|k| (k.clone(), crate::nats::REDACTED.to_string())).collect();
+        OtlpConfig { headers, endpoint: crate::nats::redact_url(&self.endpoint), ..self.clone() }
     }
 
     /// Where spans are sent.
@@ -186,7 +194,9 @@ pub fn init_traces(cfg: &OtlpConfig, role: &str) -> anyhow::Result<Option<Traces
         .with_timeout(std::time::Duration::from_millis(cfg.timeout_ms.max(1)))
         .with_headers(cfg.headers.clone().into_iter().collect())
         .build()
-        .map_err(|e| anyhow::anyhow!("telemetry.otlp: cannot build the exporter: {e}"))?;
+        .map_err(|e| {
+            anyhow::anyhow!("telemetry.otlp: cannot build the exporter: {}", crate::nats::redact_url(&e.to_string()))
+        })?;
     let service = cfg.service_name.clone().unwrap_or_else(|| format!("retro-fleet-{role}"));
     let provider = SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
@@ -194,7 +204,8 @@ pub fn init_traces(cfg: &OtlpConfig, role: &str) -> anyhow::Result<Option<Traces
         .with_resource(opentelemetry_sdk::Resource::builder().with_service_name(service.clone()).build())
         .build();
     opentelemetry::global::set_tracer_provider(provider.clone());
-    tracing::info!(endpoint = %cfg.traces_url(), service = %service, ratio = cfg.sampling_ratio, "exporting traces over OTLP");
+    let shown = crate::nats::redact_url(&cfg.traces_url());
+    tracing::info!(endpoint = %shown, service = %service, ratio = cfg.sampling_ratio, "exporting traces over OTLP");
     Ok(Some(Traces(provider)))
 }
 
@@ -225,6 +236,10 @@ mod tests {
         assert!(ratio.check().unwrap_err().contains("sampling_ratio"));
         let keyed = OtlpConfig { headers: [("x-key".into(), "s3cret".into())].into(), ..Default::default() };
         assert!(!format!("{:?}", keyed.redacted()).contains("s3cret"));
+        let inline = at("https://user:s3cret@c:4318");
+        assert_eq!(inline.redacted().endpoint, "https://<redacted>@c:4318");
+        let bad = OtlpConfig { headers: [("x key".into(), "v".into())].into(), ..Default::default() };
+        assert!(bad.check().unwrap_err().contains("`x key`"));
     }
 
     #[test]

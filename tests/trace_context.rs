@@ -201,10 +201,10 @@ async fn one_request_is_one_trace_across_the_ingress_and_the_worker() {
     assert!(one("generate").events.iter().any(|e| e == "first token"), "{:?}", one("generate"));
     let waited_ms = (wait.end_ns - wait.start_ns) as f64 / 1e6;
     assert!((waited_ms - queued_ms).abs() <= 5.0, "queue wait span {waited_ms} ms, result {queued_ms} ms");
-    // in time: the call, its publish, the worker taking it; the reply
+    // in time: the call, its publish, the worker taking it, its reply
     // before the call's answer (the worker acks after replying)
     let reply = one("reply");
-    let order = [call.start_ns, publish.start_ns, handle.start_ns, reply.end_ns, call.end_ns];
+    let order = [call.start_ns, publish.start_ns, handle.start_ns, reply.start_ns, call.end_ns];
     assert!(order.windows(2).all(|w| w[0] <= w[1]), "{order:?}");
     let services: std::collections::BTreeSet<&str> = got.iter().map(|g| g.service.as_str()).collect();
     assert_eq!(services.len(), 2, "{services:?}");

@@ -240,16 +240,18 @@ async fn observe(
     let resp = if route.starts_with("/v1/") {
         let caller = req.headers().get(retro_fleet_schemas::headers::TRACEPARENT).and_then(|v| v.to_str().ok());
         let method = req.method().as_str().to_string();
-        let attrs = vec![
-            opentelemetry::KeyValue::new("http.request.method", method.clone()),
-            opentelemetry::KeyValue::new("http.route", route.to_string()),
-        ];
+        let attrs = || {
+            vec![
+                opentelemetry::KeyValue::new("http.request.method", method.clone()),
+                opentelemetry::KeyValue::new("http.route", route.to_string()),
+            ]
+        };
         let kind = opentelemetry::trace::SpanKind::Server;
         let cx = trace::start(format!("{method} {route}"), kind, &trace::remote(caller), None, attrs);
         let resp = trace::within(cx.clone(), next.run(req)).await;
         let status = resp.status();
-        let code = opentelemetry::KeyValue::new("http.response.status_code", status.as_u16() as i64);
-        trace::end(&cx, vec![code], status.is_server_error().then(|| status.as_str()));
+        let code = || vec![opentelemetry::KeyValue::new("http.response.status_code", status.as_u16() as i64)];
+        trace::end(&cx, code, status.is_server_error().then(|| status.as_str()));
         resp
     } else {
         next.run(req).await

@@ -69,9 +69,17 @@ async fn oldest_undelivered(
     stream: &async_nats::jetstream::stream::Stream,
     consumer: &async_nats::jetstream::consumer::Info,
 ) -> Option<u64> {
+    use async_nats::jetstream::stream::DirectGetErrorKind;
     let next = consumer.delivered.stream_sequence + 1;
-    let msg = stream.direct_get_next_for_subject(consumer.config.filter_subject.clone(), Some(next)).await.ok()?;
-    Some((msg.time.unix_timestamp_nanos() / 1_000_000) as u64)
+    match stream.direct_get_next_for_subject(consumer.config.filter_subject.clone(), Some(next)).await {
+        Ok(msg) => Some((msg.time.unix_timestamp_nanos() / 1_000_000) as u64),
+        // taken since the consumer was read
+        Err(e) if e.kind() == DirectGetErrorKind::NotFound => None,
+        Err(e) => {
+            tracing::warn!(consumer = %consumer.name, error = %e, "cannot read the oldest waiting request; counted as none");
+            None
+        }
+    }
 }
 
 /// Per-model sums over its consumers in one sample.

@@ -22,7 +22,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use opentelemetry::context::FutureExt;
 use opentelemetry::global::{self, BoxedTracer};
 use opentelemetry::trace::{
-    SpanContext, SpanId, SpanKind, Status, TraceContextExt, TraceFlags, TraceId, TraceState, Tracer,
+    Span as _, SpanContext, SpanId, SpanKind, Status, TraceContextExt, TraceFlags, TraceId, TraceState, Tracer,
 };
 use opentelemetry::{Context, KeyValue};
 use retro_fleet_schemas::headers;
@@ -57,6 +57,16 @@ pub fn current_traceparent() -> Option<String> {
     traceparent(&Context::current())
 }
 
+/// Attributes of a span, made only when the span is recorded (most are
+/// not, at a low sampling ratio).
+pub trait Attrs: FnOnce() -> Vec<KeyValue> {}
+impl<F: FnOnce() -> Vec<KeyValue>> Attrs for F {}
+
+/// No attributes.
+pub fn none() -> Vec<KeyValue> {
+    Vec::new()
+}
+
 /// Starts span `name` under `parent` (now, or at `start`), as the span of
 /// the context returned. It ends when [`end`] is called or the last clone
 /// of the context is dropped.
@@ -65,14 +75,18 @@ pub fn start(
     kind: SpanKind,
     parent: &Context,
     start: Option<SystemTime>,
-    attrs: Vec<KeyValue>,
+    attrs: impl Attrs,
 ) -> Context {
     let tracer = tracer();
-    let mut builder = tracer.span_builder(name).with_kind(kind).with_attributes(attrs);
+    let mut builder = tracer.span_builder(name).with_kind(kind);
     if let Some(t) = start {
         builder = builder.with_start_time(t);
     }
-    parent.with_span(builder.start_with_context(tracer, parent))
+    let mut span = builder.start_with_context(tracer, parent);
+    if span.is_recording() {
+        span.set_attributes(attrs());
+    }
+    parent.with_span(span)
 }
 
 /// The fleet's tracer, from the provider installed at start (a role
@@ -85,24 +99,31 @@ fn tracer() -> &'static BoxedTracer {
 /// Records span `name` under `parent` that began at `from` and ended at
 /// `to` (unix ms): time spent before this process could make a span, such
 /// as the wait in a queue.
-pub fn record(name: &'static str, parent: &Context, from_ms: u64, to_ms: u64, attrs: Vec<KeyValue>) {
+pub fn record(name: &'static str, parent: &Context, from_ms: u64, to_ms: u64, attrs: impl Attrs) {
     let cx = start(name, SpanKind::Internal, parent, Some(at_ms(from_ms)), attrs);
     cx.span().end_with_timestamp(at_ms(to_ms.max(from_ms)));
 }
 
 /// Ends `cx`'s span now with `attrs`, as failed with `error` when given.
-pub fn end(cx: &Context, attrs: Vec<KeyValue>, error: Option<&str>) {
+pub fn end(cx: &Context, attrs: impl Attrs, error: Option<&str>) {
     let span = cx.span();
-    span.set_attributes(attrs);
+    if span.is_recording() {
+        span.set_attributes(attrs());
+    }
     if let Some(e) = error {
         span.set_status(Status::error(e.to_string()));
     }
     span.end();
 }
 
-/// Sets an attribute on the current span.
-pub fn set(attr: KeyValue) {
-    Context::map_current(|cx| cx.span().set_attribute(attr));
+/// Sets an attribute on the current span, when it is recorded.
+pub fn set(attr: impl FnOnce() -> KeyValue) {
+    Context::map_current(|cx| {
+        let span = cx.span();
+        if span.is_recording() {
+            span.set_attribute(attr());
+        }
+    });
 }
 
 /// Adds event `name` at `at` to the current span.
@@ -111,7 +132,7 @@ pub fn event_at(name: &'static str, at: SystemTime) {
 }
 
 /// Runs `fut` inside span `name`, a child of the current span.
-pub async fn in_span<F: Future>(name: &'static str, attrs: Vec<KeyValue>, fut: F) -> F::Output {
+pub async fn in_span<F: Future>(name: &'static str, attrs: impl Attrs, fut: F) -> F::Output {
     let cx = start(name, SpanKind::Internal, &Context::current(), None, attrs);
     let out = fut.with_context(cx.clone()).await;
     cx.span().end();
@@ -143,7 +164,7 @@ mod tests {
         let caller = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         let parent = remote(Some(caller));
         assert_eq!(traceparent(&parent).as_deref(), Some(caller));
-        let child = start("handle", SpanKind::Consumer, &parent, None, Vec::new());
+        let child = start("handle", SpanKind::Consumer, &parent, None, none);
         assert_eq!(traceparent(&child).as_deref(), Some(caller), "no-op spans forward the caller's context");
         assert_eq!(traceparent(&remote(Some("junk"))), None);
         assert_eq!(traceparent(&remote(None)), None);

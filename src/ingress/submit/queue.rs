@@ -38,11 +38,13 @@ pub async fn send(state: &AppState, p: &Prepared, reply: Option<&str>) -> Result
     let payload = Bytes::from(codec::encode(&p.req));
     // the request carries the publish span's context: the worker's spans
     // are its children
-    let attrs = vec![
-        KeyValue::new("messaging.system", "nats"),
-        KeyValue::new("messaging.destination.name", subject.clone()),
-        KeyValue::new("fleet.request_id", p.req.id.clone()),
-    ];
+    let attrs = || {
+        vec![
+            KeyValue::new("messaging.system", "nats"),
+            KeyValue::new("messaging.destination.name", subject.clone()),
+            KeyValue::new("fleet.request_id", p.req.id.clone()),
+        ]
+    };
     let span = trace::start("publish", SpanKind::Producer, &trace::remote(Some(&p.traceparent)), None, attrs);
     let traceparent = trace::traceparent(&span).unwrap_or_else(|| p.traceparent.clone());
     let headers = request_headers(p, reply, state.cfg.sync_result_ttl_secs, &traceparent);
@@ -53,7 +55,7 @@ pub async fn send(state: &AppState, p: &Prepared, reply: Option<&str>) -> Result
         }
     };
     let ack = failover::ride(Instant::now() + p.timeout, failover::unanswered, publish, || async {}).await;
-    trace::end(&span, Vec::new(), ack.as_ref().err().map(|_| "publish refused"));
+    trace::end(&span, trace::none, ack.as_ref().err().map(|_| "publish refused"));
     match ack {
         Ok(ack) => {
             state.metrics.published.with_label_values(&[p.priority.as_str()]).inc();

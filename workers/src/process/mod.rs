@@ -75,18 +75,22 @@ pub async fn handle(sh: Arc<Shared>, prio: Priority, msg: jetstream::Message) {
     }
     let delivered = msg.info().map_or(1, |i| i.delivered);
     // its trace: the wait in the queue, then its handling here, both under
-    // the span that published it
+    // the span that published it (a request sent without trace context:
+    // the wait under the handling, which starts the trace)
     let parent = trace::remote(envelope.traceparent);
-    let class = KeyValue::new("fleet.priority", prio.as_str());
-    trace::record("queue wait", &parent, picked.published_ms, picked.at_ms, vec![class.clone()]);
-    let attrs = vec![
-        KeyValue::new("messaging.system", "nats"),
-        KeyValue::new("messaging.destination.name", msg.subject.to_string()),
-        KeyValue::new("fleet.worker", sh.worker_id.clone()),
-        KeyValue::new("fleet.delivered", delivered),
-        class,
-    ];
+    let class = || KeyValue::new("fleet.priority", prio.as_str());
+    let attrs = || {
+        vec![
+            KeyValue::new("messaging.system", "nats"),
+            KeyValue::new("messaging.destination.name", msg.subject.to_string()),
+            KeyValue::new("fleet.worker", sh.worker_id.clone()),
+            KeyValue::new("fleet.delivered", delivered),
+            class(),
+        ]
+    };
     let cx = trace::start("handle", SpanKind::Consumer, &parent, None, attrs);
+    let wait_under = if trace::traceparent(&parent).is_some() { &parent } else { &cx };
+    trace::record("queue wait", wait_under, picked.published_ms, picked.at_ms, || vec![class()]);
     let m =
         Settling { msg: &msg, priority: prio, model_label: &model_label, delivered, checkpointed: Default::default() };
     let handling = tracing::Instrument::instrument(handle_inner(&sh, &m, envelope, picked), span);
@@ -98,7 +102,7 @@ pub async fn handle(sh: Arc<Shared>, prio: Priority, msg: jetstream::Message) {
             "nats_error"
         }
     };
-    trace::end(&cx, vec![KeyValue::new("fleet.outcome", label)], (label != "ok").then_some(label));
+    trace::end(&cx, || vec![KeyValue::new("fleet.outcome", label)], (label != "ok").then_some(label));
     sh.metrics.finished(prio, &model_label, label);
     sh.metrics.inflight.dec();
 }
@@ -126,8 +130,8 @@ async fn handle_inner(
         Err(rejection) => return settle::settle(sh, m, Settlement::GiveUp(rejection)).await,
     };
     tracing::Span::current().record("id", job.req.id.as_str());
-    trace::set(KeyValue::new("fleet.request_id", job.req.id.clone()));
-    trace::set(KeyValue::new("gen_ai.request.model", job.req.model.clone()));
+    trace::set(|| KeyValue::new("fleet.request_id", job.req.id.clone()));
+    trace::set(|| KeyValue::new("gen_ai.request.model", job.req.model.clone()));
     // A previous delivery may have stored its result before its worker died.
     let stored = match job.delivered > 1 {
         true => Box::pin(stored_result(&sh.js, &job.tenant, &job.req.id)).await.ok().flatten(),

@@ -86,7 +86,7 @@ pub async fn run(sh: &Shared, m: &Settling<'_>, job: Job, queued_ms: f64, picked
     let mut session =
         sh.cache.as_ref().and_then(|c| Session::open(c, &job.req, &job.tenant, &revision, job.cache_ttl_secs));
     if let Some(s) = session.as_mut() {
-        match trace::in_span("cache lookup", Vec::new(), Box::pin(from_cache(s, &guard))).await {
+        match trace::in_span("cache lookup", trace::none, Box::pin(from_cache(s, &guard))).await {
             Err(Cancelled(when)) => return cancelled(when, 0.0),
             Ok(Some(found)) => return Box::pin(answer_found(sh, &job, s, found, queued_ms, picked)).await,
             Ok(None) => {}
@@ -104,12 +104,12 @@ pub async fn run(sh: &Shared, m: &Settling<'_>, job: Job, queued_ms: f64, picked
             if let Some(first) = g.first_token {
                 trace::event_at("first token", SystemTime::now() - first.elapsed());
             }
-            trace::set(KeyValue::new("gen_ai.usage.input_tokens", g.usage.prompt_tokens as i64));
-            trace::set(KeyValue::new("gen_ai.usage.output_tokens", g.usage.completion_tokens as i64));
+            trace::set(|| KeyValue::new("gen_ai.usage.input_tokens", g.usage.prompt_tokens as i64));
+            trace::set(|| KeyValue::new("gen_ai.usage.output_tokens", g.usage.completion_tokens as i64));
         }
         generated
     };
-    let attrs = vec![KeyValue::new("gen_ai.request.model", job.req.model.clone())];
+    let attrs = || vec![KeyValue::new("gen_ai.request.model", job.req.model.clone())];
     let generated = trace::in_span("generate", attrs, generating).await;
     let compute = started.elapsed();
     sh.metrics.computed(m.priority, m.model_label, compute);
@@ -252,7 +252,7 @@ async fn answer_found(
         chunks::forward(sh.client.clone(), reply.clone(), job.req.id.clone(), chunks::Pace::at_once(), rx).await;
     }
     let cached = s.recorded(&found);
-    trace::set(KeyValue::new("fleet.cache", found.tier.as_str()));
+    trace::set(|| KeyValue::new("fleet.cache", found.tier.as_str()));
     let mut result = blank(sh, job, Status::Ok, queued_ms);
     result.cache = found.tier;
     result.cache_similarity = found.similarity;

@@ -402,7 +402,7 @@ pub async fn publish_result(
     }
     let subject = subjects::result(tenant, &result.id);
     let store = async { sh.js.publish_with_headers(subject, first_only, payload.clone()).await?.await };
-    let first = match trace::in_span("store result", Vec::new(), store).await {
+    let first = match trace::in_span("store result", trace::none, store).await {
         Ok(ack) => !ack.duplicate,
         Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => false,
         Err(e) => return Err(e.into()),
@@ -423,7 +423,7 @@ pub async fn publish_result(
         (stored.payload, Some(theirs))
     };
     if let Some(reply) = &to.reply {
-        trace::in_span("reply", Vec::new(), sh.client.publish_with_headers(reply.clone(), h, payload)).await?;
+        trace::in_span("reply", trace::none, sh.client.publish_with_headers(reply.clone(), h, payload)).await?;
     }
     Ok(theirs)
 }
