@@ -72,7 +72,7 @@ async fn oldest_undelivered(
     use async_nats::jetstream::stream::DirectGetErrorKind;
     let next = consumer.delivered.stream_sequence + 1;
     match stream.direct_get_next_for_subject(consumer.config.filter_subject.clone(), Some(next)).await {
-        Ok(msg) => Some((msg.time.unix_timestamp_nanos() / 1_000_000) as u64),
+        Ok(msg) => Some(retro_fleet_worker::clock::ms_of(msg.time)),
         // taken since the consumer was read
         Err(e) if e.kind() == DirectGetErrorKind::NotFound => None,
         Err(e) => {

@@ -47,7 +47,7 @@ impl Picked {
     /// `msg` taken now.
     fn now(msg: &jetstream::Message) -> Picked {
         let at_ms = unix_ms();
-        let published_ms = msg.info().map_or(at_ms, |i| (i.published.unix_timestamp_nanos() / 1_000_000) as u64);
+        let published_ms = msg.info().map_or(at_ms, |i| crate::clock::ms_of(i.published));
         Picked { at: Instant::now(), at_ms, published_ms }
     }
 
