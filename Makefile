@@ -3,14 +3,14 @@
 
 CARGO ?= cargo
 
-.PHONY: up test deps build bench check-schemas check-deploy check-size
+.PHONY: up test deps browser-deps build bench check-schemas check-deploy check-size
 
 up: deps
 	$(CARGO) run --release --bin retro-fleet -- up
 
 # The tests run on the release build, the code that ships; the size check
 # then measures the binary that build made, so CI pays for one build.
-test: deps check-deploy
+test: deps browser-deps check-deploy
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		$(CARGO) nextest run --workspace --release --profile ci; \
 	else \
@@ -20,6 +20,10 @@ test: deps check-deploy
 
 deps:
 	@scripts/install-deps.sh
+
+# The console test's headless Chromium and selenium.
+browser-deps:
+	@scripts/install-deps.sh --browser
 
 # deploy/ and docker-compose.yml validated offline (promtool, kubernetes-validate).
 check-deploy: deps

@@ -27,6 +27,8 @@
 #   TRACED="off 1.0 0.01" adds `traced-R` for each R: the fleet exporting
 #   its traces over OTLP at sampling ratio R to scripts/otlp-sink.py (`off`:
 #   not exporting, the reference), each on a nats-server of its own.
+#   WATCHED=1 adds `unwatched` and `watched`: two such fleets, the console's
+#   live feed open on `watched` for the whole run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/bench-lib.sh
@@ -70,30 +72,41 @@ if [ -n "${BEFORE:-}" ]; then
     targets+=(--http before=http://127.0.0.1:18082)
     ports+=(18082)
 fi
-TRACED_ROWS=()
+# fleet_alone I LABEL ENV...: a worker and an ingress with ENV set, on a
+# nats-server of their own; adds them to the targets and ALONE_ROWS
+ALONE_ROWS=()
+fleet_alone() {
+    local i=$1 label=$2; shift 2
+    local np=$((PORT + 10 + i)) hp=$((18100 + i)) nats_pid worker_pid
+    nats-server -js -a 127.0.0.1 -p "$np" -sd "$WORKDIR/store-$label" >/dev/null 2>&1 &
+    nats_pid=$!
+    sleep 0.5
+    local run=(env NATS_URL="nats://127.0.0.1:$np" "$@")
+    "${run[@]}" "$BIN/retro-fleet" --config "$WORKDIR/bench.toml" topology apply >/dev/null
+    "${run[@]}" "$BIN/retro-fleet" --config "$WORKDIR/bench.toml" worker >"$WORKDIR/worker-$label.log" 2>&1 &
+    worker_pid=$!
+    "${run[@]}" "$BIN/retro-fleet" --config "$WORKDIR/ingress.toml" ingress --listen "127.0.0.1:$hp" \
+        >"$WORKDIR/ingress-$label.log" 2>&1 &
+    targets+=(--http "$label=http://127.0.0.1:$hp")
+    ports+=("$hp")
+    ALONE_ROWS+=("$label http://127.0.0.1:$hp $nats_pid $! $worker_pid")
+}
+i=0
 if [ -n "${TRACED:-}" ]; then
     python3 scripts/otlp-sink.py 14318 >"$WORKDIR/sink.log" 2>&1 &
     SINK_PID=$!
-    i=0
     for r in $TRACED; do
         i=$((i + 1))
-        np=$((PORT + 10 + i))
-        hp=$((18100 + i))
-        nats-server -js -a 127.0.0.1 -p "$np" -sd "$WORKDIR/store-traced-$i" >/dev/null 2>&1 &
-        nats_pid=$!
-        sleep 0.5
-        traced_env=(env NATS_URL="nats://127.0.0.1:$np")
-        [ "$r" = off ] || traced_env+=(FLEET_TELEMETRY__OTLP__ENDPOINT=http://127.0.0.1:14318
+        traced_env=()
+        [ "$r" = off ] || traced_env=(FLEET_TELEMETRY__OTLP__ENDPOINT=http://127.0.0.1:14318
             FLEET_TELEMETRY__OTLP__SAMPLING_RATIO="$r")
-        "${traced_env[@]}" "$BIN/retro-fleet" --config "$WORKDIR/bench.toml" topology apply >/dev/null
-        "${traced_env[@]}" "$BIN/retro-fleet" --config "$WORKDIR/bench.toml" worker >"$WORKDIR/worker-traced-$i.log" 2>&1 &
-        worker_pid=$!
-        "${traced_env[@]}" "$BIN/retro-fleet" --config "$WORKDIR/ingress.toml" ingress --listen "127.0.0.1:$hp" \
-            >"$WORKDIR/ingress-traced-$i.log" 2>&1 &
-        targets+=(--http "traced-$r=http://127.0.0.1:$hp")
-        ports+=("$hp")
-        TRACED_ROWS+=("traced-$r http://127.0.0.1:$hp $nats_pid $! $worker_pid")
+        fleet_alone "$i" "traced-$r" "${traced_env[@]}"
     done
+fi
+if [ -n "${WATCHED:-}" ]; then
+    fleet_alone $((i + 1)) unwatched
+    fleet_alone $((i + 2)) watched
+    WATCHED_URL="http://127.0.0.1:$((18100 + i + 2))"
 fi
 for port in "${ports[@]}"; do
     for _ in $(seq 100); do
@@ -101,6 +114,9 @@ for port in "${ports[@]}"; do
         sleep 0.1
     done
 done
+# the console open on `watched` for the rest of the run: its feed read
+# whole, as a browser does
+[ -z "${WATCHED:-}" ] || { curl -sN "$WATCHED_URL/v1/admin/console/events" >"$WORKDIR/console-feed.txt" & WATCHER_PID=$!; }
 for w in "${WINDOWS[@]}"; do
     n=$(( w > 1 ? 20000 : 3000 ))
     echo "## HTTP window $w, $n requests x 3 rounds, 256-byte prompts"
@@ -139,9 +155,13 @@ for _ in 1 2; do
     cpu floor-contract http://127.0.0.1:18092 "$CONTRACT_NATS_PID" "$CONTRACT_FLOOR_PID"
     cpu fleet http://127.0.0.1:18081 "$NATS_PID" "$INGRESS_PID" "$WORKER_PID"
     [ -z "${BEFORE:-}" ] || cpu before http://127.0.0.1:18082 "$NATS_PID" "$BEFORE_PID" "$WORKER_PID"
-    for row in "${TRACED_ROWS[@]}"; do
+    for row in "${ALONE_ROWS[@]}"; do
         # shellcheck disable=SC2086 # label, URL and three pids
         cpu $row
     done
 done
 [ -z "${TRACED:-}" ] || { kill -TERM "$SINK_PID" 2>/dev/null || true; sleep 0.5; cat "$WORKDIR/sink.log"; }
+[ -z "${WATCHED:-}" ] || {
+    kill "$WATCHER_PID" 2>/dev/null || true
+    echo "console feed: $(grep -c '^event: sample' "$WORKDIR/console-feed.txt") samples read while watched"
+}

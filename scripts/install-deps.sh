@@ -60,6 +60,25 @@ if command -v cargo >/dev/null 2>&1 && ! cargo nextest --version >/dev/null 2>&1
         || echo "warning: cargo-nextest did not install; tests will run with cargo test, one at a time" >&2
 fi
 
+# The console test (tests/console.rs), with --browser: a real headless
+# Chromium (Debian's chromium and chromium-driver) driven by selenium (PyPI).
+if [ "${1:-}" = "--browser" ]; then
+    if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+        echo "installing chromium and chromium-driver (Debian packages, for the console test)..." >&2
+        SUDO=""
+        [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+        $SUDO apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
+    fi
+    if ! python3 -c 'import selenium' >/dev/null 2>&1; then
+        echo "installing selenium (PyPI, for the console test)..." >&2
+        PIP="$(command -v pip3 || command -v pip)"
+        "$PIP" install --quiet --disable-pip-version-check selenium \
+            || "$PIP" install --quiet --disable-pip-version-check --break-system-packages selenium
+    fi
+    exit 0
+fi
+
 # Deploy checks (scripts/check-deploy.sh), with --deploy: promtool from
 # Debian's prometheus package, kubernetes-validate from PyPI, kubectl (for
 # kustomize) from Debian when neither it nor kustomize is there.

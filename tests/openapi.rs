@@ -39,7 +39,8 @@ async fn every_documented_operation_is_served_and_security_follows_the_config() 
             // a paused class is resumed right after, and the worker id does not exist
             let r = http.send(&method.to_uppercase(), &concrete, Some(ADMIN), Some(serde_json::json!({}))).await;
             let status = r.status().as_u16();
-            let body = r.text().await.unwrap();
+            // the console's feed never ends: its status is enough
+            let body = if path.ends_with("/events") { String::new() } else { r.text().await.unwrap() };
             assert!(status != 405 && !body.contains("no route"), "{method} {path}: {status} {body}");
             assert!(op["responses"].get(status.to_string()).is_some(), "{method} {path}: undocumented {status} {body}");
             if op.get("tags").is_some() {
@@ -106,7 +107,7 @@ async fn conformance_of_the_running_ingress_to_its_openapi_document() {
     // a new seed) repeat until over 10,000 requests were sent.
     let mut total = 0;
     for _ in 0..4 {
-        let args = ["--max-examples", "700", "--workers", "2", "--exclude-path-regex", "/(pause|drain)$"];
+        let args = ["--max-examples", "700", "--workers", "2", "--exclude-path-regex", "/(pause|drain|events)$"];
         schemathesis(&base, s.dir.path(), &args);
         total = requests_by_status(&base).await.values().sum::<u64>();
         if total >= 10_000 {

@@ -43,7 +43,7 @@ pub use chunk::{Splice, StreamChunk};
 pub use codec::{decode, encode, ContentType, DecodeError};
 pub use envelope::{Envelope, Received};
 pub use priority::Priority;
-pub use registry::{ModelLoad, ModelScaling, PerPriority, WorkerInfo};
+pub use registry::{ModelLoad, ModelScaling, PerPriority, Totals, WorkerInfo};
 pub use request::{CacheMode, ChatMessage, Constraint, Field, InferRequest, Input, SamplingParams};
 pub use result::{
     CacheTier, ErrorBody, ErrorCode, InferResult, Output, Status, Timings, TokenLogprob, TopLogprob, Usage,

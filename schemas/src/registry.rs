@@ -39,6 +39,34 @@ pub struct WorkerInfo {
     pub started_ms: u64,
     /// When this heartbeat was written, unix ms.
     pub updated_ms: u64,
+    /// Running totals since it started, for readers that want rates and
+    /// percentiles over their own window (the console).
+    #[serde(default)]
+    pub totals: Totals,
+}
+
+/// A worker's running totals since it started. A reader takes the
+/// difference of two heartbeats and adds it up across workers.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Totals {
+    /// Requests that finished with an error.
+    #[serde(default)]
+    pub failed: u64,
+    /// Cache lookups answered from the cache (memory, disk, semantic or
+    /// another worker's answer).
+    #[serde(default)]
+    pub cache_hits: u64,
+    /// Cache lookups that found nothing.
+    #[serde(default)]
+    pub cache_misses: u64,
+    /// Finished requests whose time from publish to result was at most each
+    /// bound of `latency_bounds_s`, cumulative like a Prometheus histogram;
+    /// one more entry counts them all.
+    #[serde(default)]
+    pub latency_counts: Vec<u64>,
+    /// The bounds of `latency_counts`, in seconds.
+    #[serde(default)]
+    pub latency_bounds_s: Vec<f64>,
 }
 
 /// One model's load on one worker.

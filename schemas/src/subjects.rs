@@ -170,6 +170,9 @@ pub fn scaling(model: &str) -> String {
     format!("fleet.scaling.{model}")
 }
 
+/// Every model's scaling report.
+pub const SCALING_WILDCARD: &str = "fleet.scaling.*";
+
 /// Tenant used when a request names none.
 pub const DEFAULT_TENANT: &str = "default";
 

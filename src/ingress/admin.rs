@@ -9,7 +9,10 @@
 //! - `POST /v1/admin/workers/{id}/drain` and `.../resume`: one worker stops
 //!   taking requests (and stays up), or takes them again.
 //! - `GET /v1/admin/dlq?model=&priority=&code=&id=&tenant=&limit=`: dead letters.
+//! - `GET /v1/admin/dlq/{seq}`: one dead letter whole (headers, payload).
 //! - `POST /v1/admin/dlq/replay`: replay the letters a filter selects.
+//! - `GET /v1/admin/batches?limit=`: the newest batches of every tenant,
+//!   with their progress.
 //! - `POST /v1/admin/cache/purge`: new cache generation for models.
 //! - `GET /v1/admin/tenants` and `PUT /v1/admin/tenants/{tenant}`: tenants'
 //!   settings (weights for fair sharing).
@@ -191,6 +194,32 @@ pub async fn dlq_list(State(state): State<AppState>, ApiQuery(q): ApiQuery<DlqQu
     let stream = crate::ops::dlq::open(&state.js).await.map_err(internal)?;
     let letters = crate::ops::dlq::read(&stream, &filter, limit).await.map_err(internal)?;
     Ok(Json(json!({"letters": letters.iter().map(|l| l.summary()).collect::<Vec<_>>()})))
+}
+
+/// `GET /v1/admin/dlq/{seq}`.
+pub async fn dlq_letter(State(state): State<AppState>, ApiPath(seq): ApiPath<u64>) -> Result<Json<Value>, ApiError> {
+    let stream = crate::ops::dlq::open(&state.js).await.map_err(internal)?;
+    match crate::ops::dlq::get(&stream, seq).await {
+        Ok(l) => Ok(Json(l.detail())),
+        Err(_) => Err(ApiError::new(ErrorCode::NotFound, format!("no dead letter {seq}")).param("seq")),
+    }
+}
+
+/// Query of `GET /v1/admin/batches`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BatchesQuery {
+    /// Most batches returned, newest first (default 20, at most 200).
+    pub limit: Option<usize>,
+}
+
+/// `GET /v1/admin/batches`.
+pub async fn batches(
+    State(state): State<AppState>,
+    ApiQuery(q): ApiQuery<BatchesQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let list = super::batch::recent(&state, q.limit.unwrap_or(20).min(200)).await.map_err(internal)?;
+    Ok(Json(json!({ "object": "list", "data": list })))
 }
 
 /// Body of `POST /v1/admin/dlq/replay`.

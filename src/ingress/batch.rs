@@ -337,19 +337,24 @@ impl Progress {
     }
 }
 
-/// `GET /v1/batches/{id}`: looks up only the lines not known finished.
+/// `GET /v1/batches/{id}`.
 pub async fn get(
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     let record = load(&state, &who.tenant, &id).await?;
+    Ok(Json(status(&state, &record).await))
+}
+
+/// A batch's view, looking up only the lines not known finished.
+async fn status(state: &AppState, record: &Record) -> Value {
     let key = format!("{}.progress", record_key(&record.tenant, &record.id));
     let mut progress: Progress = match state.batches.get(&key).await {
         Ok(Some(v)) => serde_json::from_slice(&v).unwrap_or_default(),
         _ => Progress::default(),
     };
-    let found = results(&state, &record, (0..record.total).filter(|i| !progress.is_done(*i))).await;
+    let found = results(state, record, (0..record.total).filter(|i| !progress.is_done(*i))).await;
     if !found.is_empty() {
         for (i, r) in found {
             progress.finish(i, record.total, r.status == Status::Ok);
@@ -359,7 +364,35 @@ pub async fn get(
             tracing::debug!(batch = %record.id, error = %e, "keeping the batch's progress failed");
         }
     }
-    Ok(Json(view(&record, progress.completed, progress.failed)))
+    let mut v = view(record, progress.completed, progress.failed);
+    v["tenant"] = json!(record.tenant);
+    v
+}
+
+/// The `limit` newest batches of every tenant, with their progress
+/// (`GET /v1/admin/batches`). Batch ids are ULIDs: newest sort last.
+pub async fn recent(state: &AppState, limit: usize) -> anyhow::Result<Vec<Value>> {
+    let mut keys: Vec<String> = state
+        .batches
+        .keys()
+        .await?
+        .filter_map(|k| async move { k.ok() })
+        .filter(|k| {
+            let record = matches!(k.split_once('.'), Some((_, id)) if id.starts_with("batch_") && !id.contains('.'));
+            async move { record }
+        })
+        .collect()
+        .await;
+    keys.sort_by(|a, b| b.split_once('.').map(|x| x.1).cmp(&a.split_once('.').map(|x| x.1)));
+    let mut out = Vec::new();
+    for key in keys.into_iter().take(limit) {
+        let Some((tenant, id)) = key.split_once('.') else { continue };
+        match load(state, tenant, id).await {
+            Ok(record) => out.push(status(state, &record).await),
+            Err(e) => tracing::debug!(%key, error = %e.message, "unreadable batch record"),
+        }
+    }
+    Ok(out)
 }
 
 /// `GET /v1/batches/{id}/results`: JSONL, one line per finished request.

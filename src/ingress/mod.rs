@@ -43,6 +43,7 @@ pub mod batch;
 pub mod budgets;
 pub mod config;
 pub mod conn;
+pub mod console;
 pub mod error;
 pub mod guard;
 pub mod jwt;
@@ -59,6 +60,7 @@ pub mod sse;
 pub mod state;
 pub mod submit;
 pub mod usage;
+pub mod watch;
 
 pub use state::{AppState, Ingress, IngressMetrics};
 
@@ -136,7 +138,9 @@ impl Ingress {
             }
         };
         let openapi = openapi::spec(&models, auth.enabled(), throttled, budgets.is_some());
+        let watch = watch::Watch::new(client.clone(), js.clone(), plan.topology.worker_ttl_secs.max(1) * 1000);
         let state = Arc::new(Ingress {
+            watch,
             js,
             auth,
             limits,
@@ -208,6 +212,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/admin/workers/{id}/resume", post(admin::resume_worker))
         .route("/v1/admin/dlq", get(admin::dlq_list))
         .route("/v1/admin/dlq/replay", post(admin::dlq_replay))
+        .route("/v1/admin/dlq/{seq}", get(admin::dlq_letter))
+        .route("/v1/admin/batches", get(admin::batches))
+        .route("/v1/admin/console/events", get(console::events))
         .route("/v1/admin/cache/purge", post(admin::cache_purge))
         .route("/v1/admin/tenants", get(admin::tenants))
         .route("/v1/admin/tenants/{tenant}", put(admin::set_tenant));
@@ -219,6 +226,9 @@ pub fn router(state: AppState) -> Router {
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
         .route("/metrics", get(metrics))
+        .route("/console", get(console::page))
+        .route("/console/console.js", get(console::script))
+        .route("/console/console.css", get(console::style))
         .route("/openapi.json", get(|State(s): State<AppState>| async move { Json(s.openapi.clone()) }))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(state.clone(), observe))

@@ -46,6 +46,12 @@ impl Drain {
         self.begun.is_cancelled()
     }
 
+    /// Completes when the drain begins (streams that never end, like the
+    /// console's, end then instead of holding the drain up).
+    pub async fn beginning(&self) {
+        self.begun.cancelled().await;
+    }
+
     /// Completes `grace` after the drain began.
     pub async fn expired(&self) {
         self.begun.cancelled().await;

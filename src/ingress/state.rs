@@ -112,6 +112,8 @@ pub struct Ingress {
     pub answers: Arc<answers::AnswerCache>,
     /// The drain on shutdown (`ingress.drain_timeout_ms`).
     pub drain: shutdown::Drain,
+    /// What the console shows, sampled while someone watches.
+    pub watch: super::watch::Watch,
 }
 
 impl Ingress {

@@ -116,6 +116,33 @@ impl Letter {
         })
     }
 
+    /// The letter whole for the admin API: its summary, headers and payload.
+    pub fn detail(&self) -> serde_json::Value {
+        let mut v = self.summary();
+        v["headers"] = serde_json::json!(self.header_list());
+        v["payload"] = match self.payload_value() {
+            Ok(p) => p,
+            Err(text) => serde_json::Value::String(text),
+        };
+        v
+    }
+
+    /// Every header as (name, value), sorted.
+    pub fn header_list(&self) -> Vec<(String, String)> {
+        let mut names: Vec<(String, String)> =
+            self.headers.iter().flat_map(|(k, vs)| vs.iter().map(move |v| (k.to_string(), v.to_string()))).collect();
+        names.sort();
+        names
+    }
+
+    /// The payload decoded as its content type says, or (undecodable) as
+    /// escaped text.
+    pub fn payload_value(&self) -> Result<serde_json::Value, String> {
+        let ct = self.header(headers::CONTENT_TYPE);
+        codec::decode::<serde_json::Value>(ct.as_deref(), &self.payload)
+            .map_err(|_| self.payload.escape_ascii().to_string())
+    }
+
     /// The letter's header `name`, when it has one.
     pub fn header(&self, name: &str) -> Option<String> {
         header(&self.headers, name)

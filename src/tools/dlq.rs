@@ -4,7 +4,6 @@
 use std::fmt::Write as _;
 
 use async_nats::jetstream::{self, stream::Stream};
-use retro_fleet_schemas::{codec, headers};
 
 use crate::config::Config;
 use crate::ops::dlq;
@@ -50,20 +49,16 @@ pub async fn show(config: &Config, seq: u64) -> anyhow::Result<()> {
     let _ = writeln!(out, "id: {}\ntenant: {}", l.id.as_deref().unwrap_or("-"), l.tenant);
     let _ = writeln!(out, "error: {} ({} deliveries)\nmessage: {}", l.code, l.deliveries, l.message);
     let _ = writeln!(out, "headers:");
-    let mut names: Vec<(String, String)> =
-        l.headers.iter().flat_map(|(k, vs)| vs.iter().map(move |v| (k.to_string(), v.to_string()))).collect();
-    names.sort();
-    for (k, v) in names {
+    for (k, v) in l.header_list() {
         let _ = writeln!(out, "  {k}: {v}");
     }
-    let ct = l.header(headers::CONTENT_TYPE);
     let _ = writeln!(out, "payload ({} bytes):", l.payload.len());
-    match codec::decode::<serde_json::Value>(ct.as_deref(), &l.payload) {
+    match l.payload_value() {
         Ok(v) => {
             let _ = writeln!(out, "{}", serde_json::to_string_pretty(&v)?);
         }
-        Err(_) => {
-            let _ = writeln!(out, "{}", l.payload.escape_ascii());
+        Err(text) => {
+            let _ = writeln!(out, "{text}");
         }
     }
     print!("{out}");

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::kv;
 use bytes::Bytes;
 use retro_fleet_schemas::registry::kv_key;
-use retro_fleet_schemas::{subjects, ModelLoad, WorkerInfo};
+use retro_fleet_schemas::{subjects, ModelLoad, Totals, WorkerInfo};
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::unix_ms;
@@ -59,6 +59,15 @@ impl Beat {
         }
         self.last = now;
         self.at = Instant::now();
+        let (failed, latency_counts) = sh.metrics.failed_and_latency();
+        let (cache_hits, cache_misses) = sh.cache.as_ref().map_or((0, 0), |c| c.hits_and_misses());
+        let totals = Totals {
+            failed,
+            cache_hits,
+            cache_misses,
+            latency_counts,
+            latency_bounds_s: crate::metrics::LATENCY_BUCKETS.to_vec(),
+        };
         WorkerInfo {
             v: retro_fleet_schemas::SCHEMA_VERSION,
             id: sh.worker_id.clone(),
@@ -72,6 +81,7 @@ impl Beat {
             draining,
             started_ms: self.started_ms,
             updated_ms: unix_ms(),
+            totals,
         }
     }
 }

@@ -54,6 +54,8 @@ pub struct Metrics {
     ttft: HistogramVec,
     /// `fleet_time_per_output_token_seconds{priority,model}`: first → last token, per token after the first.
     tpot: HistogramVec,
+    /// Publish to result, per finished request.
+    request: HistogramVec,
 }
 
 impl Metrics {
@@ -95,6 +97,10 @@ impl Metrics {
                 "fleet_time_to_first_token_seconds",
                 "Time from publish to the model's first token (queue wait included; computed answers only)",
             )?,
+            request: latency(
+                "fleet_request_seconds",
+                "Time from publish to the result, queue wait included, per finished request",
+            )?,
             tpot: latency(
                 "fleet_time_per_output_token_seconds",
                 "Time per output token after the first, per computed answer of two tokens or more",
@@ -129,9 +135,39 @@ impl Metrics {
         }
     }
 
-    /// A request left the worker with `outcome` (`ok`, an error code, ...).
-    pub fn finished(&self, p: Priority, model: &str, outcome: &str) {
+    /// A request left the worker with `outcome` (`ok`, an error code, ...),
+    /// `since_publish` after it was published.
+    pub fn finished(&self, p: Priority, model: &str, outcome: &str, since_publish: Duration) {
         self.requests.with_label_values(&[p.as_str(), model, outcome]).inc();
+        if !NOT_FINISHED.contains(&outcome) {
+            self.request.with_label_values(&[p.as_str(), model]).observe(since_publish.as_secs_f64());
+        }
+    }
+
+    /// Requests finished with an error, and the cumulative counts of
+    /// [`fleet_request_seconds`](Self::finished) per bound of
+    /// [`LATENCY_BUCKETS`] (one more entry: all of them), since start.
+    pub fn failed_and_latency(&self) -> (u64, Vec<u64>) {
+        let mut failed = 0;
+        for family in self.requests.collect() {
+            for m in family.get_metric() {
+                let outcome = m.get_label().iter().find(|l| l.name() == "outcome").map_or("", |l| l.value());
+                if outcome != "ok" && !NOT_FINISHED.contains(&outcome) {
+                    failed += m.get_counter().get_value() as u64;
+                }
+            }
+        }
+        let mut counts = vec![0u64; LATENCY_BUCKETS.len() + 1];
+        for family in self.request.collect() {
+            for m in family.get_metric() {
+                let h = m.get_histogram();
+                for (c, b) in counts.iter_mut().zip(h.get_bucket()) {
+                    *c += b.cumulative_count();
+                }
+                counts[LATENCY_BUCKETS.len()] += h.get_sample_count();
+            }
+        }
+        (failed, counts)
     }
 
     /// A retryable failure was handed back for redelivery.

@@ -213,6 +213,17 @@ pub(super) fn views() -> Map<String, Value> {
         json!({"type": "object", "required": ["letters"],
         "properties": {"letters": {"type": "array", "items": letter}}}),
     );
+    let mut whole = letter.clone();
+    whole["required"].as_array_mut().expect("a list").extend([json!("headers"), json!("payload")]);
+    whole["properties"]["headers"] = json!({"type": "array", "description": "(name, value) pairs",
+        "items": {"type": "array", "items": {"type": "string"}, "minItems": 2, "maxItems": 2}});
+    whole["properties"]["payload"] = json!({"description": "The request as decoded, or escaped text"});
+    m.insert("DeadLetter".into(), whole);
+    m.insert(
+        "Batches".into(),
+        json!({"type": "object", "required": ["object", "data"], "properties": {
+            "object": {"const": "list"}, "data": {"type": "array", "items": {"$ref": "#/components/schemas/Batch"}}}}),
+    );
     m.insert(
         "Workers".into(),
         json!({"type": "object", "required": ["workers"],

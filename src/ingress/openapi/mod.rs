@@ -16,7 +16,7 @@ mod components;
 use retro_fleet_schemas::{InferResult, WorkerInfo};
 use serde_json::{json, Map, Value};
 
-use super::admin::{DlqQuery, PauseQuery, PurgeBody, ReplayBody, TenantBody};
+use super::admin::{BatchesQuery, DlqQuery, PauseQuery, PurgeBody, ReplayBody, TenantBody};
 use super::batch::CreateQuery;
 use super::error::Body as ErrorBody;
 use super::native::{Accepted, Choices, NativeRequest};
@@ -45,7 +45,10 @@ pub const OPERATIONS: &[(&str, &str, Option<RouteClass>)] = &[
     ("post", "/v1/admin/workers/{id}/drain", Some(RouteClass::Admin)),
     ("post", "/v1/admin/workers/{id}/resume", Some(RouteClass::Admin)),
     ("get", "/v1/admin/dlq", Some(RouteClass::Admin)),
+    ("get", "/v1/admin/dlq/{seq}", Some(RouteClass::Admin)),
     ("post", "/v1/admin/dlq/replay", Some(RouteClass::Admin)),
+    ("get", "/v1/admin/batches", Some(RouteClass::Admin)),
+    ("get", "/v1/admin/console/events", Some(RouteClass::Admin)),
     ("post", "/v1/admin/cache/purge", Some(RouteClass::Admin)),
     ("get", "/v1/admin/tenants", Some(RouteClass::Admin)),
     ("put", "/v1/admin/tenants/{tenant}", Some(RouteClass::Admin)),
@@ -53,6 +56,9 @@ pub const OPERATIONS: &[(&str, &str, Option<RouteClass>)] = &[
     ("get", "/health/ready", None),
     ("get", "/metrics", None),
     ("get", "/openapi.json", None),
+    ("get", "/console", None),
+    ("get", "/console/console.js", None),
+    ("get", "/console/console.css", None),
 ];
 
 fn json_body(schema: Value) -> Value {
@@ -96,6 +102,7 @@ pub fn spec(models: &std::collections::BTreeSet<String>, auth_on: bool, throttle
     let _ = g.of::<retro_fleet_schemas::Priority>();
     let batch_query = g.query::<CreateQuery>();
     let dlq_query = g.query::<DlqQuery>();
+    let batches_query = g.query::<BatchesQuery>();
     let pause_query = g.query::<PauseQuery>();
     let usage_query = g.query::<super::usage::UsageParams>();
     let usage_row = g.of::<crate::usage::Row>();
@@ -288,6 +295,35 @@ pub fn spec(models: &std::collections::BTreeSet<String>, auth_on: bool, throttle
                 ok_json("Dead letters", r("DeadLetters")),
                 &[422],
             ),
+            ("get", "/v1/admin/dlq/{seq}") => (
+                "One dead letter whole: its headers and payload",
+                vec![
+                    json!({"name": "seq", "in": "path", "required": true, "description": "Sequence in FLEET_DLQ",
+                           "schema": {"type": "integer", "minimum": 0}}),
+                    request_id.clone(),
+                ],
+                None,
+                200,
+                ok_json("The dead letter", r("DeadLetter")),
+                &[404, 422],
+            ),
+            ("get", "/v1/admin/batches") => (
+                "The newest batches of every tenant, with their progress",
+                [batches_query.clone(), vec![request_id.clone()]].concat(),
+                None,
+                200,
+                ok_json("Batches, newest first", r("Batches")),
+                &[422],
+            ),
+            ("get", "/v1/admin/console/events") => (
+                "The console's live feed: Server-Sent Events `history`, then a `sample` per worker heartbeat",
+                vec![request_id.clone()],
+                None,
+                200,
+                json!({"description": "Server-Sent Events", "content": {
+                    "text/event-stream": {"schema": r("ServerSentEvent")}}}),
+                &[],
+            ),
             ("post", "/v1/admin/dlq/replay") => (
                 "Replay dead letters with a fresh delivery history",
                 vec![request_id.clone()],
@@ -333,6 +369,11 @@ pub fn spec(models: &std::collections::BTreeSet<String>, auth_on: bool, throttle
             ("get", "/openapi.json") => {
                 ("This document", vec![], None, 200, ok_json("OpenAPI 3.1", json!({"type": "object"})), &[])
             }
+            ("get", "/console") => ("The web console", vec![], None, 200, text("HTML", "text/html"), &[]),
+            ("get", "/console/console.js") => {
+                ("The console's script", vec![], None, 200, text("JavaScript", "text/javascript"), &[])
+            }
+            ("get", "/console/console.css") => ("The console's style", vec![], None, 200, text("CSS", "text/css"), &[]),
             _ => unreachable!("every operation is documented: {method} {path}"),
         }
     };

@@ -12,6 +12,7 @@ use foyer::{
     BlockEngineConfig, DeviceBuilder, Event, EventListener, FsDeviceBuilder, HybridCache, HybridCacheBuilder,
     HybridCachePolicy, PsyncIoEngineConfig, Source,
 };
+use prometheus::core::Collector;
 use prometheus::{IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
 use retro_fleet_schemas::cache_key::{Generations, Key};
 use retro_fleet_schemas::CacheTier;
@@ -258,6 +259,25 @@ impl ResultCache {
     /// Counts a lookup outcome.
     pub fn count(&self, model: &str, result: &str) {
         self.metrics.lookups.with_label_values(&[model, result]).inc();
+    }
+
+    /// Requests answered from the cache, and requests it could not answer,
+    /// since start (bypassed and uncacheable requests are neither). A
+    /// coalesced answer was first counted a miss: it moves to the hits.
+    pub fn hits_and_misses(&self) -> (u64, u64) {
+        let (mut hits, mut misses, mut coalesced) = (0u64, 0u64, 0u64);
+        for family in self.metrics.lookups.collect() {
+            for m in family.get_metric() {
+                let n = m.get_counter().get_value() as u64;
+                match m.get_label().iter().find(|l| l.name() == "result").map_or("", |l| l.value()) {
+                    "miss" => misses += n,
+                    "coalesced" => coalesced += n,
+                    "bypass" | "uncacheable" => {}
+                    _ => hits += n,
+                }
+            }
+        }
+        (hits + coalesced, misses.saturating_sub(coalesced))
     }
 
     /// Counts a wait on another worker's claim.

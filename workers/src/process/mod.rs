@@ -62,6 +62,7 @@ impl Picked {
 pub async fn handle(sh: Arc<Shared>, prio: Priority, msg: jetstream::Message) {
     sh.metrics.inflight.inc();
     let picked = Picked::now(&msg);
+    let published_ms = picked.published_ms;
     let model_label = subjects::parse_request(&msg.subject)
         .map(|(_, m, _)| m)
         .filter(|m| sh.catalog.contains(*m))
@@ -103,7 +104,7 @@ pub async fn handle(sh: Arc<Shared>, prio: Priority, msg: jetstream::Message) {
         }
     };
     trace::end(&cx, || vec![KeyValue::new("fleet.outcome", label)], (label != "ok").then_some(label));
-    sh.metrics.finished(prio, &model_label, label);
+    sh.metrics.finished(prio, &model_label, label, Duration::from_millis(unix_ms().saturating_sub(published_ms)));
     sh.metrics.inflight.dec();
 }
 
