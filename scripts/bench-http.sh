@@ -27,8 +27,6 @@
 #   TRACED="off 1.0 0.01" adds `traced-R` for each R: the fleet exporting
 #   its traces over OTLP at sampling ratio R to scripts/otlp-sink.py (`off`:
 #   not exporting, the reference), each on a nats-server of its own.
-#   WATCHED=1 adds `unwatched` and `watched`: two such fleets, the console's
-#   live feed open on `watched` for the whole run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/bench-lib.sh
@@ -91,10 +89,10 @@ fleet_alone() {
     ports+=("$hp")
     ALONE_ROWS+=("$label http://127.0.0.1:$hp $nats_pid $! $worker_pid")
 }
-i=0
 if [ -n "${TRACED:-}" ]; then
     python3 scripts/otlp-sink.py 14318 >"$WORKDIR/sink.log" 2>&1 &
     SINK_PID=$!
+    i=0
     for r in $TRACED; do
         i=$((i + 1))
         traced_env=()
@@ -103,20 +101,12 @@ if [ -n "${TRACED:-}" ]; then
         fleet_alone "$i" "traced-$r" "${traced_env[@]}"
     done
 fi
-if [ -n "${WATCHED:-}" ]; then
-    fleet_alone $((i + 1)) unwatched
-    fleet_alone $((i + 2)) watched
-    WATCHED_URL="http://127.0.0.1:$((18100 + i + 2))"
-fi
 for port in "${ports[@]}"; do
     for _ in $(seq 100); do
         curl -fs -o /dev/null -X POST "http://127.0.0.1:$port/v1/infer" -d '{"model":"echo","prompt":"up?"}' && break
         sleep 0.1
     done
 done
-# the console open on `watched` for the rest of the run: its feed read
-# whole, as a browser does
-[ -z "${WATCHED:-}" ] || { curl -sN "$WATCHED_URL/v1/admin/console/events" >"$WORKDIR/console-feed.txt" & WATCHER_PID=$!; }
 for w in "${WINDOWS[@]}"; do
     n=$(( w > 1 ? 20000 : 3000 ))
     echo "## HTTP window $w, $n requests x 3 rounds, 256-byte prompts"
@@ -161,7 +151,3 @@ for _ in 1 2; do
     done
 done
 [ -z "${TRACED:-}" ] || { kill -TERM "$SINK_PID" 2>/dev/null || true; sleep 0.5; cat "$WORKDIR/sink.log"; }
-[ -z "${WATCHED:-}" ] || {
-    kill "$WATCHER_PID" 2>/dev/null || true
-    echo "console feed: $(grep -c '^event: sample' "$WORKDIR/console-feed.txt") samples read while watched"
-}

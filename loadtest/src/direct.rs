@@ -94,5 +94,6 @@ pub async fn run(
         tokens_per_s: tokens as f64 / elapsed,
         ttft_p50_ms: (!t.is_empty()).then(|| ms(&t, 0.5)),
         ttft_p99_ms: (!t.is_empty()).then(|| ms(&t, 0.99)),
+        timeline: Vec::new(),
     })
 }

@@ -11,7 +11,7 @@ use hdrhistogram::Histogram;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::load::{Mode, Report};
+use crate::load::{Mode, Report, Timeline};
 use crate::workload::Workload;
 
 /// An ingress to load.
@@ -95,6 +95,7 @@ pub async fn run(
     let failures = Arc::new(Mutex::new(std::collections::BTreeMap::<String, usize>::new()));
     let hits = Arc::new(AtomicUsize::new(0));
     let tokens = Arc::new(AtomicUsize::new(0));
+    let timeline = Arc::new(Timeline::new());
     let one = |i: usize| {
         let prompt = workload.prompt(&run_id, i);
         let body = match api {
@@ -116,8 +117,8 @@ pub async fn run(
         };
         let body = bytes::Bytes::from(serde_json::to_vec(&body).expect("json"));
         let (client, url) = (client.clone(), url.clone());
-        let (hist, first_text, failures, hits, tokens) =
-            (hist.clone(), first_text.clone(), failures.clone(), hits.clone(), tokens.clone());
+        let (hist, first_text, failures, hits, tokens, timeline) =
+            (hist.clone(), first_text.clone(), failures.clone(), hits.clone(), tokens.clone(), timeline.clone());
         let bearer = bearer.map(str::to_string);
         let stream = workload.stream && api == Api::Openai;
         async move {
@@ -142,6 +143,7 @@ pub async fn run(
             };
             match outcome {
                 Ok(a) => {
+                    timeline.answered();
                     let _ = hist.lock().unwrap().record(a.total_us);
                     if let Some(us) = a.first_text_us {
                         let _ = first_text.lock().unwrap().record(us);
@@ -205,6 +207,7 @@ pub async fn run(
         tokens_per_s: tokens.load(Ordering::Relaxed) as f64 / elapsed,
         ttft_p50_ms: first(0.5),
         ttft_p99_ms: first(0.99),
+        timeline: timeline.bins(),
     })
 }
 

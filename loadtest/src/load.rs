@@ -84,6 +84,37 @@ pub struct Report {
     pub ttft_p50_ms: Option<f64>,
     /// Time to the first streamed token, 99th percentile.
     pub ttft_p99_ms: Option<f64>,
+    /// Answers in each tenth of a second of the round (throughput over time).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub timeline: Vec<u32>,
+}
+
+/// Answers counted per tenth of a second since a round started.
+pub struct Timeline {
+    start: Instant,
+    bins: Mutex<Vec<u32>>,
+}
+
+impl Timeline {
+    /// A timeline starting now.
+    pub fn new() -> Timeline {
+        Timeline { start: Instant::now(), bins: Mutex::new(Vec::new()) }
+    }
+
+    /// One answer, now.
+    pub fn answered(&self) {
+        let bin = (self.start.elapsed().as_millis() / 100) as usize;
+        let mut bins = self.bins.lock().unwrap();
+        if bins.len() <= bin {
+            bins.resize(bin + 1, 0);
+        }
+        bins[bin] += 1;
+    }
+
+    /// The counts so far.
+    pub fn bins(&self) -> Vec<u32> {
+        self.bins.lock().unwrap().clone()
+    }
 }
 
 impl Report {
@@ -140,8 +171,10 @@ pub async fn run(
     let ttft = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?));
     let first_chunk: Arc<Vec<std::sync::atomic::AtomicBool>> = Arc::new((0..n).map(|_| Default::default()).collect());
     let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?));
+    let timeline = Arc::new(Timeline::new());
 
     let mut receiver = {
+        let timeline = timeline.clone();
         let (sent_at, flags, window, answered, duplicates, hist, hits) = (
             sent_at.clone(),
             answered_flags.clone(),
@@ -175,6 +208,7 @@ pub async fn run(
                     let us = t.elapsed().as_micros().max(1) as u64;
                     let _ = hist.lock().unwrap().record(us);
                 }
+                timeline.answered();
                 if closed_loop {
                     window.add_permits(1);
                 }
@@ -250,6 +284,7 @@ pub async fn run(
         tokens_per_s: tokens.load(Ordering::Relaxed) as f64 / elapsed,
         ttft_p50_ms: ttft_ms(&ttft, 0.5),
         ttft_p99_ms: ttft_ms(&ttft, 0.99),
+        timeline: timeline.bins(),
     })
 }
 

@@ -20,12 +20,14 @@
 //! - [`http`]: load over HTTP (`POST /v1/infer`) against one or more ingresses.
 //! - [`http_floor`]: the bare HTTP → JetStream → reply floor.
 //! - [`direct`]: the model called in-process, with no fleet around it.
+//! - [`report`]: the HTML report (`--report`), its charts drawn as SVG.
 
 mod direct;
 mod floor;
 mod http;
 mod http_floor;
 mod load;
+mod report;
 mod workload;
 
 use std::time::Duration;
@@ -120,6 +122,15 @@ struct Args {
     /// Seconds to wait for stragglers after the last request was sent.
     #[arg(long, default_value_t = 30)]
     timeout: u64,
+    /// Open loop at each of these rates (requests per second, comma-separated)
+    /// in turn, instead of --rate or --window: latency against offered load.
+    #[arg(long, value_delimiter = ',', conflicts_with = "rate")]
+    sweep: Vec<f64>,
+    /// Write an HTML report with pictures (latency percentiles against
+    /// offered load, throughput over time) to this file, and each picture
+    /// beside it as FILE-<chart>.svg.
+    #[arg(long, value_name = "FILE")]
+    report: Option<std::path::PathBuf>,
     /// Write the reports as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -210,52 +221,56 @@ async fn main() -> anyhow::Result<()> {
             direct_models.push((name, direct::load(dir, *a).await?));
         }
     }
-    for t in &targets {
-        load::run(&client, t, warmup, mode, &workload, wait).await?;
-    }
-    for (name, m) in &direct_models {
-        direct::run(name, m, warmup, args.window, &workload).await?;
-    }
-    let mut reports: Vec<Vec<Report>> = vec![Vec::new(); targets.len() + direct_models.len()];
-    for round in 0..args.rounds.max(1) {
-        for (i, t) in targets.iter().enumerate() {
-            let r = load::run(&client, t, args.requests, mode, &workload, wait).await?;
-            eprintln!("round {}: {}", round + 1, r.line());
-            reports[i].push(r);
+    let mut steps = Vec::new();
+    for mode in modes(&args, mode) {
+        for t in &targets {
+            load::run(&client, t, warmup, mode, &workload, wait).await?;
         }
-        for (j, (name, m)) in direct_models.iter().enumerate() {
-            let r = direct::run(name, m, args.requests, args.window, &workload).await?;
-            eprintln!("round {}: {}", round + 1, r.line());
-            reports[targets.len() + j].push(r);
+        for (name, m) in &direct_models {
+            direct::run(name, m, warmup, args.window, &workload).await?;
         }
+        let mut reports: Vec<Vec<Report>> = vec![Vec::new(); targets.len() + direct_models.len()];
+        for round in 0..args.rounds.max(1) {
+            for (i, t) in targets.iter().enumerate() {
+                let r = load::run(&client, t, args.requests, mode, &workload, wait).await?;
+                eprintln!("round {}: {}", round + 1, r.line());
+                reports[i].push(r);
+            }
+            for (j, (name, m)) in direct_models.iter().enumerate() {
+                let r = direct::run(name, m, args.requests, args.window, &workload).await?;
+                eprintln!("round {}: {}", round + 1, r.line());
+                reports[targets.len() + j].push(r);
+            }
+        }
+        let medians: Vec<Report> = reports.iter().map(|rs| load::median(rs.clone())).collect();
+        steps.push(report::Step { mode, rounds: reports, medians });
     }
     if let Some(w) = floor_worker {
         w.stop().await;
     }
-    let medians: Vec<Report> = reports.iter().map(|rs| load::median(rs.clone())).collect();
-    println!("median of {} rounds, {} requests each, {}:", args.rounds.max(1), args.requests, mode);
-    for r in &medians {
-        println!("{}", r.line());
+    for report::Step { mode, medians, .. } in &steps {
+        println!("median of {} rounds, {} requests each, {}:", args.rounds.max(1), args.requests, mode);
+        for r in medians {
+            println!("{}", r.line());
+        }
+        for direct in &medians[targets.len()..] {
+            let fleet = &medians[0];
+            let name = direct.target.replace("direct", "fleet/direct");
+            println!("{name}: {:.2}", fleet.tokens_per_s / direct.tokens_per_s.max(f64::MIN_POSITIVE));
+        }
+        // each NATS target against the floor when measured, else against the first
+        let reference = targets.iter().position(|t| t.name == "floor").unwrap_or(0);
+        for (i, r) in medians.iter().enumerate().take(targets.len()).filter(|(i, _)| *i != reference) {
+            let base = &medians[reference];
+            println!("{}/{}: {:.2}", r.target, base.target, r.throughput / base.throughput);
+            println!("p50 added by {} over {}: {:.3} ms", r.target, base.target, r.p50_ms - base.p50_ms);
+            let _ = i;
+        }
     }
-    for direct in &medians[targets.len()..] {
-        let fleet = &medians[0];
-        let name = direct.target.replace("direct", "fleet/direct");
-        println!("{name}: {:.2}", fleet.tokens_per_s / direct.tokens_per_s.max(f64::MIN_POSITIVE));
-    }
-    // each NATS target against the floor when measured, else against the first
-    let reference = targets.iter().position(|t| t.name == "floor").unwrap_or(0);
-    for (i, r) in medians.iter().enumerate().take(targets.len()).filter(|(i, _)| *i != reference) {
-        let base = &medians[reference];
-        println!("{}/{}: {:.2}", r.target, base.target, r.throughput / base.throughput);
-        println!("p50 added by {} over {}: {:.3} ms", r.target, base.target, r.p50_ms - base.p50_ms);
-        let _ = i;
-    }
-    let json = serde_json::json!({ "mode": mode.to_string(), "requests": args.requests, "rounds": reports, "median": medians });
-    if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&json)?)?;
-    }
-    let lost: usize = reports.iter().flatten().map(|r| r.lost).sum();
-    let dup: usize = reports.iter().flatten().map(|r| r.duplicates).sum();
+    write_out(&args, "", &steps)?;
+    let reports: Vec<&Report> = steps.iter().flat_map(|s| s.rounds.iter().flatten()).collect();
+    let lost: usize = reports.iter().map(|r| r.lost).sum();
+    let dup: usize = reports.iter().map(|r| r.duplicates).sum();
     if lost > 0 || dup > 0 {
         anyhow::bail!("{lost} requests lost and {dup} duplicated");
     }
@@ -267,7 +282,8 @@ async fn main() -> anyhow::Result<()> {
 async fn http_main(args: &Args, workload: &workload::Workload) -> anyhow::Result<()> {
     // open loop: keep enough connections for the bursts of a 1 ms timer
     // (new connections under load fail and skew the tail)
-    let pool = args.rate.map_or(args.window, |r| args.window.max((r / 100.0) as usize).max(1024));
+    let fastest = args.sweep.iter().copied().fold(args.rate, |m, r| Some(m.map_or(r, |m: f64| m.max(r))));
+    let pool = fastest.map_or(args.window, |r| args.window.max((r / 100.0) as usize).max(1024));
     let client = http::client(pool)?;
     let mode = match args.rate {
         Some(r) => Mode::Rate(r),
@@ -276,48 +292,87 @@ async fn http_main(args: &Args, workload: &workload::Workload) -> anyhow::Result
     let model = args.model.first().map(String::as_str).unwrap_or("echo");
     let warmup = (args.requests / 10).clamp(100, 2_000);
     let bearer = args.bearer.as_deref();
-    for t in &args.http {
-        http::run(&client, t, args.api, warmup, mode, workload, model, bearer).await?;
-    }
-    let mut reports: Vec<Vec<Report>> = vec![Vec::new(); args.http.len()];
-    for round in 0..args.rounds.max(1) {
-        // each round starts with the next target, so none always follows
-        // the same one (a server may still be busy when its round ends)
-        let n = args.http.len();
-        for i in (0..n).map(|k| (k + round) % n) {
-            let t = &args.http[i];
-            let r = http::run(&client, t, args.api, args.requests, mode, workload, model, bearer).await?;
-            eprintln!("round {}: {}", round + 1, r.line());
-            reports[i].push(r);
+    let mut steps = Vec::new();
+    for mode in modes(args, mode) {
+        for t in &args.http {
+            http::run(&client, t, args.api, warmup, mode, workload, model, bearer).await?;
         }
+        let mut reports: Vec<Vec<Report>> = vec![Vec::new(); args.http.len()];
+        for round in 0..args.rounds.max(1) {
+            // each round starts with the next target, so none always follows
+            // the same one (a server may still be busy when its round ends)
+            let n = args.http.len();
+            for i in (0..n).map(|k| (k + round) % n) {
+                let t = &args.http[i];
+                let r = http::run(&client, t, args.api, args.requests, mode, workload, model, bearer).await?;
+                eprintln!("round {}: {}", round + 1, r.line());
+                reports[i].push(r);
+            }
+        }
+        let medians: Vec<Report> = reports.iter().map(|rs| load::median(rs.clone())).collect();
+        println!("median of {} rounds, {} requests each, HTTP {mode}:", args.rounds.max(1), args.requests);
+        for r in &medians {
+            println!("{}", r.line());
+        }
+        for r in medians.iter().skip(1) {
+            let base = &medians[0];
+            let first_text = match (r.ttft_p50_ms, base.ttft_p50_ms) {
+                (Some(a), Some(b)) => format!(", first text p50 {:+.3} ms", a - b),
+                _ => String::new(),
+            };
+            println!(
+                "{}/{}: {:.3} (throughput), p50 {:+.3} ms, p99 {:.2}x{first_text}",
+                r.target,
+                base.target,
+                r.throughput / base.throughput,
+                r.p50_ms - base.p50_ms,
+                r.p99_ms / base.p99_ms.max(f64::MIN_POSITIVE),
+            );
+        }
+        steps.push(report::Step { mode, rounds: reports, medians });
     }
-    let medians: Vec<Report> = reports.iter().map(|rs| load::median(rs.clone())).collect();
-    println!("median of {} rounds, {} requests each, HTTP {mode}:", args.rounds.max(1), args.requests);
-    for r in &medians {
-        println!("{}", r.line());
-    }
-    for r in medians.iter().skip(1) {
-        let base = &medians[0];
-        let first_text = match (r.ttft_p50_ms, base.ttft_p50_ms) {
-            (Some(a), Some(b)) => format!(", first text p50 {:+.3} ms", a - b),
-            _ => String::new(),
-        };
-        println!(
-            "{}/{}: {:.3} (throughput), p50 {:+.3} ms, p99 {:.2}x{first_text}",
-            r.target,
-            base.target,
-            r.throughput / base.throughput,
-            r.p50_ms - base.p50_ms,
-            r.p99_ms / base.p99_ms.max(f64::MIN_POSITIVE),
-        );
-    }
-    if let Some(path) = &args.json {
-        let json = serde_json::json!({ "mode": format!("http {mode}"), "requests": args.requests, "rounds": reports, "median": medians });
-        std::fs::write(path, serde_json::to_string_pretty(&json)?)?;
-    }
-    let lost: usize = reports.iter().flatten().map(|r| r.lost).sum();
+    write_out(args, "http ", &steps)?;
+    let reports: Vec<&Report> = steps.iter().flat_map(|s| s.rounds.iter().flatten()).collect();
+    let lost: usize = reports.iter().map(|r| r.lost).sum();
     if lost > 0 {
         anyhow::bail!("{lost} HTTP requests failed");
+    }
+    Ok(())
+}
+
+/// The loads to measure: each rate of `--sweep`, else `mode`.
+fn modes(args: &Args, mode: Mode) -> Vec<Mode> {
+    if args.sweep.is_empty() {
+        vec![mode]
+    } else {
+        args.sweep.iter().map(|r| Mode::Rate(*r)).collect()
+    }
+}
+
+/// `--json` (one object per load, a list of them for a sweep) and `--report`.
+fn write_out(args: &Args, kind: &str, steps: &[report::Step]) -> anyhow::Result<()> {
+    if let Some(path) = &args.json {
+        let json: Vec<serde_json::Value> = steps
+            .iter()
+            .map(|s| {
+                serde_json::json!({ "mode": format!("{kind}{}", s.mode), "requests": args.requests,
+                                    "rounds": s.rounds, "median": s.medians })
+            })
+            .collect();
+        let json = if json.len() == 1 { json[0].clone() } else { serde_json::Value::Array(json) };
+        std::fs::write(path, serde_json::to_string_pretty(&json)?)?;
+    }
+    if let Some(path) = &args.report {
+        let title = format!("loadtest, {} requests per round, {} round(s)", args.requests, args.rounds.max(1));
+        let write = |p: &std::path::Path, text: String| {
+            std::fs::write(p, text).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", p.display()))
+        };
+        write(path, report::html(&title, steps))?;
+        let stem = path.with_extension("");
+        for (name, _, svg) in report::charts(steps) {
+            write(&std::path::PathBuf::from(format!("{}-{name}.svg", stem.display())), svg)?;
+        }
+        eprintln!("report written to {} (and its charts beside it, as SVG)", path.display());
     }
     Ok(())
 }
