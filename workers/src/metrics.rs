@@ -98,7 +98,7 @@ impl Metrics {
                 "Time from publish to the model's first token (queue wait included; computed answers only)",
             )?,
             request: latency(
-                "fleet_request_seconds",
+                "fleet_publish_to_result_seconds",
                 "Time from publish to the result, queue wait included, per finished request",
             )?,
             tpot: latency(
@@ -145,7 +145,7 @@ impl Metrics {
     }
 
     /// Requests finished with an error, and the cumulative counts of
-    /// [`fleet_request_seconds`](Self::finished) per bound of
+    /// [`fleet_publish_to_result_seconds`](Self::finished) per bound of
     /// [`LATENCY_BUCKETS`] (one more entry: all of them), since start.
     pub fn failed_and_latency(&self) -> (u64, Vec<u64>) {
         let mut failed = 0;
