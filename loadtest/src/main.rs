@@ -260,11 +260,10 @@ async fn main() -> anyhow::Result<()> {
         }
         // each NATS target against the floor when measured, else against the first
         let reference = targets.iter().position(|t| t.name == "floor").unwrap_or(0);
-        for (i, r) in medians.iter().enumerate().take(targets.len()).filter(|(i, _)| *i != reference) {
+        for (_, r) in medians.iter().enumerate().take(targets.len()).filter(|(i, _)| *i != reference) {
             let base = &medians[reference];
             println!("{}/{}: {:.2}", r.target, base.target, r.throughput / base.throughput);
             println!("p50 added by {} over {}: {:.3} ms", r.target, base.target, r.p50_ms - base.p50_ms);
-            let _ = i;
         }
     }
     write_out(&args, "", &steps)?;
@@ -282,7 +281,7 @@ async fn main() -> anyhow::Result<()> {
 async fn http_main(args: &Args, workload: &workload::Workload) -> anyhow::Result<()> {
     // open loop: keep enough connections for the bursts of a 1 ms timer
     // (new connections under load fail and skew the tail)
-    let fastest = args.sweep.iter().copied().fold(args.rate, |m, r| Some(m.map_or(r, |m: f64| m.max(r))));
+    let fastest = args.sweep.iter().copied().chain(args.rate).reduce(f64::max);
     let pool = fastest.map_or(args.window, |r| args.window.max((r / 100.0) as usize).max(1024));
     let client = http::client(pool)?;
     let mode = match args.rate {
