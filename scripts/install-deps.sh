@@ -42,6 +42,14 @@ if ! python3 -c 'import jsonschema' >/dev/null 2>&1; then
         || "$PIP" install --quiet --disable-pip-version-check --break-system-packages jsonschema
 fi
 
+# The webhook test checks signatures with the Standard Webhooks reference library.
+if ! python3 -c 'import standardwebhooks' >/dev/null 2>&1; then
+    echo "installing the standardwebhooks Python package (for the webhook test)..." >&2
+    PIP="$(command -v pip3 || command -v pip)"
+    "$PIP" install --quiet --disable-pip-version-check standardwebhooks \
+        || "$PIP" install --quiet --disable-pip-version-check --break-system-packages standardwebhooks
+fi
+
 # The OpenAPI conformance test (tests/openapi.rs) fuzzes the running
 # ingress from its own /openapi.json with schemathesis.
 if ! command -v schemathesis >/dev/null 2>&1; then

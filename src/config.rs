@@ -106,6 +106,7 @@ impl Config {
     pub fn redacted(&self) -> Config {
         let mut c = self.clone();
         c.ingress.auth = c.ingress.auth.redacted();
+        c.ingress.webhooks = c.ingress.webhooks.redacted();
         c.nats = c.nats.redacted();
         c.telemetry.otlp = c.telemetry.otlp.redacted();
         c

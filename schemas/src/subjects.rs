@@ -23,6 +23,26 @@ pub const MODELS_BUCKET: &str = "fleet_models";
 pub const CACHE_CLAIMS_BUCKET: &str = "fleet_cache_claims";
 /// Batch records of the ingress's batch API.
 pub const BATCHES_BUCKET: &str = "fleet_batches";
+/// Object Store of the Files API (`/v1/files`): batch input and output
+/// files, named `<tenant>/<file id>`.
+pub const FILES_BUCKET: &str = "fleet_files";
+/// Work queue of batches to run: one message per batch, held by the
+/// ingress running it (its lease) and acknowledged when the batch ends.
+pub const BATCH_RUNS_STREAM: &str = "FLEET_BATCH_RUNS";
+/// Subjects of [`BATCH_RUNS_STREAM`].
+pub const BATCH_RUNS_WILDCARD: &str = "fleet.batch.run.>";
+/// The consumer every ingress pulls batches to run from.
+pub const BATCH_RUNNERS: &str = "batch-runners";
+/// Work queue of webhook events to deliver.
+pub const WEBHOOKS_STREAM: &str = "FLEET_WEBHOOKS";
+/// Subjects of [`WEBHOOKS_STREAM`].
+pub const WEBHOOK_SEND_WILDCARD: &str = "fleet.webhook.send.*";
+/// The consumer every ingress delivers webhook events from.
+pub const WEBHOOK_SENDERS: &str = "webhook-senders";
+/// Every webhook delivery attempt, with its outcome.
+pub const WEBHOOK_LOG_STREAM: &str = "FLEET_WEBHOOK_LOG";
+/// Subjects of [`WEBHOOK_LOG_STREAM`].
+pub const WEBHOOK_LOG_WILDCARD: &str = "fleet.webhook.log.*";
 /// API keys managed at run time (`retro-fleet keys`), one per key id.
 pub const API_KEYS_BUCKET: &str = "fleet_api_keys";
 /// Operators' settings per tenant (weights), one JSON entry per tenant.
@@ -172,6 +192,21 @@ pub fn scaling(model: &str) -> String {
 
 /// Every model's scaling report.
 pub const SCALING_WILDCARD: &str = "fleet.scaling.*";
+
+/// Subject of the run of batch `id` of `tenant`.
+pub fn batch_run(tenant: &str, id: &str) -> String {
+    format!("fleet.batch.run.{tenant}.{id}")
+}
+
+/// Subject of a webhook event of `tenant` to deliver.
+pub fn webhook_send(tenant: &str) -> String {
+    format!("fleet.webhook.send.{tenant}")
+}
+
+/// Subject of a webhook delivery attempt of `tenant`.
+pub fn webhook_log(tenant: &str) -> String {
+    format!("fleet.webhook.log.{tenant}")
+}
 
 /// Tenant used when a request names none.
 pub const DEFAULT_TENANT: &str = "default";

@@ -205,20 +205,40 @@ pub async fn dlq_letter(State(state): State<AppState>, ApiPath(seq): ApiPath<u64
     }
 }
 
-/// Query of `GET /v1/admin/batches`.
+/// Query of `GET /v1/admin/batches` and `GET /v1/admin/webhooks`.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-pub struct BatchesQuery {
-    /// Most batches returned, newest first (default 20, at most 200).
+pub struct RecentQuery {
+    /// Most entries returned, the newest (default 20, at most 200).
     pub limit: Option<usize>,
 }
 
-/// `GET /v1/admin/batches`.
+impl RecentQuery {
+    fn limit(&self) -> usize {
+        self.limit.unwrap_or(20).min(200)
+    }
+}
+
+/// `GET /v1/admin/batches`: newest first.
 pub async fn batches(
     State(state): State<AppState>,
-    ApiQuery(q): ApiQuery<BatchesQuery>,
+    ApiQuery(q): ApiQuery<RecentQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let list = super::batch::recent(&state, q.limit.unwrap_or(20).min(200)).await.map_err(internal)?;
+    let list = super::batch::recent(&state, q.limit()).await.map_err(internal)?;
+    Ok(Json(json!({ "object": "list", "data": list })))
+}
+
+/// `GET /v1/admin/webhooks`: the last webhook delivery attempts, oldest first.
+pub async fn webhooks(
+    State(state): State<AppState>,
+    ApiQuery(q): ApiQuery<RecentQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let list = match super::webhooks::log(&state.js, q.limit()).await {
+        Ok(l) => l,
+        // no webhook was ever queued here
+        Err(_) if !state.cfg.webhooks.enabled() => Vec::new(),
+        Err(e) => return Err(internal(e)),
+    };
     Ok(Json(json!({ "object": "list", "data": list })))
 }
 

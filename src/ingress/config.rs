@@ -48,6 +48,14 @@ pub struct IngressConfig {
     pub max_batch_bytes: usize,
     /// Deadline of each batch request, in seconds from submission.
     pub batch_timeout_secs: u64,
+    /// Largest file upload in bytes (`POST /v1/files`, 413 beyond).
+    pub max_file_bytes: usize,
+    /// Most lines of one file batch running at once: what a batch may take
+    /// of its class, whatever its size.
+    pub batch_max_in_flight: usize,
+    /// File batches this ingress runs at once (others wait their turn, or
+    /// run on other ingresses).
+    pub batch_runners: usize,
     /// The ingress's memory of recent answers (the first cache level).
     pub cache: super::answers::AnswerCacheConfig,
     /// On SIGTERM, how long calls in flight may still finish, in ms; those
@@ -62,6 +70,8 @@ pub struct IngressConfig {
     pub sync_result_ttl_secs: u64,
     /// Threads of `retro-fleet ingress`'s async runtime (0: one per core).
     pub threads: usize,
+    /// Completion webhooks (`[ingress.webhooks]`; off without allowed hosts).
+    pub webhooks: super::webhooks::WebhookConfig,
 }
 
 impl Default for IngressConfig {
@@ -78,10 +88,14 @@ impl Default for IngressConfig {
             max_batch_lines: 50_000,
             max_batch_bytes: 64 << 20,
             batch_timeout_secs: 24 * 3600,
+            max_file_bytes: 200 << 20,
+            batch_max_in_flight: 64,
+            batch_runners: 4,
             cache: Default::default(),
             drain_timeout_ms: 30_000,
             sync_result_ttl_secs: 120,
             threads: 0,
+            webhooks: Default::default(),
         }
     }
 }

@@ -12,7 +12,11 @@
 //!   (`open_stream`) and following a repeated request id's first result.
 //! - [`native`]: adapter for `POST /v1/infer`, `POST /v1/infer/async`, `GET /v1/results/{id}`.
 //! - [`openai`]: adapter for `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`.
-//! - [`batch`]: adapter for `POST /v1/batches` (JSONL), progress and results; KV `fleet_batches`.
+//! - [`batch`]: OpenAI's Batches API (runs file batches, [`batch::run`]) and
+//!   JSONL batches, progress and results; KV `fleet_batches`.
+//! - [`files`]: OpenAI's Files API on the Object Store `fleet_files`.
+//! - [`webhooks`]: completion webhooks, queued in `FLEET_WEBHOOKS` and
+//!   delivered by every ingress.
 //! - [`openai_shapes`]: OpenAI bodies into drafts and results into OpenAI
 //!   objects, shared by `openai` and `batch`.
 //! - [`sse`]: a Server-Sent Events stream fed by a task, for the streaming adapters.
@@ -45,6 +49,7 @@ pub mod config;
 pub mod conn;
 pub mod console;
 pub mod error;
+pub mod files;
 pub mod guard;
 pub mod jwt;
 pub mod native;
@@ -61,6 +66,7 @@ pub mod state;
 pub mod submit;
 pub mod usage;
 pub mod watch;
+pub mod webhooks;
 
 pub use state::{AppState, Ingress, IngressMetrics};
 
@@ -101,6 +107,13 @@ impl Ingress {
         let bucket = |name| crate::topology::ingress_bucket(&plan, name);
         let limits = ratelimit::Limiter::new(cfg.rate_limit.clone(), &js, bucket(ratelimit::kv::BUCKET)).await?;
         let batches = crate::topology::open_bucket(&js, bucket(batch::BUCKET)).await?;
+        let files =
+            crate::topology::batch::open_files(&js, crate::topology::batch::files_store(&plan.topology)).await?;
+        let runs = crate::topology::batch::open_runs(&js, &plan.topology).await?;
+        if cfg.webhooks.enabled() {
+            let events = crate::topology::batch::open_webhooks(&js, &plan.topology).await?;
+            webhooks::start(js.clone(), cfg.webhooks.clone(), events)?;
+        }
         if auth.enabled() && cfg.auth.api_keys.is_empty() && cfg.auth.jwt_keys.is_empty() {
             tracing::warn!(
                 "no API or JWT keys configured: only keys in KV {} are accepted (`retro-fleet keys add`)",
@@ -145,6 +158,7 @@ impl Ingress {
             auth,
             limits,
             batches,
+            files,
             config_view,
             worker_ttl_secs: plan.topology.worker_ttl_secs,
             results_max_age_secs: plan.topology.results_max_age_secs,
@@ -162,6 +176,7 @@ impl Ingress {
             metrics,
             registry,
         });
+        batch::run::start(state.clone(), runs);
         // each request's real tokens settle its up-front charge, several at
         // once (a shared counter takes a NATS round trip per settlement)
         let weak = Arc::downgrade(&state);
@@ -196,10 +211,18 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions));
     let batches = Router::new().route("/v1/batches", post(batch::create));
+    let uploads = Router::new().route("/v1/files", post(files::upload));
+    let submit = submit
+        .route("/v1/batches/{id}/cancel", post(batch::cancel))
+        .route("/v1/files/{id}", axum::routing::delete(files::delete));
     let read = Router::new()
         .route("/v1/results/{id}", get(native::get_result))
         .route("/v1/models", get(openai::models))
         .route("/v1/usage", get(usage::get))
+        .route("/v1/batches", get(batch::list))
+        .route("/v1/files", get(files::list))
+        .route("/v1/files/{id}", get(files::get))
+        .route("/v1/files/{id}/content", get(files::content))
         .route("/v1/batches/{id}", get(batch::get))
         .route("/v1/batches/{id}/results", get(batch::get_results));
     let admin = Router::new()
@@ -214,6 +237,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/admin/dlq/replay", post(admin::dlq_replay))
         .route("/v1/admin/dlq/{seq}", get(admin::dlq_letter))
         .route("/v1/admin/batches", get(admin::batches))
+        .route("/v1/admin/webhooks", get(admin::webhooks))
         .route("/v1/admin/console/events", get(console::events))
         .route("/v1/admin/cache/purge", post(admin::cache_purge))
         .route("/v1/admin/tenants", get(admin::tenants))
@@ -221,6 +245,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(guarded(RouteClass::Submit, submit, limit))
         .merge(guarded(RouteClass::Submit, batches, state.cfg.max_batch_bytes))
+        .merge(guarded(RouteClass::Submit, uploads, state.cfg.max_file_bytes))
         .merge(guarded(RouteClass::Admin, admin, limit))
         .merge(guarded(RouteClass::Read, read, limit))
         .route("/health/live", get(live))

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use async_nats::jetstream;
-use prometheus::{HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use retro_fleet_worker::metrics::{latency, registered};
 
 use super::config::IngressConfig;
@@ -32,6 +32,13 @@ pub struct IngressMetrics {
     /// `fleet_ingress_connections_refused_total{reason}`: connections
     /// closed at once at a connection cap (`max_open`, `max_per_peer`).
     pub connections_refused: IntCounterVec,
+    /// `fleet_batch_lines_total{outcome}`: lines of file batches finished
+    /// by this ingress's runners (`completed`, `failed`).
+    pub batch_lines: IntCounterVec,
+    /// `fleet_batches_running`: file batches this ingress runs.
+    pub batches_running: IntGauge,
+    /// `fleet_batch_lines_in_flight`: their lines sent and not finished.
+    pub batch_in_flight: IntGauge,
 }
 
 impl IngressMetrics {
@@ -63,6 +70,19 @@ impl IngressMetrics {
                 "Connections closed at once at a connection cap",
                 &["reason"],
             )?,
+            batch_lines: counter(
+                "fleet_batch_lines_total",
+                "Lines of file batches finished by this ingress's runners",
+                &["outcome"],
+            )?,
+            batches_running: registered(
+                registry,
+                IntGauge::new("fleet_batches_running", "File batches this ingress runs")?,
+            )?,
+            batch_in_flight: registered(
+                registry,
+                IntGauge::new("fleet_batch_lines_in_flight", "Lines of running file batches sent and not finished")?,
+            )?,
         })
     }
 }
@@ -93,6 +113,8 @@ pub struct Ingress {
     pub limits: ratelimit::Limiter,
     /// Batch records (KV `fleet_batches`).
     pub batches: async_nats::jetstream::kv::Store,
+    /// The Files API's Object Store (`fleet_files`).
+    pub files: async_nats::jetstream::object_store::ObjectStore,
     /// The configuration with secrets redacted (`/v1/admin/config`).
     pub config_view: serde_json::Value,
     /// Registry entries older than this are not live (`/v1/admin/workers`).

@@ -1,5 +1,6 @@
-//! `retro-fleet batch`: submit a JSONL batch to an ingress, follow its
-//! progress, fetch its results. Talks HTTP, so the ingress's
+//! `retro-fleet batch`: submit a JSONL batch to an ingress (uploaded with
+//! the Files API, then created from it as the OpenAI SDKs do), follow its
+//! progress, cancel it, fetch its results. Talks HTTP, so the ingress's
 //! authentication and tenants apply (`--api-key` or `FLEET_API_KEY`).
 
 use std::path::Path;
@@ -48,14 +49,32 @@ impl Client {
         Ok(Self::answer(r).await?.json().await?)
     }
 
-    /// Submits the JSONL file; returns the batch object.
-    pub async fn submit(&self, file: &Path, priority: Option<&str>) -> anyhow::Result<Value> {
+    /// Uploads the JSONL file (`purpose=batch`) and creates a batch of it
+    /// for the endpoint of its first line; returns the batch object.
+    pub async fn submit(&self, file: &Path, priority: Option<&str>, window: &str) -> anyhow::Result<Value> {
         let body = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+        let first = body.split(|b| *b == b'\n').find(|l| !l.trim_ascii().is_empty()).unwrap_or_default();
+        let endpoint = serde_json::from_slice::<Value>(first).ok().and_then(|l| l["url"].as_str().map(str::to_string));
+        let endpoint = endpoint.with_context(|| format!("{}: the first line has no `url`", file.display()))?;
+        let name = file.file_name().map_or("batch.jsonl".into(), |n| n.to_string_lossy().into_owned());
+        let form = reqwest::multipart::Form::new()
+            .text("purpose", "batch")
+            .part("file", reqwest::multipart::Part::bytes(body).file_name(name));
+        let r = self.req(self.http.post(format!("{}/v1/files", self.base)).multipart(form)).send().await?;
+        let uploaded: Value = Self::answer(r).await?.json().await?;
+        let input = uploaded["id"].as_str().context("the ingress answered the upload without a file id")?;
         let mut url = format!("{}/v1/batches", self.base);
         if let Some(p) = priority {
             url.push_str(&format!("?priority={p}"));
         }
-        let r = self.req(self.http.post(url).header("content-type", "application/jsonl").body(body)).send().await?;
+        let create = serde_json::json!({"input_file_id": input, "endpoint": endpoint, "completion_window": window});
+        let r = self.req(self.http.post(url).json(&create)).send().await?;
+        Ok(Self::answer(r).await?.json().await?)
+    }
+
+    /// Asks for batch `id` to be cancelled; returns the batch object.
+    pub async fn cancel(&self, id: &str) -> anyhow::Result<Value> {
+        let r = self.req(self.http.post(format!("{}/v1/batches/{id}/cancel", self.base))).send().await?;
         Ok(Self::answer(r).await?.json().await?)
     }
 
@@ -65,7 +84,8 @@ impl Client {
         Ok(Self::answer(r).await?.text().await?)
     }
 
-    /// Polls `id` until every line has finished, drawing a progress bar.
+    /// Polls `id` until it ends (completed, failed, expired or cancelled),
+    /// drawing a progress bar.
     pub async fn wait(&self, id: &str) -> anyhow::Result<Value> {
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(
@@ -80,7 +100,9 @@ impl Client {
             let n = |k: &str| counts[k].as_u64().unwrap_or(0);
             bar.set_length(n("total"));
             bar.set_position(n("completed") + n("failed"));
-            if v["status"] == "completed" {
+            let status = v["status"].as_str().unwrap_or("unknown");
+            bar.set_message(format!("{id} {status}"));
+            if ["completed", "failed", "expired", "cancelled"].contains(&status) {
                 bar.finish();
                 return Ok(v);
             }
@@ -96,15 +118,20 @@ pub async fn batch(config: &Config, action: BatchAction) -> anyhow::Result<()> {
         Client::new(&base, to.api_key.clone())
     };
     match action {
-        BatchAction::Submit { file, priority, wait, to } => {
+        BatchAction::Submit { file, priority, window, wait, to } => {
             let c = client(&to);
-            let batch = c.submit(&file, priority.map(|p| p.as_str())).await?;
+            let batch = c.submit(&file, priority.map(|p| p.as_str()), &window).await?;
             let id = batch["id"].as_str().context("the ingress answered without a batch id")?.to_string();
             let batch = if wait { c.wait(&id).await? } else { batch };
             println!("{}", serde_json::to_string_pretty(&batch)?);
         }
-        BatchAction::Status { id, to } => {
-            println!("{}", serde_json::to_string_pretty(&client(&to).status(&id).await?)?)
+        BatchAction::Status { id, wait, to } => {
+            let c = client(&to);
+            let batch = if wait { c.wait(&id).await? } else { c.status(&id).await? };
+            println!("{}", serde_json::to_string_pretty(&batch)?)
+        }
+        BatchAction::Cancel { id, to } => {
+            println!("{}", serde_json::to_string_pretty(&client(&to).cancel(&id).await?)?)
         }
         BatchAction::Results { id, to } => print!("{}", client(&to).results(&id).await?),
     }

@@ -351,13 +351,18 @@ pub enum DlqAction {
 /// `batch` actions (over HTTP, through the ingress).
 #[derive(Debug, Subcommand)]
 pub enum BatchAction {
-    /// Submit a JSONL file in OpenAI's batch shape; prints the batch.
+    /// Submit a JSONL file in OpenAI's batch shape (uploaded, then a batch
+    /// created from it); prints the batch.
     Submit {
         /// The JSONL file.
         file: PathBuf,
         /// Priority of its requests (default: low).
         #[arg(long)]
         priority: Option<Priority>,
+        /// How long the batch may take (`24h`, `90m`, `30s`); it then
+        /// expires with the lines done so far.
+        #[arg(long, default_value = "24h")]
+        window: String,
         /// Follow progress with a bar until every line has finished.
         #[arg(long)]
         wait: bool,
@@ -368,10 +373,21 @@ pub enum BatchAction {
     Status {
         /// Batch id.
         id: String,
+        /// Follow progress with a bar until the batch ends.
+        #[arg(long)]
+        wait: bool,
         #[command(flatten)]
         to: IngressArgs,
     },
-    /// Print a batch's results as JSONL (finished lines, in input order).
+    /// Cancel a batch: lines not yet sent never run, running ones stop.
+    Cancel {
+        /// Batch id.
+        id: String,
+        #[command(flatten)]
+        to: IngressArgs,
+    },
+    /// Print a batch's results as JSONL: its output file, then its error
+    /// file, each in input order.
     Results {
         /// Batch id.
         id: String,

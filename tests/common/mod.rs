@@ -392,11 +392,8 @@ impl Http {
         body: Option<serde_json::Value>,
     ) -> reqwest::Response {
         let url = format!("{}{path}", self.base);
-        let mut r = match method {
-            "GET" => self.client.get(url),
-            "PUT" => self.client.put(url),
-            _ => self.client.post(url),
-        };
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("an HTTP method");
+        let mut r = self.client.request(method, url);
         if let Some(b) = bearer {
             r = r.bearer_auth(b);
         }

@@ -128,17 +128,41 @@ pub(super) fn views() -> Map<String, Value> {
             "finish_reason": finish,
         },
     });
+    let time = json!({"type": ["integer", "null"]});
+    let file_id = json!({"type": ["string", "null"]});
     let batch = json!({
         "type": "object",
-        "required": ["id", "object", "endpoint", "priority", "status", "created_at", "request_counts", "results_url"],
+        "description": "OpenAI's batch object; `results_url` only for a batch submitted as a JSONL body",
+        "required": ["id", "object", "endpoint", "priority", "status", "created_at", "request_counts",
+                     "completion_window", "expires_at", "input_file_id", "output_file_id", "error_file_id"],
         "properties": {
             "id": {"type": "string"}, "object": {"const": "batch"}, "endpoint": {"type": "string"},
-            "priority": {"$ref": "#/components/schemas/Priority"},
-            "status": {"enum": ["in_progress", "completed"]},
-            "created_at": {"type": "integer"},
+            "priority": {"$ref": "#/components/schemas/Priority"}, "tenant": {"type": "string"},
+            "status": {"enum": ["validating", "in_progress", "finalizing", "completed", "failed", "expired",
+                                "cancelling", "cancelled"]},
+            "created_at": {"type": "integer"}, "completion_window": {"type": "string"}, "expires_at": {"type": "integer"},
             "request_counts": {"type": "object", "required": ["total", "completed", "failed"], "properties": {
                 "total": {"type": "integer"}, "completed": {"type": "integer"}, "failed": {"type": "integer"}}},
+            "input_file_id": file_id, "output_file_id": file_id, "error_file_id": file_id,
+            "errors": {"type": ["object", "null"]}, "metadata": {"type": ["object", "null"]},
+            "in_progress_at": time, "finalizing_at": time, "completed_at": time, "failed_at": time,
+            "expired_at": time, "cancelling_at": time, "cancelled_at": time,
             "results_url": {"type": "string"},
+        },
+    });
+    let list_of = |item: &str| {
+        json!({"type": "object", "required": ["object", "data", "has_more"], "properties": {
+            "object": {"const": "list"}, "data": {"type": "array", "items": {"$ref": format!("#/components/schemas/{item}")}},
+            "first_id": {"type": ["string", "null"]}, "last_id": {"type": ["string", "null"]},
+            "has_more": {"type": "boolean"}}})
+    };
+    let file = json!({
+        "type": "object", "required": ["id", "object", "bytes", "created_at", "filename", "purpose", "status"],
+        "properties": {
+            "id": {"type": "string"}, "object": {"const": "file"}, "bytes": {"type": "integer"},
+            "created_at": {"type": "integer"}, "filename": {"type": "string"},
+            "purpose": {"enum": ["batch", "batch_output", "user_data"]}, "status": {"const": "processed"},
+            "status_details": {"type": "null"}, "expires_at": {"type": "null"},
         },
     });
     let consumer = json!({
@@ -193,6 +217,14 @@ pub(super) fn views() -> Map<String, Value> {
     m.insert("Completion".into(), openai_completion("text_completion", text_choice));
     m.insert("ModelList".into(), models);
     m.insert("Batch".into(), batch);
+    m.insert("BatchList".into(), list_of("Batch"));
+    m.insert("File".into(), file);
+    m.insert("FileList".into(), list_of("File"));
+    m.insert(
+        "FileDeleted".into(),
+        json!({"type": "object", "required": ["id", "object", "deleted"], "properties": {
+            "id": {"type": "string"}, "object": {"const": "file"}, "deleted": {"const": true}}}),
+    );
     m.insert(
         "BatchLine".into(),
         json!({

@@ -16,7 +16,7 @@ mod components;
 use retro_fleet_schemas::{InferResult, WorkerInfo};
 use serde_json::{json, Map, Value};
 
-use super::admin::{BatchesQuery, DlqQuery, PauseQuery, PurgeBody, ReplayBody, TenantBody};
+use super::admin::{DlqQuery, PauseQuery, PurgeBody, RecentQuery, ReplayBody, TenantBody};
 use super::batch::CreateQuery;
 use super::error::Body as ErrorBody;
 use super::native::{Accepted, Choices, NativeRequest};
@@ -37,6 +37,13 @@ pub const OPERATIONS: &[(&str, &str, Option<RouteClass>)] = &[
     ("post", "/v1/batches", Some(RouteClass::Submit)),
     ("get", "/v1/batches/{id}", Some(RouteClass::Read)),
     ("get", "/v1/batches/{id}/results", Some(RouteClass::Read)),
+    ("get", "/v1/batches", Some(RouteClass::Read)),
+    ("post", "/v1/batches/{id}/cancel", Some(RouteClass::Submit)),
+    ("post", "/v1/files", Some(RouteClass::Submit)),
+    ("get", "/v1/files", Some(RouteClass::Read)),
+    ("get", "/v1/files/{id}", Some(RouteClass::Read)),
+    ("get", "/v1/files/{id}/content", Some(RouteClass::Read)),
+    ("delete", "/v1/files/{id}", Some(RouteClass::Submit)),
     ("get", "/v1/admin/config", Some(RouteClass::Admin)),
     ("get", "/v1/admin/queues", Some(RouteClass::Admin)),
     ("post", "/v1/admin/queues/{priority}/pause", Some(RouteClass::Admin)),
@@ -48,6 +55,7 @@ pub const OPERATIONS: &[(&str, &str, Option<RouteClass>)] = &[
     ("get", "/v1/admin/dlq/{seq}", Some(RouteClass::Admin)),
     ("post", "/v1/admin/dlq/replay", Some(RouteClass::Admin)),
     ("get", "/v1/admin/batches", Some(RouteClass::Admin)),
+    ("get", "/v1/admin/webhooks", Some(RouteClass::Admin)),
     ("get", "/v1/admin/console/events", Some(RouteClass::Admin)),
     ("post", "/v1/admin/cache/purge", Some(RouteClass::Admin)),
     ("get", "/v1/admin/tenants", Some(RouteClass::Admin)),
@@ -101,11 +109,15 @@ pub fn spec(models: &std::collections::BTreeSet<String>, auth_on: bool, throttle
     let _ = g.of::<WorkerInfo>();
     let _ = g.of::<retro_fleet_schemas::Priority>();
     let batch_query = g.query::<CreateQuery>();
+    let batch_body = g.of::<super::batch::CreateBody>();
+    let batch_list_query = g.query::<super::batch::ListQuery>();
+    let file_list_query = g.query::<super::files::ListQuery>();
     let dlq_query = g.query::<DlqQuery>();
-    let batches_query = g.query::<BatchesQuery>();
+    let recent_query = g.query::<RecentQuery>();
     let pause_query = g.query::<PauseQuery>();
     let usage_query = g.query::<super::usage::UsageParams>();
     let usage_row = g.of::<crate::usage::Row>();
+    let _ = g.of::<super::webhooks::Attempt>();
     let r = |name: &str| json!({"$ref": format!("#/components/schemas/{name}")});
 
     let request_id = header_param(
@@ -208,12 +220,85 @@ pub fn spec(models: &std::collections::BTreeSet<String>, auth_on: bool, throttle
                 &[403, 422],
             ),
             ("post", "/v1/batches") => (
-                "Submit a batch: JSONL in OpenAI's batch-file shape",
-                [batch_query.clone(), vec![request_id.clone(), priority.clone()]].concat(),
-                Some(json!({"content": {"application/jsonl": {"schema": {"type": "array", "items": r("BatchLine")}}}})),
+                "Create a batch from an uploaded file (OpenAI's Batches API), or submit one as a JSONL body",
+                [
+                    batch_query.clone(),
+                    vec![
+                        request_id.clone(),
+                        priority.clone(),
+                        header_param(
+                            "Idempotency-Key",
+                            "A retry with the same key (1-256 bytes) answers the batch the first call created",
+                            json!({"type": "string", "minLength": 1, "maxLength": 256}),
+                        ),
+                    ],
+                ]
+                .concat(),
+                Some(json!({"content": {
+                    "application/json": {"schema": batch_body.clone()},
+                    "application/jsonl": {"schema": {"type": "array", "items": r("BatchLine")}}}})),
                 200,
                 ok_json("The batch", r("Batch")),
+                &[400, 404, 413, 422, 503],
+            ),
+            ("get", "/v1/batches") => (
+                "The caller's batches, newest first",
+                [batch_list_query.clone(), vec![request_id.clone()]].concat(),
+                None,
+                200,
+                ok_json("A page of batches", r("BatchList")),
+                &[422],
+            ),
+            ("post", "/v1/batches/{id}/cancel") => (
+                "Cancel a batch created from a file: lines not sent never run, running ones are cancelled",
+                vec![id("Batch id"), request_id.clone()],
+                None,
+                200,
+                ok_json("The batch, `cancelling` until its running lines stop", r("Batch")),
+                &[400, 404, 422, 503],
+            ),
+            ("post", "/v1/files") => (
+                "Upload a file (multipart: `file`, `purpose`)",
+                vec![request_id.clone()],
+                Some(json!({"content": {"multipart/form-data": {"schema": {
+                    "type": "object", "required": ["file", "purpose"],
+                    "properties": {"file": {"type": "string", "format": "binary"},
+                                   "purpose": {"enum": ["batch", "user_data"]}}}}}})),
+                200,
+                ok_json("The file", r("File")),
                 &[400, 413, 422, 503],
+            ),
+            ("get", "/v1/files") => (
+                "The caller's files",
+                [file_list_query.clone(), vec![request_id.clone()]].concat(),
+                None,
+                200,
+                ok_json("A page of files", r("FileList")),
+                &[422],
+            ),
+            ("get", "/v1/files/{id}") => (
+                "A file of the caller's tenant",
+                vec![id("File id"), request_id.clone()],
+                None,
+                200,
+                ok_json("The file", r("File")),
+                &[404, 422],
+            ),
+            ("get", "/v1/files/{id}/content") => (
+                "The content of a file of the caller's tenant",
+                vec![id("File id"), request_id.clone()],
+                None,
+                200,
+                text("The bytes as uploaded or written", "application/octet-stream"),
+                &[404, 422],
+            ),
+            ("delete", "/v1/files/{id}") => (
+                "Delete a file of the caller's tenant",
+                vec![id("File id"), request_id.clone()],
+                None,
+                200,
+                ok_json("Deleted", r("FileDeleted")),
+                &[404, 422],
             ),
             ("get", "/v1/batches/{id}") => (
                 "Progress of a batch of the caller's tenant",
@@ -309,10 +394,22 @@ pub fn spec(models: &std::collections::BTreeSet<String>, auth_on: bool, throttle
             ),
             ("get", "/v1/admin/batches") => (
                 "The newest batches of every tenant, with their progress",
-                [batches_query.clone(), vec![request_id.clone()]].concat(),
+                [recent_query.clone(), vec![request_id.clone()]].concat(),
                 None,
                 200,
                 ok_json("Batches, newest first", r("Batches")),
+                &[422],
+            ),
+            ("get", "/v1/admin/webhooks") => (
+                "The last webhook delivery attempts of every tenant, oldest first",
+                [recent_query.clone(), vec![request_id.clone()]].concat(),
+                None,
+                200,
+                ok_json(
+                    "Delivery attempts",
+                    json!({"type": "object", "required": ["object", "data"], "properties": {
+                        "object": {"const": "list"}, "data": {"type": "array", "items": r("WebhookAttempt")}}}),
+                ),
                 &[422],
             ),
             ("get", "/v1/admin/console/events") => (

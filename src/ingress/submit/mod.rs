@@ -218,8 +218,9 @@ pub async fn open_stream(state: &AppState, p: &Prepared) -> Result<Vec<Waiter>, 
     Ok(waiters)
 }
 
-/// [`open_stream`] of a request already charged.
-async fn register_and_send(state: &AppState, p: &Prepared) -> Result<Waiter, ApiError> {
+/// Publishes `p` (already charged) and returns the waiter of its chunks
+/// and result; a duplicate follows the first request's result.
+pub async fn register_and_send(state: &AppState, p: &Prepared) -> Result<Waiter, ApiError> {
     let (reply, mut waiter) = state.replies.register(&p.tenant, &p.req.id);
     match send(state, p, Some(&reply)).await {
         Ok(Sent::New) => {}

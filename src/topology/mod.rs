@@ -1,7 +1,10 @@
 //! The NATS topology: request streams per priority, results, dead letters
 //! and the worker consumers, created or updated idempotently.
 
-use std::fmt;
+pub mod batch;
+mod config;
+mod report;
+
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
@@ -9,162 +12,10 @@ use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, Storag
 use async_nats::jetstream::{kv, Context};
 use retro_fleet_schemas::{subjects, Priority};
 
-use serde::{Deserialize, Serialize};
-
-/// Stream and consumer settings (applied by `topology apply`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TopologyConfig {
-    /// Most messages waiting in each request stream; beyond it publishes are refused.
-    pub max_msgs: i64,
-    /// Most bytes in each request stream; beyond it publishes are refused.
-    pub max_bytes: i64,
-    /// Largest request message in bytes.
-    pub max_msg_size: i32,
-    /// Oldest a request may get in its stream, in seconds.
-    pub max_age_secs: u64,
-    /// Window in which a re-published request id is dropped as a duplicate, in seconds.
-    pub duplicate_window_secs: u64,
-    /// How long results are kept, in seconds, unless their request asks for
-    /// less (`Fleet-Result-Ttl`: the ingress's synchronous calls do).
-    pub results_max_age_secs: u64,
-    /// Most bytes `FLEET_RESULTS` holds (0: no cap). At the cap the oldest
-    /// results are dropped to make room (a result dropped early can no
-    /// longer be fetched, and a re-sent id is computed again).
-    pub results_max_bytes: i64,
-    /// Most results `FLEET_RESULTS` holds (0: no cap); the oldest go first.
-    pub results_max_msgs: i64,
-    /// `file` or `memory` storage for `FLEET_RESULTS`. Memory halves the
-    /// server's work per request but loses stored results when a
-    /// single server restarts (with 3 replicas they survive one loss).
-    /// Applied when the stream is created; changing it means recreating it.
-    pub results_storage: Storage,
-    /// How long dead letters are kept, in seconds.
-    pub dlq_max_age_secs: u64,
-    /// Time a worker has to ack before a message is redelivered, in seconds.
-    /// A running request is re-armed every third of it, so this is how long
-    /// a dead worker's request waits before another worker takes it over.
-    pub ack_wait_secs: u64,
-    /// Deliveries before a failing message is given up.
-    pub max_deliver: i64,
-    /// Most unacked messages per consumer across all workers.
-    pub max_ack_pending: i64,
-    /// Replicas of each stream (1 for a single server; 3 in a cluster).
-    pub replicas: usize,
-    /// How long a worker stays in the registry (KV `fleet_workers`) after
-    /// its last heartbeat, in seconds.
-    pub worker_ttl_secs: u64,
-    /// Meter usage: workers and ingresses write one record per answered
-    /// request to `FLEET_USAGE` (`GET /v1/usage` reads it).
-    pub metering: bool,
-    /// How long usage records are kept, in seconds (default 35 days: a
-    /// month, and the days a monthly report is read in).
-    pub usage_max_age_secs: u64,
-    /// Tenants with a `tenant` label of their own on `fleet_tokens_total`,
-    /// per process (the first seen); the others are counted as `other`.
-    pub usage_tenant_labels: usize,
-}
-
-impl Default for TopologyConfig {
-    fn default() -> Self {
-        TopologyConfig {
-            max_msgs: 1_000_000,
-            max_bytes: 1 << 30,
-            max_msg_size: 1 << 20,
-            max_age_secs: 24 * 3600,
-            duplicate_window_secs: 120,
-            results_max_age_secs: 24 * 3600,
-            results_max_bytes: 0,
-            results_max_msgs: 0,
-            results_storage: Storage::File,
-            dlq_max_age_secs: 7 * 24 * 3600,
-            ack_wait_secs: 5,
-            max_deliver: 5,
-            max_ack_pending: 10_000,
-            replicas: 1,
-            worker_ttl_secs: 10,
-            metering: true,
-            usage_max_age_secs: 35 * 24 * 3600,
-            usage_tenant_labels: 100,
-        }
-    }
-}
-
-/// JetStream storage of a stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Storage {
-    /// On disk.
-    File,
-    /// In memory.
-    Memory,
-}
-
-/// What `apply` did to one object.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Change {
-    /// It did not exist.
-    Created,
-    /// It existed with other settings (the fields named).
-    Updated(Vec<&'static str>),
-    /// Already as configured.
-    Unchanged,
-}
-
-/// One line of an `apply` report.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Applied {
-    /// `stream` or `consumer`.
-    pub kind: &'static str,
-    /// Stream name, or `STREAM/consumer`.
-    pub name: String,
-    /// What happened.
-    pub change: Change,
-}
-
-impl fmt::Display for Applied {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.change {
-            Change::Created => write!(f, "{:<8} {:<32} created", self.kind, self.name),
-            Change::Updated(fields) => write!(f, "{:<8} {:<32} updated ({})", self.kind, self.name, fields.join(", ")),
-            Change::Unchanged => write!(f, "{:<8} {:<32} unchanged", self.kind, self.name),
-        }
-    }
-}
-
-/// Errors applying the topology.
-#[derive(Debug, thiserror::Error)]
-#[error("topology: {what}: {source}")]
-pub struct TopologyError {
-    what: String,
-    #[source]
-    source: async_nats::Error,
-}
-
-fn err(what: impl Into<String>) -> impl FnOnce(async_nats::Error) -> TopologyError {
-    let what = what.into();
-    move |source| TopologyError { what, source }
-}
-
-/// [`err`] for creating or updating a stream or bucket of `replicas`
-/// copies: a deployment that cannot place them (one server, or fewer
-/// JetStream servers than copies) is told apart, with what to do.
-fn placing(what: impl Into<String>, replicas: usize) -> impl FnOnce(async_nats::Error) -> TopologyError {
-    let what = what.into();
-    move |source| {
-        let text = source.to_string().to_ascii_lowercase();
-        let cannot_place = ["replicas", "insufficient resources", "no suitable peers"].iter().any(|t| text.contains(t));
-        let what = match replicas > 1 && cannot_place {
-            true => format!(
-                "{what}: topology.replicas = {replicas} needs a NATS cluster of at least {replicas} JetStream \
-                 servers, and this one cannot place {replicas} copies; run a cluster (docs/OPERATIONS.md) or set \
-                 topology.replicas = 1"
-            ),
-            false => what,
-        };
-        TopologyError { what, source }
-    }
-}
+use config::limit;
+pub use config::{Storage, TopologyConfig};
+use report::{err, placing};
+pub use report::{Applied, Change, TopologyError};
 
 /// Stream configuration of the request stream of `p`.
 pub fn request_stream(p: Priority, t: &TopologyConfig) -> stream::Config {
@@ -267,15 +118,6 @@ pub fn worker_consumer(p: Priority, model: &str, t: &TopologyConfig) -> pull::Co
     }
 }
 
-/// The server reports "no limit" as -1 where a client config says 0.
-fn limit(x: i64) -> i64 {
-    if x <= 0 {
-        -1
-    } else {
-        x
-    }
-}
-
 fn stream_diff(want: &stream::Config, have: &stream::Config) -> Vec<&'static str> {
     let mut d = Vec::new();
     let mut check = |name, same: bool| {
@@ -340,8 +182,7 @@ async fn apply_stream(js: &Context, want: stream::Config) -> Result<Applied, Top
     Ok(Applied { kind: "stream", name, change })
 }
 
-async fn apply_consumer(js: &Context, p: Priority, want: pull::Config) -> Result<Applied, TopologyError> {
-    let stream_name = subjects::request_stream(p);
+async fn apply_consumer(js: &Context, stream_name: &str, want: pull::Config) -> Result<Applied, TopologyError> {
     let durable = want.durable_name.clone().unwrap_or_default();
     let name = format!("{stream_name}/{durable}");
     let stream = js.get_stream(stream_name).await.map_err(|e| err(format!("stream {stream_name}"))(e.into()))?;
@@ -469,12 +310,18 @@ pub async fn apply(js: &Context, plan: &Plan) -> Result<Vec<Applied>, TopologyEr
     if t.metering {
         report.push(apply_stream(js, usage_stream(t)).await?);
     }
+    report.push(apply_stream(js, batch::batch_runs_stream(t)).await?);
+    report.push(apply_consumer(js, subjects::BATCH_RUNS_STREAM, batch::batch_runners(t)).await?);
+    report.push(batch::apply_files(js, batch::files_store(t)).await?);
+    report.push(apply_stream(js, batch::webhooks_stream(t)).await?);
+    report.push(apply_consumer(js, subjects::WEBHOOKS_STREAM, batch::webhook_senders()).await?);
+    report.push(apply_stream(js, batch::webhook_log_stream(t)).await?);
     report.push(apply_bucket(js, workers_bucket(t)).await?);
     report.push(apply_bucket(js, checkpoints_bucket(t)).await?);
     report.push(apply_bucket(js, tenants_bucket(t)).await?);
     for p in Priority::ALL {
         for model in &plan.models {
-            report.push(apply_consumer(js, p, worker_consumer(p, model, t)).await?);
+            report.push(apply_consumer(js, subjects::request_stream(p), worker_consumer(p, model, t)).await?);
         }
     }
     for bucket in cache_buckets(plan).into_iter().chain(ingress_buckets(plan)) {
@@ -568,7 +415,17 @@ pub fn cache_buckets(plan: &Plan) -> Vec<kv::Config> {
 pub async fn status(js: &Context, plan: &Plan) -> Result<Vec<String>, TopologyError> {
     let t = &plan.topology;
     let mut streams: Vec<String> = Priority::ALL.map(|p| subjects::request_stream(p).to_string()).to_vec();
-    streams.extend([subjects::RESULTS_STREAM, subjects::DLQ_STREAM].map(str::to_string));
+    streams.extend(
+        [
+            subjects::RESULTS_STREAM,
+            subjects::DLQ_STREAM,
+            subjects::BATCH_RUNS_STREAM,
+            subjects::WEBHOOKS_STREAM,
+            subjects::WEBHOOK_LOG_STREAM,
+        ]
+        .map(str::to_string),
+    );
+    streams.push(format!("OBJ_{}", subjects::FILES_BUCKET));
     let buckets = [workers_bucket(t), checkpoints_bucket(t), tenants_bucket(t)]
         .into_iter()
         .chain(cache_buckets(plan))
