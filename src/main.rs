@@ -175,6 +175,7 @@ async fn run_tool(command: Command, config: retro_fleet::config::Config) -> anyh
             }
         },
         Command::Batch { action } => tools::batch::batch(&config, action).await,
+        Command::Replay(args) => tools::replay::replay(&config, args).await,
         Command::Up { .. } | Command::Ingress { .. } | Command::Worker { .. } | Command::Scaler { .. } => {
             unreachable!("serving roles are run by main")
         }

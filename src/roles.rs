@@ -253,6 +253,7 @@ pub async fn build_worker(
         registry,
     )?
     .with_meter(meter)
+    .with_archive(config.topology.archive_max_age_secs > 0)
     .with_breakers(breakers)
     .with_load_times(load_ms);
     Ok(match config.worker.checkpoint_interval_ms {

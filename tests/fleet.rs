@@ -205,8 +205,17 @@ async fn up_starts_a_local_nats_server_and_answers_http() {
     let (_, body) =
         post_json(&format!("{base}/v1/infer"), &serde_json::json!({"model": "echo", "prompt": "hello fleet"})).await;
     assert_eq!(body["output"]["text"], "hello fleet");
-    let metrics = reqwest::get(format!("{base}/metrics")).await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("fleet_worker_requests_total"), "worker metrics on the ingress's /metrics");
+    // the worker counts a request once it has settled it, which can be
+    // just after the answer reached the caller
+    let mut metrics = String::new();
+    for _ in 0..50 {
+        metrics = reqwest::get(format!("{base}/metrics")).await.unwrap().text().await.unwrap();
+        if metrics.contains("fleet_worker_requests_total") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(metrics.contains("fleet_worker_requests_total"), "worker metrics on the ingress's /metrics:\n{metrics}");
     assert!(up.terminate().success());
     assert!(dir.path().join("data/nats/jetstream").exists(), "the local store lives under the data dir");
     // the local nats-server is gone with it

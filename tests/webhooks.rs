@@ -3,7 +3,9 @@
 //! fails twice, then verifies the signature; it gets the batch's event
 //! exactly once, while another receiver that hangs delays nothing; a
 //! `callback_url` outside the allowed hosts is refused at submission; the
-//! delivery log shows every attempt.
+//! delivery log shows every attempt. An async request with a
+//! `callback_url` gets its result the same way, and a NATS publisher's
+//! callback to a host the ingress does not allow is never called.
 
 mod common;
 
@@ -89,10 +91,9 @@ impl Drop for Receiver {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_batch_end_reaches_its_receiver_once_signed_after_two_failures() {
-    let dir = tempfile::tempdir().unwrap();
-    let receiver = Receiver::start(dir.path());
+/// A fleet (worker and ingress, keys `acme-key` and `admin-key`) whose
+/// webhooks may call `receiver`, retrying from 200 ms up to 5 attempts.
+async fn fleet_calling(receiver: &Receiver) -> (Setup, Proc, Proc, String) {
     let port = receiver.base.rsplit(':').next().unwrap().to_string();
     let s = setup(&format!(
         "[ingress.webhooks]\nallowed_hosts = [\"127.0.0.1:{port}\"]\nsecret = \"{SECRET}\"\ntimeout_ms = 1000\n\
@@ -102,8 +103,16 @@ async fn a_batch_end_reaches_its_receiver_once_signed_after_two_failures() {
             ("ops", "admin-key", "ops", &["admin"])
         ])
     ));
-    let _worker = start_worker(&s.config, &[]).await;
-    let (_ingress, base) = start_ingress(&s.config).await;
+    let worker = start_worker(&s.config, &[]).await;
+    let (ingress, base) = start_ingress(&s.config).await;
+    (s, worker, ingress, base)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_end_reaches_its_receiver_once_signed_after_two_failures() {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start(dir.path());
+    let (_s, _worker, _ingress, base) = fleet_calling(&receiver).await;
     let http = Http::new(&base);
     let lines: String = (0..5)
         .map(|i| {
@@ -183,4 +192,65 @@ async fn a_batch_end_reaches_its_receiver_once_signed_after_two_failures() {
     // the secret is in no answer
     let (_, config) = http.json("GET", "/v1/admin/config", Some("admin-key"), None).await;
     assert!(!config.to_string().contains("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"), "{config}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_async_request_result_reaches_its_receiver_once_signed() {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start(dir.path());
+    let (s, _worker, _ingress, base) = fleet_calling(&receiver).await;
+    let http = Http::new(&base);
+    let body = |url: &str| json!({"model": "echo", "prompt": "call me back", "callback_url": url});
+    let flaky = format!("{}/flaky", receiver.base);
+
+    // refused before anything runs: a host not allowed, or a synchronous call
+    let (status, v) = http.json("POST", "/v1/infer/async", Some("acme-key"), Some(body("http://10.0.0.1/x"))).await;
+    assert_eq!((status, v["error"]["param"].as_str()), (422, Some("callback_url")), "{v}");
+    let (status, v) = http.json("POST", "/v1/infer", Some("acme-key"), Some(body(&flaky))).await;
+    assert_eq!((status, v["error"]["param"].as_str()), (422, Some("callback_url")), "{v}");
+
+    let (status, accepted) = http.json("POST", "/v1/infer/async", Some("acme-key"), Some(body(&flaky))).await;
+    assert_eq!(status, 202, "{accepted}");
+    let id = accepted["id"].as_str().unwrap();
+    let start = Instant::now();
+    let delivered = loop {
+        let got = receiver.attempts();
+        if got.iter().any(|a| a["verified"] == true) {
+            break got;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "no verified delivery: {got:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let event = &delivered.last().unwrap()["event"];
+    assert_eq!(event["type"], "request.completed");
+    assert_eq!(event["data"]["id"], id);
+    assert_eq!(event["data"]["output"]["text"], "call me back");
+    assert_eq!(delivered.iter().map(|a| a["n"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 2, 3]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(receiver.attempts().len(), 3, "exactly once after it succeeded");
+
+    // a NATS publisher naming a host the ingress does not allow: never
+    // called, each attempt logged with why
+    let caller = Caller::connect(&s.nats.url()).await;
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Nats-Msg-Id", "nats-cb-1");
+    h.insert("Fleet-Callback-Url", "http://169.254.169.254/latest/meta-data");
+    let req = request("nats-cb-1", "echo", "from nats");
+    let subject = retro_fleet_schemas::subjects::request(retro_fleet_schemas::Priority::Normal, "echo");
+    caller.publish_raw(&subject, "nats-cb-1", h, retro_fleet_schemas::codec::encode(&req).into()).await;
+    let start = Instant::now();
+    loop {
+        let (_, log) = http.json("GET", "/v1/admin/webhooks?limit=50", Some("admin-key"), None).await;
+        let attempts: Vec<&Value> =
+            log["data"].as_array().unwrap().iter().filter(|a| a["event"] == "evt_nats-cb-1").collect();
+        if !attempts.is_empty() {
+            for a in attempts {
+                assert_eq!(a["status"], Value::Null, "never called: {a}");
+                assert!(a["error"].as_str().unwrap().contains("allowed"), "{a}");
+            }
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "never logged: {log}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

@@ -89,6 +89,7 @@ pub async fn run(
         throughput: answered as f64 / elapsed,
         p50_ms: ms(&h, 0.5),
         p90_ms: ms(&h, 0.9),
+        p95_ms: ms(&h, 0.95),
         p99_ms: ms(&h, 0.99),
         max_ms: h.max() as f64 / 1000.0,
         tokens_per_s: tokens as f64 / elapsed,

@@ -74,6 +74,8 @@ pub struct Report {
     pub p50_ms: f64,
     /// 90th percentile.
     pub p90_ms: f64,
+    /// 95th percentile.
+    pub p95_ms: f64,
     /// 99th percentile.
     pub p99_ms: f64,
     /// Slowest.
@@ -128,8 +130,8 @@ impl Report {
             extra.push_str(&format!(" | first token p50 {a:.3} ms p99 {b:.3} ms"));
         }
         let base = format!(
-            "{:<6} sent {} answered {} lost {} dup {} | {:>8.0} req/s | p50 {:.3} ms p90 {:.3} ms p99 {:.3} ms max {:.3} ms | cache hits {:.1} %",
-            self.target, self.sent, self.answered, self.lost, self.duplicates, self.throughput, self.p50_ms, self.p90_ms, self.p99_ms, self.max_ms,
+            "{:<6} sent {} answered {} lost {} dup {} | {:>8.0} req/s | p50 {:.3} ms p90 {:.3} ms p95 {:.3} ms p99 {:.3} ms max {:.3} ms | cache hits {:.1} %",
+            self.target, self.sent, self.answered, self.lost, self.duplicates, self.throughput, self.p50_ms, self.p90_ms, self.p95_ms, self.p99_ms, self.max_ms,
             100.0 * self.cache_hits as f64 / self.answered.max(1) as f64
         );
         base + &extra
@@ -279,6 +281,7 @@ pub async fn run(
         throughput: got as f64 / elapsed,
         p50_ms: ms(0.5),
         p90_ms: ms(0.9),
+        p95_ms: ms(0.95),
         p99_ms: ms(0.99),
         max_ms: h.max() as f64 / 1000.0,
         tokens_per_s: tokens.load(Ordering::Relaxed) as f64 / elapsed,

@@ -250,6 +250,7 @@ mod tests {
             throughput,
             p50_ms: p50,
             p90_ms: p50 * 2.0,
+            p95_ms: p50 * 2.5,
             p99_ms: p50 * 3.0,
             max_ms: p50 * 4.0,
             tokens_per_s: 0.0,

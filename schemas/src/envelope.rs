@@ -27,6 +27,8 @@ pub struct Envelope {
     pub result_ttl_secs: Option<u64>,
     /// The credential that sent it (usage is metered by it).
     pub caller: Option<String>,
+    /// Where its result is POSTed as a webhook event.
+    pub callback_url: Option<String>,
 }
 
 impl Envelope {
@@ -41,6 +43,7 @@ impl Envelope {
             cache_ttl_secs: None,
             result_ttl_secs: None,
             caller: None,
+            callback_url: None,
         }
     }
 
@@ -77,6 +80,12 @@ impl Envelope {
     /// Sets the credential that sent it.
     pub fn caller(mut self, caller: impl Into<String>) -> Envelope {
         self.caller = Some(caller.into());
+        self
+    }
+
+    /// Sets where the result is POSTed as a webhook event.
+    pub fn callback_url(mut self, url: Option<String>) -> Envelope {
+        self.callback_url = url;
         self
     }
 
@@ -122,6 +131,9 @@ impl Envelope {
         if let Some(caller) = &self.caller {
             h.insert(headers::CALLER, header_safe(caller).as_str());
         }
+        if let Some(url) = &self.callback_url {
+            h.insert(headers::CALLBACK_URL, header_safe(url).as_str());
+        }
         h
     }
 }
@@ -149,6 +161,8 @@ pub struct Received<'a> {
     pub content_type: Option<&'a str>,
     /// `Fleet-Caller` as sent.
     pub caller: Option<&'a str>,
+    /// `Fleet-Callback-Url` as sent (not yet checked).
+    pub callback_url: Option<&'a str>,
 }
 
 impl<'a> Received<'a> {
@@ -167,6 +181,7 @@ impl<'a> Received<'a> {
             result_ttl_secs: number(headers::RESULT_TTL).filter(|s| *s > 0),
             content_type: get(headers::CONTENT_TYPE),
             caller: get(headers::CALLER).filter(|c| !c.is_empty()),
+            callback_url: get(headers::CALLBACK_URL).filter(|u| !u.is_empty()),
         }
     }
 }

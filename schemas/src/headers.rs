@@ -11,6 +11,10 @@ pub const TENANT: &str = "Fleet-Tenant";
 /// The credential that sent a request (`key:<id>`, `jwt:...`), set by the
 /// ingress: usage is metered by it.
 pub const CALLER: &str = "Fleet-Caller";
+/// On requests: a URL the result is POSTed to, as a signed webhook event
+/// (`request.completed` or `request.failed`), delivered only when an
+/// ingress allows its host.
+pub const CALLBACK_URL: &str = "Fleet-Callback-Url";
 /// `application/msgpack` (default) or `application/json`.
 pub const CONTENT_TYPE: &str = "Content-Type";
 /// W3C trace context.

@@ -8,6 +8,7 @@
 use schemars::schema_for;
 use serde_json::Value;
 
+use crate::archive::Recorded;
 use crate::usage::UsageRecord;
 use crate::{InferRequest, InferResult, ModelScaling, StreamChunk, TenantPolicy, WorkerInfo};
 
@@ -21,5 +22,6 @@ pub fn all() -> Vec<(&'static str, Value)> {
         ("model_scaling", serde_json::to_value(schema_for!(ModelScaling)).expect("schema is JSON")),
         ("usage", serde_json::to_value(schema_for!(UsageRecord)).expect("schema is JSON")),
         ("tenant_policy", serde_json::to_value(schema_for!(TenantPolicy)).expect("schema is JSON")),
+        ("recorded", serde_json::to_value(schema_for!(Recorded)).expect("schema is JSON")),
     ]
 }

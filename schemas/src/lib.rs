@@ -17,11 +17,14 @@
 //! - [`tenants`]: what an operator sets per tenant (KV `fleet_tenants`): weights and budgets.
 //! - [`tools`]: function calling: tools offered, the tool choice, calls made.
 //! - [`usage`]: metered usage, one record per answered request (`FLEET_USAGE`).
+//! - [`archive`]: recorded requests and their results (`FLEET_ARCHIVE`), read by `replay`.
+//! - [`webhook`]: webhook events queued for delivery (`FLEET_WEBHOOKS`).
 //! - [`version`]: [`SCHEMA_VERSION`], the `v` every message carries.
 //!
 //! Messages are MessagePack maps with named fields (so fields can be added)
 //! and carry a schema version `v`; see [`SCHEMA_VERSION`].
 
+pub mod archive;
 pub mod cache_key;
 pub mod chunk;
 pub mod codec;
@@ -38,6 +41,7 @@ pub mod tenants;
 pub mod tools;
 pub mod usage;
 pub mod version;
+pub mod webhook;
 
 pub use chunk::{Splice, StreamChunk};
 pub use codec::{decode, encode, ContentType, DecodeError};

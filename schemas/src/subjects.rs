@@ -155,6 +155,17 @@ pub fn usage_msg_id(tenant: &str, id: &str) -> String {
     format!("{tenant}.{id}")
 }
 
+/// Stream of recorded requests (see [`crate::archive`]); off unless configured.
+pub const ARCHIVE_STREAM: &str = "FLEET_ARCHIVE";
+
+/// Wildcard of the archive stream.
+pub const ARCHIVE_WILDCARD: &str = "fleet.archive.>";
+
+/// Subject of a recorded request of `tenant` for `model`.
+pub fn archive(tenant: &str, model: &str) -> String {
+    format!("fleet.archive.{tenant}.{model}")
+}
+
 /// Subject of a dead letter.
 pub fn dlq(p: Priority, model: &str) -> String {
     format!("fleet.dlq.{}.{model}", p.as_str())

@@ -226,6 +226,7 @@ mod tests {
             who,
             caller_id: false,
             choices: 1,
+            callback_url: None,
         }
     }
 

@@ -58,6 +58,12 @@ pub struct NativeRequest {
     /// Stream Server-Sent Events (`/v1/infer` only).
     #[serde(default)]
     pub stream: bool,
+    /// Where the result is POSTed, as a signed `request.completed` or
+    /// `request.failed` event (Standard Webhooks), by the worker's queue and
+    /// an ingress's deliverer (`/v1/infer/async` only); its host must be
+    /// among `ingress.webhooks.allowed_hosts`.
+    #[serde(default)]
+    pub callback_url: Option<String>,
     /// Cache policy.
     #[serde(default)]
     pub cache: CacheMode,
@@ -107,6 +113,10 @@ fn prepare(
 ) -> Result<Prepared, ApiError> {
     let body = body.map_err(ApiError::from_body_rejection)?;
     let n: NativeRequest = parse_json(&body)?;
+    if let Some(url) = &n.callback_url {
+        super::webhooks::check_url(&state.cfg.webhooks, url)?;
+    }
+    let callback_url = n.callback_url;
     let input = match (n.input, n.prompt, n.messages) {
         (Some(i), None, None) => i,
         (None, Some(prompt), None) => Input::Completion { prompt },
@@ -128,7 +138,9 @@ fn prepare(
         priority: n.priority.map(|p| (p, "priority")),
         n: n.n,
     };
-    submit::prepare(state, h, who, draft)
+    let mut p = submit::prepare(state, h, who, draft)?;
+    p.callback_url = callback_url;
+    Ok(p)
 }
 
 /// The result, or [`Choices`] with more than one; the first failed
@@ -154,6 +166,13 @@ pub async fn infer(
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
+    if p.callback_url.is_some() {
+        let why = "`callback_url` is for POST /v1/infer/async: a synchronous call gets its result in the answer";
+        return with_request_id(
+            ApiError::new(ErrorCode::InvalidRequest, why).param("callback_url").into_response(),
+            &p.req.id,
+        );
+    }
     let resp = if p.req.stream {
         match submit::open_stream(&state, &p).await {
             Ok(waiters) => sse(waiters, p.timeout, p.req.id.clone()).into_response(),

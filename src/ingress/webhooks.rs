@@ -1,6 +1,8 @@
 //! Completion webhooks: a batch created with a `callback_url` has its end
 //! (`batch.completed`, `batch.failed`, `batch.expired`,
-//! `batch.cancelled`) POSTed there, signed as Standard Webhooks sign
+//! `batch.cancelled`) POSTed there, and a request sent with one its result
+//! (`request.completed`, `request.failed`, queued by the worker that
+//! settles it), signed as Standard Webhooks sign
 //! (`webhook-id`, `webhook-timestamp`, `webhook-signature: v1,<base64
 //! HMAC-SHA256>` over `id.timestamp.body` with the configured secret).
 //!
@@ -8,7 +10,8 @@
 //!   ([`check_url`], at submission and again at delivery), so a caller
 //!   cannot make the ingress reach internal addresses; without allowed
 //!   hosts webhooks are off and a `callback_url` is refused.
-//! - Events wait in the work queue `FLEET_WEBHOOKS` ([`enqueue`]); every
+//! - Events wait in the work queue `FLEET_WEBHOOKS`
+//!   ([`retro_fleet_schemas::webhook`]); every
 //!   ingress delivers from it ([`start`]), each event on its own, so a
 //!   receiver that hangs or answers 500 delays no other. A failed attempt
 //!   is retried with doubling delays (from `first_retry_ms` to
@@ -22,8 +25,8 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{AckKind, Context};
 use base64::Engine as _;
-use bytes::Bytes;
 use futures::StreamExt;
+pub use retro_fleet_schemas::webhook::{enqueue, Event};
 use retro_fleet_schemas::{subjects, ErrorCode};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -123,31 +126,6 @@ pub fn check_url(cfg: &WebhookConfig, url: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// An event waiting to be delivered.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Event {
-    /// `webhook-id`: the same for every attempt, so receivers can drop repeats.
-    pub id: String,
-    /// `batch.completed`, ...
-    pub kind: String,
-    /// Whose it is.
-    pub tenant: String,
-    /// Where it goes.
-    pub url: String,
-    /// The JSON body, as sent.
-    pub body: String,
-}
-
-/// Queues `event`; an event id queued twice within the duplicate window
-/// is kept once.
-pub async fn enqueue(js: &Context, event: &Event) -> anyhow::Result<()> {
-    let mut h = async_nats::HeaderMap::new();
-    h.insert("Nats-Msg-Id", event.id.as_str());
-    let payload = Bytes::from(serde_json::to_vec(event)?);
-    js.publish_with_headers(subjects::webhook_send(&event.tenant), h, payload).await?.await?;
-    Ok(())
-}
-
 /// The Standard Webhooks headers of `body`, sent at `timestamp` (unix s).
 pub fn signature(key: &ring::hmac::Key, id: &str, timestamp: u64, body: &str) -> String {
     let tag = ring::hmac::sign(key, format!("{id}.{timestamp}.{body}").as_bytes());
@@ -223,8 +201,9 @@ async fn deliver(
         let _ = msg.ack_with(AckKind::Term).await;
         return;
     };
+    // a URL this ingress does not allow (a NATS publisher's, or one allowed
+    // when queued and no longer) is never called; another ingress may allow it
     let (status, error) = match check_url(cfg, &event.url) {
-        // allowed when queued, no longer: never called
         Err(e) => (None, Some(e.message)),
         Ok(()) => {
             let now = retro_fleet_worker::unix_ms() / 1000;

@@ -6,6 +6,7 @@
 //! - [`submit`]: `submit`: one request over NATS, its result printed.
 //! - [`batch`]: `batch`: submit, follow and fetch batches over HTTP.
 //! - [`dlq`]: `dlq`: list, show and replay dead letters.
+//! - [`replay`]: `replay`: send recorded traffic again, paced, and compare the answers.
 //! - [`cache`]: `cache warm | purge`: fleet-wide cache tools.
 //! - [`keys`]: `keys`: API keys in NATS KV, followed live by ingresses.
 //! - [`tenants`]: `tenants`: tenants' settings (weights) in NATS KV, followed live by workers.
@@ -21,6 +22,7 @@ pub mod dlq;
 pub mod keys;
 pub mod model;
 pub mod ops;
+pub mod replay;
 pub mod submit;
 pub mod tenants;
 
@@ -190,6 +192,11 @@ pub enum Command {
         #[command(subcommand)]
         action: BatchAction,
     },
+    /// Send recorded requests again, from the archive (FLEET_ARCHIVE, on
+    /// when topology.archive_max_age_secs is set) or a JSONL file of its
+    /// records, paced as recorded (or N times faster, or as fast as the
+    /// fleet takes them); --compare reports which answers changed.
+    Replay(replay::ReplayArgs),
 }
 
 /// `workers` actions. A worker is named by its id (`retro-fleet workers`).

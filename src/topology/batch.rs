@@ -62,11 +62,11 @@ pub fn batch_runners(t: &TopologyConfig) -> pull::Config {
     }
 }
 
-/// How long the webhook delivery log is kept.
-const WEBHOOK_LOG_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How long webhook events wait for delivery, and their attempts are logged.
+const WEBHOOKS_KEPT: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// `FLEET_WEBHOOKS`: events waiting for delivery, removed once delivered
-/// or given up.
+/// or given up, or after 7 days (no ingress delivers: none allows hosts).
 pub fn webhooks_stream(t: &TopologyConfig) -> stream::Config {
     stream::Config {
         name: subjects::WEBHOOKS_STREAM.to_string(),
@@ -74,6 +74,7 @@ pub fn webhooks_stream(t: &TopologyConfig) -> stream::Config {
         subjects: vec![subjects::WEBHOOK_SEND_WILDCARD.to_string()],
         retention: RetentionPolicy::WorkQueue,
         storage: StorageType::File,
+        max_age: WEBHOOKS_KEPT,
         duplicate_window: Duration::from_secs(t.duplicate_window_secs),
         num_replicas: t.replicas,
         ..Default::default()
@@ -88,7 +89,7 @@ pub fn webhook_log_stream(t: &TopologyConfig) -> stream::Config {
         subjects: vec![subjects::WEBHOOK_LOG_WILDCARD.to_string()],
         retention: RetentionPolicy::Limits,
         storage: StorageType::File,
-        max_age: WEBHOOK_LOG_AGE,
+        max_age: WEBHOOKS_KEPT,
         duplicate_window: Duration::from_secs(t.duplicate_window_secs),
         discard: DiscardPolicy::Old,
         num_replicas: t.replicas,

@@ -61,6 +61,13 @@ pub struct TopologyConfig {
     /// cut off from NATS) before another takes the batch over, in seconds.
     /// Runners re-arm their lease every third of it.
     pub batch_lease_secs: u64,
+    /// Record every settled request, with its result, in `FLEET_ARCHIVE`
+    /// for this many seconds, for `retro-fleet replay` (0, the default:
+    /// off; nothing is recorded).
+    pub archive_max_age_secs: u64,
+    /// Most bytes the archive holds (0: no cap); beyond it the oldest
+    /// records go first.
+    pub archive_max_bytes: i64,
     /// Tenants with a `tenant` label of their own on `fleet_tokens_total`,
     /// per process (the first seen); the others are counted as `other`.
     pub usage_tenant_labels: usize,
@@ -90,6 +97,8 @@ impl Default for TopologyConfig {
             files_max_age_secs: 30 * 24 * 3600,
             files_max_bytes: 10 << 30,
             batch_lease_secs: 30,
+            archive_max_age_secs: 0,
+            archive_max_bytes: 1 << 30,
         }
     }
 }

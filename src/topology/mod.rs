@@ -99,6 +99,25 @@ pub fn usage_stream(t: &TopologyConfig) -> stream::Config {
     }
 }
 
+/// Stream configuration of `FLEET_ARCHIVE`: every settled request with its
+/// result, kept `archive_max_age_secs` and up to `archive_max_bytes`
+/// (oldest first); its duplicate window drops a request's second record.
+pub fn archive_stream(t: &TopologyConfig) -> stream::Config {
+    stream::Config {
+        name: subjects::ARCHIVE_STREAM.to_string(),
+        description: Some("retro-fleet archive: recorded requests and their results, for replay".into()),
+        subjects: vec![subjects::ARCHIVE_WILDCARD.to_string()],
+        retention: RetentionPolicy::Limits,
+        storage: StorageType::File,
+        max_age: Duration::from_secs(t.archive_max_age_secs),
+        max_bytes: limit(t.archive_max_bytes),
+        duplicate_window: Duration::from_secs(t.duplicate_window_secs),
+        discard: DiscardPolicy::Old,
+        num_replicas: t.replicas,
+        ..Default::default()
+    }
+}
+
 /// Consumer configuration of the worker consumer for `model` on `p`'s stream.
 pub fn worker_consumer(p: Priority, model: &str, t: &TopologyConfig) -> pull::Config {
     pull::Config {
@@ -310,6 +329,9 @@ pub async fn apply(js: &Context, plan: &Plan) -> Result<Vec<Applied>, TopologyEr
     if t.metering {
         report.push(apply_stream(js, usage_stream(t)).await?);
     }
+    if t.archive_max_age_secs > 0 {
+        report.push(apply_stream(js, archive_stream(t)).await?);
+    }
     report.push(apply_stream(js, batch::batch_runs_stream(t)).await?);
     report.push(apply_consumer(js, subjects::BATCH_RUNS_STREAM, batch::batch_runners(t)).await?);
     report.push(batch::apply_files(js, batch::files_store(t)).await?);
@@ -425,6 +447,9 @@ pub async fn status(js: &Context, plan: &Plan) -> Result<Vec<String>, TopologyEr
         ]
         .map(str::to_string),
     );
+    if t.archive_max_age_secs > 0 {
+        streams.push(subjects::ARCHIVE_STREAM.to_string());
+    }
     streams.push(format!("OBJ_{}", subjects::FILES_BUCKET));
     let buckets = [workers_bucket(t), checkpoints_bucket(t), tenants_bucket(t)]
         .into_iter()

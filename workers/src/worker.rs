@@ -184,6 +184,7 @@ impl Worker {
             quiet: tokio::sync::watch::Sender::new(false),
             load_ms: Default::default(),
             meter: None,
+            archive: false,
         };
         Ok(Worker { shared: Arc::new(shared), sources, breakers: None })
     }
@@ -201,6 +202,14 @@ impl Worker {
     pub fn with_meter(mut self, meter: Option<Arc<crate::usage::Meter>>) -> Self {
         let shared = Arc::get_mut(&mut self.shared).expect("metering is set before the worker runs");
         shared.meter = meter;
+        self
+    }
+
+    /// Records each settled request in `FLEET_ARCHIVE` (which `topology
+    /// apply` creates when the archive is on) when `on`.
+    pub fn with_archive(mut self, on: bool) -> Self {
+        let shared = Arc::get_mut(&mut self.shared).expect("the archive is set before the worker runs");
+        shared.archive = on;
         self
     }
 

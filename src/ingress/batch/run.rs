@@ -168,6 +168,9 @@ struct Runner {
     progress: Progress,
     /// Lines refused for reasons reading them again would not give.
     refused: HashMap<usize, String>,
+    /// Why the input file could not be read (it was deleted): the batch
+    /// fails.
+    lost: Option<ApiError>,
 }
 
 impl Runner {
@@ -179,7 +182,15 @@ impl Runner {
             Err(e) => return Err(e),
         };
         let Some(f) = record.file.clone().filter(|f| !f.status.ended()) else { return Ok(None) };
-        let data = files::read(&state.files, tenant, &f.input_file_id).await?;
+        // an input file deleted while its batch runs ends the batch
+        let (data, lost) = match files::read(&state.files, tenant, &f.input_file_id).await {
+            Ok(data) => (data, None),
+            Err(e) if e.code == ApiCode::Wire(ErrorCode::NotFound) => {
+                let why = format!("the input file {} was deleted before the batch ended", f.input_file_id);
+                (Vec::new(), Some(ApiError::new(ErrorCode::NotFound, why).param("input_file_id")))
+            }
+            Err(e) => return Err(e),
+        };
         let input = String::from_utf8(data).map_err(|_| ApiError::new(ErrorCode::Internal, "input not UTF-8"))?;
         let lines = lines::of(&input)
             .into_iter()
@@ -192,7 +203,7 @@ impl Runner {
         who.ceilings = Ceilings::NONE;
         who.budget = f.budget;
         let progress = load_progress(state, &record).await;
-        Ok(Some(Runner { state: state.clone(), record, who, input, lines, progress, refused: HashMap::new() }))
+        Ok(Some(Runner { state: state.clone(), record, who, input, lines, progress, refused: HashMap::new(), lost }))
     }
 
     fn line(&self, i: usize) -> &str {
@@ -207,6 +218,14 @@ impl Runner {
     async fn drive(mut self) -> Outcome {
         let state = self.state.clone();
         let f = self.record.file.clone().expect("a file batch");
+        if let Some(e) = &self.lost {
+            // with no lines to read, lines still running are only cancelled
+            let sent: Vec<usize> = (0..self.progress.next).filter(|i| !self.progress.is_done(*i)).collect();
+            self.cancel(&sent).await;
+            let error = e.body()["error"].clone();
+            self.record.file.as_mut().expect("a file batch").errors.push(error);
+            return self.finish(BatchStatus::Failed).await;
+        }
         let cap = state.cfg.batch_max_in_flight.max(1);
         let mut running: FuturesUnordered<Running> = FuturesUnordered::new();
         let mut in_flight: HashSet<usize> = HashSet::new();
@@ -385,15 +404,20 @@ impl Runner {
     /// their results.
     async fn settle(&mut self, orphans: &mut Vec<usize>, cancel: bool) {
         if cancel {
-            for i in orphans.iter() {
-                let subject = subjects::cancel(&self.record.tenant, &lines::request_id(&self.record.id, *i));
-                let _ = self.state.client.publish(subject, Bytes::new()).await;
-            }
+            self.cancel(orphans).await;
         }
         let until = Instant::now() + SETTLE;
         while !orphans.is_empty() && Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(250)).await;
             self.look_up(orphans).await;
+        }
+    }
+
+    /// Asks for lines `sent` to be cancelled.
+    async fn cancel(&self, sent: &[usize]) {
+        for i in sent {
+            let subject = subjects::cancel(&self.record.tenant, &lines::request_id(&self.record.id, *i));
+            let _ = self.state.client.publish(subject, Bytes::new()).await;
         }
     }
 
@@ -440,17 +464,8 @@ impl Runner {
         // event id, which the duplicate window keeps once
         if let Some(url) = f.callback_url.clone() {
             let batch = super::view(&state, &self.record, &self.progress, None);
-            let event = webhooks::Event {
-                id: format!("evt_{id}_{}", end.as_str()),
-                kind: format!("batch.{}", end.as_str()),
-                tenant: tenant.clone(),
-                url,
-                body: serde_json::json!({
-                    "id": format!("evt_{id}_{}", end.as_str()), "object": "event",
-                    "type": format!("batch.{}", end.as_str()), "created_at": super::now_secs(), "data": batch,
-                })
-                .to_string(),
-            };
+            let (event_id, kind) = (format!("evt_{id}_{}", end.as_str()), format!("batch.{}", end.as_str()));
+            let event = webhooks::Event::new(event_id, kind, &tenant, url, batch, super::now_secs());
             if let Err(e) = webhooks::enqueue(&state.js, &event).await {
                 tracing::warn!(batch = %id, error = %e, "queueing the batch's webhook failed; trying again");
                 return Outcome::Interrupted;
@@ -469,6 +484,10 @@ impl Runner {
     /// The output file (lines answered) and the error file (lines failed,
     /// refused, or expired before they ran), in line order.
     async fn files(&self, end: BatchStatus) -> (Vec<u8>, Vec<u8>) {
+        if self.lost.is_some() || self.lines.len() < self.total() {
+            // the input is gone: no line can be named (the batch's errors say why)
+            return (Vec::new(), Vec::new());
+        }
         let kind = kind_of(&self.record.endpoint).unwrap_or(crate::ingress::openai_shapes::Kind::Completion);
         let done = (0..self.total()).filter(|i| self.progress.is_done(*i));
         let found: HashMap<usize, InferResult> =

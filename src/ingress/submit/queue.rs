@@ -84,7 +84,8 @@ fn request_headers(p: &Prepared, reply: Option<&str>, sync_ttl: u64, traceparent
         .traceparent(traceparent)
         .deadline_ms(deadline)
         .cache_ttl_secs(p.cache_ttl)
-        .result_ttl_secs(keep);
+        .result_ttl_secs(keep)
+        .callback_url(p.callback_url.clone());
     envelope.reply = reply.map(str::to_string);
     envelope.headers()
 }

@@ -70,6 +70,9 @@ pub struct Prepared {
     /// Choices asked for, 1..=[`MAX_CHOICES`]: each is a request of its own
     /// ([`Prepared::choice`]).
     pub choices: u32,
+    /// Where the worker that settles it queues its result as a webhook
+    /// event (checked against the allowed hosts).
+    pub callback_url: Option<String>,
 }
 
 /// The most choices (`n`) one call may ask for.
@@ -104,6 +107,7 @@ impl Prepared {
             who: self.who.clone(),
             caller_id: self.caller_id,
             choices: 1,
+            callback_url: self.callback_url.clone(),
         }
     }
 
@@ -168,6 +172,7 @@ pub fn prepare(rules: &Rules<'_>, h: &HttpHeaders, who: &Principal, d: Draft) ->
         who: who.clone(),
         caller_id,
         choices,
+        callback_url: None,
     })
 }
 

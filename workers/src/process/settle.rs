@@ -3,10 +3,12 @@
 //!
 //! Ack discipline: a result is written to `FLEET_RESULTS` first (the first
 //! writer wins), then the stored result goes to the reply subject, then its
-//! usage record is written (when metering), then the message is acked. A message given up is dead-lettered with its original
-//! payload before it is terminated; if the dead letter cannot be written it
-//! is nak'ed instead, so nothing is lost. Retryable failures are nak'ed with
-//! a delay.
+//! usage record is written (when metering), then the request is recorded in
+//! the archive (when it is on), then its webhook event is queued (when it
+//! names a callback URL), then the message is acked. A message given up is
+//! dead-lettered with its original payload before it is terminated; if the
+//! dead letter cannot be written it is nak'ed instead, so nothing is lost.
+//! Retryable failures are nak'ed with a delay.
 
 use std::borrow::Cow;
 use std::time::Duration;
@@ -14,9 +16,11 @@ use std::time::Duration;
 use async_nats::jetstream::{self, AckKind};
 use async_nats::HeaderMap;
 use bytes::Bytes;
+use retro_fleet_schemas::archive::{self, Recorded};
 use retro_fleet_schemas::envelope::{dead_letter_headers, GivenUp};
 use retro_fleet_schemas::stored::{decode as decode_stored, stored_message, StoredError};
-use retro_fleet_schemas::{codec, headers, subjects, ErrorCode, InferResult, Priority};
+use retro_fleet_schemas::webhook::{self, Event};
+use retro_fleet_schemas::{codec, headers, subjects, ErrorCode, InferRequest, InferResult, Priority, Received};
 
 use super::decide::{Ids, Rejection};
 use super::shared::Shared;
@@ -69,6 +73,13 @@ pub enum Step {
     /// Write the usage record of the result the caller got, when one was
     /// stored or re-sent and metering is on (see [`crate::usage`]).
     Meter,
+    /// Record the request and the result its caller got in `FLEET_ARCHIVE`,
+    /// when the archive is on (see [`retro_fleet_schemas::archive`]).
+    Archive,
+    /// Queue the result as a webhook event on `FLEET_WEBHOOKS`, when the
+    /// request names a `Fleet-Callback-Url`; when that fails, the message is
+    /// left for redelivery (its event id is the request's: queued once).
+    Callback,
     /// Remove the request's checkpoint, when it may have one (the request
     /// is settled: no attempt will resume it).
     Forget,
@@ -84,10 +95,22 @@ impl Settlement {
     /// The effects of this settlement, in order.
     pub fn steps(&self) -> &'static [Step] {
         match self {
-            Settlement::Answer { .. } => &[Step::Store, Step::Meter, Step::Forget, Step::Ack],
-            Settlement::Resend { .. } => &[Step::Resend, Step::Meter, Step::Forget, Step::Ack],
+            Settlement::Answer { .. } => {
+                &[Step::Store, Step::Meter, Step::Archive, Step::Callback, Step::Forget, Step::Ack]
+            }
+            Settlement::Resend { .. } => {
+                &[Step::Resend, Step::Meter, Step::Archive, Step::Callback, Step::Forget, Step::Ack]
+            }
             Settlement::Retry { .. } => &[Step::Nak],
-            Settlement::GiveUp(_) => &[Step::DeadLetter, Step::ErrorResult, Step::Meter, Step::Forget, Step::Term],
+            Settlement::GiveUp(_) => &[
+                Step::DeadLetter,
+                Step::ErrorResult,
+                Step::Meter,
+                Step::Archive,
+                Step::Callback,
+                Step::Forget,
+                Step::Term,
+            ],
         }
     }
 
@@ -268,6 +291,20 @@ pub async fn settle(sh: &Shared, m: &Settling<'_>, mut s: Settlement) -> Result<
                     failover::ride(until, SettleError::unanswered, write, in_progress).await?;
                 }
             }
+            (Step::Archive, s) => {
+                if let (true, Some(result)) = (sh.archive, &answered) {
+                    archive(sh, m, s.metered_as().0, result).await;
+                }
+            }
+            (Step::Callback, s) => {
+                let url = Received::read(m.msg.headers.as_ref()).callback_url;
+                if let (Some(url), Some(result)) = (url, &answered) {
+                    let event = Event::of_result(result, s.metered_as().0, url, crate::clock::unix_ms() / 1000);
+                    let event = &event;
+                    let queue = || queue_event(sh, event);
+                    failover::ride(until, SettleError::unanswered, queue, in_progress).await?;
+                }
+            }
             (Step::Forget, s) => {
                 let may_exist = m.delivered > 1 || m.checkpointed.load(std::sync::atomic::Ordering::Relaxed);
                 if let (Some(c), Some((tenant, id)), true) = (&sh.checkpoints, s.request(), may_exist) {
@@ -284,6 +321,26 @@ pub async fn settle(sh: &Shared, m: &Settling<'_>, mut s: Settlement) -> Result<
         }
     }
     Ok(s.outcome())
+}
+
+/// Records the request of `m` and the `result` its caller got. The archive
+/// is a record, not the answer: a failed write is logged and the request
+/// settled all the same.
+async fn archive(sh: &Shared, m: &Settling<'_>, tenant: &str, result: &InferResult) {
+    let envelope = Received::read(m.msg.headers.as_ref());
+    let Ok(request) = codec::decode::<InferRequest>(envelope.content_type, &m.msg.payload) else {
+        return; // nothing a replay could send again
+    };
+    let at_ms = m.msg.info().map_or_else(|_| crate::clock::unix_ms(), |i| crate::clock::ms_of(i.published));
+    let mut record = Recorded::new(at_ms, m.priority, tenant, request, result.clone());
+    record.timeout_ms = envelope.deadline_ms.map(|d| d.saturating_sub(at_ms));
+    if let Err(e) = archive::publish(&sh.js, &record).await {
+        tracing::warn!(id = %result.id, error = %e, "recording the request in the archive failed");
+    }
+}
+
+async fn queue_event(sh: &Shared, event: &Event) -> Result<(), SettleError> {
+    Ok(webhook::enqueue(&sh.js, event).await?)
 }
 
 async fn ack(msg: &jetstream::Message, kind: AckKind) -> Result<(), SettleError> {
@@ -464,14 +521,23 @@ mod tests {
     #[test]
     fn results_are_stored_before_the_ack_and_dead_letters_before_the_term() {
         let table: Vec<_> = every_settlement().iter().map(|s| (s.steps(), s.outcome())).collect();
-        let answer = [Step::Store, Step::Meter, Step::Forget, Step::Ack];
+        let answer = [Step::Store, Step::Meter, Step::Archive, Step::Callback, Step::Forget, Step::Ack];
         assert_eq!(table[0], (&answer[..], Outcome::Failed(ErrorCode::Cancelled)));
-        assert_eq!(table[1], (&[Step::Resend, Step::Meter, Step::Forget, Step::Ack][..], Outcome::Ok));
+        let resend = [Step::Resend, Step::Meter, Step::Archive, Step::Callback, Step::Forget, Step::Ack];
+        assert_eq!(table[1], (&resend[..], Outcome::Ok));
         assert_eq!(table[2], (&[Step::Nak][..], Outcome::Retried));
         assert_eq!(
             table[3],
             (
-                &[Step::DeadLetter, Step::ErrorResult, Step::Meter, Step::Forget, Step::Term][..],
+                &[
+                    Step::DeadLetter,
+                    Step::ErrorResult,
+                    Step::Meter,
+                    Step::Archive,
+                    Step::Callback,
+                    Step::Forget,
+                    Step::Term
+                ][..],
                 Outcome::Failed(ErrorCode::DecodeError)
             )
         );

@@ -42,6 +42,8 @@ pub struct Shared {
     pub quiet: tokio::sync::watch::Sender<bool>,
     /// How often streams send chunks (shared: it counts the running streams).
     pub pace: super::chunks::Pace,
+    /// Records each settled request in `FLEET_ARCHIVE` (off by default).
+    pub archive: bool,
     /// Meters each answered request, when metering is on.
     pub meter: Option<Arc<crate::usage::Meter>>,
     /// How long each model took to load here, in ms (reported in heartbeats).
