@@ -8,7 +8,8 @@
 #
 # Usage: scripts/bench-batch.sh
 #   RATE (default 20 req/s) for 30 s; LINES (default 20,000);
-#   LATENCY_MS of the synthetic model (default 20); SLOTS of the worker (default 32).
+#   LATENCY_MS of the synthetic model (default 50); SLOTS of the worker (default
+#   16): the batch then outlasts the loaded round.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/bench-lib.sh
@@ -23,10 +24,10 @@ data_dir = "$WORKDIR/data"
 [log]
 level = "warn"
 [worker]
-max_inflight = ${SLOTS:-32}
+max_inflight = ${SLOTS:-16}
 [models.slow]
 backend = "synthetic"
-latency_ms = ${LATENCY_MS:-20}
+latency_ms = ${LATENCY_MS:-50}
 TOML
 FLEET=("$BIN/retro-fleet" --config "$WORKDIR/bench.toml")
 echo "# $(date -u +%F) $(nproc) cores, $(nats-server --version), $PROFILE build"
@@ -49,7 +50,7 @@ counts() {
         python3 -c "import json,sys; b=json.load(sys.stdin); c=b['request_counts']; print(f\"{b['status']}: {c['completed']}/{c['total']} lines\")"
 }
 
-echo "## interactive alone: $RATE req/s for 30 s on a ${LATENCY_MS:-20} ms model, ${SLOTS:-32} slots"
+echo "## interactive alone: $RATE req/s for 30 s on a ${LATENCY_MS:-50} ms model, ${SLOTS:-16} slots"
 load "$WORKDIR/alone.json"
 python3 -c "
 import json

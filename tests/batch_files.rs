@@ -262,6 +262,34 @@ async fn a_runner_killed_midway_is_taken_over_and_every_line_gets_one_result() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_whose_input_file_is_deleted_ends_failed_saying_why() {
+    let s = setup_batches();
+    let _worker = start_worker(&s.config, &[]).await;
+    let (mut first, base) = start_ingress(&s.config).await;
+    let http = Http::new(&base);
+    let file = upload(&base, "acme-key", chat_lines("slow", 400)).await;
+    let batch = create(&http, "acme-key", &file, "24h").await;
+    let id = batch["id"].as_str().unwrap().to_string();
+    let caller = Caller::connect(&s.nats.url()).await;
+    let start = Instant::now();
+    while stream_len(&caller.js, subjects::RESULTS_STREAM).await < 20 {
+        assert!(start.elapsed() < Duration::from_secs(30), "the batch does not run");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // its runner dies, and the input is deleted before another takes it over
+    first.kill9();
+    let files = caller.js.get_object_store(subjects::FILES_BUCKET).await.unwrap();
+    files.delete(format!("acme/{file}")).await.unwrap();
+    let (_second, base) = start_ingress(&s.config).await;
+    let http = Http::new(&base);
+    let b = ended(&http, "acme-key", &id, Duration::from_secs(30)).await;
+    assert_eq!(b["status"], "failed", "{b}");
+    let error = &b["errors"]["data"][0];
+    assert_eq!(error["param"], "input_file_id", "{b}");
+    assert!(error["message"].as_str().unwrap().contains("deleted"), "{b}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uploads_past_the_limit_and_bad_creates_are_refused_clearly() {
     let s = setup_batches();
     let (_ingress, base) = start_ingress(&s.config).await;
