@@ -234,21 +234,29 @@ async fn a_batch_expires_at_the_end_of_its_window_with_the_lines_it_finished() {
     assert_eq!(ids.len(), out.len() + errors.len(), "a line in both files");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_runner_killed_midway_is_taken_over_and_every_line_gets_one_result() {
-    let s = setup_batches();
-    let _worker = start_worker(&s.config, &[]).await;
-    let (mut first, base) = start_ingress(&s.config).await;
+/// An ingress running a batch of `lines` lines of the slow model, once
+/// `answers` of them are stored: the ingress, the input file's id, the
+/// batch's id, and a NATS caller.
+async fn under_way(s: &Setup, lines: usize, answers: u64) -> (Proc, String, String, Caller) {
+    let (ingress, base) = start_ingress(&s.config).await;
     let http = Http::new(&base);
-    let file = upload(&base, "acme-key", chat_lines("slow", 400)).await;
+    let file = upload(&base, "acme-key", chat_lines("slow", lines)).await;
     let batch = create(&http, "acme-key", &file, "24h").await;
     let id = batch["id"].as_str().unwrap().to_string();
     let caller = Caller::connect(&s.nats.url()).await;
     let start = Instant::now();
-    while stream_len(&caller.js, subjects::RESULTS_STREAM).await < 50 {
+    while stream_len(&caller.js, subjects::RESULTS_STREAM).await < answers {
         assert!(start.elapsed() < Duration::from_secs(30), "the batch does not run");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    (ingress, file, id, caller)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_killed_midway_is_taken_over_and_every_line_gets_one_result() {
+    let s = setup_batches();
+    let _worker = start_worker(&s.config, &[]).await;
+    let (mut first, _, id, caller) = under_way(&s, 400, 50).await;
     first.kill9();
     let (_second, base) = start_ingress(&s.config).await;
     let http = Http::new(&base);
@@ -265,17 +273,7 @@ async fn a_runner_killed_midway_is_taken_over_and_every_line_gets_one_result() {
 async fn a_batch_whose_input_file_is_deleted_ends_failed_saying_why() {
     let s = setup_batches();
     let _worker = start_worker(&s.config, &[]).await;
-    let (mut first, base) = start_ingress(&s.config).await;
-    let http = Http::new(&base);
-    let file = upload(&base, "acme-key", chat_lines("slow", 400)).await;
-    let batch = create(&http, "acme-key", &file, "24h").await;
-    let id = batch["id"].as_str().unwrap().to_string();
-    let caller = Caller::connect(&s.nats.url()).await;
-    let start = Instant::now();
-    while stream_len(&caller.js, subjects::RESULTS_STREAM).await < 20 {
-        assert!(start.elapsed() < Duration::from_secs(30), "the batch does not run");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (mut first, file, id, caller) = under_way(&s, 400, 20).await;
     // its runner dies, and the input is deleted before another takes it over
     first.kill9();
     let files = caller.js.get_object_store(subjects::FILES_BUCKET).await.unwrap();
