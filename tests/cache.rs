@@ -288,6 +288,50 @@ async fn semantic_hits_paraphrases_only_with_the_same_parameters() {
     assert_eq!(ask(&mut c, &t).await.cache, CacheTier::None);
 }
 
+/// The semantic cache on real sentence embeddings (all-MiniLM-L6-v2 at its
+/// default threshold): a rephrasing the lexical embedder cannot see hits;
+/// a changed fact, a negation and another tenant miss.
+#[tokio::test]
+async fn semantic_on_minilm_hits_rephrasings_and_misses_changed_facts_and_negations() {
+    use retro_fleet_worker::embed::{lexical, similarity};
+    let dir = retro_fleet_testkit::minilm_dir();
+    let s = setup(&format!(
+        "[worker.cache]\nsemantic_models = [\"echo\"]\nsemantic_embedder = {{ path = {:?} }}\n",
+        dir.display().to_string()
+    ));
+    let _w = start_worker(&s.config, &[]).await;
+    let mut c = Caller::connect(&s.nats.url()).await;
+    let q = "How many days are in a leap year?";
+    let para = "How many days does a leap year have?";
+    let first = ask(&mut c, &chat("m1", q, CacheMode::Use)).await;
+    assert_eq!(first.cache, CacheTier::None);
+
+    let hit = ask(&mut c, &chat("m2", para, CacheMode::Semantic)).await;
+    assert_eq!(hit.cache, CacheTier::Semantic, "{hit:?}");
+    assert_eq!(hit.output, first.output);
+    let sim = hit.cache_similarity.unwrap();
+    let lexical = similarity(&lexical::embed(q), &lexical::embed(para));
+    println!("MiniLM similarity {sim:.3}, lexical {lexical:.3}");
+    assert!(lexical < 0.95, "the lexical embedder would hit too ({lexical}): pick a harder rephrasing");
+
+    for (id, miss) in [
+        ("m3", "How many days are in a normal year?"),
+        ("m4", "How many days are not in a leap year?"),
+        ("m5", "How do I bake sourdough bread?"),
+    ] {
+        let r = ask(&mut c, &chat(id, miss, CacheMode::Semantic)).await;
+        assert_eq!(r.cache, CacheTier::None, "{miss:?} answered from {:?} at {:?}", r.cache, r.cache_similarity);
+    }
+    // a negation spelled another way meets the cached negated question
+    ask(&mut c, &chat("m6", "Is NATS not fast?", CacheMode::Use)).await;
+    let neg = ask(&mut c, &chat("m7", "Isn't NATS fast?", CacheMode::Semantic)).await;
+    assert_eq!(neg.cache, CacheTier::Semantic, "{neg:?}");
+    // another tenant never hits
+    let mut t = chat("m8", para, CacheMode::Semantic);
+    t.tenant = Some("other".into());
+    assert_eq!(ask(&mut c, &t).await.cache, CacheTier::None);
+}
+
 #[tokio::test]
 async fn a_streaming_request_answered_from_the_cache_still_gets_its_chunks() {
     use futures::StreamExt;

@@ -12,6 +12,7 @@
 //! - [`control`]: operator drain and resume of this worker over core NATS.
 //! - [`sweeper`]: answers requests addressed to models nobody in the fleet serves.
 //! - [`cache`]: the result cache (foyer memory + disk), a request's session in it, warming, semantic index.
+//! - [`embed`]: sentence embedders (lexical, or a BERT run with candle) the semantic index compares prompts with.
 //! - [`backend`]: the `Backend` trait; the echo, synthetic and mistral.rs backends; pools of
 //!   model instances (routing, growth) under the worker's memory budget (`backend/pool/budget.rs`).
 //! - [`breaker`]: a circuit breaker per model instance (owned by its pool slot).
@@ -37,6 +38,7 @@ pub mod checkpoint;
 pub mod clock;
 pub mod config;
 pub mod control;
+pub mod embed;
 pub mod failover;
 pub mod fair;
 pub mod follow;

@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::embed::EmbedderConfig;
+
 /// Cache settings of a worker (`[worker.cache]`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -30,8 +32,12 @@ pub struct CacheConfig {
     pub warm_window_secs: u64,
     /// Models whose answers may be served to similar prompts (requests opt in with cache mode `semantic`).
     pub semantic_models: Vec<String>,
-    /// Least cosine similarity for a semantic hit (0..1).
-    pub semantic_threshold: f64,
+    /// How prompts are compared: `"lexical"` (no model, shared words only)
+    /// or `{ path = "<sentence-transformers directory>" }` (docs/CACHE.md).
+    pub semantic_embedder: EmbedderConfig,
+    /// Least cosine similarity for a semantic hit (0..1); default: the
+    /// embedder's own, measured on the labelled set (lexical 0.95, MiniLM 0.975).
+    pub semantic_threshold: Option<f64>,
     /// Most prompts held by the semantic index.
     pub semantic_max_entries: usize,
 }
@@ -50,7 +56,8 @@ impl Default for CacheConfig {
             warm_on_start: false,
             warm_window_secs: 86_400,
             semantic_models: Vec::new(),
-            semantic_threshold: 0.9,
+            semantic_embedder: EmbedderConfig::default(),
+            semantic_threshold: None,
             semantic_max_entries: 100_000,
         }
     }

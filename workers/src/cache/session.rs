@@ -13,6 +13,7 @@ use retro_fleet_schemas::{CacheMode, CacheTier, InferRequest, Output, Usage};
 use tokio::sync::watch;
 
 use super::answer::Answer;
+use super::semantic::Probe;
 use super::store::{Flight, Leader, ResultCache};
 use super::sync::Claim;
 
@@ -38,6 +39,8 @@ pub struct Session {
     key: Key,
     /// Semantic bucket and compared text, when the model takes part in the semantic cache.
     semantic: Option<(u128, String)>,
+    /// The compared text embedded, once: for the lookup, then for the index.
+    probe: Option<Probe>,
     mode: CacheMode,
     ttl_ms: u64,
     leader: Option<Leader>,
@@ -75,6 +78,7 @@ impl Session {
             model: req.model.clone(),
             key: cache_key::exact(&scope, &req.params, &req.input),
             semantic,
+            probe: None,
             mode: req.cache,
             ttl_ms: ttl_secs.unwrap_or(cache.config().ttl_secs).min(MAX_TTL_SECS).saturating_mul(1000),
             leader: None,
@@ -88,14 +92,14 @@ impl Session {
     }
 
     /// A stored answer: exact first, then (mode `semantic`) the nearest similar prompt.
-    pub async fn lookup(&self, now_ms: u64) -> Option<Found> {
+    pub async fn lookup(&mut self, now_ms: u64) -> Option<Found> {
         if !self.reads() {
             return None;
         }
         let mut hit = self.cache.get(self.key, now_ms).await;
         if hit.is_none() && self.mode == CacheMode::Semantic {
-            if let Some((bucket, text)) = &self.semantic {
-                hit = self.cache.get_similar(*bucket, text, now_ms).await;
+            if let Some((bucket, probe)) = self.indexed().await {
+                hit = self.cache.get_similar(bucket, &probe, now_ms).await;
             }
         }
         let label = match hit.as_ref().map(|h| h.tier) {
@@ -153,9 +157,10 @@ impl Session {
 
     /// Takes another worker's answer as this worker's own: kept here and
     /// shared with this worker's followers.
-    pub fn adopt(&mut self, answer: Answer) -> Found {
+    pub async fn adopt(&mut self, answer: Answer) -> Found {
         self.cache.count_claim("answered");
-        self.cache.put(&self.model, self.key, &answer, self.semantic_ref());
+        let semantic = self.indexed().await;
+        self.cache.put(&self.model, self.key, &answer, semantic);
         if let Some(l) = self.leader.take() {
             l.finish(Some(answer.clone()));
         }
@@ -167,7 +172,8 @@ impl Session {
     pub async fn keep(mut self, output: &Output, usage: &Usage, now_ms: u64) -> (Key, u64) {
         let answer =
             Answer { output: output.clone(), usage: usage.clone(), expires_ms: now_ms.saturating_add(self.ttl_ms) };
-        self.cache.put(&self.model, self.key, &answer, self.semantic_ref());
+        let semantic = self.indexed().await;
+        self.cache.put(&self.model, self.key, &answer, semantic);
         if self.claimed {
             if let Some(claims) = self.cache.claims() {
                 claims.answer(self.key, &answer).await;
@@ -197,7 +203,12 @@ impl Session {
         (found.tier != CacheTier::Semantic).then_some((self.key, found.answer.expires_ms))
     }
 
-    fn semantic_ref(&self) -> Option<(u128, &str)> {
-        self.semantic.as_ref().map(|(b, t)| (*b, t.as_str()))
+    /// The semantic bucket and the compared text's probe (embedded on first use).
+    async fn indexed(&mut self) -> Option<(u128, Probe)> {
+        let (bucket, text) = self.semantic.as_ref()?;
+        if self.probe.is_none() {
+            self.probe = self.cache.probe(text).await;
+        }
+        Some((*bucket, self.probe.clone()?))
     }
 }

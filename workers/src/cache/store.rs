@@ -13,14 +13,16 @@ use foyer::{
     HybridCachePolicy, PsyncIoEngineConfig, Source,
 };
 use prometheus::core::Collector;
-use prometheus::{IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
 use retro_fleet_schemas::cache_key::{Generations, Key};
 use retro_fleet_schemas::CacheTier;
 use tokio::sync::watch;
 
 use super::answer::{Answer, Hit};
 use super::config::CacheConfig;
-use super::{semantic, sync};
+use super::semantic::{self, Probe};
+use super::sync;
+use crate::embed::{self, EmbedError, Embedder};
 use crate::metrics::registered;
 
 /// Cache metrics.
@@ -33,6 +35,7 @@ struct CacheMetrics {
     bytes: IntGaugeVec,
     capacity: IntGaugeVec,
     claims: IntCounterVec,
+    embed_seconds: HistogramVec,
 }
 
 impl CacheMetrics {
@@ -60,6 +63,14 @@ impl CacheMetrics {
                 "fleet_cache_claim_waits_total",
                 "Waits on another worker's claimed answer, by outcome",
                 &["outcome"],
+            )?,
+            embed_seconds: registered(
+                registry,
+                HistogramVec::new(
+                    HistogramOpts::new("fleet_cache_embed_seconds", "Time to embed a prompt for the semantic cache")
+                        .buckets(vec![1e-5, 1e-4, 1e-3, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0]),
+                    &["embedder"],
+                )?,
             )?,
         })
     }
@@ -111,6 +122,9 @@ pub enum CacheError {
     /// The memory tier could not be built.
     #[error("cache: {0}")]
     Build(String),
+    /// The semantic cache's embedder could not be loaded.
+    #[error(transparent)]
+    Embedder(#[from] EmbedError),
 }
 
 /// Identical requests in flight: the first computes, the others wait for it.
@@ -124,6 +138,10 @@ pub struct ResultCache {
     generations: Arc<Generations>,
     flights: Flights,
     semantic: Mutex<semantic::Index>,
+    /// Embeds prompts for the semantic index (loaded when a model takes part).
+    embedder: Option<Arc<dyn Embedder>>,
+    /// Least similarity for a semantic hit.
+    threshold: f64,
     metrics: CacheMetrics,
     claims: Option<sync::Claims>,
     _lock: Option<DirLock>,
@@ -134,6 +152,11 @@ impl ResultCache {
     /// warning and rebuilt; if even that fails, the worker runs memory-only.
     pub async fn open(cfg: &CacheConfig, data_dir: &Path, registry: &Registry) -> Result<ResultCache, CacheError> {
         let metrics = CacheMetrics::new(registry)?;
+        let embedder = match cfg.semantic_models.is_empty() {
+            true => None,
+            false => Some(embed::load(&cfg.semantic_embedder)?),
+        };
+        let threshold = cfg.semantic_threshold.or(embedder.as_ref().map(|e| e.default_threshold())).unwrap_or(1.0);
         let dir = cfg.dir.clone().unwrap_or_else(|| data_dir.join("cache"));
         let mut lock = None;
         if cfg.disk_bytes > 0 {
@@ -180,6 +203,8 @@ impl ResultCache {
             generations: Arc::default(),
             flights: Mutex::new(HashMap::new()),
             semantic: Mutex::new(semantic::Index::new(cfg.semantic_max_entries)),
+            embedder,
+            threshold,
             metrics,
             claims: None,
             _lock: lock,
@@ -308,21 +333,47 @@ impl ResultCache {
         Some(Hit { answer, tier, similarity: None })
     }
 
+    /// `text` embedded for the semantic index, off the async threads (a
+    /// BERT takes milliseconds); `None` when no model takes part or the
+    /// embedder failed (logged: the request goes on without the semantic cache).
+    pub async fn probe(&self, text: &str) -> Option<Probe> {
+        let embedder = self.embedder.clone()?;
+        let text = text.to_owned();
+        let timer = self.metrics.embed_seconds.with_label_values(&[embedder.name()]).start_timer();
+        let done = tokio::task::spawn_blocking(move || {
+            let vector = embedder.embed(&[&text])?.pop().ok_or_else(|| EmbedError::Run("no vector".into()))?;
+            Ok::<_, EmbedError>(Probe::new(&text, vector))
+        })
+        .await;
+        timer.observe_duration();
+        match done {
+            Ok(Ok(p)) => Some(p),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "embedding a prompt failed; answering without the semantic cache");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the embedding task ended; answering without the semantic cache");
+                None
+            }
+        }
+    }
+
     /// The answer to the most similar prompt in `bucket`, if similar enough.
-    pub async fn get_similar(&self, bucket: u128, text: &str, now_ms: u64) -> Option<Hit> {
+    pub async fn get_similar(&self, bucket: u128, probe: &Probe, now_ms: u64) -> Option<Hit> {
         let (key, similarity) =
-            self.semantic.lock().expect("semantic lock").nearest(bucket, text, self.cfg.semantic_threshold, now_ms)?;
+            self.semantic.lock().expect("semantic lock").nearest(bucket, probe, self.threshold, now_ms)?;
         let mut hit = self.get(key, now_ms).await?;
         hit.tier = CacheTier::Semantic;
         hit.similarity = Some(similarity);
         Some(hit)
     }
 
-    /// Stores `answer` under `key` (and in the semantic index when given its bucket and text).
-    pub fn put(&self, model: &str, key: Key, answer: &Answer, semantic: Option<(u128, &str)>) {
+    /// Stores `answer` under `key` (and in the semantic index when given its bucket and prompt).
+    pub fn put(&self, model: &str, key: Key, answer: &Answer, semantic: Option<(u128, Probe)>) {
         self.store.insert(key.0, answer.encode());
-        if let Some((bucket, text)) = semantic {
-            self.semantic.lock().expect("semantic lock").insert(bucket, text, key, answer.expires_ms);
+        if let Some((bucket, probe)) = semantic {
+            self.semantic.lock().expect("semantic lock").insert(bucket, probe, key, answer.expires_ms);
         }
         self.metrics.inserts.with_label_values(&[model]).inc();
         self.metrics.bytes.with_label_values(&["memory"]).set(self.store.memory().usage() as i64);

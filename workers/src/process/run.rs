@@ -228,7 +228,7 @@ async fn from_cache(s: &mut Session, guard: &Guard<'_>) -> Result<Option<Found>,
     if s.claim().await {
         match guard.run(s.wait_claim()).await {
             None => return Err(Cancelled("while another worker computed it")),
-            Some(Some(answer)) => return Ok(Some(s.adopt(answer))),
+            Some(Some(answer)) => return Ok(Some(s.adopt(answer).await)),
             Some(None) => {}
         }
     }

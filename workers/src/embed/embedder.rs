@@ -1,0 +1,42 @@
+//! What every embedder offers.
+
+use std::path::PathBuf;
+
+/// Turns texts into unit vectors of [`Embedder::dim`] numbers.
+pub trait Embedder: Send + Sync {
+    /// A short name, for logs and the `embedder` metric label.
+    fn name(&self) -> &str;
+    /// Numbers per vector.
+    fn dim(&self) -> usize;
+    /// One unit vector per text, in order (all zeros for a text with nothing to embed).
+    fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EmbedError>;
+    /// The least similarity at which two prompts count as the same
+    /// question, measured on the labelled set in `loadtest/fixtures`
+    /// (docs/CACHE.md): a config's `semantic_threshold` overrides it.
+    fn default_threshold(&self) -> f64;
+}
+
+/// Problems loading or running an embedder.
+#[derive(Debug, thiserror::Error)]
+pub enum EmbedError {
+    /// The model directory could not be read.
+    #[error(
+        "sentence embedder at {}: {message} (point `semantic_embedder.path` at a sentence-transformers \
+         directory with config.json, model.safetensors and tokenizer.json, or use `semantic_embedder = \"lexical\"`)",
+        path.display()
+    )]
+    Load {
+        /// The directory.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// Embedding failed.
+    #[error("embedding failed: {0}")]
+    Run(String),
+}
+
+/// Cosine similarity of two unit vectors.
+pub fn similarity(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| (x * y) as f64).sum()
+}
