@@ -55,6 +55,9 @@ pub enum Api {
     /// OpenAI-compatible server answers it): streamed as server-sent events
     /// when the workload streams.
     Openai,
+    /// `POST /v1/embeddings` (OpenAI's, as vLLM, TEI and `mistralrs serve`
+    /// offer it too), the workload's `embed_batch` texts per request.
+    Embeddings,
 }
 
 /// What one answered request measured: microseconds to the whole answer and
@@ -88,6 +91,7 @@ pub async fn run(
     let url = match api {
         Api::Native => format!("{}/v1/infer", target.base),
         Api::Openai => format!("{}/v1/chat/completions", target.base),
+        Api::Embeddings => format!("{}/v1/embeddings", target.base),
     };
     let new_hist = || Histogram::<u64>::new_with_bounds(1, 600_000_000, 3);
     let hist = Arc::new(Mutex::new(new_hist()?));
@@ -114,6 +118,9 @@ pub async fn run(
                 }
                 body
             }
+            Api::Embeddings => serde_json::json!({
+                "model": model, "input": workload.texts(&run_id, i), "encoding_format": "float",
+            }),
         };
         let body = bytes::Bytes::from(serde_json::to_vec(&body).expect("json"));
         let (client, url) = (client.clone(), url.clone());

@@ -138,9 +138,13 @@ struct Args {
     #[arg(long = "http")]
     http: Vec<http::HttpTarget>,
     /// HTTP mode: the API to call (`openai` streams with --stream and
-    /// reports the time to the first visible text).
+    /// reports the time to the first visible text; `embeddings` sends
+    /// `--embed-batch` texts per request to `/v1/embeddings`).
     #[arg(long, value_enum, default_value = "native")]
     api: http::Api,
+    /// HTTP mode with `--api embeddings`: texts per request.
+    #[arg(long, default_value_t = 1)]
+    embed_batch: usize,
     /// HTTP mode: send `Authorization: Bearer TOKEN`.
     #[arg(long)]
     bearer: Option<String>,
@@ -172,6 +176,7 @@ async fn main() -> anyhow::Result<()> {
         max_tokens: args.max_tokens,
         stream: args.stream,
         json_schema,
+        embed_batch: args.embed_batch,
     };
     if !args.http.is_empty() {
         return http_main(&args, &workload).await;

@@ -24,6 +24,8 @@ pub struct Workload {
     pub stream: bool,
     /// A JSON Schema every answer must fit (constrained decoding).
     pub json_schema: Option<serde_json::Value>,
+    /// Texts per request to an embeddings API (`--api embeddings`).
+    pub embed_batch: usize,
 }
 
 fn mix(mut x: u64) -> u64 {
@@ -35,6 +37,13 @@ fn mix(mut x: u64) -> u64 {
 }
 
 impl Workload {
+    /// The texts to embed of request `i`: its prompt, each marked with the
+    /// request and its place, so no text repeats (nothing is cached).
+    pub fn texts(&self, run: &str, i: usize) -> Vec<String> {
+        let p = self.prompt(run, i);
+        (0..self.embed_batch.max(1)).map(|k| format!("{run}-{i}-{k} {p}")).collect()
+    }
+
     /// The prompt of request `i` of a run tagged `run`.
     pub fn prompt(&self, run: &str, i: usize) -> String {
         let h = mix(i as u64);
@@ -82,6 +91,7 @@ mod tests {
             max_tokens: None,
             stream: false,
             json_schema: None,
+            embed_batch: 1,
         };
         let n = 20_000;
         let repeats = (0..n).filter(|i| w.repeats(*i)).count() as f64 / n as f64;

@@ -45,9 +45,10 @@ pub struct Scope<'a> {
     pub adapter: Option<&'a str>,
 }
 
-/// Whether sampling is reproducible: greedy (temperature 0) or seeded.
-pub fn deterministic(p: &SamplingParams) -> bool {
-    p.temperature == Some(0.0) || p.seed.is_some()
+/// Whether the answer to `input` under `p` is reproducible: greedy
+/// (temperature 0) or seeded sampling, or an embedding (no sampling at all).
+pub fn reproducible(input: &Input, p: &SamplingParams) -> bool {
+    p.temperature == Some(0.0) || p.seed.is_some() || input.is_embed()
 }
 
 struct Hasher(Sha256);
@@ -180,6 +181,14 @@ pub fn exact(scope: &Scope<'_>, params: &SamplingParams, input: &Input) -> Key {
                 h.message(m);
             }
         }
+        Input::Embed { texts, dimensions } => {
+            h.bytes(b"embed");
+            h.bytes(&dimensions.unwrap_or(0).to_le_bytes());
+            h.bytes(&(texts.len() as u64).to_le_bytes());
+            for t in texts {
+                h.bytes(t.as_bytes());
+            }
+        }
     }
     Key(h.finish())
 }
@@ -211,6 +220,8 @@ pub fn semantic(scope: &Scope<'_>, params: &SamplingParams, input: &Input) -> Op
             }
             last.content.clone()
         }
+        // vectors are not answers to a question: never served to a similar one
+        Input::Embed { .. } => return None,
     };
     Some((h.finish(), text))
 }
@@ -360,10 +371,13 @@ mod tests {
 
     #[test]
     fn only_reproducible_sampling_is_deterministic() {
-        assert!(deterministic(&greedy()));
-        assert!(deterministic(&SamplingParams { temperature: Some(0.9), seed: Some(3), ..Default::default() }));
-        assert!(!deterministic(&SamplingParams { temperature: Some(0.9), ..Default::default() }));
-        assert!(!deterministic(&SamplingParams::default()));
+        let p = prompt("x");
+        assert!(reproducible(&p, &greedy()));
+        assert!(reproducible(&p, &SamplingParams { temperature: Some(0.9), seed: Some(3), ..Default::default() }));
+        assert!(!reproducible(&p, &SamplingParams { temperature: Some(0.9), ..Default::default() }));
+        assert!(!reproducible(&p, &SamplingParams::default()));
+        let embed = Input::Embed { texts: vec!["x".into()], dimensions: None };
+        assert!(reproducible(&embed, &SamplingParams::default()), "an embedding samples nothing");
     }
 
     #[test]

@@ -24,7 +24,8 @@ pub struct InferRequest {
     /// LoRA adapter of the model to apply, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adapter: Option<String>,
-    /// The prompt: chat messages or plain completion text.
+    /// The prompt: chat messages or plain completion text; or, for an
+    /// embedding model, the texts to embed.
     pub input: Input,
     /// Sampling parameters.
     #[serde(default)]
@@ -57,6 +58,17 @@ pub enum Input {
         /// The text to continue.
         prompt: String,
     },
+    /// Texts to embed, by a model of kind `embedding`: the result's
+    /// `output.embeddings` holds one vector per text, in order. All texts
+    /// are embedded as one batch.
+    Embed {
+        /// The texts (at least one).
+        texts: Vec<String>,
+        /// Numbers per vector the caller needs; refused unless it is the
+        /// model's own (no model here shortens its vectors).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        dimensions: Option<u32>,
+    },
 }
 
 impl InferRequest {
@@ -75,9 +87,18 @@ impl Input {
             // the role reaches the model too (the chat template writes it)
             Input::Chat { messages } => messages.iter().map(ChatMessage::text_len).sum(),
             Input::Completion { prompt } => prompt.len(),
+            Input::Embed { texts, .. } => texts.iter().map(String::len).sum(),
         }
     }
+
+    /// Whether these are texts to embed rather than a prompt to answer.
+    pub fn is_embed(&self) -> bool {
+        matches!(self, Input::Embed { .. })
+    }
 }
+
+/// Most texts one request may embed (OpenAI's limit).
+pub const MAX_EMBED_TEXTS: usize = 2048;
 
 /// The roles a chat message may have: the ones chat templates know.
 pub const CHAT_ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
@@ -327,6 +348,23 @@ impl InferRequest {
         if let Some(t) = &self.tenant {
             if !crate::subjects::is_token(t) {
                 return Err(Invalid::field("tenant", "`tenant` must be characters from [A-Za-z0-9_-]"));
+            }
+        }
+        if let Input::Embed { texts, .. } = &self.input {
+            if texts.is_empty() || texts.len() > MAX_EMBED_TEXTS {
+                return Err(Invalid::field(
+                    "input.texts",
+                    format!("send 1 to {MAX_EMBED_TEXTS} texts to embed, not {}", texts.len()),
+                ));
+            }
+            if let Some(i) = texts.iter().position(String::is_empty) {
+                return Err(Invalid::field(
+                    "input.texts",
+                    format!("text {i} is empty; every text to embed needs some"),
+                ));
+            }
+            if self.stream {
+                return Err(Invalid::field("stream", "embeddings come whole: send `stream: false`"));
             }
         }
         if let Input::Chat { messages } = &self.input {

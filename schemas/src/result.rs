@@ -90,6 +90,10 @@ pub struct Output {
     /// asked for them (`params.logprobs`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logprobs: Option<Vec<TokenLogprob>>,
+    /// One unit vector per text of an `embed` input, in order (its answer
+    /// has no text).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub embeddings: Vec<Vec<f32>>,
 }
 
 /// A generated token and how likely it was.
@@ -122,7 +126,13 @@ pub struct TopLogprob {
 impl Output {
     /// A text answer.
     pub fn text(text: impl Into<String>, finish_reason: impl Into<String>) -> Self {
-        Output { text: text.into(), finish_reason: finish_reason.into(), tool_calls: Vec::new(), logprobs: None }
+        Output {
+            text: text.into(),
+            finish_reason: finish_reason.into(),
+            tool_calls: Vec::new(),
+            logprobs: None,
+            embeddings: Vec::new(),
+        }
     }
 
     /// This answer given to request `id` (a cached one, made for another

@@ -209,7 +209,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/infer", post(native::infer))
         .route("/v1/infer/async", post(native::infer_async))
         .route("/v1/chat/completions", post(openai::chat_completions))
-        .route("/v1/completions", post(openai::completions));
+        .route("/v1/completions", post(openai::completions))
+        .route("/v1/embeddings", post(openai::embeddings));
     let batches = Router::new().route("/v1/batches", post(batch::create));
     let uploads = Router::new().route("/v1/files", post(files::upload));
     let submit = submit

@@ -1,6 +1,7 @@
 //! The OpenAI-compatible API: `POST /v1/chat/completions`,
 //! `POST /v1/completions` (both with `stream: true` as Server-Sent Events in
-//! OpenAI's chunk format, ending with `data: [DONE]`) and `GET /v1/models`.
+//! OpenAI's chunk format, ending with `data: [DONE]`), `POST /v1/embeddings`
+//! and `GET /v1/models`.
 //! Priority comes from the `X-Priority` header. Errors use the same body as
 //! the native API, which has OpenAI's `error.message` / `error.type` shape.
 //!
@@ -24,7 +25,9 @@ use serde_json::{json, Value};
 
 use super::auth::Principal;
 use super::error::ApiError;
-use super::openai_shapes::{chat_draft, chunk, completion_draft, logprobs, object, tool_chunk, usage, Kind};
+use super::openai_shapes::{
+    chat_draft, chunk, completion_draft, embeddings_draft, embeddings_object, logprobs, object, tool_chunk, usage, Kind,
+};
 use super::replies::{merge, Next, Reply, Streamed, Waiter};
 use super::request_id::with_request_id;
 use super::sse::task_stream;
@@ -52,6 +55,33 @@ pub async fn completions(
 ) -> Response {
     let parsed = body.map_err(ApiError::from_body_rejection).and_then(|b| completion_draft(&b));
     respond(state, h, who, parsed, Kind::Completion).await
+}
+
+/// `POST /v1/embeddings`: one request to an embedding model, all its texts
+/// one batch.
+pub async fn embeddings(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    h: HttpHeaders,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let parsed = body.map_err(ApiError::from_body_rejection).and_then(|b| embeddings_draft(&b));
+    let (draft, format) = match parsed {
+        Ok(d) => d,
+        Err(e) => return e.into_response(),
+    };
+    let prepared = match submit::prepare(&state, &h, &who, draft) {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    let resp = match submit::call(&state, &prepared).await {
+        Ok(results) => match submit::failed(&results) {
+            Some(e) => e.into_response(),
+            None => Json(embeddings_object(&results[0], format)).into_response(),
+        },
+        Err(e) => e.into_response(),
+    };
+    with_request_id(resp, &prepared.req.id)
 }
 
 async fn respond(

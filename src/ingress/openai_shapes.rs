@@ -1,5 +1,5 @@
-//! OpenAI's shapes, both ways: chat and completion bodies into a [`Draft`],
-//! results into OpenAI's response objects and stream chunks.
+//! OpenAI's shapes, both ways: chat, completion and embedding bodies into a
+//! [`Draft`], results into OpenAI's response objects and stream chunks.
 //!
 //! Two adapters speak OpenAI: the [`openai`](super::openai) handlers and
 //! the lines of a [`batch`](super::batch), which are OpenAI bodies too. The
@@ -412,6 +412,111 @@ pub fn completion_draft(body: &[u8]) -> Result<(Draft, bool), ApiError> {
         };
         draft(r.common, Input::Completion { prompt })
     })
+}
+
+/// `input` of an embeddings body, as documented (read as any JSON, so that
+/// a token array gets its own refusal).
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+enum EmbeddingInput {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// How vectors are written in the answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum EncodingFormat {
+    /// Lists of numbers.
+    #[default]
+    Float,
+    /// Each vector's little-endian 32-bit floats, base64-encoded (what the
+    /// `openai` clients ask for by default).
+    Base64,
+}
+
+/// Body of `POST /v1/embeddings`.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub struct EmbeddingRequest {
+    model: String,
+    /// A text, or a list of 1 to 2048 texts, embedded as one batch.
+    #[schemars(with = "EmbeddingInput")]
+    input: Value,
+    #[serde(default)]
+    encoding_format: Option<EncodingFormat>,
+    /// Refused unless it is the model's own dimension.
+    #[serde(default)]
+    dimensions: Option<u32>,
+    /// Accepted without effect.
+    #[serde(default)]
+    #[allow(dead_code)]
+    user: Option<String>,
+    /// Refused, as on the other endpoints: the tenant is the credential's.
+    #[serde(default)]
+    #[schemars(skip)]
+    tenant: Option<serde::de::IgnoredAny>,
+}
+
+/// Reads an embeddings body: the draft, and how the answer writes vectors.
+pub fn embeddings_draft(body: &[u8]) -> Result<(Draft, EncodingFormat), ApiError> {
+    let r = parse_json::<EmbeddingRequest>(body)?;
+    let invalid = |m: &str| Err(ApiError::new(ErrorCode::InvalidRequest, m.to_string()).param("input"));
+    if r.tenant.is_some() {
+        return Err(ApiError::new(
+            ErrorCode::InvalidRequest,
+            "`tenant` is not a request field: the tenant is the credential's",
+        )
+        .param("tenant"));
+    }
+    let texts = match r.input {
+        Value::String(s) => vec![s],
+        Value::Array(items) if items.iter().all(Value::is_string) => {
+            items.into_iter().filter_map(|v| v.as_str().map(str::to_owned)).collect()
+        }
+        Value::Array(items) if items.iter().all(|v| v.is_number() || v.is_array()) => {
+            return Err(ApiError::new(ErrorCode::Unsupported, "`input` as token ids is not supported: send text")
+                .param("input"))
+        }
+        _ => return invalid("`input` is a string or a list of strings"),
+    };
+    let draft = Draft {
+        model: r.model,
+        adapter: None,
+        input: Input::Embed { texts, dimensions: r.dimensions },
+        params: SamplingParams::default(),
+        stream: false,
+        cache: Default::default(),
+        metadata: Default::default(),
+        id: None,
+        timeout_ms: None,
+        priority: None,
+        n: None,
+    };
+    Ok((draft, r.encoding_format.unwrap_or_default()))
+}
+
+/// The `list` of embeddings answering `r`, written as `format` asks.
+pub fn embeddings_object(r: &InferResult, format: EncodingFormat) -> Value {
+    use base64::Engine as _;
+    let vectors = r.output.as_ref().map_or(&[][..], |o| o.embeddings.as_slice());
+    let data: Vec<Value> = vectors
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let embedding = match format {
+                EncodingFormat::Float => json!(v),
+                EncodingFormat::Base64 => {
+                    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                    json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+                }
+            };
+            json!({"object": "embedding", "index": i, "embedding": embedding})
+        })
+        .collect();
+    let tokens = r.usage.as_ref().map_or(0, |u| u.prompt_tokens);
+    json!({"object": "list", "data": data, "model": r.model,
+           "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 }
 
 /// The `usage` object of a request's results (one per choice), as OpenAI

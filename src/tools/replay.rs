@@ -523,12 +523,7 @@ mod tests {
         let mut r = InferResult::error("r", "m", retro_fleet_schemas::ErrorCode::Internal, "x");
         r.status = Status::Ok;
         r.error = None;
-        r.output = Some(retro_fleet_schemas::Output {
-            text: text.into(),
-            finish_reason: "stop".into(),
-            tool_calls: Vec::new(),
-            logprobs: None,
-        });
+        r.output = Some(retro_fleet_schemas::Output::text(text, "stop"));
         r
     }
 

@@ -219,6 +219,17 @@ pub enum ModelConfig {
         #[serde(default)]
         adapters: BTreeMap<String, std::path::PathBuf>,
     },
+    /// A sentence-embedding model (a sentence-transformers BERT such as
+    /// all-MiniLM-L6-v2) run in process with candle: it answers texts to
+    /// embed (`POST /v1/embeddings`, input type `embed`), one unit vector
+    /// each (needs the `mistralrs` feature, which brings candle).
+    Embedding {
+        /// Directory with `config.json`, `model.safetensors` and `tokenizer.json`.
+        path: std::path::PathBuf,
+        /// Revision reported in results; default: a hash of the model files.
+        #[serde(default)]
+        revision: Option<String>,
+    },
 }
 
 impl ModelConfig {
@@ -243,7 +254,7 @@ impl ModelConfig {
     /// backend has such a default (echo answers with its input).
     pub fn default_max_tokens(&self) -> Option<u32> {
         match self {
-            ModelConfig::Echo { .. } => None,
+            ModelConfig::Echo { .. } | ModelConfig::Embedding { .. } => None,
             ModelConfig::Synthetic { output_tokens, .. } => Some(*output_tokens),
             ModelConfig::Mistralrs { default_max_tokens, .. } => Some(*default_max_tokens),
         }

@@ -32,9 +32,9 @@ fn minilm_matches_the_reference_alone_and_in_a_batch() {
     assert!(golden.sentences.len() >= 5);
     let texts: Vec<&str> = golden.sentences.iter().map(|s| s.text.as_str()).collect();
     // a batch pads every text to the longest: the padding must not change a vector
-    let batch = e.embed(&texts).unwrap();
+    let batch = e.embed(&texts).unwrap().vectors;
     for (s, batched) in golden.sentences.iter().zip(&batch) {
-        let alone = e.embed(&[&s.text]).unwrap().remove(0);
+        let alone = e.embed(&[&s.text]).unwrap().vectors.remove(0);
         let (a, b) = (similarity(&alone, &s.embedding), similarity(batched, &s.embedding));
         println!("{:>7.5} alone {:>7.5} batched  {:?}", a, b, s.text);
         assert!(a >= 0.999 && b >= 0.999, "{:?}: cosine {a} alone, {b} in a batch", s.text);

@@ -83,7 +83,7 @@ fn embed_all(e: &dyn Embedder, pairs: &[Pair]) -> Result<Vec<Scored>> {
     let mut out = Vec::with_capacity(pairs.len());
     for chunk in pairs.chunks(16) {
         let texts: Vec<&str> = chunk.iter().flat_map(|p| [p.cached.as_str(), p.query.as_str()]).collect();
-        let mut v = e.embed(&texts)?.into_iter();
+        let mut v = e.embed(&texts)?.vectors.into_iter();
         for p in chunk {
             let (c, q) = (v.next().context("vector")?, v.next().context("vector")?);
             out.push(Scored {

@@ -216,6 +216,22 @@ pub(super) fn views() -> Map<String, Value> {
     m.insert("ChatCompletion".into(), openai_completion("chat.completion", chat_choice));
     m.insert("Completion".into(), openai_completion("text_completion", text_choice));
     m.insert("ModelList".into(), models);
+    m.insert(
+        "EmbeddingList".into(),
+        json!({"type": "object", "required": ["object", "data", "model", "usage"], "properties": {
+            "object": {"const": "list"},
+            "data": {"type": "array", "items": {"type": "object", "required": ["object", "index", "embedding"],
+                "properties": {
+                    "object": {"const": "embedding"},
+                    "index": {"type": "integer", "minimum": 0},
+                    "embedding": {"oneOf": [
+                        {"type": "array", "items": {"type": "number"}},
+                        {"type": "string", "description": "little-endian 32-bit floats, base64"}]}}}},
+            "model": {"type": "string"},
+            "usage": {"type": "object", "required": ["prompt_tokens", "total_tokens"], "properties": {
+                "prompt_tokens": {"type": "integer", "minimum": 0},
+                "total_tokens": {"type": "integer", "minimum": 0}}}}}),
+    );
     m.insert("Batch".into(), batch);
     m.insert("BatchList".into(), list_of("Batch"));
     m.insert("File".into(), file);

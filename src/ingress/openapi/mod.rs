@@ -20,7 +20,7 @@ use super::admin::{DlqQuery, PauseQuery, PurgeBody, RecentQuery, ReplayBody, Ten
 use super::batch::CreateQuery;
 use super::error::Body as ErrorBody;
 use super::native::{Accepted, Choices, NativeRequest};
-use super::openai_shapes::{ChatRequest, CompletionRequest};
+use super::openai_shapes::{ChatRequest, CompletionRequest, EmbeddingRequest};
 use super::ratelimit::RouteClass;
 use components::{narrow, views, Gen};
 
@@ -32,6 +32,7 @@ pub const OPERATIONS: &[(&str, &str, Option<RouteClass>)] = &[
     ("get", "/v1/results/{id}", Some(RouteClass::Read)),
     ("post", "/v1/chat/completions", Some(RouteClass::Submit)),
     ("post", "/v1/completions", Some(RouteClass::Submit)),
+    ("post", "/v1/embeddings", Some(RouteClass::Submit)),
     ("get", "/v1/models", Some(RouteClass::Read)),
     ("get", "/v1/usage", Some(RouteClass::Read)),
     ("post", "/v1/batches", Some(RouteClass::Submit)),
@@ -101,6 +102,7 @@ pub fn spec(models: &std::collections::BTreeSet<String>, auth_on: bool, throttle
     let choices = g.of::<Choices>();
     let chat = g.of::<ChatRequest>();
     let completion = g.of::<CompletionRequest>();
+    let embedding = g.of::<EmbeddingRequest>();
     let replay = g.of::<ReplayBody>();
     let replayed = g.of::<crate::ops::dlq::Replayed>();
     let purge = g.of::<PurgeBody>();
@@ -197,6 +199,14 @@ pub fn spec(models: &std::collections::BTreeSet<String>, auth_on: bool, throttle
                 Some(json_body(completion.clone())),
                 200,
                 openai_ok(r("Completion")),
+                infer_errors,
+            ),
+            ("post", "/v1/embeddings") => (
+                "OpenAI-compatible embeddings, from a model with `backend = \"embedding\"`",
+                submit_headers.clone(),
+                Some(json_body(embedding.clone())),
+                200,
+                ok_json("One vector per input text, in order", r("EmbeddingList")),
                 infer_errors,
             ),
             ("get", "/v1/models") => (
@@ -533,7 +543,7 @@ pub fn spec(models: &std::collections::BTreeSet<String>, auth_on: bool, throttle
     // document, open to all, lists them only when authentication is off
     if !auth_on {
         let names = json!({"enum": models});
-        for body in ["NativeRequest", "ChatRequest", "CompletionRequest"] {
+        for body in ["NativeRequest", "ChatRequest", "CompletionRequest", "EmbeddingRequest"] {
             narrow(&mut schemas, body, "model", names.clone());
         }
     }

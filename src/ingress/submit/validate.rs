@@ -281,9 +281,14 @@ fn traceparent(h: &HttpHeaders) -> String {
 
 /// Tokens a request may use, as token limits count them: prompt and
 /// constraint bytes / 4 (a common rule of thumb for English text) plus
-/// `max_tokens`, or `default_output` when it sets none.
+/// `max_tokens`, or `default_output` when it sets none (texts to embed
+/// generate nothing).
 pub fn estimated_tokens(req: &InferRequest, default_output: u64) -> u64 {
-    (req.counted_len() as u64).div_ceil(4) + req.params.max_tokens.map_or(default_output, u64::from)
+    let output = match req.input.is_embed() {
+        true => 0,
+        false => req.params.max_tokens.map_or(default_output, u64::from),
+    };
+    (req.counted_len() as u64).div_ceil(4) + output
 }
 
 #[cfg(test)]

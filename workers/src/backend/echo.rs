@@ -24,6 +24,7 @@ impl Backend for Echo {
 
     fn generate<'a>(&'a self, req: &'a InferRequest, attempt: Attempt) -> Generating<'a> {
         Box::pin(async move {
+            BackendError::refuses_embed(req)?;
             BackendError::refuses_beyond_basic(req, "echo")?;
             Ok(words::answer(req, last_text(&req.input).split_whitespace(), None, attempt.deltas))
         })
@@ -35,5 +36,6 @@ fn last_text(input: &Input) -> &str {
     match input {
         Input::Completion { prompt } => prompt.as_str(),
         Input::Chat { messages } => messages.last().map(|m| m.content.as_str()).unwrap_or(""),
+        Input::Embed { .. } => "",
     }
 }

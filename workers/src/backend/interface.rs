@@ -18,6 +18,8 @@ pub struct Generation {
     pub tool_calls: Vec<ToolCall>,
     /// Each token's log probability, when the request asked.
     pub logprobs: Option<Vec<TokenLogprob>>,
+    /// One vector per text of an `embed` input (an embedding model's answer).
+    pub embeddings: Vec<Vec<f32>>,
     /// Token counts.
     pub usage: Usage,
     /// Tokens this attempt computed: fewer than the completion's when it
@@ -56,6 +58,29 @@ impl BackendError {
             ),
             retryable: false,
         })
+    }
+}
+
+impl BackendError {
+    /// The answer of a text model to texts to embed: `unsupported`, naming
+    /// the kind of model that embeds.
+    pub fn refuses_embed(req: &InferRequest) -> Result<(), BackendError> {
+        match req.input.is_embed() {
+            true => Err(BackendError::embeds_nothing(&req.model)),
+            false => Ok(()),
+        }
+    }
+
+    /// Text model `model` was sent texts to embed.
+    pub fn embeds_nothing(model: &str) -> BackendError {
+        BackendError {
+            code: ErrorCode::Unsupported,
+            message: format!(
+                "model `{model}` generates text and embeds nothing: send texts to embed to a model with \
+                 `backend = \"embedding\"`"
+            ),
+            retryable: false,
+        }
     }
 }
 

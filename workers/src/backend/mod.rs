@@ -3,6 +3,7 @@
 //! - [`echo`]: returns the input, for tests and overhead benchmarks.
 //! - [`synthetic`]: sleeps a fixed latency, for scaling benchmarks.
 //! - `mistral`: real text models through mistral.rs (feature `mistralrs`).
+//! - `embedding`: sentence-embedding models run with candle (feature `mistralrs`).
 //! - [`pool`]: several instances of one model, least busy first, under the
 //!   worker's memory budget ([`pool::Budget`]).
 //! - [`cohort`]: lets requests into a mistral.rs engine together, so it
@@ -12,6 +13,8 @@
 
 pub mod cohort;
 pub mod echo;
+#[cfg(feature = "mistralrs")]
+pub mod embedding;
 mod interface;
 #[cfg(feature = "mistralrs")]
 pub mod mistral;
@@ -71,8 +74,12 @@ pub async fn build_on(
                 Arc::new(mistral::with_adapters(name, cfg, base, &shared).await?)
             }
         }
+        #[cfg(feature = "mistralrs")]
+        ModelConfig::Embedding { path, revision } => {
+            breakers.guard(name, 0, Arc::new(embedding::Embedding::load(name, path, revision.clone())?))
+        }
         #[cfg(not(feature = "mistralrs"))]
-        ModelConfig::Mistralrs { .. } => {
+        ModelConfig::Mistralrs { .. } | ModelConfig::Embedding { .. } => {
             let _ = load_on;
             return Err(BackendError {
                 code: ErrorCode::Internal,

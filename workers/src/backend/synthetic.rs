@@ -53,6 +53,7 @@ impl Backend for Synthetic {
 
     fn generate<'a>(&'a self, req: &'a InferRequest, attempt: Attempt) -> Generating<'a> {
         Box::pin(async move {
+            BackendError::refuses_embed(req)?;
             BackendError::refuses_beyond_basic(req, "synthetic")?;
             let _slot = match &self.slots {
                 Some(s) => Some(s.acquire().await.expect("semaphore never closed")),

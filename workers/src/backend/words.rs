@@ -26,6 +26,7 @@ pub(crate) fn answer<'w>(
         finish_reason,
         tool_calls: Vec::new(),
         logprobs: None,
+        embeddings: Vec::new(),
         usage: Usage { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens },
         computed_tokens: completion_tokens,
         // a test backend has the whole text at once

@@ -62,7 +62,7 @@ impl Session {
             cache.count(&req.model, "bypass");
             return None;
         }
-        if cache.config().deterministic_only && !cache_key::deterministic(&req.params) {
+        if cache.config().deterministic_only && !cache_key::reproducible(&req.input, &req.params) {
             cache.count(&req.model, "uncacheable");
             return None;
         }

@@ -341,7 +341,7 @@ impl ResultCache {
         let text = text.to_owned();
         let timer = self.metrics.embed_seconds.with_label_values(&[embedder.name()]).start_timer();
         let done = tokio::task::spawn_blocking(move || {
-            let vector = embedder.embed(&[&text])?.pop().ok_or_else(|| EmbedError::Run("no vector".into()))?;
+            let vector = embedder.embed(&[&text])?.vectors.pop().ok_or_else(|| EmbedError::Run("no vector".into()))?;
             Ok::<_, EmbedError>(Probe::new(&text, vector))
         })
         .await;

@@ -11,7 +11,7 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config, DTYPE};
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
-use super::embedder::{EmbedError, Embedder};
+use super::embedder::{EmbedError, Embedded, Embedder};
 
 /// Tokens per text when the directory does not say (`sentence_bert_config.json`).
 const DEFAULT_MAX_SEQ: usize = 256;
@@ -58,8 +58,9 @@ impl Bert {
         Ok(Bert { model, tokenizer, name, dim: config.hidden_size })
     }
 
-    fn run(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, String> {
+    fn run(&self, texts: &[&str]) -> Result<Embedded, String> {
         let encodings = self.tokenizer.encode_batch(texts.to_vec(), true).map_err(|e| e.to_string())?;
+        let tokens = encodings.iter().map(|e| e.get_attention_mask().iter().filter(|m| **m == 1).count()).sum();
         let rows = |f: &dyn Fn(&tokenizers::Encoding) -> &[u32]| -> candle_core::Result<Tensor> {
             let rows = encodings.iter().map(|e| Tensor::new(f(e), &Device::Cpu)).collect::<Result<Vec<_>, _>>()?;
             Tensor::stack(&rows, 0)
@@ -75,7 +76,7 @@ impl Bert {
             let norm = mean.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
             mean.broadcast_div(&norm)?.to_vec2::<f32>()
         })();
-        pooled.map_err(|e| e.to_string())
+        Ok(Embedded { vectors: pooled.map_err(|e| e.to_string())?, tokens })
     }
 }
 
@@ -88,9 +89,9 @@ impl Embedder for Bert {
         self.dim
     }
 
-    fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EmbedError> {
+    fn embed(&self, texts: &[&str]) -> Result<Embedded, EmbedError> {
         if texts.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Embedded { vectors: Vec::new(), tokens: 0 });
         }
         self.run(texts).map_err(EmbedError::Run)
     }

@@ -8,12 +8,22 @@ pub trait Embedder: Send + Sync {
     fn name(&self) -> &str;
     /// Numbers per vector.
     fn dim(&self) -> usize;
-    /// One unit vector per text, in order (all zeros for a text with nothing to embed).
-    fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EmbedError>;
+    /// One unit vector per text, in order (all zeros for a text with
+    /// nothing to embed), all texts in one batch.
+    fn embed(&self, texts: &[&str]) -> Result<Embedded, EmbedError>;
     /// The least similarity at which two prompts count as the same
     /// question, measured on the labelled set in `loadtest/fixtures`
     /// (docs/CACHE.md): a config's `semantic_threshold` overrides it.
     fn default_threshold(&self) -> f64;
+}
+
+/// Texts embedded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Embedded {
+    /// One vector per text, in order.
+    pub vectors: Vec<Vec<f32>>,
+    /// Tokens the texts held, as the embedder counts them (what a caller is billed).
+    pub tokens: usize,
 }
 
 /// Problems loading or running an embedder.

@@ -6,7 +6,7 @@
 //! word stems score high; different questions low; a rephrasing in other
 //! words is never found.
 
-use super::embedder::{EmbedError, Embedder};
+use super::embedder::{EmbedError, Embedded, Embedder};
 
 /// Embedding dimensions.
 pub const DIM: usize = 512;
@@ -23,8 +23,9 @@ impl Embedder for Lexical {
         DIM
     }
 
-    fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EmbedError> {
-        Ok(texts.iter().map(|t| embed(t)).collect())
+    fn embed(&self, texts: &[&str]) -> Result<Embedded, EmbedError> {
+        let tokens = texts.iter().map(|t| words(t).count()).sum();
+        Ok(Embedded { vectors: texts.iter().map(|t| embed(t)).collect(), tokens })
     }
 
     fn default_threshold(&self) -> f64 {
@@ -47,11 +48,15 @@ fn add(v: &mut [f32], feature: &[u8], weight: f32) {
     v[(h % DIM as u64) as usize] += sign * weight;
 }
 
+/// The alphanumeric words of `text`.
+fn words(text: &str) -> impl Iterator<Item = &str> {
+    text.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty())
+}
+
 /// The lexical embedding of `text` (unit length, or all zeros for text without words).
 pub fn embed(text: &str) -> Vec<f32> {
     let mut v = vec![0.0f32; DIM];
-    let lower = text.to_lowercase();
-    for word in lower.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()) {
+    for word in words(&text.to_lowercase()) {
         add(&mut v, word.as_bytes(), 1.0);
         let padded: Vec<char> = format!(" {word} ").chars().collect();
         for tri in padded.windows(3) {

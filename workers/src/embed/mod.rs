@@ -26,4 +26,4 @@ pub mod embedder;
 pub mod lexical;
 
 pub use config::{load, BertConfig, Builtin, EmbedderConfig};
-pub use embedder::{similarity, EmbedError, Embedder};
+pub use embedder::{similarity, EmbedError, Embedded, Embedder};

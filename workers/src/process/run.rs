@@ -129,8 +129,13 @@ pub async fn run(sh: &Shared, m: &Settling<'_>, job: Job, queued_ms: f64, picked
             return cancelled("while it ran", compute_ms);
         }
     };
-    let output =
-        Output { text: g.text, finish_reason: g.finish_reason, tool_calls: g.tool_calls, logprobs: g.logprobs };
+    let output = Output {
+        text: g.text,
+        finish_reason: g.finish_reason,
+        tool_calls: g.tool_calls,
+        logprobs: g.logprobs,
+        embeddings: g.embeddings,
+    };
     let cached = match session {
         Some(s) => Some(s.keep(&output, &g.usage, unix_ms()).await),
         None => None,
@@ -289,6 +294,7 @@ mod tests {
             finish_reason: "stop".into(),
             tool_calls: Vec::new(),
             logprobs: None,
+            embeddings: Vec::new(),
             usage: Default::default(),
             computed_tokens: tokens,
             first_token,

@@ -67,6 +67,7 @@ impl Backend for Mistral {
                 }
                 (None, Input::Chat { messages }) => Prompt::Chat(messages, &p.tools),
                 (None, Input::Completion { prompt }) => Prompt::Completion(prompt),
+                (None, Input::Embed { .. }) => return Err(BackendError::embeds_nothing(&req.model)),
             };
             if resume.is_none() {
                 let context = Context { tokens: self.context, default_max_tokens: self.default_max_tokens };
@@ -109,6 +110,7 @@ impl Backend for Mistral {
                 finish_reason,
                 tool_calls,
                 logprobs: out.logprobs,
+                embeddings: Vec::new(),
                 usage: Usage {
                     prompt_tokens: out.prompt_tokens as u32,
                     completion_tokens: out.completion_tokens as u32,
