@@ -308,7 +308,7 @@ async fn uploads_past_the_limit_and_bad_creates_are_refused_clearly() {
     assert_eq!(status, 422, "{v}");
     let file = upload(&base, "acme-key", chat_lines("echo", 3)).await;
     let cases = [
-        (json!({"input_file_id": file, "endpoint": "/v1/embeddings", "completion_window": "24h"}), 422, "endpoint"),
+        (json!({"input_file_id": file, "endpoint": "/v1/moderations", "completion_window": "24h"}), 422, "endpoint"),
         (
             json!({"input_file_id": file, "endpoint": "/v1/chat/completions", "completion_window": "soon"}),
             422,

@@ -135,3 +135,47 @@ print("embeddings ok")
         "the openai client's embeddings failed (install it with `pip install openai`, which `make test` does)",
     );
 }
+
+/// A batch of `/v1/embeddings` lines (OpenAI's Batch API): each result line
+/// holds its texts' vectors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_embedding_lines_gets_each_lines_vectors() {
+    use serde_json::{json, Value};
+    let s = setup(&config());
+    let _w = start_worker(&s.config, &[]).await;
+    let (_ingress, base) = start_ingress(&s.config).await;
+    let golden = golden();
+    let lines: String = golden
+        .iter()
+        .enumerate()
+        .map(|(i, (text, _))| {
+            json!({"custom_id": format!("e{i}"), "method": "POST", "url": "/v1/embeddings",
+                   "body": {"model": "minilm", "input": [text]}})
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    let http = reqwest::Client::new();
+    let batch: Value = http.post(format!("{base}/v1/batches")).body(lines).send().await.unwrap().json().await.unwrap();
+    let id = batch["id"].as_str().unwrap_or_else(|| panic!("{batch}")).to_string();
+    let start = std::time::Instant::now();
+    loop {
+        let v: Value = http.get(format!("{base}/v1/batches/{id}")).send().await.unwrap().json().await.unwrap();
+        if v["status"] == "completed" {
+            assert_eq!(v["request_counts"]["failed"], 0, "{v}");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "batch not done: {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let text = http.get(format!("{base}/v1/batches/{id}/results")).send().await.unwrap().text().await.unwrap();
+    let out: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(out.len(), golden.len());
+    for line in out {
+        let i: usize = line["custom_id"].as_str().unwrap()[1..].parse().unwrap();
+        let body = &line["response"]["body"];
+        assert_eq!(body["object"], "list", "{line}");
+        let v: Vec<f32> = serde_json::from_value(body["data"][0]["embedding"].clone()).unwrap();
+        assert!(similarity(&v, &golden[i].1) >= 0.999, "line {i}");
+    }
+}

@@ -12,7 +12,9 @@ use serde_json::{json, Value};
 
 use crate::ingress::auth::Principal;
 use crate::ingress::error::{parse_json, status_of, ApiError};
-use crate::ingress::openai_shapes::{chat_draft, completion_draft, object, Kind};
+use crate::ingress::openai_shapes::{
+    chat_draft, completion_draft, embeddings_draft, embeddings_object, object, EncodingFormat, Kind,
+};
 use crate::ingress::state::AppState;
 use crate::ingress::submit::{self, Prepared};
 
@@ -34,13 +36,31 @@ pub fn of(text: &str) -> Vec<&str> {
     text.lines().map(str::trim).filter(|l| !l.is_empty()).collect()
 }
 
-/// The endpoints a batch may call.
-pub fn kind_of(url: &str) -> Option<Kind> {
+/// An endpoint a batch line may call.
+#[derive(Clone, Copy)]
+pub enum Endpoint {
+    /// `/v1/chat/completions` or `/v1/completions`: answers of that kind.
+    Generate(Kind),
+    /// `/v1/embeddings`: vectors, as floats.
+    Embeddings,
+}
+
+/// The endpoints a batch may call, as a refusal names them.
+pub const ENDPOINTS: &str = "/v1/chat/completions, /v1/completions or /v1/embeddings";
+
+/// The endpoint of `url`, if a batch may call it.
+pub fn kind_of(url: &str) -> Option<Endpoint> {
     match url {
-        "/v1/chat/completions" => Some(Kind::Chat),
-        "/v1/completions" => Some(Kind::Completion),
+        "/v1/chat/completions" => Some(Endpoint::Generate(Kind::Chat)),
+        "/v1/completions" => Some(Endpoint::Generate(Kind::Completion)),
+        "/v1/embeddings" => Some(Endpoint::Embeddings),
         _ => None,
     }
+}
+
+/// A batch whose record names no endpoint it knows answers as completions.
+pub fn endpoint_of(url: &str) -> Endpoint {
+    kind_of(url).unwrap_or(Endpoint::Generate(Kind::Completion))
 }
 
 /// Prefixes the error's field path and message with line `i` (0-based).
@@ -97,10 +117,7 @@ pub fn prepare(
         return Err(fail("method", "`method` must be POST".into()));
     }
     let Some(kind) = kind_of(&line.url) else {
-        return Err(fail(
-            "url",
-            format!("`{}` is not a batch endpoint: /v1/chat/completions or /v1/completions", line.url),
-        ));
+        return Err(fail("url", format!("`{}` is not a batch endpoint: {ENDPOINTS}", line.url)));
     };
     if let Some(e) = endpoint.filter(|e| *e != line.url) {
         return Err(fail("url", format!("every line must use `{e}`")));
@@ -109,9 +126,10 @@ pub fn prepare(
         return Err(fail("custom_id", format!("`custom_id` must be 1-{MAX_CUSTOM_ID} bytes")));
     }
     let body = serde_json::to_vec(&line.body).expect("a JSON value serialises");
-    let (mut draft, _) = match kind {
-        Kind::Chat => chat_draft(&body),
-        Kind::Completion => completion_draft(&body),
+    let mut draft = match kind {
+        Endpoint::Generate(Kind::Chat) => chat_draft(&body).map(|d| d.0),
+        Endpoint::Generate(Kind::Completion) => completion_draft(&body).map(|d| d.0),
+        Endpoint::Embeddings => embeddings_draft(&body).map(|d| d.0),
     }
     .map_err(|e| at_line(i, "body", e))?;
     if draft.stream {
@@ -129,13 +147,16 @@ pub fn prepare(
 
 /// The output-file line of a finished request (OpenAI's batch-output
 /// shape), and whether it succeeded (a failure goes in the error file).
-pub fn output(kind: Kind, custom_id: &str, r: &InferResult) -> (bool, Value) {
+pub fn output(kind: Endpoint, custom_id: &str, r: &InferResult) -> (bool, Value) {
     let (ok, status, body) = match (&r.status, &r.error) {
         (Status::Error, Some(e)) => {
             let err = ApiError::from(e.clone()).with_id(&r.id);
             (false, status_of(e.code).as_u16(), err.body())
         }
-        _ => (true, 200, object(kind, std::slice::from_ref(r))),
+        _ => match kind {
+            Endpoint::Generate(k) => (true, 200, object(k, std::slice::from_ref(r))),
+            Endpoint::Embeddings => (true, 200, embeddings_object(r, EncodingFormat::Float)),
+        },
     };
     let line = json!({
         "id": format!("batch_req_{}", r.id), "custom_id": custom_id,

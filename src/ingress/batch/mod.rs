@@ -14,7 +14,7 @@
 //!   (`after`, `limit`).
 //! - **A JSONL body** (role `submit`): OpenAI's batch-file shape, one
 //!   `{"custom_id", "method": "POST", "url", "body"}` per line, all lines
-//!   for one endpoint (`/v1/chat/completions` or `/v1/completions`).
+//!   for one endpoint (`/v1/chat/completions`, `/v1/completions` or `/v1/embeddings`).
 //!   Every line is checked before anything is published (422 naming the
 //!   line and field); then each becomes a request `<batch id>-<line>` at
 //!   the priority of `?priority=` or `X-Priority` (default `low`; at most
@@ -60,7 +60,6 @@ use serde_json::{json, Value};
 use super::auth::{Principal, Use};
 use super::error::{parse_json, ApiError, ApiPath, ApiQuery};
 use super::files;
-use super::openai_shapes::Kind;
 use super::state::AppState;
 use super::submit::{self, Prepared};
 use lines::kind_of;
@@ -189,7 +188,7 @@ pub struct CreateQuery {
 pub struct CreateBody {
     /// A file uploaded with `purpose=batch`.
     pub input_file_id: String,
-    /// `/v1/chat/completions` or `/v1/completions`: every line's `url`.
+    /// `/v1/chat/completions`, `/v1/completions` or `/v1/embeddings`: every line's `url`.
     pub endpoint: String,
     /// How long the batch may take: `24h`, or any `<n>h`, `<n>m`, `<n>s`
     /// up to how long results are kept.
@@ -386,10 +385,7 @@ async fn create_from_file(
 ) -> Result<Value, ApiError> {
     let bad = |m: String, p: &str| ApiError::new(ErrorCode::InvalidRequest, m).param(p);
     if kind_of(&b.endpoint).is_none() {
-        return Err(bad(
-            format!("`{}` is not a batch endpoint: /v1/chat/completions or /v1/completions", b.endpoint),
-            "endpoint",
-        ));
+        return Err(bad(format!("`{}` is not a batch endpoint: {}", b.endpoint, lines::ENDPOINTS), "endpoint"));
     }
     let most = state.results_max_age_secs;
     let window = window_secs(&b.completion_window).filter(|w| *w <= most).ok_or_else(|| {
@@ -800,7 +796,7 @@ pub async fn get_results(
         return Ok(jsonl(out));
     }
     let rs = results(&state, &record, 0..record.total).await;
-    let kind = kind_of(&record.endpoint).unwrap_or(Kind::Completion);
+    let kind = lines::endpoint_of(&record.endpoint);
     let key = record_key(&record.tenant, &record.id);
     let mut custom_ids: Vec<String> = Vec::with_capacity(record.total);
     for k in 0..record.total.div_ceil(CHUNK) {

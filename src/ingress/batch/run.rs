@@ -35,7 +35,7 @@ use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use retro_fleet_schemas::{subjects, ErrorCode, InferResult, Status};
 
-use super::lines::{self, kind_of};
+use super::lines;
 use super::{cancel_asked, load_progress, save, save_progress, BatchStatus, Progress, Record};
 use crate::ingress::auth::Principal;
 use crate::ingress::error::{ApiCode, ApiError, IngressCode};
@@ -488,7 +488,7 @@ impl Runner {
             // the input is gone: no line can be named (the batch's errors say why)
             return (Vec::new(), Vec::new());
         }
-        let kind = kind_of(&self.record.endpoint).unwrap_or(crate::ingress::openai_shapes::Kind::Completion);
+        let kind = lines::endpoint_of(&self.record.endpoint);
         let done = (0..self.total()).filter(|i| self.progress.is_done(*i));
         let found: HashMap<usize, InferResult> =
             super::results(&self.state, &self.record, done).await.into_iter().collect();

@@ -249,7 +249,7 @@ pub(super) fn views() -> Map<String, Value> {
             "properties": {
                 "custom_id": {"type": "string", "minLength": 1, "maxLength": 256},
                 "method": {"const": "POST"},
-                "url": {"enum": ["/v1/chat/completions", "/v1/completions"]},
+                "url": {"enum": ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]},
                 "body": {"type": "object", "description": "The body of that endpoint"},
             },
         }),
