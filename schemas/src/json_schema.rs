@@ -22,6 +22,7 @@ pub fn all() -> Vec<(&'static str, Value)> {
         ("model_scaling", serde_json::to_value(schema_for!(ModelScaling)).expect("schema is JSON")),
         ("usage", serde_json::to_value(schema_for!(UsageRecord)).expect("schema is JSON")),
         ("tenant_policy", serde_json::to_value(schema_for!(TenantPolicy)).expect("schema is JSON")),
+        ("cache_feedback", serde_json::to_value(schema_for!(crate::CacheFeedback)).expect("schema is JSON")),
         ("recorded", serde_json::to_value(schema_for!(Recorded)).expect("schema is JSON")),
     ]
 }

@@ -34,6 +34,10 @@ pub struct InferResult {
     /// Cosine similarity of the cached prompt when `cache` is `semantic`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_similarity: Option<f64>,
+    /// The cache entry whose answer a `semantic` result is: name it (with
+    /// the request id) in `POST /v1/cache/feedback`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_entry: Option<String>,
     /// Where the time went.
     #[serde(default)]
     pub timings: Timings,
@@ -59,6 +63,7 @@ impl InferResult {
             usage: None,
             cache: CacheTier::None,
             cache_similarity: None,
+            cache_entry: None,
             timings: Timings::default(),
             worker: String::new(),
             error: Some(ErrorBody { code, message: message.into(), retryable: code.retryable() }),

@@ -54,6 +54,9 @@ pub const RATELIMIT_BUCKET: &str = "fleet_ratelimit";
 pub const CHECKPOINTS_BUCKET: &str = "fleet_checkpoints";
 /// Asks every worker to warm its cache from `FLEET_RESULTS` (core NATS request, one reply per worker).
 pub const CACHE_WARM: &str = "fleet.ctl.cache.warm";
+/// Verdicts on semantic answers, to every worker (core NATS request; the
+/// workers holding the entry reply).
+pub const CACHE_FEEDBACK: &str = "fleet.ctl.cache.feedback";
 /// Control subjects (core NATS).
 pub const CONTROL_PREFIX: &str = "fleet.ctl";
 

@@ -131,6 +131,7 @@ fn golden_result() -> InferResult {
         usage: Some(Usage { prompt_tokens: 12, completion_tokens: 5, total_tokens: 17 }),
         cache: CacheTier::Memory,
         cache_similarity: None,
+        cache_entry: None,
         timings: Timings { queued_ms: 0.5, compute_ms: 0.25, total_ms: 1.0 },
         worker: "worker-1".into(),
         error: None,

@@ -145,6 +145,7 @@ impl AnswerCache {
             usage: Some(e.usage.clone()),
             cache: CacheTier::Ingress,
             cache_similarity: None,
+            cache_entry: None,
             timings: Timings::default(),
             worker: e.worker.clone(),
             error: None,

@@ -49,6 +49,7 @@ pub mod config;
 pub mod conn;
 pub mod console;
 pub mod error;
+pub mod feedback;
 pub mod files;
 pub mod guard;
 pub mod jwt;
@@ -210,7 +211,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/infer/async", post(native::infer_async))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
-        .route("/v1/embeddings", post(openai::embeddings));
+        .route("/v1/embeddings", post(openai::embeddings))
+        .route("/v1/cache/feedback", post(feedback::post));
     let batches = Router::new().route("/v1/batches", post(batch::create));
     let uploads = Router::new().route("/v1/files", post(files::upload));
     let submit = submit

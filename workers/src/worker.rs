@@ -503,9 +503,9 @@ impl Worker {
     }
 
     /// Cache duties: current model generations (then follow changes), warm
-    /// on start if configured, and answer warm requests.
+    /// on start if configured, and answer warm requests and feedback.
     async fn start_cache(&self, cache: Arc<crate::cache::ResultCache>, stop: CancellationToken) {
-        use crate::cache::{sync, warm};
+        use crate::cache::{feedback, sync, warm};
         let sh = &self.shared;
         const CONSEQUENCE: &str = "earlier answers of the model are unreachable";
         sync::load_generations(cache.generations(), &sh.js, CONSEQUENCE).await;
@@ -528,6 +528,7 @@ impl Worker {
                 Err(e) => tracing::warn!(error = %e, "warming the cache on start failed; starting cold"),
             }
         }
+        tokio::spawn(feedback::serve(cache.clone(), sh.client.clone(), sh.worker_id.clone(), stop.clone()));
         tokio::spawn(warm::serve(cache, sh.client.clone(), sh.js.clone(), sh.worker_id.clone(), stop));
     }
 }

@@ -12,6 +12,14 @@
 //! embedder, the most good hits any threshold gives while false hits stay
 //! within `--bound`, and what embedding one prompt costs.
 //!
+//! Learned thresholds: the pairs are shuffled and split in two, `--splits`
+//! times. The first half streams through the cache's own
+//! [`Calibration`](retro_fleet_worker::cache::calibrate::Calibration) as
+//! lookups, a `--verify` share of candidates checked (the label stands in
+//! for comparing answers); the threshold it learns is then scored on the
+//! second half, next to the static default on the same half. It prints
+//! the means, and in how many splits the false-hit rate broke the bound.
+//!
 //! ```text
 //! cargo run --release -p retro-fleet-loadtest --bin semantic-eval
 //! ```
@@ -22,6 +30,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use retro_fleet_worker::cache::calibrate::{Calibration, Learning};
 use retro_fleet_worker::cache::semantic::{Index, Probe};
 use retro_fleet_worker::cache::Key;
 use retro_fleet_worker::embed::{self, BertConfig, Builtin, Embedder, EmbedderConfig};
@@ -47,6 +56,15 @@ struct Args {
     /// Prompts embedded one at a time to measure the cost of one.
     #[arg(long, default_value_t = 200)]
     cost_samples: usize,
+    /// Shares of candidates checked while learning, one row each.
+    #[arg(long, value_delimiter = ',', default_value = "1.0,0.25")]
+    verify: Vec<f64>,
+    /// Seed of the shuffles that split learning and test pairs.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Random splits into learning and test halves to average over.
+    #[arg(long, default_value_t = 50)]
+    splits: usize,
 }
 
 #[derive(Deserialize)]
@@ -62,13 +80,32 @@ struct Scored {
     paraphrase: bool,
 }
 
+/// The similarity of a pair's query to its cached prompt through the
+/// cache's index (with its negation rule): `None` below `least`.
+fn nearest(p: &Scored, least: f64) -> Option<f64> {
+    let mut idx = Index::new(1);
+    idx.insert(0, p.cached.clone(), Key(1), u64::MAX);
+    idx.nearest(0, &p.query, least, 0).map(|(_, s)| s)
+}
+
+/// The threshold learned from `learn` (a `verify` share of candidates checked).
+fn learned(learn: &[&Scored], l: &Learning, fallback: f64, rng: &mut fastrand::Rng) -> (f64, u64) {
+    let mut c = Calibration::default();
+    for p in learn {
+        let s = nearest(p, l.floor);
+        c.lookup(s.is_some());
+        if let Some(s) = s.filter(|_| rng.f64() < l.verify) {
+            c.observe(s, p.paraphrase);
+        }
+    }
+    (c.threshold(l, fallback), c.observed())
+}
+
 /// Good and false hits at `threshold`, through the cache's index.
-fn hits(pairs: &[Scored], threshold: f64) -> (usize, usize) {
+fn hits_of<'a>(pairs: impl IntoIterator<Item = &'a Scored>, threshold: f64) -> (usize, usize) {
     let (mut good, mut bad) = (0, 0);
     for p in pairs {
-        let mut idx = Index::new(1);
-        idx.insert(0, p.cached.clone(), Key(1), u64::MAX);
-        if idx.nearest(0, &p.query, threshold, 0).is_some() {
+        if nearest(p, threshold).is_some() {
             if p.paraphrase {
                 good += 1
             } else {
@@ -77,6 +114,11 @@ fn hits(pairs: &[Scored], threshold: f64) -> (usize, usize) {
         }
     }
     (good, bad)
+}
+
+/// Good and false hits at `threshold` over all pairs.
+fn hits(pairs: &[Scored], threshold: f64) -> (usize, usize) {
+    hits_of(pairs, threshold)
 }
 
 fn embed_all(e: &dyn Embedder, pairs: &[Pair]) -> Result<Vec<Scored>> {
@@ -143,6 +185,7 @@ fn main() -> Result<()> {
         "embedder", "threshold", "hits", "hit rate", "false", "false rate"
     );
     let mut summary = Vec::new();
+    let mut all_scored = Vec::new();
     for e in &embedders {
         let scored = embed_all(e.as_ref(), &pairs)?;
         let mut ts = args.thresholds.clone();
@@ -170,6 +213,7 @@ fn main() -> Result<()> {
             .max_by_key(|(_, (good, _))| *good);
         let (p50, p95) = cost(e.as_ref(), &pairs, args.cost_samples)?;
         summary.push((e.name().to_owned(), best, p50, p95));
+        all_scored.push((e.clone(), scored));
     }
     println!(
         "\nbest threshold with false hits within {:.1}% of pairs, and the cost of embedding one prompt:",
@@ -185,5 +229,66 @@ fn main() -> Result<()> {
             None => println!("{name:<18} no threshold keeps false hits within the bound; embed p50 {p50:.3} ms"),
         }
     }
+    learned_rows(&args, &all_scored);
     Ok(())
+}
+
+/// Thresholds learned on one half of the pairs, scored on the other, over
+/// `--splits` shuffles: means, and how many splits broke the bound.
+fn learned_rows(args: &Args, all: &[(Arc<dyn Embedder>, Vec<Scored>)]) {
+    let Some(len) = all.first().map(|(_, s)| s.len()) else { return };
+    let mut rng = fastrand::Rng::with_seed(args.seed);
+    let splits: Vec<Vec<usize>> = (0..args.splits.max(1))
+        .map(|_| {
+            let mut order: Vec<usize> = (0..len).collect();
+            rng.shuffle(&mut order);
+            order
+        })
+        .collect();
+    let half = len / 2;
+    println!(
+        "\nlearned thresholds, false hits bounded at {:.1}% of lookups: learned on {half} pairs, scored on the other {}, \
+         over {} random splits (means; `over` counts splits whose false-hit rate broke the bound)",
+        args.bound * 100.0,
+        len - half,
+        splits.len()
+    );
+    println!(
+        "{:<18} {:<13} {:>7} {:>9} {:>7} {:>9} {:>10} {:>6}",
+        "embedder", "threshold", "checks", "value", "hits", "hit rate", "false rate", "over"
+    );
+    for (e, scored) in all {
+        let mut kinds: Vec<(String, f64)> = vec![("static".into(), 0.0)];
+        kinds.extend(args.verify.iter().map(|v| (format!("learned {:.0}%", v * 100.0), *v)));
+        for (kind, verify) in kinds {
+            let (mut checks, mut value, mut good, mut bad, mut over) = (0u64, 0.0, 0usize, 0usize, 0usize);
+            for order in &splits {
+                let (learn, test) = order.split_at(half);
+                let learning: Vec<&Scored> = learn.iter().map(|&i| &scored[i]).collect();
+                let l = Learning { bound: args.bound, floor: e.default_threshold() - 0.1, verify };
+                let (t, n) = match verify > 0.0 {
+                    true => learned(&learning, &l, e.default_threshold(), &mut rng),
+                    false => (e.default_threshold(), 0),
+                };
+                let (g, b) = hits_of(test.iter().map(|&i| &scored[i]), t);
+                checks += n;
+                value += t.min(1.0);
+                good += g;
+                bad += b;
+                over += usize::from(b as f64 / test.len() as f64 > args.bound);
+            }
+            let (k, nt) = (splits.len() as f64, (len - half) as f64);
+            println!(
+                "{:<18} {:<13} {:>7.0} {:>9.4} {:>7.1} {:>8.1}% {:>9.2}% {:>6}",
+                e.name(),
+                kind,
+                checks as f64 / k,
+                value / k,
+                good as f64 / k,
+                100.0 * good as f64 / k / nt,
+                100.0 * bad as f64 / k / nt,
+                over
+            );
+        }
+    }
 }

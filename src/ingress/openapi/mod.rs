@@ -33,6 +33,7 @@ pub const OPERATIONS: &[(&str, &str, Option<RouteClass>)] = &[
     ("post", "/v1/chat/completions", Some(RouteClass::Submit)),
     ("post", "/v1/completions", Some(RouteClass::Submit)),
     ("post", "/v1/embeddings", Some(RouteClass::Submit)),
+    ("post", "/v1/cache/feedback", Some(RouteClass::Submit)),
     ("get", "/v1/models", Some(RouteClass::Read)),
     ("get", "/v1/usage", Some(RouteClass::Read)),
     ("post", "/v1/batches", Some(RouteClass::Submit)),
@@ -106,6 +107,8 @@ pub fn spec(models: &std::collections::BTreeSet<String>, auth_on: bool, throttle
     let replay = g.of::<ReplayBody>();
     let replayed = g.of::<crate::ops::dlq::Replayed>();
     let purge = g.of::<PurgeBody>();
+    let feedback = g.of::<super::feedback::FeedbackBody>();
+    let feedback_applied = g.of::<super::feedback::FeedbackApplied>();
     let tenant_body = g.of::<TenantBody>();
     let control = g.of::<retro_fleet_worker::control::ControlState>();
     let _ = g.of::<WorkerInfo>();
@@ -208,6 +211,14 @@ pub fn spec(models: &std::collections::BTreeSet<String>, auth_on: bool, throttle
                 200,
                 ok_json("One vector per input text, in order", r("EmbeddingList")),
                 infer_errors,
+            ),
+            ("post", "/v1/cache/feedback") => (
+                "A verdict on an answer the semantic cache gave one of the caller's requests",
+                vec![request_id.clone()],
+                Some(json_body(feedback.clone())),
+                200,
+                ok_json("Applied by the workers holding the entry", feedback_applied.clone()),
+                &[400, 404, 422],
             ),
             ("get", "/v1/models") => (
                 "Models the fleet serves",

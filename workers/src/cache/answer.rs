@@ -2,6 +2,7 @@
 //! disk and in cross-worker claims) and the [`Hit`] a lookup returns.
 
 use bytes::Bytes;
+use retro_fleet_schemas::cache_key::Key;
 use retro_fleet_schemas::{CacheTier, Output, Usage};
 use serde::{Deserialize, Serialize};
 
@@ -35,4 +36,6 @@ pub struct Hit {
     pub tier: CacheTier,
     /// Similarity of the cached prompt (semantic hits).
     pub similarity: Option<f64>,
+    /// Where the answer of a semantic hit is stored (the entry feedback is about).
+    pub entry: Option<Key>,
 }

@@ -40,6 +40,16 @@ pub struct CacheConfig {
     pub semantic_threshold: Option<f64>,
     /// Most prompts held by the semantic index.
     pub semantic_max_entries: usize,
+    /// Learn each model's threshold so that at most this share of semantic
+    /// lookups gets a wrong answer (e.g. 0.02); needs
+    /// `semantic_verify_fraction` (docs/CACHE.md). Unset: the static threshold.
+    pub semantic_error_bound: Option<f64>,
+    /// Share of semantic candidates (hits or near hits) also computed and
+    /// compared with the cached answer; a disagreement vetoes the entry for
+    /// that neighbour and, with `semantic_error_bound`, teaches the threshold.
+    pub semantic_verify_fraction: f64,
+    /// Least similarity of a candidate; default: the threshold less 0.1.
+    pub semantic_verify_floor: Option<f64>,
 }
 
 impl Default for CacheConfig {
@@ -59,6 +69,9 @@ impl Default for CacheConfig {
             semantic_embedder: EmbedderConfig::default(),
             semantic_threshold: None,
             semantic_max_entries: 100_000,
+            semantic_error_bound: None,
+            semantic_verify_fraction: 0.0,
+            semantic_verify_floor: None,
         }
     }
 }

@@ -15,7 +15,9 @@
 //! - Each model has a cache generation, watched in KV `fleet_models`:
 //!   changing it (`retro-fleet cache purge`) makes the model's old answers
 //!   unreachable in every worker at once.
-//! - The semantic index ([`semantic`]) finds answers to similar prompts.
+//! - The semantic cache ([`similar`]) finds answers to similar prompts; it
+//!   can check a sample of them against the model and learn each model's
+//!   threshold to a bound on wrong answers ([`calibrate`]).
 //!
 //! Keys and generations are a contract with the ingress and live in
 //! [`retro_fleet_schemas::cache_key`].
@@ -25,14 +27,21 @@
 //! - [`session`]: a request's [`Session`]: lookup → flight → claim → keep or abandon.
 //! - [`sync`]: what workers share over KV: generations and cross-worker [`sync::Claims`].
 //! - [`warm`]: replaying `FLEET_RESULTS` into the cache.
-//! - [`semantic`]: the index of prompts for similar-prompt hits.
+//! - [`feedback`]: verdicts on semantic answers, heard from the ingress.
+//! - [`similar`]: the semantic cache: embedding, hit or check, feedback.
+//! - [`semantic`]: its index of prompts, with per-entry vetoes.
+//! - [`calibrate`]: learned thresholds held to a bound on false hits.
 //! - [`answer`]: the cached [`Answer`] and a lookup's [`Hit`].
 //! - [`config`]: its settings, [`CacheConfig`].
 
 pub mod answer;
+pub mod calibrate;
 pub mod config;
+mod error;
+pub mod feedback;
 pub mod semantic;
 mod session;
+pub mod similar;
 pub mod store;
 pub mod sync;
 pub mod warm;

@@ -53,6 +53,9 @@ struct Entry {
     probe: Probe,
     key: Key,
     expires_ms: u64,
+    /// The entry answers only prompts more similar than this: the
+    /// similarity of the closest neighbour it answered wrongly.
+    veto: f64,
 }
 
 /// Buckets of embedded prompts, bounded in total entries (oldest go first).
@@ -60,6 +63,8 @@ struct Entry {
 pub struct Index {
     buckets: HashMap<u128, Vec<Entry>>,
     order: VecDeque<(u128, Key)>,
+    /// The bucket of each entry.
+    homes: HashMap<Key, u128>,
     max_entries: usize,
 }
 
@@ -79,10 +84,12 @@ impl Index {
             e.expires_ms = expires_ms;
             return;
         }
-        entries.push(Entry { probe, key, expires_ms });
+        entries.push(Entry { probe, key, expires_ms, veto: f64::NEG_INFINITY });
         self.order.push_back((bucket, key));
+        self.homes.insert(key, bucket);
         while self.order.len() > self.max_entries {
             let Some((b, k)) = self.order.pop_front() else { break };
+            self.homes.remove(&k);
             if let Some(v) = self.buckets.get_mut(&b) {
                 v.retain(|e| e.key != k);
                 if v.is_empty() {
@@ -93,15 +100,33 @@ impl Index {
     }
 
     /// The closest unexpired prompt in `bucket` with similarity at least
-    /// `threshold` and as many negations as `probe`.
-    pub fn nearest(&self, bucket: u128, probe: &Probe, threshold: f64, now_ms: u64) -> Option<(Key, f64)> {
+    /// `least`, as many negations as `probe`, and above its entry's veto.
+    pub fn nearest(&self, bucket: u128, probe: &Probe, least: f64, now_ms: u64) -> Option<(Key, f64)> {
         self.buckets
             .get(&bucket)?
             .iter()
             .filter(|e| e.expires_ms > now_ms && e.probe.negations == probe.negations)
-            .map(|e| (e.key, similarity(&probe.vector, &e.probe.vector)))
-            .filter(|(_, s)| *s >= threshold)
+            .map(|e| (e.key, similarity(&probe.vector, &e.probe.vector), e.veto))
+            .filter(|(_, s, veto)| *s >= least && *s > *veto)
+            .map(|(k, s, _)| (k, s))
             .max_by(|a, b| a.1.total_cmp(&b.1))
+    }
+
+    /// The entry stored under `key` answered a prompt `similarity` similar
+    /// wrongly: from now on it answers only prompts more similar than that.
+    /// False when the index does not hold it.
+    pub fn veto(&mut self, key: Key, similarity: f64) -> bool {
+        let Some(bucket) = self.homes.get(&key) else { return false };
+        let Some(e) = self.buckets.get_mut(bucket).and_then(|v| v.iter_mut().find(|e| e.key == key)) else {
+            return false;
+        };
+        e.veto = e.veto.max(similarity);
+        true
+    }
+
+    /// Whether the index holds the entry stored under `key`.
+    pub fn holds(&self, key: Key) -> bool {
+        self.homes.contains_key(&key)
     }
 
     /// Prompts held.
@@ -160,5 +185,18 @@ mod tests {
         assert_eq!(idx.len(), 2);
         assert!(idx.nearest(1, &probe("one"), 0.99, 0).is_none());
         assert_eq!(idx.nearest(2, &probe("three"), 0.99, 0).map(|h| h.0), Some(Key(3)));
+        assert!(!idx.holds(Key(1)) && idx.holds(Key(3)));
+    }
+
+    #[test]
+    fn a_vetoed_entry_answers_only_closer_prompts() {
+        let mut idx = Index::new(10);
+        idx.insert(1, probe("What is the capital of France?"), Key(1), u64::MAX);
+        let near = probe("what is the capital city of france");
+        let (_, s) = idx.nearest(1, &near, 0.5, 0).expect("a neighbour");
+        assert!(idx.veto(Key(1), s));
+        assert!(idx.nearest(1, &near, 0.5, 0).is_none(), "the vetoed neighbour misses");
+        assert!(idx.nearest(1, &probe("What is the capital of France?"), 0.5, 0).is_some(), "a closer one hits");
+        assert!(!idx.veto(Key(9), 0.5), "an entry not held");
     }
 }

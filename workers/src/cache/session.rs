@@ -14,6 +14,7 @@ use tokio::sync::watch;
 
 use super::answer::Answer;
 use super::semantic::Probe;
+use super::similar::Neighbour;
 use super::store::{Flight, Leader, ResultCache};
 use super::sync::Claim;
 
@@ -26,6 +27,8 @@ pub struct Found {
     pub tier: CacheTier,
     /// Similarity of the cached prompt (semantic hits).
     pub similarity: Option<f64>,
+    /// Where a semantic hit's answer is stored.
+    pub entry: Option<Key>,
 }
 
 /// The longest an answer is kept, whatever a request asks for (a year):
@@ -41,6 +44,8 @@ pub struct Session {
     semantic: Option<(u128, String)>,
     /// The compared text embedded, once: for the lookup, then for the index.
     probe: Option<Probe>,
+    /// A similar prompt's answer to compare the computed one with (a sampled check).
+    check: Option<(Key, f64, Answer)>,
     mode: CacheMode,
     ttl_ms: u64,
     leader: Option<Leader>,
@@ -79,6 +84,7 @@ impl Session {
             key: cache_key::exact(&scope, &req.params, &req.input),
             semantic,
             probe: None,
+            check: None,
             mode: req.cache,
             ttl_ms: ttl_secs.unwrap_or(cache.config().ttl_secs).min(MAX_TTL_SECS).saturating_mul(1000),
             leader: None,
@@ -91,7 +97,9 @@ impl Session {
         self.mode != CacheMode::Refresh
     }
 
-    /// A stored answer: exact first, then (mode `semantic`) the nearest similar prompt.
+    /// A stored answer: exact first, then (mode `semantic`) the nearest
+    /// similar prompt's, unless it was drawn to be checked: then this
+    /// request computes, and [`Session::keep`] compares.
     pub async fn lookup(&mut self, now_ms: u64) -> Option<Found> {
         if !self.reads() {
             return None;
@@ -99,7 +107,13 @@ impl Session {
         let mut hit = self.cache.get(self.key, now_ms).await;
         if hit.is_none() && self.mode == CacheMode::Semantic {
             if let Some((bucket, probe)) = self.indexed().await {
-                hit = self.cache.get_similar(bucket, &probe, now_ms).await;
+                hit = match self.cache.get_similar(&self.model, bucket, &probe, now_ms).await {
+                    Some((Neighbour::Check { entry, similarity }, h)) => {
+                        self.check = Some((entry, similarity, h.answer));
+                        None
+                    }
+                    found => found.map(|(_, h)| h),
+                };
             }
         }
         let label = match hit.as_ref().map(|h| h.tier) {
@@ -109,7 +123,7 @@ impl Session {
             _ => "miss",
         };
         self.cache.count(&self.model, label);
-        hit.map(|h| Found { answer: h.answer, tier: h.tier, similarity: h.similarity })
+        hit.map(|h| Found { answer: h.answer, tier: h.tier, similarity: h.similarity, entry: h.entry })
     }
 
     /// Joins an identical request in flight in this worker: `None` when
@@ -128,7 +142,7 @@ impl Session {
     /// An answer a leader in this worker shared.
     pub fn coalesced(&self, answer: &Answer) -> Found {
         self.cache.count(&self.model, "coalesced");
-        Found { answer: answer.clone(), tier: CacheTier::Coalesced, similarity: None }
+        Found { answer: answer.clone(), tier: CacheTier::Coalesced, similarity: None, entry: None }
     }
 
     /// Claims the key across workers: true when another worker computes it
@@ -168,8 +182,12 @@ impl Session {
     }
 
     /// Keeps a computed answer (here, for a claim's waiters and for this
-    /// worker's followers); returns the key and expiry it is kept under.
+    /// worker's followers), and compares it with a checked similar
+    /// prompt's; returns the key and expiry it is kept under.
     pub async fn keep(mut self, output: &Output, usage: &Usage, now_ms: u64) -> (Key, u64) {
+        if let (Some((entry, similarity, cached)), Some(similar)) = (self.check.take(), self.cache.similar()) {
+            similar.check(&self.model, entry, similarity, &cached.output, output).await;
+        }
         let answer =
             Answer { output: output.clone(), usage: usage.clone(), expires_ms: now_ms.saturating_add(self.ttl_ms) };
         let semantic = self.indexed().await;
@@ -207,7 +225,7 @@ impl Session {
     async fn indexed(&mut self) -> Option<(u128, Probe)> {
         let (bucket, text) = self.semantic.as_ref()?;
         if self.probe.is_none() {
-            self.probe = self.cache.probe(text).await;
+            self.probe = self.cache.similar()?.probe(text).await;
         }
         Some((*bucket, self.probe.clone()?))
     }

@@ -13,16 +13,17 @@ use foyer::{
     HybridCachePolicy, PsyncIoEngineConfig, Source,
 };
 use prometheus::core::Collector;
-use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
 use retro_fleet_schemas::cache_key::{Generations, Key};
 use retro_fleet_schemas::CacheTier;
 use tokio::sync::watch;
 
 use super::answer::{Answer, Hit};
 use super::config::CacheConfig;
-use super::semantic::{self, Probe};
+pub use super::error::CacheError;
+use super::semantic::Probe;
+use super::similar::{Neighbour, Similar};
 use super::sync;
-use crate::embed::{self, EmbedError, Embedder};
 use crate::metrics::registered;
 
 /// Cache metrics.
@@ -35,7 +36,6 @@ struct CacheMetrics {
     bytes: IntGaugeVec,
     capacity: IntGaugeVec,
     claims: IntCounterVec,
-    embed_seconds: HistogramVec,
 }
 
 impl CacheMetrics {
@@ -63,14 +63,6 @@ impl CacheMetrics {
                 "fleet_cache_claim_waits_total",
                 "Waits on another worker's claimed answer, by outcome",
                 &["outcome"],
-            )?,
-            embed_seconds: registered(
-                registry,
-                HistogramVec::new(
-                    HistogramOpts::new("fleet_cache_embed_seconds", "Time to embed a prompt for the semantic cache")
-                        .buckets(vec![1e-5, 1e-4, 1e-3, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0]),
-                    &["embedder"],
-                )?,
             )?,
         })
     }
@@ -113,20 +105,6 @@ fn manifest(disk_bytes: usize) -> String {
     format!("{{\"format\":1,\"block_size\":{BLOCK_SIZE},\"capacity\":{disk_bytes}}}")
 }
 
-/// Problems opening the cache.
-#[derive(Debug, thiserror::Error)]
-pub enum CacheError {
-    /// Metrics could not be registered.
-    #[error("cache metrics: {0}")]
-    Metrics(#[from] prometheus::Error),
-    /// The memory tier could not be built.
-    #[error("cache: {0}")]
-    Build(String),
-    /// The semantic cache's embedder could not be loaded.
-    #[error(transparent)]
-    Embedder(#[from] EmbedError),
-}
-
 /// Identical requests in flight: the first computes, the others wait for it.
 type Flights = Mutex<HashMap<Key, watch::Receiver<Option<Arc<Answer>>>>>;
 
@@ -137,11 +115,8 @@ pub struct ResultCache {
     disk: Option<PathBuf>,
     generations: Arc<Generations>,
     flights: Flights,
-    semantic: Mutex<semantic::Index>,
-    /// Embeds prompts for the semantic index (loaded when a model takes part).
-    embedder: Option<Arc<dyn Embedder>>,
-    /// Least similarity for a semantic hit.
-    threshold: f64,
+    /// The semantic cache, when a model takes part.
+    similar: Option<Similar>,
     metrics: CacheMetrics,
     claims: Option<sync::Claims>,
     _lock: Option<DirLock>,
@@ -152,11 +127,7 @@ impl ResultCache {
     /// warning and rebuilt; if even that fails, the worker runs memory-only.
     pub async fn open(cfg: &CacheConfig, data_dir: &Path, registry: &Registry) -> Result<ResultCache, CacheError> {
         let metrics = CacheMetrics::new(registry)?;
-        let embedder = match cfg.semantic_models.is_empty() {
-            true => None,
-            false => Some(embed::load(&cfg.semantic_embedder)?),
-        };
-        let threshold = cfg.semantic_threshold.or(embedder.as_ref().map(|e| e.default_threshold())).unwrap_or(1.0);
+        let similar = Similar::open(cfg, registry)?;
         let dir = cfg.dir.clone().unwrap_or_else(|| data_dir.join("cache"));
         let mut lock = None;
         if cfg.disk_bytes > 0 {
@@ -202,9 +173,7 @@ impl ResultCache {
             disk,
             generations: Arc::default(),
             flights: Mutex::new(HashMap::new()),
-            semantic: Mutex::new(semantic::Index::new(cfg.semantic_max_entries)),
-            embedder,
-            threshold,
+            similar,
             metrics,
             claims: None,
             _lock: lock,
@@ -330,50 +299,31 @@ impl ResultCache {
             self.store.remove(&key.0);
             return None;
         }
-        Some(Hit { answer, tier, similarity: None })
+        Some(Hit { answer, tier, similarity: None, entry: None })
     }
 
-    /// `text` embedded for the semantic index, off the async threads (a
-    /// BERT takes milliseconds); `None` when no model takes part or the
-    /// embedder failed (logged: the request goes on without the semantic cache).
-    pub async fn probe(&self, text: &str) -> Option<Probe> {
-        let embedder = self.embedder.clone()?;
-        let text = text.to_owned();
-        let timer = self.metrics.embed_seconds.with_label_values(&[embedder.name()]).start_timer();
-        let done = tokio::task::spawn_blocking(move || {
-            let vector = embedder.embed(&[&text])?.vectors.pop().ok_or_else(|| EmbedError::Run("no vector".into()))?;
-            Ok::<_, EmbedError>(Probe::new(&text, vector))
-        })
-        .await;
-        timer.observe_duration();
-        match done {
-            Ok(Ok(p)) => Some(p),
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "embedding a prompt failed; answering without the semantic cache");
-                None
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "the embedding task ended; answering without the semantic cache");
-                None
-            }
-        }
+    /// The semantic cache, when a model takes part.
+    pub fn similar(&self) -> Option<&Similar> {
+        self.similar.as_ref()
     }
 
-    /// The answer to the most similar prompt in `bucket`, if similar enough.
-    pub async fn get_similar(&self, bucket: u128, probe: &Probe, now_ms: u64) -> Option<Hit> {
-        let (key, similarity) =
-            self.semantic.lock().expect("semantic lock").nearest(bucket, probe, self.threshold, now_ms)?;
-        let mut hit = self.get(key, now_ms).await?;
+    /// What the nearest prompt in `bucket` offers `probe`: an answer to
+    /// serve (`Hit`) or to check the computed one against (`Check`).
+    pub async fn get_similar(&self, model: &str, bucket: u128, probe: &Probe, now_ms: u64) -> Option<(Neighbour, Hit)> {
+        let near = self.similar.as_ref()?.nearest(model, bucket, probe, now_ms);
+        let (Neighbour::Hit { entry, similarity } | Neighbour::Check { entry, similarity }) = near else { return None };
+        let mut hit = self.get(entry, now_ms).await?;
         hit.tier = CacheTier::Semantic;
         hit.similarity = Some(similarity);
-        Some(hit)
+        hit.entry = Some(entry);
+        Some((near, hit))
     }
 
     /// Stores `answer` under `key` (and in the semantic index when given its bucket and prompt).
     pub fn put(&self, model: &str, key: Key, answer: &Answer, semantic: Option<(u128, Probe)>) {
         self.store.insert(key.0, answer.encode());
-        if let Some((bucket, probe)) = semantic {
-            self.semantic.lock().expect("semantic lock").insert(bucket, probe, key, answer.expires_ms);
+        if let (Some((bucket, probe)), Some(similar)) = (semantic, &self.similar) {
+            similar.insert(bucket, probe, key, answer.expires_ms);
         }
         self.metrics.inserts.with_label_values(&[model]).inc();
         self.metrics.bytes.with_label_values(&["memory"]).set(self.store.memory().usage() as i64);

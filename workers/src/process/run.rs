@@ -34,6 +34,7 @@ fn blank(sh: &Shared, job: &Job, status: Status, queued_ms: f64) -> InferResult 
         usage: None,
         cache: CacheTier::None,
         cache_similarity: None,
+        cache_entry: None,
         timings: retro_fleet_schemas::Timings { queued_ms, compute_ms: 0.0, total_ms: queued_ms },
         worker: sh.worker_id.clone(),
         error: None,
@@ -261,6 +262,7 @@ async fn answer_found(
     let mut result = blank(sh, job, Status::Ok, queued_ms);
     result.cache = found.tier;
     result.cache_similarity = found.similarity;
+    result.cache_entry = found.entry.map(|k| k.hex());
     result.output = Some(found.answer.output.for_request(&job.req.id));
     result.usage = Some(found.answer.usage);
     result.timings.total_ms = queued_ms + picked.elapsed().as_secs_f64() * 1e3;

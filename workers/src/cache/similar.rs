@@ -1,0 +1,276 @@
+//! The semantic side of a worker's cache: embeds prompts, finds the
+//! nearest cached one, decides whether it answers, checks a sample of
+//! candidates against the model ([`calibrate`](super::calibrate)), and
+//! takes feedback about answers it gave.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use retro_fleet_schemas::cache_key::Key;
+use retro_fleet_schemas::{Output, Verdict};
+
+use super::calibrate::{Calibration, Learning};
+use super::config::CacheConfig;
+use super::error::CacheError;
+use super::semantic::{Index, Probe};
+use crate::embed::{self, Embedder};
+use crate::metrics::registered;
+
+/// What the nearest cached prompt is to a lookup.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Neighbour {
+    /// Its answer is served.
+    Hit {
+        /// Where the answer is stored.
+        entry: Key,
+        /// How similar the prompts are.
+        similarity: f64,
+    },
+    /// The request is computed, and its answer compared with this entry's
+    /// ([`Similar::check`]): a sampled candidate.
+    Check {
+        /// Where the compared answer is stored.
+        entry: Key,
+        /// How similar the prompts are.
+        similarity: f64,
+    },
+    /// No answer close enough.
+    Miss,
+}
+
+struct Metrics {
+    embed_seconds: HistogramVec,
+    checks: IntCounterVec,
+    feedback: IntCounterVec,
+}
+
+/// The semantic cache of one worker.
+pub struct Similar {
+    index: Mutex<Index>,
+    embedder: Arc<dyn Embedder>,
+    /// Least similarity for a hit while nothing is learned.
+    threshold: f64,
+    floor: f64,
+    verify: f64,
+    learning: Option<Learning>,
+    calibrations: Mutex<HashMap<String, Calibration>>,
+    metrics: Metrics,
+}
+
+impl Similar {
+    /// The semantic cache `cfg` describes; `None` when no model takes part.
+    pub fn open(cfg: &CacheConfig, registry: &Registry) -> Result<Option<Similar>, CacheError> {
+        if cfg.semantic_models.is_empty() {
+            return Ok(None);
+        }
+        let embedder = embed::load(&cfg.semantic_embedder)?;
+        let threshold = cfg.semantic_threshold.unwrap_or(embedder.default_threshold());
+        let floor = cfg.semantic_verify_floor.unwrap_or(threshold - 0.1);
+        let verify = cfg.semantic_verify_fraction;
+        if !(0.0..=1.0).contains(&verify) {
+            return Err(CacheError::Config(format!("semantic_verify_fraction is {verify}: give a share from 0 to 1")));
+        }
+        let learning = match cfg.semantic_error_bound {
+            None => None,
+            Some(b) if !(b > 0.0 && b < 1.0) => {
+                return Err(CacheError::Config(format!("semantic_error_bound is {b}: give a share such as 0.02")))
+            }
+            Some(_) if verify == 0.0 => {
+                return Err(CacheError::Config(
+                    "semantic_error_bound learns from checked answers: also set semantic_verify_fraction \
+                     (e.g. 0.05, the share of candidates computed again and compared)"
+                        .into(),
+                ))
+            }
+            Some(bound) => Some(Learning { bound, floor, verify }),
+        };
+        let counter = |n: &str, h: &str, l: &[&str]| registered(registry, IntCounterVec::new(Opts::new(n, h), l)?);
+        let metrics = Metrics {
+            embed_seconds: registered(
+                registry,
+                HistogramVec::new(
+                    HistogramOpts::new("fleet_cache_embed_seconds", "Time to embed a prompt for the semantic cache")
+                        .buckets(vec![1e-5, 1e-4, 1e-3, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0]),
+                    &["embedder"],
+                )?,
+            )?,
+            checks: counter(
+                "fleet_cache_semantic_checks_total",
+                "Semantic candidates computed again and compared with the cached answer, by outcome",
+                &["model", "outcome"],
+            )?,
+            feedback: counter(
+                "fleet_cache_feedback_total",
+                "Verdicts on semantic answers sent to /v1/cache/feedback, by verdict",
+                &["model", "verdict"],
+            )?,
+        };
+        Ok(Some(Similar {
+            index: Mutex::new(Index::new(cfg.semantic_max_entries)),
+            embedder,
+            threshold,
+            floor,
+            verify,
+            learning,
+            calibrations: Mutex::default(),
+            metrics,
+        }))
+    }
+
+    /// Embeds `texts` off the async threads (a BERT takes milliseconds);
+    /// `None` when the embedder failed (logged).
+    async fn embed(&self, texts: Vec<String>) -> Option<Vec<Vec<f32>>> {
+        let embedder = self.embedder.clone();
+        let timer = self.metrics.embed_seconds.with_label_values(&[embedder.name()]).start_timer();
+        let done = tokio::task::spawn_blocking(move || {
+            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+            embedder.embed(&refs)
+        })
+        .await;
+        timer.observe_duration();
+        match done {
+            Ok(Ok(e)) => Some(e.vectors),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "embedding failed; answering without the semantic cache");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the embedding task ended; answering without the semantic cache");
+                None
+            }
+        }
+    }
+
+    /// `text` as the index compares it.
+    pub async fn probe(&self, text: &str) -> Option<Probe> {
+        let vector = self.embed(vec![text.to_owned()]).await?.pop()?;
+        Some(Probe::new(text, vector))
+    }
+
+    /// The threshold a hit of `model` needs now: learned, or the static one.
+    pub fn threshold(&self, model: &str) -> f64 {
+        match &self.learning {
+            Some(l) => self
+                .calibrations
+                .lock()
+                .expect("calibrations")
+                .get(model)
+                .map_or(self.threshold, |c| c.threshold(l, self.threshold)),
+            None => self.threshold,
+        }
+    }
+
+    /// What the nearest prompt in `bucket` is to `probe`: a hit, a
+    /// candidate to check, or nothing.
+    pub fn nearest(&self, model: &str, bucket: u128, probe: &Probe, now_ms: u64) -> Neighbour {
+        let threshold = self.threshold(model);
+        let least = if self.verify > 0.0 { threshold.min(self.floor) } else { threshold };
+        let near = self.index.lock().expect("semantic lock").nearest(bucket, probe, least, now_ms);
+        let candidate = near.filter(|(_, s)| *s >= self.floor);
+        self.calibrate(model, |c| c.lookup(candidate.is_some()));
+        match (near, candidate) {
+            (_, Some((entry, similarity))) if self.verify > 0.0 && fastrand::f64() < self.verify => {
+                Neighbour::Check { entry, similarity }
+            }
+            (Some((entry, similarity)), _) if similarity >= threshold => Neighbour::Hit { entry, similarity },
+            _ => Neighbour::Miss,
+        }
+    }
+
+    /// Updates what `model`'s lookups have shown, when its threshold is learned.
+    fn calibrate(&self, model: &str, f: impl FnOnce(&mut Calibration)) {
+        if self.learning.is_some() {
+            f(self.calibrations.lock().expect("calibrations").entry(model.to_owned()).or_default());
+        }
+    }
+
+    /// Indexes the prompt `probe` of `bucket`, answered under `key`.
+    pub fn insert(&self, bucket: u128, probe: Probe, key: Key, expires_ms: u64) {
+        self.index.lock().expect("semantic lock").insert(bucket, probe, key, expires_ms);
+    }
+
+    /// Compares the answer `computed` for a checked candidate with the
+    /// `cached` answer of `entry` (`similarity` apart): equal texts, or
+    /// texts the embedder puts at least the static threshold together,
+    /// agree. A disagreement vetoes the entry for that neighbour; with a
+    /// bound set, the outcome teaches `model`'s threshold.
+    pub async fn check(&self, model: &str, entry: Key, similarity: f64, cached: &Output, computed: &Output) {
+        let Some(agreed) = self.agree(cached, computed).await else { return };
+        self.calibrate(model, |c| c.observe(similarity, agreed));
+        if !agreed {
+            self.index.lock().expect("semantic lock").veto(entry, similarity);
+        }
+        let outcome = if agreed { "agreed" } else { "disagreed" };
+        self.metrics.checks.with_label_values(&[model, outcome]).inc();
+        tracing::debug!(model, entry = %entry.hex(), similarity, outcome, "semantic candidate checked");
+    }
+
+    /// Whether two answers say the same; `None` when they could not be embedded.
+    async fn agree(&self, a: &Output, b: &Output) -> Option<bool> {
+        let norm = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase();
+        if norm(&a.text) == norm(&b.text) && a.tool_calls == b.tool_calls {
+            return Some(true);
+        }
+        if a.text.trim().is_empty() || b.text.trim().is_empty() {
+            return Some(false);
+        }
+        let v = self.embed(vec![a.text.clone(), b.text.clone()]).await?;
+        Some(embed::similarity(&v[0], &v[1]) >= self.threshold)
+    }
+
+    /// A caller's verdict on the answer of `entry` to a prompt `similarity`
+    /// similar: a wrong one vetoes the entry for it. True when this worker
+    /// holds the entry.
+    pub fn feedback(&self, model: &str, entry: Key, similarity: f64, verdict: Verdict) -> bool {
+        let mut index = self.index.lock().expect("semantic lock");
+        let held = match verdict {
+            Verdict::Wrong => index.veto(entry, similarity),
+            Verdict::Correct => index.holds(entry),
+        };
+        if held {
+            self.metrics.feedback.with_label_values(&[model, verdict.as_str()]).inc();
+        }
+        held
+    }
+
+    /// Checks recorded for `model` (for tests and the admin view).
+    pub fn observed(&self, model: &str) -> u64 {
+        self.calibrations.lock().expect("calibrations").get(model).map_or(0, Calibration::observed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(f: impl FnOnce(&mut CacheConfig)) -> Result<Option<Similar>, CacheError> {
+        let mut cfg = CacheConfig { semantic_models: vec!["m".into()], ..Default::default() };
+        f(&mut cfg);
+        Similar::open(&cfg, &Registry::new())
+    }
+
+    #[test]
+    fn settings_out_of_range_are_refused_with_what_to_set() {
+        let e = open(|c| c.semantic_error_bound = Some(0.02)).err().expect("refused").to_string();
+        assert!(e.contains("semantic_verify_fraction"), "{e}");
+        let e = open(|c| c.semantic_verify_fraction = 1.5).err().expect("refused").to_string();
+        assert!(e.contains("from 0 to 1"), "{e}");
+        let e = open(|c| {
+            c.semantic_error_bound = Some(2.0);
+            c.semantic_verify_fraction = 0.1;
+        })
+        .err()
+        .expect("refused")
+        .to_string();
+        assert!(e.contains("such as 0.02"), "{e}");
+        let learning = open(|c| {
+            c.semantic_error_bound = Some(0.02);
+            c.semantic_verify_fraction = 0.1;
+        })
+        .unwrap()
+        .expect("a semantic cache");
+        assert_eq!(learning.threshold("m"), 0.95, "the lexical embedder's own until checks come in");
+        assert!(open(|c| c.semantic_models.clear()).unwrap().is_none());
+    }
+}
