@@ -30,6 +30,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use retro_fleet_worker::cache::ann::Ann;
 use retro_fleet_worker::cache::calibrate::{Calibration, Learning};
 use retro_fleet_worker::cache::semantic::{Index, Probe};
 use retro_fleet_worker::cache::Key;
@@ -62,6 +63,11 @@ struct Args {
     /// Seed of the shuffles that split learning and test pairs.
     #[arg(long, default_value_t = 7)]
     seed: u64,
+    /// Bucket sizes at which to time a scan against a graph search (random
+    /// 384-number unit vectors in 64 topics, queries near a stored one);
+    /// nothing else runs.
+    #[arg(long, value_delimiter = ',')]
+    index_sizes: Vec<usize>,
     /// Random splits into learning and test halves to average over.
     #[arg(long, default_value_t = 50)]
     splits: usize,
@@ -152,6 +158,10 @@ fn cost(e: &dyn Embedder, pairs: &[Pair], samples: usize) -> Result<(f64, f64)> 
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    if !args.index_sizes.is_empty() {
+        index_sizes(&args.index_sizes, args.seed);
+        return Ok(());
+    }
     let text = std::fs::read_to_string(&args.pairs)
         .with_context(|| format!("reading {} (run from the repository's root)", args.pairs.display()))?;
     let pairs: Vec<Pair> = text
@@ -290,5 +300,49 @@ fn learned_rows(args: &Args, all: &[(Arc<dyn Embedder>, Vec<Scored>)]) {
                 over
             );
         }
+    }
+}
+
+/// Times a scan against a graph search over buckets of `sizes` prompts:
+/// per lookup, and how often the graph finds the stored prompt a query
+/// was made near (a scan always does).
+fn index_sizes(sizes: &[usize], seed: u64) {
+    const DIM: usize = 384;
+    const QUERIES: usize = 200;
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let unit = |v: Vec<f32>| {
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.into_iter().map(|x| x / n).collect::<Vec<f32>>()
+    };
+    println!("{:>8} {:>12} {:>12} {:>14} {:>8}", "prompts", "scan (µs)", "graph (µs)", "insert (µs)", "recall");
+    for &n in sizes {
+        // prompts come in topics: 64 centres, each prompt near one of them
+        let centres: Vec<Vec<f32>> = (0..64).map(|_| unit((0..DIM).map(|_| rng.f32() - 0.5).collect())).collect();
+        let vs: Vec<Vec<f32>> = (0..n)
+            .map(|_| {
+                let c = &centres[rng.usize(..centres.len())];
+                unit(c.iter().map(|x| x + 0.06 * (rng.f32() - 0.5)).collect())
+            })
+            .collect();
+        let t = Instant::now();
+        let ann = Ann::new(n);
+        for (i, v) in vs.iter().enumerate() {
+            ann.insert(v, i);
+        }
+        let insert_us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+        let picks: Vec<usize> = (0..QUERIES).map(|_| rng.usize(..n)).collect();
+        let queries: Vec<Vec<f32>> =
+            picks.iter().map(|&i| unit(vs[i].iter().map(|x| x + 0.02 * (rng.f32() - 0.5)).collect())).collect();
+        let t = Instant::now();
+        for q in &queries {
+            let best = vs.iter().map(|v| embed::similarity(q, v)).fold(f64::MIN, f64::max);
+            std::hint::black_box(best);
+        }
+        let scan_us = t.elapsed().as_secs_f64() * 1e6 / QUERIES as f64;
+        let t = Instant::now();
+        let found: Vec<Vec<usize>> = queries.iter().map(|q| ann.search(q, 8, &|_| true)).collect();
+        let graph_us = t.elapsed().as_secs_f64() * 1e6 / QUERIES as f64;
+        let recall = picks.iter().zip(&found).filter(|(i, f)| f.contains(i)).count() as f64 / QUERIES as f64;
+        println!("{n:>8} {scan_us:>12.1} {graph_us:>12.1} {insert_us:>14.1} {recall:>8.3}");
     }
 }

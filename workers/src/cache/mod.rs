@@ -30,10 +30,12 @@
 //! - [`feedback`]: verdicts on semantic answers, heard from the ingress.
 //! - [`similar`]: the semantic cache: embedding, hit or check, feedback.
 //! - [`semantic`]: its index of prompts, with per-entry vetoes.
+//! - [`ann`]: the HNSW graph a large bucket of that index is searched with.
 //! - [`calibrate`]: learned thresholds held to a bound on false hits.
 //! - [`answer`]: the cached [`Answer`] and a lookup's [`Hit`].
 //! - [`config`]: its settings, [`CacheConfig`].
 
+pub mod ann;
 pub mod answer;
 pub mod calibrate;
 pub mod config;

@@ -8,12 +8,17 @@
 //!
 //! Entries live in buckets whose key already fixes tenant, model, revision,
 //! adapter, parameters and earlier turns (see [`retro_fleet_schemas::cache_key::semantic`]); the
-//! index only ever compares prompts inside one bucket.
+//! index only ever compares prompts inside one bucket. A bucket is scanned
+//! until it holds [`ANN_FROM`] prompts; from then on an HNSW graph
+//! ([`super::ann`]) finds the nearest candidates, and exact similarities
+//! decide among them.
 
 use std::collections::{HashMap, VecDeque};
 
 use retro_fleet_schemas::cache_key::Key;
+use serde::{Deserialize, Serialize};
 
+use super::ann::{Ann, ANN_FROM};
 use crate::embed::similarity;
 
 /// Words that turn a question around. A word ending in `n't` counts too.
@@ -58,13 +63,109 @@ struct Entry {
     veto: f64,
 }
 
+/// An entry as saved across a restart.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Saved {
+    bucket: u128,
+    key: u128,
+    vector: Vec<f32>,
+    negations: u8,
+    expires_ms: u64,
+    veto: f64,
+}
+
+impl Saved {
+    /// Unix ms after which the entry's answer is not served.
+    pub fn expires_ms(&self) -> u64 {
+        self.expires_ms
+    }
+}
+
+/// Nearest candidates a graph search returns, before exact similarities decide.
+const ANN_CANDIDATES: usize = 8;
+
+/// One bucket's prompts: slots (emptied when a prompt leaves, compacted
+/// when half are empty) and, from [`ANN_FROM`] prompts, a graph over them.
+#[derive(Default)]
+struct Bucket {
+    slots: Vec<Option<Entry>>,
+    live: usize,
+    ann: Option<Ann>,
+}
+
+impl Bucket {
+    /// Adds `e`; its slot.
+    fn push(&mut self, e: Entry) -> usize {
+        let slot = self.slots.len();
+        if let Some(ann) = &self.ann {
+            ann.insert(&e.probe.vector, slot);
+        }
+        self.slots.push(Some(e));
+        self.live += 1;
+        if self.ann.is_none() && self.live >= ANN_FROM {
+            self.ann = Some(self.graph());
+        }
+        slot
+    }
+
+    /// A graph over the live slots.
+    fn graph(&self) -> Ann {
+        let ann = Ann::new(self.slots.len());
+        for (slot, e) in self.slots.iter().enumerate() {
+            if let Some(e) = e {
+                ann.insert(&e.probe.vector, slot);
+            }
+        }
+        ann
+    }
+
+    fn remove(&mut self, slot: usize) {
+        if self.slots.get_mut(slot).and_then(Option::take).is_some() {
+            self.live -= 1;
+        }
+    }
+
+    /// When half the slots are empty: the live entries packed, the graph
+    /// rebuilt (or dropped below [`ANN_FROM`]); the keys that moved, with their new slots.
+    fn compact(&mut self) -> Vec<(Key, usize)> {
+        if self.slots.len() < 2 * self.live + 64 {
+            return Vec::new();
+        }
+        self.slots.retain(Option::is_some);
+        self.ann = (self.live >= ANN_FROM).then(|| self.graph());
+        self.slots.iter().enumerate().filter_map(|(i, e)| e.as_ref().map(|e| (e.key, i))).collect()
+    }
+
+    fn get_mut(&mut self, slot: usize) -> Option<&mut Entry> {
+        self.slots.get_mut(slot).and_then(Option::as_mut)
+    }
+
+    /// The closest usable prompt at least `least` similar to `probe` and above its entry's veto.
+    fn nearest(&self, probe: &Probe, least: f64, now_ms: u64) -> Option<(Key, f64)> {
+        let usable = |e: &Entry| e.expires_ms > now_ms && e.probe.negations == probe.negations;
+        let scored = |e: &Entry| (e.key, similarity(&probe.vector, &e.probe.vector), e.veto);
+        let near: Vec<(Key, f64, f64)> = match &self.ann {
+            Some(ann) => {
+                let keep = |slot: usize| self.slots[slot].as_ref().is_some_and(usable);
+                let found = ann.search(&probe.vector, ANN_CANDIDATES, &keep);
+                found.into_iter().filter_map(|slot| self.slots[slot].as_ref()).map(scored).collect()
+            }
+            None => self.slots.iter().flatten().filter(|e| usable(e)).map(scored).collect(),
+        };
+        near.into_iter()
+            .filter(|(_, s, veto)| *s >= least && *s > *veto)
+            .map(|(k, s, _)| (k, s))
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+    }
+}
+
 /// Buckets of embedded prompts, bounded in total entries (oldest go first).
 #[derive(Default)]
 pub struct Index {
-    buckets: HashMap<u128, Vec<Entry>>,
+    buckets: HashMap<u128, Bucket>,
     order: VecDeque<(u128, Key)>,
-    /// The bucket of each entry.
-    homes: HashMap<Key, u128>,
+    /// The bucket and slot of each entry.
+    homes: HashMap<Key, (u128, usize)>,
     max_entries: usize,
 }
 
@@ -74,52 +175,55 @@ impl Index {
         Index { max_entries, ..Default::default() }
     }
 
+    fn entry_mut(&mut self, key: Key) -> Option<&mut Entry> {
+        let (bucket, slot) = *self.homes.get(&key)?;
+        self.buckets.get_mut(&bucket)?.get_mut(slot)
+    }
+
     /// Remembers that the answer to the prompt `probe` in `bucket` is stored under `key`.
     pub fn insert(&mut self, bucket: u128, probe: Probe, key: Key, expires_ms: u64) {
         if self.max_entries == 0 {
             return;
         }
-        let entries = self.buckets.entry(bucket).or_default();
-        if let Some(e) = entries.iter_mut().find(|e| e.key == key) {
+        if let Some(e) = self.entry_mut(key) {
             e.expires_ms = expires_ms;
             return;
         }
-        entries.push(Entry { probe, key, expires_ms, veto: f64::NEG_INFINITY });
+        let slot =
+            self.buckets.entry(bucket).or_default().push(Entry { probe, key, expires_ms, veto: f64::NEG_INFINITY });
+        self.homes.insert(key, (bucket, slot));
         self.order.push_back((bucket, key));
-        self.homes.insert(key, bucket);
         while self.order.len() > self.max_entries {
             let Some((b, k)) = self.order.pop_front() else { break };
-            self.homes.remove(&k);
-            if let Some(v) = self.buckets.get_mut(&b) {
-                v.retain(|e| e.key != k);
-                if v.is_empty() {
-                    self.buckets.remove(&b);
-                }
-            }
+            self.remove(b, k);
+        }
+    }
+
+    fn remove(&mut self, bucket: u128, key: Key) {
+        let Some((_, slot)) = self.homes.remove(&key) else { return };
+        let Some(b) = self.buckets.get_mut(&bucket) else { return };
+        b.remove(slot);
+        if b.live == 0 {
+            self.buckets.remove(&bucket);
+            return;
+        }
+        for (k, slot) in b.compact() {
+            self.homes.insert(k, (bucket, slot));
         }
     }
 
     /// The closest unexpired prompt in `bucket` with similarity at least
-    /// `least`, as many negations as `probe`, and above its entry's veto.
+    /// `least`, as many negations as `probe`, and above its entry's veto
+    /// (from [`ANN_FROM`] prompts in the bucket, the closest a graph search finds).
     pub fn nearest(&self, bucket: u128, probe: &Probe, least: f64, now_ms: u64) -> Option<(Key, f64)> {
-        self.buckets
-            .get(&bucket)?
-            .iter()
-            .filter(|e| e.expires_ms > now_ms && e.probe.negations == probe.negations)
-            .map(|e| (e.key, similarity(&probe.vector, &e.probe.vector), e.veto))
-            .filter(|(_, s, veto)| *s >= least && *s > *veto)
-            .map(|(k, s, _)| (k, s))
-            .max_by(|a, b| a.1.total_cmp(&b.1))
+        self.buckets.get(&bucket)?.nearest(probe, least, now_ms)
     }
 
     /// The entry stored under `key` answered a prompt `similarity` similar
     /// wrongly: from now on it answers only prompts more similar than that.
     /// False when the index does not hold it.
     pub fn veto(&mut self, key: Key, similarity: f64) -> bool {
-        let Some(bucket) = self.homes.get(&key) else { return false };
-        let Some(e) = self.buckets.get_mut(bucket).and_then(|v| v.iter_mut().find(|e| e.key == key)) else {
-            return false;
-        };
+        let Some(e) = self.entry_mut(key) else { return false };
         e.veto = e.veto.max(similarity);
         true
     }
@@ -127,6 +231,31 @@ impl Index {
     /// Whether the index holds the entry stored under `key`.
     pub fn holds(&self, key: Key) -> bool {
         self.homes.contains_key(&key)
+    }
+
+    /// Every entry as saved across a restart, oldest first.
+    pub fn saved(&self) -> Vec<Saved> {
+        let entry = |b: &u128, k: &Key| {
+            let (_, slot) = self.homes.get(k)?;
+            self.buckets.get(b)?.slots.get(*slot)?.as_ref().map(|e| Saved {
+                bucket: *b,
+                key: k.0,
+                vector: e.probe.vector.clone(),
+                negations: e.probe.negations,
+                expires_ms: e.expires_ms,
+                veto: e.veto,
+            })
+        };
+        self.order.iter().filter_map(|(b, k)| entry(b, k)).collect()
+    }
+
+    /// Takes back an entry [`Index::saved`] gave.
+    pub fn restore(&mut self, s: Saved) {
+        let key = Key(s.key);
+        self.insert(s.bucket, Probe { vector: s.vector, negations: s.negations }, key, s.expires_ms);
+        if s.veto > f64::NEG_INFINITY {
+            self.veto(key, s.veto);
+        }
     }
 
     /// Prompts held.
@@ -198,5 +327,63 @@ mod tests {
         assert!(idx.nearest(1, &near, 0.5, 0).is_none(), "the vetoed neighbour misses");
         assert!(idx.nearest(1, &probe("What is the capital of France?"), 0.5, 0).is_some(), "a closer one hits");
         assert!(!idx.veto(Key(9), 0.5), "an entry not held");
+    }
+
+    fn unit(v: Vec<f32>) -> Vec<f32> {
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.into_iter().map(|x| x / n).collect()
+    }
+
+    fn random(rng: &mut fastrand::Rng) -> Vec<f32> {
+        unit((0..64).map(|_| rng.f32() - 0.5).collect())
+    }
+
+    fn near(rng: &mut fastrand::Rng, v: &[f32]) -> Probe {
+        Probe { vector: unit(v.iter().map(|x| x + 0.05 * (rng.f32() - 0.5)).collect()), negations: 0 }
+    }
+
+    #[test]
+    fn a_large_bucket_is_searched_through_its_graph_with_the_same_rules() {
+        let mut rng = fastrand::Rng::with_seed(1);
+        let n = 2 * ANN_FROM;
+        let mut idx = Index::new(n);
+        let vs: Vec<Vec<f32>> = (0..n).map(|_| random(&mut rng)).collect();
+        for (i, v) in vs.iter().enumerate() {
+            idx.insert(1, Probe { vector: v.clone(), negations: 0 }, Key(i as u128), u64::MAX);
+        }
+        assert!(idx.buckets[&1].ann.is_some(), "a graph from ANN_FROM prompts");
+        let mut found = 0;
+        for i in (0..n).step_by(n / 100) {
+            if idx.nearest(1, &near(&mut rng, &vs[i]), 0.9, 0).map(|h| h.0) == Some(Key(i as u128)) {
+                found += 1;
+            }
+        }
+        assert!(found >= 98, "the graph found {found} of 100 planted neighbours");
+        let q = near(&mut rng, &vs[7]);
+        let (_, s) = idx.nearest(1, &q, 0.9, 0).unwrap();
+        assert!(idx.veto(Key(7), s));
+        assert_ne!(idx.nearest(1, &q, 0.9, 0).map(|h| h.0), Some(Key(7)), "vetoed through the graph too");
+        let negated = Probe { negations: 1, ..near(&mut rng, &vs[9]) };
+        assert!(idx.nearest(1, &negated, 0.9, 0).is_none(), "negations through the graph too");
+    }
+
+    #[test]
+    fn leaving_prompts_compact_a_large_bucket_and_keep_every_entry_reachable() {
+        let mut rng = fastrand::Rng::with_seed(2);
+        let max = ANN_FROM + 10;
+        let mut idx = Index::new(max);
+        let vs: Vec<Vec<f32>> = (0..3 * ANN_FROM).map(|_| random(&mut rng)).collect();
+        for (i, v) in vs.iter().enumerate() {
+            idx.insert(1, Probe { vector: v.clone(), negations: 0 }, Key(i as u128), u64::MAX);
+        }
+        assert_eq!(idx.len(), max);
+        let b = &idx.buckets[&1];
+        assert!(b.slots.len() < 2 * b.live + 64, "compacted: {} slots for {} prompts", b.slots.len(), b.live);
+        assert!(!idx.holds(Key(0)));
+        for i in [vs.len() - max, vs.len() - 1] {
+            let k = Key(i as u128);
+            assert_eq!(idx.nearest(1, &near(&mut rng, &vs[i]), 0.9, 0).map(|h| h.0), Some(k), "entry {i}");
+            assert!(idx.veto(k, 0.5));
+        }
     }
 }

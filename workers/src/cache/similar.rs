@@ -4,16 +4,18 @@
 //! takes feedback about answers it gave.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 use retro_fleet_schemas::cache_key::Key;
 use retro_fleet_schemas::{Output, Verdict};
+use serde::{Deserialize, Serialize};
 
 use super::calibrate::{Calibration, Learning};
 use super::config::CacheConfig;
 use super::error::CacheError;
-use super::semantic::{Index, Probe};
+use super::semantic::{Index, Probe, Saved};
 use crate::embed::{self, Embedder};
 use crate::metrics::registered;
 
@@ -37,6 +39,18 @@ pub enum Neighbour {
     },
     /// No answer close enough.
     Miss,
+}
+
+/// The saved index's file, beside the disk tier.
+const SAVED: &str = "semantic-index.msgpack";
+
+/// The index as saved: who embedded it, and its entries.
+#[derive(Serialize, Deserialize)]
+struct SavedIndex {
+    format: u32,
+    embedder: String,
+    dim: usize,
+    entries: Vec<Saved>,
 }
 
 struct Metrics {
@@ -232,6 +246,53 @@ impl Similar {
             self.metrics.feedback.with_label_values(&[model, verdict.as_str()]).inc();
         }
         held
+    }
+
+    /// Saves the index beside the disk tier in `dir` (at close), so that a
+    /// restarted worker finds similar prompts among the answers the disk
+    /// tier kept. Written whole to a temporary file, then renamed.
+    pub fn save(&self, dir: &Path) {
+        let saved = SavedIndex {
+            format: 1,
+            embedder: self.embedder.name().to_owned(),
+            dim: self.embedder.dim(),
+            entries: self.index.lock().expect("semantic lock").saved(),
+        };
+        let n = saved.entries.len();
+        let tmp = dir.join(format!("{SAVED}.tmp"));
+        let written = rmp_serde::to_vec(&saved)
+            .map_err(std::io::Error::other)
+            .and_then(|b| std::fs::write(&tmp, b))
+            .and_then(|()| std::fs::rename(&tmp, dir.join(SAVED)));
+        match written {
+            Ok(()) => tracing::info!(prompts = n, "semantic index saved"),
+            Err(e) => tracing::warn!(error = %e, "saving the semantic index failed; it starts empty next time"),
+        }
+    }
+
+    /// Loads an index [`Similar::save`] wrote, unless another embedder made
+    /// it; expired prompts stay out. The prompts loaded.
+    pub fn load(&self, dir: &Path, now_ms: u64) -> usize {
+        let Ok(bytes) = std::fs::read(dir.join(SAVED)) else { return 0 };
+        let saved: SavedIndex = match rmp_serde::from_slice(&bytes) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "the saved semantic index does not decode; starting it empty");
+                return 0;
+            }
+        };
+        if (saved.format, saved.embedder.as_str(), saved.dim) != (1, self.embedder.name(), self.embedder.dim()) {
+            tracing::info!(embedder = %saved.embedder, "the saved semantic index is another embedder's; starting it empty");
+            return 0;
+        }
+        let mut index = self.index.lock().expect("semantic lock");
+        let mut n = 0;
+        for e in saved.entries.into_iter().filter(|e| e.expires_ms() > now_ms) {
+            index.restore(e);
+            n += 1;
+        }
+        tracing::info!(prompts = n, "semantic index loaded");
+        n
     }
 
     /// Checks recorded for `model` (for tests and the admin view).

@@ -155,6 +155,9 @@ impl ResultCache {
             };
         }
         let disk = store.as_ref().map(|_| dir.clone());
+        if let (Some(similar), Some(dir)) = (&similar, &disk) {
+            similar.load(dir, crate::clock::unix_ms());
+        }
         let store = match store {
             Some(s) => s,
             None => Self::build(cfg, None, &metrics).await.map_err(|e| CacheError::Build(e.to_string()))?,
@@ -343,6 +346,9 @@ impl ResultCache {
 
     /// Flushes and closes the cache (the disk tier keeps what was written).
     pub async fn close(&self) {
+        if let (Some(similar), Some(dir)) = (&self.similar, &self.disk) {
+            similar.save(dir);
+        }
         if let Err(e) = self.store.close().await {
             tracing::warn!(error = %e, "closing the cache failed");
         }
@@ -427,6 +433,37 @@ mod tests {
         let hit = c.get(Key(1), 0).await.expect("the disk tier survives a restart");
         assert_eq!((hit.tier, hit.answer.output.text.as_str()), (CacheTier::Disk, "one"));
         assert_eq!(c.get(Key(1), 0).await.unwrap().tier, CacheTier::Memory, "a disk hit is promoted");
+    }
+
+    #[tokio::test]
+    async fn the_semantic_index_survives_a_restart_with_the_disk_tier() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = CacheConfig { semantic_models: vec!["m".into()], semantic_threshold: Some(0.5), ..cfg() };
+        let c = ResultCache::open(&cfg, dir.path(), &Registry::new()).await.unwrap();
+        let probe = |_: &ResultCache, t: &str| Probe::new(t, crate::embed::lexical::embed(t));
+        c.put("m", Key(1), &answer("Paris", u64::MAX), Some((9, probe(&c, "What is the capital of France?"))));
+        c.put("m", Key(2), &answer("gone", 1), Some((9, probe(&c, "What is the capital of Spain?"))));
+        let near = probe(&c, "what is the capital city of france");
+        let vetoed = probe(&c, "tell me the capital of france");
+        assert!(c.get_similar("m", 9, &vetoed, 0).await.is_some(), "similar enough at 0.5");
+        assert!(c.similar().unwrap().feedback("m", Key(1), 0.8, retro_fleet_schemas::Verdict::Wrong));
+        c.close().await;
+        drop(c);
+
+        let c = ResultCache::open(&cfg, dir.path(), &Registry::new()).await.unwrap();
+        let (_, hit) = c.get_similar("m", 9, &near, 0).await.expect("the index survives with the disk tier");
+        assert_eq!((hit.entry, hit.answer.output.text.as_str()), (Some(Key(1)), "Paris"));
+        assert!(c.get_similar("m", 9, &vetoed, 0).await.is_none(), "and so do its vetoes");
+        assert!(
+            !c.similar().unwrap().feedback("m", Key(2), 0.5, retro_fleet_schemas::Verdict::Wrong),
+            "expired: not loaded"
+        );
+        c.close().await;
+        drop(c);
+
+        // memory-only: nothing to survive with
+        let c = ResultCache::open(&CacheConfig { disk_bytes: 0, ..cfg }, dir.path(), &Registry::new()).await.unwrap();
+        assert!(c.get_similar("m", 9, &near, 0).await.is_none());
     }
 
     #[tokio::test]
