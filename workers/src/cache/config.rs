@@ -1,5 +1,6 @@
 //! The cache's settings (`[worker.cache]`).
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -35,6 +36,9 @@ pub struct CacheConfig {
     /// How prompts are compared: `"lexical"` (no model, shared words only)
     /// or `{ path = "<sentence-transformers directory>" }` (docs/CACHE.md).
     pub semantic_embedder: EmbedderConfig,
+    /// Models whose prompts another embedder compares, e.g.
+    /// `{ coder = { path = "/models/code-embedder" } }` (each also in `semantic_models`).
+    pub semantic_embedders: BTreeMap<String, EmbedderConfig>,
     /// Least cosine similarity for a semantic hit (0..1); default: the
     /// embedder's own, measured on the labelled set (lexical 0.95, MiniLM 0.975).
     pub semantic_threshold: Option<f64>,
@@ -67,6 +71,7 @@ impl Default for CacheConfig {
             warm_window_secs: 86_400,
             semantic_models: Vec::new(),
             semantic_embedder: EmbedderConfig::default(),
+            semantic_embedders: BTreeMap::new(),
             semantic_threshold: None,
             semantic_max_entries: 100_000,
             semantic_error_bound: None,

@@ -225,7 +225,7 @@ impl Session {
     async fn indexed(&mut self) -> Option<(u128, Probe)> {
         let (bucket, text) = self.semantic.as_ref()?;
         if self.probe.is_none() {
-            self.probe = self.cache.similar()?.probe(text).await;
+            self.probe = self.cache.similar()?.probe(&self.model, text).await;
         }
         Some((*bucket, self.probe.clone()?))
     }

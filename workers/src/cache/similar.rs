@@ -16,6 +16,7 @@ use super::calibrate::{Calibration, Learning};
 use super::config::CacheConfig;
 use super::error::CacheError;
 use super::semantic::{Index, Probe, Saved};
+use crate::embed::EmbedderConfig;
 use crate::embed::{self, Embedder};
 use crate::metrics::registered;
 
@@ -48,8 +49,8 @@ const SAVED: &str = "semantic-index.msgpack";
 #[derive(Serialize, Deserialize)]
 struct SavedIndex {
     format: u32,
-    embedder: String,
-    dim: usize,
+    /// [`Similar::embedders`] of the worker that saved it.
+    embedders: String,
     entries: Vec<Saved>,
 }
 
@@ -59,15 +60,24 @@ struct Metrics {
     feedback: IntCounterVec,
 }
 
-/// The semantic cache of one worker.
-pub struct Similar {
-    index: Mutex<Index>,
+/// How one model's prompts are compared.
+struct Comparer {
     embedder: Arc<dyn Embedder>,
     /// Least similarity for a hit while nothing is learned.
     threshold: f64,
+    /// Least similarity of a candidate.
     floor: f64,
+}
+
+/// The semantic cache of one worker.
+pub struct Similar {
+    index: Mutex<Index>,
+    /// For models without their own (`semantic_embedder`).
+    default: Comparer,
+    /// Models with their own embedder (`semantic_embedders`).
+    models: HashMap<String, Comparer>,
     verify: f64,
-    learning: Option<Learning>,
+    bound: Option<f64>,
     calibrations: Mutex<HashMap<String, Calibration>>,
     metrics: Metrics,
 }
@@ -78,14 +88,35 @@ impl Similar {
         if cfg.semantic_models.is_empty() {
             return Ok(None);
         }
-        let embedder = embed::load(&cfg.semantic_embedder)?;
-        let threshold = cfg.semantic_threshold.unwrap_or(embedder.default_threshold());
-        let floor = cfg.semantic_verify_floor.unwrap_or(threshold - 0.1);
+        // one embedder per distinct setting, however many models share it
+        let mut loaded: Vec<(EmbedderConfig, Arc<dyn Embedder>)> = Vec::new();
+        let mut comparer = |e: &EmbedderConfig| -> Result<Comparer, CacheError> {
+            let embedder = match loaded.iter().find(|(c, _)| c == e) {
+                Some((_, x)) => x.clone(),
+                None => {
+                    let x = embed::load(e)?;
+                    loaded.push((e.clone(), x.clone()));
+                    x
+                }
+            };
+            let threshold = cfg.semantic_threshold.unwrap_or(embedder.default_threshold());
+            Ok(Comparer { embedder, threshold, floor: cfg.semantic_verify_floor.unwrap_or(threshold - 0.1) })
+        };
+        let default = comparer(&cfg.semantic_embedder)?;
+        let mut models = HashMap::new();
+        for (model, e) in &cfg.semantic_embedders {
+            if !cfg.semantic_models.iter().any(|m| m == model || m == "*") {
+                return Err(CacheError::Config(format!(
+                    "semantic_embedders names `{model}`, which is not in semantic_models: add it there too"
+                )));
+            }
+            models.insert(model.clone(), comparer(e)?);
+        }
         let verify = cfg.semantic_verify_fraction;
         if !(0.0..=1.0).contains(&verify) {
             return Err(CacheError::Config(format!("semantic_verify_fraction is {verify}: give a share from 0 to 1")));
         }
-        let learning = match cfg.semantic_error_bound {
+        let bound = match cfg.semantic_error_bound {
             None => None,
             Some(b) if !(b > 0.0 && b < 1.0) => {
                 return Err(CacheError::Config(format!("semantic_error_bound is {b}: give a share such as 0.02")))
@@ -97,7 +128,7 @@ impl Similar {
                         .into(),
                 ))
             }
-            Some(bound) => Some(Learning { bound, floor, verify }),
+            Some(bound) => Some(bound),
         };
         let counter = |n: &str, h: &str, l: &[&str]| registered(registry, IntCounterVec::new(Opts::new(n, h), l)?);
         let metrics = Metrics {
@@ -122,20 +153,30 @@ impl Similar {
         };
         Ok(Some(Similar {
             index: Mutex::new(Index::new(cfg.semantic_max_entries)),
-            embedder,
-            threshold,
-            floor,
+            default,
+            models,
             verify,
-            learning,
+            bound,
             calibrations: Mutex::default(),
             metrics,
         }))
     }
 
-    /// Embeds `texts` off the async threads (a BERT takes milliseconds);
-    /// `None` when the embedder failed (logged).
-    async fn embed(&self, texts: Vec<String>) -> Option<Vec<Vec<f32>>> {
-        let embedder = self.embedder.clone();
+    /// How `model`'s prompts are compared.
+    fn comparer(&self, model: &str) -> &Comparer {
+        self.models.get(model).unwrap_or(&self.default)
+    }
+
+    /// How `model`'s threshold is learned, when it is.
+    fn learning(&self, model: &str) -> Option<Learning> {
+        let bound = self.bound?;
+        Some(Learning { bound, floor: self.comparer(model).floor, verify: self.verify })
+    }
+
+    /// Embeds `texts` with `model`'s embedder off the async threads (a
+    /// BERT takes milliseconds); `None` when it failed (logged).
+    async fn embed(&self, model: &str, texts: Vec<String>) -> Option<Vec<Vec<f32>>> {
+        let embedder = self.comparer(model).embedder.clone();
         let timer = self.metrics.embed_seconds.with_label_values(&[embedder.name()]).start_timer();
         let done = tokio::task::spawn_blocking(move || {
             let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
@@ -156,22 +197,20 @@ impl Similar {
         }
     }
 
-    /// `text` as the index compares it.
-    pub async fn probe(&self, text: &str) -> Option<Probe> {
-        let vector = self.embed(vec![text.to_owned()]).await?.pop()?;
+    /// `text`, a prompt to `model`, as the index compares it.
+    pub async fn probe(&self, model: &str, text: &str) -> Option<Probe> {
+        let vector = self.embed(model, vec![text.to_owned()]).await?.pop()?;
         Some(Probe::new(text, vector))
     }
 
     /// The threshold a hit of `model` needs now: learned, or the static one.
     pub fn threshold(&self, model: &str) -> f64 {
-        match &self.learning {
-            Some(l) => self
-                .calibrations
-                .lock()
-                .expect("calibrations")
-                .get(model)
-                .map_or(self.threshold, |c| c.threshold(l, self.threshold)),
-            None => self.threshold,
+        let fixed = self.comparer(model).threshold;
+        match self.learning(model) {
+            Some(l) => {
+                self.calibrations.lock().expect("calibrations").get(model).map_or(fixed, |c| c.threshold(&l, fixed))
+            }
+            None => fixed,
         }
     }
 
@@ -179,9 +218,10 @@ impl Similar {
     /// candidate to check, or nothing.
     pub fn nearest(&self, model: &str, bucket: u128, probe: &Probe, now_ms: u64) -> Neighbour {
         let threshold = self.threshold(model);
-        let least = if self.verify > 0.0 { threshold.min(self.floor) } else { threshold };
+        let floor = self.comparer(model).floor;
+        let least = if self.verify > 0.0 { threshold.min(floor) } else { threshold };
         let near = self.index.lock().expect("semantic lock").nearest(bucket, probe, least, now_ms);
-        let candidate = near.filter(|(_, s)| *s >= self.floor);
+        let candidate = near.filter(|(_, s)| *s >= floor);
         self.calibrate(model, |c| c.lookup(candidate.is_some()));
         match (near, candidate) {
             (_, Some((entry, similarity))) if self.verify > 0.0 && fastrand::f64() < self.verify => {
@@ -194,7 +234,7 @@ impl Similar {
 
     /// Updates what `model`'s lookups have shown, when its threshold is learned.
     fn calibrate(&self, model: &str, f: impl FnOnce(&mut Calibration)) {
-        if self.learning.is_some() {
+        if self.bound.is_some() {
             f(self.calibrations.lock().expect("calibrations").entry(model.to_owned()).or_default());
         }
     }
@@ -210,7 +250,7 @@ impl Similar {
     /// agree. A disagreement vetoes the entry for that neighbour; with a
     /// bound set, the outcome teaches `model`'s threshold.
     pub async fn check(&self, model: &str, entry: Key, similarity: f64, cached: &Output, computed: &Output) {
-        let Some(agreed) = self.agree(cached, computed).await else { return };
+        let Some(agreed) = self.agree(model, cached, computed).await else { return };
         self.calibrate(model, |c| c.observe(similarity, agreed));
         if !agreed {
             self.index.lock().expect("semantic lock").veto(entry, similarity);
@@ -221,7 +261,7 @@ impl Similar {
     }
 
     /// Whether two answers say the same; `None` when they could not be embedded.
-    async fn agree(&self, a: &Output, b: &Output) -> Option<bool> {
+    async fn agree(&self, model: &str, a: &Output, b: &Output) -> Option<bool> {
         let norm = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase();
         if norm(&a.text) == norm(&b.text) && a.tool_calls == b.tool_calls {
             return Some(true);
@@ -229,8 +269,8 @@ impl Similar {
         if a.text.trim().is_empty() || b.text.trim().is_empty() {
             return Some(false);
         }
-        let v = self.embed(vec![a.text.clone(), b.text.clone()]).await?;
-        Some(embed::similarity(&v[0], &v[1]) >= self.threshold)
+        let v = self.embed(model, vec![a.text.clone(), b.text.clone()]).await?;
+        Some(embed::similarity(&v[0], &v[1]) >= self.comparer(model).threshold)
     }
 
     /// A caller's verdict on the answer of `entry` to a prompt `similarity`
@@ -248,14 +288,21 @@ impl Similar {
         held
     }
 
+    /// Which embedder each model's prompts were embedded with.
+    fn embedders(&self) -> String {
+        let named = |c: &Comparer| format!("{}/{}", c.embedder.name(), c.embedder.dim());
+        let mut models: Vec<String> = self.models.iter().map(|(m, c)| format!("{m}={}", named(c))).collect();
+        models.sort();
+        format!("*={};{}", named(&self.default), models.join(";"))
+    }
+
     /// Saves the index beside the disk tier in `dir` (at close), so that a
     /// restarted worker finds similar prompts among the answers the disk
     /// tier kept. Written whole to a temporary file, then renamed.
     pub fn save(&self, dir: &Path) {
         let saved = SavedIndex {
             format: 1,
-            embedder: self.embedder.name().to_owned(),
-            dim: self.embedder.dim(),
+            embedders: self.embedders(),
             entries: self.index.lock().expect("semantic lock").saved(),
         };
         let n = saved.entries.len();
@@ -281,8 +328,8 @@ impl Similar {
                 return 0;
             }
         };
-        if (saved.format, saved.embedder.as_str(), saved.dim) != (1, self.embedder.name(), self.embedder.dim()) {
-            tracing::info!(embedder = %saved.embedder, "the saved semantic index is another embedder's; starting it empty");
+        if (saved.format, &saved.embedders) != (1, &self.embedders()) {
+            tracing::info!(saved = %saved.embedders, "the saved semantic index is other embedders'; starting it empty");
             return 0;
         }
         let mut index = self.index.lock().expect("semantic lock");
@@ -333,5 +380,27 @@ mod tests {
         .expect("a semantic cache");
         assert_eq!(learning.threshold("m"), 0.95, "the lexical embedder's own until checks come in");
         assert!(open(|c| c.semantic_models.clear()).unwrap().is_none());
+    }
+
+    #[cfg(feature = "mistralrs")]
+    #[tokio::test]
+    async fn each_model_is_compared_with_its_own_embedder() {
+        use crate::embed::BertConfig;
+        let minilm = EmbedderConfig::Bert(BertConfig { path: retro_fleet_testkit::minilm_dir() });
+        let s = open(|c| {
+            c.semantic_models = vec!["chat".into(), "faq".into(), "docs".into()];
+            c.semantic_embedders = [("faq".to_string(), minilm.clone()), ("docs".to_string(), minilm.clone())].into();
+        })
+        .unwrap()
+        .unwrap();
+        assert_eq!((s.threshold("chat"), s.threshold("faq")), (0.95, 0.975), "each embedder's own threshold");
+        assert!(Arc::ptr_eq(&s.comparer("faq").embedder, &s.comparer("docs").embedder), "loaded once");
+        let (chat, faq) =
+            (s.probe("chat", "Is NATS fast?").await.unwrap(), s.probe("faq", "Is NATS fast?").await.unwrap());
+        assert_eq!((chat.vector.len(), faq.vector.len()), (512, 384));
+        assert_eq!(s.embedders(), "*=lexical/512;docs=all-MiniLM-L6-v2/384;faq=all-MiniLM-L6-v2/384");
+
+        let e = open(|c| c.semantic_embedders = [("other".to_string(), minilm)].into()).err().unwrap().to_string();
+        assert!(e.contains("not in semantic_models"), "{e}");
     }
 }
