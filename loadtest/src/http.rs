@@ -103,7 +103,9 @@ pub async fn run(
     let one = |i: usize| {
         let prompt = workload.prompt(&run_id, i);
         let body = match api {
-            Api::Native => serde_json::json!({"model": model, "prompt": prompt, "params": params}),
+            Api::Native => {
+                serde_json::json!({"model": model, "prompt": prompt, "params": params, "cache": workload.cache})
+            }
             Api::Openai => {
                 let mut body = serde_json::json!({
                     "model": model,

@@ -250,7 +250,7 @@ pub async fn run(
             input: Input::Completion { prompt: workload.prompt(&run_id, i) },
             params: params.clone(),
             stream: workload.stream,
-            cache: Default::default(),
+            cache: workload.cache,
             tenant: None,
             metadata: Default::default(),
         };

@@ -57,6 +57,10 @@ struct Args {
     /// Bytes of prompt text per request.
     #[arg(long, default_value_t = 256)]
     prompt_bytes: usize,
+    /// Cache mode of every request (`use`, `bypass`, `refresh` or
+    /// `semantic`); with `semantic`, fresh prompts differ in meaning.
+    #[arg(long, default_value = "use", value_parser = parse_cache_mode)]
+    cache_mode: retro_fleet_schemas::CacheMode,
     /// Greedy sampling (temperature 0), so the fleet may answer from its cache.
     #[arg(long)]
     greedy: bool,
@@ -177,6 +181,7 @@ async fn main() -> anyhow::Result<()> {
         stream: args.stream,
         json_schema,
         embed_batch: args.embed_batch,
+        cache: args.cache_mode,
     };
     if !args.http.is_empty() {
         return http_main(&args, &workload).await;
@@ -379,4 +384,9 @@ fn write_out(args: &Args, kind: &str, steps: &[report::Step]) -> anyhow::Result<
         eprintln!("report written to {} (and its charts beside it, as SVG)", path.display());
     }
     Ok(())
+}
+
+fn parse_cache_mode(s: &str) -> Result<retro_fleet_schemas::CacheMode, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_owned()))
+        .map_err(|_| format!("`{s}`: use `use`, `bypass`, `refresh` or `semantic`"))
 }
