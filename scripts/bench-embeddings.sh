@@ -10,8 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/bench-lib.sh
-MINILM="${MINILM:-${FLEET_MINILM_DIR:-$HOME/.cache/retro-fleet/models/all-MiniLM-L6-v2}}"
-[ -f "$MINILM/model.safetensors" ] || { echo "no model in $MINILM: run scripts/install-deps.sh" >&2; exit 1; }
+bench_minilm
 bench_build
 N="${REQUESTS:-400}"
 bench_workdir 4350

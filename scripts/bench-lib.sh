@@ -32,3 +32,19 @@ max_inflight = 512
 batch_size = 256
 TOML
 }
+
+# MINILM: the all-MiniLM-L6-v2 directory ($MINILM, $FLEET_MINILM_DIR, or
+# where `make deps` unpacks it); stops the run when it is not there.
+bench_minilm() {
+    MINILM="${MINILM:-${FLEET_MINILM_DIR:-$HOME/.cache/retro-fleet/models/all-MiniLM-L6-v2}}"
+    [ -f "$MINILM/model.safetensors" ] || { echo "no model in $MINILM: run scripts/install-deps.sh" >&2; exit 1; }
+}
+
+# Prints the run's header, starts a nats-server on $PORT (store in
+# $WORKDIR) and applies the topology of the config $1.
+bench_nats() {
+    echo "# $(date -u +%F) $(nproc) cores, $(nats-server --version), $PROFILE build"
+    nats-server -js -a 127.0.0.1 -p "$PORT" -sd "$WORKDIR/store" >/dev/null 2>&1 &
+    sleep 0.5
+    "$BIN/retro-fleet" --config "$1" topology apply >/dev/null
+}

@@ -14,8 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/bench-lib.sh
-MINILM="${MINILM:-${FLEET_MINILM_DIR:-$HOME/.cache/retro-fleet/models/all-MiniLM-L6-v2}}"
-[ -f "$MINILM/model.safetensors" ] || { echo "no model in $MINILM: run scripts/install-deps.sh" >&2; exit 1; }
+bench_minilm
 bench_build
 bench_workdir 4351
 "$BIN/retro-fleet" model tiny --out "$WORKDIR/tiny" >/dev/null
@@ -39,10 +38,7 @@ semantic_embedders = { minilm = { path = "$MINILM" }, minilm-tiny = { path = "$M
 $(models "" $'backend = "synthetic"\nlatency_ms = 20\nconcurrency = 16')
 $(models "-tiny" $'backend = "mistralrs"\npath = "'"$WORKDIR/tiny"'"')
 TOML
-echo "# $(date -u +%F) $(nproc) cores, $(nats-server --version), $PROFILE build"
-nats-server -js -a 127.0.0.1 -p "$PORT" -sd "$WORKDIR/store" >/dev/null 2>&1 &
-sleep 0.5
-"$BIN/retro-fleet" --config "$WORKDIR/bench.toml" topology apply >/dev/null
+bench_nats "$WORKDIR/bench.toml"
 "$BIN/retro-fleet" --config "$WORKDIR/bench.toml" worker >"$WORKDIR/worker.log" 2>&1 &
 sleep 5
 echo "### synthetic 20 ms model, miss-only, semantic mode, window 64, ${REQUESTS:-1000} requests x 3 rounds"
