@@ -22,13 +22,19 @@ const EF_SEARCH: usize = 64;
 /// Layers at most.
 const LAYERS: usize = 16;
 
-/// `1 − similarity` of unit vectors (rounding kept within 0..2).
+/// `1 − similarity` of unit vectors (rounding kept within 0..2; a vector
+/// that is not a number is as far as can be, never NaN: the graph panics on NaN).
 #[derive(Default, Clone, Copy)]
 struct Dot;
 
 impl Distance<f32> for Dot {
     fn eval(&self, a: &[f32], b: &[f32]) -> f32 {
-        (1.0 - similarity(a, b) as f32).clamp(0.0, 2.0)
+        let d = 1.0 - similarity(a, b) as f32;
+        if d.is_nan() {
+            2.0
+        } else {
+            d.clamp(0.0, 2.0)
+        }
     }
 }
 

@@ -100,14 +100,17 @@ impl Calibration {
         self.observed
     }
 
-    /// The learned threshold, or `fallback` while fewer than
-    /// [`MIN_OBSERVATIONS`] checks are in. Above 1 (no semantic hits) when
-    /// even the most similar bin cannot be shown to be within the bound.
+    /// The learned threshold. While the checks cannot show any threshold
+    /// within the bound (fewer than [`MIN_OBSERVATIONS`], or too few for
+    /// the bound even with no wrong answer), `fallback`, raised above every
+    /// disagreement seen. Above 1 (no semantic hits) when enough checks
+    /// show even the most similar bin beyond the bound.
     pub fn threshold(&self, learning: &Learning, fallback: f64) -> f64 {
-        if self.observed < MIN_OBSERVATIONS || self.lookups == 0 {
-            return fallback;
+        let share = self.candidates as f64 / self.lookups.max(1) as f64;
+        if self.observed < MIN_OBSERVATIONS || share * wilson_upper(0, self.observed) > learning.bound {
+            let above_wrong = self.disagreed.iter().rposition(|n| *n > 0).map_or(0.0, |b| (b + 1) as f64 * BIN);
+            return fallback.max(above_wrong);
         }
-        let share = self.candidates as f64 / self.lookups as f64;
         let lowest = bin(learning.floor) + usize::from(bin(learning.floor) as f64 * BIN < learning.floor);
         let mut wrong = 0u64;
         let mut learned = f64::INFINITY;
@@ -174,7 +177,25 @@ mod tests {
             c.lookup(true);
             c.observe(0.999, false);
         }
-        assert!(c.threshold(&LEARN, 0.97) > 1.0);
+        assert!(c.threshold(&LEARN, 0.97) >= 1.0, "too few to certify: above every wrong answer");
+        for _ in 0..1000 {
+            c.lookup(true);
+            c.observe(0.999, false);
+        }
+        assert!(c.threshold(&LEARN, 0.97) > 1.0, "shown beyond the bound: none");
+    }
+
+    #[test]
+    fn too_few_checks_for_the_bound_keep_the_static_threshold_above_wrong_answers() {
+        let mut c = Calibration::default();
+        for i in 0..60 {
+            c.lookup(true);
+            c.observe(0.9 + i as f64 * 0.001, i != 10);
+        }
+        // 60 checks with every lookup a candidate cannot show 2 % (the bound with none wrong is 4.3 %)
+        assert_eq!(c.threshold(&LEARN, 0.95), 0.95);
+        let t = c.threshold(&LEARN, 0.90);
+        assert!(t > 0.91 && t <= 0.9125, "raised just above the disagreement at 0.910: {t}");
     }
 
     #[test]

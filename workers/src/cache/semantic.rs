@@ -79,6 +79,11 @@ impl Saved {
     pub fn expires_ms(&self) -> u64 {
         self.expires_ms
     }
+
+    /// Whether every number of its vector is finite (a damaged file's may not be).
+    pub fn is_finite(&self) -> bool {
+        self.vector.iter().all(|x| x.is_finite())
+    }
 }
 
 /// Nearest candidates a graph search returns, before exact similarities decide.
@@ -86,11 +91,45 @@ const ANN_CANDIDATES: usize = 8;
 
 /// One bucket's prompts: slots (emptied when a prompt leaves, compacted
 /// when half are empty) and, from [`ANN_FROM`] prompts, a graph over them.
+/// Graphs are built off the index's lock ([`Index::builds`]); until one is
+/// in, the bucket is scanned.
 #[derive(Default)]
 struct Bucket {
     slots: Vec<Option<Entry>>,
     live: usize,
     ann: Option<Ann>,
+    /// A graph is being built for it.
+    building: bool,
+    /// Compactions so far: a graph built before the last one names old slots.
+    epoch: u64,
+}
+
+/// A graph to build for one bucket, from a snapshot of its prompts.
+pub struct Build {
+    bucket: u128,
+    epoch: u64,
+    /// Slots at the snapshot: later ones are added when the graph is installed.
+    upto: usize,
+    points: Vec<(usize, Vec<f32>)>,
+}
+
+/// A graph built, to install with [`Index::install`].
+pub struct Built {
+    bucket: u128,
+    epoch: u64,
+    upto: usize,
+    ann: Ann,
+}
+
+impl Build {
+    /// Builds the graph (hundreds of ms for thousands of prompts: run it off async threads).
+    pub fn run(self) -> Built {
+        let ann = Ann::new(self.upto);
+        for (slot, v) in &self.points {
+            ann.insert(v, *slot);
+        }
+        Built { bucket: self.bucket, epoch: self.epoch, upto: self.upto, ann }
+    }
 }
 
 impl Bucket {
@@ -102,21 +141,17 @@ impl Bucket {
         }
         self.slots.push(Some(e));
         self.live += 1;
-        if self.ann.is_none() && self.live >= ANN_FROM {
-            self.ann = Some(self.graph());
-        }
         slot
     }
 
-    /// A graph over the live slots.
-    fn graph(&self) -> Ann {
-        let ann = Ann::new(self.slots.len());
-        for (slot, e) in self.slots.iter().enumerate() {
-            if let Some(e) = e {
-                ann.insert(&e.probe.vector, slot);
-            }
+    /// A graph to build, when the bucket needs one and none is under way.
+    fn build(&mut self, bucket: u128) -> Option<Build> {
+        if self.ann.is_some() || self.building || self.live < ANN_FROM {
+            return None;
         }
-        ann
+        self.building = true;
+        let points = self.slots.iter().enumerate().filter_map(|(i, e)| Some((i, e.as_ref()?.probe.vector.clone())));
+        Some(Build { bucket, epoch: self.epoch, upto: self.slots.len(), points: points.collect() })
     }
 
     fn remove(&mut self, slot: usize) {
@@ -132,7 +167,9 @@ impl Bucket {
             return Vec::new();
         }
         self.slots.retain(Option::is_some);
-        self.ann = (self.live >= ANN_FROM).then(|| self.graph());
+        // the graph names old slots: scan until a new one is built
+        self.ann = None;
+        self.epoch += 1;
         self.slots.iter().enumerate().filter_map(|(i, e)| e.as_ref().map(|e| (e.key, i))).collect()
     }
 
@@ -186,7 +223,9 @@ impl Index {
             return;
         }
         if let Some(e) = self.entry_mut(key) {
+            // a new answer under the same key: the old one's verdicts are not its own
             e.expires_ms = expires_ms;
+            e.veto = f64::NEG_INFINITY;
             return;
         }
         let slot =
@@ -233,6 +272,36 @@ impl Index {
         self.homes.contains_key(&key)
     }
 
+    /// Graphs to build: buckets that reached [`ANN_FROM`] prompts, or were
+    /// compacted, without one. Build each off the lock ([`Build::run`]) and
+    /// [`Index::install`] it.
+    pub fn builds(&mut self) -> Vec<Build> {
+        self.buckets.iter_mut().filter_map(|(b, bucket)| bucket.build(*b)).collect()
+    }
+
+    /// Installs a graph built from a snapshot, adding the prompts that came
+    /// since; dropped when the bucket was compacted (or emptied) meanwhile.
+    pub fn install(&mut self, built: Built) {
+        let Some(b) = self.buckets.get_mut(&built.bucket) else { return };
+        b.building = false;
+        if b.epoch != built.epoch {
+            return;
+        }
+        for (slot, e) in b.slots.iter().enumerate().skip(built.upto) {
+            if let Some(e) = e {
+                built.ann.insert(&e.probe.vector, slot);
+            }
+        }
+        b.ann = Some(built.ann);
+    }
+
+    /// Builds every graph due, here and now (tests, tools).
+    pub fn build_now(&mut self) {
+        for b in self.builds() {
+            self.install(b.run());
+        }
+    }
+
     /// Every entry as saved across a restart, oldest first.
     pub fn saved(&self) -> Vec<Saved> {
         let entry = |b: &u128, k: &Key| {
@@ -253,8 +322,8 @@ impl Index {
     pub fn restore(&mut self, s: Saved) {
         let key = Key(s.key);
         self.insert(s.bucket, Probe { vector: s.vector, negations: s.negations }, key, s.expires_ms);
-        if s.veto > f64::NEG_INFINITY {
-            self.veto(key, s.veto);
+        if let Some(e) = self.entry_mut(key) {
+            e.veto = s.veto;
         }
     }
 
@@ -351,6 +420,8 @@ mod tests {
         for (i, v) in vs.iter().enumerate() {
             idx.insert(1, Probe { vector: v.clone(), negations: 0 }, Key(i as u128), u64::MAX);
         }
+        assert!(idx.buckets[&1].ann.is_none(), "graphs are built off the lock");
+        idx.build_now();
         assert!(idx.buckets[&1].ann.is_some(), "a graph from ANN_FROM prompts");
         let mut found = 0;
         for i in (0..n).step_by(n / 100) {
@@ -377,7 +448,9 @@ mod tests {
             idx.insert(1, Probe { vector: v.clone(), negations: 0 }, Key(i as u128), u64::MAX);
         }
         assert_eq!(idx.len(), max);
+        idx.build_now();
         let b = &idx.buckets[&1];
+        assert!(b.ann.is_some());
         assert!(b.slots.len() < 2 * b.live + 64, "compacted: {} slots for {} prompts", b.slots.len(), b.live);
         assert!(!idx.holds(Key(0)));
         for i in [vs.len() - max, vs.len() - 1] {

@@ -185,9 +185,6 @@ impl Session {
     /// worker's followers), and compares it with a checked similar
     /// prompt's; returns the key and expiry it is kept under.
     pub async fn keep(mut self, output: &Output, usage: &Usage, now_ms: u64) -> (Key, u64) {
-        if let (Some((entry, similarity, cached)), Some(similar)) = (self.check.take(), self.cache.similar()) {
-            similar.check(&self.model, entry, similarity, &cached.output, output).await;
-        }
         let answer =
             Answer { output: output.clone(), usage: usage.clone(), expires_ms: now_ms.saturating_add(self.ttl_ms) };
         let semantic = self.indexed().await;
@@ -200,6 +197,10 @@ impl Session {
         let kept = (self.key, answer.expires_ms);
         if let Some(l) = self.leader.take() {
             l.finish(Some(answer));
+        }
+        // after the answer is shared: waiters here and elsewhere do not wait for the comparison
+        if let (Some((entry, similarity, cached)), Some(similar)) = (self.check.take(), self.cache.similar()) {
+            similar.check(&self.model, entry, similarity, &cached.output, output).await;
         }
         kept
     }

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::calibrate::{Calibration, Learning};
 use super::config::CacheConfig;
 use super::error::CacheError;
-use super::semantic::{Index, Probe, Saved};
+use super::semantic::{negations, Build, Index, Probe, Saved};
 use crate::embed::EmbedderConfig;
 use crate::embed::{self, Embedder};
 use crate::metrics::registered;
@@ -71,7 +71,7 @@ struct Comparer {
 
 /// The semantic cache of one worker.
 pub struct Similar {
-    index: Mutex<Index>,
+    index: Arc<Mutex<Index>>,
     /// For models without their own (`semantic_embedder`).
     default: Comparer,
     /// Models with their own embedder (`semantic_embedders`).
@@ -152,7 +152,7 @@ impl Similar {
             )?,
         };
         Ok(Some(Similar {
-            index: Mutex::new(Index::new(cfg.semantic_max_entries)),
+            index: Arc::new(Mutex::new(Index::new(cfg.semantic_max_entries))),
             default,
             models,
             verify,
@@ -241,7 +241,31 @@ impl Similar {
 
     /// Indexes the prompt `probe` of `bucket`, answered under `key`.
     pub fn insert(&self, bucket: u128, probe: Probe, key: Key, expires_ms: u64) {
-        self.index.lock().expect("semantic lock").insert(bucket, probe, key, expires_ms);
+        let mut index = self.index.lock().expect("semantic lock");
+        index.insert(bucket, probe, key, expires_ms);
+        let builds = index.builds();
+        drop(index);
+        self.build(builds);
+    }
+
+    /// Builds graphs on the blocking threads, so lookups go on (scanning
+    /// the bucket) meanwhile; here and now outside a runtime.
+    fn build(&self, builds: Vec<Build>) {
+        for b in builds {
+            let index = self.index.clone();
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => drop(rt.spawn(async move {
+                    match tokio::task::spawn_blocking(move || b.run()).await {
+                        Ok(built) => index.lock().expect("semantic lock").install(built),
+                        Err(e) => tracing::warn!(error = %e, "building a semantic graph failed; the bucket is scanned"),
+                    }
+                })),
+                Err(_) => {
+                    let built = b.run();
+                    index.lock().expect("semantic lock").install(built);
+                }
+            }
+        }
     }
 
     /// Compares the answer `computed` for a checked candidate with the
@@ -263,7 +287,11 @@ impl Similar {
     /// Whether two answers say the same; `None` when they could not be embedded.
     async fn agree(&self, model: &str, a: &Output, b: &Output) -> Option<bool> {
         let norm = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase();
-        if norm(&a.text) == norm(&b.text) && a.tool_calls == b.tool_calls {
+        if a.tool_calls != b.tool_calls || negations(&a.text) != negations(&b.text) {
+            // other calls, or "yes it is" against "no it is not": embeddings put those close
+            return Some(false);
+        }
+        if norm(&a.text) == norm(&b.text) {
             return Some(true);
         }
         if a.text.trim().is_empty() || b.text.trim().is_empty() {
@@ -317,10 +345,17 @@ impl Similar {
         }
     }
 
-    /// Loads an index [`Similar::save`] wrote, unless another embedder made
-    /// it; expired prompts stay out. The prompts loaded.
+    /// Loads (and removes) an index [`Similar::save`] wrote, unless other
+    /// embedders made it; expired prompts and vectors that are not finite
+    /// stay out. The prompts loaded.
     pub fn load(&self, dir: &Path, now_ms: u64) -> usize {
         let Ok(bytes) = std::fs::read(dir.join(SAVED)) else { return 0 };
+        // taken, not copied: after a crash the worker starts empty rather
+        // than from an older snapshot missing later vetoes
+        if let Err(e) = std::fs::remove_file(dir.join(SAVED)) {
+            tracing::warn!(error = %e, "cannot remove the saved semantic index; starting it empty");
+            return 0;
+        }
         let saved: SavedIndex = match rmp_serde::from_slice(&bytes) {
             Ok(s) => s,
             Err(e) => {
@@ -334,10 +369,13 @@ impl Similar {
         }
         let mut index = self.index.lock().expect("semantic lock");
         let mut n = 0;
-        for e in saved.entries.into_iter().filter(|e| e.expires_ms() > now_ms) {
+        for e in saved.entries.into_iter().filter(|e| e.expires_ms() > now_ms && e.is_finite()) {
             index.restore(e);
             n += 1;
         }
+        let builds = index.builds();
+        drop(index);
+        self.build(builds);
         tracing::info!(prompts = n, "semantic index loaded");
         n
     }
